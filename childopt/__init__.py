@@ -1,0 +1,5 @@
+"""childopt: fused masked AdamW optimizers for child-network fine-tuning."""
+from childopt.optim import ChildTuningAdamW, MaskedAdamW
+
+__all__ = ["MaskedAdamW", "ChildTuningAdamW"]
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""Backend registry: which implementation of the op set steps tensors on a given device.
+
+``auto`` picks, per device, the first backend that can run there in the order native (once
+childopt._C exists), triton, reference, and logs once which it picked and why.  The
+``CHILDOPT_BACKEND`` environment variable replaces ``auto``'s choice.  A backend asked for by
+name that cannot run raises with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from childopt.backends import reference, triton
+
+log = logging.getLogger("childopt")
+
+_MODULES = {reference.NAME: reference, triton.NAME: triton}
+AUTO_ORDER = (triton.NAME, reference.NAME)
+CHOICES = ("auto", *_MODULES)
+_announced: set = set()
+
+
+def check_name(backend: str) -> str:
+    """Validate a ``backend=`` argument."""
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def requested(backend: str) -> str:
+    """``backend`` with ``CHILDOPT_BACKEND`` applied when it is ``auto``."""
+    env = os.environ.get("CHILDOPT_BACKEND", "").strip()
+    if backend == "auto" and env:
+        if env not in CHOICES:
+            raise ValueError(f"CHILDOPT_BACKEND must be one of {CHOICES}, got {env!r}")
+        return env
+    return backend
+
+
+def create(backend: str, device: torch.device):
+    """A backend instance for tensors on ``device``: the named one, or ``auto``'s pick."""
+    name = requested(check_name(backend))
+    if name != "auto":
+        ok, why = _MODULES[name].available(device)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
+        return _MODULES[name].Backend()
+    reasons = []
+    for candidate in AUTO_ORDER:
+        if device.type not in _MODULES[candidate].AUTO_DEVICES:
+            reasons.append(f"{candidate}: not used automatically for {device.type} tensors")
+            continue
+        ok, why = _MODULES[candidate].available(device)
+        if ok:
+            key = (candidate, str(device))
+            if key not in _announced:
+                _announced.add(key)
+                skipped = f" (skipped: {'; '.join(reasons)})" if reasons else ""
+                log.info("childopt: backend %r for %s tensors: %s%s", candidate, device, why, skipped)
+            return _MODULES[candidate].Backend()
+        reasons.append(f"{candidate}: {why}")
+    raise RuntimeError(f"no backend can run on {device}: {'; '.join(reasons)}")
