@@ -34,6 +34,21 @@ DEFAULT_BLOCK = 1024
 DEFAULT_ITERS = 4
 
 
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` with round-to-nearest-even, NaN kept.
+
+    bf16 is rounded by hand because Triton's interpreter truncates fp32 -> bf16 casts (compiled
+    kernels round to nearest even); doing it here makes both give torch's bits.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"])
 def masked_adamw_kernel(
     p_base, g_base, m_base, v_base, vmax_base, mask_base,
@@ -114,7 +129,7 @@ def masked_adamw_kernel(
         if DECAY_AFTER:
             p = p * decay
 
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=act)
+        tl.store(p_ptr + offs, round_to(p, p_ptr.dtype.element_ty), mask=act)
         tl.store(m_ptr + offs, m, mask=act)
         tl.store(v_ptr + offs, v, mask=act)
         if AMSGRAD:

@@ -1,0 +1,76 @@
+"""Command line of childopt: ``python -m childopt {bench,info} ...``."""
+from __future__ import annotations
+
+import argparse
+import os
+
+COMMANDS = {
+    "bench": "time one optimizer step of torch AdamW, childopt and the ChildTuning loop "
+             "(python -m childopt bench --help)",
+    "info": "versions, the GPU, and the backend auto picks per device, with the reason",
+}
+
+
+def _backend_lines(device) -> list[str]:
+    """Which backend ``auto`` picks for ``device`` and why, and why each other one is not used."""
+    from childopt import backends
+    from childopt.backends import reference as reference_backend
+    from childopt.backends import triton as triton_backend
+
+    modules = {m.NAME: m for m in (triton_backend, reference_backend)}
+    try:
+        picked = backends.create("auto", device).name
+    except RuntimeError as exc:
+        return [f"  {device.type}: no backend ({exc})"]
+    lines = [f"  {device.type}: {picked} ({modules[picked].available(device)[1]})"]
+    for name, module in modules.items():
+        if name == picked:
+            continue
+        ok, why = module.available(device)
+        if ok and device.type not in module.AUTO_DEVICES:
+            why = f"runs here, but auto does not pick it for {device.type} tensors"
+        lines.append(f"      not {name}: {why}")
+    return lines
+
+
+def info() -> int:
+    """Print versions, CUDA availability and the backend choice per device."""
+    import torch
+
+    import childopt
+    from childopt.bench import triton_version
+
+    cuda = torch.cuda.is_available()
+    print(f"childopt {childopt.__version__}")
+    print(f"torch    {torch.__version__} (built for CUDA {torch.version.cuda})")
+    print(f"triton   {triton_version() or 'not installed'}")
+    print(f"CUDA     {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}")
+    override = os.environ.get("CHILDOPT_BACKEND", "").strip()
+    print("backend=auto picks" + (f" (CHILDOPT_BACKEND={override} overrides it)" if override else ""))
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    for device in devices:
+        print("\n".join(_backend_lines(device)))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Dispatch to a subcommand; everything after its name is passed on to it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt", description="childopt: fused masked AdamW optimizers",
+        epilog="commands:\n" + "\n".join(f"  {name:6} {text}" for name, text in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=COMMANDS, help="what to do")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
+    ns = parser.parse_args(argv)
+    if ns.command == "bench":
+        from childopt import bench
+
+        return bench.main(ns.args)
+    if ns.args:
+        parser.error(f"info takes no arguments, got {' '.join(ns.args)}")
+    return info()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Shared test helpers: deterministic parameters, gradients and training loops."""
+import torch
+
+MIXED_SHAPES = [(7, 5), (13,), (0,), (3, 4, 5), (1,), (33,), (2, 1, 3)]
+
+
+def make_params(shapes, device="cpu", dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
+
+
+def clone_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def grads_at(params, step, seed=1):
+    """Fresh gradient tensors for ``step`` (new allocations every step, as autograd gives)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + step)
+    return [torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def train(opt, params, steps, start=0, grad_fn=grads_at):
+    for t in range(start, start + steps):
+        for p, g in zip(params, grad_fn(params, t)):
+            p.grad = g
+        opt.step()
+
+
+def masks_for(params, density=0.4, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return {p: (torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params}
+
+
+def snapshot(opt, params, keys=("exp_avg", "exp_avg_sq")):
+    """Copies of params and the named state of each, for bitwise comparisons."""
+    return [p.detach().clone() for p in params] + [
+        opt.state[p][k].clone() for p in params for k in keys if k in opt.state[p]
+    ]
+
+
+def assert_all_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert torch.equal(x, y)

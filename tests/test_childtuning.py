@@ -1,0 +1,108 @@
+"""ChildTuningAdamW against the published ChildTuning update, re-derived here from its formulas.
+
+Oracle (Xu et al. 2021, ChildTuningOptimizer): g *= mask (D) or g *= Bernoulli(p) / p (F);
+m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);
+p -= lr * wd * p.  Tolerance rtol 1e-5 / atol 1e-6 over 50 steps (fp32, same op order up to
+fused multiply-adds, as in test_optim).
+"""
+import math
+
+import pytest
+import torch
+
+from childopt import ChildTuningAdamW, philox
+from tests.helpers import MIXED_SHAPES, clone_params, grads_at, make_params, masks_for, train
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+HP = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+
+def published_childtuning(params, steps, *, keep_fn, lr, betas, eps, weight_decay, correct_bias=True):
+    """The published update on plain tensors; ``keep_fn(i, p, t)`` gives the gradient multiplier."""
+    beta1, beta2 = betas
+    ps = [p.detach().clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    for t in range(steps):
+        for i, (p, g) in enumerate(zip(ps, grads_at(params, t))):
+            step = t + 1
+            g = g * keep_fn(i, p, step)
+            ms[i] = ms[i] * beta1 + (1 - beta1) * g
+            vs[i] = vs[i] * beta2 + (1 - beta2) * g * g
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step) if correct_bias else lr
+            p -= step_size * ms[i] / (vs[i].sqrt() + eps)
+            p -= lr * weight_decay * p
+    return ps, ms, vs
+
+
+def _rng_bases(params):
+    bases, total = [], 0
+    for p in params:
+        bases.append(total)
+        total += philox.rng_group_counts(p.numel())
+    return bases
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_no_mode_equals_published_update(lane, correct_bias):
+    backend, device = lane
+    params = make_params(MIXED_SHAPES, device)
+    opt = ChildTuningAdamW(clone_params(params), correct_bias=correct_bias, backend=backend, seed=0, **HP)
+    expected = published_childtuning(params, 50, keep_fn=lambda i, p, t: 1.0, correct_bias=correct_bias, **HP)
+    ours = [p for g in opt.param_groups for p in g["params"]]
+    train(opt, ours, 50)
+    for a, b in zip(ours, expected[0]):
+        torch.testing.assert_close(a.detach(), b, **TOL)
+
+
+def test_child_tuning_d_equals_published_update(lane):
+    backend, device = lane
+    params = make_params(MIXED_SHAPES, device)
+    ours = clone_params(params)
+    masks = masks_for(ours)
+    opt = ChildTuningAdamW(ours, mode="ChildTuning-D", backend=backend, seed=0, **HP)
+    opt.set_gradient_mask(masks)
+    mask_list = [masks[p] for p in ours]
+    expected, ms, _ = published_childtuning(params, 50, keep_fn=lambda i, p, t: mask_list[i], **HP)
+    train(opt, ours, 50)
+    for a, b, m, keep in zip(ours, expected, ms, mask_list):
+        torch.testing.assert_close(a.detach(), b, **TOL)
+        # Published behaviour: momentum of masked entries stays exactly zero; weight decay still acts.
+        assert torch.equal(opt.state[a]["exp_avg"][~keep], torch.zeros_like(m[~keep]))
+
+
+def test_child_tuning_f_equals_published_update_with_the_same_draws(lane):
+    backend, device = lane
+    params = make_params(MIXED_SHAPES, device)
+    reserve_p = 0.35
+    opt = ChildTuningAdamW(clone_params(params), mode="ChildTuning-F", reserve_p=reserve_p, backend=backend,
+                           seed=2024, **HP)
+    bases = _rng_bases(params)
+
+    def keep_fn(i, p, step):
+        keep = philox.bernoulli_keep(p.numel(), bases[i], 2024, step, reserve_p, p.device).view(p.shape)
+        return keep.float() / reserve_p
+
+    expected, _, _ = published_childtuning(params, 50, keep_fn=keep_fn, **HP)
+    ours = [p for g in opt.param_groups for p in g["params"]]
+    train(opt, ours, 50)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a.detach(), b, **TOL)
+
+
+@pytest.mark.parametrize("reserve_p", [0.0, -0.5, 1.0001, 2])
+def test_reserve_p_outside_unit_interval_raises(reserve_p):
+    with pytest.raises(ValueError, match="reserve_p must be in"):
+        ChildTuningAdamW(make_params([(3,)]), reserve_p=reserve_p, mode="ChildTuning-F")
+
+
+def test_mode_errors():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ChildTuningAdamW(make_params([(3,)]), mode="ChildTuning-X")
+    opt = ChildTuningAdamW(make_params([(3,)]), mode="ChildTuning-D")
+    train_params = [p for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(RuntimeError, match="needs set_gradient_mask"):
+        train(opt, train_params, 1)
+    f_opt = ChildTuningAdamW(make_params([(3,)]), mode="ChildTuning-F", reserve_p=0.5)
+    with pytest.raises(ValueError, match="applies to mode='ChildTuning-D'"):
+        f_opt.set_gradient_mask({})

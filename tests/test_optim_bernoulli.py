@@ -1,0 +1,73 @@
+"""Child-Tuning-F masks through MaskedAdamW: rate, 1/p scaling, stream identity and freeze.
+
+With ``betas=(0, .)`` and a gradient of ones, ``exp_avg`` after one step is exactly the
+applied gradient, ``keep / reserve_p``: the mask can be read back bit for bit.
+"""
+import pytest
+import torch
+
+from childopt import MaskedAdamW, philox
+from tests.helpers import make_params, train
+
+
+def applied_gradient(params, *, reserve_p, seed, steps=1, backend="reference", masked=None):
+    opt = MaskedAdamW(params, lr=0.0, betas=(0.0, 0.999), mask="bernoulli", reserve_p=reserve_p, masked=masked,
+                      seed=seed, backend=backend)
+    train(opt, params, steps, grad_fn=lambda ps, t: [torch.ones_like(p) for p in ps])
+    return [opt.state[p]["exp_avg"].clone() for p in params]
+
+
+def test_keep_rate_and_inverse_p_scaling(lane):
+    backend, device = lane
+    reserve_p = 0.3
+    (applied,) = applied_gradient(make_params([(256, 257)], device), reserve_p=reserve_p, seed=5, backend=backend)
+    values = set(applied.unique().tolist())
+    assert values == {0.0, torch.tensor(1 / reserve_p, dtype=torch.float32).item()}
+    n = applied.numel()
+    rate = (applied != 0).float().mean().item()
+    assert abs(rate - reserve_p) < 5 * (reserve_p * (1 - reserve_p) / n) ** 0.5
+    expected = philox.bernoulli_keep(n, 0, 5, 1, reserve_p, device).view(applied.shape)
+    assert torch.equal(applied != 0, expected)
+
+
+def test_masks_change_every_step_and_follow_the_seed():
+    a = applied_gradient(make_params([(4096,)]), reserve_p=0.5, seed=1, steps=1)[0]
+    b = applied_gradient(make_params([(4096,)]), reserve_p=0.5, seed=1, steps=2)[0]
+    c = applied_gradient(make_params([(4096,)]), reserve_p=0.5, seed=1, steps=1)[0]
+    assert torch.equal(a, c)
+    assert (a != b).float().mean() > 0.3
+    torch.manual_seed(123)
+    s1 = MaskedAdamW(make_params([(2,)]), mask="bernoulli", reserve_p=0.5).seed
+    torch.manual_seed(123)
+    s2 = MaskedAdamW(make_params([(2,)]), mask="bernoulli", reserve_p=0.5).seed
+    assert s1 == s2
+
+
+def test_freeze_with_bernoulli_leaves_dropped_entries_untouched(lane):
+    backend, device = lane
+    params = make_params([(64, 3)], device)
+    before = params[0].detach().clone()
+    opt = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.25, masked="freeze", seed=8, backend=backend)
+    train(opt, params, 1)
+    keep = philox.bernoulli_keep(params[0].numel(), 0, 8, 1, 0.25, device).view(before.shape)
+    assert torch.equal(params[0].detach()[~keep], before[~keep])
+    assert torch.equal(opt.state[params[0]]["exp_avg_sq"][~keep], torch.zeros(int((~keep).sum()), device=device))
+    assert bool((params[0].detach()[keep] != before[keep]).all())
+
+
+def test_reserve_p_one_in_a_group_turns_the_mask_off_for_it():
+    params = make_params([(50,), (50,)])
+    groups = [{"params": params[:1]}, {"params": params[1:], "reserve_p": 1.0}]
+    opt = MaskedAdamW(groups, lr=0.0, betas=(0.0, 0.999), mask="bernoulli", reserve_p=0.5, seed=3)
+    train(opt, params, 1, grad_fn=lambda ps, t: [torch.ones_like(p) for p in ps])
+    assert torch.equal(opt.state[params[1]]["exp_avg"], torch.ones(50))
+    assert (opt.state[params[0]]["exp_avg"] == 0).any()
+
+
+@pytest.mark.parametrize("reserve_p", [0.1, 0.7])
+def test_parameter_order_defines_the_stream(reserve_p):
+    """A tensor's stream starts at the 4-aligned global index after the tensors before it."""
+    whole = applied_gradient(make_params([(66,)]), reserve_p=reserve_p, seed=77)[0]
+    parts = applied_gradient(make_params([(18,), (46,)]), reserve_p=reserve_p, seed=77)
+    assert torch.equal(parts[0], whole[:18])
+    assert torch.equal(parts[1], whole[20:])  # 18 elements occupy 5 groups of 4
