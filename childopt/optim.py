@@ -8,6 +8,7 @@ kind), turns the hyper-parameters into host-computed scalars, and calls its back
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -88,6 +89,8 @@ class MaskedAdamW(Optimizer):
     ``exp_avg_sq`` (and ``max_exp_avg_sq``) whatever the parameter dtype, and ``mask`` for
     parameters with a dict mask, so a checkpoint restores the child network too.
     """
+
+    _PICKLED = ("_backend_request", "seed", "_mask_kind")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  mask=None, reserve_p=1.0, masked=None, seed=None, amsgrad=False, maximize=False,
@@ -174,6 +177,9 @@ class MaskedAdamW(Optimizer):
         elif isinstance(mask, str):
             if mask != MASK_BERNOULLI:
                 raise ValueError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {mask!r}")
+            if all(g["reserve_p"] == 1.0 for g in self.param_groups):
+                warnings.warn("mask='bernoulli' with reserve_p=1.0 in every group keeps every entry: "
+                              "this trains like plain AdamW; pass reserve_p < 1", stacklevel=3)
             kind, new = MASK_BERNOULLI, {}
         elif isinstance(mask, Mapping):
             kind, new = MASK_DENSE, self._resolve_mask_dict(mask)
@@ -356,8 +362,9 @@ class MaskedAdamW(Optimizer):
             self.seed = extras["seed"]
 
     def __getstate__(self) -> dict:
+        """torch keeps only defaults, state and groups; add what defines the mask stream."""
         state = super().__getstate__()
-        state.update(_backend_request=self._backend_request, seed=self.seed, _mask_kind=self._mask_kind)
+        state.update({key: getattr(self, key) for key in self._PICKLED})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -386,6 +393,8 @@ class ChildTuningAdamW(MaskedAdamW):
     ``mode="ChildTuning-D"``: the gradient is multiplied by the mask given to
     :meth:`set_gradient_mask` (required before the first step).  ``mode=None``: no mask.
     """
+
+    _PICKLED = (*MaskedAdamW._PICKLED, "mode")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, reserve_p=1.0, mode=None, *, seed=None, backend="auto"):

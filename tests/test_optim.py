@@ -318,3 +318,24 @@ BAD_INPUTS = [
 def test_bad_input_raises_a_clear_error(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_deepcopy_and_pickle_keep_the_mask_stream():
+    import pickle
+
+    from childopt import ChildTuningAdamW
+
+    params = make_params([(40,)])
+    opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5, seed=3)
+    train(opt, params, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        clone_params_ = [p for g in clone.param_groups for p in g["params"]]
+        assert (clone.mode, clone.seed, clone.mask_kind) == ("ChildTuning-F", 3, "bernoulli")
+        train(clone, clone_params_, 2, start=2)
+    train(opt, params, 2, start=2)
+    assert torch.equal(clone_params_[0], params[0])
+
+
+def test_bernoulli_mask_that_keeps_everything_warns():
+    with pytest.warns(UserWarning, match="reserve_p=1.0 in every group"):
+        MaskedAdamW(make_params([(3,)]), mask="bernoulli", seed=0)
