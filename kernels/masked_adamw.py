@@ -13,7 +13,10 @@ All indexing is int64.
 
 Bytes per element (fp32, one step): p, g, m, v read + p, m, v written = 28; +1 for a uint8
 dense mask; Bernoulli masks cost no bytes (Philox in registers, one call per 4 elements);
-+8 with amsgrad.  Under freeze, dropped entries issue no p/m/v traffic.
++8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
+traffic stays 28 B so that accesses vectorise (skipping them only pays for very sparse masks,
+which sparse-index storage serves).  Blocks wholly inside a tensor run unpredicated; only a
+tensor's last block masks its loads.
 """
 from __future__ import annotations
 
@@ -25,11 +28,15 @@ import triton.language as tl
 
 from childopt.kernels.philox import philox4x32_10
 
-COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_MASK, COL_NUMEL, COL_RNG = range(8)
-TABLE_COLS = 8
+# Columns of the per-tensor table (int64): element offsets of each list, numel, Philox group base.
+COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_MASK, COL_NUMEL, COL_RNG = (tl.constexpr(i) for i in range(8))
+TABLE_COLS = tl.constexpr(8)
 
 KIND_NONE, KIND_DENSE, KIND_BERNOULLI = 0, 1, 2
 
+# No multiply-add contraction: the rounding of every step is then the same on every Triton
+# version (3.9 contracts by default, 3.10 will not) and closer to torch's separate ops.
+FP_FUSION = False
 DEFAULT_BLOCK = 1024
 DEFAULT_ITERS = 4
 
@@ -49,6 +56,77 @@ def round_to(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _load(ptr, io_mask, MASKED_IO: tl.constexpr):
+    if MASKED_IO:
+        return tl.load(ptr, mask=io_mask, other=0.0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, value, io_mask, MASKED_IO: tl.constexpr):
+    if MASKED_IO:
+        tl.store(ptr, value, mask=io_mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, io_mask, keep,
+                decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
+                MASKED_IO: tl.constexpr, MASKED: tl.constexpr, FREEZE: tl.constexpr, SCALE_GRAD: tl.constexpr, AMSGRAD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, DECAY_AFTER: tl.constexpr, LERP_FROM_START: tl.constexpr):
+    """One block of the element update; ``io_mask`` applies only to a tensor's last block.
+
+    Frozen entries are loaded and written back unchanged (``where(keep, new, old)`` on the raw
+    values, so bit-identical): unpredicated loads and stores vectorise, where per-element
+    predicates would split every access into scalar ones.
+    """
+    g_raw = _load(g_ptr + offs, io_mask, MASKED_IO)
+    p_raw = _load(p_ptr + offs, io_mask, MASKED_IO)
+    m_old = _load(m_ptr + offs, io_mask, MASKED_IO)
+    v_old = _load(v_ptr + offs, io_mask, MASKED_IO)
+    g = g_raw.to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if MASKED:
+        if not FREEZE:
+            if SCALE_GRAD:
+                g = g * grad_scale
+            g = tl.where(keep, g, 0.0)
+    p = p_raw.to(tl.float32)
+    if not DECAY_AFTER:
+        p = p * decay
+    # torch.lerp's two-sided formula, so m matches torch.optim.AdamW's exp_avg.lerp_
+    if LERP_FROM_START:
+        m = m_old + one_minus_beta1 * (g - m_old)
+    else:
+        m = g - (g - m_old) * (1.0 - one_minus_beta1)
+    v = v_old * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax_old = _load(vmax_ptr + offs, io_mask, MASKED_IO)
+        vmax = tl.maximum(vmax_old, v)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    if DECAY_AFTER:
+        p = p * decay
+    p_new = round_to(p, p_ptr.dtype.element_ty)
+    if MASKED:
+        if FREEZE:
+            p_new = tl.where(keep, p_new, p_raw)
+            m = tl.where(keep, m, m_old)
+            v = tl.where(keep, v, v_old)
+            if AMSGRAD:
+                vmax = tl.where(keep, vmax, vmax_old)
+    _store(p_ptr + offs, p_new, io_mask, MASKED_IO)
+    _store(m_ptr + offs, m, io_mask, MASKED_IO)
+    _store(v_ptr + offs, v, io_mask, MASKED_IO)
+    if AMSGRAD:
+        _store(vmax_ptr + offs, vmax, io_mask, MASKED_IO)
+
+
 @triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"])
 def masked_adamw_kernel(
     p_base, g_base, m_base, v_base, vmax_base, mask_base,
@@ -62,19 +140,17 @@ def masked_adamw_kernel(
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = table + tl.load(chunk_tensor + pid).to(tl.int64) * 8
-    start = tl.load(chunk_start + pid)
-    numel = tl.load(row + 6)
-    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), P_ALIGN)
-    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), G_ALIGN)
-    m_ptr = m_base + tl.multiple_of(tl.load(row + 2), S_ALIGN)
-    v_ptr = v_base + tl.multiple_of(tl.load(row + 3), S_ALIGN)
-    if AMSGRAD:
-        vmax_ptr = vmax_base + tl.multiple_of(tl.load(row + 4), S_ALIGN)
-    if MASK_KIND == 1:
-        mask_ptr = mask_base + tl.multiple_of(tl.load(row + 5), MASK_ALIGN)
+    row = table + tl.load(chunk_tensor + pid).to(tl.int64) * TABLE_COLS
+    start = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)
+    numel = tl.load(row + COL_NUMEL)
+    p_ptr = p_base + tl.multiple_of(tl.load(row + COL_P), P_ALIGN)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + COL_G), G_ALIGN)
+    m_ptr = m_base + tl.multiple_of(tl.load(row + COL_M), S_ALIGN)
+    v_ptr = v_base + tl.multiple_of(tl.load(row + COL_V), S_ALIGN)
+    vmax_ptr = vmax_base + tl.multiple_of(tl.load(row + COL_VMAX), S_ALIGN)
+    mask_ptr = mask_base + tl.multiple_of(tl.load(row + COL_MASK), MASK_ALIGN)
     if MASK_KIND == 2:
-        rng_base = tl.load(row + 7)
+        rng_base = tl.load(row + COL_RNG)
         key0 = seed_lo.to(tl.uint32)
         key1 = seed_hi.to(tl.uint32)
         ctr2 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + step_lo.to(tl.uint32)
@@ -95,45 +171,14 @@ def masked_adamw_kernel(
             keep = words.to(tl.int64) < keep_threshold
         else:
             keep = inb
-        if FREEZE:
-            act = inb & keep
-        else:
-            act = inb
-
-        g = tl.load(g_ptr + offs, mask=act, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        if MASK_KIND != 0:
-            if not FREEZE:
-                if SCALE_GRAD:
-                    g = g * grad_scale
-                g = tl.where(keep, g, 0.0)
-        p = tl.load(p_ptr + offs, mask=act, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=act, other=0.0)
-        v = tl.load(v_ptr + offs, mask=act, other=0.0)
-
-        if not DECAY_AFTER:
-            p = p * decay
-        # torch.lerp's two-sided formula, so m matches torch.optim.AdamW's exp_avg.lerp_
-        if LERP_FROM_START:
-            m = m + one_minus_beta1 * (g - m)
-        else:
-            m = g - (g - m) * (1.0 - one_minus_beta1)
-        v = v * beta2 + one_minus_beta2 * g * g
-        if AMSGRAD:
-            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=act, other=0.0), v)
-            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
-        else:
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p - tl.div_rn(step_size * m, denom)
-        if DECAY_AFTER:
-            p = p * decay
-
-        tl.store(p_ptr + offs, round_to(p, p_ptr.dtype.element_ty), mask=act)
-        tl.store(m_ptr + offs, m, mask=act)
-        tl.store(v_ptr + offs, v, mask=act)
-        if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax, mask=act)
+        if first + BLOCK <= numel:
+            adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, inb, keep,
+                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
+                        False, MASK_KIND != 0, FREEZE, SCALE_GRAD, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+        elif first < numel:
+            adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, inb, keep,
+                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
+                        True, MASK_KIND != 0, FREEZE, SCALE_GRAD, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
 
 
 @dataclass
@@ -226,4 +271,5 @@ def launch(plan: Plan, lists: list, *, decay, one_minus_beta1, beta2, one_minus_
         LERP_FROM_START=one_minus_beta1 < 0.5,
         P_ALIGN=plan.aligns[0], G_ALIGN=plan.aligns[1], S_ALIGN=plan.aligns[2], MASK_ALIGN=plan.aligns[3],
         BLOCK=plan.block, ITERS=plan.iters,
+        enable_fp_fusion=FP_FUSION,
     )

@@ -1,0 +1,90 @@
+"""Compile the masked AdamW Triton kernel ahead of time for a GPU arch, on any machine.
+
+Triton's wheel carries ptxas, so compilation, register counts, spills and
+whether the loads became 128-bit vectors can be checked without a GPU, which the interpreter
+cannot show.  Prints one JSON object per variant:
+
+    python tools/triton_resources.py [--arch 90] [--block 1024] [--iters 4]
+
+Must run without TRITON_INTERPRET (the kernel has to be a compiled JITFunction).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from childopt.kernels import masked_adamw
+
+POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
+            "chunk_start")
+TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, amsgrad: bool,
+                    block: int, iters: int) -> dict:
+    """Compile one variant (16-byte aligned tensors) and report its code and resources."""
+    fn = masked_adamw.masked_adamw_kernel
+    names = fn.arg_names
+    p_type = TRITON_TYPES[param_dtype]
+    pointer_types = dict(zip(POINTERS, (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64",
+                                        "*i32", "*i64")))
+    align = 16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type]
+    constexprs = dict(MASK_KIND=mask_kind, FREEZE=freeze, SCALE_GRAD=mask_kind != 0 and not freeze,
+                      AMSGRAD=amsgrad, MAXIMIZE=False, DECAY_AFTER=False, LERP_FROM_START=True, P_ALIGN=align,
+                      G_ALIGN=align, S_ALIGN=4, MASK_ALIGN=16, BLOCK=block, ITERS=iters)
+    integers = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"}
+    signature = {n: pointer_types.get(n) or ("constexpr" if n in constexprs else "i64" if n in integers else "fp32")
+                 for n in names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"enable_fp_fusion": masked_adamw.FP_FUSION})
+    ptx = kernel.asm["ptx"]
+    usage = _resource_usage(ptx)
+    return dict(arch=arch, param_dtype=param_dtype, mask_kind=mask_kind, freeze=freeze, amsgrad=amsgrad,
+                block=block, iters=iters, num_warps=kernel.metadata.num_warps,
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
+                vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx)), **usage)
+
+
+def _resource_usage(ptx: str) -> dict:
+    """Registers, stack and spill bytes per thread, from Triton's own ptxas (it reads Triton's PTX)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # sm_90a for arch 90
+        out = subprocess.run([tool, "-v", "--gpu-name", target, f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return dict(registers=int(re.search(r"Used (\d+) registers", out).group(1)), stack=int(frame.group(1)),
+                spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--block", type=int, default=masked_adamw.DEFAULT_BLOCK)
+    parser.add_argument("--iters", type=int, default=masked_adamw.DEFAULT_ITERS)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this tool compiles the kernel")
+    variants = itertools.product(("float32", "bfloat16"), (0, 1, 2), (False, True), (False, True))
+    for dtype, kind, freeze, amsgrad in variants:
+        if kind == 0 and freeze:
+            continue
+        print(json.dumps(compile_variant(args.arch, dtype, kind, freeze, amsgrad, args.block, args.iters)))
+
+
+if __name__ == "__main__":
+    main()
