@@ -7,7 +7,7 @@ contraction can differ).  Under the interpreter on CPU they are usually bit-iden
 import pytest
 import torch
 
-from childopt import MaskedAdamW, backends
+from childopt import MaskedAdamW, backends, philox
 from childopt.backends import triton as triton_backend
 from childopt.kernels import masked_adamw
 from tests.helpers import MIXED_SHAPES, clone_params, make_params, masks_for, snapshot, train
@@ -112,3 +112,20 @@ def test_registry_reports_why_triton_cannot_run():
     assert not ok and "CUDA" in why
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run on meta"):
         backends.create("triton", torch.device("meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_tensor_past_2_31_elements_is_stepped_to_its_end():
+    """int64 indexing: the last elements of a 2^31 + 1000 element bf16 tensor (~26 GB with state)."""
+    n = 2**31 + 1000
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device="cuda"))
+    p.grad = torch.ones_like(p)
+    p.grad[-1000:] = 2.0
+    opt = MaskedAdamW([p], lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=4, backend="triton")
+    opt.step()
+    tail = slice(n - 1000, n)
+    keep = philox.random_words(1000, (n - 1000) // 4, 4, 1, "cuda") < philox.keep_threshold(0.5)
+    torch.testing.assert_close(opt.state[p]["exp_avg"][tail], torch.where(keep, 0.1 * 2.0 / 0.5, 0.0))
+    # Kept entries move by ~lr; dropped ones only decay by 1 - 1e-4, which rounds back to 1 in bf16.
+    assert bool((p.detach()[tail][keep] < 1).all()) and bool((p.detach()[tail][~keep] == 1).all())
