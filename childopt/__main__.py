@@ -14,10 +14,8 @@ COMMANDS = {
 def _backend_lines(device) -> list[str]:
     """Which backend ``auto`` picks for ``device`` and why, and why each other one is not used."""
     from childopt import backends
-    from childopt.backends import reference as reference_backend
-    from childopt.backends import triton as triton_backend
 
-    modules = {m.NAME: m for m in (triton_backend, reference_backend)}
+    modules = backends.MODULES
     try:
         picked = backends.create("auto", device).name
     except RuntimeError as exc:

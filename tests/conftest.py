@@ -38,7 +38,7 @@ LANES = [_lane(b, d) for d in ("cpu", "cuda") for b in BACKENDS]
 def lane(request):
     """(backend, device) pairs that can run here; Triton on CPU only when interpreted."""
     backend, device = request.param
-    ok, why = backends._MODULES[backend].available(torch.device(device))
+    ok, why = backends.MODULES[backend].available(torch.device(device))
     if not ok:
         pytest.skip(why)
     return backend, device
@@ -47,7 +47,7 @@ def lane(request):
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
 def triton_device(request):
     """Devices the Triton kernels run on here (CPU only under the interpreter)."""
-    ok, why = backends._MODULES["triton"].available(torch.device(request.param))
+    ok, why = backends.MODULES["triton"].available(torch.device(request.param))
     if not ok:
         pytest.skip(why)
     return request.param

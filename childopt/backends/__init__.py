@@ -16,9 +16,9 @@ from childopt.backends import reference, triton
 
 log = logging.getLogger("childopt")
 
-_MODULES = {reference.NAME: reference, triton.NAME: triton}
+MODULES = {reference.NAME: reference, triton.NAME: triton}
 AUTO_ORDER = (triton.NAME, reference.NAME)
-CHOICES = ("auto", *_MODULES)
+CHOICES = ("auto", *MODULES)
 _announced: set = set()
 
 
@@ -43,22 +43,22 @@ def create(backend: str, device: torch.device):
     """A backend instance for tensors on ``device``: the named one, or ``auto``'s pick."""
     name = requested(check_name(backend))
     if name != "auto":
-        ok, why = _MODULES[name].available(device)
+        ok, why = MODULES[name].available(device)
         if not ok:
             raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
-        return _MODULES[name].Backend()
+        return MODULES[name].Backend()
     reasons = []
     for candidate in AUTO_ORDER:
-        if device.type not in _MODULES[candidate].AUTO_DEVICES:
+        if device.type not in MODULES[candidate].AUTO_DEVICES:
             reasons.append(f"{candidate}: not used automatically for {device.type} tensors")
             continue
-        ok, why = _MODULES[candidate].available(device)
+        ok, why = MODULES[candidate].available(device)
         if ok:
             key = (candidate, str(device))
             if key not in _announced:
                 _announced.add(key)
                 skipped = f" (skipped: {'; '.join(reasons)})" if reasons else ""
                 log.info("childopt: backend %r for %s tensors: %s%s", candidate, device, why, skipped)
-            return _MODULES[candidate].Backend()
+            return MODULES[candidate].Backend()
         reasons.append(f"{candidate}: {why}")
     raise RuntimeError(f"no backend can run on {device}: {'; '.join(reasons)}")

@@ -1,0 +1,38 @@
+"""pytest-benchmark suite: one optimizer step of torch AdamW, the childopt optimizers and the ChildTuning loop.
+
+``pytest bench --benchmark-enable`` times them; in CI (``--benchmark-disable`` in addopts) each
+runs once as a smoke test.  CPU cases step a tiny roberta-like parameter list on the reference
+backend; ``cuda`` cases step the real roberta-base shapes on the backend ``auto`` picks.  Every
+case records the measurements of :func:`childopt.bench.measure_row` in ``benchmark.extra_info``.
+"""
+import pytest
+import torch
+
+from childopt import bench
+
+SPECS = {spec.key: spec for spec in bench.ROWS}
+KEYS = ("adamw-foreach", "masked-none", "masked-dense-freeze", "masked-bernoulli", "childtuning-f",
+        "childtuning-f-loop")
+TINY_SHAPES = bench.roberta_base_shapes(scale=1 / 12, layers=1)
+
+
+def _bench_step(benchmark, key: str, shapes, device: torch.device, backend: str, steps: int) -> None:
+    """Measure the row's step with the bench helpers, record it, then hand the step to pytest-benchmark."""
+    spec = SPECS[key]
+    params = bench.make_params(shapes, device)
+    opt = spec.make(params, backend)
+    row = bench.measure_row(spec, opt, params, device, warmup=bench.WARMUP, steps=steps)
+    benchmark.extra_info.update(backend=row.backend, it_s=row.it_s, peak_gb=row.peak_gb,
+                                bytes_per_step=row.bytes_per_step, gbps=row.gbps)
+    benchmark(bench.synchronized(opt.step, device))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def bench_step_cpu(benchmark, key):
+    _bench_step(benchmark, key, TINY_SHAPES, torch.device("cpu"), backend="reference", steps=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key", KEYS)
+def bench_step_cuda(benchmark, key):
+    _bench_step(benchmark, key, bench.roberta_base_shapes(), torch.device("cuda"), backend="auto", steps=20)
