@@ -228,17 +228,19 @@ class MaskedAdamW(Optimizer):
             return group["masked"]
         return "zero_grad" if self._mask_kind == MASK_BERNOULLI else "freeze"
 
+    def _bias_scalars(self, group: dict, lr: float, step: int) -> tuple[float, float, bool]:
+        """(step_size, bc2_sqrt, decay_after) of AdamW: bias corrections in host float64, as torch."""
+        beta1, beta2 = group["betas"]
+        return lr / (1 - beta1**step), math.sqrt(1 - beta2**step), False
+
     def _step_scalars(self, group: dict, step: int) -> StepScalars:
-        """AdamW's scalars, with bias corrections in host float64 as torch.optim.AdamW does."""
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
+        step_size, bc2_sqrt, decay_after = self._bias_scalars(group, lr, step)
         return StepScalars(
             decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1, beta2=beta2,
-            one_minus_beta2=1 - beta2, eps=group["eps"], step_size=lr / bias_correction1,
-            bc2_sqrt=math.sqrt(bias_correction2), maximize=group["maximize"],
-            amsgrad=group["amsgrad"], decay_after=False,
+            one_minus_beta2=1 - beta2, eps=group["eps"], step_size=step_size, bc2_sqrt=bc2_sqrt,
+            maximize=group["maximize"], amsgrad=group["amsgrad"], decay_after=decay_after,
         )
 
     def _mask_scalars(self, group: dict, kind: str, step: int) -> MaskScalars:
@@ -420,14 +422,8 @@ class ChildTuningAdamW(MaskedAdamW):
         if self.mode == "ChildTuning-D" and self._mask_kind != MASK_DENSE:
             raise RuntimeError("ChildTuningAdamW(mode='ChildTuning-D') needs set_gradient_mask(...) before step()")
 
-    def _step_scalars(self, group: dict, step: int) -> StepScalars:
-        lr = float(group["lr"])
+    def _bias_scalars(self, group: dict, lr: float, step: int) -> tuple[float, float, bool]:
+        """ChildTuning folds both corrections into the step size and decays after the update."""
         beta1, beta2 = group["betas"]
-        step_size = lr
-        if group["correct_bias"]:
-            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        return StepScalars(
-            decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1, beta2=beta2,
-            one_minus_beta2=1 - beta2, eps=group["eps"], step_size=step_size, bc2_sqrt=1.0,
-            maximize=False, amsgrad=False, decay_after=True,
-        )
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step) if group["correct_bias"] else lr
+        return step_size, 1.0, True
