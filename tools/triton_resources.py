@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from childopt.kernels import masked_adamw
+from childopt.kernels import masked_adamw, multi_tensor
 
 POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
             "chunk_start")
@@ -48,7 +48,7 @@ def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, a
                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS})
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"enable_fp_fusion": masked_adamw.FP_FUSION})
+                            options={"enable_fp_fusion": multi_tensor.FP_FUSION})
     ptx = kernel.asm["ptx"]
     usage = _resource_usage(ptx)
     return dict(arch=arch, param_dtype=param_dtype, mask_kind=mask_kind, freeze=freeze, amsgrad=amsgrad,
@@ -74,8 +74,8 @@ def _resource_usage(ptx: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--block", type=int, default=masked_adamw.DEFAULT_BLOCK)
-    parser.add_argument("--iters", type=int, default=masked_adamw.DEFAULT_ITERS)
+    parser.add_argument("--block", type=int, default=multi_tensor.DEFAULT_BLOCK)
+    parser.add_argument("--iters", type=int, default=multi_tensor.DEFAULT_ITERS)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this tool compiles the kernel")

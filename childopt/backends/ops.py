@@ -75,3 +75,21 @@ class TensorLists:
     max_exp_avg_sqs: Optional[list[torch.Tensor]] = None
     masks: Optional[list[torch.Tensor]] = None
     rng_bases: Optional[list[int]] = None
+
+
+@dataclass
+class SparseTensorLists:
+    """The tensors of one sparse bucket: only the entries ``indices`` of each param are stepped.
+
+    ``indices`` are sorted flat indices (int32, or int64 past 2**31 elements; one dtype per
+    bucket); ``exp_avgs`` etc. are compact fp32 tensors of the same length.  ``grads`` are the
+    dense gradients (gathered at ``indices``) or, with ``compact_grads``, compact ones.
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    indices: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    max_exp_avg_sqs: Optional[list[torch.Tensor]] = None
+    compact_grads: bool = False

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from childopt import philox
-from childopt.backends.ops import MASK_BERNOULLI, MASK_DENSE, MaskScalars, StepScalars, TensorLists
+from childopt.backends.ops import (MASK_BERNOULLI, MASK_DENSE, MaskScalars, SparseTensorLists, StepScalars,
+                                   TensorLists)
 
 NAME = "reference"
 AUTO_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -36,36 +37,40 @@ class Backend:
     def adamw_step(self, tensors: TensorLists, hp: StepScalars, mask: MaskScalars) -> None:
         adamw_step(tensors, hp, mask)
 
+    def sparse_adamw_step(self, tensors: SparseTensorLists, hp: StepScalars) -> None:
+        sparse_adamw_step(tensors, hp)
+
+
+def adamw_math(p, g, m, v, vmax, hp: StepScalars):
+    """The element update on flat fp32 tensors; returns new (p, m, v, vmax) without writing."""
+    if hp.maximize:
+        g = -g
+    if not hp.decay_after:
+        p = p * hp.decay
+    m = torch.lerp(m, g, hp.one_minus_beta1)
+    v = v * hp.beta2 + hp.one_minus_beta2 * g * g
+    if hp.amsgrad:
+        vmax = torch.maximum(vmax, v)
+    denom = torch.sqrt(vmax if hp.amsgrad else v) / hp.bc2_sqrt + hp.eps
+    p = p - hp.step_size * m / denom
+    if hp.decay_after:
+        p = p * hp.decay
+    return p, m, v, vmax
+
 
 def adamw_step(tensors: TensorLists, hp: StepScalars, mask: MaskScalars) -> None:
     """Apply one masked AdamW step in place to every tensor of the bucket."""
     for i, param in enumerate(tensors.params):
         p_flat = param.view(-1)
-        p = p_flat.float()
         g = tensors.grads[i].reshape(-1).float()
         m = tensors.exp_avgs[i].view(-1)
         v = tensors.exp_avg_sqs[i].view(-1)
         vmax = tensors.max_exp_avg_sqs[i].view(-1) if hp.amsgrad else None
-        if hp.maximize:
-            g = -g
-        keep = _keep_mask(i, tensors, mask, p.numel(), p.device)
+        keep = _keep_mask(i, tensors, mask, p_flat.numel(), p_flat.device)
         if keep is not None and not mask.freeze:
             g = torch.where(keep, g * mask.grad_scale if mask.grad_scale != 1.0 else g, 0.0)
-
-        if not hp.decay_after:
-            p = p * hp.decay
-        m_new = torch.lerp(m, g, hp.one_minus_beta1)
-        v_new = v * hp.beta2 + hp.one_minus_beta2 * g * g
-        if hp.amsgrad:
-            vmax_new = torch.maximum(vmax, v_new)
-            denom = torch.sqrt(vmax_new) / hp.bc2_sqrt + hp.eps
-        else:
-            denom = torch.sqrt(v_new) / hp.bc2_sqrt + hp.eps
-        p = p - hp.step_size * m_new / denom
-        if hp.decay_after:
-            p = p * hp.decay
-
-        p_new = p.to(param.dtype)
+        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.float(), g, m, v, vmax, hp)
+        p_new = p_new.to(param.dtype)
         if keep is not None and mask.freeze:
             p_new = torch.where(keep, p_new, p_flat)
             m_new = torch.where(keep, m_new, m)
@@ -78,3 +83,19 @@ def adamw_step(tensors: TensorLists, hp: StepScalars, mask: MaskScalars) -> None
         if hp.amsgrad:
             vmax.copy_(vmax_new)
 
+
+def sparse_adamw_step(tensors: SparseTensorLists, hp: StepScalars) -> None:
+    """Apply one AdamW step in place to the selected entries of every tensor of the bucket."""
+    for i, param in enumerate(tensors.params):
+        idx = tensors.indices[i]
+        p_flat = param.view(-1)
+        grad = tensors.grads[i].reshape(-1)
+        g = (grad if tensors.compact_grads else grad.index_select(0, idx)).float()
+        vmax = tensors.max_exp_avg_sqs[i] if hp.amsgrad else None
+        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.index_select(0, idx).float(), g, tensors.exp_avgs[i],
+                                                   tensors.exp_avg_sqs[i], vmax, hp)
+        p_flat.index_copy_(0, idx.long(), p_new.to(param.dtype))
+        tensors.exp_avgs[i].copy_(m_new)
+        tensors.exp_avg_sqs[i].copy_(v_new)
+        if hp.amsgrad:
+            vmax.copy_(vmax_new)

@@ -1,4 +1,4 @@
-"""The Triton backend: childopt.kernels' multi-tensor masked AdamW, one launch per bucket.
+"""The Triton backend: childopt.kernels' multi-tensor dense and sparse AdamW, one launch per bucket.
 
 Device tables are cached per set of tensor addresses, so a training loop whose gradients keep
 their storage (or get the same blocks back from the caching allocator) does no table work
@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 import torch
 
-from childopt.backends.ops import MASK_BERNOULLI, MASK_DENSE, MaskScalars, StepScalars, TensorLists
+from childopt.backends.ops import (MASK_BERNOULLI, MASK_DENSE, MaskScalars, SparseTensorLists, StepScalars,
+                                   TensorLists)
 
 NAME = "triton"
 # The interpreter (TRITON_INTERPRET=1) is for tests: auto never picks Triton for CPU tensors.
@@ -36,24 +37,26 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 
 class Backend:
-    """Steps buckets with the Triton kernel; holds the plan cache of one optimizer."""
+    """Steps buckets with the Triton kernels; holds the plan cache of one optimizer."""
 
     name = NAME
 
     def __init__(self, block: int | None = None, iters: int | None = None):
-        from childopt.kernels import masked_adamw
+        from childopt.kernels import masked_adamw, multi_tensor, sparse_adamw
 
-        self._kernels = masked_adamw
-        self._block = block or masked_adamw.DEFAULT_BLOCK
-        self._iters = iters or masked_adamw.DEFAULT_ITERS
+        self._dense = masked_adamw
+        self._sparse = sparse_adamw
+        self._block = block or multi_tensor.DEFAULT_BLOCK
+        self._iters = iters or multi_tensor.DEFAULT_ITERS
         self._plans: OrderedDict = OrderedDict()
 
-    def _plan(self, lists: list, rng_bases):
-        key = (tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
-               tuple(t.numel() for t in lists[0]), tuple(rng_bases or ()))
+    def _plan(self, family, lists: dict, *extra):
+        """The cached plan of ``lists`` (keyed by every tensor's address and size), built on a miss."""
+        key = (family.__name__, tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values()),
+               tuple(t.numel() for tensors in lists.values() for t in tensors), extra)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._kernels.make_plan(lists, rng_bases, block=self._block, iters=self._iters)
+            plan = family.make_plan(lists, *extra, block=self._block, iters=self._iters)
             self._plans[key] = plan
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
@@ -63,16 +66,20 @@ class Backend:
 
     def adamw_step(self, tensors: TensorLists, hp: StepScalars, mask: MaskScalars) -> None:
         """One launch over the bucket (see childopt.backends.ops for the update)."""
-        lists = self._kernels.launch_lists(
+        lists = self._dense.launch_lists(
             tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs,
             tensors.max_exp_avg_sqs if hp.amsgrad else None, tensors.masks,
         )
-        plan = self._plan(lists, tensors.rng_bases)
-        self._kernels.launch(
-            plan, lists,
-            decay=hp.decay, one_minus_beta1=hp.one_minus_beta1, beta2=hp.beta2,
-            one_minus_beta2=hp.one_minus_beta2, eps=hp.eps, step_size=hp.step_size, bc2_sqrt=hp.bc2_sqrt,
-            maximize=hp.maximize, amsgrad=hp.amsgrad, decay_after=hp.decay_after,
-            mask_kind=_KINDS.get(mask.kind, 0), freeze=mask.freeze, grad_scale=mask.grad_scale,
+        plan = self._plan(self._dense, lists, tuple(tensors.rng_bases) if tensors.rng_bases else None)
+        self._dense.launch(
+            plan, lists, hp, mask_kind=_KINDS.get(mask.kind, 0), freeze=mask.freeze, grad_scale=mask.grad_scale,
             keep_threshold=mask.keep_threshold, seed=mask.seed, step=mask.step,
         )
+
+    def sparse_adamw_step(self, tensors: SparseTensorLists, hp: StepScalars) -> None:
+        """One launch over the selected entries of every tensor of the bucket."""
+        lists = self._sparse.launch_lists(
+            tensors.params, tensors.grads, tensors.indices, tensors.exp_avgs, tensors.exp_avg_sqs,
+            tensors.max_exp_avg_sqs if hp.amsgrad else None,
+        )
+        self._sparse.launch(self._plan(self._sparse, lists), lists, hp, compact_grads=tensors.compact_grads)
