@@ -53,6 +53,9 @@ RESERVE_P = 0.3
 # effective bandwidth, comparable across rows and with the copy bandwidth.
 ADAMW_BYTES = 28
 MASK_BYTES = 1
+# Sparse storage moves idx 4 + g 4 + p 4 + 4 + m 8 + v 8 = 32 B per *selected* entry.
+SPARSE_ENTRY_BYTES = 32
+SPARSE_DENSITIES = (0.01, 0.05, 0.1, 0.3)
 
 
 def roberta_base_shapes(scale: float = 1.0, layers: Optional[int] = None) -> list[tuple[int, ...]]:
@@ -89,9 +92,16 @@ def make_params(shapes, device: torch.device, seed: int = 0) -> list[torch.nn.Pa
     return params
 
 
-def _dense_mask(params) -> dict:
-    """A random child network keeping a ``DENSITY`` fraction of every parameter."""
-    return {p: torch.rand(p.shape, device=p.device) < DENSITY for p in params}
+def _dense_mask(params, density: float = DENSITY) -> dict:
+    """A random child network keeping a ``density`` fraction of every parameter."""
+    return {p: torch.rand(p.shape, device=p.device) < density for p in params}
+
+
+def _sparse_row(density: float) -> "RowSpec":
+    """MaskedAdamW with sparse-index storage of a random child network of ``density``."""
+    return RowSpec(f"masked-sparse-{density}", "MaskedAdamW", f"sparse {density}", SPARSE_ENTRY_BYTES * density,
+                   lambda ps, backend: MaskedAdamW(ps, mask=_dense_mask(ps, density), storage="sparse",
+                                                   backend=backend, **HYPER))
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class RowSpec:
     key: str
     optimizer: str
     mode: str
-    bytes_per_element: int
+    bytes_per_element: float
     make: Callable[[list, str], torch.optim.Optimizer]
     backend: Optional[str] = None
     optional: bool = False
@@ -135,6 +145,7 @@ ROWS = (
     RowSpec("childtuning-f-loop", "ChildTuningReferenceAdamW", f"ChildTuning-F p={RESERVE_P}", ADAMW_BYTES,
             lambda ps, backend: ChildTuningReferenceAdamW(ps, mode="ChildTuning-F", reserve_p=RESERVE_P, **HYPER),
             backend="python loop", scales_grads=True),
+    *(_sparse_row(density) for density in SPARSE_DENSITIES),
 )
 
 
@@ -229,7 +240,7 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
     reset_peak_memory(device)
     seconds = statistics.median(time_calls(step, steps, before=restore))
     numel = sum(p.numel() for p in params)
-    bytes_per_step = spec.bytes_per_element * numel
+    bytes_per_step = round(spec.bytes_per_element * numel)
     backend = spec.backend or opt.backend_name()
     return Row(optimizer=spec.optimizer, mode=spec.mode, backend=backend, it_s=1.0 / seconds,
                ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device), state_gb=state_gb(opt),

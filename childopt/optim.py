@@ -14,11 +14,13 @@ from collections.abc import Mapping
 import torch
 from torch.optim import Optimizer
 
-from childopt import backends, philox
-from childopt.backends.ops import MASK_BERNOULLI, MASK_DENSE, MASK_NONE, MaskScalars, StepScalars, TensorLists
+from childopt import backends, philox, sparse
+from childopt.backends.ops import (MASK_BERNOULLI, MASK_DENSE, MASK_NONE, MaskScalars, SparseTensorLists,
+                                   StepScalars, TensorLists)
 
 MASKED_MODES = ("freeze", "zero_grad")
 MASK_KINDS = (MASK_NONE, MASK_DENSE, MASK_BERNOULLI)
+STORAGES = ("dense", "sparse")
 STATE_FORMAT = 1
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -84,23 +86,50 @@ class MaskedAdamW(Optimizer):
         seed: 64-bit seed of the Bernoulli stream.  ``None`` draws one from torch's default
             generator (so ``torch.manual_seed`` makes it reproducible).  Saved in ``state_dict``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see childopt.backends).
+        storage: ``"dense"`` or ``"sparse"``.  Sparse keeps, for each parameter with a dict mask,
+            only its selected entries: sorted flat ``indices`` (int32; int64 past 2**31 elements)
+            and compact fp32 moments, 12 bytes per selected entry instead of 8 per element plus a
+            1-byte mask.  The step reads and writes only those entries, and the parameters follow
+            the same trajectory as ``storage="dense", masked="freeze"``, bit for bit on one
+            backend (the same element arithmetic runs on gathered instead of contiguous entries).
+            Needs a dict mask (not ``"bernoulli"``) and ``masked="freeze"``.
+        compact_grads: with sparse storage, a post-accumulate-grad hook gathers ``grad[indices]``
+            into a compact buffer (adding across micro-batches) and frees the dense gradient at
+            once, so dense gradients of masked parameters never coexist.  Clip with
+            :meth:`clip_grad_norm_`; :meth:`zero_grad` clears the buffers.  Under DDP the hook
+            frees each gradient before DDP's all-reduce reads it: use ``compact_grads=False``
+            there, or run the model without DDP's gradient sync (``no_sync``) and all-reduce
+            :meth:`compact_gradients` yourself (index sets are equal on every rank, so that is
+            exact and 1/density smaller).
 
     State per parameter: ``step`` (CPU float32 tensor, as in torch), fp32 ``exp_avg``,
-    ``exp_avg_sq`` (and ``max_exp_avg_sq``) whatever the parameter dtype, and ``mask`` for
-    parameters with a dict mask, so a checkpoint restores the child network too.
+    ``exp_avg_sq`` (and ``max_exp_avg_sq``) whatever the parameter dtype, and ``mask`` (dense
+    storage) or ``indices`` (sparse storage) for parameters with a dict mask, so a checkpoint
+    restores the child network too.
     """
 
-    _PICKLED = ("_backend_request", "seed", "_mask_kind")
+    _PICKLED = ("_backend_request", "seed", "_mask_kind", "storage", "compact_grads")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  mask=None, reserve_p=1.0, masked=None, seed=None, amsgrad=False, maximize=False,
-                 backend="auto"):
+                 backend="auto", storage="dense", compact_grads=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reserve_p=reserve_p,
                         masked=masked, amsgrad=amsgrad, maximize=maximize)
-        self._setup(params, defaults, mask=mask, seed=seed, backend=backend)
+        self._setup(params, defaults, mask=mask, seed=seed, backend=backend, storage=storage,
+                    compact_grads=compact_grads)
 
-    def _setup(self, params, defaults: dict, *, mask, seed, backend: str) -> None:
+    def _setup(self, params, defaults: dict, *, mask, seed, backend: str, storage: str = "dense",
+               compact_grads: bool = False) -> None:
         check_group(defaults)
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        if not isinstance(compact_grads, bool):
+            raise TypeError(f"compact_grads must be a bool, got {compact_grads!r}")
+        if compact_grads and storage != "sparse":
+            raise ValueError("compact_grads=True needs storage='sparse' (it keeps only the selected entries)")
+        self.storage = storage
+        self.compact_grads = compact_grads
+        self._compact = sparse.CompactGradients(self._indices_of) if compact_grads else None
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
         self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else _check_seed(seed)
@@ -117,12 +146,21 @@ class MaskedAdamW(Optimizer):
         group = self.param_groups[-1]
         try:
             check_group(group, f" (param group {len(self.param_groups) - 1})")
+            self._check_storage(group, f" (param group {len(self.param_groups) - 1})")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
         for p in group["params"]:
             self._rng_bases[p] = self._rng_groups
             self._rng_groups += philox.rng_group_counts(p.numel())
+
+    def _check_storage(self, group: dict, where: str = "") -> None:
+        if self.storage == "sparse" and group["masked"] == "zero_grad":
+            raise ValueError(f"masked='zero_grad'{where} needs state for every entry; storage='sparse' "
+                             "keeps only the selected ones (use masked='freeze')")
+
+    def _indices_of(self, param: torch.Tensor) -> torch.Tensor:
+        return self.state[param]["indices"]
 
     def _describe(self, param: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
@@ -169,8 +207,12 @@ class MaskedAdamW(Optimizer):
         Existing state is kept by default: entries leaving the child network keep their moments
         (frozen under ``masked="freeze"``) and resume from them if selected again; entries joining
         it start from their current moments (zero if never updated) and the parameter's step
-        count.  ``reset_state=True`` drops ``step`` and the moments of every parameter whose mask
-        changed (every parameter, when the mask kind changes), so they restart as on step 1.
+        count.  With sparse storage there is no room for entries outside the child network: the
+        state is re-compacted, entries selected before and after keep their moments, newly
+        selected ones start from zero (or from their dense moments, for a parameter that had no
+        mask), and a parameter losing its mask gets dense moments that are zero off its old
+        indices.  ``reset_state=True`` drops ``step`` and the moments of every parameter whose
+        mask changed (every parameter, when the mask kind changes), so they restart as on step 1.
         """
         if mask is None:
             kind, new = MASK_NONE, {}
@@ -185,22 +227,54 @@ class MaskedAdamW(Optimizer):
             kind, new = MASK_DENSE, self._resolve_mask_dict(mask)
         else:
             raise TypeError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {type(mask).__name__}")
+        if self.storage == "sparse" and kind == MASK_BERNOULLI:
+            raise ValueError("storage='sparse' needs a fixed mask (a dict); a Bernoulli mask changes every step")
 
-        old = {p: s["mask"] for p, s in self.state.items() if "mask" in s}
+        changed = self._store_sparse_masks(new) if self.storage == "sparse" else self._store_dense_masks(new)
         if kind != self._mask_kind:
             changed = [p for g in self.param_groups for p in g["params"]]
-        else:
-            changed = [p for p in set(old) | set(new)
-                       if p not in old or p not in new or not torch.equal(old[p], new[p])]
-        for p in old:
-            del self.state[p]["mask"]
-        for p, m in new.items():
-            self.state[p]["mask"] = m
         if reset_state:
             for p in changed:
                 for key in ("step", *_MOMENT_KEYS):
                     self.state[p].pop(key, None)
         self._mask_kind = kind
+
+    def _store_dense_masks(self, new: dict) -> list:
+        """Keep ``new`` as bool masks in the state; return the parameters whose mask changed."""
+        old = {p: s["mask"] for p, s in self.state.items() if "mask" in s}
+        changed = [p for p in set(old) | set(new) if p not in old or p not in new or not torch.equal(old[p], new[p])]
+        for p in old:
+            del self.state[p]["mask"]
+        for p, m in new.items():
+            self.state[p]["mask"] = m
+        return changed
+
+    def _store_sparse_masks(self, new: dict) -> list:
+        """Turn ``new`` into indices and re-compact state (rule in set_mask); return the changed."""
+        old = {p: s["indices"] for p, s in self.state.items() if "indices" in s}
+        new_indices = {p: sparse.indices_from_mask(m) for p, m in new.items()}
+        changed = [p for p in set(old) | set(new_indices)
+                   if p not in old or p not in new_indices or not torch.equal(old[p], new_indices[p])]
+        for p in changed:
+            state = self.state[p]
+            for key in _MOMENT_KEYS:
+                if key not in state:
+                    continue
+                if p not in new_indices:
+                    state[key] = sparse.scatter(state[key], old[p], p.shape)
+                elif p in old:
+                    state[key] = sparse.remap(state[key], old[p], new_indices[p])
+                else:
+                    state[key] = sparse.gather(state[key], new_indices[p])
+            if p in new_indices:
+                state["indices"] = new_indices[p]
+                if self._compact is not None:
+                    self._compact.register(p)
+            else:
+                del state["indices"]
+                if self._compact is not None:
+                    self._compact.unregister(p)
+        return changed
 
     @property
     def mask_kind(self) -> str:
@@ -252,13 +326,16 @@ class MaskedAdamW(Optimizer):
         return MaskScalars(kind=kind, freeze=freeze)
 
     def _init_state(self, p: torch.Tensor, state: dict, amsgrad: bool) -> None:
+        shape = state["indices"].shape if "indices" in state else p.shape
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         if amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["max_exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
-    def _tensor_kind(self, group: dict, state: dict) -> str:
+    def _tensor_kind(self, group: dict, state: dict):
+        if "indices" in state:
+            return ("sparse", state["indices"].dtype)
         if self._mask_kind == MASK_DENSE and "mask" not in state:
             return MASK_NONE
         if self._mask_kind == MASK_BERNOULLI and group["reserve_p"] == 1.0:
@@ -277,12 +354,21 @@ class MaskedAdamW(Optimizer):
             self._step_group(group)
         return loss
 
+    def _gradient(self, p: torch.Tensor):
+        """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""
+        compact = self._compact.buffers.get(p) if self._compact is not None else None
+        if compact is not None and p.grad is not None:
+            raise RuntimeError(f"{self._describe(p)} has both a dense .grad and a compact gradient; with "
+                               "compact_grads=True gradients come from backward (set .grad only without it)")
+        return compact if compact is not None else p.grad
+
     def _step_group(self, group: dict) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        grads = {p: g for p in group["params"] if (g := self._gradient(p)) is not None}
+        params = list(grads)
         if not params:
             return
         for p in params:
-            if p.grad.is_sparse:
+            if grads[p].is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    f"({self._describe(p)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
             state = self.state[p]
@@ -295,32 +381,102 @@ class MaskedAdamW(Optimizer):
         buckets: dict = {}
         for p, step in zip(params, torch.stack(steps).tolist()):
             kind = self._tensor_kind(group, self.state[p])
-            buckets.setdefault((p.device, p.dtype, p.grad.dtype, int(step), kind), []).append(p)
+            if isinstance(kind, tuple):
+                kind += (grads[p] is not p.grad,)  # compact gradient or a dense one to gather from
+            buckets.setdefault((p.device, p.dtype, grads[p].dtype, int(step), kind), []).append(p)
         for (device, _, _, step, kind), bucket in buckets.items():
-            self._step_bucket(group, bucket, device, step, kind)
+            self._step_bucket(group, bucket, [grads[p] for p in bucket], device, step, kind)
 
-    def _step_bucket(self, group: dict, params: list, device, step: int, kind: str) -> None:
+    def _step_bucket(self, group: dict, params: list, grads: list, device, step: int, kind) -> None:
         states = [self.state[p] for p in params]
         work = [p if p.is_contiguous() else p.contiguous() for p in params]
-        tensors = TensorLists(
-            params=work,
-            grads=[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-            masks=[s["mask"] for s in states] if kind == MASK_DENSE else None,
-            rng_bases=[self._rng_bases[p] for p in params] if kind == MASK_BERNOULLI else None,
-        )
-        self._backend(device).adamw_step(tensors, self._step_scalars(group, step), self._mask_scalars(group, kind, step))
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        moments = dict(exp_avgs=[s["exp_avg"] for s in states], exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                       max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None)
+        hp = self._step_scalars(group, step)
+        if isinstance(kind, tuple):
+            tensors = SparseTensorLists(params=work, grads=grads, indices=[s["indices"] for s in states],
+                                        compact_grads=kind[-1], **moments)
+            self._backend(device).sparse_adamw_step(tensors, hp)
+        else:
+            tensors = TensorLists(
+                params=work, grads=grads, **moments,
+                masks=[s["mask"] for s in states] if kind == MASK_DENSE else None,
+                rng_bases=[self._rng_bases[p] for p in params] if kind == MASK_BERNOULLI else None,
+            )
+            self._backend(device).adamw_step(tensors, hp, self._mask_scalars(group, kind, step))
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
 
+    # ------------------------------------------------------------ gradients and accounting
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset ``.grad`` of every parameter, and the compact gradient buffers."""
+        super().zero_grad(set_to_none)
+        if self._compact is not None:
+            self._compact.zero(set_to_none)
+
+    def compact_gradients(self) -> dict:
+        """The compact gradient buffers (parameter -> ``grad[indices]``), e.g. to all-reduce them."""
+        return dict(self._compact.buffers) if self._compact is not None else {}
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+        """Clip the gradients the next step uses by their global norm; return that norm.
+
+        Equals ``torch.nn.utils.clip_grad_norm_`` on the *masked* gradients: compact buffers,
+        dense gradients restricted to the parameter's indices or dense mask, and full gradients
+        of parameters without a fixed mask (a Bernoulli mask is drawn inside the step, so it
+        clips the full gradient, as ChildTuning's trainer does).
+        """
+        scaled, measured = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self._gradient(p)
+                if grad is None:
+                    continue
+                scaled.append(grad)
+                state = self.state.get(p, {})
+                if grad is p.grad and "indices" in state:
+                    measured.append(sparse.gather(grad, state["indices"]))
+                elif "mask" in state:
+                    measured.append(grad[state["mask"]])
+                else:
+                    measured.append(grad)
+        if not scaled:
+            return torch.tensor(0.0)
+        total = torch.nn.utils.get_total_norm(measured, norm_type, error_if_nonfinite)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        by_device: dict = {}
+        for grad in scaled:
+            by_device.setdefault(grad.device, []).append(grad)
+        for device, device_grads in by_device.items():
+            torch._foreach_mul_(device_grads, coef.to(device))
+        return total
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state: moments, indices or masks, step counters.
+
+        Sparse storage: 12 per selected entry (int32 index + fp32 m and v; +4 with amsgrad, +4
+        per entry for int64 indices past 2**31 elements) plus a 4-byte step per parameter.
+        """
+        return sum(v.nbytes for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+    def sparse_indices(self) -> dict:
+        """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed)."""
+        result = {}
+        for group in self.param_groups:
+            names = group.get("param_names", group["params"])
+            for name, p in zip(names, group["params"]):
+                if "indices" in self.state.get(p, {}):
+                    result[name] = self.state[p]["indices"]
+        return result
+
     # ------------------------------------------------------------------ state round trip
     def state_dict(self) -> dict:
-        """torch's state dict plus ``"childopt"``: the format, mask kind and Bernoulli seed."""
+        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage."""
         state_dict = super().state_dict()
-        state_dict["childopt"] = {"format": STATE_FORMAT, "mask_kind": self._mask_kind, "seed": self.seed}
+        state_dict["childopt"] = {"format": STATE_FORMAT, "mask_kind": self._mask_kind, "seed": self.seed,
+                                  "storage": self.storage}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -335,20 +491,33 @@ class MaskedAdamW(Optimizer):
             if extras.get("format") != STATE_FORMAT or extras.get("mask_kind") not in MASK_KINDS:
                 raise ValueError(f"unsupported childopt state format: {extras!r}")
             _check_seed(extras.get("seed"))
+            saved_storage = extras.get("storage", "dense")
+            if saved_storage != self.storage:
+                raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "
+                                 f"optimizer with storage={saved_storage!r} to load it")
         kept_masks = {p: s["mask"] for p, s in self.state.items() if "mask" in s}
+        kept_indices = {p: s["indices"] for p, s in self.state.items() if "indices" in s}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
             state = self.state[p]
+            if "indices" in saved:
+                sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {self._describe(p)}")
+                state["indices"] = saved["indices"].to(device=p.device, copy=True)
+            elif extras is None and p in kept_indices:
+                state["indices"] = kept_indices[p]
+            shape = state["indices"].shape if "indices" in state else p.shape
             for key in _MOMENT_KEYS:
                 if key in saved:
-                    value = saved[key]
-                    if value.shape != p.shape:
+                    value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    if "indices" in state and "indices" not in saved and value.shape == p.shape:
+                        value = sparse.gather(value, state["indices"])  # dense (torch AdamW) state
+                    if value.shape != shape:
                         raise ValueError(f"state {key!r} for {self._describe(p)} has shape "
-                                         f"{tuple(value.shape)}, expected {tuple(p.shape)}")
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+                                         f"{tuple(value.shape)}, expected {tuple(shape)}")
+                    state[key] = value.contiguous()
             if "step" in saved:
                 state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             if "mask" in saved:
@@ -359,6 +528,11 @@ class MaskedAdamW(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             check_group(group, f" (loaded param group {gi})")
+            self._check_storage(group, f" (loaded param group {gi})")
+        if self._compact is not None:
+            self._compact.buffers.clear()
+            for p in params:
+                (self._compact.register if "indices" in self.state[p] else self._compact.unregister)(p)
         if extras is not None:
             self._mask_kind = extras["mask_kind"]
             self.seed = extras["seed"]
@@ -372,6 +546,11 @@ class MaskedAdamW(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._backends = {}
+        self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
+        if self._compact is not None:
+            for p, s in self.state.items():
+                if "indices" in s:
+                    self._compact.register(p)
         self._rng_bases, self._rng_groups = {}, 0
         for group in self.param_groups:
             for p in group["params"]:

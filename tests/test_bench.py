@@ -14,7 +14,8 @@ def test_quick_bench_writes_every_row_with_speed_and_memory(tmp_path, capsys):
     assert measured | skipped == keys
     for row in report["rows"]:
         assert row["it_s"] > 0 and row["peak_gb"] > 0 and row["gbps"] > 0
-        assert row["bytes_per_step"] == row["numel"] * (29 if "dense" in row["mode"] else 28)
+        spec = next(spec for spec in bench.ROWS if (spec.optimizer, spec.mode) == (row["optimizer"], row["mode"]))
+        assert row["bytes_per_step"] == round(row["numel"] * spec.bytes_per_element)
     assert report["meta"]["torch"] and report["copy_gbps"] > 0
     table = capsys.readouterr().out
     assert "x torch-" in table and "MaskedAdamW" in table

@@ -1,0 +1,446 @@
+"""Sparse deltas: the fine-tuned change of a model as (indices, values) per tensor.
+
+A child network changes a small fraction of the weights, so the fine-tuned model is stored as
+its difference from the base weights at the changed entries only::
+
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ...  # fine-tune
+    delta = SparseDelta.extract(base, model.state_dict())   # or indices=opt.sparse_indices()
+    delta.save("delta.safetensors", metadata={"base_model": "bert-base-cased"})
+
+    model = load_base_model()
+    SparseDelta.load("delta.safetensors").apply_to(model)  # the fine-tuned weights, bit for bit
+
+Each :class:`DeltaEntry` holds sorted flat (row-major) indices and the differences
+``tuned - base`` there, in a float type wider than the parameter's, so that applying the delta
+to the base reproduces the tuned weights exactly (see :data:`WIDE_DTYPES`).  Files are plain
+safetensors: tensors ``"{name}.indices"`` and ``"{name}.values"``, with the shapes, dtypes and
+format version in the string metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from childopt.sparse import check_indices, gather, index_dtype, indices_from_mask
+
+__all__ = ["DeltaEntry", "SparseDelta", "indices_from_mask", "WIDE_DTYPES", "FORMAT_VERSION"]
+
+# The exact difference of two floats of one type needs the significand bits of the type plus
+# the gap between their exponents (plus one for a carry).  The next wider type has more than
+# twice the significand bits (fp32: 24 against 8 for bf16 and 11 for fp16; fp64: 53 against 24
+# for fp32), so ``tuned - base`` is exact there unless |tuned| and |base| are about 2**15 (bf16),
+# 2**12 (fp16) or 2**28 (fp32) apart, far beyond a fine-tuning update; then
+# ``(base.wide + delta).to(dtype)`` is ``tuned`` bit for bit.  fp64 has no wider type: its
+# differences are exact when the two values are within a factor of two (Sterbenz), the usual case.
+# SparseDelta.extract checks the round trip of every entry and raises where it fails (operands
+# extremely far apart, infinities), so a delta it returns is always exact -- up to what addition
+# cannot carry: a zero may come back with the other sign (0.0 + -0.0 is 0.0) and a NaN with
+# another payload.
+WIDE_DTYPES = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float64,
+    torch.float64: torch.float64,
+}
+FORMAT_VERSION = "1"
+_FORMAT = "childopt.sparse_delta"
+_META_PREFIX = "childopt."  # metadata keys the format reserves
+_FORMAT_KEY = "childopt.format"
+_VERSION_KEY = "childopt.format_version"
+_ENTRIES_KEY = "childopt.entries"
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in WIDE_DTYPES}  # as files record them
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_UNITS = ("B", "kB", "MB", "GB", "TB")
+
+NamedTensors = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
+
+
+@dataclass(eq=False)
+class DeltaEntry:
+    """The change of one tensor: ``values[i] = tuned.flatten()[indices[i]] - base.flatten()[indices[i]]``.
+
+    Attributes:
+        shape: shape of the tensor the delta applies to.
+        dtype: dtype of that tensor (a floating type in :data:`WIDE_DTYPES`).
+        indices: 1-D strictly increasing flat indices: int32 below 2**31 elements, else int64
+            (what extract, merge and load produce; int64 is accepted for any size).
+        values: 1-D differences in ``WIDE_DTYPES[dtype]``, one per index.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def numel(self) -> int:
+        """Elements of the tensor the delta applies to."""
+        return torch.Size(self.shape).numel()
+
+    @property
+    def num_entries(self) -> int:
+        """Stored entries (indices)."""
+        return self.indices.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of indices and values."""
+        return self.indices.nbytes + self.values.nbytes
+
+    def __repr__(self) -> str:
+        return f"DeltaEntry(shape={self.shape}, dtype={self.dtype}, {self.num_entries:,} entries)"
+
+    def _check(self, name: str) -> None:
+        """Raise unless the entry is well formed (an entry built by hand or read from a file)."""
+        wide = _wide_dtype(name, self.dtype)
+        check_indices(self.indices, self.numel, repr(name))
+        if self.values.shape != self.indices.shape or self.values.dtype != wide:
+            raise ValueError(f"{name!r}: values must be {wide} of shape {tuple(self.indices.shape)} "
+                             f"(one per index), got {self.values.dtype} of shape {tuple(self.values.shape)}")
+        if self.values.device != self.indices.device:
+            raise ValueError(f"{name!r}: indices are on {self.indices.device} but values on "
+                             f"{self.values.device}")
+
+
+@dataclass(eq=False)
+class SparseDelta:
+    """Sparse changes of named tensors against base weights; see the module docstring.
+
+    Attributes:
+        entries: tensor name (as in ``state_dict()``) -> :class:`DeltaEntry`.
+        metadata: free-form string metadata saved with the delta (e.g. the base model's name).
+    """
+
+    entries: dict[str, DeltaEntry] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, entry in self.entries.items():
+            entry._check(name)
+
+    @classmethod
+    @torch.no_grad()
+    def extract(cls, base: NamedTensors, tuned: NamedTensors,
+                indices: Optional[Mapping[str, torch.Tensor]] = None) -> "SparseDelta":
+        """The delta that turns ``base`` into ``tuned``.
+
+        Args:
+            base, tuned: name -> tensor mappings with the same names, shapes and dtypes (a
+                ``state_dict()``, ``dict(model.named_parameters())``), or modules.  ``base`` may
+                live on another device (e.g. a CPU snapshot); work happens on ``tuned``'s device.
+            indices: optional name -> 1-D flat indices to store (e.g. the child network's
+                selected entries; :func:`indices_from_mask` turns a bool mask into them).  Only
+                the named tensors are stored, at exactly those entries (duplicates dropped).
+                Without it, every tensor is stored where ``tuned`` differs bitwise from ``base``.
+
+        Tensors without entries are omitted.  Tied tensors (one tensor under several names, as
+        ``state_dict()`` lists shared embeddings) are stored once, under their first name, so
+        that applying the delta to the model changes them once.  Only floating-point tensors
+        can hold entries: a changed integer buffer (e.g. BatchNorm's ``num_batches_tracked``)
+        raises TypeError; leave it out of ``base``/``tuned``.
+
+        Raises:
+            ValueError: names, shapes or dtypes of ``base`` and ``tuned`` differ, ``indices``
+                names an unknown tensor or an index out of range, or an entry cannot round-trip
+                exactly (see :data:`WIDE_DTYPES`).
+        """
+        base, tuned = _named_tensors(base), _named_tensors(tuned)
+        _check_same_tensors(base, tuned)
+        if indices is not None and (unknown := [n for n in indices if n not in tuned]):
+            raise ValueError(f"indices given for tensors that base and tuned lack: {_list(unknown)}")
+        names = [n for n in tuned if indices is None or n in indices]
+        tied = _tied_duplicates(tuned, names)
+        entries = {}
+        for name in names:
+            if name in tied:
+                continue
+            t = tuned[name]
+            b = base[name].to(t.device)
+            idx = _changed_indices(b, t) if indices is None else _given_indices(name, indices[name], t)
+            if idx.numel():
+                entries[name] = _difference(name, b, t, idx)
+        return cls(entries)
+
+    @torch.no_grad()
+    def apply_to(self, target: NamedTensors, scale: float = 1.0) -> NamedTensors:
+        """Add ``scale`` times the delta to ``target`` in place and return ``target``.
+
+        ``target`` is a module (its parameters and buffers, by ``state_dict()`` names) or a name
+        -> tensor mapping, on any devices.  Each entry computes, in the wide dtype,
+        ``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, so with
+        ``scale=1`` the base becomes the tuned weights bit for bit (up to the sign of zeros and
+        NaN payloads, see :data:`WIDE_DTYPES`).  Every entry is checked
+        against ``target`` before anything is written.
+
+        Raises:
+            ValueError: ``target`` lacks a tensor of the delta, or one has another shape or dtype
+                (a delta for another model), or two entries name the same (tied) tensor.
+        """
+        tensors = _named_tensors(target)
+        if missing := [n for n in self.entries if n not in tensors]:
+            raise ValueError(f"target lacks tensors the delta changes: {_list(missing)} "
+                             "(is the delta for another model?)")
+        for name, e in self.entries.items():
+            p = tensors[name]
+            _check_same_layout(name, ("the delta", e.shape, e.dtype), ("the target", p.shape, p.dtype))
+        if tied := _tied_duplicates(tensors, self.entries):
+            name, first = next(iter(tied.items()))
+            raise ValueError(f"{name!r} and {first!r} are the same tensor in target (tied weights); "
+                             f"applying both entries would add the change twice: drop one from entries")
+        for name, e in self.entries.items():
+            _add_at(tensors[name], e, scale)
+        return target
+
+    @classmethod
+    def merge(cls, *deltas: "SparseDelta", weights: Optional[Iterable[float]] = None) -> "SparseDelta":
+        """One delta equal to ``sum_i weights[i] * deltas[i]`` (weights default to 1).
+
+        Per tensor, entries live on the union of the deltas' indices, and the (weighted) values
+        are summed in the wide dtype where indices coincide; a tensor in only some of the deltas
+        keeps their entries.  In exact arithmetic applying the
+        merged delta equals applying each delta in turn (with its weight as ``scale``); in the
+        wide dtype the sums are exact unless the values are extremely far apart in magnitude, so
+        the two agree up to the rounding to the parameter dtype that applying in turn does after
+        every delta.  Sums are folded left to right, two operands per entry at a time, so the
+        result is deterministic on every device.
+
+        Raises:
+            ValueError: no deltas, a weight count that differs from the delta count, or one
+                tensor name with different shapes or dtypes in two deltas.
+        """
+        weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+        if not deltas or len(weights) != len(deltas):
+            raise ValueError(f"merge needs one or more deltas and one weight per delta, got "
+                             f"{len(deltas)} deltas and {len(weights)} weights")
+        parts: dict[str, list[tuple[DeltaEntry, float]]] = {}
+        for delta, weight in zip(deltas, weights):
+            for name, entry in delta.entries.items():
+                parts.setdefault(name, []).append((entry, weight))
+        return cls({name: _merge_entries(name, entry_weights) for name, entry_weights in parts.items()})
+
+    def save(self, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None) -> None:
+        """Write the delta to a safetensors file, with ``self.metadata`` updated by ``metadata``.
+
+        Tensors are ``"{name}.indices"`` and ``"{name}.values"`` (moved to CPU); the string
+        metadata holds the user's keys plus ``childopt.*`` keys: format, format version and a
+        JSON object ``{name: {"shape": [...], "dtype": "bfloat16"}}``.
+        """
+        user = {**self.metadata, **(metadata or {})}
+        if bad := [k for k, v in user.items() if not (isinstance(k, str) and isinstance(v, str))]:
+            raise TypeError(f"metadata keys and values must be strings; not so for {_list(bad)}")
+        if reserved := [k for k in user if k.startswith(_META_PREFIX)]:
+            raise ValueError(f"metadata keys starting with {_META_PREFIX!r} are reserved: {_list(reserved)}")
+        layout = {name: {"shape": list(e.shape), "dtype": str(e.dtype).removeprefix("torch.")}
+                  for name, e in self.entries.items()}
+        tensors = {}
+        for name, e in self.entries.items():
+            tensors[f"{name}.indices"] = e.indices.contiguous().cpu()
+            tensors[f"{name}.values"] = e.values.contiguous().cpu()
+        save_file(tensors, path, metadata={**user, _FORMAT_KEY: _FORMAT, _VERSION_KEY: FORMAT_VERSION,
+                                           _ENTRIES_KEY: json.dumps(layout)})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "SparseDelta":
+        """Read a delta written by :meth:`save`, onto ``device``.
+
+        Raises:
+            ValueError: the file is not a childopt sparse delta, has another format version, or
+                lacks a tensor of an entry or holds one that belongs to none.
+        """
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            layout = _read_layout(path, meta)
+            expected = {f"{name}.{part}" for name in layout for part in ("indices", "values")}
+            if missing := sorted(expected - set(f.keys())):
+                raise ValueError(f"{os.fspath(path)}: missing tensors {_list(missing)}")
+            if extra := sorted(set(f.keys()) - expected):
+                raise ValueError(f"{os.fspath(path)}: tensors that belong to no entry: {_list(extra)}")
+            entries = {name: DeltaEntry(shape, dtype, f.get_tensor(f"{name}.indices"),
+                                        f.get_tensor(f"{name}.values"))
+                       for name, (shape, dtype) in layout.items()}
+        return cls(entries, {k: v for k, v in meta.items() if not k.startswith(_META_PREFIX)})
+
+    @property
+    def num_entries(self) -> int:
+        """Stored entries over all tensors."""
+        return sum(e.num_entries for e in self.entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all indices and values."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def density(self, numel_total: Optional[int] = None) -> float:
+        """Stored entries per element: of the tensors the delta touches, or of ``numel_total``
+        elements (pass the model's parameter count for the fraction of the whole model)."""
+        total = sum(e.numel for e in self.entries.values()) if numel_total is None else numel_total
+        return self.num_entries / total if total else 0.0
+
+    def __repr__(self) -> str:
+        size = _format_bytes(self.nbytes)
+        return f"SparseDelta({len(self.entries)} params, {self.num_entries:,} entries, {size})"
+
+
+def _wide_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype delta values of a ``dtype`` tensor are kept in (:data:`WIDE_DTYPES`)."""
+    if dtype not in WIDE_DTYPES:
+        raise TypeError(f"{name!r}: sparse deltas hold floating-point tensors "
+                        f"({', '.join(map(str, WIDE_DTYPES))}), got {dtype}")
+    return WIDE_DTYPES[dtype]
+
+
+def _named_tensors(tensors: NamedTensors) -> Mapping[str, torch.Tensor]:
+    """Name -> tensor for a mapping, or a module's parameters and buffers (tied ones under every
+    name, as ``state_dict()`` lists them; the tensors themselves, so writes reach the module)."""
+    if isinstance(tensors, torch.nn.Module):
+        return dict(chain(tensors.named_parameters(remove_duplicate=False),
+                          tensors.named_buffers(remove_duplicate=False)))
+    if isinstance(tensors, Mapping):
+        return tensors
+    raise TypeError(f"expected an nn.Module or a mapping name -> tensor, got {type(tensors).__name__}")
+
+
+def _list(names: list) -> str:
+    """A short quoted list of names for error messages."""
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown if len(names) <= 5 else f"{shown}, ... ({len(names)} in all)"
+
+
+def _format_bytes(n: int) -> str:
+    """Decimal units, e.g. '14.8 MB'."""
+    size, unit = float(n), 0
+    while size >= 1000 and unit < len(_UNITS) - 1:
+        size, unit = size / 1000, unit + 1
+    return f"{n} B" if unit == 0 else f"{size:.1f} {_UNITS[unit]}"
+
+
+def _check_same_tensors(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless ``base`` and ``tuned`` hold the same names with the same shapes and dtypes."""
+    only_base = [n for n in base if n not in tuned]
+    only_tuned = [n for n in tuned if n not in base]
+    if only_base or only_tuned:
+        raise ValueError(f"base and tuned name different tensors: only in base: {_list(only_base) or '-'}; "
+                         f"only in tuned: {_list(only_tuned) or '-'}")
+    for name, t in tuned.items():
+        b = base[name]
+        _check_same_layout(name, ("base", b.shape, b.dtype), ("tuned", t.shape, t.dtype))
+
+
+def _check_same_layout(name: str, a: tuple, b: tuple) -> None:
+    """Raise unless two (description, shape, dtype) triples agree in shape and dtype."""
+    (a_what, a_shape, a_dtype), (b_what, b_shape, b_dtype) = a, b
+    if tuple(a_shape) != tuple(b_shape) or a_dtype != b_dtype:
+        raise ValueError(f"{name!r}: {a_what} has shape {tuple(a_shape)} and dtype {a_dtype}, "
+                         f"but {b_what} has shape {tuple(b_shape)} and dtype {b_dtype}")
+
+
+def _tied_duplicates(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, str]:
+    """{name: earlier name} for each of ``names`` whose tensor is the very tensor of an earlier one.
+
+    Two names are tied when they view the same memory with the same layout (shared input and
+    output embeddings); empty tensors have no memory to share and are never tied.
+    """
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name in names:
+        t = tensors[name]
+        if t.numel():
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            earlier = first.setdefault(key, name)
+            if earlier != name:
+                tied[name] = earlier
+    return tied
+
+
+def _changed_indices(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """Flat indices where ``tuned`` differs from ``base`` bitwise (so an unchanged NaN is unchanged)."""
+    if base.is_floating_point():
+        base, tuned = base.view(_BITS[base.element_size()]), tuned.view(_BITS[tuned.element_size()])
+    return indices_from_mask(base != tuned)
+
+
+def _given_indices(name: str, idx: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """User-given flat indices for ``tuned``, checked, sorted and deduplicated."""
+    what = f"indices[{name!r}]"
+    if idx.dtype == torch.bool:
+        raise TypeError(f"{what} is a bool mask; pass indices_from_mask(mask) instead")
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what} must be a 1-D int32/int64 tensor of flat indices, got {idx.dtype} "
+                         f"of shape {tuple(idx.shape)}")
+    idx = torch.unique(idx.to(tuned.device))
+    check_indices(idx, tuned.numel(), what)
+    return idx.to(index_dtype(tuned.numel()))
+
+
+def _difference(name: str, base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor) -> DeltaEntry:
+    """The entry ``tuned - base`` at ``idx``, computed in the wide dtype and checked to round-trip."""
+    wide = _wide_dtype(name, tuned.dtype)
+    base_values, tuned_values = gather(base, idx).to(wide), gather(tuned, idx)
+    values = tuned_values.to(wide) - base_values
+    rebuilt = (base_values + values).to(tuned.dtype)
+    wrong = (rebuilt != tuned_values) & ~(rebuilt.isnan() & tuned_values.isnan())
+    if wrong.any():
+        i = int(wrong.nonzero()[0])
+        raise ValueError(f"{name!r}: {int(wrong.sum())} entries cannot be stored exactly as tuned - base in "
+                         f"{wide} (e.g. flat index {int(idx[i])}: base {base_values[i].item()!r}, tuned "
+                         f"{tuned_values[i].item()!r}); their magnitudes are too far apart or infinite")
+    return DeltaEntry(tuple(tuned.shape), tuned.dtype, idx, values)
+
+
+def _add_at(p: torch.Tensor, entry: DeltaEntry, scale: float) -> None:
+    """``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, in place.
+
+    A contiguous tensor is written through its flat view; any other layout (a transposed or
+    channels-last weight) through the coordinates of each flat index, so no copy is needed.
+    """
+    idx = entry.indices.to(p.device)
+    step = entry.values.to(p.device) * scale
+    if p.is_contiguous():
+        view, where = p.view(-1), (idx,)
+    else:
+        view, where = p, torch.unravel_index(idx, p.shape)
+    view.index_put_(where, (view[where].to(step.dtype) + step).to(p.dtype))
+
+
+def _merge_entries(name: str, entry_weights: list[tuple[DeltaEntry, float]]) -> DeltaEntry:
+    """``sum_i w_i * entry_i`` on the union of the entries' indices (see SparseDelta.merge)."""
+    first = entry_weights[0][0]
+    indices, values = first.indices, first.values * entry_weights[0][1]
+    for entry, weight in entry_weights[1:]:
+        _check_same_layout(name, ("one delta", first.shape, first.dtype),
+                           ("another", entry.shape, entry.dtype))
+        both = torch.cat([indices, entry.indices.to(indices.device)])
+        indices, slot = torch.unique(both, return_inverse=True)
+        # index_add_ adds at most two terms per slot onto 0, and a + b == b + a exactly in IEEE
+        # arithmetic, so the order of the additions (atomic on CUDA) cannot change the sum.
+        summed = values.new_zeros(indices.numel())
+        values = summed.index_add_(0, slot, torch.cat([values, entry.values.to(values.device) * weight]))
+    return DeltaEntry(first.shape, first.dtype, indices.to(index_dtype(first.numel)), values)
+
+
+def _read_layout(path, meta: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) from the metadata of a delta file, after checking its format."""
+    where = os.fspath(path)
+    if meta.get(_FORMAT_KEY) != _FORMAT:
+        raise ValueError(f"{where} is not a childopt sparse delta (its metadata has no "
+                         f"{_FORMAT_KEY!r}: {_FORMAT!r}); it may be a full checkpoint")
+    if meta.get(_VERSION_KEY) != FORMAT_VERSION:
+        raise ValueError(f"{where}: sparse delta format version {meta.get(_VERSION_KEY)!r} is not "
+                         f"supported (this childopt reads version {FORMAT_VERSION!r})")
+    try:
+        layout = json.loads(meta[_ENTRIES_KEY])
+        return {name: (tuple(spec["shape"]), _DTYPE_NAMES[spec["dtype"]]) for name, spec in layout.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: malformed {_ENTRIES_KEY!r} metadata ({err!r})") from err

@@ -1,0 +1,110 @@
+"""Sparse-index storage: the selected entries of a parameter and their compact state.
+
+A parameter with a fixed mask stores sorted flat indices of its selected entries (int32, int64
+past 2**31 elements) and fp32 moments of the same length: 12 bytes per selected entry instead of
+8 per element.  This module holds the pure pieces: indices from masks, moving state between the
+dense and compact layouts, and the gradient hooks that keep only compact gradients.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+
+INT32_LIMIT = 2**31
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 while every flat index fits, else int64."""
+    return torch.int32 if numel < INT32_LIMIT else torch.int64
+
+
+def indices_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the True entries of a bool mask, in the narrowest safe dtype."""
+    return torch.nonzero(mask.reshape(-1)).reshape(-1).to(index_dtype(mask.numel()))
+
+
+def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:
+    """Raise unless ``indices`` are 1-D, integer, strictly increasing and inside ``[0, numel)``."""
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: indices must be a 1-D int32/int64 tensor, got {indices.dtype} "
+                         f"of shape {tuple(indices.shape)}")
+    if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= numel
+                            or not bool((indices[1:] > indices[:-1]).all())):
+        raise ValueError(f"{what}: indices must be strictly increasing and inside [0, {numel})")
+
+
+def gather(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The compact copy of ``dense`` at ``indices``."""
+    return dense.reshape(-1).index_select(0, indices)
+
+
+def scatter(compact: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A dense tensor of ``shape``: zeros, with ``compact`` at ``indices``."""
+    dense = torch.zeros(shape.numel(), dtype=compact.dtype, device=compact.device)
+    return dense.index_copy_(0, indices.long(), compact).view(shape)
+
+
+def remap(compact: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Compact values moved from index set ``old`` to ``new``: kept where both hold an entry, else 0."""
+    result = torch.zeros(new.numel(), dtype=compact.dtype, device=compact.device)
+    if old.numel() == 0 or new.numel() == 0:
+        return result
+    pos = torch.searchsorted(old.long(), new.long()).clamp_(max=old.numel() - 1)
+    shared = old.long()[pos] == new.long()
+    result[shared] = compact[pos[shared]]
+    return result
+
+
+class CompactGradients:
+    """Keeps only ``grad[indices]`` of the registered parameters, freeing each dense gradient.
+
+    A post-accumulate-grad hook gathers the selected entries into a compact buffer (adding to it
+    across micro-batches, in the gradient's dtype, as dense accumulation would) and sets
+    ``p.grad = None`` at once, so the dense gradients of the model never live together.  The
+    hook holds the owner weakly: parameters do not keep an optimizer alive.
+    """
+
+    def __init__(self, indices_of: Callable[[torch.Tensor], torch.Tensor]):
+        self._indices_of = indices_of
+        self.buffers: dict = {}
+        self._handles: dict = {}
+
+    def register(self, param: torch.Tensor) -> None:
+        if param not in self._handles:
+            self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
+
+    def unregister(self, param: torch.Tensor) -> None:
+        handle = self._handles.pop(param, None)
+        if handle is not None:
+            handle.remove()
+        self.buffers.pop(param, None)
+
+    def registered(self) -> list:
+        return list(self._handles)
+
+    def accumulate(self, param: torch.Tensor) -> None:
+        selected = gather(param.grad, self._indices_of(param))
+        buffer = self.buffers.get(param)
+        if buffer is None:
+            self.buffers[param] = selected
+        else:
+            buffer.add_(selected)
+        param.grad = None
+
+    def zero(self, set_to_none: bool) -> None:
+        if set_to_none:
+            self.buffers.clear()
+        else:
+            for buffer in self.buffers.values():
+                buffer.zero_()
+
+
+def _hook(owner: weakref.ref):
+    def hook(param: torch.Tensor) -> None:
+        compact = owner()
+        if compact is not None:
+            compact.accumulate(param)
+
+    return hook

@@ -1,0 +1,446 @@
+"""Sparse deltas (childopt.deltas) against dense oracles computed here from their definitions.
+
+Oracles: the tuned weights themselves (round trips must be bit-identical), the dense formula
+``(base.wide + scale * (tuned.wide - base.wide)).to(dtype)``, dense sums of deltas for merge,
+and safetensors read directly for the file format.  Bitwise comparisons view floats as integers,
+so that -0.0 != 0.0 and NaN payloads count.
+"""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from childopt.deltas import WIDE_DTYPES, DeltaEntry, SparseDelta, indices_from_mask
+
+SHAPES = {"embed.weight": (11, 6), "block.0.weight": (3, 4, 5), "block.0.bias": (5,), "gain": ()}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+          torch.float16: torch.int16}
+
+
+def bits(t):
+    """The bit pattern of a float tensor, for comparisons that tell -0.0 from 0.0."""
+    return t.view(INT_OF[t.dtype])
+
+
+def assert_bitwise_equal(xs, ys):
+    assert xs.keys() == ys.keys()
+    for name in xs:
+        assert xs[name].dtype == ys[name].dtype, name
+        assert torch.equal(bits(xs[name]), bits(ys[name])), name
+
+
+def clone(tensors):
+    """Independent copies of a name -> tensor mapping."""
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+def make_base(dtype, seed=0):
+    """Random base weights of SHAPES (a 0-d tensor among them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in SHAPES.items()}
+
+
+def tune(base, seed, density=0.3):
+    """(tuned, chosen, exact): base plus random steps at random flat indices ``chosen``.
+
+    ``exact`` holds base + step in float64; tuned holds it rounded to the dtype.  Steps span
+    1e-4 to 1 in magnitude, so most round and, in bf16/fp16, some vanish entirely.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tuned, chosen, exact = clone(base), {}, {}
+    for name, t in tuned.items():
+        idx = torch.nonzero(torch.rand(t.numel(), generator=gen) < density).reshape(-1)
+        step = torch.randn(idx.numel(), generator=gen, dtype=torch.float64)
+        step *= 10.0 ** torch.randint(-4, 1, (idx.numel(),), generator=gen)
+        flat = t.view(-1)
+        exact[name] = flat[idx].double() + step
+        flat[idx] = exact[name].to(t.dtype)
+        chosen[name] = idx
+    return tuned, chosen, exact
+
+
+def dense_delta(base, tuned, name):
+    """``tuned - base`` of one tensor, dense, in the wide dtype."""
+    wide = WIDE_DTYPES[base[name].dtype]
+    return tuned[name].to(wide) - base[name].to(wide)
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("explicit", [False, True], ids=["bitwise-diff", "explicit-indices"])
+def test_extract_apply_reproduces_tuned_bit_for_bit(dtype, explicit):
+    base = make_base(dtype)
+    tuned, chosen, exact = tune(base, seed=1)
+    moved = {n: tuned[n].double() - base[n].double() for n in base}
+    # the data must exercise rounding: tuned values are base + step rounded to the dtype
+    assert any((tuned[n].view(-1)[chosen[n]].double() != exact[n]).any() for n in base)
+
+    delta = SparseDelta.extract(base, tuned, indices=chosen if explicit else None)
+    target = clone(base)
+    assert delta.apply_to(target) is target
+    assert_bitwise_equal(target, tuned)
+
+    for name, entry in delta.entries.items():
+        assert entry.shape == tuple(SHAPES[name]) and entry.dtype == dtype
+        assert entry.indices.dtype == torch.int32 and entry.values.dtype == WIDE_DTYPES[dtype]
+        expected = chosen[name] if explicit else torch.nonzero(moved[name].reshape(-1)).reshape(-1)
+        assert torch.equal(entry.indices.long(), expected)
+    if not explicit:  # unchanged tensors are omitted
+        assert set(delta.entries) == {n for n in base if moved[n].any()}
+
+
+def test_explicit_indices_are_sorted_and_deduplicated():
+    base = make_base(torch.float32)
+    tuned, *_ = tune(base, seed=2)
+    given = torch.tensor([7, 3, 3, 0, 7], dtype=torch.int64)
+    delta = SparseDelta.extract(base, tuned, indices={"embed.weight": given})
+    entry = delta.entries["embed.weight"]
+    assert list(delta.entries) == ["embed.weight"]
+    assert entry.indices.tolist() == [0, 3, 7] and entry.indices.dtype == torch.int32
+    flat_b, flat_t = base["embed.weight"].view(-1).double(), tuned["embed.weight"].view(-1).double()
+    assert entry.values.tolist() == (flat_t - flat_b)[[0, 3, 7]].tolist()
+
+
+def test_nan_and_signed_zero():
+    """Selection is bitwise, so an unchanged NaN is no entry; addition cannot restore a zero's sign."""
+    nan = float("nan")
+    base = {"w": torch.tensor([nan, 1.0, 0.0, 2.0, -0.0])}
+    tuned = {"w": torch.tensor([nan, nan, -0.0, 2.0, -0.0])}
+    delta = SparseDelta.extract(base, tuned)
+    assert delta.entries["w"].indices.tolist() == [1, 2]
+    target = clone(base)
+    delta.apply_to(target)
+    assert target["w"][:2].isnan().all() and target["w"][2:].tolist() == [0.0, 2.0, 0.0]
+    assert torch.equal(bits(target["w"][4:]), bits(tuned["w"][4:]))
+    assert not torch.equal(bits(target["w"][2:3]), bits(tuned["w"][2:3]))  # 0.0 + -0.0 is 0.0
+
+
+def test_indices_from_mask_gives_the_true_entries():
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3] = mask[1, 0] = True
+    idx = indices_from_mask(mask)
+    assert idx.dtype == torch.int32 and idx.tolist() == [1, 4, 11]
+
+
+def test_save_load_apply_is_exact_and_a_plain_safetensors_file(tmp_path):
+    base = make_base(torch.bfloat16)
+    base["fp32.weight"] = torch.randn(9, 2)
+    tuned, *_ = tune(base, seed=3)
+    delta = SparseDelta.extract(base, tuned)
+    path = tmp_path / "delta.safetensors"
+    delta.save(path, metadata={"base_model": "tiny"})
+
+    raw = load_file(path)
+    assert set(raw) == {f"{n}.{part}" for n in delta.entries for part in ("indices", "values")}
+    for name, entry in delta.entries.items():
+        assert torch.equal(raw[f"{name}.indices"], entry.indices)
+        assert torch.equal(raw[f"{name}.values"], entry.values)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["base_model"] == "tiny" and meta["childopt.format_version"] == "1"
+    layout = json.loads(meta["childopt.entries"])
+    assert layout["fp32.weight"] == {"shape": [9, 2], "dtype": "float32"}
+    assert layout["block.0.weight"] == {"shape": [3, 4, 5], "dtype": "bfloat16"}
+
+    loaded = SparseDelta.load(path)
+    assert loaded.metadata == {"base_model": "tiny"}
+    target = clone(base)
+    loaded.apply_to(target)
+    assert_bitwise_equal(target, tuned)
+
+
+def test_int64_indices_past_two_to_the_31_survive_merge_and_files(tmp_path):
+    """A tensor of 2**31 elements needs int64 indices; nothing of that size is allocated here."""
+    shape = (2**31,)
+    idx = torch.tensor([5, 2**31 - 1], dtype=torch.int64)
+    a = SparseDelta({"big": DeltaEntry(shape, torch.bfloat16, idx, torch.tensor([1.0, 2.0]))})
+    b = SparseDelta({"big": DeltaEntry(shape, torch.bfloat16, idx[:1], torch.tensor([0.5]))})
+    merged = SparseDelta.merge(a, b)
+    assert merged.entries["big"].indices.dtype == torch.int64
+    assert merged.entries["big"].indices.tolist() == [5, 2**31 - 1]
+    assert merged.entries["big"].values.tolist() == [1.5, 2.0]
+    merged.save(tmp_path / "big.safetensors")
+    loaded = SparseDelta.load(tmp_path / "big.safetensors").entries["big"]
+    assert loaded.shape == shape and loaded.indices.dtype == torch.int64
+    assert loaded.indices.tolist() == [5, 2**31 - 1]
+
+
+# --- scale and merge ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_with_scale_is_the_dense_formula(dtype):
+    base = make_base(dtype)
+    tuned, *_ = tune(base, seed=4)
+    target = clone(base)
+    SparseDelta.extract(base, tuned).apply_to(target, scale=0.5)
+    for name in base:
+        wide = WIDE_DTYPES[dtype]
+        expected = (base[name].to(wide) + 0.5 * dense_delta(base, tuned, name)).to(dtype)
+        assert torch.equal(bits(target[name]), bits(expected)), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_is_the_weighted_sum_of_deltas(dtype):
+    base = make_base(dtype)
+    (t1, *_), (t2, *_) = tune(base, seed=5, density=0.5), tune(base, seed=6, density=0.5)
+    d1, d2 = SparseDelta.extract(base, t1), SparseDelta.extract(base, t2)
+    name = "embed.weight"  # the index sets overlap, so some entries really are summed
+    assert set(d1.entries[name].indices.tolist()) & set(d2.entries[name].indices.tolist())
+
+    for weights in (None, (0.75, -2.0)):
+        w1, w2 = weights or (1.0, 1.0)
+        merged = SparseDelta.merge(d1, d2, weights=weights)
+        target = clone(base)
+        merged.apply_to(target)
+        for name in base:
+            wide = WIDE_DTYPES[dtype]
+            summed = w1 * dense_delta(base, t1, name) + w2 * dense_delta(base, t2, name)
+            assert torch.equal(bits(target[name]), bits((base[name].to(wide) + summed).to(dtype))), name
+        for name, entry in merged.entries.items():
+            union = torch.cat([d.entries[name].indices for d in (d1, d2) if name in d.entries]).unique()
+            assert torch.equal(entry.indices, union.int())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merged_delta_equals_deltas_applied_in_turn(dtype):
+    """On a dyadic grid every sum is exact in the parameter dtype, so the two agree bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+
+    def grid(shape, top):  # multiples of 2**-6 below `top` in magnitude: at most 8 significant bits
+        return (torch.randint(-top * 64 + 1, top * 64, shape, generator=gen) / 64).to(dtype)
+
+    base = {name: grid(shape, 1) for name, shape in SHAPES.items()}
+    deltas = []
+    for _ in range(3):
+        moved = {name: torch.rand(t.shape, generator=gen) < 0.5 for name, t in base.items()}
+        tuned = {name: t + grid(t.shape, 1) * moved[name] for name, t in base.items()}
+        deltas.append(SparseDelta.extract(base, tuned))
+    in_turn, at_once = clone(base), clone(base)
+    for delta in deltas:
+        delta.apply_to(in_turn)
+    SparseDelta.merge(*deltas).apply_to(at_once)
+    assert_bitwise_equal(at_once, in_turn)
+
+
+# --- modules, layouts, devices -----------------------------------------------------------------
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.register_buffer("temperature", torch.ones(3))
+
+
+def test_apply_to_module_changes_parameters_and_buffers():
+    torch.manual_seed(0)
+    base_model = Small()
+    tuned_model = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned_model.linear.weight[1, 2] += 0.25
+        tuned_model.norm.bias[0] -= 1e-3
+        tuned_model.temperature[2] = 0.5
+    delta = SparseDelta.extract(base_model.state_dict(), tuned_model.state_dict())
+    assert set(delta.entries) == {"linear.weight", "norm.bias", "temperature"}
+    assert delta.num_entries == 3
+
+    target = copy.deepcopy(base_model)
+    assert delta.apply_to(target) is target
+    assert_bitwise_equal(target.state_dict(), tuned_model.state_dict())
+    assert target.linear.weight.requires_grad  # still the module's own parameters
+
+    from_modules = SparseDelta.extract(base_model, tuned_model)  # modules work as inputs too
+    assert not any(e.values.requires_grad for e in from_modules.entries.values())
+    assert from_modules.entries.keys() == delta.entries.keys()
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_weights_are_stored_once_and_changed_once():
+    torch.manual_seed(0)
+    base_model = Tied()
+    base = clone(base_model.state_dict())  # two separate copies of the tied weight
+    tuned_model = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned_model.embed.weight[2, 1] += 1.0
+    tuned = tuned_model.state_dict()
+    assert set(tuned) == {"embed.weight", "head.weight"}
+
+    delta = SparseDelta.extract(base, tuned)
+    assert list(delta.entries) == ["embed.weight"]
+    target = copy.deepcopy(base_model)
+    delta.apply_to(target)
+    assert_bitwise_equal(target.state_dict(), tuned)
+
+    twice = SparseDelta.extract(base, clone(tuned))  # untied copies: both names get an entry
+    assert set(twice.entries) == {"embed.weight", "head.weight"}
+    before = clone(target.state_dict())
+    with pytest.raises(ValueError, match="'head.weight' and 'embed.weight' are the same tensor"):
+        twice.apply_to(target)
+    assert_bitwise_equal(target.state_dict(), before)
+
+
+def test_non_contiguous_tensors_are_written_in_place():
+    base = {"w": torch.randn(5, 7).t()}
+    tuned = clone(base)
+    tuned["w"][3, 1] += 2.0
+    tuned["w"][6, 4] -= 1.0
+    target = clone(base)
+    storage = target["w"].data_ptr()
+    assert not target["w"].is_contiguous()
+    SparseDelta.extract(base, tuned).apply_to(target)
+    assert target["w"].data_ptr() == storage
+    assert_bitwise_equal(target, tuned)
+
+
+@pytest.mark.cuda
+def test_deltas_move_between_cpu_and_cuda():
+    base = make_base(torch.bfloat16)
+    tuned, *_ = tune(base, seed=9)
+    cpu_delta = SparseDelta.extract(base, tuned)
+    on_cuda = {n: t.cuda() for n, t in base.items()}
+    cpu_delta.apply_to(on_cuda)
+    assert_bitwise_equal({n: t.cpu() for n, t in on_cuda.items()}, tuned)
+
+    cuda_delta = SparseDelta.extract(base, {n: t.cuda() for n, t in tuned.items()})  # CPU base snapshot
+    assert all(e.indices.is_cuda and e.values.is_cuda for e in cuda_delta.entries.values())
+    on_cpu = clone(base)
+    SparseDelta.merge(cuda_delta, cpu_delta, weights=[0.5, 0.5]).apply_to(on_cpu)
+    assert_bitwise_equal(on_cpu, tuned)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_delta_for_another_model_raises_before_modifying_anything():
+    base = make_base(torch.float32)
+    tuned, *_ = tune(base, seed=10, density=1.0)
+    delta = SparseDelta.extract(base, tuned)
+    assert list(delta.entries)[-1] == "gain"  # earlier entries would be written first if unchecked
+
+    lacking = clone(base)
+    del lacking["gain"]
+    before = clone(lacking)
+    with pytest.raises(ValueError, match=r"target lacks tensors the delta changes: 'gain'"):
+        delta.apply_to(lacking)
+    assert_bitwise_equal(lacking, before)
+
+    reshaped = clone(base)
+    reshaped["gain"] = torch.zeros(2)
+    before = clone(reshaped)
+    with pytest.raises(ValueError, match=r"'gain': the delta has shape \(\) .* the target has shape \(2,\)"):
+        delta.apply_to(reshaped)
+    assert_bitwise_equal(reshaped, before)
+
+    other_dtype = {n: t.to(torch.float64) for n, t in base.items()}
+    with pytest.raises(ValueError, match=r"'embed.weight': .*float32.*float64"):
+        delta.apply_to(other_dtype)
+
+
+def test_extract_rejects_mismatched_inputs():
+    base = make_base(torch.float32)
+    tuned = clone(base)
+    with pytest.raises(ValueError, match=r"only in base: 'gain'"):
+        SparseDelta.extract(base, {n: t for n, t in tuned.items() if n != "gain"})
+    with pytest.raises(ValueError, match=r"only in tuned: 'extra'"):
+        SparseDelta.extract(base, {**tuned, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"'block.0.bias': base has shape \(5,\) .* tuned has shape \(6,\)"):
+        SparseDelta.extract(base, {**tuned, "block.0.bias": torch.zeros(6)})
+    with pytest.raises(ValueError, match=r"'gain': .*float32.*bfloat16"):
+        SparseDelta.extract(base, {**tuned, "gain": tuned["gain"].bfloat16()})
+    with pytest.raises(ValueError, match="indices given for tensors that base and tuned lack: 'nope'"):
+        SparseDelta.extract(base, tuned, indices={"nope": torch.tensor([0])})
+    with pytest.raises(TypeError, match="indices_from_mask"):
+        SparseDelta.extract(base, tuned, indices={"gain": torch.tensor([True])})
+    with pytest.raises(ValueError, match=r"indices\['block.0.bias'\].*\[0, 5\)"):
+        SparseDelta.extract(base, tuned, indices={"block.0.bias": torch.tensor([1, 5])})
+
+
+def test_extract_rejects_changes_it_cannot_store_exactly():
+    base = {"ok": torch.zeros(2), "far": torch.tensor([1.0, 1e30]), "inf": torch.tensor([float("inf")])}
+    tuned = {"ok": torch.ones(2), "far": torch.tensor([1.0, 1e-30]), "inf": torch.tensor([1.0])}
+    with pytest.raises(ValueError, match=r"'far': 1 entries cannot be stored exactly .*flat index 1"):
+        SparseDelta.extract(base, tuned)
+    with pytest.raises(ValueError, match="'inf': 1 entries"):
+        SparseDelta.extract(base, tuned, indices={"inf": torch.tensor([0])})
+
+
+def test_integer_buffers_must_be_unchanged():
+    base = {"w": torch.zeros(3), "steps": torch.tensor(4)}
+    assert list(SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(4)}).entries) == ["w"]
+    with pytest.raises(TypeError, match="'steps': sparse deltas hold floating-point tensors"):
+        SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(5)})
+
+
+def test_load_rejects_files_that_are_not_childopt_deltas(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, checkpoint, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="is not a childopt sparse delta"):
+        SparseDelta.load(checkpoint)
+
+    base = make_base(torch.float32)
+    tuned, *_ = tune(base, seed=11, density=1.0)
+    path = tmp_path / "delta.safetensors"
+    SparseDelta.extract(base, tuned).save(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    broken = tmp_path / "broken.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != "gain.values"}, broken, metadata=meta)
+    with pytest.raises(ValueError, match="missing tensors 'gain.values'"):
+        SparseDelta.load(broken)
+    save_file(tensors, broken, metadata={**meta, "childopt.format_version": "99"})
+    with pytest.raises(ValueError, match="format version '99' is not supported"):
+        SparseDelta.load(broken)
+    save_file({**tensors, "stray": torch.zeros(1)}, broken, metadata=meta)
+    with pytest.raises(ValueError, match="belong to no entry: 'stray'"):
+        SparseDelta.load(broken)
+
+
+def test_malformed_entries_and_metadata_raise(tmp_path):
+    bad_values = DeltaEntry((4,), torch.bfloat16, torch.tensor([1]), torch.tensor([1.0]).double())
+    with pytest.raises(ValueError, match="'w': values must be torch.float32"):
+        SparseDelta({"w": bad_values})
+    unsorted = DeltaEntry((4,), torch.float32, torch.tensor([2, 1]), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'w': indices must be strictly increasing"):
+        SparseDelta({"w": unsorted})
+    delta = SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([1]), torch.ones(1).double())})
+    with pytest.raises(ValueError, match="reserved"):
+        delta.save(tmp_path / "unused.safetensors", metadata={"childopt.format": "mine"})
+    with pytest.raises(ValueError, match=r"'w': one delta has shape \(4,\) .* another has shape \(5,\)"):
+        SparseDelta.merge(delta, SparseDelta({"w": DeltaEntry((5,), torch.float32, torch.tensor([1]),
+                                                             torch.ones(1).double())}))
+    with pytest.raises(ValueError, match="one weight per delta"):
+        SparseDelta.merge(delta, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="one or more deltas"):
+        SparseDelta.merge()
+
+
+# --- size reporting ----------------------------------------------------------------------------
+
+def test_nbytes_num_entries_density_and_repr():
+    base = {"w": torch.zeros(1_000_000, dtype=torch.bfloat16), "b": torch.zeros(10)}
+    tuned = clone(base)
+    tuned["w"][::4] = 1.0
+    tuned["b"][3] = 2.0
+    delta = SparseDelta.extract(base, tuned)
+    tensors = [t for e in delta.entries.values() for t in (e.indices, e.values)]
+    assert delta.nbytes == sum(t.nbytes for t in tensors) == 250_000 * (4 + 4) + (4 + 8)
+    assert delta.num_entries == 250_001
+    assert delta.density() == 250_001 / 1_000_010
+    assert delta.density(numel_total=2_000_020) == 250_001 / 2_000_020
+    assert repr(delta) == "SparseDelta(2 params, 250,001 entries, 2.0 MB)"
+    assert repr(SparseDelta()) == "SparseDelta(0 params, 0 entries, 0 B)"
+    assert SparseDelta().density() == 0.0
+    assert repr(delta.entries["b"]) == "DeltaEntry(shape=(10,), dtype=torch.float32, 1 entries)"

@@ -1,0 +1,233 @@
+"""storage="sparse": only the selected entries are stepped and hold state.
+
+Oracle: the same optimizer with storage="dense", masked="freeze" and the same mask.  The two run
+the same element arithmetic (contiguous vs gathered entries), so parameters and moments must
+be bit-identical on one backend.
+"""
+import copy
+import io
+
+import pytest
+import torch
+
+from childopt import MaskedAdamW, bench
+from tests.helpers import MIXED_SHAPES, assert_all_equal, clone_params, grads_at, make_params, masks_for, train
+
+
+def _pair(params, backend="reference", **kwargs):
+    masks = masks_for(params, density=0.3)
+    dense_params = clone_params(params)
+    dense_masks = {d: masks[p] for p, d in zip(params, dense_params)}
+    sparse = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, mask=masks, storage="sparse", seed=0,
+                         backend=backend, **kwargs)
+    dense = MaskedAdamW(dense_params, lr=1e-2, weight_decay=0.1, mask=dense_masks, masked="freeze", seed=0,
+                        backend=backend, amsgrad=kwargs.get("amsgrad", False))
+    return sparse, dense, dense_params, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_sparse_trajectory_equals_dense_freeze_bitwise_over_100_steps(lane, dtype, amsgrad):
+    backend, device = lane
+    params = make_params(MIXED_SHAPES + [(64, 33)], device, dtype=dtype)
+    sparse, dense, dense_params, masks = _pair(params, backend, amsgrad=amsgrad)
+    train(sparse, params, 100)
+    train(dense, dense_params, 100)
+    assert_all_equal([p.detach() for p in params], [p.detach() for p in dense_params])
+    for p, d in zip(params, dense_params):
+        idx = sparse.state[p]["indices"]
+        assert idx.dtype == torch.int32 and sparse.state[p]["exp_avg"].shape == idx.shape
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sparse.state[p][key], dense.state[d][key].reshape(-1)[idx.long()])
+
+
+def test_state_bytes_are_12_per_selected_entry_plus_4_per_parameter():
+    params = make_params(MIXED_SHAPES)
+    sparse, _, _, masks = _pair(params)
+    train(sparse, params, 1)
+    selected = sum(int(m.sum()) for m in masks.values())
+    assert sparse.state_bytes() == 12 * selected + 4 * len(params)
+
+
+def test_roberta_base_at_reserve_p_0_1_holds_at_most_1_25_state_bytes_per_parameter():
+    """The issue's must-show figure, on the real 125M-parameter roberta-base shapes."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in bench.roberta_base_shapes()]
+    masks = {p: torch.rand(p.shape, generator=gen) < 0.1 for p in params}
+    opt = MaskedAdamW(params, mask=masks, storage="sparse", seed=0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    numel = sum(p.numel() for p in params)
+    per_param = opt.state_bytes() / numel
+    selected = sum(int(m.sum()) for m in masks.values())
+    assert opt.state_bytes() == 12 * selected + 4 * len(params)
+    assert per_param <= 1.25, per_param
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(6, 16)
+        self.b = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _batches(n):
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(8, 6, generator=gen) for _ in range(n)]
+
+
+def test_compact_grads_free_dense_grads_accumulate_and_follow_dense_freeze():
+    net, ref = _Net(), _Net()
+    masks = {p: m for p, m in masks_for(list(net.parameters())[:2], density=0.25).items()}  # layer a only
+    ref_masks = {r: masks[p] for p, r in zip(net.parameters(), ref.parameters()) if p in masks}
+    opt = MaskedAdamW(net.parameters(), lr=1e-2, mask=masks, storage="sparse", compact_grads=True, seed=0)
+    ref_opt = MaskedAdamW(ref.parameters(), lr=1e-2, mask=ref_masks, seed=0)
+    for step in range(5):
+        micro = _batches(3)
+        for x in micro:  # gradient accumulation over three micro-batches
+            net(x).square().mean().backward()
+            ref(x).square().mean().backward()
+        for p, r in zip(net.parameters(), ref.parameters()):
+            if p in masks:
+                assert p.grad is None  # the dense gradient was freed inside backward
+                idx = opt.state[p]["indices"].long()
+                assert torch.equal(opt.compact_gradients()[p], r.grad.reshape(-1)[idx])
+            else:
+                assert torch.equal(p.grad, r.grad)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert opt.compact_gradients() == {}
+    assert_all_equal([p.detach() for p in net.parameters()], [r.detach() for r in ref.parameters()])
+
+
+def test_clip_grad_norm_equals_torch_on_masked_gradients():
+    net, ref = _Net(), _Net()
+    masks = masks_for(list(net.parameters())[:2], density=0.3)
+    opt = MaskedAdamW(net.parameters(), lr=1e-2, mask=masks, storage="sparse", compact_grads=True, seed=0)
+    x = _batches(1)[0]
+    net(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    ref_params = list(ref.parameters())
+    for p, r in zip(net.parameters(), ref_params):
+        if p in masks:
+            r.grad.mul_(masks[p])
+    expected_norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm=0.05)
+    norm = opt.clip_grad_norm_(max_norm=0.05)
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+    assert norm > 0.05  # clipping really happened
+    for p, r in zip(net.parameters(), ref_params):
+        if p in masks:
+            idx = opt.state[p]["indices"].long()
+            torch.testing.assert_close(opt.compact_gradients()[p], r.grad.reshape(-1)[idx], rtol=1e-6, atol=0)
+        else:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=0)
+
+
+def _round_trip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_dict_stores_indices_and_compact_state_and_loads_into_a_fresh_optimizer():
+    params = make_params(MIXED_SHAPES)
+    opt, _, _, _ = _pair(params, amsgrad=True)
+    train(opt, params, 10)
+    saved = _round_trip(copy.deepcopy(opt.state_dict()))
+    assert all(saved["state"][i]["exp_avg"].shape == saved["state"][i]["indices"].shape for i in saved["state"])
+    resumed = clone_params(params)
+    train(opt, params, 5, start=10)
+    fresh = MaskedAdamW(resumed, lr=1e-2, weight_decay=0.1, storage="sparse", amsgrad=True, seed=5)
+    fresh.load_state_dict(saved)
+    train(fresh, resumed, 5, start=10)
+    assert_all_equal([p.detach() for p in resumed], [p.detach() for p in params])
+    assert fresh.state_bytes() == opt.state_bytes()
+    with pytest.raises(ValueError, match="saved with storage='sparse'"):
+        MaskedAdamW(clone_params(params), seed=0).load_state_dict(saved)
+
+
+def test_set_mask_recompacts_state_by_the_documented_rule():
+    p = make_params([(10,)])[0]
+    opt = MaskedAdamW([p], lr=1e-2, mask={p: torch.arange(10) < 6}, storage="sparse", seed=0)
+    train(opt, [p], 3)
+    before = opt.state[p]["exp_avg"].clone()  # entries 0..5
+    opt.set_mask({p: (torch.arange(10) >= 3) & (torch.arange(10) < 8)})  # entries 3..7
+    assert torch.equal(opt.state[p]["indices"], torch.arange(3, 8, dtype=torch.int32))
+    assert torch.equal(opt.state[p]["exp_avg"][:3], before[3:6])  # kept where both sets hold them
+    assert torch.equal(opt.state[p]["exp_avg"][3:], torch.zeros(2))  # new entries start at zero
+    assert opt.state[p]["step"].item() == 3
+    compact = opt.state[p]["exp_avg"].clone()
+    opt.set_mask(None)  # back to dense: zero off the old indices
+    assert opt.state[p]["exp_avg"].shape == (10,) and "indices" not in opt.state[p]
+    assert torch.equal(opt.state[p]["exp_avg"][3:8], compact) and not opt.state[p]["exp_avg"][:3].any()
+    train(opt, [p], 1, start=3)
+    opt.set_mask({p: torch.arange(10) % 2 == 0}, reset_state=True)
+    assert set(opt.state[p]) == {"indices"}
+
+
+def test_a_param_without_mask_trains_fully_next_to_sparse_ones():
+    params = make_params([(5, 4), (7,)])
+    mask = {params[0]: torch.rand(5, 4, generator=torch.Generator().manual_seed(1)) < 0.5}
+    opt = MaskedAdamW(params, lr=1e-2, mask=mask, storage="sparse", seed=0)
+    ref_params = clone_params(params)
+    ref = torch.optim.AdamW(ref_params[1:], lr=1e-2, foreach=False)
+    train(opt, params, 5)
+    train(ref, ref_params[1:], 5, grad_fn=lambda ps, t: grads_at(params, t)[1:])
+    torch.testing.assert_close(params[1], ref_params[1], rtol=1e-5, atol=1e-6)
+    assert opt.state[params[1]]["exp_avg"].shape == (7,)
+
+
+def _optimizer(**kwargs):
+    return MaskedAdamW(make_params([(4, 3)]), seed=0, **kwargs)
+
+
+def _sparse_state_with_bad_indices():
+    params = make_params([(4, 3)])
+    opt = MaskedAdamW(params, mask={params[0]: torch.ones(4, 3, dtype=torch.bool)}, storage="sparse", seed=0)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["indices"] = torch.tensor([0, 5, 12], dtype=torch.int32)  # 12 is past a 4x3 tensor
+    return lambda: MaskedAdamW(clone_params(params), storage="sparse", seed=0).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: _optimizer(storage="sparse", mask="bernoulli", reserve_p=0.5), ValueError, "needs a fixed mask"),
+    (lambda: _optimizer(compact_grads=True), ValueError, "compact_grads=True needs storage='sparse'"),
+    (lambda: _optimizer(storage="sparse", masked="zero_grad"), ValueError, "masked='zero_grad' .*storage='sparse'"),
+    (lambda: _optimizer(storage="compressed"), ValueError, "storage must be one of"),
+    (_sparse_state_with_bad_indices(), ValueError, "indices must be strictly increasing and inside \\[0, 12\\)"),
+])
+def test_bad_sparse_configuration_raises(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_sparse_training_exports_a_delta_that_reproduces_the_model_exactly(tmp_path):
+    """Freeze semantics leave every unselected weight untouched, so (indices, values) is the whole change."""
+    from childopt import SparseDelta
+
+    model = _Net()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.2
+             for i, (n, p) in enumerate(model.named_parameters())}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask=masks, storage="sparse", compact_grads=True, seed=0)
+    for x in _batches(10):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    delta = SparseDelta.extract(base, model.state_dict(), indices=opt.sparse_indices())
+    assert set(opt.sparse_indices()) == set(names)
+    delta.save(tmp_path / "delta.safetensors")
+    fresh = _Net()
+    SparseDelta.load(tmp_path / "delta.safetensors").apply_to(fresh)
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert delta.num_entries == sum(int(m.sum()) for m in masks.values())
