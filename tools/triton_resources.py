@@ -1,4 +1,4 @@
-"""Compile the masked AdamW Triton kernel ahead of time for a GPU arch, on any machine.
+"""Compile the AdamW Triton kernels (dense and sparse) ahead of time for a GPU arch, on any machine.
 
 Triton's wheel carries ptxas, so compilation, register counts, spills and
 whether the loads became 128-bit vectors can be checked without a GPU, which the interpreter
@@ -22,39 +22,57 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from childopt.kernels import masked_adamw, multi_tensor
+from childopt.kernels import masked_adamw, multi_tensor, sparse_adamw
 
-POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
-            "chunk_start")
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"}
+
+
+def _compile(fn, pointer_types: dict, constexprs: dict, arch: int) -> dict:
+    """Compile ``fn`` for ``arch`` with 16-byte aligned pointers; report vectors and resources."""
+    names = fn.arg_names
+    signature = {n: pointer_types.get(n) or ("constexpr" if n in constexprs else "i64" if n in INTEGERS else "fp32")
+                 for n in names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointer_types})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"enable_fp_fusion": multi_tensor.FP_FUSION})
+    ptx = kernel.asm["ptx"]
+    return dict(num_warps=kernel.metadata.num_warps,
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
+                vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx)), **_resource_usage(ptx))
 
 
 def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, amsgrad: bool,
                     block: int, iters: int) -> dict:
-    """Compile one variant (16-byte aligned tensors) and report its code and resources."""
-    fn = masked_adamw.masked_adamw_kernel
-    names = fn.arg_names
+    """One variant of the dense masked kernel."""
     p_type = TRITON_TYPES[param_dtype]
-    pointer_types = dict(zip(POINTERS, (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64",
-                                        "*i32", "*i64")))
+    pointers = dict(zip(("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
+                         "chunk_start"),
+                        (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64", "*i32", "*i64")))
     align = 16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type]
     constexprs = dict(MASK_KIND=mask_kind, FREEZE=freeze, SCALE_GRAD=mask_kind != 0 and not freeze,
                       AMSGRAD=amsgrad, MAXIMIZE=False, DECAY_AFTER=False, LERP_FROM_START=True, P_ALIGN=align,
                       G_ALIGN=align, S_ALIGN=4, MASK_ALIGN=16, BLOCK=block, ITERS=iters)
-    integers = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"}
-    signature = {n: pointer_types.get(n) or ("constexpr" if n in constexprs else "i64" if n in integers else "fp32")
-                 for n in names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"enable_fp_fusion": multi_tensor.FP_FUSION})
-    ptx = kernel.asm["ptx"]
-    usage = _resource_usage(ptx)
-    return dict(arch=arch, param_dtype=param_dtype, mask_kind=mask_kind, freeze=freeze, amsgrad=amsgrad,
-                block=block, iters=iters, num_warps=kernel.metadata.num_warps,
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
-                vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx)), **usage)
+    return dict(kernel="masked_adamw", arch=arch, param_dtype=param_dtype, mask_kind=mask_kind, freeze=freeze,
+                amsgrad=amsgrad, block=block, iters=iters,
+                **_compile(masked_adamw.masked_adamw_kernel, pointers, constexprs, arch))
+
+
+def compile_sparse_variant(arch: int, param_dtype: str, compact_grads: bool, amsgrad: bool,
+                           block: int, iters: int) -> dict:
+    """One variant of the sparse-index kernel (int32 indices)."""
+    p_type = TRITON_TYPES[param_dtype]
+    pointers = dict(zip(("p_base", "g_base", "idx_base", "m_base", "v_base", "vmax_base", "table", "chunk_tensor",
+                         "chunk_start"),
+                        (f"*{p_type}", f"*{p_type}", "*i32", "*fp32", "*fp32", "*fp32", "*i64", "*i32", "*i64")))
+    constexprs = dict(COMPACT_GRADS=compact_grads, AMSGRAD=amsgrad, MAXIMIZE=False, DECAY_AFTER=False,
+                      LERP_FROM_START=True, G_ALIGN=16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type] if compact_grads
+                      else 1, I_ALIGN=4, S_ALIGN=4, BLOCK=block, ITERS=iters)
+    return dict(kernel="sparse_adamw", arch=arch, param_dtype=param_dtype, compact_grads=compact_grads,
+                amsgrad=amsgrad, block=block, iters=iters,
+                **_compile(sparse_adamw.sparse_adamw_kernel, pointers, constexprs, arch))
 
 
 def _resource_usage(ptx: str) -> dict:
@@ -84,6 +102,8 @@ def main(argv=None) -> None:
         if kind == 0 and freeze:
             continue
         print(json.dumps(compile_variant(args.arch, dtype, kind, freeze, amsgrad, args.block, args.iters)))
+    for dtype, compact, amsgrad in itertools.product(("float32", "bfloat16"), (False, True), (False, True)):
+        print(json.dumps(compile_sparse_variant(args.arch, dtype, compact, amsgrad, args.block, args.iters)))
 
 
 if __name__ == "__main__":

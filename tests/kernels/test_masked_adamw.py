@@ -1,4 +1,4 @@
-"""The Triton kernel compiled for real GPU targets (no GPU needed): it must compile, move its
+"""The Triton kernels compiled for real GPU targets (no GPU needed): it must compile, move its
 full blocks with 128-bit loads and stores, and not spill on sm_90.  The interpreter cannot show any of this.
 """
 import json
@@ -11,14 +11,16 @@ import pytest
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 VARIANTS = [("float32", 0, False, False), ("float32", 1, True, True), ("bfloat16", 2, False, False)]
+SPARSE_VARIANTS = [("float32", True, False), ("bfloat16", False, True)]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     pytest.importorskip("triton")
     script = (f"import json, sys; sys.path.insert(0, {str(TOOLS)!r}); "
-              "from triton_resources import compile_variant; "
-              f"print(json.dumps([compile_variant(arch, *v, 1024, 4) for arch in (80, 90) for v in {VARIANTS!r}]))")
+              "from triton_resources import compile_variant, compile_sparse_variant as sparse; "
+              f"print(json.dumps([compile_variant(arch, *v, 1024, 4) for arch in (80, 90) for v in {VARIANTS!r}]"
+              f" + [sparse(arch, *v, 1024, 4) for arch in (80, 90) for v in {SPARSE_VARIANTS!r}]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -34,9 +36,16 @@ def test_kernel_compiles_for_sm80_and_does_not_spill_on_sm90(compiled):
 
 
 def test_full_blocks_use_128_bit_vectors(compiled):
-    for r in compiled:
+    for r in (r for r in compiled if r["kernel"] == "masked_adamw"):
         streams = 5 if r["amsgrad"] else 4  # g, p, m, v (+ vmax) are read, all but g written
         elems_per_vector = 16 // (4 if r["param_dtype"] == "float32" else 2)
         assert r["vector_loads"] >= (streams - 2) * r["iters"], r
         assert r["vector_stores"] >= (streams - 2) * r["iters"], r
         assert elems_per_vector in (4, 8)
+
+
+def test_sparse_kernel_vectorises_its_compact_streams(compiled):
+    """idx, m and v (and a compact g) are contiguous: they load as vectors; p is gathered."""
+    for r in (r for r in compiled if r["kernel"] == "sparse_adamw"):
+        compact_streams = 3 + (1 if r["compact_grads"] else 0) + (1 if r["amsgrad"] else 0)
+        assert r["vector_loads"] >= compact_streams * r["iters"], r
