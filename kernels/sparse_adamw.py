@@ -48,25 +48,34 @@ def sparse_adamw_kernel(
     for it in tl.static_range(ITERS):
         first = start + it * BLOCK
         offs = first + tl.arange(0, BLOCK).to(tl.int64)
-        inb = offs < count
         if first + BLOCK <= count:
-            idx = tl.load(idx_ptr + offs).to(tl.int64)
-            if COMPACT_GRADS:
-                g_ptrs = g_ptr + offs
-            else:
-                g_ptrs = g_ptr + idx
-            adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
-                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, 1.0,
-                        False, False, False, False, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+            _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
+                          decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                          False, COMPACT_GRADS, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
         elif first < count:
-            idx = tl.load(idx_ptr + offs, mask=inb, other=0).to(tl.int64)
-            if COMPACT_GRADS:
-                g_ptrs = g_ptr + offs
-            else:
-                g_ptrs = g_ptr + idx
-            adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
-                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, 1.0,
-                        True, False, False, False, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+            _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
+                          decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                          True, COMPACT_GRADS, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+
+
+@triton.jit
+def _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
+                  decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                  MASKED_IO: tl.constexpr, COMPACT_GRADS: tl.constexpr, AMSGRAD: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, DECAY_AFTER: tl.constexpr, LERP_FROM_START: tl.constexpr):
+    """The entries ``offs`` of one tensor's index list; loads are guarded only when ``MASKED_IO``."""
+    inb = offs < count
+    if MASKED_IO:
+        idx = tl.load(idx_ptr + offs, mask=inb, other=0).to(tl.int64)
+    else:
+        idx = tl.load(idx_ptr + offs).to(tl.int64)
+    if COMPACT_GRADS:
+        g_ptrs = g_ptr + offs
+    else:
+        g_ptrs = g_ptr + idx
+    adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
+                decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, 1.0,
+                MASKED_IO, False, False, False, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
 
 
 def launch_lists(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None) -> dict:
