@@ -1,4 +1,4 @@
-"""Compile the AdamW Triton kernels (dense and sparse) ahead of time for a GPU arch, on any machine.
+"""Compile childopt's Triton kernels ahead of time for a GPU arch, on any machine.
 
 Triton's wheel carries ptxas, so compilation, register counts, spills and
 whether the loads became 128-bit vectors can be checked without a GPU, which the interpreter
@@ -22,10 +22,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from childopt.kernels import masked_adamw, multi_tensor, sparse_adamw
+from childopt.kernels import masked_adamw, multi_tensor, radix_histogram, sparse_adamw
 
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"}
+INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi", "shift"}
 
 
 def _compile(fn, pointer_types: dict, constexprs: dict, arch: int) -> dict:
@@ -75,6 +75,15 @@ def compile_sparse_variant(arch: int, param_dtype: str, compact_grads: bool, ams
                 **_compile(sparse_adamw.sparse_adamw_kernel, pointers, constexprs, arch))
 
 
+def compile_histogram_variant(arch: int, bits: int, check_prefix: bool, block: int, iters: int) -> dict:
+    """One pass of the radix-select histogram kernel over fp32 scores."""
+    pointers = {"s_base": "*fp32", "table": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64", "hist": "*i64",
+                "prefixes": "*i64"}
+    constexprs = dict(BITS=bits, CHECK_PREFIX=check_prefix, S_ALIGN=4, BLOCK=block, ITERS=iters)
+    return dict(kernel="radix_histogram", arch=arch, bits=bits, check_prefix=check_prefix, block=block, iters=iters,
+                **_compile(radix_histogram.radix_histogram_kernel, pointers, constexprs, arch))
+
+
 def _resource_usage(ptx: str) -> dict:
     """Registers, stack and spill bytes per thread, from Triton's own ptxas (it reads Triton's PTX)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -104,6 +113,8 @@ def main(argv=None) -> None:
         print(json.dumps(compile_variant(args.arch, dtype, kind, freeze, amsgrad, args.block, args.iters)))
     for dtype, compact, amsgrad in itertools.product(("float32", "bfloat16"), (False, True), (False, True)):
         print(json.dumps(compile_sparse_variant(args.arch, dtype, compact, amsgrad, args.block, args.iters)))
+    for bits, check_prefix in ((11, False), (11, True), (10, True)):
+        print(json.dumps(compile_histogram_variant(args.arch, bits, check_prefix, args.block, args.iters)))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class Backend:
     def sparse_adamw_step(self, tensors: SparseTensorLists, hp: StepScalars) -> None:
         sparse_adamw_step(tensors, hp)
 
+    def radix_histogram(self, scores: list, scopes: list, prefixes: torch.Tensor, shift: int, bits: int,
+                        n_scopes: int) -> torch.Tensor:
+        return radix_histogram(scores, scopes, prefixes, shift, bits, n_scopes)
+
 
 def adamw_math(p, g, m, v, vmax, hp: StepScalars):
     """The element update on flat fp32 tensors; returns new (p, m, v, vmax) without writing."""
@@ -99,3 +103,22 @@ def sparse_adamw_step(tensors: SparseTensorLists, hp: StepScalars) -> None:
         tensors.exp_avg_sqs[i].copy_(v_new)
         if hp.amsgrad:
             vmax.copy_(vmax_new)
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving uint32 keys (held in int64) of fp32 scores, ``-0.0`` counted as ``+0.0``."""
+    bits = (scores.reshape(-1).float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+def radix_histogram(scores: list, scopes: list, prefixes: torch.Tensor, shift: int, bits: int,
+                    n_scopes: int) -> torch.Tensor:
+    """Per scope, count keys matching the scope's prefix above ``shift + bits`` by their next ``bits``."""
+    device = scores[0].device if scores else prefixes.device
+    hist = torch.zeros(n_scopes, 2**bits, dtype=torch.int64, device=device)
+    for s, scope in zip(scores, scopes):
+        keys = score_keys(s)
+        if shift + bits < 32:
+            keys = keys[(keys >> (shift + bits)) == prefixes[scope]]
+        hist[scope] += torch.bincount((keys >> shift) & (2**bits - 1), minlength=2**bits)
+    return hist

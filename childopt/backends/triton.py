@@ -42,10 +42,11 @@ class Backend:
     name = NAME
 
     def __init__(self, block: int | None = None, iters: int | None = None):
-        from childopt.kernels import masked_adamw, multi_tensor, sparse_adamw
+        from childopt.kernels import masked_adamw, multi_tensor, radix_histogram, sparse_adamw
 
         self._dense = masked_adamw
         self._sparse = sparse_adamw
+        self._histogram = radix_histogram
         self._block = block or multi_tensor.DEFAULT_BLOCK
         self._iters = iters or multi_tensor.DEFAULT_ITERS
         self._plans: OrderedDict = OrderedDict()
@@ -83,3 +84,11 @@ class Backend:
             tensors.max_exp_avg_sqs if hp.amsgrad else None,
         )
         self._sparse.launch(self._plan(self._sparse, lists), lists, hp, compact_grads=tensors.compact_grads)
+
+    def radix_histogram(self, scores: list, scopes: list, prefixes: torch.Tensor, shift: int, bits: int,
+                        n_scopes: int) -> torch.Tensor:
+        """One launch over every score tensor (contiguous fp32) of every scope."""
+        hist = torch.zeros(n_scopes, 2**bits, dtype=torch.int64, device=prefixes.device)
+        plan = self._plan(self._histogram, {"scores": scores}, tuple(scopes))
+        self._histogram.launch(plan, scores, hist, prefixes, shift, bits)
+        return hist

@@ -18,9 +18,11 @@ SPARSE_VARIANTS = [("float32", True, False), ("bfloat16", False, True)]
 def compiled():
     pytest.importorskip("triton")
     script = (f"import json, sys; sys.path.insert(0, {str(TOOLS)!r}); "
-              "from triton_resources import compile_variant, compile_sparse_variant as sparse; "
+              "from triton_resources import compile_variant, compile_sparse_variant as sparse, "
+              "compile_histogram_variant as hist; "
               f"print(json.dumps([compile_variant(arch, *v, 1024, 4) for arch in (80, 90) for v in {VARIANTS!r}]"
-              f" + [sparse(arch, *v, 1024, 4) for arch in (80, 90) for v in {SPARSE_VARIANTS!r}]))")
+              f" + [sparse(arch, *v, 1024, 4) for arch in (80, 90) for v in {SPARSE_VARIANTS!r}]"
+              " + [hist(arch, 11, check, 1024, 4) for arch in (80, 90) for check in (False, True)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -49,3 +51,8 @@ def test_sparse_kernel_vectorises_its_compact_streams(compiled):
     for r in (r for r in compiled if r["kernel"] == "sparse_adamw"):
         compact_streams = 3 + (1 if r["compact_grads"] else 0) + (1 if r["amsgrad"] else 0)
         assert r["vector_loads"] >= compact_streams * r["iters"], r
+
+
+def test_histogram_kernel_vectorises_its_score_loads_and_does_not_spill(compiled):
+    for r in (r for r in compiled if r["kernel"] == "radix_histogram"):
+        assert r["vector_loads"] >= r["iters"] and r["spill_stores"] == 0, r
