@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from childopt.kernels import masked_adamw, multi_tensor, radix_histogram, sparse_adamw
+from childopt.kernels import fisher_accumulate, masked_adamw, multi_tensor, radix_histogram, sparse_adamw
 
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi", "shift"}
@@ -84,6 +84,16 @@ def compile_histogram_variant(arch: int, bits: int, check_prefix: bool, block: i
                 **_compile(radix_histogram.radix_histogram_kernel, pointers, constexprs, arch))
 
 
+def compile_fisher_variant(arch: int, grad_dtype: str, block: int, iters: int) -> dict:
+    """The in-place Fisher accumulation kernel (fp32 scores, ``grad_dtype`` gradients)."""
+    g_type = TRITON_TYPES[grad_dtype]
+    pointers = {"f_base": "*fp32", "g_base": f"*{g_type}", "scale_base": "*fp32", "table": "*i64",
+                "chunk_tensor": "*i32", "chunk_start": "*i64"}
+    constexprs = dict(F_ALIGN=4, G_ALIGN=16 // {"fp32": 4, "bf16": 2, "fp16": 2}[g_type], BLOCK=block, ITERS=iters)
+    return dict(kernel="fisher_accumulate", arch=arch, grad_dtype=grad_dtype, block=block, iters=iters,
+                **_compile(fisher_accumulate.fisher_accumulate_kernel, pointers, constexprs, arch))
+
+
 def _resource_usage(ptx: str) -> dict:
     """Registers, stack and spill bytes per thread, from Triton's own ptxas (it reads Triton's PTX)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -115,6 +125,8 @@ def main(argv=None) -> None:
         print(json.dumps(compile_sparse_variant(args.arch, dtype, compact, amsgrad, args.block, args.iters)))
     for bits, check_prefix in ((11, False), (11, True), (10, True)):
         print(json.dumps(compile_histogram_variant(args.arch, bits, check_prefix, args.block, args.iters)))
+    for dtype in ("float32", "bfloat16"):
+        print(json.dumps(compile_fisher_variant(args.arch, dtype, args.block, args.iters)))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ class Backend:
                         n_scopes: int) -> torch.Tensor:
         return radix_histogram(scores, scopes, prefixes, shift, bits, n_scopes)
 
+    def fisher_accumulate(self, fisher: list, grads: list, scales: torch.Tensor) -> None:
+        for i, (f, g) in enumerate(zip(fisher, grads)):
+            scaled = g.float() * scales[i]
+            f.add_(scaled * scaled)
+
 
 def adamw_math(p, g, m, v, vmax, hp: StepScalars):
     """The element update on flat fp32 tensors; returns new (p, m, v, vmax) without writing."""

@@ -42,11 +42,12 @@ class Backend:
     name = NAME
 
     def __init__(self, block: int | None = None, iters: int | None = None):
-        from childopt.kernels import masked_adamw, multi_tensor, radix_histogram, sparse_adamw
+        from childopt.kernels import fisher_accumulate, masked_adamw, multi_tensor, radix_histogram, sparse_adamw
 
         self._dense = masked_adamw
         self._sparse = sparse_adamw
         self._histogram = radix_histogram
+        self._fisher = fisher_accumulate
         self._block = block or multi_tensor.DEFAULT_BLOCK
         self._iters = iters or multi_tensor.DEFAULT_ITERS
         self._plans: OrderedDict = OrderedDict()
@@ -92,3 +93,8 @@ class Backend:
         plan = self._plan(self._histogram, {"scores": scores}, tuple(scopes))
         self._histogram.launch(plan, scores, hist, prefixes, shift, bits)
         return hist
+
+    def fisher_accumulate(self, fisher: list, grads: list, scales: torch.Tensor) -> None:
+        """``fisher[i] += (grads[i] * scales[i])**2`` in one launch (fisher contiguous fp32)."""
+        lists = {"fisher": fisher, "grads": grads}
+        self._fisher.launch(self._plan(self._fisher, lists), lists, scales)

@@ -19,10 +19,11 @@ def compiled():
     pytest.importorskip("triton")
     script = (f"import json, sys; sys.path.insert(0, {str(TOOLS)!r}); "
               "from triton_resources import compile_variant, compile_sparse_variant as sparse, "
-              "compile_histogram_variant as hist; "
+              "compile_histogram_variant as hist, compile_fisher_variant as fisher; "
               f"print(json.dumps([compile_variant(arch, *v, 1024, 4) for arch in (80, 90) for v in {VARIANTS!r}]"
               f" + [sparse(arch, *v, 1024, 4) for arch in (80, 90) for v in {SPARSE_VARIANTS!r}]"
-              " + [hist(arch, 11, check, 1024, 4) for arch in (80, 90) for check in (False, True)]))")
+              " + [hist(arch, 11, check, 1024, 4) for arch in (80, 90) for check in (False, True)]"
+              " + [fisher(arch, dtype, 1024, 4) for arch in (80, 90) for dtype in ('float32', 'bfloat16')]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -56,3 +57,9 @@ def test_sparse_kernel_vectorises_its_compact_streams(compiled):
 def test_histogram_kernel_vectorises_its_score_loads_and_does_not_spill(compiled):
     for r in (r for r in compiled if r["kernel"] == "radix_histogram"):
         assert r["vector_loads"] >= r["iters"] and r["spill_stores"] == 0, r
+
+
+def test_fisher_kernel_vectorises_and_does_not_spill(compiled):
+    for r in (r for r in compiled if r["kernel"] == "fisher_accumulate"):
+        assert r["vector_loads"] >= 2 * r["iters"] and r["vector_stores"] >= r["iters"], r
+        assert r["spill_stores"] == 0, r

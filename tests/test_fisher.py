@@ -1,0 +1,164 @@
+"""FisherAccumulator and fisher_mask against naive loops over the same batches."""
+import pytest
+import torch
+
+from childopt.fisher import FisherAccumulator, fisher_mask
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer1 = torch.nn.Linear(5, 7)
+        self.layer2 = torch.nn.Linear(7, 3)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer2(torch.tanh(self.layer1(x)))))
+
+
+def _loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _batches(n=4, size=6):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 5, generator=gen), torch.randint(0, 2, (size,), generator=gen)) for _ in range(n)]
+
+
+def _naive_batch_fisher(model, batches, include, clip):
+    scores = {n: torch.zeros_like(p) for n, p in model.named_parameters() if include in n}
+    for batch in batches:
+        model.zero_grad()
+        _loss(model, batch).backward()
+        for n, p in model.named_parameters():
+            if n in scores:
+                g = p.grad
+                if clip is not None:
+                    g = g * min(1.0, clip / (g.norm().item() + 1e-6))
+                scores[n] += g * g
+    return {n: s / len(batches) for n, s in scores.items()}
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("free_grads", [False, True])
+def test_batch_estimator_equals_a_naive_loop(lane, clip, free_grads):
+    backend, device = lane
+    model = _Net().to(device)
+    batches = [tuple(t.to(device) for t in b) for b in _batches()]
+    expected = _naive_batch_fisher(model, batches, "layer", clip)
+    with FisherAccumulator(model, include="layer", clip_norm=clip, free_grads=free_grads, backend=backend) as acc:
+        for batch in batches:
+            model.zero_grad()
+            _loss(model, batch).backward()
+            assert all((p.grad is None) == free_grads for n, p in model.named_parameters() if "layer" in n)
+    scores = acc.scores()
+    assert set(scores) == set(expected) and acc.counts == dict.fromkeys(expected, len(batches))
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-6, atol=1e-9)
+    _loss(model, batches[0]).backward()  # hooks are gone after the with-block
+    assert acc.counts == dict.fromkeys(expected, len(batches))
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_sample_estimator_equals_a_batch_size_one_loop(clip):
+    model = _Net()
+    batches = _batches(n=2, size=5)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            model.zero_grad()
+            _loss(model, (x[i:i + 1], y[i:i + 1])).backward()
+            for n, p in model.named_parameters():
+                g = p.grad if clip is None else p.grad * min(1.0, clip / (p.grad.norm().item() + 1e-6))
+                expected[n] += g * g
+    acc = FisherAccumulator(model, estimator="sample", clip_norm=clip, chunk_size=2)
+    with acc:
+        for batch in batches:
+            acc.accumulate_samples(_loss, batch)
+    scores = acc.scores()
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n] / 10, rtol=1e-5, atol=1e-8)
+    assert acc.counts == dict.fromkeys(expected, 10)
+
+
+def test_grad_scaler_scores_come_from_unscaled_gradients_and_overflows_are_skipped():
+    model = _Net()
+    batches = _batches(n=3)
+    expected = _naive_batch_fisher(model, batches, "layer", None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with FisherAccumulator(model, include="layer", grad_scaler=scaler) as acc:
+        for batch in batches:
+            model.zero_grad()
+            scaler.scale(_loss(model, batch)).backward()
+        model.zero_grad()
+        (_loss(model, batches[0]) * float("inf")).backward()  # an overflowed batch
+    for n in expected:
+        torch.testing.assert_close(acc.scores()[n], expected[n], rtol=1e-5, atol=1e-9)
+    assert set(acc.counts.values()) == {3}
+
+
+def test_triton_fisher_accumulate_matches_the_reference(triton_device):
+    from childopt.backends import reference
+    from childopt.backends import triton as triton_backend
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(33, 7), (0,), (1025,), (3,)]
+    grads = [torch.randn(s, generator=gen).to(triton_device, torch.bfloat16) for s in shapes]
+    scales = torch.tensor([1.0, 0.5, 0.25, 3.0], device=triton_device)
+    results = []
+    for backend in (triton_backend.Backend(block=64, iters=2), reference.Backend()):
+        fisher = [torch.full(s, 0.5, device=triton_device) for s in shapes]
+        for _ in range(2):
+            backend.fisher_accumulate(fisher, grads, scales)
+        results.append(fisher)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _bert_batches(n=3):
+    gen = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(0, 100, (4, 12), generator=gen), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,), generator=gen)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_fisher_mask_on_a_small_transformers_model_keeps_the_exact_count(scope):
+    model = _tiny_bert()
+    masks = fisher_mask(model, _bert_batches(), 0.25, scope=scope, progress=False)
+    layered = {n: p for n, p in model.named_parameters() if "layer" in n}
+    assert set(masks) == set(layered)
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.25 * sum(p.numel() for p in layered.values()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_mask_keeps_the_largest_scores():
+    model = _Net()
+    batches = _batches()
+    expected = _naive_batch_fisher(model, batches, "layer", 1.0)
+    masks = fisher_mask(model, batches, 0.3, loss_fn=_loss, progress=False)
+    kept = torch.cat([expected[n][masks[n]] for n in masks])
+    dropped = torch.cat([expected[n][~masks[n]] for n in masks])
+    assert kept.min() >= dropped.max() * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: FisherAccumulator(_Net(), estimator="exact"), ValueError, "estimator must be one of"),
+    (lambda: FisherAccumulator(_Net(), include="nothing-matches"), ValueError, "matches no trainable parameter"),
+    (lambda: FisherAccumulator(list(_Net().named_parameters()), estimator="sample"), ValueError, "needs the nn.Module"),
+    (lambda: FisherAccumulator(_Net(), clip_norm=0.0), ValueError, "clip_norm must be > 0"),
+    (lambda: FisherAccumulator(_Net(), include=3), TypeError, "include must be"),
+    (lambda: FisherAccumulator(_Net()).accumulate_samples(_loss, _batches()[0]), RuntimeError, "needs estimator='sample'"),
+])
+def test_bad_input_raises_a_clear_error(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
