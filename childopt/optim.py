@@ -352,6 +352,8 @@ class MaskedAdamW(Optimizer):
         self._check_ready()
         for group in self.param_groups:
             self._step_group(group)
+        if self._compact is not None:
+            self._compact.mark_stepped()
         return loss
 
     def _gradient(self, p: torch.Tensor):

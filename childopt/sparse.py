@@ -7,6 +7,7 @@ dense and compact layouts, and the gradient hooks that keep only compact gradien
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable
 
@@ -70,6 +71,8 @@ class CompactGradients:
         self._indices_of = indices_of
         self.buffers: dict = {}
         self._handles: dict = {}
+        self._stepped = False  # buffers were consumed by a step and not zeroed since
+        self._warned = False
 
     def register(self, param: torch.Tensor) -> None:
         if param not in self._handles:
@@ -90,10 +93,20 @@ class CompactGradients:
         if buffer is None:
             self.buffers[param] = selected
         else:
+            if self._stepped and not self._warned:
+                self._warned = True
+                warnings.warn("compact gradients are adding onto those of an earlier step: call "
+                              "optimizer.zero_grad() between steps (model.zero_grad() does not clear them)",
+                              stacklevel=2)
             buffer.add_(selected)
         param.grad = None
 
+    def mark_stepped(self) -> None:
+        """A step consumed the buffers; accumulating into them again before zero() is suspicious."""
+        self._stepped = bool(self.buffers)
+
     def zero(self, set_to_none: bool) -> None:
+        self._stepped = False
         if set_to_none:
             self.buffers.clear()
         else:

@@ -231,3 +231,21 @@ def test_sparse_training_exports_a_delta_that_reproduces_the_model_exactly(tmp_p
     for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert delta.num_entries == sum(int(m.sum()) for m in masks.values())
+
+
+def test_compact_gradients_left_from_a_step_warn_when_added_to():
+    net = _Net()
+    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2]), storage="sparse",
+                      compact_grads=True, seed=0)
+    x = _batches(1)[0]
+    net(x).sum().backward()
+    opt.step()
+    net.zero_grad()  # clears .grad only, not the compact buffers
+    with pytest.warns(UserWarning, match="call optimizer.zero_grad\\(\\) between steps"):
+        net(x).sum().backward()
+    opt.zero_grad()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x).sum().backward()
+        opt.step()

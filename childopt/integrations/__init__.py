@@ -1,0 +1,1 @@
+"""Integrations of childopt with training frameworks."""

@@ -1,0 +1,184 @@
+"""Child-Tuning-D and -F with the Hugging Face ``Trainer``.
+
+One call builds the optimizer from ``TrainingArguments``; the stock ``Trainer`` runs it::
+
+    optimizer = child_tuning_optimizer(model, args, mode="ChildTuning-D", reserve_p=0.3,
+                                       train_dataloader=loader)
+    Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None)).train()
+
+or :class:`ChildTuningTrainer` builds it when ``train()`` sets up, computing the Fisher mask over
+the trainer's own train dataloader with the trainer's own loss (``compute_loss``)::
+
+    ChildTuningTrainer(model=model, args=args, train_dataset=dataset,
+                       child_tuning_mode="ChildTuning-D", reserve_p=0.3).train()
+
+The Trainer wraps the optimizer in accelerate's ``AcceleratedOptimizer`` (its ``.optimizer`` is the
+MaskedAdamW), which round-trips the state dict (masks included) and forwards ``step``.
+
+Compact gradients (``storage="sparse", compact_grads=True``) are supported by ChildTuningTrainer
+only; ``child_tuning_optimizer`` refuses them.  The stock Trainer clips ``model.parameters()``,
+whose ``.grad`` the compact hook has already freed (the compact gradients would go unclipped), and
+resets gradients with ``model.zero_grad()``, which leaves the compact buffers to add up across
+steps.  Neither can be seen from the optimizer, so that path would be silently wrong.
+ChildTuningTrainer overrides the Trainer's clipping hook (``_clip_grad_norm``, and
+``_get_grad_norm`` for the logged norm) to call ``MaskedAdamW.clip_grad_norm_``, whose norm is
+that of the *selected* entries (the dense gradients of masked parameters no longer exist), and a
+callback calls ``optimizer.zero_grad()`` after every step.  Without compact gradients the
+Trainer's own clipping runs: the norm of the full gradients, as ChildTuning does.  Compact
+gradients are refused with fp16 (the GradScaler unscales and checks only ``.grad``) and on
+several processes (the hook frees gradients before the all-reduce reads them).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Optional
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from childopt.fisher import fisher_mask
+from childopt.optim import MaskedAdamW
+
+MODES = ("ChildTuning-D", "ChildTuning-F")
+
+
+def _check(mode, reserve_p) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0 < reserve_p <= 1 \
+            or math.isnan(reserve_p):
+        raise ValueError(f"reserve_p must be a number in (0, 1], the fraction of entries trained; got {reserve_p!r}")
+
+
+def child_tuning_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: float, train_dataloader=None,
+                           max_batches: Optional[int] = None, storage: str = "dense", compact_grads: bool = False,
+                           seed: Optional[int] = None, decay_parameters: Optional[Iterable[str]] = None,
+                           **fisher_kwargs) -> MaskedAdamW:
+    """MaskedAdamW for Child-Tuning from ``TrainingArguments``, grouped as the Trainer groups AdamW.
+
+    ``lr``, ``betas``, ``eps`` and ``weight_decay`` come from ``args.learning_rate``,
+    ``(args.adam_beta1, args.adam_beta2)``, ``args.adam_epsilon`` and ``args.weight_decay``; weight
+    decay goes to ``decay_parameters`` only (default: the Trainer's rule, which leaves out biases and
+    normalisation weights), and the groups hold named parameters, so masks are addressed by name.
+
+    ``mode="ChildTuning-F"``: every step keeps each gradient entry with probability ``reserve_p``
+    (``mask="bernoulli"``, published ``masked="zero_grad"`` semantics).  ``mode="ChildTuning-D"``:
+    a fixed child network of ``round(reserve_p * n)`` entries chosen by Fisher information over
+    ``train_dataloader`` (required; at most ``max_batches`` batches), computed in train mode as
+    ChildTuning does; ``fisher_kwargs`` go to :func:`childopt.fisher.fisher_mask` (``loss_fn``,
+    ``include``, ``scope``, ...).  Masked-out entries stay frozen (``masked="freeze"``).
+    ``storage`` and ``seed`` go to MaskedAdamW.  ``compact_grads=True`` raises: the stock Trainer
+    would silently neither clip nor clear compact gradients (module docstring); use
+    ``ChildTuningTrainer(..., storage="sparse", compact_grads=True)``.
+    """
+    if compact_grads:
+        raise ValueError("compact_grads=True needs ChildTuningTrainer(..., storage='sparse', compact_grads=True): the "
+                         "stock Trainer clips model.parameters() and clears model.zero_grad(), and neither reaches "
+                         "the compact gradients")
+    return _build_optimizer(model, args, mode=mode, reserve_p=reserve_p, train_dataloader=train_dataloader,
+                            max_batches=max_batches, storage=storage, seed=seed, decay_parameters=decay_parameters,
+                            **fisher_kwargs)
+
+
+def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: float, train_dataloader=None,
+                     max_batches: Optional[int] = None, storage: str = "dense", compact_grads: bool = False,
+                     seed: Optional[int] = None, decay_parameters: Optional[Iterable[str]] = None,
+                     **fisher_kwargs) -> MaskedAdamW:
+    """:func:`child_tuning_optimizer` with compact gradients allowed (ChildTuningTrainer handles them)."""
+    _check(mode, reserve_p)
+    if mode == "ChildTuning-F" and fisher_kwargs:
+        raise TypeError(f"unexpected keyword arguments {sorted(fisher_kwargs)} (Fisher options apply to ChildTuning-D)")
+    if mode == "ChildTuning-D" and train_dataloader is None:
+        raise ValueError("mode='ChildTuning-D' needs train_dataloader= to compute the Fisher mask")
+    if compact_grads and args.fp16:
+        raise ValueError("compact_grads=True does not work with fp16: the GradScaler unscales and checks only "
+                         "the parameters' .grad, not the compact buffers (use bf16 or compact_grads=False)")
+    if compact_grads and args.world_size > 1:
+        raise ValueError("compact_grads=True frees each gradient before the distributed all-reduce reads it; "
+                         "use compact_grads=False when training on several processes")
+    if decay_parameters is None:
+        # Trainer's own rule (bias, LayerNorm/RMSNorm/norm names and nn.LayerNorm modules). It is an
+        # instance method that never reads ``self``, so it is called unbound rather than copied.
+        decay_parameters = Trainer.get_decay_parameter_names(None, model)
+    decay_parameters = set(decay_parameters)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [(n, p) for n, p in named if n in decay_parameters], "weight_decay": args.weight_decay},
+              {"params": [(n, p) for n, p in named if n not in decay_parameters], "weight_decay": 0.0}]
+    if mode == "ChildTuning-F":
+        mask = "bernoulli"
+    else:
+        was_training = model.training
+        model.train()  # dropout on, as ChildTuning's Fisher pass (from_pretrained returns eval mode)
+        try:
+            mask = fisher_mask(model, train_dataloader, reserve_p, max_batches=max_batches, **fisher_kwargs)
+        finally:
+            model.train(was_training)
+    groups = [g for g in groups if g["params"]]  # an empty group would carry no param_names
+    return MaskedAdamW(groups, lr=args.learning_rate,
+                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                       weight_decay=args.weight_decay, mask=mask, reserve_p=reserve_p, seed=seed,
+                       storage=storage, compact_grads=compact_grads)
+
+
+class _ZeroGradAfterStep(TrainerCallback):
+    """The Trainer resets gradients with ``model.zero_grad()``; compact buffers need the optimizer's."""
+
+    def on_optimizer_step(self, args, state, control, *, optimizer, **kwargs):
+        optimizer.zero_grad()
+
+
+class ChildTuningTrainer(Trainer):
+    """``Trainer`` whose optimizer is :func:`child_tuning_optimizer`'s, built when ``train()`` sets up.
+
+    Extra keyword arguments: ``child_tuning_mode`` and ``reserve_p`` (required), ``storage``,
+    ``compact_grads``, ``max_fisher_batches`` and ``fisher_kwargs`` (a dict for
+    :func:`childopt.fisher.fisher_mask`; its default loss here is the trainer's ``compute_loss``,
+    so label smoothing, ``compute_loss_func`` and overrides score Fisher as they train, and its
+    progress bar follows ``args.disable_tqdm``).  Weight-decay groups follow
+    :meth:`get_decay_parameter_names`, overrides included.  With ``compact_grads=True`` gradients
+    are clipped by :meth:`MaskedAdamW.clip_grad_norm_` and the compact buffers cleared after every
+    step (module docstring).  The Fisher pass runs inside ``train()``, before the first step.
+    """
+
+    def __init__(self, *args, child_tuning_mode: str, reserve_p: float, storage: str = "dense",
+                 compact_grads: bool = False, max_fisher_batches: Optional[int] = None,
+                 fisher_kwargs: Optional[dict] = None, **kwargs):
+        _check(child_tuning_mode, reserve_p)
+        if compact_grads and not hasattr(Trainer, "_clip_grad_norm"):
+            raise RuntimeError("compact_grads=True needs a transformers whose Trainer clips in _clip_grad_norm "
+                               "(5.x); this one clips inline, where the compact gradients cannot be reached")
+        super().__init__(*args, **kwargs)
+        self.child_tuning = dict(mode=child_tuning_mode, reserve_p=reserve_p, storage=storage,
+                                 compact_grads=compact_grads, **(fisher_kwargs or {}))
+        self.max_fisher_batches = max_fisher_batches
+        self.add_callback(_ZeroGradAfterStep())
+
+    def create_optimizer(self, model=None):
+        """Build the Child-Tuning MaskedAdamW (Fisher pass first, for ChildTuning-D) unless one was given."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            options = dict(self.child_tuning)
+            if options["mode"] == "ChildTuning-D":
+                options.setdefault("loss_fn", self.compute_loss)
+                options.setdefault("progress", not self.args.disable_tqdm)
+                options.update(train_dataloader=self.get_train_dataloader(), max_batches=self.max_fisher_batches)
+            self.optimizer = _build_optimizer(
+                model, self.args, decay_parameters=self.get_decay_parameter_names(model), **options)
+        return self.optimizer
+
+    def _compact_optimizer(self) -> Optional[MaskedAdamW]:
+        """The MaskedAdamW under accelerate's wrapper when it keeps compact gradients, else None."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return optimizer if isinstance(optimizer, MaskedAdamW) and optimizer.compact_grads else None
+
+    def _clip_grad_norm(self, model):
+        optimizer = self._compact_optimizer()
+        if optimizer is None:
+            return super()._clip_grad_norm(model)
+        return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        optimizer = self._compact_optimizer()
+        if grad_norm is None and optimizer is not None:  # max_grad_norm == 0: measure only, for the logs
+            grad_norm = optimizer.clip_grad_norm_(float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
