@@ -135,6 +135,10 @@ class FisherAccumulator:
         return coefficients
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
+        if param.grad is None:
+            raise RuntimeError(f"the gradient of {name!r} was freed by an earlier hook (e.g. MaskedAdamW with "
+                               "compact_grads=True) before the Fisher hook could read it: compute the Fisher "
+                               "scores before building a compact-gradient optimizer")
         grad = param.grad.detach()
         norms = torch.linalg.vector_norm(grad.float()).reshape(1)
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):

@@ -129,6 +129,9 @@ class MaskedAdamW(Optimizer):
             raise ValueError("compact_grads=True needs storage='sparse' (it keeps only the selected entries)")
         self.storage = storage
         self.compact_grads = compact_grads
+        # GradScaler unscales and inf-checks only .grad, which compact gradients replace: declaring
+        # our own scaling makes it hand us the scale, so step() can refuse instead of mis-stepping.
+        self._step_supports_amp_scaling = compact_grads
         self._compact = sparse.CompactGradients(self._indices_of) if compact_grads else None
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
@@ -153,6 +156,8 @@ class MaskedAdamW(Optimizer):
         for p in group["params"]:
             self._rng_bases[p] = self._rng_groups
             self._rng_groups += philox.rng_group_counts(p.numel())
+        for device in {p.device for p in group["params"]}:
+            self._backend(device)  # a backend asked for by name that cannot run here fails now
 
     def _check_storage(self, group: dict, where: str = "") -> None:
         if self.storage == "sparse" and group["masked"] == "zero_grad":
@@ -255,6 +260,10 @@ class MaskedAdamW(Optimizer):
         new_indices = {p: sparse.indices_from_mask(m) for p, m in new.items()}
         changed = [p for p in set(old) | set(new_indices)
                    if p not in old or p not in new_indices or not torch.equal(old[p], new_indices[p])]
+        pending = [p for p in changed if self._compact is not None and p in self._compact.buffers]
+        if pending:
+            raise RuntimeError(f"{self._describe(pending[0])} has a compact gradient for its old indices: call "
+                               "set_mask after step() and zero_grad(), not between backward and step")
         for p in changed:
             state = self.state[p]
             for key in _MOMENT_KEYS:
@@ -304,16 +313,17 @@ class MaskedAdamW(Optimizer):
 
     def _bias_scalars(self, group: dict, lr: float, step: int) -> tuple[float, float, bool]:
         """(step_size, bc2_sqrt, decay_after) of AdamW: bias corrections in host float64, as torch."""
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])
         return lr / (1 - beta1**step), math.sqrt(1 - beta2**step), False
 
     def _step_scalars(self, group: dict, step: int) -> StepScalars:
+        """Host float64 scalars of the update; tensor hyper-parameters (as torch allows) become floats."""
         lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])
         step_size, bc2_sqrt, decay_after = self._bias_scalars(group, lr, step)
         return StepScalars(
-            decay=1 - lr * group["weight_decay"], one_minus_beta1=1 - beta1, beta2=beta2,
-            one_minus_beta2=1 - beta2, eps=group["eps"], step_size=step_size, bc2_sqrt=bc2_sqrt,
+            decay=1 - lr * float(group["weight_decay"]), one_minus_beta1=1 - beta1, beta2=beta2,
+            one_minus_beta2=1 - beta2, eps=float(group["eps"]), step_size=step_size, bc2_sqrt=bc2_sqrt,
             maximize=group["maximize"], amsgrad=group["amsgrad"], decay_after=decay_after,
         )
 
@@ -350,6 +360,10 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_ready()
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("compact_grads=True cannot run under torch.amp.GradScaler: it unscales and checks "
+                               "only .grad, which the compact gradients replace; use bf16 autocast (no scaler) or "
+                               "compact_grads=False")
         for group in self.param_groups:
             self._step_group(group)
         if self._compact is not None:
@@ -378,16 +392,16 @@ class MaskedAdamW(Optimizer):
                 self._init_state(p, state, group["amsgrad"])
             elif group["amsgrad"] and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-        steps = [self.state[p]["step"] for p in params]
-        torch._foreach_add_(steps, 1.0)
+        # Each bucket's step counters advance only once its kernel has run: a failed step does not count.
         buckets: dict = {}
-        for p, step in zip(params, torch.stack(steps).tolist()):
+        for p, step in zip(params, torch.stack([self.state[p]["step"] for p in params]).tolist()):
             kind = self._tensor_kind(group, self.state[p])
             if isinstance(kind, tuple):
                 kind += (grads[p] is not p.grad,)  # compact gradient or a dense one to gather from
-            buckets.setdefault((p.device, p.dtype, grads[p].dtype, int(step), kind), []).append(p)
+            buckets.setdefault((p.device, p.dtype, grads[p].dtype, int(step) + 1, kind), []).append(p)
         for (device, _, _, step, kind), bucket in buckets.items():
             self._step_bucket(group, bucket, [grads[p] for p in bucket], device, step, kind)
+            torch._foreach_add_([self.state[p]["step"] for p in bucket], 1.0)
 
     def _step_bucket(self, group: dict, params: list, grads: list, device, step: int, kind) -> None:
         states = [self.state[p] for p in params]
@@ -599,12 +613,21 @@ class ChildTuningAdamW(MaskedAdamW):
             raise TypeError(f"gradient_mask must be a dict of bool tensors, got {type(gradient_mask).__name__}")
         self.set_mask(gradient_mask)
 
+    _MODE_KINDS = {None: (MASK_NONE,), "ChildTuning-D": (MASK_NONE, MASK_DENSE), "ChildTuning-F": (MASK_BERNOULLI,)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As MaskedAdamW's, refusing a state dict whose mask kind contradicts this ``mode``."""
+        kind = (state_dict.get("childopt") or {}).get("mask_kind", self._mask_kind)
+        if kind not in self._MODE_KINDS[self.mode]:
+            raise ValueError(f"this state_dict holds a {kind!r} mask, which mode={self.mode!r} cannot use")
+        super().load_state_dict(state_dict)
+
     def _check_ready(self) -> None:
         if self.mode == "ChildTuning-D" and self._mask_kind != MASK_DENSE:
             raise RuntimeError("ChildTuningAdamW(mode='ChildTuning-D') needs set_gradient_mask(...) before step()")
 
     def _bias_scalars(self, group: dict, lr: float, step: int) -> tuple[float, float, bool]:
         """ChildTuning folds both corrections into the step size and decays after the update."""
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step) if group["correct_bias"] else lr
         return step_size, 1.0, True

@@ -75,7 +75,8 @@ class CompactGradients:
         self._warned = False
 
     def register(self, param: torch.Tensor) -> None:
-        if param not in self._handles:
+        """Hook ``param`` (a frozen parameter never gets a gradient: nothing to hook)."""
+        if param.requires_grad and param not in self._handles:
             self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
 
     def unregister(self, param: torch.Tensor) -> None:

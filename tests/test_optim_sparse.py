@@ -249,3 +249,52 @@ def test_compact_gradients_left_from_a_step_warn_when_added_to():
         warnings.simplefilter("error")
         net(x).sum().backward()
         opt.step()
+
+
+
+def test_grad_scaler_with_compact_gradients_is_refused_not_mis_stepped():
+    net = _Net()
+    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2]), storage="sparse",
+                      compact_grads=True, seed=0)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(net(_batches(1)[0]).sum()).backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="cannot run under torch.amp.GradScaler"):
+        scaler.step(opt)
+    assert_all_equal([p.detach() for p in net.parameters()], before)
+
+
+def test_set_mask_between_backward_and_step_with_compact_gradients_raises():
+    net = _Net()
+    first = list(net.parameters())[0]
+    opt = MaskedAdamW(net.parameters(), mask={first: torch.zeros_like(first, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True)},
+                      storage="sparse", compact_grads=True, seed=0)
+    net(_batches(1)[0]).sum().backward()
+    with pytest.raises(RuntimeError, match="compact gradient for its old indices"):
+        opt.set_mask({first: torch.ones_like(first, dtype=torch.bool)})
+    opt.step()
+    opt.zero_grad()
+    opt.set_mask({first: torch.ones_like(first, dtype=torch.bool)})  # fine once the gradient is consumed
+    assert opt.state[first]["indices"].numel() == first.numel()
+
+
+def test_frozen_parameters_with_a_mask_get_no_compact_hook():
+    net = _Net()
+    net.a.bias.requires_grad_(False)
+    masks = masks_for(list(net.parameters()))
+    opt = MaskedAdamW(net.parameters(), lr=1e-2, mask=masks, storage="sparse", compact_grads=True, seed=0)
+    bias = net.a.bias.detach().clone()
+    net(_batches(1)[0]).sum().backward()
+    opt.step()
+    assert torch.equal(net.a.bias, bias) and net.a.bias not in opt.compact_gradients()
+
+
+def test_fisher_after_a_compact_gradient_optimizer_explains_the_conflict():
+    from childopt.fisher import FisherAccumulator
+
+    net = _Net()
+    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())), storage="sparse",
+                      compact_grads=True, seed=0)  # kept alive: its hooks hold it only weakly
+    with FisherAccumulator(net) as _, pytest.raises(RuntimeError, match="freed by an earlier hook"):
+        net(_batches(1)[0]).sum().backward()
+    assert opt.compact_gradients()
