@@ -94,26 +94,26 @@ def test_groups_and_hyperparameters_follow_training_arguments(tmp_path):
     assert optimizer.state_dict()["childopt"]["mask_kind"] == "bernoulli" and optimizer.seed == 3
 
 
-def test_childtuning_d_through_trainer(tmp_path):
+def train_child_tuning(tmp_path, mode):
+    """A tiny BERT trained for a few steps by ChildTuningTrainer: (model, its MaskedAdamW, weights before)."""
     model = tiny_bert()
     before = snapshot(model)
     trainer = ChildTuningTrainer(model=model, args=training_args(tmp_path), train_dataset=RandomPairs(),
-                                 child_tuning_mode="ChildTuning-D", reserve_p=RESERVE_P)
+                                 child_tuning_mode=mode, reserve_p=RESERVE_P)
     trainer.train()
     optimizer = unwrap(trainer.optimizer)
     assert isinstance(optimizer, MaskedAdamW)
+    return model, optimizer, before
+
+
+def test_childtuning_d_through_trainer(tmp_path):
+    model, optimizer, before = train_child_tuning(tmp_path, "ChildTuning-D")
     assert all(float(optimizer.state[p]["step"]) == 3 for p in model.parameters())
     assert_child_tuning_d(model, optimizer, before)
 
 
 def test_childtuning_f_through_trainer(tmp_path):
-    model = tiny_bert()
-    before = snapshot(model)
-    trainer = ChildTuningTrainer(model=model, args=training_args(tmp_path), train_dataset=RandomPairs(),
-                                 child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
-    trainer.train()
-    optimizer = unwrap(trainer.optimizer)
-    assert isinstance(optimizer, MaskedAdamW)
+    model, optimizer, before = train_child_tuning(tmp_path, "ChildTuning-F")
     assert optimizer.state_dict()["childopt"]["mask_kind"] == "bernoulli"
     decay, no_decay = optimizer.param_groups
     for n, p in zip(decay["param_names"], decay["params"]):
