@@ -45,9 +45,9 @@ class Backend:
         return radix_histogram(scores, scopes, prefixes, shift, bits, n_scopes)
 
     def fisher_accumulate(self, fisher: list, grads: list, scales: torch.Tensor) -> None:
-        for i, (f, g) in enumerate(zip(fisher, grads)):
-            scaled = g.float() * scales[i]
-            f.add_(scaled * scaled)
+        """``fisher[i] += (grads[i] * scales[i])**2`` with two foreach ops over the whole list."""
+        scaled = torch._foreach_mul([g.float() for g in grads], list(scales.unbind()))
+        torch._foreach_addcmul_(fisher, scaled, scaled)
 
 
 def adamw_math(p, g, m, v, vmax, hp: StepScalars):
