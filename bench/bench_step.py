@@ -28,11 +28,14 @@ def _bench_step(benchmark, key: str, shapes, device: torch.device, backend: str,
 
 
 @pytest.mark.parametrize("key", KEYS)
-def bench_step_cpu(benchmark, key):
-    _bench_step(benchmark, key, TINY_SHAPES, torch.device("cpu"), backend="reference", steps=3)
+@pytest.mark.parametrize("shapes", [TINY_SHAPES, bench.many_tiny_shapes(200)], ids=["roberta-tiny", "many-tiny"])
+def bench_step_cpu(benchmark, key, shapes):
+    _bench_step(benchmark, key, shapes, torch.device("cpu"), backend="reference", steps=3)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("key", KEYS)
-def bench_step_cuda(benchmark, key):
-    _bench_step(benchmark, key, bench.roberta_base_shapes(), torch.device("cuda"), backend="auto", steps=20)
+@pytest.mark.parametrize("shapes", [bench.roberta_base_shapes(), bench.decoder_1b_shapes(), bench.many_tiny_shapes()],
+                         ids=["roberta-base", "decoder-1b", "many-tiny"])
+def bench_step_cuda(benchmark, key, shapes):
+    _bench_step(benchmark, key, shapes, torch.device("cuda"), backend="auto", steps=20)

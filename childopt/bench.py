@@ -81,6 +81,20 @@ def roberta_base_shapes(scale: float = 1.0, layers: Optional[int] = None) -> lis
     return shapes
 
 
+def decoder_1b_shapes() -> list[tuple[int, ...]]:
+    """A 1.26B-parameter LLaMA-style decoder: hidden 2048, 22 layers, SwiGLU 5632, vocab 32000, untied head."""
+    hidden, intermediate, vocab, layers = 2048, 5632, 32000, 22
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)] + [(hidden,)] * 2
+    return shapes + [(hidden,), (vocab, hidden)]
+
+
+def many_tiny_shapes(count: int = 2000) -> list[tuple[int, ...]]:
+    """``count`` tensors of 16 to 1024 elements: launch and host overhead, not bandwidth."""
+    return [(16 * (1 + i % 64),) for i in range(count)]
+
+
 def make_params(shapes, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
     """fp32 parameters of ``shapes`` with random gradients set once; seeded, so every row sees the same data."""
     torch.manual_seed(seed)
