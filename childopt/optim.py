@@ -2,8 +2,8 @@
 
 The front-end validates, owns the state and the mask, and does no arithmetic itself: each step
 it sorts the parameters of a group into buckets that share (device, dtypes, step count, mask
-kind), turns the hyper-parameters into host-computed scalars, and calls its backend's
-``adamw_step`` once per bucket (childopt.backends.ops defines the update exactly).
+kind, storage), turns the hyper-parameters into host-computed scalars, and calls its backend's
+``adamw_step`` (or ``sparse_adamw_step``) once per bucket; childopt.backends.ops defines the update.
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""The op contract every backend implements: what ``adamw_step`` receives and must compute.
+"""The op contract every backend implements (a ``Backend`` class per backend module):
+
+* ``adamw_step(TensorLists, StepScalars, MaskScalars)``: the masked AdamW step of a bucket;
+* ``sparse_adamw_step(SparseTensorLists, StepScalars)``: the same update on selected entries;
+* ``radix_histogram(scores, scopes, prefixes, shift, bits, n_scopes)``: one radix-select pass
+  (childopt.masks);
+* ``fisher_accumulate(fisher, grads, scales)``: ``fisher[i] += (grads[i] * scales[i])**2``.
 
 The front-end (childopt.optim) groups tensors into buckets that share device, dtypes, step
 count and mask kind, turns the hyper-parameters into the scalars below (host float64

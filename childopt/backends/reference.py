@@ -1,7 +1,8 @@
 """The reference backend: plain torch, one tensor at a time.  The oracle of the kernels.
 
 It follows the element update of childopt.backends.ops literally, with torch ops on flat fp32
-views, and writes frozen entries back with ``torch.where`` so they stay bit-identical.
+views, and writes frozen entries back with ``torch.where`` so they stay bit-identical.  The
+histogram and Fisher ops are plain torch too (``bincount``; foreach multiply-add).
 """
 from __future__ import annotations
 
