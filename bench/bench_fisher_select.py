@@ -20,12 +20,14 @@ def _scores(shapes, device):
     return {f"t{i}": torch.rand(s, generator=gen).to(device) for i, s in enumerate(shapes)}
 
 
-def _record(benchmark, device, bytes_moved):
+def _record(benchmark, copy_gbps, device, bytes_moved, numel):
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     seconds = stats.median if stats is not None and stats.rounds else None
     benchmark.extra_info.update(bytes=bytes_moved, peak_gb=bench.peak_memory_gb(device))
     if seconds:
-        benchmark.extra_info.update(it_s=1.0 / seconds, gbps=bytes_moved / seconds / 1e9)
+        gbps = bytes_moved / seconds / 1e9
+        benchmark.extra_info.update(it_s=1.0 / seconds, gbps=gbps,
+                                    pct_copy_bw=100.0 * gbps / copy_gbps(numel, device))
 
 
 def _cases(cpu_shapes):
@@ -35,7 +37,7 @@ def _cases(cpu_shapes):
 
 @pytest.mark.parametrize("impl", ["childopt", "foreach_addcmul"])
 @pytest.mark.parametrize("device,shapes", _cases(bench.roberta_base_shapes(scale=1 / 12, layers=1)))
-def bench_fisher_accumulate(benchmark, impl, device, shapes):
+def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
     device = torch.device(device)
     grads = list(_scores(shapes, device).values())
     fisher = [torch.zeros_like(g) for g in grads]
@@ -48,12 +50,13 @@ def bench_fisher_accumulate(benchmark, impl, device, shapes):
         step = bench.synchronized(lambda: torch._foreach_addcmul_(fisher, grads, grads), device)
     bench.reset_peak_memory(device)
     benchmark(step)
-    _record(benchmark, device, FISHER_BYTES * sum(g.numel() for g in grads))
+    numel = sum(g.numel() for g in grads)
+    _record(benchmark, copy_gbps, device, FISHER_BYTES * numel, numel)
 
 
 @pytest.mark.parametrize("impl", ["select_mask", "cat_kthvalue", "cat_topk"])
 @pytest.mark.parametrize("device,shapes", _cases(bench.roberta_base_shapes(scale=1 / 12, layers=1)))
-def bench_select(benchmark, impl, device, shapes):
+def bench_select(benchmark, copy_gbps, impl, device, shapes):
     device = torch.device(device)
     scores = _scores(shapes, device)
     n = sum(s.numel() for s in scores.values())
@@ -66,4 +69,4 @@ def bench_select(benchmark, impl, device, shapes):
         run = lambda: torch.topk(torch.cat([s.reshape(-1) for s in scores.values()]), k)  # noqa: E731
     bench.reset_peak_memory(device)
     benchmark(bench.synchronized(run, device))
-    _record(benchmark, device, 3 * SELECT_PASS_BYTES * n)
+    _record(benchmark, copy_gbps, device, 3 * SELECT_PASS_BYTES * n, n)

@@ -2,8 +2,9 @@
 
 ``pytest bench --benchmark-enable`` times them; in CI (``--benchmark-disable`` in addopts) each
 runs once as a smoke test.  CPU cases step a tiny roberta-like parameter list on the reference
-backend; ``cuda`` cases step the real roberta-base shapes on the backend ``auto`` picks.  Every
-case records the measurements of :func:`childopt.bench.measure_row` in ``benchmark.extra_info``.
+backend; ``cuda`` cases step roberta-base, a 1.26B decoder and many tiny tensors on the backend ``auto``
+picks.  Every case records :func:`childopt.bench.measure_row`'s measurements and the percentage
+of the same run's copy bandwidth in ``benchmark.extra_info``.
 """
 import pytest
 import torch
@@ -16,26 +17,28 @@ KEYS = ("adamw-foreach", "masked-none", "masked-dense-freeze", "masked-bernoulli
 TINY_SHAPES = bench.roberta_base_shapes(scale=1 / 12, layers=1)
 
 
-def _bench_step(benchmark, key: str, shapes, device: torch.device, backend: str, steps: int) -> None:
+def _bench_step(benchmark, copy_gbps, key: str, shapes, device: torch.device, backend: str, steps: int) -> None:
     """Measure the row's step with the bench helpers, record it, then hand the step to pytest-benchmark."""
     spec = SPECS[key]
     params = bench.make_params(shapes, device)
     opt = spec.make(params, backend)
     row = bench.measure_row(spec, opt, params, device, warmup=bench.WARMUP, steps=steps)
+    copy = copy_gbps(row.numel, device)
     benchmark.extra_info.update(backend=row.backend, it_s=row.it_s, peak_gb=row.peak_gb,
-                                bytes_per_step=row.bytes_per_step, gbps=row.gbps)
+                                bytes_per_step=row.bytes_per_step, gbps=row.gbps, copy_gbps=copy,
+                                pct_copy_bw=100.0 * row.gbps / copy)
     benchmark(bench.synchronized(opt.step, device))
 
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("shapes", [TINY_SHAPES, bench.many_tiny_shapes(200)], ids=["roberta-tiny", "many-tiny"])
-def bench_step_cpu(benchmark, key, shapes):
-    _bench_step(benchmark, key, shapes, torch.device("cpu"), backend="reference", steps=3)
+def bench_step_cpu(benchmark, copy_gbps, key, shapes):
+    _bench_step(benchmark, copy_gbps, key, shapes, torch.device("cpu"), backend="reference", steps=3)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("shapes", [bench.roberta_base_shapes(), bench.decoder_1b_shapes(), bench.many_tiny_shapes()],
                          ids=["roberta-base", "decoder-1b", "many-tiny"])
-def bench_step_cuda(benchmark, key, shapes):
-    _bench_step(benchmark, key, shapes, torch.device("cuda"), backend="auto", steps=20)
+def bench_step_cuda(benchmark, copy_gbps, key, shapes):
+    _bench_step(benchmark, copy_gbps, key, shapes, torch.device("cuda"), backend="auto", steps=20)

@@ -1,8 +1,24 @@
-"""Skip the ``cuda``-marked benchmarks when torch sees no CUDA GPU."""
+"""Benchmark fixtures: skip ``cuda`` cases without a GPU; one copy-bandwidth figure per run."""
 import pytest
 import torch
+
+from childopt import bench
 
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def copy_gbps():
+    """``copy_gbps(numel, device)``: ``dst.copy_(src)`` bandwidth of that size, measured once per run."""
+    cache = {}
+
+    def measure(numel: int, device: torch.device) -> float:
+        key = (numel, str(device))
+        if key not in cache:
+            cache[key] = bench.measure_copy_gbps(numel, device, warmup=bench.WARMUP, steps=10)
+        return cache[key]
+
+    return measure
