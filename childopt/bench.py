@@ -235,18 +235,22 @@ def state_gb(opt: torch.optim.Optimizer) -> float:
     return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)) / 1e9
 
 
+def _grad_restorer(params) -> Callable[[], None]:
+    """A callable that puts back the gradients ``params`` have now (for optimizers that scale them)."""
+    saved = [p.grad.clone() for p in params]
+
+    def restore() -> None:
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    return restore
+
+
 def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch.device, *,
                 warmup: int, steps: int) -> Row:
     """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` and apply the byte model."""
     step = synchronized(opt.step, device)
-    restore = None
-    if spec.scales_grads:
-        saved = [p.grad.clone() for p in params]
-
-        def restore():
-            for p, g in zip(params, saved):
-                p.grad.copy_(g)
-
+    restore = _grad_restorer(params) if spec.scales_grads else None
     for _ in range(warmup):
         if restore is not None:
             restore()

@@ -160,8 +160,7 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < philox.SEED_LIMIT:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    philox.check_seed(seed)
     names, tensors = _check_scores(scores)
     negative = torch.stack([(t < 0).any() for t in tensors]).tolist()
     if any(negative):

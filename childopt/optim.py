@@ -57,12 +57,6 @@ def check_group(group: Mapping, where: str = "") -> None:
             raise TypeError(f"{flag}{where} must be a bool, got {group[flag]!r}")
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < philox.SEED_LIMIT:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return seed
-
-
 class MaskedAdamW(Optimizer):
     r"""AdamW that updates only a child network of the parameters.
 
@@ -135,7 +129,7 @@ class MaskedAdamW(Optimizer):
         self._compact = sparse.CompactGradients(self._indices_of) if compact_grads else None
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
-        self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else _check_seed(seed)
+        self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else philox.check_seed(seed)
         self._rng_bases: dict = {}
         self._rng_groups = 0
         self._mask_kind = MASK_NONE
@@ -506,7 +500,7 @@ class MaskedAdamW(Optimizer):
         if extras is not None:
             if extras.get("format") != STATE_FORMAT or extras.get("mask_kind") not in MASK_KINDS:
                 raise ValueError(f"unsupported childopt state format: {extras!r}")
-            _check_seed(extras.get("seed"))
+            philox.check_seed(extras.get("seed"))
             saved_storage = extras.get("storage", "dense")
             if saved_storage != self.storage:
                 raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "

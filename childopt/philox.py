@@ -65,6 +65,13 @@ def keep_threshold(reserve_p: float) -> int:
     return min(max(round(reserve_p * 2**32), 1), MASK32)
 
 
+def check_seed(seed) -> int:
+    """Raise unless ``seed`` is an int usable as the 64-bit Philox key."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return seed
+
+
 def split_seed(seed: int) -> tuple[int, int]:
     """The Philox key words of a 64-bit seed."""
     return seed & MASK32, (seed >> 32) & MASK32

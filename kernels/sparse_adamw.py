@@ -12,7 +12,6 @@ gathers of p (and of a dense g) touch a 32-byte sector each, so scattered indice
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
