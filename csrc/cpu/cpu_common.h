@@ -1,0 +1,89 @@
+// Shared pieces of the CPU kernels: fp32 views of the storage dtypes, per-ISA clones, and the
+// split of a tensor list into chunks run in parallel on torch's intra-op thread pool.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "childopt/adamw_element.h"
+
+// One build serves every x86-64 CPU: GCC and clang compile the hot loops once per ISA and pick
+// the clone at load time (ifunc), instead of -march=native, which would tie a cached or
+// prebuilt module to the machine that built it.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define CHILDOPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CHILDOPT_CPU_CLONES
+#endif
+
+namespace childopt {
+namespace cpu {
+
+// Elements per parallel work item: a multiple of 4 (a Philox group) and of kBlock.
+constexpr int64_t kChunk = 1 << 15;
+// Elements per inner block: the Bernoulli keep decisions of a block live on the stack.
+constexpr int64_t kBlock = 1024;
+
+// fp32 loads and stores of each storage dtype; bf16 through the shared rounding of
+// adamw_element.h so CPU and CUDA store the same bits.
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+
+template <>
+struct Storage<c10::BFloat16> {
+  static float load(c10::BFloat16 x) { return float_from_bf16_bits(x.x); }
+  static c10::BFloat16 store(float x) { return c10::BFloat16(bf16_bits_from_float(x), c10::BFloat16::from_bits()); }
+};
+
+template <>
+struct Storage<c10::Half> {
+  static float load(c10::Half x) { return static_cast<float>(x); }
+  static c10::Half store(float x) { return c10::Half(x); }
+};
+
+// Run the lambda with scalar_t bound to the storage type of a float32 / bfloat16 / float16 tensor.
+#define CHILDOPT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// The elements [begin, end) of tensor `tensor` of a list.
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Every kChunk-sized piece of tensors of the given sizes, in list order.  Tiny tensors become one
+// work item each, so a list of many small tensors still spreads over the threads.
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    for (int64_t begin = 0; begin < numels[t]; begin += kChunk) {
+      chunks.push_back({t, begin, std::min(numels[t], begin + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+// Run fn(chunk) over every chunk of the tensors, in parallel.
+template <typename F>
+void for_each_chunk(const std::vector<int64_t>& numels, const F& fn) {
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) fn(chunks[i]);
+  });
+}
+
+}  // namespace cpu
+}  // namespace childopt

@@ -1,0 +1,123 @@
+// Masked AdamW over a bucket of CPU tensors: mask kinds none / dense / Bernoulli, freeze or
+// zero-grad, amsgrad; fp32/bf16/fp16 params with fp32 state.
+//
+// Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 for a dense mask, +8
+// with amsgrad); the Bernoulli mask is drawn in cache.  Work is split into 32K-element chunks
+// over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
+// decisions (Philox, one call per 4 elements), then the element update, a loop the compiler
+// vectorises per ISA clone.  Frozen entries are written back with their old bits (a select),
+// so the update loop has no branches.
+#include "../ops.h"
+
+#include "cpu_common.h"
+
+namespace childopt {
+namespace cpu {
+namespace {
+
+enum class Keep { kAll, kZeroGrad, kFreeze };
+
+template <typename P, typename G, bool AMSGRAD, Keep KEEP>
+CHILDOPT_CPU_CLONES void adamw_block(P* __restrict p, const G* __restrict g, float* __restrict m,
+                                     float* __restrict v, float* __restrict vmax, const uint8_t* __restrict keep,
+                                     int64_t n, StepScalars s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool dropped = KEEP != Keep::kAll && keep[i] == 0;
+    const float m_old = m[i];
+    const float v_old = v[i];
+    const float vmax_old = AMSGRAD ? vmax[i] : 0.0f;
+    const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p[i]), Storage<G>::load(g[i]), m_old, v_old,
+                                                  vmax_old, KEEP == Keep::kZeroGrad && dropped, s);
+    const bool frozen = KEEP == Keep::kFreeze && dropped;
+    p[i] = frozen ? p[i] : Storage<P>::store(e.p);
+    m[i] = frozen ? m_old : e.m;
+    v[i] = frozen ? v_old : e.v;
+    if (AMSGRAD) vmax[i] = frozen ? vmax_old : e.vmax;
+  }
+}
+
+// Keep decisions of elements [begin, begin + n) of a tensor whose Philox groups start at
+// rng_base; begin is a multiple of 4.
+CHILDOPT_CPU_CLONES void bernoulli_block(const BernoulliDraw draw, uint64_t rng_base, int64_t begin, int64_t n,
+                                         uint8_t* __restrict keep) {
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t q = 0; q < groups; ++q) {
+    keep_group(draw, rng_base + static_cast<uint64_t>(begin / 4 + q), keep + 4 * q);
+  }
+}
+
+template <typename P, typename G, bool AMSGRAD, Keep KEEP>
+void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases, int64_t mask_kind,
+                 const StepScalars& s, const BernoulliDraw& draw) {
+  std::vector<int64_t> numels;
+  for (const auto& t : params) numels.push_back(t.numel());
+  for_each_chunk(numels, [&](const Chunk& c) {
+    P* p = params[c.tensor].data_ptr<P>();
+    const G* g = grads[c.tensor].data_ptr<G>();
+    float* m = exp_avgs[c.tensor].data_ptr<float>();
+    float* v = exp_avg_sqs[c.tensor].data_ptr<float>();
+    float* vmax = AMSGRAD ? max_exp_avg_sqs[c.tensor].data_ptr<float>() : nullptr;
+    // 4 spare bytes: the last Philox group of a tensor may run past its end.
+    uint8_t drawn[kBlock + 4];
+    for (int64_t b = c.begin; b < c.end; b += kBlock) {
+      const int64_t n = std::min(kBlock, c.end - b);
+      const uint8_t* keep = nullptr;
+      if (mask_kind == kMaskDense) {
+        keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
+      } else if (mask_kind == kMaskBernoulli) {
+        bernoulli_block(draw, static_cast<uint64_t>(rng_bases[c.tensor]), b, n, drawn);
+        keep = drawn;
+      }
+      adamw_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
+    }
+  });
+}
+
+template <typename P, typename G>
+void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
+                    int64_t mask_kind, bool freeze, bool amsgrad, const StepScalars& s, const BernoulliDraw& draw) {
+#define CHILDOPT_RUN(AMS, KEEP)                                                                                     \
+  return adamw_lists<P, G, AMS, KEEP>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases, \
+                                      mask_kind, s, draw)
+  const Keep keep = mask_kind == kMaskNone ? Keep::kAll : (freeze ? Keep::kFreeze : Keep::kZeroGrad);
+  if (amsgrad) {
+    if (keep == Keep::kAll) CHILDOPT_RUN(true, Keep::kAll);
+    if (keep == Keep::kFreeze) CHILDOPT_RUN(true, Keep::kFreeze);
+    CHILDOPT_RUN(true, Keep::kZeroGrad);
+  }
+  if (keep == Keep::kAll) CHILDOPT_RUN(false, Keep::kAll);
+  if (keep == Keep::kFreeze) CHILDOPT_RUN(false, Keep::kFreeze);
+  CHILDOPT_RUN(false, Keep::kZeroGrad);
+#undef CHILDOPT_RUN
+}
+
+}  // namespace
+
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
+                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
+                int64_t seed_lo, int64_t seed_hi, int64_t step) {
+  check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases, mask_kind, amsgrad);
+  if (params.empty()) return;
+  const StepScalars s = step_scalars_from(scalars);
+  const BernoulliDraw draw = mask_kind == kMaskBernoulli ? bernoulli_draw(keep_threshold, seed_lo, seed_hi, step)
+                                                         : BernoulliDraw{0, 0, 0, 0};
+  const auto p_dtype = params[0].scalar_type();
+  const auto g_dtype = grads[0].scalar_type();
+  TORCH_CHECK(g_dtype == p_dtype || g_dtype == at::kFloat, "childopt: grads must have the params' dtype (", p_dtype,
+              ") or float32, got ", g_dtype);
+  CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_adamw_step", [&] {
+    if (g_dtype == p_dtype) {
+      dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases,
+                                         mask_kind, freeze, amsgrad, s, draw);
+    } else {
+      dispatch_flags<scalar_t, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases,
+                                      mask_kind, freeze, amsgrad, s, draw);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace childopt

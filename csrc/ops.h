@@ -1,0 +1,174 @@
+// The op set of childopt._C (DESIGN.md, childopt/backends/ops.py): declarations of the CPU and
+// CUDA implementations and the argument checks both share.
+//
+// Ops (registered as torch.ops.childopt.* in bindings.cpp):
+//   adamw_step         masked AdamW over a bucket; mask_kind 0 none, 1 dense, 2 Bernoulli
+//   sparse_adamw_step  AdamW on selected flat indices with compact state
+//   fisher_accumulate  fisher[i] += (grads[i] * scales[i])^2
+//   radix_histogram    one radix-select pass over fp32 score bit patterns, per scope
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "childopt/adamw_element.h"
+
+namespace childopt {
+
+constexpr int64_t kMaskNone = 0;
+constexpr int64_t kMaskDense = 1;
+constexpr int64_t kMaskBernoulli = 2;
+
+// StepScalars from the ops' `float[] scalars` (the field order of the struct).
+inline StepScalars step_scalars_from(at::ArrayRef<double> v) {
+  TORCH_CHECK(v.size() == kNumStepScalars, "childopt: scalars must hold ", kNumStepScalars,
+              " values (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, "
+              "bc2_sqrt, grad_scale, grad_sign, lerp_from_start), got ", v.size());
+  return {static_cast<float>(v[0]), static_cast<float>(v[1]), static_cast<float>(v[2]), static_cast<float>(v[3]),
+          static_cast<float>(v[4]), static_cast<float>(v[5]), static_cast<float>(v[6]), static_cast<float>(v[7]),
+          static_cast<float>(v[8]), static_cast<float>(v[9]), v[10] != 0.0};
+}
+
+inline BernoulliDraw bernoulli_draw(int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi, int64_t step) {
+  TORCH_CHECK(keep_threshold > 0 && keep_threshold < (int64_t{1} << 32),
+              "childopt: keep_threshold must be in [1, 2**32), got ", keep_threshold);
+  return {static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), static_cast<uint64_t>(step),
+          static_cast<uint64_t>(keep_threshold)};
+}
+
+// Check that `list` has `n` contiguous tensors on `device` of `dtype` (any float dtype when
+// dtype is Undefined) whose sizes match `like` (numel of `like[i]`, or `numels` when given).
+inline void check_list(const char* what, at::TensorList list, size_t n, const at::Device& device,
+                       c10::optional<at::ScalarType> dtype, at::TensorList like) {
+  TORCH_CHECK(list.size() == n, "childopt: ", what, " must hold ", n, " tensors, got ", list.size());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.device() == device, "childopt: ", what, "[", i, "] is on ", t.device(), ", expected ", device);
+    TORCH_CHECK(t.is_contiguous(), "childopt: ", what, "[", i, "] must be contiguous");
+    if (dtype) {
+      TORCH_CHECK(t.scalar_type() == *dtype, "childopt: ", what, "[", i, "] must be ", *dtype, ", got ",
+                  t.scalar_type());
+    } else {
+      const auto s = t.scalar_type();
+      TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, "childopt: ", what, "[", i,
+                  "] must be float32, bfloat16 or float16, got ", s);
+    }
+    if (!like.empty()) {
+      TORCH_CHECK(t.numel() == like[i].numel(), "childopt: ", what, "[", i, "] has ", t.numel(),
+                  " elements, expected ", like[i].numel());
+    }
+  }
+}
+
+// The dtype shared by every tensor of a list (the front-end buckets by dtype).
+inline at::ScalarType common_dtype(const char* what, at::TensorList list) {
+  const auto dtype = list[0].scalar_type();
+  for (size_t i = 1; i < list.size(); ++i) {
+    TORCH_CHECK(list[i].scalar_type() == dtype, "childopt: ", what, " must share one dtype, got ", dtype, " and ",
+                list[i].scalar_type());
+  }
+  return dtype;
+}
+
+// Validates the arguments of adamw_step; returns the parameter dtype (grads share theirs).
+inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masks,
+                             at::IntArrayRef rng_bases, int64_t mask_kind, bool amsgrad) {
+  const size_t n = params.size();
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  check_list("params", params, n, device, c10::nullopt, {});
+  check_list("grads", grads, n, device, c10::nullopt, params);
+  check_list("exp_avgs", exp_avgs, n, device, at::kFloat, params);
+  check_list("exp_avg_sqs", exp_avg_sqs, n, device, at::kFloat, params);
+  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, at::kFloat, params);
+  TORCH_CHECK(mask_kind >= kMaskNone && mask_kind <= kMaskBernoulli,
+              "childopt: mask_kind must be 0 (none), 1 (dense) or 2 (bernoulli), got ", mask_kind);
+  if (mask_kind == kMaskDense) check_list("masks", masks, n, device, at::kBool, params);
+  if (mask_kind == kMaskBernoulli) {
+    TORCH_CHECK(rng_bases.size() == n, "childopt: rng_bases must hold ", n, " values, got ", rng_bases.size());
+  }
+  common_dtype("params", params);
+  common_dtype("grads", grads);
+}
+
+inline void check_sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                    at::TensorList max_exp_avg_sqs, bool amsgrad, bool compact_grads) {
+  const size_t n = params.size();
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  check_list("params", params, n, device, c10::nullopt, {});
+  check_list("grads", grads, n, device, c10::nullopt, compact_grads ? indices : params);
+  TORCH_CHECK(indices.size() == n, "childopt: indices must hold ", n, " tensors, got ", indices.size());
+  for (size_t i = 0; i < n; ++i) {
+    const auto s = indices[i].scalar_type();
+    TORCH_CHECK(indices[i].device() == device && indices[i].dim() == 1 && indices[i].is_contiguous() &&
+                    (s == at::kInt || s == at::kLong),
+                "childopt: indices[", i, "] must be a contiguous 1-D int32/int64 tensor on ", device);
+  }
+  check_list("exp_avgs", exp_avgs, n, device, at::kFloat, indices);
+  check_list("exp_avg_sqs", exp_avg_sqs, n, device, at::kFloat, indices);
+  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, at::kFloat, indices);
+  common_dtype("params", params);
+  common_dtype("grads", grads);
+  common_dtype("indices", indices);
+}
+
+inline void check_fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales) {
+  const size_t n = fisher.size();
+  if (n == 0) return;
+  const at::Device device = fisher[0].device();
+  check_list("fisher", fisher, n, device, at::kFloat, {});
+  check_list("grads", grads, n, device, c10::nullopt, fisher);
+  TORCH_CHECK(scales.device() == device && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+                  scales.numel() == static_cast<int64_t>(n) && scales.is_contiguous(),
+              "childopt: scales must be a contiguous float32 vector of ", n, " values on ", device);
+  common_dtype("grads", grads);
+}
+
+inline void check_radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes,
+                                  int64_t shift, int64_t bits, int64_t n_scopes) {
+  TORCH_CHECK(scopes.size() == scores.size(), "childopt: scopes must hold one index per score tensor");
+  TORCH_CHECK(bits >= 1 && bits <= 16 && shift >= 0 && shift + bits <= 32,
+              "childopt: need 1 <= bits <= 16 and 0 <= shift, shift + bits <= 32; got shift=", shift, " bits=", bits);
+  TORCH_CHECK(prefixes.scalar_type() == at::kLong && prefixes.dim() == 1 && prefixes.numel() == n_scopes &&
+                  prefixes.is_contiguous(),
+              "childopt: prefixes must be a contiguous int64 vector of n_scopes=", n_scopes, " values");
+  for (size_t i = 0; i < scores.size(); ++i) {
+    TORCH_CHECK(scopes[i] >= 0 && scopes[i] < n_scopes, "childopt: scopes[", i, "]=", scopes[i],
+                " is outside [0, ", n_scopes, ")");
+  }
+  if (!scores.empty()) check_list("scores", scores, scores.size(), prefixes.device(), at::kFloat, {});
+}
+
+namespace cpu {
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
+                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
+                int64_t seed_lo, int64_t seed_hi, int64_t step);
+void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
+                       bool amsgrad, bool compact_grads);
+void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);
+at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift,
+                           int64_t bits, int64_t n_scopes);
+}  // namespace cpu
+
+#ifdef CHILDOPT_WITH_CUDA
+namespace cuda {
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
+                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
+                int64_t seed_lo, int64_t seed_hi, int64_t step);
+void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
+                       bool amsgrad, bool compact_grads);
+void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);
+at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift,
+                           int64_t bits, int64_t n_scopes);
+}  // namespace cuda
+#endif
+
+}  // namespace childopt
