@@ -1,0 +1,72 @@
+// AdamW on the selected entries of CUDA tensors (sparse-index storage): the element update of
+// adamw_element.h at p[idx[k]] with compact state m[k], v[k] (and vmax[k]).
+//
+// Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32.
+// One thread per selected entry; the compact arrays are read coalesced, p and g are gathers
+// (sorted indices keep neighbouring threads on neighbouring lines).  Indices are unique, so
+// no two threads write one entry.  Layout: multi_tensor.cuh over the index lists.
+#include "multi_tensor.cuh"
+#include "storage.cuh"
+
+namespace childopt {
+namespace cuda_kernels {
+namespace {
+
+template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
+__global__ void __launch_bounds__(kThreads) sparse_adamw_kernel(TensorListMeta<6> meta, StepScalars s) {
+  const BlockWork<6> work(meta);
+  P* p = static_cast<P*>(meta.ptr[0][work.slot]);
+  const G* g = static_cast<const G*>(meta.ptr[1][work.slot]);
+  const I* idx = static_cast<const I*>(meta.ptr[2][work.slot]) + work.start;
+  float* m = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
+  float* v = static_cast<float*>(meta.ptr[4][work.slot]) + work.start;
+  float* vmax = AMSGRAD ? static_cast<float*>(meta.ptr[5][work.slot]) + work.start : nullptr;
+  if (COMPACT) g += work.start;
+  for (int64_t k = threadIdx.x; k < work.n; k += kThreads) {
+    const int64_t j = static_cast<int64_t>(idx[k]);
+    const float grad = Storage<G>::load(COMPACT ? g[k] : g[j]);
+    const ElementState e =
+        adamw_element<AMSGRAD>(Storage<P>::load(p[j]), grad, m[k], v[k], AMSGRAD ? vmax[k] : 0.0f, false, s);
+    p[j] = Storage<P>::store(e.p);
+    m[k] = e.m;
+    v[k] = e.v;
+    if (AMSGRAD) vmax[k] = e.vmax;
+  }
+}
+
+struct LaunchSparse {
+  const std::vector<TensorRefs>& tensors;
+  const SparseAdamwConfig& config;
+  cudaStream_t stream;
+  cudaError_t* result;
+
+  template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
+  void run() const {
+    *result = multi_tensor_apply<6>(tensors, kChunk, [&](const TensorListMeta<6>& meta, int blocks) {
+      sparse_adamw_kernel<P, G, I, AMSGRAD, COMPACT><<<blocks, kThreads, 0, stream>>>(meta, config.scalars);
+    });
+  }
+
+  template <typename P, typename G, typename I>
+  void by_flags() const {
+    if (config.amsgrad) return config.compact_grads ? run<P, G, I, true, true>() : run<P, G, I, true, false>();
+    return config.compact_grads ? run<P, G, I, false, true>() : run<P, G, I, false, false>();
+  }
+
+  template <typename P, typename G>
+  void operator()() const {
+    return config.wide_indices ? by_flags<P, G, int64_t>() : by_flags<P, G, int32_t>();
+  }
+};
+
+}  // namespace
+
+cudaError_t sparse_adamw_step(const std::vector<TensorRefs>& tensors, const SparseAdamwConfig& config,
+                              cudaStream_t stream) {
+  cudaError_t result = cudaSuccess;
+  dispatch_storage(config.p_dtype, config.g_float, LaunchSparse{tensors, config, stream, &result});
+  return result;
+}
+
+}  // namespace cuda_kernels
+}  // namespace childopt
