@@ -2,6 +2,10 @@
 
 ``TRITON_INTERPRET=1`` must be set before any kernel module is imported, so it is set here, at
 conftest import, before the tests import childopt.
+
+The native lanes build childopt._C through the loader on first use (once per cache).  Where it
+cannot be built they are skipped with the reason, unless ``CHILDOPT_REQUIRE_NATIVE=1`` (set by
+CI) turns that into a failure, so a broken build can never pass as a skip.
 """
 import os
 
@@ -14,7 +18,8 @@ import pytest  # noqa: E402
 
 from childopt import backends  # noqa: E402
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "native")
+KERNEL_BACKENDS = ("triton", "native")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,16 +37,28 @@ def _lane(backend, device):
 
 
 LANES = [_lane(b, d) for d in ("cpu", "cuda") for b in BACKENDS]
+KERNEL_LANES = [_lane(b, d) for d in ("cpu", "cuda") for b in KERNEL_BACKENDS]
+
+
+def _runnable(backend, device):
+    ok, why = backends.MODULES[backend].available(torch.device(device))
+    if not ok:
+        if backend == "native" and device == "cpu" and os.environ.get("CHILDOPT_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"CHILDOPT_REQUIRE_NATIVE=1 but the native backend cannot run: {why}")
+        pytest.skip(why)
+    return backend, device
 
 
 @pytest.fixture(params=LANES)
 def lane(request):
     """(backend, device) pairs that can run here; Triton on CPU only when interpreted."""
-    backend, device = request.param
-    ok, why = backends.MODULES[backend].available(torch.device(device))
-    if not ok:
-        pytest.skip(why)
-    return backend, device
+    return _runnable(*request.param)
+
+
+@pytest.fixture(params=KERNEL_LANES)
+def kernel_lane(request):
+    """(backend, device) of the kernel backends (Triton, native) that can run here."""
+    return _runnable(*request.param)
 
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])

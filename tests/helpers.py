@@ -4,6 +4,15 @@ import torch
 MIXED_SHAPES = [(7, 5), (13,), (0,), (3, 4, 5), (1,), (33,), (2, 1, 3)]
 
 
+def kernel_backend(name):
+    """A kernel backend instance; Triton with small blocks so a few thousand elements span several."""
+    from childopt import backends
+
+    if name == "triton":
+        return backends.MODULES[name].Backend(block=64, iters=2)
+    return backends.MODULES[name].Backend()
+
+
 def make_params(shapes, device="cpu", dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from childopt.masks import apportion, layer_index, sample_mask, select_mask
+from tests.helpers import kernel_backend
 
 NAMES = ("encoder.layer.0.attention.weight", "encoder.layer.0.attention.bias", "encoder.layer.1.output.weight",
          "embeddings.word.weight", "classifier.weight")
@@ -56,16 +57,16 @@ def test_scoped_selection_equals_the_oracle_per_scope_and_keeps_the_global_total
         assert torch.equal(flat_mask({n: masks[n] for n in names}), oracle(part, k))
 
 
-def test_triton_histograms_equal_the_reference_histograms(triton_device):
+def test_kernel_histograms_equal_the_reference_histograms(kernel_lane):
     from childopt.backends import reference
-    from childopt.backends import triton as triton_backend
 
-    scores = [t.reshape(-1).float().contiguous() for t in tied_scores(triton_device, seed=2).values()]
+    name, device = kernel_lane
+    scores = [t.reshape(-1).float().contiguous() for t in tied_scores(device, seed=2).values()]
     scopes = [0, 0, 1, 1, 2]
-    # second-pass prefixes: the top 11 key bits of an element of each scope, so bins are non-empty
-    prefixes = torch.stack([reference.score_keys(scores[i])[5] >> 21 for i in (0, 2, 4)])
-    for shift, bits, pre in ((21, 11, torch.zeros_like(prefixes)), (10, 11, prefixes)):
-        got = triton_backend.Backend(block=64, iters=3).radix_histogram(scores, scopes, pre, shift, bits, 3)
+    # later passes' prefixes: the key bits above the pass of an element of each scope, so bins are non-empty
+    keys = torch.stack([reference.score_keys(scores[i])[5] for i in (0, 2, 4)])
+    for shift, bits, pre in ((21, 11, torch.zeros_like(keys)), (10, 11, keys >> 21), (0, 10, keys >> 10)):
+        got = kernel_backend(name).radix_histogram(scores, scopes, pre, shift, bits, 3)
         want = reference.Backend().radix_histogram(scores, scopes, pre, shift, bits, 3)
         assert torch.equal(got, want) and int(want.sum()) > 0
 

@@ -1,7 +1,10 @@
 """Backend registry: which implementation of the op set steps tensors on a given device.
 
-``auto`` picks, per device, the first backend that can run there in the order native (once
-childopt._C exists), triton, reference, and logs once which it picked and why.  The
+``auto`` picks, per device, the first backend that can run there in the order native, triton,
+reference, and logs once which it picked and why.  ``auto`` takes native only when childopt._C
+is ready without compiling (a prebuilt module, or a build already in the cache from
+``python -m childopt build`` or an earlier ``backend="native"``): a first optimizer step never
+starts a compile nobody asked for.  The
 ``CHILDOPT_BACKEND`` environment variable replaces ``auto``'s choice.  A backend asked for by
 name that cannot run raises with the reason.
 """
@@ -12,12 +15,12 @@ import os
 
 import torch
 
-from childopt.backends import reference, triton
+from childopt.backends import native, reference, triton
 
 log = logging.getLogger("childopt")
 
-MODULES = {reference.NAME: reference, triton.NAME: triton}
-AUTO_ORDER = (triton.NAME, reference.NAME)
+MODULES = {reference.NAME: reference, triton.NAME: triton, native.NAME: native}
+AUTO_ORDER = (native.NAME, triton.NAME, reference.NAME)
 CHOICES = ("auto", *MODULES)
 _announced: set = set()
 
@@ -52,7 +55,8 @@ def create(backend: str, device: torch.device):
         if device.type not in MODULES[candidate].AUTO_DEVICES:
             reasons.append(f"{candidate}: not used automatically for {device.type} tensors")
             continue
-        ok, why = MODULES[candidate].available(device)
+        module = MODULES[candidate]
+        ok, why = getattr(module, "ready", module.available)(device)
         if ok:
             key = (candidate, str(device))
             if key not in _announced:

@@ -1,0 +1,176 @@
+"""What only the native backend (childopt._C) has to show: bit-identity with Triton, the
+Bernoulli stream's high words, argument errors from C++, dtype fallbacks and auto's choice.
+
+Agreement with the reference on every mask kind is in test_kernel_backends.py; the optimizer
+tests (tests/test_optim*.py, test_childtuning.py) also run on the native lane.
+"""
+import itertools
+
+import pytest
+import torch
+
+from childopt import backends, philox
+from childopt.backends import native, reference
+from childopt.backends.ops import MASK_BERNOULLI, MASK_DENSE, MASK_NONE, MaskScalars, StepScalars, TensorLists
+from tests.helpers import kernel_backend, make_params
+
+SHAPES = [(7, 5), (13,), (0,), (1031,), (3, 4, 5), (1,), (4099,)]
+
+
+@pytest.fixture
+def native_cpu():
+    ok, why = native.available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    return native.Backend()
+
+
+def bucket(dtype, amsgrad, kind, seed=0):
+    """A bucket of odd-sized tensors with random state, on CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    return TensorLists(
+        params=params, grads=[torch.randn(s, generator=gen).to(dtype) for s in SHAPES],
+        exp_avgs=[torch.randn(s, generator=gen) * 0.1 for s in SHAPES],
+        exp_avg_sqs=[torch.rand(s, generator=gen) for s in SHAPES],
+        max_exp_avg_sqs=[torch.rand(s, generator=gen) + 0.5 for s in SHAPES] if amsgrad else None,
+        masks=[torch.rand(s, generator=gen) < 0.3 for s in SHAPES] if kind == MASK_DENSE else None,
+        rng_bases=list(itertools.accumulate([0] + [philox.rng_group_counts(torch.Size(s).numel()) for s in SHAPES]))[:-1]
+        if kind == MASK_BERNOULLI else None,
+    )
+
+
+def outputs(t: TensorLists):
+    return t.params + t.exp_avgs + t.exp_avg_sqs + (t.max_exp_avg_sqs or [])
+
+
+def step_scalars(amsgrad, maximize, decay_after, one_minus_beta1=0.1):
+    return StepScalars(decay=1 - 1e-3 * 0.01, one_minus_beta1=one_minus_beta1, beta2=0.999, one_minus_beta2=0.001,
+                       eps=1e-8, step_size=1e-3 / 0.19, bc2_sqrt=0.0447, maximize=maximize, amsgrad=amsgrad,
+                       decay_after=decay_after)
+
+
+def mask_scalars(kind, freeze, step=3):
+    if kind == MASK_BERNOULLI:
+        return MaskScalars(kind=kind, freeze=freeze, grad_scale=1.0 if freeze else 1 / 0.3,
+                           keep_threshold=philox.keep_threshold(0.3), seed=2**40 + 12345, step=step)
+    return MaskScalars(kind=kind, freeze=freeze)
+
+
+VARIANTS = [(kind, freeze) for kind in (MASK_NONE, MASK_DENSE, MASK_BERNOULLI) for freeze in (False, True)
+            if not (kind == MASK_NONE and freeze)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,freeze", VARIANTS)
+@pytest.mark.parametrize("amsgrad,maximize,decay_after,one_minus_beta1",
+                         [(False, False, False, 0.1), (True, True, True, 0.1), (False, False, False, 0.7)],
+                         ids=["adamw", "amsgrad-maximize-decay-after", "lerp-from-end"])
+def test_native_cpu_is_bit_identical_to_triton(native_cpu, dtype, kind, freeze, amsgrad, maximize, decay_after,
+                                               one_minus_beta1):
+    """The same fp32 operations in the same order, no contraction, IEEE sqrt and division, the
+    same bf16 rounding: native CPU and Triton (interpreted here, compiled on a GPU) agree bit
+    for bit, including the lerp branch taken when 1 - beta1 >= 0.5."""
+    ok, why = backends.MODULES["triton"].available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    hp = step_scalars(amsgrad, maximize, decay_after, one_minus_beta1)
+    ours, theirs = bucket(dtype, amsgrad, kind), bucket(dtype, amsgrad, kind)
+    native_cpu.adamw_step(ours, hp, mask_scalars(kind, freeze))
+    kernel_backend("triton").adamw_step(theirs, hp, mask_scalars(kind, freeze))
+    for a, b in zip(outputs(ours), outputs(theirs), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["reference", "triton", "native"])
+@pytest.mark.parametrize("step", [1, 2**32 + 5], ids=["step-1", "step-past-2**32"])
+def test_bernoulli_mask_equals_the_philox_definition(name, step):
+    """Under freeze, exactly the entries the Philox definition keeps move, on every backend.
+
+    The oracle is childopt.philox (checked against Random123's known answers); a step past
+    2**32 exercises the counter's high word, a seed past 2**32 the key's.
+    """
+    ok, why = backends.MODULES[name].available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    t = bucket(torch.float32, False, MASK_BERNOULLI)
+    before = [m.clone() for m in t.exp_avgs]
+    kernel_backend(name).adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_BERNOULLI, True, step))
+    for i, (m_old, m_new) in enumerate(zip(before, t.exp_avgs, strict=True)):
+        keep = philox.bernoulli_keep(m_old.numel(), t.rng_bases[i], 2**40 + 12345, step, 0.3, "cpu")
+        assert torch.equal((m_new != m_old).reshape(-1), keep)
+
+
+def test_argument_errors_name_the_tensor(native_cpu):
+    t = bucket(torch.float32, False, MASK_NONE)
+    t.exp_avgs[1] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has 3 elements, expected 13"):
+        native_cpu.adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_NONE, False))
+    t = bucket(torch.float32, False, MASK_DENSE)
+    t.masks[0] = t.masks[0].to(torch.uint8)
+    with pytest.raises(RuntimeError, match=r"masks\[0\] must be Bool"):
+        native_cpu.adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_DENSE, True))
+    bad = bucket(torch.bfloat16, False, MASK_NONE)
+    with pytest.raises(RuntimeError, match=r"grads must have the params' dtype \(BFloat16\) or float32, got Half"):
+        torch.ops.childopt.adamw_step(bad.params, [g.half() for g in bad.grads], bad.exp_avgs, bad.exp_avg_sqs, [], [],
+                                      [], native._scalars(step_scalars(False, False, False), 1.0), 0, False, False,
+                                      1, 0, 0, 1)
+    with pytest.raises(RuntimeError, match="scalars must hold 11 values"):
+        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], [], [1.0], 0,
+                                      False, False, 1, 0, 0, 1)
+
+
+def test_float64_params_are_stepped_by_the_reference(native_cpu):
+    """The kernels cover fp32/bf16/fp16; float64 buckets take the reference path, same result."""
+    hp = step_scalars(False, False, False)
+    ours, ref = bucket(torch.float64, False, MASK_DENSE), bucket(torch.float64, False, MASK_DENSE)
+    native_cpu.adamw_step(ours, hp, mask_scalars(MASK_DENSE, True))
+    reference.adamw_step(ref, hp, mask_scalars(MASK_DENSE, True))
+    for a, b in zip(outputs(ours), outputs(ref), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fp32_grads_on_bf16_params_match_the_reference(native_cpu):
+    hp = step_scalars(False, False, False)
+    ours, ref = bucket(torch.bfloat16, False, MASK_NONE), bucket(torch.bfloat16, False, MASK_NONE)
+    for t in (ours, ref):
+        t.grads = [torch.randn(g.shape, generator=torch.Generator().manual_seed(9)) for g in t.grads]
+    native_cpu.adamw_step(ours, hp, mask_scalars(MASK_NONE, False))
+    reference.adamw_step(ref, hp, mask_scalars(MASK_NONE, False))
+    for a, b in zip(outputs(ours), outputs(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)
+
+
+def test_auto_takes_native_only_when_ready_without_compiling(monkeypatch):
+    from childopt import _ext
+
+    calls = []
+    monkeypatch.setattr(backends, "_announced", set())
+    monkeypatch.setattr(_ext, "try_load", lambda build=True: (calls.append(build), (None, "not built yet"))[1])
+    assert backends.create("auto", torch.device("cpu")).name == "reference"
+    assert calls == [False]
+    with pytest.raises(RuntimeError, match="backend 'native' cannot run on cpu: childopt._C is not available"):
+        backends.create("native", torch.device("cpu"))
+    assert calls == [False, True]
+
+
+def test_auto_takes_native_when_it_is_ready(native_cpu, monkeypatch):
+    monkeypatch.setenv("CHILDOPT_BACKEND", "")
+    assert backends.create("auto", torch.device("cpu")).name == "native"
+
+
+def test_native_has_no_kernels_for_other_devices(native_cpu):
+    ok, why = native.available(torch.device("meta"))
+    assert not ok and "no kernels for meta" in why
+
+
+def test_bucket_params_stay_on_their_dtypes(native_cpu):
+    """bf16 params get the hand-rounded bits (round to nearest even) that torch's cast gives."""
+    params = make_params([(4099,)], dtype=torch.bfloat16)
+    hp = step_scalars(False, False, False)
+    t = TensorLists(params=[p.detach() for p in params], grads=[torch.ones(4099, dtype=torch.bfloat16)],
+                    exp_avgs=[torch.zeros(4099)], exp_avg_sqs=[torch.zeros(4099)])
+    expected = reference.adamw_math(t.params[0].float(), torch.ones(4099), torch.zeros(4099), torch.zeros(4099), None,
+                                    hp)[0].to(torch.bfloat16)
+    native_cpu.adamw_step(t, hp, mask_scalars(MASK_NONE, False))
+    assert torch.equal(t.params[0], expected)
