@@ -2,14 +2,14 @@
 
 ``pytest bench --benchmark-enable`` times them; in CI (``--benchmark-disable`` in addopts) each
 runs once as a smoke test.  CPU cases step a tiny roberta-like parameter list on the reference
-backend; ``cuda`` cases step roberta-base, a 1.26B decoder and many tiny tensors on the backend ``auto``
+and native backends; ``cuda`` cases step roberta-base, a 1.26B decoder and many tiny tensors on the backend ``auto``
 picks.  Every case records :func:`childopt.bench.measure_row`'s measurements and the percentage
 of the same run's copy bandwidth in ``benchmark.extra_info``.
 """
 import pytest
 import torch
 
-from childopt import bench
+from childopt import backends, bench
 
 SPECS = {spec.key: spec for spec in bench.ROWS}
 KEYS = ("adamw-foreach", "masked-none", "masked-dense-freeze", "masked-bernoulli", "childtuning-f",
@@ -32,8 +32,14 @@ def _bench_step(benchmark, copy_gbps, key: str, shapes, device: torch.device, ba
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("shapes", [TINY_SHAPES, bench.many_tiny_shapes(200)], ids=["roberta-tiny", "many-tiny"])
-def bench_step_cpu(benchmark, copy_gbps, key, shapes):
-    _bench_step(benchmark, copy_gbps, key, shapes, torch.device("cpu"), backend="reference", steps=3)
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def bench_step_cpu(benchmark, copy_gbps, key, shapes, backend):
+    if backend != "reference" and SPECS[key].backend:
+        pytest.skip(f"{key} runs on {SPECS[key].backend}; the backend applies to childopt rows")
+    ok, why = backends.MODULES[backend].available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    _bench_step(benchmark, copy_gbps, key, shapes, torch.device("cpu"), backend=backend, steps=3)
 
 
 @pytest.mark.cuda

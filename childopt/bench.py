@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from childopt import ChildTuningAdamW, MaskedAdamW
+from childopt import ChildTuningAdamW, MaskedAdamW, backends
 from childopt.baselines import ChildTuningReferenceAdamW
 
 WARMUP = 3
@@ -406,6 +406,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where the tensors live (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, metavar="N", help="timed steps per row (default: by device and size)")
+    parser.add_argument("--backend", choices=backends.CHOICES, default="auto",
+                        help="the childopt backend of the childopt rows (default: auto's pick per device)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available to this torch")
@@ -414,12 +416,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_rows(shapes, device: torch.device, *, warmup: int, steps: int) -> tuple[list[Row], list[dict]]:
+def run_rows(shapes, device: torch.device, *, warmup: int, steps: int,
+             backend: str = "auto") -> tuple[list[Row], list[dict]]:
     """Measure every row of ``ROWS`` under a progress bar; optional rows that cannot run are skipped with the reason."""
     rows, skipped = [], []
     for spec in tqdm(ROWS, desc="bench", unit="row"):
         try:
-            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps))
+            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend))
         except (RuntimeError, ValueError) as exc:
             if not spec.optional:
                 raise
@@ -457,7 +460,7 @@ def main(argv=None) -> int:
     print(f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}")
 
     copy_gbps = measure_copy_gbps(numel, device, warmup=WARMUP, steps=steps)
-    rows, skipped = run_rows(shapes, device, warmup=WARMUP, steps=steps)
+    rows, skipped = run_rows(shapes, device, warmup=WARMUP, steps=steps, backend=args.backend)
     rows, baseline = compare(rows, copy_gbps)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), fp32, 8 B per element)")
     print(format_table(rows, baseline))
