@@ -22,7 +22,8 @@ CHILDOPT_CPU_CLONES void adamw_block(P* __restrict p, const G* __restrict g, flo
                                      float* __restrict v, float* __restrict vmax, const uint8_t* __restrict keep,
                                      int64_t n, StepScalars s) {
   for (int64_t i = 0; i < n; ++i) {
-    const bool dropped = KEEP != Keep::kAll && keep[i] == 0;
+    bool dropped = false;
+    if constexpr (KEEP != Keep::kAll) dropped = keep[i] == 0;
     const float m_old = m[i];
     const float v_old = v[i];
     const float vmax_old = AMSGRAD ? vmax[i] : 0.0f;

@@ -63,8 +63,8 @@ CHILDOPT_HD uint16_t bf16_bits_from_float(float x) {
 #else
   std::memcpy(&bits, &x, sizeof bits);
 #endif
-  if (x != x) return 0x7FC0;
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return x != x ? uint16_t{0x7FC0} : rounded;  // a select, not a branch, so CPU loops vectorise
 }
 
 CHILDOPT_HD float float_from_bf16_bits(uint16_t b) {
@@ -94,11 +94,10 @@ CHILDOPT_HD ElementState adamw_element(float p, float g, float m, float v, float
   g = g * s.grad_sign;
   g = zero_grad ? 0.0f : g * s.grad_scale;
   p = p * s.decay_before;
-  if (s.lerp_from_start) {
-    m = m + s.one_minus_beta1 * (g - m);
-  } else {
-    m = g - (g - m) * (1.0f - s.one_minus_beta1);
-  }
+  // Both sides of torch.lerp's formula and a select: a branch would keep CPU loops scalar.
+  const float m_from_start = m + s.one_minus_beta1 * (g - m);
+  const float m_from_end = g - (g - m) * (1.0f - s.one_minus_beta1);
+  m = s.lerp_from_start ? m_from_start : m_from_end;
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   float second = v;
   if (AMSGRAD) {
