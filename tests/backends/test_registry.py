@@ -7,11 +7,16 @@ import torch
 from childopt import MaskedAdamW, backends
 
 
-def test_auto_uses_reference_for_cpu_tensors_even_when_triton_is_interpreted(caplog):
+def test_auto_uses_reference_for_cpu_tensors_even_when_triton_is_interpreted(caplog, monkeypatch):
+    from childopt import _ext
+
+    monkeypatch.setattr(_ext, "try_load", lambda build=True: (None, "no build in the cache"))
     backends._announced.clear()
     with caplog.at_level(logging.INFO, logger="childopt"):
         assert backends.create("auto", torch.device("cpu")).name == "reference"
     assert "backend 'reference' for cpu tensors" in caplog.text
+    assert "native: childopt._C is not available (no build in the cache)" in caplog.text
+    assert "triton: not used automatically for cpu tensors" in caplog.text
 
 
 def test_environment_overrides_auto(monkeypatch):
@@ -24,5 +29,5 @@ def test_environment_overrides_auto(monkeypatch):
 
 
 def test_unknown_backend_name_lists_the_choices():
-    with pytest.raises(ValueError, match="backend must be one of \\('auto', 'reference', 'triton'\\)"):
+    with pytest.raises(ValueError, match="backend must be one of \\('auto', 'reference', 'triton', 'native'\\)"):
         backends.check_name("native-fast")
