@@ -1,0 +1,463 @@
+"""How childopt._C is built: the one place that setup.py and the JIT loader (childopt._ext) share.
+
+This module imports nothing outside the standard library at import time, so setup.py can load
+it by path (``importlib.util.spec_from_file_location``) in a build environment without torch.
+It holds the compiler flags, the source list, the build key, the CUDA arch helpers and the
+check of a build record (``_build_info.json`` or a cache manifest) against the running torch
+and GPUs.  Functions that need torch import it when called.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+# Bump when the way a build is made or recorded changes: every key changes with it.
+LOADER_VERSION = 1
+# Base name of a JIT build: module childopt_C_<key12>, directory childopt_C-<key16>.
+NAME = "childopt_C"
+# The ahead-of-time build (setup.py, CHILDOPT_BUILD_EXT=1) and the record written beside it.
+PREBUILT_MODULE = "childopt._C"
+BUILD_INFO_FILE = "_build_info.json"
+
+# -fno-trapping-math lets GCC if-convert the kernels' selects (frozen / dropped entries) so the
+# element loops vectorise; no result changes, the kernels never rely on floating-point traps.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
+CUDA_DEFINE = "-DCHILDOPT_WITH_CUDA"
+# Files under csrc/ that make up the build: every one of them is hashed into the key.
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
+# Memory one compiler job may need: MAX_JOBS is bounded by MemAvailable / this.
+CXX_JOB_BYTES = int(1.5 * 2**30)
+NVCC_JOB_BYTES = 4 * 2**30
+# Arch list of an ahead-of-time CUDA build when neither CHILDOPT_CUDA_ARCHS nor a GPU says.
+DEFAULT_AOT_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def find_csrc(package_dir: Path) -> Path | None:
+    """The csrc/ directory for the childopt package at ``package_dir``.
+
+    An installed package carries it as ``childopt/csrc`` (package data); a source checkout
+    (editable install, or PYTHONPATH pointing at the checkout) has it beside the package.
+    """
+    for candidate in (package_dir / "csrc", package_dir.parent / "csrc"):
+        if (candidate / "bindings.cpp").is_file():
+            return candidate
+    return None
+
+
+def source_files(csrc: Path, with_cuda: bool) -> list[Path]:
+    """The translation units of a build: bindings.cpp and cpu/*.cpp, plus cuda/*.cu and cuda/*.cpp."""
+    files = [csrc / "bindings.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((csrc / "cuda").glob("*.cu")) + sorted((csrc / "cuda").glob("*.cpp"))
+    return files
+
+
+def include_dirs(csrc: Path) -> list[Path]:
+    return [csrc / "include"]
+
+
+def hashed_files(csrc: Path) -> list[Path]:
+    """Every source and header under csrc/, in a stable order."""
+    return sorted((p for p in csrc.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES),
+                  key=lambda p: p.relative_to(csrc).as_posix())
+
+
+def source_digest(csrc: Path) -> str:
+    """sha256 over the relative path and bytes of every source and header: mtimes play no part."""
+    h = hashlib.sha256()
+    for path in hashed_files(csrc):
+        data = path.read_bytes()
+        rel = path.relative_to(csrc).as_posix().encode()
+        h.update(b"%d:%s:%d:" % (len(rel), rel, len(data)))
+        h.update(data)
+    return h.hexdigest()
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    return CXX_FLAGS + ([CUDA_DEFINE] if with_cuda else [])
+
+
+def nvcc_flags(with_cuda: bool) -> list[str]:
+    return NVCC_FLAGS + [CUDA_DEFINE] if with_cuda else []
+
+
+# ----------------------------------------------------------------------------- CUDA archs
+
+_ARCH = re.compile(r"^(?:sm_|compute_)?(\d+)(?:\.(\d+))?([af]?)(\+ptx)?$", re.IGNORECASE)
+
+
+def _arch_tuple(arch: str) -> tuple[int, int, str]:
+    base = arch.split("+")[0]
+    suffix = base[-1] if base[-1] in "af" else ""
+    major, minor = base.rstrip("af").split(".")
+    return int(major), int(minor), suffix
+
+
+def parse_archs(text: str) -> list[str]:
+    """Normalise an arch list: ``"8.0,9.0"``, ``"80 90"``, ``"sm_80;9.0a;8.6+PTX"`` -> ``["8.0", "9.0a", "8.6+PTX"]``.
+
+    Raises ValueError on a word that is not an arch.
+    """
+    out = []
+    for word in re.split(r"[,;\s]+", text.strip()):
+        if not word:
+            continue
+        m = _ARCH.match(word)
+        if not m:
+            raise ValueError(f"not a CUDA arch: {word!r} (expected e.g. 8.0, 86, sm_90, 9.0a, 9.0+PTX)")
+        major, minor, suffix, ptx = m.groups()
+        if minor is None:  # "86" -> 8.6, "100" -> 10.0, "120" -> 12.0
+            if len(major) < 2:
+                raise ValueError(f"not a CUDA arch: {word!r} (expected e.g. 8.0, 86, sm_90)")
+            major, minor = major[:-1], major[-1]
+        out.append(f"{int(major)}.{int(minor)}{suffix.lower()}" + ("+PTX" if ptx else ""))
+    return out
+
+
+def finalize_archs(archs) -> tuple[str, ...]:
+    """Sorted, without duplicates, with ``+PTX`` on the highest arch (so newer GPUs can JIT it)."""
+    archs = list(archs)
+    ptx = {a.split("+")[0] for a in archs if a.endswith("+PTX")}
+    bases = sorted({a.split("+")[0] for a in archs}, key=_arch_tuple)
+    if not bases:
+        return ()
+    if not ptx:
+        ptx = {bases[-1]}
+    return tuple(b + ("+PTX" if b in ptx else "") for b in bases)
+
+
+def arch_covers(archs, capability: tuple[int, int]) -> tuple[bool, str]:
+    """Whether a build for ``archs`` runs on a GPU of ``capability``, and how.
+
+    A cubin for X.y runs on X.z with z >= y (not across majors; an ``a`` arch only on itself);
+    PTX for an arch at or below the GPU's is JIT-compiled by the driver at first launch.
+    """
+    major, minor = capability
+    cubins, ptx = [], []
+    for arch in archs:
+        a_major, a_minor, suffix = _arch_tuple(arch)
+        if suffix == "a":
+            if (a_major, a_minor) == (major, minor):
+                cubins.append(arch)
+            continue
+        if a_major == major and a_minor <= minor:
+            cubins.append(arch)
+        if arch.endswith("+PTX") and (a_major, a_minor) <= (major, minor):
+            ptx.append(arch)
+    if cubins:
+        return True, f"cubin for {cubins[-1].split('+')[0]}"
+    if ptx:
+        return True, f"PTX for {ptx[-1].split('+')[0]}, JIT-compiled by the driver"
+    return False, f"no cubin or PTX in [{', '.join(archs)}] runs on sm_{major}{minor}"
+
+
+# ----------------------------------------------------------------------------- toolchain
+
+
+def cxx_compiler() -> str:
+    """The C++ compiler torch.utils.cpp_extension uses on Linux: $CXX, else c++."""
+    return os.environ.get("CXX") or "c++"
+
+
+@lru_cache(maxsize=None)
+def tool_version(command: str, flag: str = "--version") -> str | None:
+    """The version banner of ``command`` (first line with a digit), or None if it does not run."""
+    exe = shutil.which(command)
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    # nvcc prints its release near the end: "Cuda compilation tools, release 13.0, V13.0.88".
+    for line in lines:
+        if "release" in line and "compilation tools" in line:
+            return line
+    for line in lines:
+        if re.search(r"\d", line):
+            return line
+    return lines[0] if lines else None
+
+
+def nvcc_path(cuda_home: str | None) -> str | None:
+    """nvcc under ``cuda_home`` (as torch found it), else on PATH."""
+    if cuda_home:
+        candidate = os.path.join(cuda_home, "bin", "nvcc")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("nvcc")
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit with nvcc for tools that do not need torch: $CUDA_HOME/$CUDA_PATH, nvcc on PATH, /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # may be a wrapper script outside the toolkit; the toolkit has include/cuda_runtime.h
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK) \
+                and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def python_tag() -> str:
+    return f"{sys.implementation.cache_tag}{getattr(sys, 'abiflags', '')}"
+
+
+def platform_tag() -> str:
+    return f"{sys.platform}-{platform.machine()}"
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def max_jobs(with_cuda: bool) -> int:
+    """Parallel compile jobs: the CPUs we may use, bounded by free memory (1.5 GB per C++ job, 4 GB per nvcc job)."""
+    jobs = cpu_count()
+    mem = mem_available()
+    if mem is not None:
+        jobs = min(jobs, mem // (NVCC_JOB_BYTES if with_cuda else CXX_JOB_BYTES))
+    return max(1, int(jobs))
+
+
+# ----------------------------------------------------------------------------- keys and records
+
+
+def torch_facts() -> dict:
+    """What a build depends on in the running torch (imports torch)."""
+    import torch
+
+    return {
+        "torch_version": str(torch.__version__),
+        "torch_git": str(torch.version.git_version),
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": getattr(torch.version, "hip", None),
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+def key_inputs(torch: dict, digest: str, with_cuda: bool, archs, nvcc_version: str | None) -> dict:
+    """Everything a build depends on (DESIGN.md, "Building and loading childopt._C")."""
+    return {
+        "loader_version": LOADER_VERSION,
+        "sources": digest,
+        "cxx_flags": cxx_flags(with_cuda),
+        "nvcc_flags": nvcc_flags(with_cuda),
+        **torch,
+        "cxx": tool_version(cxx_compiler()),
+        "nvcc": nvcc_version if with_cuda else None,
+        "with_cuda": bool(with_cuda),
+        "archs": list(finalize_archs(archs)) if with_cuda else [],
+        "python": python_tag(),
+        "platform": platform_tag(),
+    }
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def keys(inputs: dict) -> tuple[str, str]:
+    """(key, base_key): the base key leaves out the arch list, so a build for more archs can serve."""
+    return digest(inputs), digest({k: v for k, v in inputs.items() if k != "archs"})
+
+
+def check_record(record: dict, runtime: dict) -> str | None:
+    """Why a build described by ``record`` must not be loaded here, or None if it may.
+
+    ``record`` is a ``_build_info.json`` or a cache manifest (its ``inputs``); ``runtime`` has
+    the running torch's facts (torch_facts), ``python``, ``platform``, ``sources`` (the digest
+    of the csrc/ that would be built now, or None), ``gpus`` (capabilities of the visible GPUs)
+    and ``want_cuda`` (this machine would build CUDA kernels: a GPU, a CUDA torch and nvcc).
+    """
+    def differs(field):
+        return record.get(field) != runtime.get(field)
+
+    if differs("torch_version") or differs("torch_git"):
+        return (f"it was built for torch {record.get('torch_version')} (git {str(record.get('torch_git'))[:12]}), "
+                f"this is torch {runtime.get('torch_version')} (git {str(runtime.get('torch_git'))[:12]})")
+    if differs("torch_cuda"):
+        return (f"it was built for torch with CUDA {record.get('torch_cuda')}, "
+                f"this torch has CUDA {runtime.get('torch_cuda')}")
+    if differs("cxx11_abi"):
+        return f"it was built with _GLIBCXX_USE_CXX11_ABI={int(bool(record.get('cxx11_abi')))}, torch uses the other ABI"
+    if differs("python"):
+        return f"it was built for Python {record.get('python')}, this is {runtime.get('python')}"
+    if differs("platform"):
+        return f"it was built for {record.get('platform')}, this is {runtime.get('platform')}"
+    if runtime.get("sources") is not None and differs("sources"):
+        return "csrc/ has changed since it was built"
+    if record.get("with_cuda"):
+        for index, cap in enumerate(runtime.get("gpus") or []):
+            ok, how = arch_covers(record.get("archs") or [], tuple(cap))
+            if not ok:
+                return f"GPU cuda:{index} (sm_{cap[0]}{cap[1]}) is not covered: {how}"
+    elif runtime.get("want_cuda"):
+        return "it has no CUDA kernels, and this machine has a GPU and nvcc to build them"
+    return None
+
+
+# ----------------------------------------------------------------------------- the build worker
+
+
+def _proc_table() -> dict:
+    """pid -> (parent pid, process group) of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+                fields = data[data.rindex(b")") + 2:].split()
+                table[int(entry)] = (int(fields[1]), int(fields[2]))
+            except (OSError, ValueError, IndexError):
+                pass
+    return table
+
+
+def kill_build_group(pgid: int, protect=()) -> None:
+    """SIGKILL a build's process group and every process it started.
+
+    ninja runs each compile job in a process group of its own, so killing the build's group
+    alone would leave the compilers running: the group's members are stopped first (so ninja
+    starts nothing new), then every descendant and its group is killed.  Groups in ``protect``
+    (the caller's) are never signalled as a whole.
+    """
+    import signal
+
+    protect = set(protect)
+    me = os.getpid()
+    if not os.path.isdir("/proc"):
+        if pgid not in protect:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
+        return
+    found, table = set(), {}
+    for _ in range(2):  # freeze, then look again for anything started in between
+        table = _proc_table()
+        children: dict = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [pid for pid, (_, group) in table.items() if group == pgid]
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo += children.get(pid, [])
+        for pid in found - {me}:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except OSError:
+                pass
+    groups = {table[pid][1] for pid in found if pid in table} - protect - {pgid}
+    for pid in found - {me}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+    if pgid not in protect:
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # last: it may include the caller (the build worker)
+        except OSError:
+            pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker, ninja and the compilers as soon as the parent is gone (or sends SIGTERM)."""
+    import signal
+    import threading
+    import time
+
+    try:
+        parent_group = os.getpgid(parent)
+    except OSError:
+        parent_group = None
+
+    def end(*_):
+        if os.getpgrp() == os.getpid():  # started with start_new_session: the group is ours alone
+            kill_build_group(os.getpgrp(), protect={parent_group} - {None})
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, end)
+    try:  # Linux: SIGTERM when the parent dies
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        end()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                end()
+
+    threading.Thread(target=watch, daemon=True, name="childopt-parent-watch").start()
+
+
+def worker_main(argv: list[str]) -> None:
+    """The build child process (run by childopt._ext without importing childopt): argv = [job.json, parent pid].
+
+    Builds with torch.utils.cpp_extension.load into the job's private directory and imports the
+    result, so a module that does not load is never published.
+    """
+    import time
+
+    job = json.loads(Path(argv[0]).read_text())
+    _die_with_parent(int(argv[1]))
+    print(f"childopt build worker pid {os.getpid()}: {job['module']} in {job['build_dir']}", flush=True)
+    for var in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CXX", "CUDA_HOME", "PATH"):
+        print(f"  {var}={os.environ.get(var, '')}", flush=True)
+    start = time.monotonic()
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name=job["module"], sources=job["sources"], extra_cflags=job["cflags"],
+            extra_cuda_cflags=job["cuda_cflags"] or None, extra_include_paths=job["include_dirs"],
+            build_directory=job["build_dir"], with_cuda=job["with_cuda"], verbose=True, is_python_module=True)
+    except Exception as exc:  # the compiler's own output is above, in this log
+        print(f"childopt build worker: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+        sys.exit(1)
+    print(f"childopt build worker: built and imported {job['module']} in {time.monotonic() - start:.1f} s", flush=True)
