@@ -8,6 +8,10 @@ COMMANDS = {
     "bench": "time one optimizer step of torch AdamW, childopt and the ChildTuning loop "
              "(python -m childopt bench --help)",
     "info": "versions, the GPU, and the backend auto picks per device, with the reason",
+    "doctor": "what building and loading the native extension needs, its cache, builds and locks "
+              "(python -m childopt doctor --help)",
+    "build": "build the native extension childopt._C into the cache ahead of time (python -m childopt build --help)",
+    "clean": "remove stale and unused native-extension builds from the cache (python -m childopt clean --help)",
 }
 
 
@@ -24,7 +28,7 @@ def _backend_lines(device) -> list[str]:
     for name, module in modules.items():
         if name == picked:
             continue
-        ok, why = module.available(device)
+        ok, why = getattr(module, "ready", module.available)(device)  # ready: never compiles
         if ok and device.type not in module.AUTO_DEVICES:
             why = f"runs here, but auto does not pick it for {device.type} tensors"
         lines.append(f"      not {name}: {why}")
@@ -43,6 +47,9 @@ def info() -> int:
     print(f"torch    {torch.__version__} (built for CUDA {torch.version.cuda})")
     print(f"triton   {triton_version() or 'not installed'}")
     print(f"CUDA     {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}")
+    from childopt import _ext
+
+    print("native   childopt._C %s: %s" % _ext.status())
     override = os.environ.get("CHILDOPT_BACKEND", "").strip()
     print("backend=auto picks" + (f" (CHILDOPT_BACKEND={override} overrides it)" if override else ""))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -65,6 +72,10 @@ def main(argv=None) -> int:
         from childopt import bench
 
         return bench.main(ns.args)
+    if ns.command in ("doctor", "build", "clean"):
+        from childopt import _ext
+
+        return getattr(_ext, f"{ns.command}_main")(ns.args)
     if ns.args:
         parser.error(f"info takes no arguments, got {' '.join(ns.args)}")
     return info()

@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from childopt import _ext
 from childopt.__main__ import main
 
 
@@ -24,3 +26,34 @@ def test_unknown_command_and_stray_arguments_are_rejected():
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "childopt", "--help"], capture_output=True, text=True, check=True)
     assert "bench" in out.stdout and "info" in out.stdout
+    assert all(command in out.stdout for command in ("doctor", "build", "clean"))
+
+
+def test_info_reports_the_native_extension_without_building_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHILDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    if _ext.loaded()[0] is None:
+        assert "native   childopt._C needs a build" in out and "python -m childopt build" in out
+        assert "not native: childopt._C is not available (not built yet" in out
+    else:  # an earlier test of this process loaded it
+        assert "native   childopt._C loaded" in out
+    assert not (tmp_path / "cache").exists(), "info never builds"
+
+
+@pytest.mark.parametrize("command", ["doctor", "build", "clean"])
+def test_native_extension_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"python -m childopt {command}" in capsys.readouterr().out
+
+
+def test_build_rejects_conflicting_and_impossible_targets(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHILDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit):
+        main(["build", "--cpu", "--archs", "8.0"])
+    if not torch.version.cuda:
+        assert main(["build", "--archs", "8.0"]) == 1
+        assert "cannot build CUDA kernels for 8.0: torch has no CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
