@@ -203,7 +203,7 @@ def nvcc_path(cuda_home: str | None) -> str | None:
 
 
 def find_cuda_home() -> str | None:
-    """A CUDA toolkit with nvcc for tools that do not need torch: $CUDA_HOME/$CUDA_PATH, nvcc on PATH, /usr/local/cuda."""
+    """A CUDA toolkit with nvcc, for tools without torch: $CUDA_HOME/$CUDA_PATH, nvcc on PATH, /usr/local/cuda."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:  # may be a wrapper script outside the toolkit; the toolkit has include/cuda_runtime.h
@@ -312,7 +312,8 @@ def check_record(record: dict, runtime: dict) -> str | None:
         return (f"it was built for torch with CUDA {record.get('torch_cuda')}, "
                 f"this torch has CUDA {runtime.get('torch_cuda')}")
     if differs("cxx11_abi"):
-        return f"it was built with _GLIBCXX_USE_CXX11_ABI={int(bool(record.get('cxx11_abi')))}, torch uses the other ABI"
+        abi = int(bool(record.get("cxx11_abi")))
+        return f"it was built with _GLIBCXX_USE_CXX11_ABI={abi}, torch uses the other ABI"
     if differs("python"):
         return f"it was built for Python {record.get('python')}, this is {runtime.get('python')}"
     if differs("platform"):

@@ -175,7 +175,8 @@ def writable_root() -> Path:
             _probe_writable(fallback)
             _warn_once(("fallback", str(root)),
                        f"childopt: cannot write the extension cache {root} ({where}: {first.strerror or first}); "
-                       f"building in {fallback} instead. Set CHILDOPT_CACHE_DIR to a writable directory to keep builds.")
+                       f"building in {fallback} instead. Set CHILDOPT_CACHE_DIR to a writable directory to keep "
+                       "builds.")
             return fallback
         except OSError as exc:
             second = f"; nor the fallback {fallback} ({exc.strerror or exc})"
@@ -566,7 +567,8 @@ def _worker_env(spec: BuildSpec) -> dict:
 def _check_toolchain(spec: BuildSpec, env: dict) -> None:
     cxx = cfg.cxx_compiler()
     if cfg.tool_version(cxx) is None:
-        raise ExtensionUnavailable(f"no C++ compiler: {cxx!r} (from $CXX, else c++) does not run; install g++ or set CXX")
+        raise ExtensionUnavailable(
+            f"no C++ compiler: {cxx!r} (from $CXX, else c++) does not run; install g++ or set CXX")
     if shutil.which("ninja", path=env.get("PATH")) is None:
         raise ExtensionUnavailable("ninja was not found (torch.utils.cpp_extension needs it): pip install ninja")
 
@@ -1103,7 +1105,8 @@ def doctor_main(argv=None) -> int:
     else:
         _print_kv("nvcc", "not found" + (" (set CUDA_HOME to build CUDA kernels)" if torch.version.cuda else ""))
     cxx = cfg.cxx_compiler()
-    _print_kv("C++ compiler", f"{shutil.which(cxx) or cxx}: {cfg.tool_version(cxx) or 'NOT FOUND: install g++ or set CXX'}")
+    cxx_version = cfg.tool_version(cxx) or "NOT FOUND: install g++ or set CXX"
+    _print_kv("C++ compiler", f"{shutil.which(cxx) or cxx}: {cxx_version}")
     path = _worker_env_path()
     ninja = shutil.which("ninja", path=path)
     _print_kv("ninja", f"{ninja}: {cfg.tool_version(ninja) if ninja else ''}" if ninja
@@ -1147,9 +1150,10 @@ def doctor_main(argv=None) -> int:
             kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(inputs.get('archs') or [])}" \
                 if inputs.get("with_cuda") else "CPU"
             mark = "  <- used here" if current is not None and directory == current else ""
+            age = _human_age(time.time() - manifest.get("published_at", 0))
             print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
-                  f"{_size(directory) / 2**20:.1f} MiB, built {_human_age(time.time() - manifest.get('published_at', 0))}"
-                  f" ago in {manifest.get('build_seconds', '?')} s{mark}")
+                  f"{_size(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s"
+                  + mark)
         locks = build_locks(root)
         held = [lk for lk in locks if lk["holder"]]
         print(f"build locks in {root / 'locks'}: {len(locks)} file(s), {len(held)} held")

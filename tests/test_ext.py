@@ -30,8 +30,12 @@ from childopt import _ext
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_LIMIT = 600  # seconds for a subprocess that may compile; a build takes 1-2 min here
-LOAD = ("import torch, childopt._ext as e; m = e.load(); "
-        "assert callable(torch.ops.childopt.adamw_step); print('LOADED', m.__file__, flush=True)")
+LOAD_BODY = "m = e.load(); assert callable(torch.ops.childopt.adamw_step); print('LOADED', m.__file__, flush=True)"
+LOAD = "import torch, childopt._ext as e; " + LOAD_BODY
+# What a user does: the first native step loads (or builds) the extension.
+STEP = ("import torch, childopt._ext as e; from childopt import MaskedAdamW; p = torch.nn.Parameter(torch.ones(8)); "
+        "opt = MaskedAdamW([p], lr=0.1, backend='native'); p.grad = torch.ones(8); opt.step(); "
+        "assert (p.detach() < 1).all(); print('LOADED', e.loaded()[0].__file__, flush=True)")
 BUILDING = "building the native extension childopt._C"
 
 
@@ -163,7 +167,8 @@ def test_a_published_build_loads_without_the_lock(built_cache, tmp_path):
 
 @pytest.fixture(scope="module")
 def cold_start(tmp_path_factory):
-    """A builder SIGKILLed mid-compile on a cold cache, then three loaders started at once."""
+    """A builder SIGKILLed mid-compile on a cold cache, then three processes that each make a
+    ``MaskedAdamW(..., backend="native")`` step, started at once."""
     cache = tmp_path_factory.mktemp("cold") / "cache"
     env = _env(cache, CHILDOPT_LOCK_TIMEOUT=BUILD_LIMIT)
     victim = subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE,
@@ -185,7 +190,7 @@ def cold_start(tmp_path_factory):
     left_running = _processes_in(killed_tmp)
 
     start = time.monotonic()
-    loaders = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE,
+    loaders = [subprocess.Popen([sys.executable, "-c", STEP], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(3)]
     outputs = []
     for proc in loaders:
@@ -374,7 +379,7 @@ def _with_prebuilt_dir(directory: Path, code: str) -> str:
 def test_a_prebuilt_for_another_torch_gives_one_warning_and_the_jit_build(built_cache, tmp_path):
     record, _ = _record(torch_version="2.0.0+cpu")
     _fake_prebuilt(tmp_path / "prebuilt", {**record, "module": "childopt._C", "file": "_C.so"})
-    code = _with_prebuilt_dir(tmp_path / "prebuilt", LOAD.replace("import torch, childopt._ext as e; ", "import torch; "))
+    code = _with_prebuilt_dir(tmp_path / "prebuilt", "import torch; " + LOAD_BODY)
     result = _python(code, built_cache.env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     warnings = [line for line in result.stderr.splitlines() if "prebuilt" in line]
@@ -389,8 +394,7 @@ def test_a_matching_prebuilt_is_used_without_the_cache(built_cache, tmp_path):
     record = {**manifest["inputs"], "module": manifest["module"], "file": manifest["library"]}
     _fake_prebuilt(tmp_path / "prebuilt", record, built_cache.cache / built_cache.spec.dirname / manifest["library"])
     empty = tmp_path / "empty-cache"
-    code = _with_prebuilt_dir(tmp_path / "prebuilt", LOAD.replace("import torch, childopt._ext as e; ", "import torch; ")
-                              + "; print('HOW', e.loaded()[1])")
+    code = _with_prebuilt_dir(tmp_path / "prebuilt", "import torch; " + LOAD_BODY + "; print('HOW', e.loaded()[1])")
     result = _python(code, _env(empty), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _loaded_path(result.stdout).startswith(str(tmp_path / "prebuilt"))
@@ -571,3 +575,56 @@ def test_doctor_fix_removes_stale_torch_extension_locks_only(tmp_path):
         assert not stale.exists() and in_use.exists() and young.exists()
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_setup_py_builds_the_extension_only_when_asked(tmp_path):
+    """setup.py's wiring without compiling: setuptools.setup is replaced by a recorder."""
+    code = ("import json, os, sys, setuptools; seen = {}; setuptools.setup = lambda **kw: seen.update(kw); "
+            "import runpy; runpy.run_path('setup.py', run_name='__main__'); "
+            "ext = seen.get('ext_modules', [None])[0]; "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'ext': ext and [ext.name, ext.sources, "
+            "ext.extra_compile_args, ext.include_dirs], 'cmd': sorted(seen.get('cmdclass', {})), "
+            "'max_jobs': os.environ.get('MAX_JOBS')}))")
+    env = _env(tmp_path / "cache")
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout.splitlines()[-1]) == {"torch": False, "ext": None, "cmd": [], "max_jobs": None}
+    aot = subprocess.run([sys.executable, "-c", code], env={**env, "CHILDOPT_BUILD_EXT": "1"}, capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert aot.returncode == 0, aot.stderr
+    seen = json.loads(aot.stdout.splitlines()[-1])
+    name, sources, args, includes = seen["ext"]
+    with_cuda = bool(torch.version.cuda) and cfg.nvcc_path(_ext._torch_cuda_home()) is not None
+    assert name == "childopt._C" and seen["cmd"] == ["build_ext"] and int(seen["max_jobs"]) >= 1
+    assert sources == [p.relative_to(REPO).as_posix() for p in cfg.source_files(REPO / "csrc", with_cuda)]
+    assert args == {"cxx": cfg.cxx_flags(with_cuda), "nvcc": cfg.nvcc_flags(with_cuda)}
+    assert str(REPO / "csrc" / "include") in includes
+    assert ("CPU kernels only" in aot.stderr) is not with_cuda
+
+
+def test_a_regular_install_ships_the_sources(tmp_path):
+    """A wheel (what `pip install .` installs) carries csrc/ as childopt/csrc, so it can JIT-build."""
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.json", "build", "*.egg-info")
+    for name in ("childopt", "kernels", "csrc"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                             "-w", str(tmp_path / "dist"), str(source)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "CHILDOPT_BUILD_EXT": "0"})
+    if result.returncode != 0 and "bdist_wheel" in result.stdout + result.stderr:
+        pytest.skip("no wheel support in this environment's setuptools")
+    assert result.returncode == 0, result.stdout + result.stderr
+    import zipfile
+
+    (wheel,) = (tmp_path / "dist").glob("childopt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"childopt/csrc/{p.relative_to(REPO / 'csrc').as_posix()}" for p in cfg.hashed_files(REPO / "csrc")}
+    assert expected and expected <= names, sorted(expected - names)
+    assert "childopt/_build_config.py" in names and "childopt/_ext.py" in names
+    assert not any(n.endswith((".so", "_build_info.json")) for n in names), "a plain wheel is pure Python"
