@@ -12,6 +12,8 @@ COMMANDS = {
               "(python -m childopt doctor --help)",
     "build": "build the native extension childopt._C into the cache ahead of time (python -m childopt build --help)",
     "clean": "remove stale and unused native-extension builds from the cache (python -m childopt clean --help)",
+    "finetune": "fine-tune on GLUE with AdamW and Child-Tuning, then a table and learning curves "
+                "(python -m childopt finetune --help)",
 }
 
 
@@ -72,6 +74,10 @@ def main(argv=None) -> int:
         from childopt import bench
 
         return bench.main(ns.args)
+    if ns.command == "finetune":
+        from childopt import finetune
+
+        return finetune.main(ns.args)
     if ns.command in ("doctor", "build", "clean"):
         from childopt import _ext
 
