@@ -29,8 +29,10 @@ BUILD_INFO_FILE = "_build_info.json"
 
 # -fno-trapping-math lets GCC if-convert the kernels' selects (frozen / dropped entries) so the
 # element loops vectorise; no result changes, the kernels never rely on floating-point traps.
-CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
+# No -std: torch's cpp_extension passes the standard its headers need (C++17, C++20 from torch 2.13);
+# csrc is C++17 and compiles under either.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
 CUDA_DEFINE = "-DCHILDOPT_WITH_CUDA"
 # Files under csrc/ that make up the build: every one of them is hashed into the key.
 SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
