@@ -143,32 +143,29 @@ inline void check_radix_histogram(at::TensorList scores, at::IntArrayRef scopes,
   if (!scores.empty()) check_list("scores", scores, scores.size(), prefixes.device(), at::kFloat, {});
 }
 
+// The op signatures, declared once for each device namespace.
+#define CHILDOPT_DECLARE_OPS()                                                                                        \
+  void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,  \
+                  at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,                    \
+                  at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,  \
+                  int64_t seed_lo, int64_t seed_hi, int64_t step);                                                     \
+  void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,                         \
+                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,         \
+                         at::ArrayRef<double> scalars, bool amsgrad, bool compact_grads);                             \
+  void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);                      \
+  at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift, \
+                             int64_t bits, int64_t n_scopes);
+
 namespace cpu {
-void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
-                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
-                int64_t seed_lo, int64_t seed_hi, int64_t step);
-void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
-                       bool amsgrad, bool compact_grads);
-void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);
-at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift,
-                           int64_t bits, int64_t n_scopes);
+CHILDOPT_DECLARE_OPS()
 }  // namespace cpu
 
 #ifdef CHILDOPT_WITH_CUDA
 namespace cuda {
-void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
-                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
-                int64_t seed_lo, int64_t seed_hi, int64_t step);
-void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
-                       bool amsgrad, bool compact_grads);
-void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);
-at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift,
-                           int64_t bits, int64_t n_scopes);
+CHILDOPT_DECLARE_OPS()
 }  // namespace cuda
 #endif
+
+#undef CHILDOPT_DECLARE_OPS
 
 }  // namespace childopt
