@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="optimizers to run")
     parser.add_argument("--reserve-p", type=_number(float, 0.0, high=1.0), default=0.3,
                         help="Child-Tuning's share of entries trained (ct-f: per step; ct-d/sparse: fixed)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="SEED")
+    parser.add_argument("--seeds", nargs="+", type=_number(int, 0, low_open=False), default=[1], metavar="SEED")
     parser.add_argument("--epochs", type=_number(int, 0), default=3)
     parser.add_argument("--lr", type=_number(float, 0.0), default=2e-5)
     parser.add_argument("--batch-size", type=_number(int, 0), default=32)
@@ -200,7 +200,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
                     fisher_batches=args.fisher_batches)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device)
-            for task in args.task for method in args.method for seed in args.seeds]
+            for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
+            for seed in dict.fromkeys(args.seeds)]
 
 
 def is_done(run: Run) -> bool:
@@ -560,7 +561,8 @@ def _curve(ax, runs: list[dict], value, label: str, *, start: int) -> None:
     epochs = [h["epoch"] for h in runs[0]["history"][start:]]
     values = torch.tensor([[value(h) for h in r["history"][start:]] for r in runs], dtype=torch.float64)
     mean = values.mean(0)
-    line, = ax.plot(epochs, mean.tolist(), marker="o", label=label)
+    style = "--" if label == "sparse" else "-"  # sparse retraces ct-d: dashed, so both stay visible
+    line, = ax.plot(epochs, mean.tolist(), marker="o", linestyle=style, label=label)
     if len(runs) > 1:
         std = values.std(0)
         ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), color=line.get_color(), alpha=0.2)
