@@ -1,4 +1,4 @@
-"""Install childopt.  Metadata lives in pyproject.toml.
+"""Install childopt.  Metadata lives in pyproject.toml; the version comes from here.
 
 A plain install is pure Python and fast: the Triton kernels compile at first use, and the
 native extension childopt._C is built on demand by childopt._ext (JIT, into a cache) from the
@@ -8,13 +8,18 @@ C++/CUDA sources installed as childopt/csrc.
 (so pass ``--no-build-isolation``: an isolated build environment would bring another torch):
 
     CHILDOPT_BUILD_EXT=1 pip install --no-build-isolation .
+    CHILDOPT_BUILD_EXT=1 pip wheel --no-build-isolation --no-deps -w dist .   # tools/build_wheels.py does this
 
 It builds CUDA kernels when torch has CUDA and nvcc is found (CUDA_HOME), for
-CHILDOPT_CUDA_ARCHS if set, else the visible GPUs, else a default list (+PTX on the highest);
-CPU kernels only otherwise.  Beside the module it writes ``childopt/_build_info.json`` (torch
-version and git version, torch's CUDA, archs, C++ ABI, compilers, Python, platform, the source
-digest and the build key): at run time the module is used only when that record matches, and
-the JIT loader takes over with one message when it does not.
+CHILDOPT_CUDA_ARCHS if set, else the explicit list of the toolkit's release
+(childopt._build_config.AOT_ARCHS_BY_TOOLKIT, +PTX on the newest; never just the build
+machine's GPU); CPU kernels only otherwise.  The version gets a local label naming what the
+module was built for, ``0.1.0+cu130torch2.11`` or ``0.1.0+cputorch2.13``
+(``CHILDOPT_LOCAL_VERSION`` overrides it; empty for none).  Beside the module it writes
+``childopt/_build_info.json`` (torch version and git version, torch's CUDA, archs, C++ ABI,
+compilers, Python, platform, the source digest and the build key), which travels in the wheel:
+at run time the module is used only when that record matches, and the JIT loader takes over
+with one message when it does not.
 """
 import importlib.util
 import json
@@ -53,23 +58,38 @@ def _nvcc_archs(nvcc):
     return found or None
 
 
-def _arch_list(cfg, torch, nvcc):
-    """CHILDOPT_CUDA_ARCHS, else the visible GPUs, else DEFAULT_AOT_ARCHS limited to what nvcc supports."""
+def _arch_list(cfg, nvcc, nvcc_version):
+    """CHILDOPT_CUDA_ARCHS, else the explicit list of this toolkit's release; each arch checked against nvcc."""
     env = os.environ.get("CHILDOPT_CUDA_ARCHS", "").strip()
     if env:
-        return cfg.finalize_archs(cfg.parse_archs(env)), "CHILDOPT_CUDA_ARCHS"
-    if torch.cuda.is_available() and torch.cuda.device_count():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return cfg.finalize_archs(f"{major}.{minor}" for major, minor in caps), "the visible GPUs"
+        archs, source = cfg.finalize_archs(cfg.parse_archs(env)), "CHILDOPT_CUDA_ARCHS"
+    else:
+        release = cfg.toolkit_release(nvcc_version)
+        if release is None:
+            raise SystemExit(f"cannot tell the CUDA release of {nvcc} ({nvcc_version!r}); set CHILDOPT_CUDA_ARCHS")
+        archs, source = cfg.aot_archs(release), f"the list for CUDA {release[0]}.{release[1]}"
     known = _nvcc_archs(nvcc)
-    archs = [a for a in cfg.DEFAULT_AOT_ARCHS if known is None or a.replace(".", "") in known]
-    return cfg.finalize_archs(archs), "the default list (no GPU visible; set CHILDOPT_CUDA_ARCHS to choose)"
+    missing = [a for a in archs if known is not None and a.split("+")[0].replace(".", "") not in known]
+    if missing:
+        raise SystemExit(f"{nvcc} ({nvcc_version}) cannot compile for {', '.join(missing)} (from {source}); "
+                         "set CHILDOPT_CUDA_ARCHS to a list it supports")
+    return archs, source
+
+
+def _version(cfg, facts=None, with_cuda=False):
+    """childopt.__version__, with the local label of the module built (none for a pure-Python install)."""
+    import re
+
+    base = re.search(r'^__version__ = "([^"]+)"', (ROOT / "childopt" / "__init__.py").read_text(), re.M).group(1)
+    label = os.environ.get("CHILDOPT_LOCAL_VERSION")
+    if label is None:
+        label = cfg.local_version(facts, with_cuda) if facts else ""
+    return f"{base}+{label}" if label.strip() else base
 
 
 def _extension_kwargs():
     cfg = _build_config()
     try:
-        import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
         raise SystemExit(
@@ -81,8 +101,9 @@ def _extension_kwargs():
     nvcc = cfg.nvcc_path(CUDA_HOME) if facts["torch_cuda"] and not facts["torch_hip"] else None
     with_cuda = nvcc is not None
     archs, source = (), ""
+    nvcc_version = cfg.tool_version(nvcc) if with_cuda else None
     if with_cuda:
-        archs, source = _arch_list(cfg, torch, nvcc)
+        archs, source = _arch_list(cfg, nvcc, nvcc_version)
         # Set for this build only (this process): torch turns it into the -gencode flags.
         preset = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if preset and preset != ";".join(archs):
@@ -97,7 +118,6 @@ def _extension_kwargs():
         os.environ["MAX_JOBS"] = str(cfg.max_jobs(with_cuda))
         _say(f"MAX_JOBS={os.environ['MAX_JOBS']} (from the CPUs and the available memory)")
 
-    nvcc_version = cfg.tool_version(nvcc) if with_cuda else None
     inputs = cfg.key_inputs(facts, cfg.source_digest(csrc), with_cuda, archs, nvcc_version)
     key, base_key = cfg.keys(inputs)
     sources = [p.relative_to(ROOT).as_posix() for p in cfg.source_files(csrc, with_cuda)]
@@ -107,21 +127,25 @@ def _extension_kwargs():
         extra_compile_args={"cxx": cfg.cxx_flags(with_cuda), "nvcc": cfg.nvcc_flags(with_cuda)},
     )
 
+    version = _version(cfg, facts, with_cuda)
+    _say(f"version {version}")
+
     class BuildExt(BuildExtension):
         """torch's BuildExtension, then the build record beside the module."""
 
         def run(self):
             super().run()
             library = Path(self.get_ext_fullpath(cfg.PREBUILT_MODULE))
-            record = {**inputs, "key": key, "base_key": base_key, "module": cfg.PREBUILT_MODULE,
+            record = {**inputs, "version": version, "key": key, "base_key": base_key, "module": cfg.PREBUILT_MODULE,
                       "file": library.name, "built_at": time.time(), "builder": "setup.py"}
             (library.parent / cfg.BUILD_INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
             _say(f"wrote {library.parent / cfg.BUILD_INFO_FILE} (key {key[:16]})")
 
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
+    return {"version": version, "ext_modules": [extension],
+            "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
 
 
 if os.environ.get("CHILDOPT_BUILD_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
     setup(**_extension_kwargs())
 else:
-    setup()
+    setup(version=_version(_build_config()))

@@ -39,8 +39,15 @@ SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
 # Memory one compiler job may need: MAX_JOBS is bounded by MemAvailable / this.
 CXX_JOB_BYTES = int(1.5 * 2**30)
 NVCC_JOB_BYTES = 4 * 2**30
-# Arch list of an ahead-of-time CUDA build when neither CHILDOPT_CUDA_ARCHS nor a GPU says.
-DEFAULT_AOT_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+# The arch list of an ahead-of-time build (wheels; setup.py without CHILDOPT_CUDA_ARCHS), by the
+# oldest toolkit that compiles it: what torch's own wheels of that CUDA cover, from Volta (Turing
+# on CUDA 13, which dropped sm_70/72) to the newest arch the toolkit knows, with PTX for the newest
+# so later GPUs can JIT it.  Never the build machine's GPU: a wheel must run on the others too.
+AOT_ARCHS_BY_TOOLKIT = (
+    ((13, 0), ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "11.0", "12.0")),
+    ((12, 8), ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")),
+    ((11, 8), ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0")),
+)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -138,6 +145,37 @@ def finalize_archs(archs) -> tuple[str, ...]:
     if not ptx:
         ptx = {bases[-1]}
     return tuple(b + ("+PTX" if b in ptx else "") for b in bases)
+
+
+def toolkit_release(nvcc_banner: str | None) -> tuple[int, int] | None:
+    """(major, minor) from nvcc's banner ("... release 12.8, V12.8.93"), or None."""
+    m = re.search(r"release (\d+)\.(\d+)", nvcc_banner or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def aot_archs(release: tuple[int, int]) -> tuple[str, ...]:
+    """The explicit arch list (``+PTX`` on the newest) of an ahead-of-time build with CUDA ``release``."""
+    for oldest, archs in AOT_ARCHS_BY_TOOLKIT:
+        if tuple(release) >= oldest:
+            return finalize_archs(archs)
+    raise ValueError(f"CUDA {release[0]}.{release[1]} is older than the oldest toolkit childopt builds with "
+                     f"({'.'.join(map(str, AOT_ARCHS_BY_TOOLKIT[-1][0]))})")
+
+
+def torch_release(version: str | None) -> str | None:
+    """``"2.11"`` from ``"2.11.0+cu130"``: the torch a wheel's label names."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def local_version(facts: dict, with_cuda: bool) -> str:
+    """A wheel's local version label: ``cu130torch2.11`` (torch's CUDA, not nvcc's), or ``cputorch2.13``.
+
+    The torch part is there because childopt._C links libtorch's C++ ABI, which holds within a
+    torch release, not across releases.
+    """
+    device = f"cu{str(facts['torch_cuda']).replace('.', '')}" if with_cuda else "cpu"
+    return f"{device}torch{torch_release(facts['torch_version'])}"
 
 
 def arch_covers(archs, capability: tuple[int, int]) -> tuple[bool, str]:
@@ -296,18 +334,22 @@ def keys(inputs: dict) -> tuple[str, str]:
     return digest(inputs), digest({k: v for k, v in inputs.items() if k != "archs"})
 
 
-def check_record(record: dict, runtime: dict) -> str | None:
+def check_record(record: dict, runtime: dict, *, same_release: bool = False) -> str | None:
     """Why a build described by ``record`` must not be loaded here, or None if it may.
 
     ``record`` is a ``_build_info.json`` or a cache manifest (its ``inputs``); ``runtime`` has
     the running torch's facts (torch_facts), ``python``, ``platform``, ``sources`` (the digest
     of the csrc/ that would be built now, or None), ``gpus`` (capabilities of the visible GPUs)
     and ``want_cuda`` (this machine would build CUDA kernels: a GPU, a CUDA torch and nvcc).
+    ``same_release`` accepts any torch of the recorded release (2.11.0 for 2.11.1): what an
+    installed wheel's ``torch2.11`` label promises; JIT builds need the exact torch.
     """
     def differs(field):
         return record.get(field) != runtime.get(field)
 
-    if differs("torch_version") or differs("torch_git"):
+    torch_differs = (torch_release(record.get("torch_version")) != torch_release(runtime.get("torch_version"))
+                     if same_release else differs("torch_version") or differs("torch_git"))
+    if torch_differs:
         return (f"it was built for torch {record.get('torch_version')} (git {str(record.get('torch_git'))[:12]}), "
                 f"this is torch {runtime.get('torch_version')} (git {str(runtime.get('torch_git'))[:12]})")
     if differs("torch_cuda"):

@@ -1,0 +1,296 @@
+"""Build childopt wheels with childopt._C compiled ahead of time: one per (CUDA or cpu) x torch release x Python.
+
+    python tools/build_wheels.py --cuda 12.8 13.0 --torch 2.10 --toolkit pip --repair --out dist
+    python tools/build_wheels.py --cuda cpu --in-this-env --out dist     # the running Python and torch (CI)
+    python tools/build_wheels.py --print-matrix                          # the CI matrix, as JSON
+
+Each build gets a virtual environment (``build/wheels/venv-<label>-<python>``) holding torch of
+that release for that CUDA (from download.pytorch.org/whl/<cuXYZ|cpu>), then runs
+``pip wheel --no-build-isolation`` with CHILDOPT_BUILD_EXT=1 (setup.py), CUDA_HOME at that
+CUDA's toolkit, CHILDOPT_CUDA_ARCHS from the toolkit's explicit list
+(childopt._build_config.AOT_ARCHS_BY_TOOLKIT) and MAX_JOBS bounded by memory.  The toolkit is
+``/usr/local/cuda-<version>`` (``--toolkit system``) or assembled from NVIDIA's PyPI packages
+(``--toolkit pip``: nvidia-cuda-nvcc and friends; CUDA 13 on, the first whose PyPI
+package holds nvcc itself).  Every wheel is
+checked: its file name carries the label (``+cu128torch2.10``, ``+cputorch2.13``) and its
+``_build_info.json`` says what was built.  ``--repair`` runs auditwheel for a manylinux tag
+without grafting libtorch, libc10, libcuda or libcudart: torch's own wheels bring those.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "build" / "wheels"
+
+# torch releases childopt builds for (pyproject: torch>=2.6), with the CUDA versions of each
+# release's wheels on download.pytorch.org and its Python versions.  Edit when torch releases.
+# CUDA 12.1 is not here: no torch >= 2.6 was built with it.  2.12 lists only the CUDA of its PyPI
+# wheels (13.0) and 2.13 none yet: their download.pytorch.org variants were not checked.
+TORCH_RELEASES = {
+    "2.6": (("11.8", "12.4", "12.6"), ("3.9", "3.10", "3.11", "3.12", "3.13")),
+    "2.7": (("11.8", "12.6", "12.8"), ("3.9", "3.10", "3.11", "3.12", "3.13")),
+    "2.8": (("12.6", "12.8"), ("3.9", "3.10", "3.11", "3.12", "3.13")),
+    "2.9": (("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13")),
+    "2.10": (("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13")),
+    "2.11": (("12.6", "12.8", "13.0"), ("3.10", "3.11", "3.12", "3.13")),
+    "2.12": (("13.0",), ("3.10", "3.11", "3.12", "3.13")),
+    "2.13": ((), ("3.10", "3.11", "3.12", "3.13")),
+}
+# The newest gcc-toolset each older nvcc accepts as host compiler (CI builds in manylinux_2_28,
+# whose default gcc is newer); the other toolkits take the default.
+HOST_GCC = {"11.8": "11", "12.4": "13", "12.6": "13"}
+# libraries a wheel must link but never carry: torch's wheels (and the driver) provide them.
+AUDITWHEEL_EXCLUDES = ("libtorch*.so", "libc10*.so", "libcuda.so.*", "libcudart.so.*")
+
+
+def _build_config():
+    """childopt/_build_config.py by path: the arch table, labels and MAX_JOBS, without importing childopt."""
+    spec = importlib.util.spec_from_file_location("_childopt_build_config", REPO / "childopt" / "_build_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cfg = _build_config()
+
+
+def say(message: str) -> None:
+    print(f"build_wheels: {message}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    say("$ " + " ".join(map(str, cmd)))
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def cu_label(cuda: str) -> str:
+    """``cpu`` or ``cu128`` (the download.pytorch.org index of that CUDA)."""
+    return "cpu" if cuda == "cpu" else "cu" + cuda.replace(".", "")
+
+
+def matrix() -> list[dict]:
+    """Every (cuda, torch, python) cell, with its host gcc: CPU for each torch release, plus its CUDA versions."""
+    return [{"cuda": cuda, "torch": torch, "python": python, "gcc": HOST_GCC.get(cuda, "")}
+            for torch, (cudas, pythons) in TORCH_RELEASES.items()
+            for cuda in ("cpu", *cudas) for python in pythons]
+
+
+# ----------------------------------------------------------------------------- CUDA toolkits
+
+
+def pip_toolkit_packages(cuda: str) -> list[str]:
+    """NVIDIA's PyPI packages that make up nvcc and the CUDA runtime headers of ``cuda`` (e.g. "13.0").
+
+    Only CUDA 13's nvidia-cuda-nvcc holds the nvcc driver; nvidia-cuda-nvcc-cu11 / -cu12 ship
+    ptxas alone (checked for 11.8, 12.6, 12.8, 12.9), so those versions need a system toolkit.
+    """
+    if int(cuda.split(".")[0]) < 13:
+        raise SystemExit(f"CUDA {cuda}: PyPI's nvidia-cuda-nvcc-cu{cuda.split('.')[0]} has ptxas but no nvcc; "
+                         f"install that toolkit (e.g. /usr/local/cuda-{cuda}) and pass --toolkit system")
+    return [f"nvidia-cuda-{part}=={cuda}.*" for part in ("nvcc", "crt", "runtime", "cccl")] + [f"nvidia-nvvm=={cuda}.*"]
+
+
+def pip_toolkit(cuda: str) -> Path:
+    """A CUDA_HOME (bin, nvvm, include, lib64) assembled from NVIDIA's PyPI packages, cached in build/wheels."""
+    home = WORK / f"toolkit-{cu_label(cuda)}"
+    if (home / "bin" / "nvcc").is_file():
+        return home
+    WORK.mkdir(parents=True, exist_ok=True)
+    site = Path(tempfile.mkdtemp(prefix=f"toolkit-{cu_label(cuda)}-", dir=WORK))
+    run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site,
+         *pip_toolkit_packages(cuda)])
+    staging = Path(tempfile.mkdtemp(prefix=".home-", dir=WORK))
+    # The packages split one toolkit over nvidia/<part>/{bin,include,lib,nvvm}; nvcc.profile
+    # expects them under one root (TOP = bin/..), so they are merged into the CUDA_HOME layout.
+    for part in sorted(p for p in (site / "nvidia").iterdir() if p.is_dir()):
+        for name, target in (("bin", "bin"), ("include", "include"), ("lib", "lib64"), ("nvvm", "nvvm")):
+            if (part / name).is_dir():
+                shutil.copytree(part / name, staging / target, dirs_exist_ok=True)
+    for library in (staging / "lib64").glob("libcudart.so.*"):
+        (staging / "lib64" / "libcudart.so").symlink_to(library.name)
+    shutil.rmtree(site)
+    os.replace(staging, home)
+    return home
+
+
+def toolkit(cuda: str, kind: str, template: str) -> Path:
+    """CUDA_HOME of ``cuda``; its nvcc must report that release."""
+    home = pip_toolkit(cuda) if kind == "pip" else Path(template.format(version=cuda))
+    nvcc = home / "bin" / "nvcc"
+    banner = cfg.tool_version(str(nvcc))
+    release = cfg.toolkit_release(banner)
+    if release is None or f"{release[0]}.{release[1]}" != cuda:
+        raise SystemExit(f"{nvcc} is not CUDA {cuda} ({banner or 'does not run'}); pass --toolkit pip or a "
+                         "--cuda-home template naming that toolkit")
+    return home
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+def python_for(version: str) -> str:
+    """An interpreter of Python ``version``: pythonX.Y on PATH, or a manylinux image's /opt/python/cpXY-cpXY."""
+    tag = "cp" + version.replace(".", "")
+    for candidate in (shutil.which(f"python{version}"), f"/opt/python/{tag}-{tag}/bin/python"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise SystemExit(f"no Python {version} found (python{version} on PATH or /opt/python/{tag}-{tag})")
+
+
+def build_env(cuda: str, torch_release: str, python: str, index: str) -> Path:
+    """A virtual environment with torch ``torch_release`` for ``cuda`` and the build requirements."""
+    env = WORK / f"venv-{cu_label(cuda)}torch{torch_release}-py{python}"
+    interpreter = env / "bin" / "python"
+    if not interpreter.exists():
+        run([python_for(python), "-m", "venv", env])
+    run([interpreter, "-m", "pip", "install", "--quiet", f"torch=={torch_release}.*",
+         "--index-url", index.format(label=cu_label(cuda)), "--extra-index-url", "https://pypi.org/simple"])
+    run([interpreter, "-m", "pip", "install", "--quiet", "setuptools>=64", "wheel", "ninja"])
+    return interpreter
+
+
+def torch_of(interpreter: Path | str) -> dict:
+    """torch's release and CUDA in ``interpreter``'s environment."""
+    code = "import json, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda}))"
+    out = subprocess.run([str(interpreter), "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- one wheel
+
+
+def wheel_record(wheel: Path) -> dict:
+    """The _build_info.json inside ``wheel`` (SystemExit when it is missing: then no module was built)."""
+    with zipfile.ZipFile(wheel) as z:
+        try:
+            return json.loads(z.read(f"childopt/{cfg.BUILD_INFO_FILE}"))
+        except KeyError:
+            raise SystemExit(f"{wheel.name} has no childopt/{cfg.BUILD_INFO_FILE}: childopt._C was not built") from None
+
+
+def repair(wheel: Path, out: Path, interpreter: Path | str, plat: str) -> Path:
+    """auditwheel repair to the manylinux tag ``plat``, grafting nothing that torch or the driver provides."""
+    torch_lib = subprocess.run([str(interpreter), "-c", "import torch, os; print(os.path.dirname(torch.__file__))"],
+                               check=True, capture_output=True, text=True).stdout.strip() + "/lib"
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [torch_lib, os.environ.get("LD_LIBRARY_PATH")]))}
+    before = set(out.glob("*.whl"))
+    excludes = [arg for name in AUDITWHEEL_EXCLUDES for arg in ("--exclude", name)]
+    run([sys.executable, "-m", "auditwheel", "repair", "--plat", plat, *excludes, "-w", out, wheel], env=env)
+    (repaired,) = set(out.glob("*.whl")) - before
+    return repaired
+
+
+def build_wheel(cuda: str, interpreter: Path | str, cuda_home: Path | None, out: Path, plat: str | None) -> Path:
+    """Build, check and (with ``plat``) repair one wheel with ``interpreter``'s torch; returns its path."""
+    torch = torch_of(interpreter)
+    if (cuda == "cpu") != (torch["cuda"] is None) or (cuda != "cpu" and torch["cuda"] != cuda):
+        raise SystemExit(f"asked for {cu_label(cuda)}, but {interpreter} has torch {torch['version']} "
+                         f"(CUDA {torch['cuda']})")
+    env = {**os.environ, "CHILDOPT_BUILD_EXT": "1"}
+    env.pop("CHILDOPT_LOCAL_VERSION", None)
+    with_cuda = cuda_home is not None
+    if with_cuda:
+        archs = cfg.aot_archs(cfg.toolkit_release(cfg.tool_version(str(cuda_home / "bin" / "nvcc"))))
+        env.update(CUDA_HOME=str(cuda_home), CHILDOPT_CUDA_ARCHS=";".join(archs),
+                   PATH=f"{cuda_home / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    env["MAX_JOBS"] = env.get("MAX_JOBS") or str(cfg.max_jobs(with_cuda))
+    label = cfg.local_version({"torch_version": torch["version"], "torch_cuda": torch["cuda"]}, with_cuda)
+    say(f"building the +{label} wheel (MAX_JOBS={env['MAX_JOBS']}"
+        + (f", archs {env['CHILDOPT_CUDA_ARCHS']})" if with_cuda else ")"))
+    WORK.mkdir(parents=True, exist_ok=True)
+    raw = Path(tempfile.mkdtemp(prefix="raw-", dir=WORK))
+    # setuptools builds in REPO/build: objects of another torch or CUDA must not be reused.
+    for stale in (REPO / "build").iterdir():
+        if stale.name.startswith(("lib", "temp", "bdist")):
+            shutil.rmtree(stale)
+    run([interpreter, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", raw, REPO], env=env)
+    (wheel,) = raw.glob("childopt-*.whl")
+    if f"+{label}-" not in wheel.name:
+        raise SystemExit(f"{wheel.name} does not carry the label +{label}")
+    record = wheel_record(wheel)
+    if bool(record.get("with_cuda")) != with_cuda:
+        raise SystemExit(f"{wheel.name}: with_cuda={record.get('with_cuda')} in its build record, expected {with_cuda}")
+    out.mkdir(parents=True, exist_ok=True)
+    if plat:
+        final = repair(wheel, out, interpreter, plat)
+    else:
+        final = out / wheel.name
+        shutil.move(wheel, final)
+    shutil.rmtree(raw, ignore_errors=True)
+    say(f"built {final.name}: torch {record['torch_version']}, "
+        + (f"CUDA {record['torch_cuda']} for {';'.join(record['archs'])}" if with_cuda else "CPU kernels"))
+    return final
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda", nargs="+", default=[], metavar="VERSION", help="cpu and/or CUDA versions (12.8 ...)")
+    parser.add_argument("--torch", nargs="+", default=[], metavar="A.B", help="torch releases (default: all known)")
+    parser.add_argument("--python", nargs="+", default=[f"{sys.version_info[0]}.{sys.version_info[1]}"],
+                        metavar="X.Y", help="Python versions (default: this one)")
+    parser.add_argument("--in-this-env", action="store_true",
+                        help="build with this interpreter and its installed torch instead of new environments")
+    parser.add_argument("--toolkit", choices=("system", "pip"), default="system",
+                        help="where each CUDA's nvcc comes from (default: system, see --cuda-home)")
+    parser.add_argument("--cuda-home", default="/usr/local/cuda-{version}", metavar="TEMPLATE",
+                        help="CUDA_HOME of each version for --toolkit system (default: /usr/local/cuda-{version})")
+    parser.add_argument("--index", default="https://download.pytorch.org/whl/{label}", metavar="URL",
+                        help="torch's wheel index; {label} becomes cpu, cu128, ... (default: download.pytorch.org). "
+                             "https://pypi.org/simple serves each release's default CUDA (2.11: 13.0)")
+    parser.add_argument("--repair", nargs="?", const="auto", metavar="PLAT",
+                        help="auditwheel repair to PLAT (default: auto, the most compatible tag the wheel allows; "
+                             "CI builds in manylinux_2_28 and asks for manylinux_2_28_x86_64)")
+    parser.add_argument("--out", type=Path, default=REPO / "dist", help="where the wheels go (default: dist/)")
+    parser.add_argument("--print-matrix", action="store_true", help="print the CI matrix as JSON and exit")
+    args = parser.parse_args(argv)
+    if not args.print_matrix and not args.cuda:
+        parser.error("--cuda is required: cpu and/or CUDA versions, e.g. --cuda cpu 12.8")
+    for cuda in args.cuda:
+        if cuda != "cpu" and cfg.toolkit_release(f"release {cuda}") is None:
+            parser.error(f"--cuda: {cuda!r} is neither cpu nor a CUDA version like 12.8")
+    unknown = [t for t in args.torch if t not in TORCH_RELEASES]
+    if unknown and not args.in_this_env:
+        parser.error(f"--torch: {', '.join(unknown)} not in the known releases ({', '.join(TORCH_RELEASES)})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.print_matrix:
+        print(json.dumps({"include": matrix()}))
+        return 0
+    built = []
+    for cuda in args.cuda:
+        home = None if cuda == "cpu" else toolkit(cuda, args.toolkit, args.cuda_home)
+        if args.in_this_env:
+            built.append(build_wheel(cuda, sys.executable, home, args.out, args.repair))
+            continue
+        for torch_release in args.torch or list(TORCH_RELEASES):
+            cudas, pythons = TORCH_RELEASES[torch_release]
+            if cuda != "cpu" and cuda not in cudas:
+                say(f"skipping {cu_label(cuda)} x torch {torch_release}: torch {torch_release} has no CUDA {cuda} build")
+                continue
+            for python in args.python:
+                if python not in pythons:
+                    say(f"skipping Python {python} x torch {torch_release}: not a Python torch {torch_release} supports")
+                    continue
+                interpreter = build_env(cuda, torch_release, python, args.index)
+                built.append(build_wheel(cuda, interpreter, home, args.out, args.repair))
+    for wheel in built:
+        print(wheel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

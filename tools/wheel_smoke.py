@@ -1,0 +1,96 @@
+"""Smoke test of an installed childopt wheel, run in a fresh environment holding torch and the wheel.
+
+    python tools/wheel_smoke.py            # the prebuilt childopt._C must fit and load
+    python tools/wheel_smoke.py --guard    # after its _build_info.json was altered: one warning, a fallback
+
+Default: ``import childopt`` prints no guard warning, the prebuilt module loads (no JIT build),
+and its CPU ops step MaskedAdamW (none / dense freeze / Bernoulli freeze) like the reference
+backend: within 1e-6 relative (the two differ only in float32 rounding order) and, under
+freeze, masked-out entries bit-identical and the moved entries exactly the Philox draw.
+``--guard``: the import prints the guard's message once, the prebuilt module is not loaded, and
+``backend='auto'`` still steps correctly (Triton where it runs, else the reference backend).
+CUDA ops are not exercised: that needs a GPU (``pytest -m cuda`` there).
+"""
+import argparse
+import io
+import logging
+import sys
+
+
+def capture_childopt_log() -> io.StringIO:
+    """What the "childopt" logger says from here on (the guard's warning goes there)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("childopt")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return stream
+
+
+def step_twice(backend: str, mask_kind: str):
+    """Parameters after two steps of MaskedAdamW on fixed data, and the Bernoulli keep pattern of step 2."""
+    import torch
+
+    from childopt import MaskedAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(1000, generator=gen, requires_grad=True), torch.randn(33, 7, generator=gen, requires_grad=True)]
+    start = [p.detach().clone() for p in params]
+    kwargs = {"lr": 1e-2, "weight_decay": 0.01, "backend": backend, "seed": 7}
+    if mask_kind == "dense":
+        kwargs.update(mask={p: torch.rand(p.shape, generator=gen) < 0.3 for p in params}, masked="freeze")
+    elif mask_kind == "bernoulli":
+        kwargs.update(reserve_p=0.3, masked="freeze")
+    opt = MaskedAdamW(params, **kwargs)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach() for p in params], start
+
+
+def check_steps(backend: str) -> None:
+    import torch
+
+    for mask_kind in ("none", "dense", "bernoulli"):
+        got, start = step_twice(backend, mask_kind)
+        want, _ = step_twice("reference", mask_kind)
+        for g, w, s in zip(got, want, start):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"{backend} vs reference, mask {mask_kind}")
+            if mask_kind != "none":
+                frozen = w == s
+                assert torch.equal(g[frozen], s[frozen]), f"{backend}: frozen entries moved (mask {mask_kind})"
+        print(f"ok: {backend} matches the reference backend, mask {mask_kind}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--guard", action="store_true", help="expect the guard's warning and a fallback")
+    args = parser.parse_args(argv)
+    log = capture_childopt_log()
+    import childopt
+    from childopt import _ext
+
+    record = _ext.prebuilt_record()
+    assert record and "unreadable" not in record, f"no readable build record beside {childopt.__file__}: {record}"
+    print(f"childopt {record.get('version')} from {childopt.__file__}")
+    warnings = [line for line in log.getvalue().splitlines() if "prebuilt" in line]
+    if args.guard:
+        assert len(warnings) == 1, f"expected one guard warning at import, got {warnings}"
+        print(f"guard: {warnings[0]}")
+        module, how = _ext.try_load(build=False)
+        assert module is None or not how.startswith("prebuilt"), f"the mismatched prebuilt module was loaded: {how}"
+        check_steps("auto")
+        again = [line for line in log.getvalue().splitlines() if "prebuilt" in line]
+        assert again == warnings, f"the guard spoke more than once: {again}"
+    else:
+        assert not warnings, f"the installed build was refused: {warnings}"
+        module, how = _ext.try_load(build=False)
+        assert module is not None and how.startswith("prebuilt"), f"the prebuilt childopt._C did not load: {how}"
+        print(f"loaded: {how}")
+        check_steps("native")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
