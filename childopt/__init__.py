@@ -1,6 +1,10 @@
 """childopt: fused masked AdamW optimizers for child-network fine-tuning."""
+from childopt import _ext
 from childopt.deltas import SparseDelta
 from childopt.optim import ChildTuningAdamW, MaskedAdamW
 
 __all__ = ["MaskedAdamW", "ChildTuningAdamW", "SparseDelta"]
 __version__ = "0.1.0"
+
+# The runtime guard of an installed build: one message now if childopt._C was built for another torch.
+_ext.check_installed_build()

@@ -361,12 +361,41 @@ def check_prebuilt(rt: dict, package_dir: Path | None = None) -> tuple[Path | No
     library = package_dir / str(record.get("file", ""))
     if not record.get("file") or not library.is_file():
         return None, f"the prebuilt childopt._C named by {cfg.BUILD_INFO_FILE} is missing ({library})"
-    why = cfg.check_record(record, rt)
+    why = cfg.check_record(record, rt, same_release=True)
     if why is not None:
         return None, f"the prebuilt childopt._C does not fit: {why}"
     kind = f"CUDA {record.get('torch_cuda')} for {';'.join(record.get('archs') or [])}" if record.get("with_cuda") \
         else "CPU"
     return library, f"prebuilt for torch {record.get('torch_version')}, {kind}"
+
+
+# What happens instead of a prebuilt module that does not fit: the same words at import and at load.
+PREBUILT_FALLBACK = ("using a JIT build for this torch instead (backend='native' or python -m childopt build "
+                     "compiles it; until then backend='auto' takes Triton, then the reference backend)")
+
+
+def check_installed_build() -> str | None:
+    """At ``import childopt``: one warning if the installed childopt._C was built for another torch,
+    CUDA, C++ ABI, Python or platform; returns that message (None when it fits or there is none).
+
+    Nothing is loaded and no GPU is queried (that would start CUDA at import, which breaks
+    fork-based workers): the arch list is checked against the GPUs when the module is first
+    loaded.  Never raises: a broken record must not break ``import childopt``.
+    """
+    try:
+        if prebuilt_record() is None:
+            return None
+        rt = {**cfg.torch_facts(), "python": cfg.python_tag(), "platform": cfg.platform_tag(), "sources": None,
+              "gpus": [], "want_cuda": False}
+        library, why = check_prebuilt(rt)
+    except Exception as exc:  # noqa: BLE001 - the guard must never break the import
+        log.debug("childopt: checking the prebuilt childopt._C failed: %s", exc)
+        return None
+    if library is not None:
+        return None
+    message = f"childopt: {why}; {PREBUILT_FALLBACK}"
+    _warn_once(("prebuilt",), message)
+    return message
 
 
 # ----------------------------------------------------------------------------- published builds
@@ -787,7 +816,7 @@ def _find_or_build(allow_build: bool):
                 _warn_once(("prebuilt",), f"childopt: the prebuilt childopt._C does not load ({exc}); "
                                           "using a JIT build instead")
         elif prebuilt_record() is not None:
-            _warn_once(("prebuilt",), f"childopt: {why}; using a JIT build instead")
+            _warn_once(("prebuilt",), f"childopt: {why}; {PREBUILT_FALLBACK}")
     spec = build_spec(rt=rt)
     found = find_published(spec, newer_than=_PROCESS_START if force else None)
     if found is not None:

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import childopt
 from childopt import _build_config as cfg
 from childopt import _ext
 
@@ -385,7 +386,7 @@ def test_a_prebuilt_for_another_torch_gives_one_warning_and_the_jit_build(built_
     warnings = [line for line in result.stderr.splitlines() if "prebuilt" in line]
     assert len(warnings) == 1, result.stderr
     assert "it was built for torch 2.0.0+cpu" in warnings[0] and f"this is torch {torch.__version__}" in warnings[0]
-    assert "using a JIT build instead" in warnings[0]
+    assert _ext.PREBUILT_FALLBACK in warnings[0]
     assert _loaded_path(result.stdout).startswith(str(built_cache.cache / built_cache.spec.dirname))
 
 
@@ -587,11 +588,12 @@ def test_setup_py_builds_the_extension_only_when_asked(tmp_path):
             "ext = seen.get('ext_modules', [None])[0]; "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'ext': ext and [ext.name, ext.sources, "
             "ext.extra_compile_args, ext.include_dirs], 'cmd': sorted(seen.get('cmdclass', {})), "
-            "'max_jobs': os.environ.get('MAX_JOBS')}))")
+            "'max_jobs': os.environ.get('MAX_JOBS'), 'version': seen.get('version')}))")
     env = _env(tmp_path / "cache")
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert plain.returncode == 0, plain.stderr
-    assert json.loads(plain.stdout.splitlines()[-1]) == {"torch": False, "ext": None, "cmd": [], "max_jobs": None}
+    assert json.loads(plain.stdout.splitlines()[-1]) == {"torch": False, "ext": None, "cmd": [], "max_jobs": None,
+                                                         "version": childopt.__version__}
     aot = subprocess.run([sys.executable, "-c", code], env={**env, "CHILDOPT_BUILD_EXT": "1"}, capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert aot.returncode == 0, aot.stderr
@@ -603,6 +605,11 @@ def test_setup_py_builds_the_extension_only_when_asked(tmp_path):
     assert args == {"cxx": cfg.cxx_flags(with_cuda), "nvcc": cfg.nvcc_flags(with_cuda)}
     assert str(REPO / "csrc" / "include") in includes
     assert ("CPU kernels only" in aot.stderr) is not with_cuda
+    assert seen["version"] == f"{childopt.__version__}+{cfg.local_version(cfg.torch_facts(), with_cuda)}"
+    labelled = subprocess.run([sys.executable, "-c", code], env={**env, "CHILDOPT_BUILD_EXT": "1",
+                                                               "CHILDOPT_LOCAL_VERSION": ""},
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert json.loads(labelled.stdout.splitlines()[-1])["version"] == childopt.__version__, "an empty label: none"
 
 
 def test_a_regular_install_ships_the_sources(tmp_path):
