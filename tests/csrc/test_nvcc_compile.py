@@ -1,4 +1,5 @@
-"""Compile-only check of every CUDA file in csrc/cuda with nvcc, for sm_80 and sm_90.
+"""Compile-only check of every CUDA file in csrc/cuda with nvcc, for every arch a wheel built
+with this toolkit carries (childopt._build_config.aot_archs), the PTX of the newest included.
 
 The .cu files include no torch header (only csrc/include and the CUDA runtime), so nvcc
 compiles each alone.  Runs wherever nvcc exists (a CUDA toolkit, no GPU needed) and is skipped,
@@ -14,7 +15,6 @@ from childopt import _build_config as cfg
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_FILES = sorted((CSRC / "cuda").glob("*.cu"))
-ARCHS = ("80", "90")
 
 
 def _nvcc():
@@ -33,9 +33,20 @@ def test_there_are_cuda_files_to_check():
     assert CUDA_FILES, f"no .cu files under {CSRC / 'cuda'}"
 
 
+def _gencode_flags() -> list[str]:
+    """-gencode flags of the toolkit's ahead-of-time arch list: a cubin per arch, PTX for the +PTX one."""
+    flags = []
+    for arch in cfg.aot_archs(cfg.toolkit_release(cfg.tool_version(NVCC))):
+        sm = arch.split("+")[0].replace(".", "")
+        flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
+    return flags
+
+
 @pytest.mark.parametrize("source", CUDA_FILES, ids=[p.name for p in CUDA_FILES])
-def test_cuda_file_compiles_for_sm80_and_sm90(source, tmp_path):
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+def test_cuda_file_compiles_for_every_arch_of_the_wheel(source, tmp_path):
+    gencode = _gencode_flags()
     cmd = [NVCC, "-c", *cfg.nvcc_flags(with_cuda=True), "-I", str(CSRC / "include"), *gencode,
            str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,186 @@
+"""Wheels (tools/build_wheels.py, setup.py's labels) and the runtime guard of an installed build.
+
+The end-to-end test builds the ``+cpu`` wheel with the running torch, installs it into a fresh
+virtual environment with nothing but torch and childopt's dependencies, and runs
+tools/wheel_smoke.py there: the prebuilt childopt._C loads with no JIT build and its ops step
+like the reference backend; then, with the installed build record altered to another torch,
+the guard warns once at import and the optimizer falls back and stays correct.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from childopt import _build_config as cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_wheels = _load_tool("build_wheels")
+
+
+@pytest.mark.parametrize("banner, release", [
+    ("Cuda compilation tools, release 13.0, V13.0.88", (13, 0)),
+    ("Cuda compilation tools, release 11.8, V11.8.89", (11, 8)),
+    ("gcc (Debian 12.2.0-14) 12.2.0", None),
+    (None, None),
+])
+def test_toolkit_release_is_read_from_the_nvcc_banner(banner, release):
+    assert cfg.toolkit_release(banner) == release
+
+
+def test_each_toolkit_has_an_explicit_arch_list_with_ptx_on_the_newest():
+    assert cfg.aot_archs((11, 8)) == ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0+PTX")
+    assert cfg.aot_archs((12, 6)) == cfg.aot_archs((11, 8))            # Blackwell needs 12.8
+    assert cfg.aot_archs((12, 8))[-3:] == ("9.0", "10.0", "12.0+PTX")
+    assert cfg.aot_archs((13, 0))[0] == "7.5" and "11.0" in cfg.aot_archs((13, 0))  # 13 dropped Volta
+    with pytest.raises(ValueError, match="older than the oldest toolkit"):
+        cfg.aot_archs((11, 7))
+
+
+def test_the_local_nvcc_compiles_every_arch_of_its_list():
+    home = cfg.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit here (set CUDA_HOME)")
+    nvcc = str(Path(home) / "bin" / "nvcc")
+    known = set(re.findall(r"compute_(\d+)", subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True,
+                                                           text=True, timeout=60).stdout))
+    archs = cfg.aot_archs(cfg.toolkit_release(cfg.tool_version(nvcc)))
+    assert {a.split("+")[0].replace(".", "") for a in archs} <= known, (archs, sorted(known))
+
+
+def test_wheel_labels_name_torchs_cuda_and_release():
+    assert cfg.local_version({"torch_version": "2.11.0+cu130", "torch_cuda": "13.0"}, True) == "cu130torch2.11"
+    assert cfg.local_version({"torch_version": "2.13.0+cpu", "torch_cuda": None}, False) == "cputorch2.13"
+    # A CUDA torch without nvcc builds CPU kernels only, and says so.
+    assert cfg.local_version({"torch_version": "2.8.0", "torch_cuda": "12.8"}, False) == "cputorch2.8"
+
+
+def test_an_installed_build_fits_any_torch_of_its_release_only():
+    record = {"torch_version": "2.11.0+cu130", "torch_git": "a" * 40, "torch_cuda": "13.0", "cxx11_abi": True,
+              "python": cfg.python_tag(), "platform": cfg.platform_tag(), "with_cuda": True, "archs": ["9.0+PTX"]}
+    patch = {**record, "torch_version": "2.11.1+cu130", "torch_git": "b" * 40, "gpus": [], "sources": None}
+    assert cfg.check_record(record, patch, same_release=True) is None
+    assert "built for torch 2.11.0" in cfg.check_record(record, patch)          # a JIT build needs the exact torch
+    assert "built for torch 2.11.0" in cfg.check_record(record, {**patch, "torch_version": "2.12.0+cu130"},
+                                                        same_release=True)
+    assert "CUDA 13.0" in cfg.check_record(record, {**patch, "torch_cuda": "12.8"}, same_release=True)
+
+
+def test_the_guard_speaks_once_at_import_and_never_raises(tmp_path, monkeypatch, caplog):
+    from childopt import _ext
+
+    monkeypatch.setattr(_ext, "PREBUILT_DIR", tmp_path)
+    monkeypatch.setattr(_ext, "_warned", set())
+    assert _ext.check_installed_build() is None, "no record: nothing to say"
+    (tmp_path / "_C.so").write_bytes(b"")
+    rt = {**cfg.torch_facts(), "python": cfg.python_tag(), "platform": cfg.platform_tag()}
+    (tmp_path / cfg.BUILD_INFO_FILE).write_text(json.dumps({**rt, "torch_version": "2.6.0", "file": "_C.so"}))
+    with caplog.at_level("WARNING", logger="childopt"):
+        message = _ext.check_installed_build()
+        assert _ext.check_installed_build() == message
+    assert f"built for torch 2.6.0" in message and f"this is torch {torch.__version__}" in message
+    assert _ext.PREBUILT_FALLBACK in message and caplog.text.count("built for torch 2.6.0") == 1
+    (tmp_path / cfg.BUILD_INFO_FILE).write_text(json.dumps({**rt, "file": "_C.so"}))
+    assert _ext.check_installed_build() is None, "a record for this torch fits (the GPU is checked at load)"
+    (tmp_path / cfg.BUILD_INFO_FILE).write_text("{not json")
+    assert "unreadable" in _ext.check_installed_build()
+
+
+def test_the_ci_matrix_covers_each_torch_release_for_cpu_and_its_cuda_versions():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "build_wheels.py"), "--print-matrix"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    cells = json.loads(out)["include"]
+    assert cells == build_wheels.matrix() and len({json.dumps(c, sort_keys=True) for c in cells}) == len(cells)
+    for release, (cudas, pythons) in build_wheels.TORCH_RELEASES.items():
+        assert {c["cuda"] for c in cells if c["torch"] == release} == {"cpu", *cudas}
+        for cuda in cudas:
+            assert cfg.aot_archs(tuple(int(x) for x in cuda.split("."))), cuda
+    assert "12.1" not in {c["cuda"] for c in cells}, "no torch >= 2.6 was built with CUDA 12.1"
+    # every gcc pin names a CUDA of the matrix
+    assert set(build_wheels.HOST_GCC) <= {c["cuda"] for c in cells}
+
+
+@pytest.mark.parametrize("argv, error", [
+    ([], "--cuda is required"),
+    (["--cuda", "12"], "neither cpu nor a CUDA version"),
+    (["--cuda", "cpu", "--torch", "1.13"], "not in the known releases"),
+])
+def test_build_wheels_refuses_bad_arguments(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        build_wheels.parse_args(argv)
+    assert error in capsys.readouterr().err
+
+
+def test_pip_toolkits_start_at_cuda_13():
+    assert build_wheels.pip_toolkit_packages("13.0") == ["nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-crt==13.0.*",
+                                                         "nvidia-cuda-runtime==13.0.*", "nvidia-cuda-cccl==13.0.*",
+                                                         "nvidia-nvvm==13.0.*"]
+    with pytest.raises(SystemExit, match="ptxas but no nvcc"):
+        build_wheels.pip_toolkit_packages("12.8")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _fresh_venv(path: Path) -> Path:
+    venv.EnvBuilder(with_pip=True).create(path)
+    return path / "bin" / "python"
+
+
+def test_the_cpu_wheel_builds_installs_in_a_fresh_venv_and_runs(tmp_path):
+    if torch.version.cuda:
+        pytest.skip("this torch has CUDA: the +cpu wheel is built where torch is a CPU build (CI)")
+    repair = ["--repair"] if importlib.util.find_spec("auditwheel") else []
+    build = subprocess.run([sys.executable, str(REPO / "tools" / "build_wheels.py"), "--cuda", "cpu", "--in-this-env",
+                            *repair, "--out", str(tmp_path / "dist")],
+                           capture_output=True, text=True, timeout=1800)
+    assert build.returncode == 0, build.stdout + build.stderr[-6000:]
+    (wheel,) = (tmp_path / "dist").glob("childopt-*.whl")
+    label = cfg.local_version(cfg.torch_facts(), with_cuda=False)
+    assert wheel.name.startswith(f"childopt-0.1.0+{label}-cp{sys.version_info[0]}{sys.version_info[1]}-")
+    if repair:
+        assert "manylinux" in wheel.name, wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(".libs/" in n for n in names), "auditwheel grafted a library torch provides"
+    record = json.loads(zipfile.ZipFile(wheel).read(f"childopt/{cfg.BUILD_INFO_FILE}"))
+    assert record["version"] == f"0.1.0+{label}" and record["torch_version"] == torch.__version__
+
+    python = _fresh_venv(tmp_path / "venv")
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={torch.__version__}",
+                              str(wheel)], capture_output=True, text=True, timeout=1800)
+    assert install.returncode == 0, install.stdout + install.stderr[-4000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHILDOPT_", "PYTHON", "TRITON_"))}
+    env["CHILDOPT_CACHE_DIR"] = str(tmp_path / "empty-cache")     # no JIT build to fall back on
+    smoke = [str(python), str(REPO / "tools" / "wheel_smoke.py")]
+    fits = subprocess.run(smoke, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert fits.returncode == 0, fits.stdout + fits.stderr[-4000:]
+    assert "loaded: prebuilt for torch" in fits.stdout and fits.stdout.count("ok: native matches") == 3
+
+    installed = subprocess.run([str(python), "-c", "import childopt, os; print(os.path.dirname(childopt.__file__))"],
+                               capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.split()[-1]
+    record_path = Path(installed) / cfg.BUILD_INFO_FILE
+    record_path.write_text(json.dumps({**record, "torch_version": "2.6.0+cpu"}))
+    guarded = subprocess.run([*smoke, "--guard"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert guarded.returncode == 0, guarded.stdout + guarded.stderr[-4000:]
+    assert "guard: childopt: the prebuilt childopt._C does not fit: it was built for torch 2.6.0+cpu" in guarded.stdout
+    assert guarded.stdout.count("ok: auto matches") == 3
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").glob("childopt_C-*")), \
+        "the guard's fallback must not compile anything unasked"
