@@ -71,7 +71,14 @@ inline at::ScalarType common_dtype(const char* what, at::TensorList list) {
   return dtype;
 }
 
-// Validates the arguments of adamw_step; returns the parameter dtype (grads share theirs).
+// The grads share the params' dtype, or are float32 (16-bit params trained with fp32 grads).
+inline void check_grad_dtype(at::TensorList params, at::TensorList grads) {
+  const auto p = params[0].scalar_type();
+  const auto g = grads[0].scalar_type();
+  TORCH_CHECK(g == p || g == at::kFloat, "childopt: grads must have the params' dtype (", p, ") or float32, got ", g);
+}
+
+// Validates the arguments of adamw_step.
 inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masks,
                              at::IntArrayRef rng_bases, int64_t mask_kind, bool amsgrad) {
@@ -91,6 +98,7 @@ inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::Te
   }
   common_dtype("params", params);
   common_dtype("grads", grads);
+  check_grad_dtype(params, grads);
 }
 
 inline void check_sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,
@@ -113,6 +121,7 @@ inline void check_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, at::kFloat, indices);
   common_dtype("params", params);
   common_dtype("grads", grads);
+  check_grad_dtype(params, grads);
   common_dtype("indices", indices);
 }
 

@@ -107,8 +107,6 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                                                          : BernoulliDraw{0, 0, 0, 0};
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
-  TORCH_CHECK(g_dtype == p_dtype || g_dtype == at::kFloat, "childopt: grads must have the params' dtype (", p_dtype,
-              ") or float32, got ", g_dtype);
   CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_adamw_step", [&] {
     if (g_dtype == p_dtype) {
       dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases,

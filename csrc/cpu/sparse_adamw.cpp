@@ -68,8 +68,6 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   const StepScalars s = step_scalars_from(scalars);
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
-  TORCH_CHECK(g_dtype == p_dtype || g_dtype == at::kFloat, "childopt: grads must have the params' dtype (", p_dtype,
-              ") or float32, got ", g_dtype);
   const bool wide = indices[0].scalar_type() == at::kLong;
   CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_sparse_adamw_step", [&] {
     using P = scalar_t;
