@@ -45,19 +45,6 @@ def _say(message):
     print(f"childopt setup.py: {message}", file=sys.stderr, flush=True)
 
 
-def _nvcc_archs(nvcc):
-    """The archs this nvcc can compile for ("80", "90", ...), or None if it cannot say."""
-    import re
-    import subprocess
-
-    try:
-        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = set(re.findall(r"compute_(\d+)", out))
-    return found or None
-
-
 def _arch_list(cfg, nvcc, nvcc_version):
     """CHILDOPT_CUDA_ARCHS, else the explicit list of this toolkit's release; each arch checked against nvcc."""
     env = os.environ.get("CHILDOPT_CUDA_ARCHS", "").strip()
@@ -68,8 +55,8 @@ def _arch_list(cfg, nvcc, nvcc_version):
         if release is None:
             raise SystemExit(f"cannot tell the CUDA release of {nvcc} ({nvcc_version!r}); set CHILDOPT_CUDA_ARCHS")
         archs, source = cfg.aot_archs(release), f"the list for CUDA {release[0]}.{release[1]}"
-    known = _nvcc_archs(nvcc)
-    missing = [a for a in archs if known is not None and a.split("+")[0].replace(".", "") not in known]
+    known = cfg.nvcc_archs(nvcc)
+    missing = [a for a in archs if known is not None and cfg.arch_id(a) not in known]
     if missing:
         raise SystemExit(f"{nvcc} ({nvcc_version}) cannot compile for {', '.join(missing)} (from {source}); "
                          "set CHILDOPT_CUDA_ARCHS to a list it supports")

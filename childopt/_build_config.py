@@ -41,10 +41,11 @@ CXX_JOB_BYTES = int(1.5 * 2**30)
 NVCC_JOB_BYTES = 4 * 2**30
 # The arch list of an ahead-of-time build (wheels; setup.py without CHILDOPT_CUDA_ARCHS), by the
 # oldest toolkit that compiles it: what torch's own wheels of that CUDA cover, from Volta (Turing
-# on CUDA 13, which dropped sm_70/72) to the newest arch the toolkit knows, with PTX for the newest
-# so later GPUs can JIT it.  Never the build machine's GPU: a wheel must run on the others too.
+# on CUDA 13, which dropped sm_70/72) to the newest x86-64 GPU arch the toolkit knows (not sm_110,
+# Jetson Thor, an aarch64 part), with PTX for the newest so later GPUs can JIT it.  Never the
+# build machine's GPU: a wheel must run on the others too.
 AOT_ARCHS_BY_TOOLKIT = (
-    ((13, 0), ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "11.0", "12.0")),
+    ((13, 0), ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")),
     ((12, 8), ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")),
     ((11, 8), ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0")),
 )
@@ -168,14 +169,39 @@ def torch_release(version: str | None) -> str | None:
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
+def is_final_release(version: str | None) -> bool:
+    """``2.11.1`` or ``2.11.1+cu130``; not a nightly (``.dev``), a pre-release or a source build (``a0+git``)."""
+    return bool(re.fullmatch(r"\d+\.\d+\.\d+(\+[A-Za-z0-9.]+)?", version or ""))
+
+
+def cuda_label(torch_cuda: str | None) -> str:
+    """``cu128`` for CUDA 12.8 (download.pytorch.org's index names), ``cpu`` for none."""
+    return f"cu{torch_cuda.replace('.', '')}" if torch_cuda else "cpu"
+
+
 def local_version(facts: dict, with_cuda: bool) -> str:
-    """A wheel's local version label: ``cu130torch2.11`` (torch's CUDA, not nvcc's), or ``cputorch2.13``.
+    """A wheel's local version label: ``cu130torch2.11`` (torch's CUDA, not nvcc's), ``cputorch2.13``,
+    or ``cu128cpuonlytorch2.8`` (CPU kernels for a CUDA torch: nvcc was missing).
 
     The torch part is there because childopt._C links libtorch's C++ ABI, which holds within a
     torch release, not across releases.
     """
-    device = f"cu{str(facts['torch_cuda']).replace('.', '')}" if with_cuda else "cpu"
+    device = cuda_label(facts["torch_cuda"]) + ("" if with_cuda or not facts["torch_cuda"] else "cpuonly")
     return f"{device}torch{torch_release(facts['torch_version'])}"
+
+
+def nvcc_archs(nvcc: str) -> set[str] | None:
+    """The archs ``nvcc --list-gpu-arch`` names (``"80"``, ``"90a"``, ...), or None if it cannot say."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(re.findall(r"compute_(\d+[a-z]?)", out)) or None
+
+
+def arch_id(arch: str) -> str:
+    """``"90a"`` from ``"9.0a"`` or ``"9.0a+PTX"``: the form nvcc's compute_/sm_ names use."""
+    return arch.split("+")[0].replace(".", "")
 
 
 def arch_covers(archs, capability: tuple[int, int]) -> tuple[bool, str]:
@@ -341,17 +367,24 @@ def check_record(record: dict, runtime: dict, *, same_release: bool = False) -> 
     the running torch's facts (torch_facts), ``python``, ``platform``, ``sources`` (the digest
     of the csrc/ that would be built now, or None), ``gpus`` (capabilities of the visible GPUs)
     and ``want_cuda`` (this machine would build CUDA kernels: a GPU, a CUDA torch and nvcc).
-    ``same_release`` accepts any torch of the recorded release (2.11.0 for 2.11.1): what an
-    installed wheel's ``torch2.11`` label promises; JIT builds need the exact torch.
+    ``same_release`` accepts another final release of the recorded torch release (2.11.0 for
+    2.11.1): what an installed wheel's ``torch2.11`` label promises.  Nightlies, pre-releases
+    and source builds promise no ABI, so they, and JIT builds, need the exact torch.
     """
     def differs(field):
         return record.get(field) != runtime.get(field)
 
-    torch_differs = (torch_release(record.get("torch_version")) != torch_release(runtime.get("torch_version"))
-                     if same_release else differs("torch_version") or differs("torch_git"))
+    built, running = record.get("torch_version"), runtime.get("torch_version")
+    if same_release and is_final_release(built) and is_final_release(running):
+        torch_differs = torch_release(built) != torch_release(running)
+    else:
+        torch_differs = differs("torch_version") or differs("torch_git")
     if torch_differs:
         return (f"it was built for torch {record.get('torch_version')} (git {str(record.get('torch_git'))[:12]}), "
                 f"this is torch {runtime.get('torch_version')} (git {str(runtime.get('torch_git'))[:12]})")
+    if differs("torch_hip"):
+        return (f"it was built for torch with ROCm {record.get('torch_hip')}, "
+                f"this torch has ROCm {runtime.get('torch_hip')}")
     if differs("torch_cuda"):
         return (f"it was built for torch with CUDA {record.get('torch_cuda')}, "
                 f"this torch has CUDA {runtime.get('torch_cuda')}")

@@ -226,16 +226,22 @@ def _gpu_capabilities() -> list[tuple[int, int]]:
     return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
 
 
-def runtime(csrc: Path | None = None) -> dict:
-    """The running torch, Python, platform, GPUs and nvcc, as build records are checked against."""
+def runtime(csrc: Path | None = None, probe: bool = True) -> dict:
+    """The running torch, Python, platform, GPUs and nvcc, as build records are checked against.
+
+    ``probe=False`` (import time) leaves out what is costly or must not happen yet: no GPU query
+    (it starts CUDA), no nvcc lookup, no source digest.
+    """
     facts = cfg.torch_facts()
+    base = {**facts, "python": cfg.python_tag(), "platform": cfg.platform_tag()}
+    if not probe:
+        return {**base, "sources": None, "gpus": [], "nvcc": None, "want_cuda": False}
     gpus = _gpu_capabilities()
     nvcc = None
     if facts["torch_cuda"] and not facts["torch_hip"]:
         nvcc = cfg.nvcc_path(_torch_cuda_home())
     csrc = csrc if csrc is not None else csrc_dir()
-    return {**facts, "python": cfg.python_tag(), "platform": cfg.platform_tag(),
-            "sources": cfg.source_digest(csrc) if csrc else None, "gpus": gpus, "nvcc": nvcc,
+    return {**base, "sources": cfg.source_digest(csrc) if csrc else None, "gpus": gpus, "nvcc": nvcc,
             "want_cuda": bool(gpus and nvcc)}
 
 
@@ -338,11 +344,12 @@ def prebuilt_record(package_dir: Path | None = None) -> dict | None:
     """The ``_build_info.json`` written by setup.py beside childopt._C, or None."""
     path = (package_dir or PREBUILT_DIR) / cfg.BUILD_INFO_FILE
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         return {"unreadable": f"{path}: {exc}"}
+    return record if isinstance(record, dict) else {"unreadable": f"{path}: not a JSON object"}
 
 
 def check_prebuilt(rt: dict, package_dir: Path | None = None) -> tuple[Path | None, str]:
@@ -385,9 +392,7 @@ def check_installed_build() -> str | None:
     try:
         if prebuilt_record() is None:
             return None
-        rt = {**cfg.torch_facts(), "python": cfg.python_tag(), "platform": cfg.platform_tag(), "sources": None,
-              "gpus": [], "want_cuda": False}
-        library, why = check_prebuilt(rt)
+        library, why = check_prebuilt(runtime(probe=False))
     except Exception as exc:  # noqa: BLE001 - the guard must never break the import
         log.debug("childopt: checking the prebuilt childopt._C failed: %s", exc)
         return None

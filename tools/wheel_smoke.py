@@ -5,10 +5,11 @@
 
 Default: ``import childopt`` prints no guard warning, the prebuilt module loads (no JIT build),
 and its CPU ops step MaskedAdamW (none / dense freeze / Bernoulli freeze) like the reference
-backend: within 1e-6 relative (the two differ only in float32 rounding order) and, under
-freeze, masked-out entries bit-identical and the moved entries exactly the Philox draw.
+backend: within 1e-6 relative (the two differ only in float32 rounding order), with the
+entries the reference leaves frozen bit-identical.
 ``--guard``: the import prints the guard's message once, the prebuilt module is not loaded, and
-``backend='auto'`` still steps correctly (Triton where it runs, else the reference backend).
+``backend='auto'`` (Triton where it runs, else the reference backend) steps as
+torch.optim.AdamW does.
 CUDA ops are not exercised: that needs a GPU (``pytest -m cuda`` there).
 """
 import argparse
@@ -27,40 +28,58 @@ def capture_childopt_log() -> io.StringIO:
     return stream
 
 
-def step_twice(backend: str, mask_kind: str):
-    """Parameters after two steps of MaskedAdamW on fixed data, and the Bernoulli keep pattern of step 2."""
+def step_twice(make_optimizer, mask_kind: str = "none"):
+    """Parameters after two steps of ``make_optimizer(params, **mask_kwargs)`` on fixed data, their start, and
+    the optimizer."""
     import torch
-
-    from childopt import MaskedAdamW
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(1000, generator=gen, requires_grad=True), torch.randn(33, 7, generator=gen, requires_grad=True)]
     start = [p.detach().clone() for p in params]
-    kwargs = {"lr": 1e-2, "weight_decay": 0.01, "backend": backend, "seed": 7}
+    mask_kwargs = {}
     if mask_kind == "dense":
-        kwargs.update(mask={p: torch.rand(p.shape, generator=gen) < 0.3 for p in params}, masked="freeze")
+        mask_kwargs = {"mask": {p: torch.rand(p.shape, generator=gen) < 0.3 for p in params}, "masked": "freeze"}
     elif mask_kind == "bernoulli":
-        kwargs.update(reserve_p=0.3, masked="freeze")
-    opt = MaskedAdamW(params, **kwargs)
+        mask_kwargs = {"reserve_p": 0.3, "masked": "freeze"}
+    opt = make_optimizer(params, **mask_kwargs)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
-    return [p.detach() for p in params], start
+    return [p.detach() for p in params], start, opt
 
 
-def check_steps(backend: str) -> None:
+def masked_adamw(backend: str):
+    from childopt import MaskedAdamW
+
+    return lambda params, **kw: MaskedAdamW(params, lr=1e-2, weight_decay=0.01, seed=7, backend=backend, **kw)
+
+
+def check_native_steps() -> None:
+    """The prebuilt module's CPU steps against the reference backend, mask by mask."""
     import torch
 
     for mask_kind in ("none", "dense", "bernoulli"):
-        got, start = step_twice(backend, mask_kind)
-        want, _ = step_twice("reference", mask_kind)
+        got, start, opt = step_twice(masked_adamw("native"), mask_kind)
+        want, _, _ = step_twice(masked_adamw("reference"), mask_kind)
+        assert opt.backend_name() == "native", opt.backend_name()
         for g, w, s in zip(got, want, start):
-            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"{backend} vs reference, mask {mask_kind}")
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"native vs reference, mask {mask_kind}")
             if mask_kind != "none":
                 frozen = w == s
-                assert torch.equal(g[frozen], s[frozen]), f"{backend}: frozen entries moved (mask {mask_kind})"
-        print(f"ok: {backend} matches the reference backend, mask {mask_kind}")
+                assert torch.equal(g[frozen], s[frozen]), f"native: frozen entries moved (mask {mask_kind})"
+        print(f"ok: native matches the reference backend, mask {mask_kind}")
+
+
+def check_fallback_step() -> None:
+    """backend='auto' once the guard refused the prebuilt module: it steps as torch.optim.AdamW does."""
+    import torch
+
+    got, _, opt = step_twice(masked_adamw("auto"))
+    want, _, _ = step_twice(lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"auto ({opt.backend_name()}) vs torch AdamW")
+    print(f"ok: auto took {opt.backend_name()} and matches torch.optim.AdamW")
 
 
 def main(argv=None) -> int:
@@ -80,7 +99,7 @@ def main(argv=None) -> int:
         print(f"guard: {warnings[0]}")
         module, how = _ext.try_load(build=False)
         assert module is None or not how.startswith("prebuilt"), f"the mismatched prebuilt module was loaded: {how}"
-        check_steps("auto")
+        check_fallback_step()
         again = [line for line in log.getvalue().splitlines() if "prebuilt" in line]
         assert again == warnings, f"the guard spoke more than once: {again}"
     else:
@@ -88,7 +107,7 @@ def main(argv=None) -> int:
         module, how = _ext.try_load(build=False)
         assert module is not None and how.startswith("prebuilt"), f"the prebuilt childopt._C did not load: {how}"
         print(f"loaded: {how}")
-        check_steps("native")
+        check_native_steps()
     return 0
 
 
