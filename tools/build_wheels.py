@@ -255,7 +255,13 @@ def smoke(wheel: Path, python: str, index: str, work: Path) -> Path:
     path = smoke_venv(work, wheel)
     shutil.rmtree(path, ignore_errors=True)
     cuda = record["torch_cuda"] or "cpu"
-    interpreter = venv_with_torch(path, python, f"torch=={record['torch_version']}", cuda, index)
+    # The public version: PyPI's torch says 2.11.0+cu130 at run time but 2.11.0 in its metadata.
+    public = record["torch_version"].split("+")[0]
+    interpreter = venv_with_torch(path, python, f"torch=={public}", cuda, index)
+    got = torch_of(interpreter)
+    if got["cuda"] != record["torch_cuda"]:
+        raise SystemExit(f"the smoke venv got torch {got['version']} (CUDA {got['cuda']}) from {index}, but "
+                         f"{wheel.name} needs CUDA {record['torch_cuda']}; pass an --index serving that build")
     run([interpreter, "-m", "pip", "install", "--quiet", wheel, "--extra-index-url", PYPI])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHILDOPT_", "PYTHON", "TRITON_"))}
     env["CHILDOPT_CACHE_DIR"] = str(path / "empty-cache")  # the prebuilt module must serve, no JIT build
