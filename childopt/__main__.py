@@ -44,12 +44,15 @@ def info() -> int:
     import childopt
     from childopt.bench import triton_version
 
+    from childopt import _ext
+
     cuda = torch.cuda.is_available()
-    print(f"childopt {childopt.__version__}")
+    record = _ext.prebuilt_record() or {}
+    # A wheel's build record names it with its label (0.1.0+cu130torch2.11).
+    print(f"childopt {record.get('version') or childopt.__version__}")
     print(f"torch    {torch.__version__} (built for CUDA {torch.version.cuda})")
     print(f"triton   {triton_version() or 'not installed'}")
     print(f"CUDA     {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}")
-    from childopt import _ext
 
     print("native   childopt._C %s: %s" % _ext.status())
     override = os.environ.get("CHILDOPT_BACKEND", "").strip()

@@ -188,6 +188,10 @@ def test_the_cpu_wheel_builds_installs_in_a_fresh_venv_and_runs(tmp_path):
     env["CHILDOPT_CACHE_DIR"] = str(tmp_path / "empty-cache")     # no JIT build to fall back on
     installed = subprocess.run([str(python), "-c", "import childopt, os; print(os.path.dirname(childopt.__file__))"],
                                capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.split()[-1]
+    shown = subprocess.run([str(python), "-m", "childopt", "info"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+    assert shown.stdout.startswith(f"childopt {record['version']}\n"), shown.stdout + shown.stderr[-2000:]
+    assert "native   childopt._C prebuilt:" in shown.stdout, shown.stdout
     (Path(installed) / cfg.BUILD_INFO_FILE).write_text(json.dumps({**record, "torch_version": "2.6.0+cpu"}))
     guarded = subprocess.run([str(python), str(REPO / "tools" / "wheel_smoke.py"), "--guard"], capture_output=True,
                              text=True, timeout=600, env=env, cwd=tmp_path)

@@ -13,6 +13,7 @@ torch.optim.AdamW does.
 CUDA ops are not exercised: that needs a GPU (``pytest -m cuda`` there).
 """
 import argparse
+import importlib.metadata
 import io
 import logging
 import sys
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     record = _ext.prebuilt_record()
     assert record and "unreadable" not in record, f"no readable build record beside {childopt.__file__}: {record}"
     print(f"childopt {record.get('version')} from {childopt.__file__}")
+    installed = importlib.metadata.version("childopt")
+    assert installed == record.get("version"), f"pip installed {installed}, the build record says {record.get('version')}"
     warnings = [line for line in log.getvalue().splitlines() if "prebuilt" in line]
     if args.guard:
         assert len(warnings) == 1, f"expected one guard warning at import, got {warnings}"
