@@ -5,8 +5,8 @@ import argparse
 import os
 
 COMMANDS = {
-    "bench": "time one optimizer step of torch AdamW, childopt and the ChildTuning loop "
-             "(python -m childopt bench --help)",
+    "bench": "time optimizer and training steps of torch AdamW, childopt, the ChildTuning loop and LoRA, "
+             "with the goals as ratios (python -m childopt bench --help)",
     "info": "versions, the GPU, and the backend auto picks per device, with the reason",
     "doctor": "what building and loading the native extension needs, its cache, builds and locks "
               "(python -m childopt doctor --help)",
@@ -74,9 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
     ns = parser.parse_args(argv)
     if ns.command == "bench":
-        from childopt import bench
+        from childopt import bench_report
 
-        return bench.main(ns.args)
+        return bench_report.main(ns.args)
     if ns.command == "finetune":
         from childopt import finetune
 

@@ -1,4 +1,5 @@
-"""``python -m childopt bench``: how fast one optimizer step is, and how close to memory bandwidth.
+"""The optimizer-step benchmark of ``python -m childopt bench``, and the measuring helpers every
+benchmark shares (timing, peak memory, copy bandwidth, environment, tables).
 
 Every row steps a fresh copy of the same parameter list (roberta-base shapes, shrunk on CPU and
 for ``--quick``) whose gradients are fixed random tensors set once, so only ``opt.step()`` is
@@ -11,10 +12,9 @@ has to move per element) and turns it into achieved GB/s, compared with the band
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import json
+import importlib.util
 import platform
 import resource
 import shutil
@@ -24,12 +24,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 from tqdm import tqdm
 
-from childopt import ChildTuningAdamW, MaskedAdamW, backends
+from childopt import ChildTuningAdamW, MaskedAdamW
 from childopt.baselines import ChildTuningReferenceAdamW
 
 WARMUP = 3
@@ -53,6 +53,9 @@ RESERVE_P = 0.3
 # effective bandwidth, comparable across rows and with the copy bandwidth.
 ADAMW_BYTES = 28
 MASK_BYTES = 1
+# bitsandbytes' 8-bit AdamW: p read + write 8, g 4, m and v one byte each read + written 4 (its
+# per-block scales are under 1%).
+ADAMW_8BIT_BYTES = 16
 # Sparse storage moves idx 4 + g 4 + p 4 + 4 + m 8 + v 8 = 32 B per *selected* entry.
 SPARSE_ENTRY_BYTES = 32
 SPARSE_DENSITIES = (0.01, 0.05, 0.1, 0.3)
@@ -111,6 +114,19 @@ def _dense_mask(params, density: float = DENSITY) -> dict:
     return {p: torch.rand(p.shape, device=p.device) < density for p in params}
 
 
+class Unavailable(RuntimeError):
+    """A row that cannot run here (a package or a GPU is missing); the message says which."""
+
+
+def adamw_8bit(params, **hyper) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW over ``params`` (a list), or :class:`Unavailable` saying what it needs."""
+    if importlib.util.find_spec("bitsandbytes") is None or params[0].device.type != "cuda":
+        raise Unavailable("bitsandbytes 8-bit AdamW needs the bitsandbytes package and a CUDA GPU")
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, **hyper)
+
+
 def _sparse_row(density: float) -> "RowSpec":
     """MaskedAdamW with sparse-index storage of a random child network of ``density``."""
     return RowSpec(f"masked-sparse-{density}", "MaskedAdamW", f"sparse {density}", SPARSE_ENTRY_BYTES * density,
@@ -144,6 +160,8 @@ ROWS = (
             lambda ps, backend: torch.optim.AdamW(ps, foreach=True, **HYPER), backend="torch"),
     RowSpec("adamw-fused", "torch AdamW", "fused", ADAMW_BYTES,
             lambda ps, backend: torch.optim.AdamW(ps, fused=True, **HYPER), backend="torch", optional=True),
+    RowSpec("adamw-8bit", "bitsandbytes AdamW8bit", "8-bit state", ADAMW_8BIT_BYTES,
+            lambda ps, backend: adamw_8bit(ps, **HYPER), backend="bitsandbytes", optional=True),
     RowSpec("masked-none", "MaskedAdamW", "mask=None", ADAMW_BYTES,
             lambda ps, backend: MaskedAdamW(ps, backend=backend, **HYPER)),
     RowSpec("masked-dense-freeze", "MaskedAdamW", f"dense {DENSITY} freeze", ADAMW_BYTES + MASK_BYTES,
@@ -167,6 +185,7 @@ ROWS = (
 class Row:
     """The measurements of one row (``pct_copy_bw`` and ``x_fused`` are set by :func:`compare`)."""
 
+    key: str
     optimizer: str
     mode: str
     backend: str
@@ -260,7 +279,7 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
     numel = sum(p.numel() for p in params)
     bytes_per_step = round(spec.bytes_per_element * numel)
     backend = spec.backend or opt.backend_name()
-    return Row(optimizer=spec.optimizer, mode=spec.mode, backend=backend, it_s=1.0 / seconds,
+    return Row(key=spec.key, optimizer=spec.optimizer, mode=spec.mode, backend=backend, it_s=1.0 / seconds,
                ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device), state_gb=state_gb(opt),
                bytes_per_step=bytes_per_step, gbps=bytes_per_step / seconds / 1e9, numel=numel, steps=steps)
 
@@ -296,8 +315,21 @@ def compare(rows: list[Row], copy_gbps: float) -> tuple[list[Row], str]:
     return compared, f"torch-{baseline.mode}"
 
 
+def aligned_table(columns, rows, numeric: Collection[int]) -> str:
+    """``rows`` as a text table of ``columns`` (header, cell function) pairs; the columns whose
+    index is in ``numeric`` are right-aligned, the others left-aligned."""
+    cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = []
+    for line in cells:
+        padded = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(padded).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row], baseline: str) -> str:
-    """The results as an aligned text table (text columns left-aligned, numbers right-aligned)."""
+    """The step rows as an aligned text table."""
     columns = (
         ("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.2f}"),
@@ -305,14 +337,7 @@ def format_table(rows: list[Row], baseline: str) -> str:
         ("GB/s", lambda r: f"{r.gbps:.1f}"), ("% copy BW", lambda r: f"{r.pct_copy_bw:.0f}%"),
         (f"x {baseline}", lambda r: f"{r.x_fused:.2f}x"),
     )
-    cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = []
-    for line in cells:
-        padded = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
-        lines.append("  ".join(padded))
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned_table(columns, rows, numeric=range(3, len(columns)))
 
 
 def triton_version() -> Optional[str]:
@@ -366,56 +391,6 @@ def environment(device: torch.device, args: dict) -> dict:
     }
 
 
-def plot(rows: list[Row], path: str, title: str) -> None:
-    """Save a two-panel horizontal bar chart: it/s, and peak and state GB, per optimizer and mode."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
-    labels = [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows]
-    ticks = list(range(len(rows)))
-    fig = Figure(figsize=(13, 1.0 + 0.6 * len(rows)), layout="constrained")
-    speed, memory = fig.subplots(1, 2, sharey=True)
-    bars = speed.barh(ticks, [r.it_s for r in rows], color="tab:blue")
-    speed.bar_label(bars, fmt="%.2f", padding=3)
-    speed.set_yticks(ticks, labels)
-    speed.invert_yaxis()
-    speed.set_xlabel("optimizer steps per second (higher is better)")
-    speed.margins(x=0.15)
-    for offset, attr, label, color in ((-0.2, "peak_gb", "peak GB", "tab:orange"),
-                                       (0.2, "state_gb", "state GB", "tab:green")):
-        values = [getattr(r, attr) for r in rows]
-        bars = memory.barh([t + offset for t in ticks], values, height=0.4, label=label, color=color)
-        memory.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
-    memory.set_xlabel("GB (lower is better)")
-    memory.legend(loc="lower right")
-    memory.margins(x=0.15)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line of ``python -m childopt bench``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m childopt bench",
-        description="Time one optimizer step of torch AdamW, the childopt optimizers and the ChildTuning loop, "
-                    "with memory and achieved bandwidth.")
-    parser.add_argument("--quick", action="store_true", help="a smaller parameter list and fewer steps")
-    parser.add_argument("--json", metavar="PATH", help="write the environment and every row as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="save a PNG bar chart (needs matplotlib)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        help="where the tensors live (default: cuda when available, else cpu)")
-    parser.add_argument("--steps", type=int, metavar="N", help="timed steps per row (default: by device and size)")
-    parser.add_argument("--backend", choices=backends.CHOICES, default="auto",
-                        help="the childopt backend of the childopt rows (default: auto's pick per device)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available to this torch")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args
-
-
 def run_rows(shapes, device: torch.device, *, warmup: int, steps: int,
              backend: str = "auto") -> tuple[list[Row], list[dict]]:
     """Measure every row of ``ROWS`` under a progress bar; optional rows that cannot run are skipped with the reason."""
@@ -426,52 +401,5 @@ def run_rows(shapes, device: torch.device, *, warmup: int, steps: int,
         except (RuntimeError, ValueError) as exc:
             if not spec.optional:
                 raise
-            skipped.append({"optimizer": spec.optimizer, "mode": spec.mode, "reason": str(exc)})
+            skipped.append({"key": spec.key, "optimizer": spec.optimizer, "mode": spec.mode, "reason": str(exc)})
     return rows, skipped
-
-
-def describe_run(device: torch.device, shapes, scale: float, layers: Optional[int], steps: int) -> dict:
-    """What was stepped and how it was measured, for the header and the JSON meta."""
-    rss_window = "each row's timed steps" if reset_peak_memory(device) else "process start"
-    return {
-        "peak_gb": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
-                    else f"process peak RSS since {rss_window}"),
-        "state_gb": "bytes of the tensors in optimizer.state",
-        "params": {"numel": sum(torch.Size(s).numel() for s in shapes), "tensors": len(shapes),
-                   "scale": scale, "layers": layers},
-        "warmup": WARMUP,
-        "steps": steps,
-    }
-
-
-def main(argv=None) -> int:
-    """Run every row, print the table, and write the JSON and the plot when asked."""
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scale, layers, default_steps = SIZES[(device.type, args.quick)]
-    steps = args.steps or default_steps
-    shapes = roberta_base_shapes(scale, layers)
-    meta = {**environment(device, vars(args)), **describe_run(device, shapes, scale, layers, steps)}
-    numel = meta["params"]["numel"]
-    print(f"childopt bench on {meta['device_name']} ({device}); torch {meta['torch']}, "
-          f"triton {meta['triton'] or 'not installed'}, CUDA {meta['cuda']}, python {meta['python']}")
-    print(f"{numel / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors; "
-          f"{WARMUP} warm-up + {steps} timed steps per row")
-    print(f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}")
-
-    copy_gbps = measure_copy_gbps(numel, device, warmup=WARMUP, steps=steps)
-    rows, skipped = run_rows(shapes, device, warmup=WARMUP, steps=steps, backend=args.backend)
-    rows, baseline = compare(rows, copy_gbps)
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), fp32, 8 B per element)")
-    print(format_table(rows, baseline))
-    for skip in skipped:
-        print(f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}")
-    if args.json:
-        report = {"meta": meta, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows],
-                  "skipped": skipped}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(rows, args.plot, f"childopt bench: {meta['device_name']}, {numel / 1e6:.1f}M fp32 params")
-        print(f"wrote {args.plot}")
-    return 0

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from childopt import MaskedAdamW, backends, philox
-from childopt import sparse as sparse_mod
-from childopt.backends.ops import StepScalars
 from childopt.backends import triton as triton_backend
 from childopt.kernels import masked_adamw
-from tests.helpers import MIXED_SHAPES, clone_params, grads_at, make_params, masks_for, snapshot, train
+from tests.helpers import MIXED_SHAPES, clone_params, make_params, train
 
 ODD_SHAPES = MIXED_SHAPES + [(0, 4), (1031,), (5, 0)]
 

@@ -1,0 +1,44 @@
+"""``python -m childopt bench`` end to end (one timed step per row), so the main job cannot rot."""
+import json
+
+import pytest
+
+from childopt import bench, bench_goals, bench_report, bench_train
+
+
+def test_quick_bench_writes_every_row_the_training_rows_and_the_goals(tmp_path, capsys):
+    out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
+    argv = ["--quick", "--steps", "1", "--json", str(out), "--plot", str(png), "--markdown", str(md)]
+    assert bench_report.main(argv) == 0
+    report = json.loads(out.read_text())
+    keys = {spec.key for spec in bench.ROWS}
+    assert {row["key"] for row in report["rows"]} | {row["key"] for row in report["skipped"]} == keys
+    for row in report["rows"]:
+        assert row["it_s"] > 0 and row["peak_gb"] > 0 and row["gbps"] > 0
+        spec = next(spec for spec in bench.ROWS if spec.key == row["key"])
+        assert row["bytes_per_step"] == round(row["numel"] * spec.bytes_per_element)
+    assert report["meta"]["torch"] and report["copy_gbps"] > 0
+    training = report["training"]
+    assert {r["key"] for r in training["rows"]} | {r["key"] for r in training["skipped"]} == set(bench_train.KINDS)
+    assert all(r["it_s"] > 0 and r["peak_gb"] > 0 for r in training["rows"])
+    by_key = {r["key"]: r for r in report["rows"]}
+    goals = {g["goal"]: g for g in report["goals"]}
+    loop = goals["ChildTuning-F: fused step vs the ChildTuning reference loop"]
+    assert loop["value"] == pytest.approx(by_key["childtuning-f"]["it_s"] / by_key["childtuning-f-loop"]["it_s"])
+    assert loop["met"] == (loop["value"] >= 10)
+    expected = bench_goals.step_goals([bench.Row(**r) for r in report["rows"]]) + \
+        bench_goals.training_goals([bench_train.TrainRow(**r) for r in training["rows"]])
+    assert list(goals) == [g.goal for g in expected]
+    printed = capsys.readouterr().out
+    assert "x torch-" in printed and "training step" in printed and "goals" in printed
+    assert png.stat().st_size > 10_000
+    summary = md.read_text()
+    assert f"python -m childopt bench {' '.join(argv)}" in summary and report["meta"]["torch"] in summary
+    assert bench.format_table([bench.Row(**r) for r in report["rows"]], "torch-fused") in summary
+    assert bench_goals.format_goals(expected) in summary
+
+
+def test_bad_steps_are_refused_with_the_option_named(capsys):
+    with pytest.raises(SystemExit):
+        bench_report.parse_args(["--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
