@@ -64,11 +64,13 @@ class CompactGradients:
     A post-accumulate-grad hook gathers the selected entries into a compact buffer (adding to it
     across micro-batches, in the gradient's dtype, as dense accumulation would) and sets
     ``p.grad = None`` at once, so the dense gradients of the model never live together.  The
-    hook holds the owner weakly: parameters do not keep an optimizer alive.
+    hook holds this object weakly and this object holds ``indices_of`` (the optimizer's bound
+    method) weakly: parameters do not keep an optimizer alive, and a dropped optimizer is freed
+    at once, without waiting for the cycle collector.
     """
 
     def __init__(self, indices_of: Callable[[torch.Tensor], torch.Tensor]):
-        self._indices_of = indices_of
+        self._indices_of = weakref.WeakMethod(indices_of)
         self.buffers: dict = {}
         self._handles: dict = {}
         self._stepped = False  # buffers were consumed by a step and not zeroed since
@@ -89,7 +91,7 @@ class CompactGradients:
         return list(self._handles)
 
     def accumulate(self, param: torch.Tensor) -> None:
-        selected = gather(param.grad, self._indices_of(param))
+        selected = gather(param.grad, self._indices_of()(param))
         buffer = self.buffers.get(param)
         if buffer is None:
             self.buffers[param] = selected
