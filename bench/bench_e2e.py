@@ -3,7 +3,7 @@ transformers RoBERTa built locally from a config, for every kind of :mod:`childo
 (roberta-base with bf16 autocast on a GPU, a scaled-down RoBERTa on CPU as the CI smoke run).
 Kinds that cannot run here (peft, bitsandbytes missing) are skipped with the reason.
 ``extra_info`` records it/s, peak GB (``max_memory_allocated`` on GPU, RSS on CPU) and the
-number of elements that get a gradient.
+number of parameter entries a step updates.
 """
 import pytest
 import torch
@@ -18,14 +18,11 @@ pytest.importorskip("transformers")
 def bench_training_step(benchmark, kind, device):
     device = torch.device(device)
     try:
-        step, model, opt = bench_train.training_step(kind, device)
+        step, model, opt = bench_train.warmed_up(kind, device, warmup=bench.WARMUP)
     except bench.Unavailable as exc:
         pytest.skip(str(exc))
-    step()  # compiles kernels and creates the optimizer state outside the measurement
-    bench.reset_peak_memory(device)
     benchmark(step)
-    benchmark.extra_info.update(peak_gb=bench.peak_memory_gb(device),
-                                grad_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    benchmark.extra_info.update(peak_gb=bench.peak_memory_gb(device), trained=bench_train.trained_entries(model, opt))
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None and stats.rounds:
         benchmark.extra_info["it_s"] = 1.0 / stats.median

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import importlib.util
 import platform
 import resource
@@ -118,6 +119,19 @@ class Unavailable(RuntimeError):
     """A row that cannot run here (a package or a GPU is missing); the message says which."""
 
 
+def skip_record(key: str, optimizer: str, mode: str, reason: str) -> dict:
+    """How a skipped row appears in the report and its JSON."""
+    return {"key": key, "optimizer": optimizer, "mode": mode, "reason": reason}
+
+
+def fused_adamw(params, **hyper) -> torch.optim.Optimizer:
+    """torch's fused AdamW, or :class:`Unavailable` where this torch has no fused kernel for the device."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **hyper)
+    except RuntimeError as exc:
+        raise Unavailable(f"torch.optim.AdamW(fused=True): {exc}") from exc
+
+
 def adamw_8bit(params, **hyper) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit AdamW over ``params`` (a list), or :class:`Unavailable` saying what it needs."""
     if importlib.util.find_spec("bitsandbytes") is None or params[0].device.type != "cuda":
@@ -138,9 +152,9 @@ def _sparse_row(density: float) -> "RowSpec":
 class RowSpec:
     """One benchmark row: how to build its optimizer over a parameter list, and its byte model.
 
-    ``make(params, backend)`` builds the optimizer; ``backend`` is the label of rows that do not
-    run on a childopt backend (childopt optimizers report theirs); an ``optional`` row is skipped,
-    with the reason, when it cannot run on the device.  ``scales_grads`` marks optimizers that
+    ``make(params, backend)`` builds the optimizer, or raises :class:`Unavailable` (the row is
+    then skipped with the reason); ``backend`` is the label of rows that do not run on a childopt
+    backend (childopt optimizers report theirs).  ``scales_grads`` marks optimizers that
     multiply the gradient in place (the published ChildTuning loop): their gradients are restored
     between timed steps, outside the timer, so repeated steps never reach inf.
     """
@@ -151,7 +165,6 @@ class RowSpec:
     bytes_per_element: float
     make: Callable[[list, str], torch.optim.Optimizer]
     backend: Optional[str] = None
-    optional: bool = False
     scales_grads: bool = False
 
 
@@ -159,9 +172,9 @@ ROWS = (
     RowSpec("adamw-foreach", "torch AdamW", "foreach", ADAMW_BYTES,
             lambda ps, backend: torch.optim.AdamW(ps, foreach=True, **HYPER), backend="torch"),
     RowSpec("adamw-fused", "torch AdamW", "fused", ADAMW_BYTES,
-            lambda ps, backend: torch.optim.AdamW(ps, fused=True, **HYPER), backend="torch", optional=True),
+            lambda ps, backend: fused_adamw(ps, **HYPER), backend="torch"),
     RowSpec("adamw-8bit", "bitsandbytes AdamW8bit", "8-bit state", ADAMW_8BIT_BYTES,
-            lambda ps, backend: adamw_8bit(ps, **HYPER), backend="bitsandbytes", optional=True),
+            lambda ps, backend: adamw_8bit(ps, **HYPER), backend="bitsandbytes"),
     RowSpec("masked-none", "MaskedAdamW", "mask=None", ADAMW_BYTES,
             lambda ps, backend: MaskedAdamW(ps, backend=backend, **HYPER)),
     RowSpec("masked-dense-freeze", "MaskedAdamW", f"dense {DENSITY} freeze", ADAMW_BYTES + MASK_BYTES,
@@ -228,10 +241,16 @@ def time_calls(fn: Callable[[], object], steps: int, before: Optional[Callable[[
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window; False where the CPU peak RSS cannot be reset.
 
-    On Linux writing 5 to /proc/self/clear_refs resets the RSS high-water mark that
-    ``ru_maxrss`` reports; elsewhere the CPU peak counts from process start.
+    Garbage of earlier rows (objects in reference cycles) is collected first, so it is not
+    counted.  On CUDA the window starts from the memory allocated now.  On Linux writing 5 to
+    /proc/self/clear_refs resets the RSS high-water mark that ``ru_maxrss`` reports to the
+    current RSS, which still holds heap the allocator kept from earlier rows; elsewhere the CPU
+    peak counts from process start.  CPU peaks are therefore upper bounds.
     """
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return True
     try:
@@ -393,13 +412,11 @@ def environment(device: torch.device, args: dict) -> dict:
 
 def run_rows(shapes, device: torch.device, *, warmup: int, steps: int,
              backend: str = "auto") -> tuple[list[Row], list[dict]]:
-    """Measure every row of ``ROWS`` under a progress bar; optional rows that cannot run are skipped with the reason."""
+    """Measure every row of ``ROWS`` under a progress bar; rows that cannot run here are skipped with the reason."""
     rows, skipped = [], []
     for spec in tqdm(ROWS, desc="bench", unit="row"):
         try:
             rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend))
-        except (RuntimeError, ValueError) as exc:
-            if not spec.optional:
-                raise
-            skipped.append({"key": spec.key, "optimizer": spec.optimizer, "mode": spec.mode, "reason": str(exc)})
+        except Unavailable as exc:
+            skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, str(exc)))
     return rows, skipped

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from childopt import bench
+from childopt import bench, bench_train
 
 MASKED_KEYS = ("masked-dense-freeze", "masked-dense-zero_grad", "masked-bernoulli", "childtuning-f")
 
@@ -66,12 +66,13 @@ def step_goals(rows: list[bench.Row]) -> list[Goal]:
 def training_goals(rows) -> list[Goal]:
     """Goals of the end-to-end training rows (:class:`childopt.bench_train.TrainRow`)."""
     by_key = {r.key: r for r in rows}
+    sparse = f"sparse {bench_train.SPARSE_DENSITY:.0%} + compact grads"
     return [
         _ratio("training step, Child-Tuning-D vs fused full fine-tuning", by_key, "child-tuning-d", "adamw-fused",
                "it_s", 0.97),
         _ratio("training step, Child-Tuning-F vs fused full fine-tuning", by_key, "child-tuning-f", "adamw-fused",
                "it_s", 0.97),
-        _ratio("training peak GB, sparse + compact grads vs LoRA r=8", by_key, "sparse-compact", "lora-r8",
+        _ratio(f"training peak GB, {sparse} vs LoRA r={bench_train.LORA_RANK}", by_key, "sparse-compact", "lora-r8",
                "peak_gb", 1.1, at_most=True),
     ]
 

@@ -50,7 +50,8 @@ def describe_run(device: torch.device, shapes, scale: float, layers: Optional[in
     rss_window = "each row's timed steps" if bench.reset_peak_memory(device) else "process start"
     return {
         "peak_gb": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
-                    else f"process peak RSS since {rss_window}"),
+                    else f"process peak RSS since {rss_window} (an upper bound: it starts from the RSS "
+                         "then, heap kept from earlier rows included)"),
         "state_gb": "bytes of the tensors in optimizer.state",
         "params": {"numel": sum(torch.Size(s).numel() for s in shapes), "tensors": len(shapes),
                    "scale": scale, "layers": layers},
@@ -80,6 +81,10 @@ def _bars(fig_row, title, labels, speed, memory, speed_label):
     memory_ax.margins(x=0.15)
 
 
+def _labels(rows) -> list[str]:
+    return [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows]
+
+
 def plot(rows: list[bench.Row], train_rows: list[bench_train.TrainRow], path: str, title: str,
          titles: tuple[str, str]) -> None:
     """Save horizontal bar charts of it/s and GB: optimizer steps on top, training steps below
@@ -91,10 +96,10 @@ def plot(rows: list[bench.Row], train_rows: list[bench_train.TrainRow], path: st
     heights = [len(rows)] + ([len(train_rows)] if train_rows else [])
     fig = Figure(figsize=(13, 1.5 + 0.6 * sum(heights)), layout="constrained")
     axes = fig.subplots(len(heights), 2, sharey="row", squeeze=False, gridspec_kw={"height_ratios": heights})
-    _bars(axes[0], titles[0], [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows], [r.it_s for r in rows],
+    _bars(axes[0], titles[0], _labels(rows), [r.it_s for r in rows],
           {"peak GB": [r.peak_gb for r in rows], "state GB": [r.state_gb for r in rows]}, "optimizer steps")
     if train_rows:
-        _bars(axes[1], titles[1], [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in train_rows], [r.it_s for r in train_rows],
+        _bars(axes[1], titles[1], _labels(train_rows), [r.it_s for r in train_rows],
               {"peak GB": [r.peak_gb for r in train_rows]}, "training steps")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)

@@ -11,7 +11,7 @@ def _row(key, it_s, pct_copy_bw=90.0):
 
 def _train(key, it_s, peak_gb):
     return bench_train.TrainRow(key=key, optimizer="opt", mode=key, backend="b", it_s=it_s, ms_per_step=1e3 / it_s,
-                                peak_gb=peak_gb, grad_params=1, steps=1)
+                                peak_gb=peak_gb, trained=1.0, steps=1)
 
 
 def _goal(goals, text):

@@ -26,6 +26,9 @@ def test_quick_bench_writes_every_row_the_training_rows_and_the_goals(tmp_path, 
     loop = goals["ChildTuning-F: fused step vs the ChildTuning reference loop"]
     assert loop["value"] == pytest.approx(by_key["childtuning-f"]["it_s"] / by_key["childtuning-f-loop"]["it_s"])
     assert loop["met"] == (loop["value"] >= 10)
+    trained = {r["key"]: r for r in training["rows"]}
+    (memory,) = [g for g in report["goals"] if g["goal"].startswith("training peak GB")]
+    assert memory["value"] == pytest.approx(trained["sparse-compact"]["peak_gb"] / trained["lora-r8"]["peak_gb"])
     expected = bench_goals.step_goals([bench.Row(**r) for r in report["rows"]]) + \
         bench_goals.training_goals([bench_train.TrainRow(**r) for r in training["rows"]])
     assert list(goals) == [g.goal for g in expected]
