@@ -535,8 +535,16 @@ def describe(records: list[dict]) -> str:
             f"steps per second (forward, backward, clip, step; no eval, no Fisher pass) in each run's fastest "
             f"epoch, mean over seeds; peak GB: "
             f"{'torch.cuda.max_memory_allocated' if env['device'].startswith('cuda') else 'process peak RSS'} "
-            f"(max over seeds). Measured on {env['device_name']} ({env['device']}), torch {env['torch']}, "
-            f"transformers {env['transformers']}, childopt commit {(env['git_commit'] or 'unknown')[:10]}.")
+            f"(max over seeds). Measured on {_env_values(records, lambda e: e['device_name'] + ' (' + e['device'] + ')')}, "
+            f"torch {_env_values(records, lambda e: e['torch'])}, "
+            f"transformers {_env_values(records, lambda e: e['transformers'])}, "
+            f"childopt commit {_env_values(records, lambda e: (e['git_commit'] or 'unknown')[:10])}.")
+
+
+def _env_values(records: list[dict], field) -> str:
+    """Each distinct ``field(env)`` over the runs, first seen first: a table built over several sessions
+    names every machine, version and commit that went into it, not only the first run's."""
+    return ", ".join(dict.fromkeys(field(record["env"]) for record in records))
 
 
 def plot_curves(records: list[dict], path: Path) -> None:

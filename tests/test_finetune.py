@@ -163,3 +163,13 @@ def test_the_table_reports_each_runs_fastest_epoch():
              "peak_gb": 1.0, "state_gb": 0.1, "it_s": 0.5} for seed, k in ((1, 4), (2, 2))]
     row = finetune.summary_table(runs).splitlines()[-1]
     assert "| 2.50 |" in row, row
+
+
+def test_the_description_names_every_commit_and_version_in_the_table(smoke):
+    """A table built over several sessions must not credit all its runs to the first run's commit."""
+    first = _record(smoke, "adamw")
+    later = json.loads(json.dumps(first))
+    later["env"].update(git_commit="f" * 40, torch="9.9.9")
+    text = finetune.describe([first, later, first])
+    assert f"childopt commit {(first['env']['git_commit'] or 'unknown')[:10]}, ffffffffff." in text
+    assert f"torch {first['env']['torch']}, 9.9.9," in text
