@@ -101,7 +101,7 @@ def build(kind: str, model, backend: str = "auto"):
         model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=["query", "value"],
                                                            task_type="SEQ_CLS"))
         # LoRA is usually trained at ~10x full fine-tuning's lr; the lr does not change a step's cost.
-        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=10 * LR, fused=True)
+        return model, bench.fused_adamw([p for p in model.parameters() if p.requires_grad], lr=10 * LR)
     if kind == "adamw-8bit":
         return model, bench.adamw_8bit(list(model.parameters()), lr=LR)
     raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
