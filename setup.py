@@ -1,7 +1,7 @@
 """Install childopt.  Metadata lives in pyproject.toml; the version comes from here.
 
 A plain install is pure Python and fast: the Triton kernels compile at first use, and the
-native extension childopt._C is built on demand by childopt._ext (JIT, into a cache) from the
+native extension childopt._C is built on demand by childopt._native (JIT, into a cache) from the
 C++/CUDA sources installed as childopt/csrc.
 
 ``CHILDOPT_BUILD_EXT=1`` builds childopt._C here, ahead of time, against the installed torch
@@ -12,7 +12,7 @@ C++/CUDA sources installed as childopt/csrc.
 
 It builds CUDA kernels when torch has CUDA and nvcc is found (CUDA_HOME), for
 CHILDOPT_CUDA_ARCHS if set, else the explicit list of the toolkit's release
-(childopt._build_config.AOT_ARCHS_BY_TOOLKIT, +PTX on the newest; never just the build
+(childopt._native.config.AOT_ARCHS_BY_TOOLKIT, +PTX on the newest; never just the build
 machine's GPU); CPU kernels only otherwise.  The version gets a local label naming what the
 module was built for, ``0.1.0+cu130torch2.11`` or ``0.1.0+cputorch2.13``
 (``CHILDOPT_LOCAL_VERSION`` overrides it; empty for none).  Beside the module it writes
@@ -33,9 +33,10 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
-def _build_config():
-    """childopt/_build_config.py loaded by path: flags, sources and keys shared with the JIT loader."""
-    spec = importlib.util.spec_from_file_location("_childopt_build_config", ROOT / "childopt" / "_build_config.py")
+def _native_config():
+    """childopt/_native/config.py loaded by path: flags, sources and keys shared with the JIT loader."""
+    spec = importlib.util.spec_from_file_location("_childopt_native_config",
+                                                  ROOT / "childopt" / "_native" / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,7 +76,7 @@ def _version(cfg, facts=None, with_cuda=False):
 
 
 def _extension_kwargs():
-    cfg = _build_config()
+    cfg = _native_config()
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
@@ -135,4 +136,4 @@ def _extension_kwargs():
 if os.environ.get("CHILDOPT_BUILD_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
     setup(**_extension_kwargs())
 else:
-    setup(version=_version(_build_config()))
+    setup(version=_version(_native_config()))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import childopt
-from childopt import _build_config as cfg
+from childopt._native import config as cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,25 +93,26 @@ def test_an_installed_build_fits_any_torch_of_its_release_only():
 
 
 def test_the_guard_speaks_once_at_import_and_never_raises(tmp_path, monkeypatch, caplog):
-    from childopt import _ext
+    from childopt import _native
+    from childopt._native import errors, loader
 
-    monkeypatch.setattr(_ext, "PREBUILT_DIR", tmp_path)
-    monkeypatch.setattr(_ext, "_warned", set())
-    assert _ext.check_installed_build() is None, "no record: nothing to say"
+    monkeypatch.setattr(loader, "PREBUILT_DIR", tmp_path)
+    monkeypatch.setattr(errors, "_warned", set())
+    assert _native.check_installed_build() is None, "no record: nothing to say"
     (tmp_path / "_C.so").write_bytes(b"")
     rt = {**cfg.torch_facts(), "python": cfg.python_tag(), "platform": cfg.platform_tag()}
     (tmp_path / cfg.BUILD_INFO_FILE).write_text(json.dumps({**rt, "torch_version": "2.6.0", "file": "_C.so"}))
     with caplog.at_level("WARNING", logger="childopt"):
-        message = _ext.check_installed_build()
-        assert _ext.check_installed_build() == message
+        message = _native.check_installed_build()
+        assert _native.check_installed_build() == message
     assert "built for torch 2.6.0" in message and f"this is torch {torch.__version__}" in message
-    assert _ext.PREBUILT_FALLBACK in message and caplog.text.count("built for torch 2.6.0") == 1
+    assert loader.PREBUILT_FALLBACK in message and caplog.text.count("built for torch 2.6.0") == 1
     (tmp_path / cfg.BUILD_INFO_FILE).write_text(json.dumps({**rt, "file": "_C.so"}))
-    assert _ext.check_installed_build() is None, "a record for this torch fits (the GPU is checked at load)"
+    assert _native.check_installed_build() is None, "a record for this torch fits (the GPU is checked at load)"
     (tmp_path / cfg.BUILD_INFO_FILE).write_text("{not json")
-    assert "unreadable" in _ext.check_installed_build()
+    assert "unreadable" in _native.check_installed_build()
     (tmp_path / cfg.BUILD_INFO_FILE).write_text("[1, 2]")
-    assert "not a JSON object" in _ext.check_installed_build()
+    assert "not a JSON object" in _native.check_installed_build()
 
 
 def test_the_ci_matrix_covers_each_torch_release_for_cpu_and_its_cuda_versions():

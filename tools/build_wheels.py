@@ -8,7 +8,7 @@ Each build gets a virtual environment (``build/wheels/venv-<label>-<python>``) h
 that release for that CUDA (from download.pytorch.org/whl/<cuXYZ|cpu>), then runs
 ``pip wheel --no-build-isolation`` with CHILDOPT_BUILD_EXT=1 (setup.py), CUDA_HOME at that
 CUDA's toolkit (setup.py then takes that toolkit's explicit arch list,
-childopt._build_config.AOT_ARCHS_BY_TOOLKIT, unless CHILDOPT_CUDA_ARCHS says otherwise) and
+childopt._native.config.AOT_ARCHS_BY_TOOLKIT, unless CHILDOPT_CUDA_ARCHS says otherwise) and
 MAX_JOBS bounded by memory.  The toolkit is
 ``/usr/local/cuda-<version>`` (``--toolkit system``) or assembled from NVIDIA's PyPI packages
 (``--toolkit pip``: nvidia-cuda-nvcc and friends; CUDA 13 on, the first whose PyPI
@@ -56,15 +56,16 @@ HOST_GCC = {"11.8": "11", "12.4": "13", "12.6": "13"}
 AUDITWHEEL_EXCLUDES = ("libtorch*.so", "libc10*.so", "libcuda.so.*", "libcudart.so.*")
 
 
-def _build_config():
-    """childopt/_build_config.py by path (as setup.py loads it): this script runs where torch may be missing."""
-    spec = importlib.util.spec_from_file_location("_childopt_build_config", REPO / "childopt" / "_build_config.py")
+def _native_config():
+    """childopt/_native/config.py by path (as setup.py loads it): this script runs where torch may be missing."""
+    spec = importlib.util.spec_from_file_location("_childopt_native_config",
+                                                  REPO / "childopt" / "_native" / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-cfg = _build_config()
+cfg = _native_config()
 
 
 def say(message: str) -> None:

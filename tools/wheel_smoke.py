@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     log = capture_childopt_log()
     import childopt
-    from childopt import _ext
+    from childopt import _native
 
-    record = _ext.prebuilt_record()
+    record = _native.prebuilt_record()
     assert record and "unreadable" not in record, f"no readable build record beside {childopt.__file__}: {record}"
     print(f"childopt {record.get('version')} from {childopt.__file__}")
     installed = importlib.metadata.version("childopt")
@@ -100,14 +100,14 @@ def main(argv=None) -> int:
     if args.guard:
         assert len(warnings) == 1, f"expected one guard warning at import, got {warnings}"
         print(f"guard: {warnings[0]}")
-        module, how = _ext.try_load(build=False)
+        module, how = _native.try_load(build=False)
         assert module is None or not how.startswith("prebuilt"), f"the mismatched prebuilt module was loaded: {how}"
         check_fallback_step()
         again = [line for line in log.getvalue().splitlines() if "prebuilt" in line]
         assert again == warnings, f"the guard spoke more than once: {again}"
     else:
         assert not warnings, f"the installed build was refused: {warnings}"
-        module, how = _ext.try_load(build=False)
+        module, how = _native.try_load(build=False)
         assert module is not None and how.startswith("prebuilt"), f"the prebuilt childopt._C did not load: {how}"
         print(f"loaded: {how}")
         check_native_steps()

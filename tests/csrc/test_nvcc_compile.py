@@ -1,5 +1,5 @@
 """Compile-only check of every CUDA file in csrc/cuda with nvcc, for every arch a wheel built
-with this toolkit carries (childopt._build_config.aot_archs), the PTX of the newest included.
+with this toolkit carries (childopt._native.config.aot_archs), the PTX of the newest included.
 
 The .cu files include no torch header (only csrc/include and the CUDA runtime), so nvcc
 compiles each alone.  Runs wherever nvcc exists (a CUDA toolkit, no GPU needed) and is skipped,
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from childopt import _build_config as cfg
+from childopt._native import config as cfg
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_FILES = sorted((CSRC / "cuda").glob("*.cu"))

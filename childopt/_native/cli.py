@@ -1,0 +1,221 @@
+"""The command line of childopt._C: python -m childopt doctor, build and clean.
+
+``doctor`` reports everything building and loading the extension depends on (toolchain, torch,
+GPUs, the cache, its builds and locks, stale lock files in torch's own extension cache);
+``build`` prebuilds into the cache (Docker images, cluster warm-up); ``clean`` removes what this
+machine would not use.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from childopt._native import config as cfg
+from childopt._native.build import build, worker_env_path
+from childopt._native.cache import (cache_root, clean, find_published, human_age, published_dirs, read_manifest,
+                                    search_roots, size_of, tmp_dirs)
+from childopt._native.env import ENV_VARS
+from childopt._native.errors import ExtensionUnavailable
+from childopt._native.loader import status
+from childopt._native.lock import build_locks, torch_extension_locks, torch_extensions_root
+from childopt._native.spec import build_spec, runtime, torch_cuda_home
+
+
+def _fs_type(path: Path) -> str | None:
+    """The file system type of ``path`` from /proc/mounts (longest mount-point prefix)."""
+    try:
+        real = os.path.realpath(path if path.exists() else path.parent)
+        best, kind = "", None
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mount = parts[1].replace("\\040", " ")
+                    if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                        best, kind = mount, parts[2]
+        return kind
+    except OSError:
+        return None
+
+
+def _print_kv(name: str, value: str) -> None:
+    print(f"{name:13}{value}")
+
+
+def doctor_main(argv=None) -> int:
+    """python -m childopt doctor [--fix]: toolchain, torch, CUDA, GPUs, cache, builds, locks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt doctor",
+        description="Check what building and loading childopt._C needs, the build cache, its locks, and stale "
+                    "'lock' files in torch's own extension cache.")
+    parser.add_argument("--fix", action="store_true",
+                        help="remove stale 'lock' files of torch's extension cache whose owner is gone")
+    ns = parser.parse_args(argv)
+
+    import torch
+
+    rt = runtime()
+    _print_kv("torch", f"{torch.__version__} (git {str(torch.version.git_version)[:12]}), CUDA {torch.version.cuda}, "
+                       f"C++11 ABI {int(rt['cxx11_abi'])}, {rt['python']}, {rt['platform']}")
+    if rt["gpus"]:
+        for i, cap in enumerate(rt["gpus"]):
+            _print_kv("GPU" if i == 0 else "", f"cuda:{i} {torch.cuda.get_device_name(i)}, sm_{cap[0]}{cap[1]}")
+    else:
+        _print_kv("GPU", "none visible" + ("" if torch.version.cuda else " (torch is a CPU build)"))
+    cuda_home = torch_cuda_home() if torch.version.cuda else cfg.find_cuda_home()
+    nvcc = cfg.nvcc_path(cuda_home)
+    if nvcc:
+        version = cfg.tool_version(nvcc) or "does not run"
+        note = ""
+        m = re.search(r"release (\d+)\.(\d+)", version)
+        if not torch.version.cuda:
+            note = " (unused: torch has no CUDA)"
+        elif m and m.group(1) != str(torch.version.cuda).split(".")[0]:
+            note = f" (WARNING: torch was built with CUDA {torch.version.cuda}; a different major version fails)"
+        _print_kv("nvcc", f"{nvcc}: {version}{note}")
+    else:
+        _print_kv("nvcc", "not found" + (" (set CUDA_HOME to build CUDA kernels)" if torch.version.cuda else ""))
+    cxx = cfg.cxx_compiler()
+    cxx_version = cfg.tool_version(cxx) or "NOT FOUND: install g++ or set CXX"
+    _print_kv("C++ compiler", f"{shutil.which(cxx) or cxx}: {cxx_version}")
+    path = worker_env_path()
+    ninja = shutil.which("ninja", path=path)
+    _print_kv("ninja", f"{ninja}: {cfg.tool_version(ninja) if ninja else ''}" if ninja
+              else "NOT FOUND: pip install ninja")
+    jobs = os.environ.get("MAX_JOBS")
+    try:
+        spec = build_spec(rt=rt)
+        mem = cfg.mem_available()
+        jobs_text = f"MAX_JOBS={jobs} (set)" if jobs else (
+            f"MAX_JOBS={cfg.max_jobs(spec.with_cuda)} ({cfg.cpu_count()} CPUs"
+            + (f", {mem / 2**30:.1f} GiB available)" if mem else ")"))
+        _print_kv("build", f"{spec.describe()}, key {spec.key16}, {jobs_text}")
+        if spec.note:
+            _print_kv("", spec.note)
+    except ExtensionUnavailable as exc:
+        spec = None
+        _print_kv("build", f"impossible: {exc}")
+    state, detail = status()
+    _print_kv("childopt._C", f"{state}: {detail}")
+    root = cache_root()
+    writable = os.access(root, os.W_OK) if root.exists() else os.access(root.parent if root.parent.exists()
+                                                                         else Path("/"), os.W_OK)
+    fs = _fs_type(root)
+    shared = fs and fs.split(".")[0] in ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "fuse", "beegfs")
+    _print_kv("cache root", f"{root} ({'exists' if root.exists() else 'not created yet'}, "
+                            f"{'writable' if writable else 'NOT WRITABLE: set CHILDOPT_CACHE_DIR'}"
+                            + (f", {fs}" if fs else "") + ")")
+    if shared:
+        _print_kv("", f"WARNING: {fs} is a network file system; flock may not work across nodes there. A "
+                      "node-local CHILDOPT_CACHE_DIR is faster and safer (correctness does not depend on the lock).")
+    current = find_published(spec) if spec else None
+    for root in search_roots():
+        builds = published_dirs(root)
+        print(f"published builds in {root}: {len(builds) or 'none'}")
+        for directory in builds:
+            manifest = read_manifest(directory)
+            if manifest is None:
+                print(f"  {directory.name}  INCOMPLETE (no manifest or library): python -m childopt clean --all")
+                continue
+            inputs = manifest.get("inputs", {})
+            kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(inputs.get('archs') or [])}" \
+                if inputs.get("with_cuda") else "CPU"
+            mark = "  <- used here" if current is not None and directory == current else ""
+            age = human_age(time.time() - manifest.get("published_at", 0))
+            print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
+                  f"{size_of(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s"
+                  + mark)
+        locks = build_locks(root)
+        held = [lk for lk in locks if lk["holder"]]
+        print(f"build locks in {root / 'locks'}: {len(locks)} file(s), {len(held)} held")
+        for lk in held:
+            print(f"  {lk['path'].name} held by {lk['holder']}")
+        tmps = tmp_dirs(root)
+        if tmps:
+            print(f"private build directories in {root}: {len(tmps)}")
+            for entry in tmps:
+                print(f"  {entry['path'].name}  {'STALE' if entry['stale'] else 'active'} ({entry['why']}, "
+                      f"{human_age(entry['age'])} old)" + ("; python -m childopt clean removes it"
+                                                           if entry["stale"] else ""))
+    torch_root = torch_extensions_root()
+    torch_locks = torch_extension_locks()
+    stale = [lk for lk in torch_locks if lk["stale"]]
+    print(f"torch extension cache {torch_root}: {len(torch_locks)} lock file(s), {len(stale)} stale")
+    for lk in torch_locks:
+        action = ""
+        if lk["stale"] and ns.fix:
+            try:
+                lk["path"].unlink()
+                action = " -> removed"
+            except OSError as exc:
+                action = f" -> could not remove: {exc}"
+        elif lk["stale"]:
+            action = " -> remove it with python -m childopt doctor --fix"
+        print(f"  {lk['path']}  {'STALE' if lk['stale'] else 'kept'}: {lk['why']}, "
+              f"{human_age(lk['age'])} old{action}")
+    env = [f"{var}={os.environ[var]}" for var in ENV_VARS if os.environ.get(var)]
+    print(f"environment: {' '.join(env) if env else 'no CHILDOPT_* or build variables set'}")
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print("  TORCH_CUDA_ARCH_LIST is ignored for childopt._C: set CHILDOPT_CUDA_ARCHS to choose its archs")
+    return 0 if state in ("loaded", "prebuilt", "cached", "needs a build") else 1
+
+
+def build_main(argv=None) -> int:
+    """python -m childopt build [--archs 8.0,9.0] [--cpu] [--force]: prebuild into the cache."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt build",
+        description="Build childopt._C into the cache (CHILDOPT_CACHE_DIR, else ~/.cache/childopt) so that later "
+                    "processes load it without compiling: for Docker images and cluster warm-up.")
+    parser.add_argument("--archs", help="CUDA archs to build for, e.g. 8.0,9.0 (default: CHILDOPT_CUDA_ARCHS, else "
+                                        "the visible GPUs; +PTX is added to the highest)")
+    parser.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
+    parser.add_argument("--force", action="store_true",
+                        help="build again even if published (the old build is set aside, not deleted)")
+    ns = parser.parse_args(argv)
+    if ns.archs and ns.cpu:
+        parser.error("--archs and --cpu exclude each other")
+    try:
+        spec = build_spec(archs=ns.archs, cpu=ns.cpu)
+        print(f"childopt._C: {spec.describe()}, key {spec.key16}")
+        found = None if ns.force else find_published(spec)
+        if found is not None:
+            print(f"already built: {found}")
+            return 0
+        directory, how = build(spec, force=ns.force)
+    except ExtensionUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(how)
+    return 0
+
+
+def clean_main(argv=None) -> int:
+    """python -m childopt clean [--all] [--dry-run]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt clean",
+        description="Remove stale private build directories, failed-build logs and published builds of childopt._C "
+                    "that this machine's torch and toolchain would not use. Lock files are kept.")
+    parser.add_argument("--all", action="store_true", help="also remove the build that would be used here")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    ns = parser.parse_args(argv)
+    try:
+        removed = clean(all_builds=ns.all, dry_run=ns.dry_run)
+    except ExtensionUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    verb = "would remove" if ns.dry_run else "removed"
+    for path, why in removed:
+        print(f"{verb} {path} ({why})")
+    if not removed:
+        print(f"nothing to remove in {', '.join(map(str, search_roots()))}")
+    return 0

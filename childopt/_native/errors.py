@@ -1,0 +1,29 @@
+"""How the loader of childopt._C reports trouble: the exceptions callers catch, and warnings said once.
+
+Every part of the loader raises ExtensionUnavailable with the reason (NeedsBuild when only a build
+is missing and building was not allowed), so callers such as the native backend can fall back and
+say why; a warning about the same thing (a fallback cache root, an ignored arch list, a prebuilt
+module that does not fit) is logged once per process, however often it is hit.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("childopt")
+
+
+class ExtensionUnavailable(RuntimeError):
+    """childopt._C cannot be loaded here; the message says why (and where the build log is)."""
+
+
+class NeedsBuild(ExtensionUnavailable):
+    """childopt._C is not built for this torch and toolchain yet, and building was not allowed."""
+
+
+_warned: set = set()
+
+
+def warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)

@@ -1,0 +1,84 @@
+"""childopt._native.cache: finding published builds, the per-user fallback root, and cleaning the cache."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+import pytest
+
+from childopt import _native
+from childopt._native import cache, spec
+from childopt._native import config as cfg
+from tests._native.helpers import env_for, run
+
+
+def test_a_build_for_more_archs_serves_a_gpu_it_covers(tmp_path):
+    """find_published: the exact key first, then a build of the same base key covering every visible GPU."""
+    rt = {**spec.runtime(), "torch_cuda": "12.8", "nvcc": "/nonexistent/nvcc", "want_cuda": True}
+    os.environ["CHILDOPT_CUDA_ARCHS"] = "8.0,9.0"
+    try:
+        wide = spec.build_spec(rt={**rt, "gpus": []})
+    finally:
+        del os.environ["CHILDOPT_CUDA_ARCHS"]
+    directory = tmp_path / wide.dirname
+    directory.mkdir()
+    (directory / f"{wide.module_name}.so").write_bytes(b"")
+    (directory / cache.MANIFEST).write_text(json.dumps(
+        {"key": wide.key, "base_key": wide.base_key, "inputs": wide.inputs, "library": f"{wide.module_name}.so",
+         "module": wide.module_name, "published_at": time.time()}))
+    assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(8, 6)]}), [tmp_path]) == directory  # sm_80 cubin
+    assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(12, 0)]}), [tmp_path]) == directory  # PTX 9.0
+    assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(7, 5)]}), [tmp_path]) is None
+    # CHILDOPT_FORCE_REBUILD ignores builds published before the process started.
+    assert cache.find_published(wide, [tmp_path], newer_than=time.time() + 1) is None
+
+
+def test_an_unwritable_cache_falls_back_to_the_per_user_temp_dir(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # A path under a regular file can be created by nobody, root included (chmod does not stop root).
+    monkeypatch.setenv("CHILDOPT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with caplog.at_level("WARNING", logger="childopt"):
+        root = cache.writable_root()
+    assert root == tmp_path / "tmp" / f"childopt-{os.getuid()}" and (root / "locks").is_dir()
+    assert f"cannot write the extension cache {blocker / 'cache'}" in caplog.text
+    assert "CHILDOPT_CACHE_DIR" in caplog.text and str(root) in caplog.text
+    assert oct(root.stat().st_mode & 0o777) == "0o700"
+    monkeypatch.setattr("tempfile.tempdir", str(blocker))
+    with pytest.raises(_native.ExtensionUnavailable,
+                       match=r"cannot write the extension cache .*CHILDOPT_CACHE_DIR.*nor the fallback .*"
+                             r"Set CHILDOPT_CACHE_DIR"):
+        cache.writable_root()
+
+
+def test_clean_removes_stale_and_unused_builds_but_not_the_current_one(built_cache, tmp_path):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(built_cache.cache, cache_dir)
+    current = cache_dir / built_cache.spec.dirname
+    unused = cache_dir / f"{cfg.NAME}-{'0' * 16}"
+    shutil.copytree(current, unused)
+    manifest = json.loads((unused / cache.MANIFEST).read_text())
+    (unused / cache.MANIFEST).write_text(json.dumps({**manifest, "key": "0" * 64}))
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    dead = cache_dir / f".tmp-{'1' * 16}-{host}-{2**22 + 12345}-abcd1234"  # pid above pid_max: gone
+    live = cache_dir / f".tmp-{'2' * 16}-{host}-{os.getpid()}-abcd1234"
+    dead.mkdir()
+    live.mkdir()
+    (cache_dir / "logs").mkdir(exist_ok=True)
+    (cache_dir / "logs" / "failed-x.log").write_text("x")
+    env = env_for(cache_dir)
+    dry = run(["-m", "childopt", "clean", "--dry-run"], env, timeout=120)
+    assert dry.returncode == 0 and "would remove" in dry.stdout and unused.exists(), dry.stdout + dry.stderr
+    result = run(["-m", "childopt", "clean"], env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not unused.exists() and not dead.exists() and not (cache_dir / "logs" / "failed-x.log").exists()
+    assert current.exists() and live.exists() and list((cache_dir / "locks").glob("*.lock"))
+    everything = run(["-m", "childopt", "clean", "--all"], env, timeout=120)
+    assert everything.returncode == 0 and not current.exists() and live.exists()
+    assert list((cache_dir / "locks").glob("*.lock")), "lock files are never deleted"
