@@ -1,5 +1,5 @@
 """pytest-benchmark suite: one full training step (forward, backward, step, zero_grad) of a
-transformers RoBERTa built locally from a config, for every kind of :mod:`childopt.bench_train`
+transformers RoBERTa built locally from a config, for every kind of :mod:`childopt.bench.train`
 (roberta-base with bf16 autocast on a GPU, a scaled-down RoBERTa on CPU as the CI smoke run).
 Kinds that cannot run here (peft, bitsandbytes missing) are skipped with the reason.
 ``extra_info`` records it/s, peak GB (``max_memory_allocated`` on GPU, RSS on CPU) and the
@@ -8,21 +8,21 @@ number of parameter entries a step updates.
 import pytest
 import torch
 
-from childopt import bench, bench_train
+from childopt.bench import measure, train
 
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("kind", list(bench_train.KINDS))
+@pytest.mark.parametrize("kind", list(train.KINDS))
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def bench_training_step(benchmark, kind, device):
     device = torch.device(device)
     try:
-        step, model, opt = bench_train.warmed_up(kind, device, warmup=bench.WARMUP)
-    except bench.Unavailable as exc:
+        step, model, opt = train.warmed_up(kind, device, warmup=measure.WARMUP)
+    except measure.Unavailable as exc:
         pytest.skip(str(exc))
     benchmark(step)
-    benchmark.extra_info.update(peak_gb=bench.peak_memory_gb(device), trained=bench_train.trained_entries(model, opt))
+    benchmark.extra_info.update(peak_gb=measure.peak_memory_gb(device), trained=train.trained_entries(model, opt))
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None and stats.rounds:
         benchmark.extra_info["it_s"] = 1.0 / stats.median

@@ -9,7 +9,9 @@ GB/s, and peak GB.
 import pytest
 import torch
 
-from childopt import backends, bench, masks
+from childopt import backends, masks
+from childopt.bench import measure
+from childopt.bench.shapes import roberta_base_shapes
 
 FISHER_BYTES = 12     # F read + write, g read (fp32)
 SELECT_PASS_BYTES = 4  # one read of every fp32 score per histogram pass (three passes)
@@ -23,7 +25,7 @@ def _scores(shapes, device):
 def _record(benchmark, copy_gbps, device, bytes_moved, numel):
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     seconds = stats.median if stats is not None and stats.rounds else None
-    benchmark.extra_info.update(bytes=bytes_moved, peak_gb=bench.peak_memory_gb(device))
+    benchmark.extra_info.update(bytes=bytes_moved, peak_gb=measure.peak_memory_gb(device))
     if seconds:
         gbps = bytes_moved / seconds / 1e9
         benchmark.extra_info.update(it_s=1.0 / seconds, gbps=gbps,
@@ -32,11 +34,11 @@ def _record(benchmark, copy_gbps, device, bytes_moved, numel):
 
 def _cases(cpu_shapes):
     return [pytest.param("cpu", cpu_shapes, id="cpu"),
-            pytest.param("cuda", bench.roberta_base_shapes(), id="cuda-roberta-base", marks=pytest.mark.cuda)]
+            pytest.param("cuda", roberta_base_shapes(), id="cuda-roberta-base", marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("impl", ["childopt", "foreach_addcmul"])
-@pytest.mark.parametrize("device,shapes", _cases(bench.roberta_base_shapes(scale=1 / 12, layers=1)))
+@pytest.mark.parametrize("device,shapes", _cases(roberta_base_shapes(scale=1 / 12, layers=1)))
 def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
     device = torch.device(device)
     grads = list(_scores(shapes, device).values())
@@ -44,18 +46,18 @@ def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
     scales = torch.ones(len(grads), device=device)
     if impl == "childopt":
         op = backends.create("auto", device)
-        step = bench.synchronized(lambda: op.fisher_accumulate(fisher, grads, scales), device)
+        step = measure.synchronized(lambda: op.fisher_accumulate(fisher, grads, scales), device)
         benchmark.extra_info["backend"] = op.name
     else:
-        step = bench.synchronized(lambda: torch._foreach_addcmul_(fisher, grads, grads), device)
-    bench.reset_peak_memory(device)
+        step = measure.synchronized(lambda: torch._foreach_addcmul_(fisher, grads, grads), device)
+    measure.reset_peak_memory(device)
     benchmark(step)
     numel = sum(g.numel() for g in grads)
     _record(benchmark, copy_gbps, device, FISHER_BYTES * numel, numel)
 
 
 @pytest.mark.parametrize("impl", ["select_mask", "cat_kthvalue", "cat_topk"])
-@pytest.mark.parametrize("device,shapes", _cases(bench.roberta_base_shapes(scale=1 / 12, layers=1)))
+@pytest.mark.parametrize("device,shapes", _cases(roberta_base_shapes(scale=1 / 12, layers=1)))
 def bench_select(benchmark, copy_gbps, impl, device, shapes):
     device = torch.device(device)
     scores = _scores(shapes, device)
@@ -67,6 +69,6 @@ def bench_select(benchmark, copy_gbps, impl, device, shapes):
         run = lambda: torch.kthvalue(torch.cat([s.reshape(-1) for s in scores.values()]), n - k + 1)  # noqa: E731
     else:
         run = lambda: torch.topk(torch.cat([s.reshape(-1) for s in scores.values()]), k)  # noqa: E731
-    bench.reset_peak_memory(device)
-    benchmark(bench.synchronized(run, device))
+    measure.reset_peak_memory(device)
+    benchmark(measure.synchronized(run, device))
     _record(benchmark, copy_gbps, device, 3 * SELECT_PASS_BYTES * n, n)

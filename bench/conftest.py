@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from childopt import bench
+from childopt.bench import measure
 
 
 def pytest_runtest_setup(item):
@@ -15,10 +15,10 @@ def copy_gbps():
     """``copy_gbps(numel, device)``: ``dst.copy_(src)`` bandwidth of that size, measured once per run."""
     cache = {}
 
-    def measure(numel: int, device: torch.device) -> float:
+    def copy_bandwidth(numel: int, device: torch.device) -> float:
         key = (numel, str(device))
         if key not in cache:
-            cache[key] = bench.measure_copy_gbps(numel, device, warmup=bench.WARMUP, steps=10)
+            cache[key] = measure.measure_copy_gbps(numel, device, warmup=measure.WARMUP, steps=10)
         return cache[key]
 
-    return measure
+    return copy_bandwidth

@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-from childopt import _ext
+from childopt import _native
 from childopt.__main__ import main
 
 
 def test_info_names_the_backend_auto_picks_and_why(capsys, monkeypatch):
-    monkeypatch.setattr(_ext, "try_load", lambda build=True: (None, "not built yet"))
+    monkeypatch.setattr(_native, "try_load", lambda build=True: (None, "not built yet"))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "childopt" in out and "torch" in out
@@ -34,7 +34,7 @@ def test_info_reports_the_native_extension_without_building_it(capsys, monkeypat
     monkeypatch.setenv("CHILDOPT_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    if _ext.loaded()[0] is None:
+    if _native.loaded()[0] is None:
         assert "native   childopt._C needs a build" in out and "python -m childopt build" in out
         assert "not native: childopt._C is not available (not built yet" in out
     else:  # an earlier test of this process loaded it

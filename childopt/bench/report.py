@@ -1,7 +1,7 @@
 """``python -m childopt bench``: the optimizer-step table, the training-step table and the goals.
 
-It runs on whatever device is present: the step rows of :mod:`childopt.bench`, the end-to-end
-training rows of :mod:`childopt.bench_train`, then the goal ratios of :mod:`childopt.bench_goals`,
+It runs on whatever device is present: the step rows of :mod:`childopt.bench.step`, the end-to-end
+training rows of :mod:`childopt.bench.train`, then the goal ratios of :mod:`childopt.bench.goals`,
 all measured in this one run; ``--json`` keeps every number with the environment, ``--markdown``
 writes the summary that goes beside it in bench/results, ``--plot`` draws speed and memory.
 """
@@ -16,7 +16,10 @@ from typing import Optional
 
 import torch
 
-from childopt import backends, bench, bench_goals, bench_train
+from childopt import backends
+from childopt.bench import environment, measure, step, train
+from childopt.bench.goals import format_goals, step_goals, training_goals
+from childopt.bench.shapes import roberta_base_shapes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def describe_run(device: torch.device, shapes, scale: float, layers: Optional[int], steps: int) -> dict:
     """What was stepped and how it was measured, for the header and the JSON meta."""
-    rss_window = "each row's timed steps" if bench.reset_peak_memory(device) else "process start"
+    rss_window = "each row's timed steps" if measure.reset_peak_memory(device) else "process start"
     return {
         "peak_gb": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
                     else f"process peak RSS since {rss_window} (an upper bound: it starts from the RSS "
@@ -55,7 +58,7 @@ def describe_run(device: torch.device, shapes, scale: float, layers: Optional[in
         "state_gb": "bytes of the tensors in optimizer.state",
         "params": {"numel": sum(torch.Size(s).numel() for s in shapes), "tensors": len(shapes),
                    "scale": scale, "layers": layers},
-        "warmup": bench.WARMUP,
+        "warmup": measure.WARMUP,
         "steps": steps,
     }
 
@@ -85,7 +88,7 @@ def _labels(rows) -> list[str]:
     return [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows]
 
 
-def plot(rows: list[bench.Row], train_rows: list[bench_train.TrainRow], path: str, title: str,
+def plot(rows: list[step.Row], train_rows: list[train.TrainRow], path: str, title: str,
          titles: tuple[str, str]) -> None:
     """Save horizontal bar charts of it/s and GB: optimizer steps on top, training steps below
     (``titles``: the subtitle of each)."""
@@ -125,35 +128,35 @@ def main(argv=None) -> int:
     """Run the step and training rows, print the tables and the goals; write JSON, markdown and plot when asked."""
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scale, layers, default_steps = bench.SIZES[(device.type, args.quick)]
+    scale, layers, default_steps = step.SIZES[(device.type, args.quick)]
     steps = args.steps or default_steps
-    train_steps = args.steps or bench_train.STEPS[(device.type, args.quick)]
-    shapes = bench.roberta_base_shapes(scale, layers)
-    meta = {**bench.environment(device, vars(args)), **describe_run(device, shapes, scale, layers, steps),
+    train_steps = args.steps or train.STEPS[(device.type, args.quick)]
+    shapes = roberta_base_shapes(scale, layers)
+    meta = {**environment.describe(device, vars(args)), **describe_run(device, shapes, scale, layers, steps),
             "argv": list(sys.argv[1:] if argv is None else argv)}
     numel = meta["params"]["numel"]
     lines = [f"childopt bench on {meta['device_name']} ({device}); torch {meta['torch']}, "
              f"triton {meta['triton'] or 'not installed'}, CUDA {meta['cuda']}, python {meta['python']}",
              f"optimizer step: {numel / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors; "
-             f"{bench.WARMUP} warm-up + {steps} timed steps per row",
+             f"{measure.WARMUP} warm-up + {steps} timed steps per row",
              f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}"]
     print("\n".join(lines))
 
-    copy_gbps = bench.measure_copy_gbps(numel, device, warmup=bench.WARMUP, steps=steps)
-    rows, skipped = bench.run_rows(shapes, device, warmup=bench.WARMUP, steps=steps, backend=args.backend)
-    rows, baseline = bench.compare(rows, copy_gbps)
-    setup, train_rows, train_skipped = bench_train.optional_rows(device, warmup=bench.WARMUP, steps=train_steps,
-                                                                 backend=args.backend)
-    goals = bench_goals.step_goals(rows) + bench_goals.training_goals(train_rows)
+    copy_gbps = measure.measure_copy_gbps(numel, device, warmup=measure.WARMUP, steps=steps)
+    rows, skipped = step.run_rows(shapes, device, warmup=measure.WARMUP, steps=steps, backend=args.backend)
+    rows, baseline = step.compare(rows, copy_gbps)
+    setup, train_rows, train_skipped = train.optional_rows(device, warmup=measure.WARMUP, steps=train_steps,
+                                                           backend=args.backend)
+    goals = step_goals(rows) + training_goals(train_rows)
 
     results = [f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), fp32, 8 B per element)",
-               bench.format_table(rows, baseline)]
+               step.format_table(rows, baseline)]
     if train_rows:
         results += [f"\ntraining step (forward, backward, step, zero_grad): {setup.description}; "
-                    f"{bench.WARMUP} warm-up + {train_steps} timed steps per row",
-                    bench_train.format_table(train_rows)]
+                    f"{measure.WARMUP} warm-up + {train_steps} timed steps per row",
+                    train.format_table(train_rows)]
     results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in skipped + train_skipped]
-    results += ["\n" + _goals_heading(meta), bench_goals.format_goals(goals)]
+    results += ["\n" + _goals_heading(meta), format_goals(goals)]
     print("\n".join(results))
 
     if args.json:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from childopt import glue
+from childopt.finetune import glue
 
-FIXTURE = Path(__file__).parent / "data" / "glue"
+FIXTURE = Path(__file__).parents[1] / "data" / "glue"
 
 
 @pytest.mark.parametrize("name, train, dev, texts", [("CoLA", 40, 20, 1), ("MRPC", 40, 20, 2), ("RTE", 40, 20, 2)])
@@ -130,7 +130,7 @@ def test_score_uses_the_tasks_metrics_on_predictions_from_logits():
 def test_dataset_tokenizes_once_truncated_and_unpadded():
     from transformers import AutoTokenizer
 
-    from childopt.finetune import default_model_dir
+    from childopt.finetune.plan import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
     spec = glue.TASKS["RTE"]

@@ -1,4 +1,6 @@
-"""The per-parameter Python loop of the published ChildTuning optimizer: the speed baseline.
+"""The optimizers childopt's rows are compared against, or :class:`~childopt.bench.measure.Unavailable`
+saying what one needs: torch's fused AdamW, bitsandbytes' 8-bit AdamW, and the per-parameter
+Python loop of the published ChildTuning optimizer.
 
 ChildTuning (Xu et al., 2021) ships its optimizer as a loop over parameters that runs one torch
 op after another on each tensor: build the gradient mask (Child-Tuning-F samples a Bernoulli
@@ -10,12 +12,32 @@ measuring stick, not an optimizer to train with: use ``ChildTuningAdamW``.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
 from torch.optim import Optimizer
 
+from childopt.bench.measure import Unavailable
+
 MODES = (None, "ChildTuning-D", "ChildTuning-F")
+
+
+def fused_adamw(params, **hyper) -> torch.optim.Optimizer:
+    """torch's fused AdamW, or :class:`Unavailable` where this torch has no fused kernel for the device."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **hyper)
+    except RuntimeError as exc:
+        raise Unavailable(f"torch.optim.AdamW(fused=True): {exc}") from exc
+
+
+def adamw_8bit(params, **hyper) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW over ``params`` (a list), or :class:`Unavailable` saying what it needs."""
+    if importlib.util.find_spec("bitsandbytes") is None or params[0].device.type != "cuda":
+        raise Unavailable("bitsandbytes 8-bit AdamW needs the bitsandbytes package and a CUDA GPU")
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, **hyper)
 
 
 class ChildTuningReferenceAdamW(Optimizer):

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from childopt import bench, bench_train
+from childopt.bench import step, train
+from childopt.bench.table import aligned_table
 
 MASKED_KEYS = ("masked-dense-freeze", "masked-dense-zero_grad", "masked-bernoulli", "childtuning-f")
 
@@ -45,8 +46,8 @@ def _ratio(goal: str, rows: dict, top: str, bottom: str, field: str, target: flo
     return Goal(goal, value, target, at_most, unit, f"{field} of {top} / {bottom}")
 
 
-def step_goals(rows: list[bench.Row]) -> list[Goal]:
-    """Goals of the optimizer-step rows (``pct_copy_bw`` set by :func:`childopt.bench.compare`)."""
+def step_goals(rows: list[step.Row]) -> list[Goal]:
+    """Goals of the optimizer-step rows (``pct_copy_bw`` set by :func:`childopt.bench.step.compare`)."""
     by_key = {r.key: r for r in rows}
     goals = []
     for key in MASKED_KEYS:
@@ -64,15 +65,15 @@ def step_goals(rows: list[bench.Row]) -> list[Goal]:
 
 
 def training_goals(rows) -> list[Goal]:
-    """Goals of the end-to-end training rows (:class:`childopt.bench_train.TrainRow`)."""
+    """Goals of the end-to-end training rows (:class:`childopt.bench.train.TrainRow`)."""
     by_key = {r.key: r for r in rows}
-    sparse = f"sparse {bench_train.SPARSE_DENSITY:.0%} + compact grads"
+    sparse = f"sparse {train.SPARSE_DENSITY:.0%} + compact grads"
     return [
         _ratio("training step, Child-Tuning-D vs fused full fine-tuning", by_key, "child-tuning-d", "adamw-fused",
                "it_s", 0.97),
         _ratio("training step, Child-Tuning-F vs fused full fine-tuning", by_key, "child-tuning-f", "adamw-fused",
                "it_s", 0.97),
-        _ratio(f"training peak GB, {sparse} vs LoRA r={bench_train.LORA_RANK}", by_key, "sparse-compact", "lora-r8",
+        _ratio(f"training peak GB, {sparse} vs LoRA r={train.LORA_RANK}", by_key, "sparse-compact", "lora-r8",
                "peak_gb", 1.1, at_most=True),
     ]
 
@@ -92,4 +93,4 @@ def format_goals(goals: list[Goal]) -> str:
         ("met", lambda g: {True: "yes", False: "NO", None: "n/a"}[g.met]),
         ("how", lambda g: g.detail),
     )
-    return bench.aligned_table(columns, goals, numeric=(1, 2))
+    return aligned_table(columns, goals, numeric=(1, 2))

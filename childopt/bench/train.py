@@ -20,7 +20,11 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from childopt import MaskedAdamW, bench
+from childopt import MaskedAdamW
+from childopt.bench.baselines import adamw_8bit, fused_adamw
+from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, synchronized,
+                                    time_calls)
+from childopt.bench.table import aligned_table
 
 CT_DENSITY = 0.3
 SPARSE_DENSITY = 0.1
@@ -43,9 +47,9 @@ STEPS = {("cpu", True): 3, ("cpu", False): 5, ("cuda", True): 10, ("cuda", False
 
 
 def transformers_module():
-    """The transformers package, or ``bench.Unavailable`` saying how to install it."""
+    """The transformers package, or ``Unavailable`` saying how to install it."""
     if importlib.util.find_spec("transformers") is None:
-        raise bench.Unavailable("the training rows need transformers (pip install transformers)")
+        raise Unavailable("the training rows need transformers (pip install transformers)")
     import transformers
 
     return transformers
@@ -80,9 +84,9 @@ def _random_masks(model, density: float, keep: Callable[[str], bool]) -> dict:
 
 
 def build(kind: str, model, backend: str = "auto"):
-    """``(model, optimizer)`` of ``kind`` over ``model`` (LoRA wraps it); ``bench.Unavailable`` if it cannot run."""
+    """``(model, optimizer)`` of ``kind`` over ``model`` (LoRA wraps it); ``Unavailable`` if it cannot run."""
     if kind == "adamw-fused":
-        return model, bench.fused_adamw(model.parameters(), lr=LR)
+        return model, fused_adamw(model.parameters(), lr=LR)
     if kind == "child-tuning-d":
         masks = _random_masks(model, CT_DENSITY, lambda name: ".layer." in name)
         return model, MaskedAdamW(model.named_parameters(), lr=LR, mask=masks, seed=0, backend=backend)
@@ -95,15 +99,15 @@ def build(kind: str, model, backend: str = "auto"):
                                   seed=0, backend=backend)
     if kind == "lora-r8":
         if importlib.util.find_spec("peft") is None:
-            raise bench.Unavailable("peft is not installed (pip install peft)")
+            raise Unavailable("peft is not installed (pip install peft)")
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=["query", "value"],
                                                            task_type="SEQ_CLS"))
         # LoRA is usually trained at ~10x full fine-tuning's lr; the lr does not change a step's cost.
-        return model, bench.fused_adamw([p for p in model.parameters() if p.requires_grad], lr=10 * LR)
+        return model, fused_adamw([p for p in model.parameters() if p.requires_grad], lr=10 * LR)
     if kind == "adamw-8bit":
-        return model, bench.adamw_8bit(list(model.parameters()), lr=LR)
+        return model, adamw_8bit(list(model.parameters()), lr=LR)
     raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
 
 
@@ -126,7 +130,7 @@ def training_step(kind: str, device: torch.device, backend: str = "auto"):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return bench.synchronized(step, device), model, opt
+    return synchronized(step, device), model, opt
 
 
 def warmed_up(kind: str, device: torch.device, *, warmup: int, backend: str = "auto"):
@@ -135,7 +139,7 @@ def warmed_up(kind: str, device: torch.device, *, warmup: int, backend: str = "a
     step, model, opt = training_step(kind, device, backend)
     for _ in range(warmup):
         step()
-    bench.reset_peak_memory(device)
+    reset_peak_memory(device)
     return step, model, opt
 
 
@@ -179,10 +183,10 @@ def _backend_of(kind: str, opt) -> str:
 def measure(kind: str, device: torch.device, *, warmup: int, steps: int, backend: str = "auto") -> TrainRow:
     """Time ``steps`` training steps of ``kind`` after :func:`warmed_up`."""
     step, model, opt = warmed_up(kind, device, warmup=warmup, backend=backend)
-    seconds = statistics.median(bench.time_calls(step, steps))
+    seconds = statistics.median(time_calls(step, steps))
     optimizer, mode = KINDS[kind]
     return TrainRow(key=kind, optimizer=optimizer, mode=mode, backend=_backend_of(kind, opt), it_s=1.0 / seconds,
-                    ms_per_step=seconds * 1e3, peak_gb=bench.peak_memory_gb(device),
+                    ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device),
                     trained=trained_entries(model, opt), steps=steps)
 
 
@@ -193,8 +197,8 @@ def run_rows(device: torch.device, *, warmup: int, steps: int,
     for kind in tqdm(KINDS, desc="training step", unit="row"):
         try:
             rows.append(measure(kind, device, warmup=warmup, steps=steps, backend=backend))
-        except bench.Unavailable as exc:
-            skipped.append(bench.skip_record(kind, *KINDS[kind], str(exc)))
+        except Unavailable as exc:
+            skipped.append(skip_record(kind, *KINDS[kind], str(exc)))
     return rows, skipped
 
 
@@ -207,7 +211,7 @@ def format_table(rows: list[TrainRow]) -> str:
         ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
         ("x fused", lambda r: f"{r.it_s / fused.it_s:.2f}x" if fused else "n/a"),
     )
-    return bench.aligned_table(columns, rows, numeric=range(3, len(columns)))
+    return aligned_table(columns, rows, numeric=range(3, len(columns)))
 
 
 def optional_rows(device: torch.device, *, warmup: int, steps: int,
@@ -215,7 +219,7 @@ def optional_rows(device: torch.device, *, warmup: int, steps: int,
     """``(setup, rows, skipped)`` of :func:`run_rows`; without transformers no setup, no rows and one reason."""
     try:
         setup = setup_for(device)
-    except bench.Unavailable as exc:
-        return None, [], [bench.skip_record("training", "training step", "every row", str(exc))]
+    except Unavailable as exc:
+        return None, [], [skip_record("training", "training step", "every row", str(exc))]
     rows, skipped = run_rows(device, warmup=warmup, steps=steps, backend=backend)
     return setup, rows, skipped

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from childopt import bench_train
+from childopt.bench import train
 
 pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 
 
 def _one_step(kind):
-    step, model, opt = bench_train.training_step(kind, CPU, backend="reference")
+    step, model, opt = train.training_step(kind, CPU, backend="reference")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step()
     return model, opt, before
@@ -26,7 +26,7 @@ def test_child_tuning_d_masks_the_encoder_layers_and_freezes_masked_out_entries(
             assert torch.equal(p[~masks[name]], before[name][~masks[name]]), name  # freeze: bit-identical
             assert not torch.equal(p[masks[name]], before[name][masks[name]]), name
     kept = sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
-    assert abs(kept - bench_train.CT_DENSITY) < 0.01
+    assert abs(kept - train.CT_DENSITY) < 0.01
     for unmasked in ("roberta.embeddings.word_embeddings.weight", "classifier.out_proj.weight"):
         p = dict(model.named_parameters())[unmasked]
         assert not torch.equal(p, before[unmasked]), unmasked  # no mask: trains
@@ -49,29 +49,29 @@ def test_sparse_compact_updates_only_and_all_of_the_selected_entries():
 def test_trained_entries_count_what_each_optimizer_can_update():
     rows = {}
     for kind in ("adamw-fused", "child-tuning-d", "child-tuning-f", "sparse-compact"):
-        _, model, opt = bench_train.training_step(kind, CPU, backend="reference")
-        rows[kind] = bench_train.trained_entries(model, opt)
+        _, model, opt = train.training_step(kind, CPU, backend="reference")
+        rows[kind] = train.trained_entries(model, opt)
     numel = sum(p.numel() for p in model.parameters())
     layers = sum(p.numel() for n, p in model.named_parameters() if ".layer." in n)
     assert rows["adamw-fused"] == numel
-    assert rows["child-tuning-f"] == pytest.approx(bench_train.CT_DENSITY * numel)
-    assert rows["child-tuning-d"] == pytest.approx(numel - layers + bench_train.CT_DENSITY * layers, rel=0.01)
-    assert rows["sparse-compact"] == pytest.approx(bench_train.SPARSE_DENSITY * numel, rel=0.02)
+    assert rows["child-tuning-f"] == pytest.approx(train.CT_DENSITY * numel)
+    assert rows["child-tuning-d"] == pytest.approx(numel - layers + train.CT_DENSITY * layers, rel=0.01)
+    assert rows["sparse-compact"] == pytest.approx(train.SPARSE_DENSITY * numel, rel=0.02)
 
 
 def test_rows_measure_every_kind_that_can_run_here():
     pytest.importorskip("peft")
-    rows, skipped = bench_train.run_rows(CPU, warmup=1, steps=1, backend="reference")
-    assert [r.key for r in rows] == [k for k in bench_train.KINDS if k != "adamw-8bit"]
+    rows, skipped = train.run_rows(CPU, warmup=1, steps=1, backend="reference")
+    assert [r.key for r in rows] == [k for k in train.KINDS if k != "adamw-8bit"]
     assert [s["key"] for s in skipped] == ["adamw-8bit"]  # bitsandbytes needs a GPU
     by_key = {r.key: r for r in rows}
     for row in rows:
         assert row.it_s > 0 and row.peak_gb > 0 and row.trained > 0
         assert row.backend == ("reference" if row.optimizer == "MaskedAdamW" else "torch")
     assert by_key["lora-r8"].trained < by_key["adamw-fused"].trained / 10
-    assert "x fused" in bench_train.format_table(rows)
+    assert "x fused" in train.format_table(rows)
 
 
 def test_an_unknown_kind_names_the_choices():
     with pytest.raises(ValueError, match="kind must be one of"):
-        bench_train.build("sgd", torch.nn.Linear(2, 2))
+        train.build("sgd", torch.nn.Linear(2, 2))

