@@ -1,26 +1,17 @@
-// childopt._C: the op set registered as torch.ops.childopt.* (CPU kernels always, CUDA kernels
-// in CUDA builds), plus a pybind11 module that reports how it was built.
+// childopt._C: implementations of the ops torch.ops.childopt.* (CPU kernels always, CUDA
+// kernels in CUDA builds), plus a pybind11 module that reports how it was built.
 //
-// Ops go through the dispatcher rather than pybind11 functions so they accept CPU and CUDA
-// tensors through one name and compose with torch's tooling; the pybind11 module exists so
-// the build is an importable Python extension (torch.utils.cpp_extension's contract).
+// The schemas are declared once, in Python (childopt/backends/contract.py, with the fake
+// kernels torch.compile needs); this module only registers implementations, so it must be
+// loaded after childopt.backends is imported (childopt._native does).  Ops go through the
+// dispatcher rather than pybind11 functions so they accept CPU and CUDA tensors through one
+// name and compose with torch's tooling; the pybind11 module exists so the build is an
+// importable Python extension (torch.utils.cpp_extension's contract), and exports the field
+// order of StepScalars and the MaskKind values for the contract's drift test.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "ops.h"
-
-TORCH_LIBRARY(childopt, m) {
-  m.def(
-      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] masks, int[] rng_bases, float[] scalars, int mask_kind, bool freeze, "
-      "bool amsgrad, int keep_threshold, int seed_lo, int seed_hi, int step) -> ()");
-  m.def(
-      "sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor[] indices, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] scalars, bool amsgrad, bool compact_grads) "
-      "-> ()");
-  m.def("fisher_accumulate(Tensor(a!)[] fisher, Tensor[] grads, Tensor scales) -> ()");
-  m.def("radix_histogram(Tensor[] scores, int[] scopes, Tensor prefixes, int shift, int bits, int n_scopes) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(childopt, CPU, m) {
   m.impl("adamw_step", &childopt::cpu::adamw_step);
@@ -40,6 +31,15 @@ TORCH_LIBRARY_IMPL(childopt, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "childopt native kernels; the ops are torch.ops.childopt.*";
+  std::vector<std::string> fields;
+#define CHILDOPT_NAME(type, name) fields.emplace_back(#name);
+  CHILDOPT_STEP_SCALAR_FIELDS(CHILDOPT_NAME)
+#undef CHILDOPT_NAME
+  m.attr("step_scalar_fields") = fields;
+  m.attr("mask_kinds") = std::vector<std::pair<std::string, int64_t>>{
+      {"NONE", static_cast<int64_t>(childopt::MaskKind::kNone)},
+      {"DENSE", static_cast<int64_t>(childopt::MaskKind::kDense)},
+      {"BERNOULLI", static_cast<int64_t>(childopt::MaskKind::kBernoulli)}};
 #ifdef CHILDOPT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

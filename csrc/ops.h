@@ -1,8 +1,9 @@
-// The op set of childopt._C (DESIGN.md, childopt/backends/ops.py): declarations of the CPU and
-// CUDA implementations and the argument checks both share.
+// The op set of childopt._C (docs/design.md, childopt/backends/contract.py, which declares
+// the schemas): declarations of the CPU and CUDA implementations and the argument checks both
+// share.
 //
-// Ops (registered as torch.ops.childopt.* in bindings.cpp):
-//   adamw_step         masked AdamW over a bucket; mask_kind 0 none, 1 dense, 2 Bernoulli
+// Ops (implemented for torch.ops.childopt.* in bindings.cpp):
+//   adamw_step         masked AdamW over a bucket; mask_kind: MaskKind (step_scalars.h)
 //   sparse_adamw_step  AdamW on selected flat indices with compact state
 //   fisher_accumulate  fisher[i] += (grads[i] * scales[i])^2
 //   radix_histogram    one radix-select pass over fp32 score bit patterns, per scope
@@ -16,25 +17,32 @@
 
 namespace childopt {
 
-constexpr int64_t kMaskNone = 0;
-constexpr int64_t kMaskDense = 1;
-constexpr int64_t kMaskBernoulli = 2;
-
-// StepScalars from the ops' `float[] scalars` (the field order of the struct).
-inline StepScalars step_scalars_from(at::ArrayRef<double> v) {
-  TORCH_CHECK(v.size() == kNumStepScalars, "childopt: scalars must hold ", kNumStepScalars,
-              " values (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, "
-              "bc2_sqrt, grad_scale, grad_sign, lerp_from_start), got ", v.size());
-  return {static_cast<float>(v[0]), static_cast<float>(v[1]), static_cast<float>(v[2]), static_cast<float>(v[3]),
-          static_cast<float>(v[4]), static_cast<float>(v[5]), static_cast<float>(v[6]), static_cast<float>(v[7]),
-          static_cast<float>(v[8]), static_cast<float>(v[9]), v[10] != 0.0};
+inline MaskKind mask_kind_from(int64_t mask_kind) {
+  TORCH_CHECK(mask_kind >= 0 && mask_kind <= 2, "childopt: mask_kind must be 0 (none), 1 (dense) or 2 (bernoulli), got ",
+              mask_kind);
+  return static_cast<MaskKind>(mask_kind);
 }
 
-inline BernoulliDraw bernoulli_draw(int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi, int64_t step) {
+// The ops' `Tensor scalars`: one contiguous float64 row of kNumStepScalars values per tensor,
+// on the params' device.
+inline void check_scalars(const at::Tensor& scalars, size_t n, const at::Device& device) {
+  TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.dim() == 2 &&
+                  scalars.size(0) == static_cast<int64_t>(n) && scalars.size(1) == kNumStepScalars &&
+                  scalars.is_contiguous() && scalars.device() == device,
+              "childopt: scalars must be a contiguous float64 tensor of shape [", n, ", ", kNumStepScalars, "] on ",
+              device, ", got ", scalars.scalar_type(), " of shape ", scalars.sizes(), " on ", scalars.device());
+}
+
+// The Bernoulli draw of a tensor: the bucket's key and threshold with the tensor's step.
+inline BernoulliDraw bernoulli_draw(int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi, uint64_t step) {
+  return {static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), step, static_cast<uint64_t>(keep_threshold)};
+}
+
+inline void check_draw(int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
   TORCH_CHECK(keep_threshold > 0 && keep_threshold < (int64_t{1} << 32),
               "childopt: keep_threshold must be in [1, 2**32), got ", keep_threshold);
-  return {static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), static_cast<uint64_t>(step),
-          static_cast<uint64_t>(keep_threshold)};
+  TORCH_CHECK(seed_lo >= 0 && seed_lo < (int64_t{1} << 32) && seed_hi >= 0 && seed_hi < (int64_t{1} << 32),
+              "childopt: seed_lo and seed_hi must be 32-bit words, got ", seed_lo, " and ", seed_hi);
 }
 
 // Check that `list` has `n` contiguous tensors on `device` of `dtype` (any float dtype when
@@ -81,7 +89,7 @@ inline void check_grad_dtype(at::TensorList params, at::TensorList grads) {
 // Validates the arguments of adamw_step.
 inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masks,
-                             at::IntArrayRef rng_bases, int64_t mask_kind, bool amsgrad) {
+                             const at::Tensor& scalars, MaskKind mask_kind, bool amsgrad) {
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
@@ -90,12 +98,8 @@ inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::Te
   check_list("exp_avgs", exp_avgs, n, device, at::kFloat, params);
   check_list("exp_avg_sqs", exp_avg_sqs, n, device, at::kFloat, params);
   if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, at::kFloat, params);
-  TORCH_CHECK(mask_kind >= kMaskNone && mask_kind <= kMaskBernoulli,
-              "childopt: mask_kind must be 0 (none), 1 (dense) or 2 (bernoulli), got ", mask_kind);
-  if (mask_kind == kMaskDense) check_list("masks", masks, n, device, at::kBool, params);
-  if (mask_kind == kMaskBernoulli) {
-    TORCH_CHECK(rng_bases.size() == n, "childopt: rng_bases must hold ", n, " values, got ", rng_bases.size());
-  }
+  if (mask_kind == MaskKind::kDense) check_list("masks", masks, n, device, at::kBool, params);
+  check_scalars(scalars, n, device);
   common_dtype("params", params);
   common_dtype("grads", grads);
   check_grad_dtype(params, grads);
@@ -103,7 +107,8 @@ inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::Te
 
 inline void check_sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,
                                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                    at::TensorList max_exp_avg_sqs, bool amsgrad, bool compact_grads) {
+                                    at::TensorList max_exp_avg_sqs, const at::Tensor& scalars, bool amsgrad,
+                                    bool compact_grads) {
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
@@ -123,6 +128,7 @@ inline void check_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   common_dtype("grads", grads);
   check_grad_dtype(params, grads);
   common_dtype("indices", indices);
+  check_scalars(scalars, n, device);
 }
 
 inline void check_fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales) {
@@ -155,12 +161,11 @@ inline void check_radix_histogram(at::TensorList scores, at::IntArrayRef scopes,
 // The op signatures, declared once for each device namespace.
 #define CHILDOPT_DECLARE_OPS()                                                                                        \
   void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,  \
-                  at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,                    \
-                  at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,  \
-                  int64_t seed_lo, int64_t seed_hi, int64_t step);                                                     \
+                  at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind, \
+                  bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi);               \
   void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,                         \
                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,         \
-                         at::ArrayRef<double> scalars, bool amsgrad, bool compact_grads);                             \
+                         const at::Tensor& scalars, bool amsgrad, bool compact_grads);                                \
   void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Tensor& scales);                      \
   at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const at::Tensor& prefixes, int64_t shift, \
                              int64_t bits, int64_t n_scopes);

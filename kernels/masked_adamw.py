@@ -1,7 +1,8 @@
 """Multi-tensor masked AdamW in Triton: one launch steps a whole bucket of tensors.
 
-Semantics: the element update of ``childopt.backends.ops`` (AdamW in fp32 with mask kinds
-none / dense / Bernoulli, freeze or zero-grad, amsgrad, maximize, decay before or after).
+Semantics: the element update of ``childopt.backends.contract`` (AdamW in fp32 with mask kinds
+none / dense / Bernoulli, freeze or zero-grad, amsgrad, maximize, decay before or after); the
+scalars, the Philox base and the step of each tensor are its float64 row of ``scalars``.
 
 Layout: see childopt.kernels.multi_tensor (base pointer + int64 element offsets per tensor,
 chunks of ``BLOCK * ITERS`` elements).  All indexing is int64.
@@ -19,31 +20,30 @@ import torch
 import triton
 import triton.language as tl
 
+from childopt.backends.contract import MaskKind
 from childopt.kernels import multi_tensor
-from childopt.kernels.adamw_element import adamw_block
+from childopt.kernels.adamw_element import COL_RNG_BASE, COL_STEP, NUM_STEP_SCALARS, adamw_block, load_step_scalars
 from childopt.kernels.philox import philox4x32_10
 
-# Columns of the per-tensor table (int64): element offsets of each list, numel, Philox group base.
-COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_MASK, COL_NUMEL, COL_RNG = (tl.constexpr(i) for i in range(8))
-TABLE_COLS = tl.constexpr(8)
+# Columns of the per-tensor table (int64): element offsets of each list, numel.
+COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_MASK, COL_NUMEL = (tl.constexpr(i) for i in range(7))
+TABLE_COLS = tl.constexpr(7)
+KIND_DENSE = tl.constexpr(int(MaskKind.DENSE))
+KIND_BERNOULLI = tl.constexpr(int(MaskKind.BERNOULLI))
 
-KIND_NONE, KIND_DENSE, KIND_BERNOULLI = 0, 1, 2
 
-
-@triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi"])
+@triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi"])
 def masked_adamw_kernel(
     p_base, g_base, m_base, v_base, vmax_base, mask_base,
-    table, chunk_tensor, chunk_start,
-    decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
-    keep_threshold, seed_lo, seed_hi, step_lo, step_hi,
-    MASK_KIND: tl.constexpr, FREEZE: tl.constexpr, SCALE_GRAD: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY_AFTER: tl.constexpr,
-    LERP_FROM_START: tl.constexpr,
+    table, chunk_tensor, chunk_start, scalars,
+    keep_threshold, seed_lo, seed_hi,
+    MASK_KIND: tl.constexpr, FREEZE: tl.constexpr, AMSGRAD: tl.constexpr,
     P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, MASK_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = table + tl.load(chunk_tensor + pid).to(tl.int64) * TABLE_COLS
+    tensor = tl.load(chunk_tensor + pid).to(tl.int64)
+    row = table + tensor * TABLE_COLS
     start = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)
     numel = tl.load(row + COL_NUMEL)
     p_ptr = p_base + tl.multiple_of(tl.load(row + COL_P), P_ALIGN)
@@ -52,20 +52,24 @@ def masked_adamw_kernel(
     v_ptr = v_base + tl.multiple_of(tl.load(row + COL_V), S_ALIGN)
     vmax_ptr = vmax_base + tl.multiple_of(tl.load(row + COL_VMAX), S_ALIGN)
     mask_ptr = mask_base + tl.multiple_of(tl.load(row + COL_MASK), MASK_ALIGN)
-    if MASK_KIND == 2:
-        rng_base = tl.load(row + COL_RNG)
+    (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
+     grad_sign, lerp_from_start) = load_step_scalars(scalars, tensor)
+    if MASK_KIND == KIND_BERNOULLI:
+        scalar_row = scalars + tensor * NUM_STEP_SCALARS
+        rng_base = tl.load(scalar_row + COL_RNG_BASE).to(tl.int64)
+        step = tl.load(scalar_row + COL_STEP).to(tl.int64)
         key0 = seed_lo.to(tl.uint32)
         key1 = seed_hi.to(tl.uint32)
-        ctr2 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + step_lo.to(tl.uint32)
-        ctr3 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + step_hi.to(tl.uint32)
+        ctr2 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + (step & 0xFFFFFFFF).to(tl.uint32)
+        ctr3 = tl.zeros([BLOCK // 4], dtype=tl.uint32) + (step >> 32).to(tl.uint32)
 
     for it in tl.static_range(ITERS):
         first = start + it * BLOCK
         offs = first + tl.arange(0, BLOCK).to(tl.int64)
         inb = offs < numel
-        if MASK_KIND == 1:
+        if MASK_KIND == KIND_DENSE:
             keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
-        elif MASK_KIND == 2:
+        elif MASK_KIND == KIND_BERNOULLI:
             group = rng_base + first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
             w0, w1, w2, w3 = philox4x32_10(
                 (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32), ctr2, ctr3, key0, key1
@@ -76,12 +80,12 @@ def masked_adamw_kernel(
             keep = inb
         if first + BLOCK <= numel:
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
-                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
-                        False, MASK_KIND != 0, FREEZE, SCALE_GRAD, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+                        decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                        grad_scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
         elif first < numel:
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
-                        decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
-                        True, MASK_KIND != 0, FREEZE, SCALE_GRAD, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+                        decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                        grad_scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)
 
 
 def launch_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, masks=None) -> dict:
@@ -91,30 +95,25 @@ def launch_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, mas
             "max_exp_avg_sqs": max_exp_avg_sqs or exp_avg_sqs, "masks": masks or exp_avg_sqs}
 
 
-def make_plan(lists: dict, rng_bases=None, *, block: int = multi_tensor.DEFAULT_BLOCK,
+def make_plan(lists: dict, *, block: int = multi_tensor.DEFAULT_BLOCK,
               iters: int = multi_tensor.DEFAULT_ITERS) -> multi_tensor.Plan:
     """Build the device tables for the contiguous tensors of ``launch_lists``."""
     numels = [p.numel() for p in lists["params"]]
-    rng = list(rng_bases) if rng_bases is not None else [0] * len(numels)
     state = lists["exp_avgs"] + lists["exp_avg_sqs"] + lists["max_exp_avg_sqs"]
-    return multi_tensor.make_plan(lists, [numels, rng], numels,
+    return multi_tensor.make_plan(lists, [numels], numels,
                                   [lists["params"], lists["grads"], state, lists["masks"]], block=block, iters=iters)
 
 
-def launch(plan: multi_tensor.Plan, lists: dict, hp, *, mask_kind=KIND_NONE, freeze=False, grad_scale=1.0,
-           keep_threshold=0, seed=0, step=0) -> None:
-    """Run one masked AdamW step (``hp``: childopt.backends.ops.StepScalars) over ``plan`` in one launch."""
+def launch(plan: multi_tensor.Plan, lists: dict, scalars: torch.Tensor, *, mask_kind: int, freeze: bool,
+           amsgrad: bool, keep_threshold: int = 1, seed: int = 0) -> None:
+    """Run one masked AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows."""
     n_chunks = plan.chunk_tensor.numel()
     if n_chunks == 0:
         return
-    masked = mask_kind != KIND_NONE
     masked_adamw_kernel[(n_chunks,)](
-        *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start,
-        *multi_tensor.adamw_scalars(hp), grad_scale,
-        keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, step & 0xFFFFFFFF, (step >> 32) & 0xFFFFFFFF,
-        MASK_KIND=mask_kind, FREEZE=masked and freeze, SCALE_GRAD=masked and grad_scale != 1.0,
-        AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, DECAY_AFTER=hp.decay_after,
-        LERP_FROM_START=hp.one_minus_beta1 < 0.5,
+        *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start, scalars,
+        keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+        MASK_KIND=mask_kind, FREEZE=mask_kind != 0 and freeze, AMSGRAD=amsgrad,
         P_ALIGN=plan.aligns[0], G_ALIGN=plan.aligns[1], S_ALIGN=plan.aligns[2], MASK_ALIGN=plan.aligns[3],
         BLOCK=plan.block, ITERS=plan.iters,
         enable_fp_fusion=multi_tensor.FP_FUSION,

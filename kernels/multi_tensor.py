@@ -71,8 +71,3 @@ def make_plan(lists: dict, extra_columns: list, sizes: list, align_groups: list,
     chunk_start = (chunk_ids - first_chunk.repeat_interleave(counts)) * chunk
     return Plan(table=table, chunk_tensor=chunk_tensor.to(device), chunk_start=chunk_start.to(device),
                 aligns=tuple(vector_align(group) for group in align_groups), block=block, iters=iters)
-
-
-def adamw_scalars(hp) -> tuple:
-    """The fp32 scalars of the element update, in the kernels' argument order."""
-    return (hp.decay, hp.one_minus_beta1, hp.beta2, hp.one_minus_beta2, hp.eps, hp.step_size, hp.bc2_sqrt)

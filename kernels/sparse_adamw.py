@@ -1,6 +1,6 @@
 """Sparse-index AdamW in Triton: only the selected entries of each tensor are read and written.
 
-Semantics: the element update of ``childopt.backends.ops`` on the entries ``idx`` of each
+Semantics: the element update of ``childopt.backends.contract`` on the entries ``idx`` of each
 parameter (sorted flat indices, int32 or int64), with compact fp32 state ``m[k], v[k]`` and the
 gradient either dense (gathered at ``idx``) or compact (``g[k]``, from a gradient hook).  The
 arithmetic is ``adamw_block``'s, so the parameters equal a dense ``freeze`` step bit for bit.
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from childopt.kernels import multi_tensor
-from childopt.kernels.adamw_element import adamw_block
+from childopt.kernels.adamw_element import adamw_block, load_step_scalars
 
 # Columns of the per-tensor table (int64): element offsets of each list, then the entry count K.
 COL_P, COL_G, COL_IDX, COL_M, COL_V, COL_VMAX, COL_COUNT = (tl.constexpr(i) for i in range(7))
@@ -26,15 +26,14 @@ TABLE_COLS = tl.constexpr(7)
 @triton.jit
 def sparse_adamw_kernel(
     p_base, g_base, idx_base, m_base, v_base, vmax_base,
-    table, chunk_tensor, chunk_start,
-    decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-    COMPACT_GRADS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    DECAY_AFTER: tl.constexpr, LERP_FROM_START: tl.constexpr,
+    table, chunk_tensor, chunk_start, scalars,
+    COMPACT_GRADS: tl.constexpr, AMSGRAD: tl.constexpr,
     G_ALIGN: tl.constexpr, I_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = table + tl.load(chunk_tensor + pid).to(tl.int64) * TABLE_COLS
+    tensor = tl.load(chunk_tensor + pid).to(tl.int64)
+    row = table + tensor * TABLE_COLS
     start = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)
     count = tl.load(row + COL_COUNT)
     p_ptr = p_base + tl.load(row + COL_P)
@@ -43,38 +42,33 @@ def sparse_adamw_kernel(
     m_ptr = m_base + tl.multiple_of(tl.load(row + COL_M), S_ALIGN)
     v_ptr = v_base + tl.multiple_of(tl.load(row + COL_V), S_ALIGN)
     vmax_ptr = vmax_base + tl.multiple_of(tl.load(row + COL_VMAX), S_ALIGN)
+    (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
+     grad_sign, lerp_from_start) = load_step_scalars(scalars, tensor)
 
     for it in tl.static_range(ITERS):
         first = start + it * BLOCK
         offs = first + tl.arange(0, BLOCK).to(tl.int64)
+        inb = offs < count
         if first + BLOCK <= count:
-            _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
-                          decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                          False, COMPACT_GRADS, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+            idx = tl.load(idx_ptr + offs).to(tl.int64)
+            g_ptrs = _grad_ptrs(g_ptr, idx, offs, COMPACT_GRADS)
+            adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
+                        decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                        grad_scale, grad_sign, lerp_from_start, False, False, False, AMSGRAD)
         elif first < count:
-            _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
-                          decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                          True, COMPACT_GRADS, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+            idx = tl.load(idx_ptr + offs, mask=inb, other=0).to(tl.int64)
+            g_ptrs = _grad_ptrs(g_ptr, idx, offs, COMPACT_GRADS)
+            adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
+                        decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                        grad_scale, grad_sign, lerp_from_start, True, False, False, AMSGRAD)
 
 
 @triton.jit
-def _sparse_block(p_ptr, g_ptr, idx_ptr, m_ptr, v_ptr, vmax_ptr, offs, count,
-                  decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                  MASKED_IO: tl.constexpr, COMPACT_GRADS: tl.constexpr, AMSGRAD: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, DECAY_AFTER: tl.constexpr, LERP_FROM_START: tl.constexpr):
-    """The entries ``offs`` of one tensor's index list; loads are guarded only when ``MASKED_IO``."""
-    inb = offs < count
-    if MASKED_IO:
-        idx = tl.load(idx_ptr + offs, mask=inb, other=0).to(tl.int64)
-    else:
-        idx = tl.load(idx_ptr + offs).to(tl.int64)
+def _grad_ptrs(g_ptr, idx, offs, COMPACT_GRADS: tl.constexpr):
+    """A compact gradient is read at ``offs``; a dense one is gathered at ``idx``."""
     if COMPACT_GRADS:
-        g_ptrs = g_ptr + offs
-    else:
-        g_ptrs = g_ptr + idx
-    adamw_block(p_ptr + idx, g_ptrs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, inb,
-                decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, 1.0,
-                MASKED_IO, False, False, False, AMSGRAD, MAXIMIZE, DECAY_AFTER, LERP_FROM_START)
+        return g_ptr + offs
+    return g_ptr + idx
 
 
 def launch_lists(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None) -> dict:
@@ -92,16 +86,14 @@ def make_plan(lists: dict, *, block: int = multi_tensor.DEFAULT_BLOCK,
                                   block=block, iters=iters)
 
 
-def launch(plan: multi_tensor.Plan, lists: dict, hp, *, compact_grads: bool) -> None:
-    """One sparse AdamW step (``hp``: childopt.backends.ops.StepScalars) over ``plan`` in one launch."""
+def launch(plan: multi_tensor.Plan, lists: dict, scalars, *, amsgrad: bool, compact_grads: bool) -> None:
+    """One sparse AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows."""
     n_chunks = plan.chunk_tensor.numel()
     if n_chunks == 0:
         return
     sparse_adamw_kernel[(n_chunks,)](
-        *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start,
-        *multi_tensor.adamw_scalars(hp),
-        COMPACT_GRADS=compact_grads, AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, DECAY_AFTER=hp.decay_after,
-        LERP_FROM_START=hp.one_minus_beta1 < 0.5,
+        *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start, scalars,
+        COMPACT_GRADS=compact_grads, AMSGRAD=amsgrad,
         G_ALIGN=plan.aligns[0] if compact_grads else 1, I_ALIGN=plan.aligns[1], S_ALIGN=plan.aligns[2],
         BLOCK=plan.block, ITERS=plan.iters,
         enable_fp_fusion=multi_tensor.FP_FUSION,

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from childopt.kernels import fisher_accumulate, masked_adamw, multi_tensor, radix_histogram, sparse_adamw
 
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "step_lo", "step_hi", "shift"}
+INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "shift"}
 
 
 def _compile(fn, pointer_types: dict, constexprs: dict, arch: int) -> dict:
@@ -49,12 +49,11 @@ def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, a
     """One variant of the dense masked kernel."""
     p_type = TRITON_TYPES[param_dtype]
     pointers = dict(zip(("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
-                         "chunk_start"),
-                        (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64", "*i32", "*i64")))
+                         "chunk_start", "scalars"),
+                        (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64", "*i32", "*i64", "*fp64")))
     align = 16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type]
-    constexprs = dict(MASK_KIND=mask_kind, FREEZE=freeze, SCALE_GRAD=mask_kind != 0 and not freeze,
-                      AMSGRAD=amsgrad, MAXIMIZE=False, DECAY_AFTER=False, LERP_FROM_START=True, P_ALIGN=align,
-                      G_ALIGN=align, S_ALIGN=4, MASK_ALIGN=16, BLOCK=block, ITERS=iters)
+    constexprs = dict(MASK_KIND=mask_kind, FREEZE=freeze, AMSGRAD=amsgrad, P_ALIGN=align, G_ALIGN=align, S_ALIGN=4,
+                      MASK_ALIGN=16, BLOCK=block, ITERS=iters)
     return dict(kernel="masked_adamw", arch=arch, param_dtype=param_dtype, mask_kind=mask_kind, freeze=freeze,
                 amsgrad=amsgrad, block=block, iters=iters,
                 **_compile(masked_adamw.masked_adamw_kernel, pointers, constexprs, arch))
@@ -65,11 +64,12 @@ def compile_sparse_variant(arch: int, param_dtype: str, compact_grads: bool, ams
     """One variant of the sparse-index kernel (int32 indices)."""
     p_type = TRITON_TYPES[param_dtype]
     pointers = dict(zip(("p_base", "g_base", "idx_base", "m_base", "v_base", "vmax_base", "table", "chunk_tensor",
-                         "chunk_start"),
-                        (f"*{p_type}", f"*{p_type}", "*i32", "*fp32", "*fp32", "*fp32", "*i64", "*i32", "*i64")))
-    constexprs = dict(COMPACT_GRADS=compact_grads, AMSGRAD=amsgrad, MAXIMIZE=False, DECAY_AFTER=False,
-                      LERP_FROM_START=True, G_ALIGN=16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type] if compact_grads
-                      else 1, I_ALIGN=4, S_ALIGN=4, BLOCK=block, ITERS=iters)
+                         "chunk_start", "scalars"),
+                        (f"*{p_type}", f"*{p_type}", "*i32", "*fp32", "*fp32", "*fp32", "*i64", "*i32", "*i64",
+                         "*fp64")))
+    constexprs = dict(COMPACT_GRADS=compact_grads, AMSGRAD=amsgrad,
+                      G_ALIGN=16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type] if compact_grads else 1, I_ALIGN=4,
+                      S_ALIGN=4, BLOCK=block, ITERS=iters)
     return dict(kernel="sparse_adamw", arch=arch, param_dtype=param_dtype, compact_grads=compact_grads,
                 amsgrad=amsgrad, block=block, iters=iters,
                 **_compile(sparse_adamw.sparse_adamw_kernel, pointers, constexprs, arch))

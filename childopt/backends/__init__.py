@@ -4,9 +4,13 @@
 reference, and logs once which it picked and why.  ``auto`` takes native only when childopt._C
 is ready without compiling (a prebuilt module, or a build already in the cache from
 ``python -m childopt build`` or an earlier ``backend="native"``): a first optimizer step never
-starts a compile nobody asked for.  The
-``CHILDOPT_BACKEND`` environment variable replaces ``auto``'s choice.  A backend asked for by
-name that cannot run raises with the reason.
+starts a compile nobody asked for.  The ``CHILDOPT_BACKEND`` environment variable replaces
+``auto``'s choice.  A backend asked for by name that cannot run raises with the reason.
+
+Every backend module declares ``NAME``, ``AUTO_DEVICES``, ``available(device)`` (and
+``ready(device)`` when checking could compile) and a ``Backend`` class (childopt.backends.base)
+whose ``covers`` says which dtypes its kernels step; :func:`route` sends a bucket it does not
+cover to the reference backend.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import os
 
 import torch
 
+from childopt.backends import contract  # noqa: F401  (defines the ops before any backend registers them)
 from childopt.backends import native, reference, triton
+from childopt.backends.base import Backend, SparseTensorLists, TensorLists  # noqa: F401
 
 log = logging.getLogger("childopt")
 
@@ -42,8 +48,16 @@ def requested(backend: str) -> str:
     return backend
 
 
-def create(backend: str, device: torch.device):
-    """A backend instance for tensors on ``device``: the named one, or ``auto``'s pick."""
+def check_ready(module, device: torch.device) -> tuple[bool, str]:
+    """Whether ``module`` can run on ``device`` without compiling anything."""
+    return (module.ready if hasattr(module, "ready") else module.available)(device)
+
+
+def create(backend: str, device: torch.device, *, exclude: tuple = ()) -> Backend:
+    """A backend instance for tensors on ``device``: the named one, or ``auto``'s pick.
+
+    ``exclude`` names backends ``auto`` must not pick (``fused=True`` excludes the reference).
+    """
     name = requested(check_name(backend))
     if name != "auto":
         ok, why = MODULES[name].available(device)
@@ -52,17 +66,28 @@ def create(backend: str, device: torch.device):
         return MODULES[name].Backend()
     reasons = []
     for candidate in AUTO_ORDER:
-        if device.type not in MODULES[candidate].AUTO_DEVICES:
+        module = MODULES[candidate]
+        if candidate in exclude:
+            reasons.append(f"{candidate}: excluded")
+            continue
+        if device.type not in module.AUTO_DEVICES:
             reasons.append(f"{candidate}: not used automatically for {device.type} tensors")
             continue
-        module = MODULES[candidate]
-        ok, why = getattr(module, "ready", module.available)(device)
+        ok, why = check_ready(module, device)
         if ok:
             key = (candidate, str(device))
             if key not in _announced:
                 _announced.add(key)
                 skipped = f" (skipped: {'; '.join(reasons)})" if reasons else ""
                 log.info("childopt: backend %r for %s tensors: %s%s", candidate, device, why, skipped)
-            return MODULES[candidate].Backend()
+            return module.Backend()
         reasons.append(f"{candidate}: {why}")
     raise RuntimeError(f"no backend can run on {device}: {'; '.join(reasons)}")
+
+
+_REFERENCE = reference.Backend()
+
+
+def route(backend: Backend, param_dtype: torch.dtype, grad_dtype: torch.dtype) -> Backend:
+    """``backend`` when its kernels cover the dtypes, else the reference backend (float64)."""
+    return backend if backend.covers(param_dtype, grad_dtype) else _REFERENCE

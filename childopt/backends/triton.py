@@ -1,23 +1,33 @@
-"""The Triton backend: childopt.kernels' multi-tensor dense and sparse AdamW, one launch per bucket.
+"""The Triton backend: childopt.kernels' multi-tensor kernels, one launch per bucket.
+
+Implementations of ``childopt_triton::*`` for CUDA tensors (and CPU tensors under
+``TRITON_INTERPRET=1``, for tests).  They are registered as opaque custom-op kernels rather
+than through ``torch.library.triton_op``: the kernels address a whole tensor list through a
+device table of element offsets, which functionalization cannot see, so letting inductor trace
+into them would hide which tensors they write.  The schemas' mutation annotations and the
+fake kernels (childopt.backends.contract) are what torch.compile needs.
 
 Device tables are cached per set of tensor addresses, so a training loop whose gradients keep
 their storage (or get the same blocks back from the caching allocator) does no table work
-after the first step; new addresses cost one small host-to-device copy.
+after the first step; new addresses cost one small host-to-device copy.  Launches run on the
+device of their tensors (a device guard), whatever the current device is.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
 
-from childopt.backends.ops import (MASK_BERNOULLI, MASK_DENSE, MaskScalars, SparseTensorLists, StepScalars,
-                                   TensorLists)
+from childopt.backends import base, contract
 
 NAME = "triton"
 # The interpreter (TRITON_INTERPRET=1) is for tests: auto never picks Triton for CPU tensors.
 AUTO_DEVICES = ("cuda",)
 _PLAN_CACHE_SIZE = 8
-_KINDS = {MASK_DENSE: 1, MASK_BERNOULLI: 2}
+_plans: OrderedDict = OrderedDict()
+# Elements per program and block iterations; tests shrink them so small tensors span blocks.
+_shape = {"block": None, "iters": None}
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -36,65 +46,111 @@ def available(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on CPU for tests)"
 
 
-class Backend:
-    """Steps buckets with the Triton kernels; holds the plan cache of one optimizer."""
+class Backend(base.Backend):
+    """Steps buckets with the Triton kernels; ``block``/``iters`` override the launch shape."""
 
     name = NAME
+    PARAM_DTYPES = base.KERNEL_DTYPES
 
     def __init__(self, block: int | None = None, iters: int | None = None):
-        from childopt.kernels import fisher_accumulate, masked_adamw, multi_tensor, radix_histogram, sparse_adamw
+        from childopt import kernels  # noqa: F401  (fails here, not at the first step, without triton)
 
-        self._dense = masked_adamw
-        self._sparse = sparse_adamw
-        self._histogram = radix_histogram
-        self._fisher = fisher_accumulate
-        self._block = block or multi_tensor.DEFAULT_BLOCK
-        self._iters = iters or multi_tensor.DEFAULT_ITERS
-        self._plans: OrderedDict = OrderedDict()
+        self.block, self.iters = block, iters
 
-    def _plan(self, family, lists: dict, *extra):
-        """The cached plan of ``lists`` (keyed by every tensor's address and size), built on a miss."""
-        key = (family.__name__, tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values()),
-               tuple(t.numel() for tensors in lists.values() for t in tensors), extra)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = family.make_plan(lists, *extra, block=self._block, iters=self._iters)
-            self._plans[key] = plan
-            if len(self._plans) > _PLAN_CACHE_SIZE:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
+    def _op(self, op: str):
+        call = super()._op(op)
+        if self.block is None and self.iters is None:
+            return call
 
-    def adamw_step(self, tensors: TensorLists, hp: StepScalars, mask: MaskScalars) -> None:
-        """One launch over the bucket (see childopt.backends.ops for the update)."""
-        lists = self._dense.launch_lists(
-            tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs,
-            tensors.max_exp_avg_sqs if hp.amsgrad else None, tensors.masks,
-        )
-        plan = self._plan(self._dense, lists, tuple(tensors.rng_bases) if tensors.rng_bases else None)
-        self._dense.launch(
-            plan, lists, hp, mask_kind=_KINDS.get(mask.kind, 0), freeze=mask.freeze, grad_scale=mask.grad_scale,
-            keep_threshold=mask.keep_threshold, seed=mask.seed, step=mask.step,
-        )
+        def with_shape(*args):
+            with launch_shape(self.block, self.iters):
+                return call(*args)
 
-    def sparse_adamw_step(self, tensors: SparseTensorLists, hp: StepScalars) -> None:
-        """One launch over the selected entries of every tensor of the bucket."""
-        lists = self._sparse.launch_lists(
-            tensors.params, tensors.grads, tensors.indices, tensors.exp_avgs, tensors.exp_avg_sqs,
-            tensors.max_exp_avg_sqs if hp.amsgrad else None,
-        )
-        self._sparse.launch(self._plan(self._sparse, lists), lists, hp, compact_grads=tensors.compact_grads)
+        return with_shape
 
-    def radix_histogram(self, scores: list, scopes: list, prefixes: torch.Tensor, shift: int, bits: int,
-                        n_scopes: int) -> torch.Tensor:
-        """One launch over every score tensor (contiguous fp32) of every scope."""
-        hist = torch.zeros(n_scopes, 2**bits, dtype=torch.int64, device=prefixes.device)
-        plan = self._plan(self._histogram, {"scores": scores}, tuple(scopes))
-        self._histogram.launch(plan, scores, hist, prefixes, shift, bits)
-        return hist
 
-    def fisher_accumulate(self, fisher: list, grads: list, scales: torch.Tensor) -> None:
-        """``fisher[i] += (grads[i] * scales[i])**2`` in one launch (fisher contiguous fp32)."""
-        lists = {"fisher": fisher, "grads": grads}
-        self._fisher.launch(self._plan(self._fisher, lists), lists, scales)
+@contextlib.contextmanager
+def launch_shape(block: int | None, iters: int | None):
+    """Launch with ``block`` elements per block and ``iters`` blocks per program (tests)."""
+    saved = dict(_shape)
+    _shape.update(block=block, iters=iters)
+    try:
+        yield
+    finally:
+        _shape.update(saved)
+
+
+def _device_guard(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _plan(family, lists: dict, *extra):
+    """The cached plan of ``lists`` (keyed by every tensor's address and size), built on a miss."""
+    from childopt.kernels import multi_tensor
+
+    block = _shape["block"] or multi_tensor.DEFAULT_BLOCK
+    iters = _shape["iters"] or multi_tensor.DEFAULT_ITERS
+    key = (family.__name__, tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values()),
+           tuple(t.numel() for tensors in lists.values() for t in tensors), extra, block, iters)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = family.make_plan(lists, *extra, block=block, iters=iters)
+        _plans[key] = plan
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, mask_kind, freeze, amsgrad,
+               keep_threshold, seed_lo, seed_hi) -> None:
+    """One launch over the bucket (see childopt.backends.contract for the update)."""
+    if not params:
+        return
+    from childopt.kernels import masked_adamw
+
+    lists = masked_adamw.launch_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
+                                      masks if mask_kind == contract.MaskKind.DENSE else None)
+    with _device_guard(params[0]):
+        masked_adamw.launch(_plan(masked_adamw, lists), lists, scalars, mask_kind=mask_kind, freeze=freeze,
+                            amsgrad=amsgrad, keep_threshold=keep_threshold, seed=seed_lo | (seed_hi << 32))
+
+
+def sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, amsgrad,
+                      compact_grads) -> None:
+    """One launch over the selected entries of every tensor of the bucket."""
+    if not params:
+        return
+    from childopt.kernels import sparse_adamw
+
+    lists = sparse_adamw.launch_lists(params, grads, indices, exp_avgs, exp_avg_sqs,
+                                      max_exp_avg_sqs if amsgrad else None)
+    with _device_guard(params[0]):
+        sparse_adamw.launch(_plan(sparse_adamw, lists), lists, scalars, amsgrad=amsgrad, compact_grads=compact_grads)
+
+
+def radix_histogram(scores, scopes, prefixes, shift, bits, n_scopes) -> torch.Tensor:
+    """One launch over every score tensor (contiguous fp32) of every scope."""
+    from childopt.kernels import radix_histogram as family
+
+    hist = torch.zeros(n_scopes, 2**bits, dtype=torch.int64, device=prefixes.device)
+    if scores:
+        with _device_guard(prefixes):
+            family.launch(_plan(family, {"scores": scores}, tuple(scopes)), scores, hist, prefixes, shift, bits)
+    return hist
+
+
+def fisher_accumulate(fisher, grads, scales) -> None:
+    """``fisher[i] += (grads[i] * scales[i])**2`` in one launch (fisher contiguous fp32)."""
+    if not fisher:
+        return
+    from childopt.kernels import fisher_accumulate as family
+
+    lists = {"fisher": fisher, "grads": grads}
+    with _device_guard(fisher[0]):
+        family.launch(_plan(family, lists), lists, scales)
+
+
+for _op in contract.SCHEMAS:
+    contract.register(NAME, _op, ("cpu", "cuda"), globals()[_op])

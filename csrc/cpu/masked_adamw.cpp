@@ -2,7 +2,8 @@
 // zero-grad, amsgrad; fp32/bf16/fp16 params with fp32 state.
 //
 // Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 for a dense mask, +8
-// with amsgrad); the Bernoulli mask is drawn in cache.  Work is split into 32K-element chunks
+// with amsgrad); the Bernoulli mask is drawn in cache.  Scalars come per tensor (one float64
+// row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (Philox, one call per 4 elements), then the element update, a loop the compiler
 // vectorises per ISA clone.  Frozen entries are written back with their old bits (a select),
@@ -49,11 +50,13 @@ CHILDOPT_CPU_CLONES void bernoulli_block(const BernoulliDraw draw, uint64_t rng_
 
 template <typename P, typename G, bool AMSGRAD, Keep KEEP>
 void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                 at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases, int64_t mask_kind,
-                 const StepScalars& s, const BernoulliDraw& draw) {
+                 at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
+                 int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
   std::vector<int64_t> numels;
   for (const auto& t : params) numels.push_back(t.numel());
   for_each_chunk(numels, [&](const Chunk& c) {
+    const StepScalars s = step_scalars_from_row(rows + c.tensor * kNumStepScalars);
+    const BernoulliDraw draw = bernoulli_draw(keep_threshold, seed_lo, seed_hi, s.step);
     P* p = params[c.tensor].data_ptr<P>();
     const G* g = grads[c.tensor].data_ptr<G>();
     float* m = exp_avgs[c.tensor].data_ptr<float>();
@@ -64,10 +67,10 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     for (int64_t b = c.begin; b < c.end; b += kBlock) {
       const int64_t n = std::min(kBlock, c.end - b);
       const uint8_t* keep = nullptr;
-      if (mask_kind == kMaskDense) {
+      if (mask_kind == MaskKind::kDense) {
         keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
-      } else if (mask_kind == kMaskBernoulli) {
-        bernoulli_block(draw, static_cast<uint64_t>(rng_bases[c.tensor]), b, n, drawn);
+      } else if (mask_kind == MaskKind::kBernoulli) {
+        bernoulli_block(draw, s.rng_base, b, n, drawn);
         keep = drawn;
       }
       adamw_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
@@ -77,12 +80,12 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
 
 template <typename P, typename G>
 void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
-                    int64_t mask_kind, bool freeze, bool amsgrad, const StepScalars& s, const BernoulliDraw& draw) {
-#define CHILDOPT_RUN(AMS, KEEP)                                                                                     \
-  return adamw_lists<P, G, AMS, KEEP>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases, \
-                                      mask_kind, s, draw)
-  const Keep keep = mask_kind == kMaskNone ? Keep::kAll : (freeze ? Keep::kFreeze : Keep::kZeroGrad);
+                    at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
+                    bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+#define CHILDOPT_RUN(AMS, KEEP)                                                                                   \
+  return adamw_lists<P, G, AMS, KEEP>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows,    \
+                                      mask_kind, keep_threshold, seed_lo, seed_hi)
+  const Keep keep = mask_kind == MaskKind::kNone ? Keep::kAll : (freeze ? Keep::kFreeze : Keep::kZeroGrad);
   if (amsgrad) {
     if (keep == Keep::kAll) CHILDOPT_RUN(true, Keep::kAll);
     if (keep == Keep::kFreeze) CHILDOPT_RUN(true, Keep::kFreeze);
@@ -97,23 +100,22 @@ void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
-                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
-                int64_t seed_lo, int64_t seed_hi, int64_t step) {
-  check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases, mask_kind, amsgrad);
+                at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind,
+                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+  const MaskKind kind = mask_kind_from(mask_kind);
+  check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, kind, amsgrad);
+  if (kind == MaskKind::kBernoulli) check_draw(keep_threshold, seed_lo, seed_hi);
   if (params.empty()) return;
-  const StepScalars s = step_scalars_from(scalars);
-  const BernoulliDraw draw = mask_kind == kMaskBernoulli ? bernoulli_draw(keep_threshold, seed_lo, seed_hi, step)
-                                                         : BernoulliDraw{0, 0, 0, 0};
+  const double* rows = scalars.data_ptr<double>();
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
   CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_adamw_step", [&] {
     if (g_dtype == p_dtype) {
-      dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases,
-                                         mask_kind, freeze, amsgrad, s, draw);
+      dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
+                                         freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
     } else {
-      dispatch_flags<scalar_t, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases,
-                                      mask_kind, freeze, amsgrad, s, draw);
+      dispatch_flags<scalar_t, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
+                                      freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
     }
   });
 }

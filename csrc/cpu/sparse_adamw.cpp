@@ -3,7 +3,7 @@
 //
 // Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32;
 // gathers from p and g are the cost.  The gradient is dense (gathered at idx) or compact
-// (g[k]).  Indices are sorted and unique, so chunks of k never write the same p entry.
+// (g[k]).  Scalars come per tensor (one float64 row each).  Indices are sorted and unique, so chunks of k never write the same p entry.
 #include "../ops.h"
 
 #include "cpu_common.h"
@@ -30,11 +30,12 @@ CHILDOPT_CPU_CLONES void sparse_block(P* __restrict p, const G* __restrict g, co
 
 template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
 void sparse_lists(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const StepScalars& s) {
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const double* rows) {
   std::vector<int64_t> numels;
   for (const auto& t : indices) numels.push_back(t.numel());
   for_each_chunk(numels, [&](const Chunk& c) {
     const int64_t t = c.tensor;
+    const StepScalars s = step_scalars_from_row(rows + t * kNumStepScalars);
     float* vmax = AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() + c.begin : nullptr;
     sparse_block<P, G, I, AMSGRAD, COMPACT>(params[t].data_ptr<P>(), grads[t].data_ptr<G>() + (COMPACT ? c.begin : 0),
                                             indices[t].data_ptr<I>() + c.begin,
@@ -46,9 +47,9 @@ void sparse_lists(at::TensorList params, at::TensorList grads, at::TensorList in
 template <typename P, typename G, typename I>
 void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, bool amsgrad, bool compact,
-                    const StepScalars& s) {
+                    const double* rows) {
 #define CHILDOPT_RUN(AMS, COMPACT) \
-  return sparse_lists<P, G, I, AMS, COMPACT>(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s)
+  return sparse_lists<P, G, I, AMS, COMPACT>(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rows)
   if (amsgrad) {
     if (compact) CHILDOPT_RUN(true, true);
     CHILDOPT_RUN(true, false);
@@ -61,11 +62,12 @@ void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const at::Tensor& scalars,
                        bool amsgrad, bool compact_grads) {
-  check_sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, compact_grads);
+  check_sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, amsgrad,
+                          compact_grads);
   if (params.empty()) return;
-  const StepScalars s = step_scalars_from(scalars);
+  const double* rows = scalars.data_ptr<double>();
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
   const bool wide = indices[0].scalar_type() == at::kLong;
@@ -73,14 +75,14 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
     using P = scalar_t;
     if (g_dtype == p_dtype) {
       if (wide) return dispatch_flags<P, P, int64_t>(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                                     amsgrad, compact_grads, s);
+                                                     amsgrad, compact_grads, rows);
       return dispatch_flags<P, P, int32_t>(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
-                                           compact_grads, s);
+                                           compact_grads, rows);
     }
     if (wide) return dispatch_flags<P, float, int64_t>(params, grads, indices, exp_avgs, exp_avg_sqs,
-                                                       max_exp_avg_sqs, amsgrad, compact_grads, s);
+                                                       max_exp_avg_sqs, amsgrad, compact_grads, rows);
     return dispatch_flags<P, float, int32_t>(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
-                                             compact_grads, s);
+                                             compact_grads, rows);
   });
 }
 

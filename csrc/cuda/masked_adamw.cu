@@ -5,7 +5,8 @@
 // Bernoulli masks cost none (Philox in registers, one call per 4 elements).  Each thread
 // steps one Philox group of 4 consecutive elements with vector accesses (128-bit for fp32)
 // where the chunk is aligned; a tensor's last partial group is guarded element by element.
-// Frozen entries are written back with their old bits so accesses stay whole vectors.
+// Frozen entries are written back with their old bits so accesses stay whole vectors.  Each
+// tensor's scalars (and its Philox base and step) are one float64 row, read once per block.
 // Layout: multi_tensor.cuh (blocks own 64K-element chunks; int64 offsets).
 #include "multi_tensor.cuh"
 #include "storage.cuh"
@@ -16,8 +17,10 @@ namespace {
 
 template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
 __global__ void __launch_bounds__(kThreads)
-    masked_adamw_kernel(TensorListMeta<6> meta, StepScalars s, BernoulliDraw draw) {
+    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw) {
   const BlockWork<6> work(meta);
+  const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
+  draw.step = s.step;
   P* p = static_cast<P*>(meta.ptr[0][work.slot]) + work.start;
   const G* g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
   float* m = static_cast<float*>(meta.ptr[2][work.slot]) + work.start;
@@ -26,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint8_t* mask = KIND == 1 ? static_cast<const uint8_t*>(meta.ptr[5][work.slot]) + work.start : nullptr;
   const bool vec = vec4_aligned<P>(p) && vec4_aligned<G>(g) && vec4_aligned<float>(m) && vec4_aligned<float>(v) &&
                    (!AMSGRAD || vec4_aligned<float>(vmax)) && (KIND != 1 || vec4_aligned<uint8_t>(mask));
-  const uint64_t group0 = static_cast<uint64_t>(meta.extra[work.slot]) + static_cast<uint64_t>(work.start / 4);
+  const uint64_t group0 = s.rng_base + static_cast<uint64_t>(work.start / 4);
 
   for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < work.n; i += 4 * kThreads) {
     const bool full = vec && i + 4 <= work.n;
@@ -78,9 +81,9 @@ struct LaunchAdamw {
   template <typename P, typename G, bool AMSGRAD>
   void by_mask() const {
     switch (config.mask_kind) {
-      case 1:
+      case MaskKind::kDense:
         return config.freeze ? run<P, G, AMSGRAD, 1, true>() : run<P, G, AMSGRAD, 1, false>();
-      case 2:
+      case MaskKind::kBernoulli:
         return config.freeze ? run<P, G, AMSGRAD, 2, true>() : run<P, G, AMSGRAD, 2, false>();
       default:
         return run<P, G, AMSGRAD, 0, false>();

@@ -52,36 +52,37 @@ bool grads_float(at::TensorList params, at::TensorList grads) {
 }  // namespace
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList masks, at::IntArrayRef rng_bases,
-                at::ArrayRef<double> scalars, int64_t mask_kind, bool freeze, bool amsgrad, int64_t keep_threshold,
-                int64_t seed_lo, int64_t seed_hi, int64_t step) {
-  check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rng_bases, mask_kind, amsgrad);
+                at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind,
+                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+  const MaskKind kind = mask_kind_from(mask_kind);
+  check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, kind, amsgrad);
+  if (kind == MaskKind::kBernoulli) check_draw(keep_threshold, seed_lo, seed_hi);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  cuda_kernels::AdamwConfig config{dtype_of(params[0].scalar_type()),
-                                   grads_float(params, grads),
-                                   amsgrad,
-                                   static_cast<int>(mask_kind),
-                                   freeze,
-                                   step_scalars_from(scalars),
-                                   mask_kind == kMaskBernoulli ? bernoulli_draw(keep_threshold, seed_lo, seed_hi, step)
-                                                               : BernoulliDraw{0, 0, 0, 0}};
-  const std::vector<int64_t> bases(rng_bases.begin(), rng_bases.end());
+  const cuda_kernels::AdamwConfig config{dtype_of(params[0].scalar_type()),
+                                         grads_float(params, grads),
+                                         amsgrad,
+                                         kind,
+                                         freeze,
+                                         scalars.data_ptr<double>(),
+                                         kind == MaskKind::kBernoulli ? bernoulli_draw(keep_threshold, seed_lo, seed_hi, 0)
+                                                                      : BernoulliDraw{0, 0, 0, 0}};
   const auto tables = refs({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
-                            mask_kind == kMaskDense ? masks : at::TensorList()},
-                           params, bases);
+                            kind == MaskKind::kDense ? masks : at::TensorList()},
+                           params, {});
   check_launch(cuda_kernels::adamw_step(tables, config, c10::cuda::getCurrentCUDAStream().stream()), "adamw_step");
 }
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::ArrayRef<double> scalars,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const at::Tensor& scalars,
                        bool amsgrad, bool compact_grads) {
-  check_sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, compact_grads);
+  check_sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, amsgrad,
+                          compact_grads);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda_kernels::SparseAdamwConfig config{dtype_of(params[0].scalar_type()), grads_float(params, grads),
                                                amsgrad, compact_grads, indices[0].scalar_type() == at::kLong,
-                                               step_scalars_from(scalars)};
+                                               scalars.data_ptr<double>()};
   const auto tables =
       refs({params, grads, indices, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()}, indices, {});
   check_launch(cuda_kernels::sparse_adamw_step(tables, config, c10::cuda::getCurrentCUDAStream().stream()), "sparse_adamw_step");

@@ -4,7 +4,7 @@
 // Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32.
 // One thread per selected entry; the compact arrays are read coalesced, p and g are gathers
 // (sorted indices keep neighbouring threads on neighbouring lines).  Indices are unique, so
-// no two threads write one entry.  Layout: multi_tensor.cuh over the index lists.
+// no two threads write one entry.  Each tensor's scalars are one float64 row.  Layout: multi_tensor.cuh over the index lists.
 #include "multi_tensor.cuh"
 #include "storage.cuh"
 
@@ -13,8 +13,10 @@ namespace cuda_kernels {
 namespace {
 
 template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
-__global__ void __launch_bounds__(kThreads) sparse_adamw_kernel(TensorListMeta<6> meta, StepScalars s) {
+__global__ void __launch_bounds__(kThreads)
+    sparse_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows) {
   const BlockWork<6> work(meta);
+  const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
   P* p = static_cast<P*>(meta.ptr[0][work.slot]);
   const G* g = static_cast<const G*>(meta.ptr[1][work.slot]);
   const I* idx = static_cast<const I*>(meta.ptr[2][work.slot]) + work.start;

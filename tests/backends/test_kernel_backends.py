@@ -10,8 +10,8 @@ import torch
 
 from childopt import MaskedAdamW, backends
 from childopt import sparse as sparse_mod
-from childopt.backends import reference
-from childopt.backends.ops import SparseTensorLists, StepScalars
+from childopt.backends import SparseTensorLists, reference
+from childopt.backends.contract import StepScalars
 from tests.helpers import (MIXED_SHAPES, clone_params, grads_at, kernel_backend, make_params, masks_for, snapshot,
                            train)
 
@@ -80,8 +80,10 @@ def test_sparse_kernels_match_reference(kernel_lane, compact, index_dtype):
             grads = [g.reshape(-1)[i.long()] if compact else g for g, i in zip(grads_at(params, t), indices)]
             lists = SparseTensorLists(params, grads, indices, state[0::3], state[1::3], state[2::3], compact)
             with torch.no_grad():  # as inside optimizer.step()
-                backend.sparse_adamw_step(lists, StepScalars(0.999, 0.1, 0.999, 0.001, 1e-8, 0.01, 0.5,
-                                                             True, True, False))
+                backend.sparse_adamw_step(lists, StepScalars(
+                    decay_before=0.999, decay_after=1.0, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
+                    eps=1e-8, step_size=0.01, bc2_sqrt=0.5, grad_scale=1.0, grad_sign=-1.0, lerp_from_start=1.0,
+                    step=t + 1, rng_base=0).rows(len(params)))
         return [p.detach() for p in params] + state
 
     for a, b in zip(run(kernel_backend(name)), run(reference.Backend()), strict=True):

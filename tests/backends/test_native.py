@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from childopt import backends, philox
-from childopt.backends import native, reference
-from childopt.backends.ops import MASK_BERNOULLI, MASK_DENSE, MASK_NONE, MaskScalars, StepScalars, TensorLists
+from childopt.backends import TensorLists, native, reference
+from childopt.backends.contract import COLUMN, MaskKind, MaskSpec, StepScalars
 from tests.helpers import kernel_backend, make_params
 
 SHAPES = [(7, 5), (13,), (0,), (1031,), (3, 4, 5), (1,), (4099,)]
+RNG_BASES = list(itertools.accumulate([0] + [philox.rng_group_counts(torch.Size(s).numel()) for s in SHAPES]))[:-1]
+SEED = 2**40 + 12345
 
 
 @pytest.fixture
@@ -34,9 +36,7 @@ def bucket(dtype, amsgrad, kind, seed=0):
         exp_avgs=[torch.randn(s, generator=gen) * 0.1 for s in SHAPES],
         exp_avg_sqs=[torch.rand(s, generator=gen) for s in SHAPES],
         max_exp_avg_sqs=[torch.rand(s, generator=gen) + 0.5 for s in SHAPES] if amsgrad else None,
-        masks=[torch.rand(s, generator=gen) < 0.3 for s in SHAPES] if kind == MASK_DENSE else None,
-        rng_bases=list(itertools.accumulate([0] + [philox.rng_group_counts(torch.Size(s).numel()) for s in SHAPES]))[:-1]
-        if kind == MASK_BERNOULLI else None,
+        masks=[torch.rand(s, generator=gen) < 0.3 for s in SHAPES] if kind == MaskKind.DENSE else None,
     )
 
 
@@ -44,21 +44,25 @@ def outputs(t: TensorLists):
     return t.params + t.exp_avgs + t.exp_avg_sqs + (t.max_exp_avg_sqs or [])
 
 
-def step_scalars(amsgrad, maximize, decay_after, one_minus_beta1=0.1):
-    return StepScalars(decay=1 - 1e-3 * 0.01, one_minus_beta1=one_minus_beta1, beta2=0.999, one_minus_beta2=0.001,
-                       eps=1e-8, step_size=1e-3 / 0.19, bc2_sqrt=0.0447, maximize=maximize, amsgrad=amsgrad,
-                       decay_after=decay_after)
+def rows(maximize=False, decay_after=False, one_minus_beta1=0.1, grad_scale=1.0, step=3):
+    """One row per tensor of SHAPES: the same scalars, each tensor's own Philox base."""
+    decay = 1 - 1e-3 * 0.01
+    hp = StepScalars(decay_before=1.0 if decay_after else decay, decay_after=decay if decay_after else 1.0,
+                     one_minus_beta1=one_minus_beta1, beta2=0.999, one_minus_beta2=0.001, eps=1e-8,
+                     step_size=1e-3 / 0.19, bc2_sqrt=0.0447, grad_scale=grad_scale, grad_sign=-1.0 if maximize else 1.0,
+                     lerp_from_start=1.0 if one_minus_beta1 < 0.5 else 0.0, step=step, rng_base=0)
+    table = hp.rows(len(SHAPES))
+    table[:, COLUMN["rng_base"]] = torch.tensor(RNG_BASES, dtype=torch.float64)
+    return table
 
 
-def mask_scalars(kind, freeze, step=3):
-    if kind == MASK_BERNOULLI:
-        return MaskScalars(kind=kind, freeze=freeze, grad_scale=1.0 if freeze else 1 / 0.3,
-                           keep_threshold=philox.keep_threshold(0.3), seed=2**40 + 12345, step=step)
-    return MaskScalars(kind=kind, freeze=freeze)
+def mask_spec(kind, freeze):
+    if kind == MaskKind.BERNOULLI:
+        return MaskSpec(kind=kind, freeze=freeze, keep_threshold=philox.keep_threshold(0.3), seed=SEED)
+    return MaskSpec(kind=kind, freeze=freeze)
 
 
-VARIANTS = [(kind, freeze) for kind in (MASK_NONE, MASK_DENSE, MASK_BERNOULLI) for freeze in (False, True)
-            if not (kind == MASK_NONE and freeze)]
+VARIANTS = [(kind, freeze) for kind in MaskKind for freeze in (False, True) if not (kind == MaskKind.NONE and freeze)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -74,10 +78,11 @@ def test_native_cpu_is_bit_identical_to_triton(native_cpu, dtype, kind, freeze, 
     ok, why = backends.MODULES["triton"].available(torch.device("cpu"))
     if not ok:
         pytest.skip(why)
-    hp = step_scalars(amsgrad, maximize, decay_after, one_minus_beta1)
+    scale = 1 / 0.3 if kind == MaskKind.BERNOULLI and not freeze else 1.0
+    hp = rows(maximize, decay_after, one_minus_beta1, grad_scale=scale)
     ours, theirs = bucket(dtype, amsgrad, kind), bucket(dtype, amsgrad, kind)
-    native_cpu.adamw_step(ours, hp, mask_scalars(kind, freeze))
-    kernel_backend("triton").adamw_step(theirs, hp, mask_scalars(kind, freeze))
+    native_cpu.adamw_step(ours, hp, mask_spec(kind, freeze))
+    kernel_backend("triton").adamw_step(theirs, hp, mask_spec(kind, freeze))
     for a, b in zip(outputs(ours), outputs(theirs), strict=True):
         assert torch.equal(a, b)
 
@@ -93,60 +98,59 @@ def test_bernoulli_mask_equals_the_philox_definition(name, step):
     ok, why = backends.MODULES[name].available(torch.device("cpu"))
     if not ok:
         pytest.skip(why)
-    t = bucket(torch.float32, False, MASK_BERNOULLI)
+    t = bucket(torch.float32, False, MaskKind.BERNOULLI)
     before = [m.clone() for m in t.exp_avgs]
-    kernel_backend(name).adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_BERNOULLI, True, step))
+    kernel_backend(name).adamw_step(t, rows(step=step), mask_spec(MaskKind.BERNOULLI, True))
     for i, (m_old, m_new) in enumerate(zip(before, t.exp_avgs, strict=True)):
-        keep = philox.bernoulli_keep(m_old.numel(), t.rng_bases[i], 2**40 + 12345, step, 0.3, "cpu")
+        keep = philox.bernoulli_keep(m_old.numel(), RNG_BASES[i], SEED, step, 0.3, "cpu")
         assert torch.equal((m_new != m_old).reshape(-1), keep)
 
 
 def test_argument_errors_name_the_tensor(native_cpu):
-    t = bucket(torch.float32, False, MASK_NONE)
+    t = bucket(torch.float32, False, MaskKind.NONE)
     t.exp_avgs[1] = torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has 3 elements, expected 13"):
-        native_cpu.adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_NONE, False))
-    t = bucket(torch.float32, False, MASK_DENSE)
+        native_cpu.adamw_step(t, rows(), mask_spec(MaskKind.NONE, False))
+    t = bucket(torch.float32, False, MaskKind.DENSE)
     t.masks[0] = t.masks[0].to(torch.uint8)
     with pytest.raises(RuntimeError, match=r"masks\[0\] must be Bool"):
-        native_cpu.adamw_step(t, step_scalars(False, False, False), mask_scalars(MASK_DENSE, True))
-    bad = bucket(torch.bfloat16, False, MASK_NONE)
+        native_cpu.adamw_step(t, rows(), mask_spec(MaskKind.DENSE, True))
+    bad = bucket(torch.bfloat16, False, MaskKind.NONE)
     with pytest.raises(RuntimeError, match=r"grads must have the params' dtype \(BFloat16\) or float32, got Half"):
         torch.ops.childopt.adamw_step(bad.params, [g.half() for g in bad.grads], bad.exp_avgs, bad.exp_avg_sqs, [], [],
-                                      [], native._scalars(step_scalars(False, False, False), 1.0), 0, False, False,
-                                      1, 0, 0, 1)
-    with pytest.raises(RuntimeError, match="scalars must hold 11 values"):
-        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], [], [1.0], 0,
-                                      False, False, 1, 0, 0, 1)
+                                      rows(), 0, False, False, 1, 0, 0)
+    with pytest.raises(RuntimeError, match=r"scalars must be a contiguous float64 tensor of shape \[7, 13\]"):
+        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], rows()[:, :11], 0,
+                                      False, False, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="mask_kind must be 0 \\(none\\), 1 \\(dense\\) or 2 \\(bernoulli\\), got 3"):
+        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], rows(), 3,
+                                      False, False, 1, 0, 0)
 
 
-def test_float64_params_are_stepped_by_the_reference(native_cpu):
-    """The kernels cover fp32/bf16/fp16; float64 buckets take the reference path, same result."""
-    hp = step_scalars(False, False, False)
-    ours, ref = bucket(torch.float64, False, MASK_DENSE), bucket(torch.float64, False, MASK_DENSE)
-    native_cpu.adamw_step(ours, hp, mask_scalars(MASK_DENSE, True))
-    reference.adamw_step(ref, hp, mask_scalars(MASK_DENSE, True))
-    for a, b in zip(outputs(ours), outputs(ref), strict=True):
-        assert torch.equal(a, b)
+def test_float64_buckets_are_routed_to_the_reference(native_cpu):
+    """The kernels cover fp32/bf16/fp16; route() sends a float64 bucket to the reference once."""
+    assert not native_cpu.covers(torch.float64, torch.float64)
+    assert backends.route(native_cpu, torch.float64, torch.float64).name == "reference"
+    assert backends.route(native_cpu, torch.bfloat16, torch.float32) is native_cpu
+    assert backends.route(native_cpu, torch.bfloat16, torch.float16).name == "reference"
 
 
 def test_fp32_grads_on_bf16_params_match_the_reference(native_cpu):
-    hp = step_scalars(False, False, False)
-    ours, ref = bucket(torch.bfloat16, False, MASK_NONE), bucket(torch.bfloat16, False, MASK_NONE)
+    ours, ref = bucket(torch.bfloat16, False, MaskKind.NONE), bucket(torch.bfloat16, False, MaskKind.NONE)
     for t in (ours, ref):
         t.grads = [torch.randn(g.shape, generator=torch.Generator().manual_seed(9)) for g in t.grads]
-    native_cpu.adamw_step(ours, hp, mask_scalars(MASK_NONE, False))
-    reference.adamw_step(ref, hp, mask_scalars(MASK_NONE, False))
+    native_cpu.adamw_step(ours, rows(), mask_spec(MaskKind.NONE, False))
+    reference.Backend().adamw_step(ref, rows(), mask_spec(MaskKind.NONE, False))
     for a, b in zip(outputs(ours), outputs(ref), strict=True):
         torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)
 
 
 def test_auto_takes_native_only_when_ready_without_compiling(monkeypatch):
-    from childopt import _ext
+    from childopt import _native
 
     calls = []
     monkeypatch.setattr(backends, "_announced", set())
-    monkeypatch.setattr(_ext, "try_load", lambda build=True: (calls.append(build), (None, "not built yet"))[1])
+    monkeypatch.setattr(_native, "try_load", lambda build=True: (calls.append(build), (None, "not built yet"))[1])
     assert backends.create("auto", torch.device("cpu")).name == "reference"
     assert calls == [False]
     with pytest.raises(RuntimeError, match="backend 'native' cannot run on cpu: childopt._C is not available"):
@@ -167,10 +171,11 @@ def test_native_has_no_kernels_for_other_devices(native_cpu):
 def test_bucket_params_stay_on_their_dtypes(native_cpu):
     """bf16 params get the hand-rounded bits (round to nearest even) that torch's cast gives."""
     params = make_params([(4099,)], dtype=torch.bfloat16)
-    hp = step_scalars(False, False, False)
+    table = rows()[:1]
     t = TensorLists(params=[p.detach() for p in params], grads=[torch.ones(4099, dtype=torch.bfloat16)],
                     exp_avgs=[torch.zeros(4099)], exp_avg_sqs=[torch.zeros(4099)])
+    scalars = dict(zip(reference.contract.STEP_SCALAR_FIELDS, table[0].tolist()))
     expected = reference.adamw_math(t.params[0].float(), torch.ones(4099), torch.zeros(4099), torch.zeros(4099), None,
-                                    hp)[0].to(torch.bfloat16)
-    native_cpu.adamw_step(t, hp, mask_scalars(MASK_NONE, False))
+                                    scalars)[0].to(torch.bfloat16)
+    native_cpu.adamw_step(t, table, mask_spec(MaskKind.NONE, False))
     assert torch.equal(t.params[0], expected)

@@ -8,9 +8,9 @@ from childopt import MaskedAdamW, backends
 
 
 def test_auto_uses_reference_for_cpu_tensors_even_when_triton_is_interpreted(caplog, monkeypatch):
-    from childopt import _ext
+    from childopt import _native
 
-    monkeypatch.setattr(_ext, "try_load", lambda build=True: (None, "no build in the cache"))
+    monkeypatch.setattr(_native, "try_load", lambda build=True: (None, "no build in the cache"))
     backends._announced.clear()
     with caplog.at_level(logging.INFO, logger="childopt"):
         assert backends.create("auto", torch.device("cpu")).name == "reference"

@@ -1,4 +1,4 @@
-// The AdamW element update of childopt/backends/ops.py, shared by every native kernel.
+// The AdamW element update of childopt/backends/contract.py, shared by every native kernel.
 //
 // fp32 math with IEEE sqrt and division and no contraction into FMA (compile with
 // -ffp-contract=off / --fmad=false), in the order the Triton kernel uses, so the native CPU,
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "childopt/philox.h"
+#include "childopt/step_scalars.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -19,24 +19,6 @@
 #endif
 
 namespace childopt {
-
-// Per-bucket scalars, rounded from the host's float64 values to fp32 once.
-struct StepScalars {
-  float decay_before;     // weight decay factor applied before the update (AdamW), else 1
-  float decay_after;      // applied after it (ChildTuning's published order), else 1
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float step_size;
-  float bc2_sqrt;
-  float grad_scale;       // 1 / reserve_p for Bernoulli zero-grad, else 1
-  float grad_sign;        // -1 under maximize, else 1
-  bool lerp_from_start;   // torch.lerp's two-sided formula: weight < 0.5
-};
-
-// The order of StepScalars' values in the ops' `float[] scalars` argument.
-constexpr int kNumStepScalars = 11;
 
 CHILDOPT_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)

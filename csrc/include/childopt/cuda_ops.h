@@ -16,7 +16,7 @@ namespace cuda_kernels {
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // One tensor of a multi-tensor launch: up to 6 addresses, its element count and one
-// per-tensor integer (the Philox group base, or a scope / scale index).
+// per-tensor integer (its row of the step scalars, or a scope / scale index).
 struct TensorRefs {
   void* ptr[6];
   int64_t numel;
@@ -27,10 +27,10 @@ struct AdamwConfig {
   DType p_dtype;
   bool g_float;  // gradients in fp32 while params are bf16/fp16; else the params' dtype
   bool amsgrad;
-  int mask_kind;  // 0 none, 1 dense (ptr[5] = bool mask), 2 Bernoulli (extra = rng base)
+  MaskKind mask_kind;  // dense: ptr[5] = bool mask; Bernoulli: rng base and step from the row
   bool freeze;
-  StepScalars scalars;
-  BernoulliDraw draw;
+  const double* scalars;  // device rows [n, kNumStepScalars]; extra = the tensor's row
+  BernoulliDraw draw;     // key and threshold; the step comes from each row
 };
 
 // ptr: p, g, m, v, vmax, mask
@@ -42,7 +42,7 @@ struct SparseAdamwConfig {
   bool amsgrad;
   bool compact_grads;
   bool wide_indices;  // int64 indices, else int32
-  StepScalars scalars;
+  const double* scalars;  // device rows [n, kNumStepScalars]; extra = the tensor's row
 };
 
 // ptr: p, g, indices, m, v, vmax; numel = number of selected entries
