@@ -68,3 +68,10 @@ def triton_device(request):
     if not ok:
         pytest.skip(why)
     return request.param
+
+
+@pytest.fixture
+def lane_on_cpu():
+    """``lane_on_cpu(backend)`` skips the test (or fails it, for native under CI) when ``backend``
+    cannot run on CPU here."""
+    return lambda backend: _runnable(backend, "cpu")

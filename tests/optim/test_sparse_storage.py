@@ -10,7 +10,8 @@ import io
 import pytest
 import torch
 
-from childopt import MaskedAdamW, bench
+from childopt import MaskedAdamW
+from childopt.bench.shapes import roberta_base_shapes
 from tests.helpers import MIXED_SHAPES, assert_all_equal, clone_params, grads_at, make_params, masks_for, train
 
 
@@ -52,7 +53,7 @@ def test_state_bytes_are_12_per_selected_entry_plus_4_per_parameter():
 def test_roberta_base_at_reserve_p_0_1_holds_at_most_1_25_state_bytes_per_parameter():
     """The issue's must-show figure, on the real 125M-parameter roberta-base shapes."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in bench.roberta_base_shapes()]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in roberta_base_shapes()]
     masks = {p: torch.rand(p.shape, generator=gen) < 0.1 for p in params}
     opt = MaskedAdamW(params, mask=masks, storage="sparse", seed=0)
     for p in params:

@@ -1,0 +1,92 @@
+"""MaskedAdamW's state dicts: torch's format plus a ``"childopt"`` entry, and their loading.
+
+A childopt state dict is torch's (``state`` by parameter index, ``param_groups``) with fp32
+moments whatever the parameter dtype, ``mask`` (dense storage) or ``indices`` (sparse storage)
+per parameter, and ``"childopt": {format, mask_kind, seed, storage}``.  Loading also accepts
+state dicts saved by earlier childopt versions (param groups without torch's implementation
+flags) and ``torch.optim.AdamW`` state dicts (dense moments; this optimizer's masks are kept).
+"""
+from __future__ import annotations
+
+import torch
+
+from childopt import philox, sparse
+from childopt.backends.contract import MaskKind
+from childopt.optim import params, validation
+from childopt.optim.state import MOMENT_KEYS
+
+STATE_FORMAT = 1
+
+
+def extras(optimizer) -> dict:
+    """The ``"childopt"`` entry of ``optimizer.state_dict()``."""
+    return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
+            "storage": optimizer.storage}
+
+
+def check_extras(saved: dict, storage: str) -> None:
+    """Refuse a ``"childopt"`` entry of another format or another storage, with the fix."""
+    if saved.get("format") != STATE_FORMAT or saved.get("mask_kind") not in [k.label for k in MaskKind]:
+        raise ValueError(f"unsupported childopt state format: {saved!r}")
+    philox.check_seed(saved.get("seed"))
+    saved_storage = saved.get("storage", "dense")
+    if saved_storage != storage:
+        raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "
+                         f"optimizer with storage={saved_storage!r} to load it")
+
+
+def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: bool, capturable: bool) -> None:
+    """Rebuild the state of ``p`` from its saved entry after torch's ``load_state_dict``.
+
+    torch casts floating state to the parameter's dtype; here moments stay fp32, masks bool and
+    indices checked; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
+    (``kept``), and its dense moments are gathered onto them.
+    """
+    state = optimizer.state[p]
+    if "indices" in saved:
+        sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {optimizer.describe(p)}")
+        state["indices"] = saved["indices"].to(device=p.device, copy=True)
+    elif foreign and "indices" in kept:
+        state["indices"] = kept["indices"]
+    shape = state["indices"].shape if "indices" in state else p.shape
+    for key in MOMENT_KEYS:
+        if key in saved:
+            value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+            if "indices" in state and "indices" not in saved and value.shape == p.shape:
+                value = sparse.gather(value, state["indices"])  # dense (torch AdamW) state
+            if value.shape != shape:
+                raise ValueError(f"state {key!r} for {optimizer.describe(p)} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(shape)}")
+            state[key] = value.contiguous()
+    if "step" in saved:
+        state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32,
+                                     device=p.device if capturable else "cpu")
+    if "mask" in saved:
+        state["mask"] = params.resolve_masks(optimizer.param_groups, {p: saved["mask"]})[p]
+    elif foreign and "mask" in kept:
+        state["mask"] = kept["mask"]
+
+
+def load(optimizer, state_dict: dict, torch_load) -> None:
+    """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
+    saved_extras = state_dict.get("childopt")
+    if saved_extras is not None:
+        check_extras(saved_extras, optimizer.storage)
+    kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    torch_load(state_dict)
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}
+    for gi, group in enumerate(optimizer.param_groups):
+        validation.check_group(group, f" (loaded param group {gi})", optimizer.storage)
+    for saved_id, p in zip(saved_ids, stepped):
+        restore_param(optimizer, p, state_dict["state"].get(saved_id, {}), kept.get(p, {}), saved_extras is None,
+                      capturable[p])
+    compact = optimizer._compact
+    if compact is not None:
+        compact.buffers.clear()
+        for p in stepped:
+            (compact.register if "indices" in optimizer.state[p] else compact.unregister)(p)
+    if saved_extras is not None:
+        optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
+        optimizer.seed = saved_extras["seed"]

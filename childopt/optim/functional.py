@@ -1,0 +1,114 @@
+"""The masked AdamW step as a pure function over tensor lists, as ``torch.optim.adamw.adamw`` is.
+
+:func:`masked_adamw` sorts the tensors into buckets that share (device, dtypes, mask kind,
+storage, backend), computes each tensor's row of step scalars (childopt.backends.contract)
+with tensor ops, and makes one op call per bucket.  Nothing here reads a tensor on the host:
+the step counts, and a tensor ``lr``, stay tensors, so ``torch.compile`` traces the step
+without a graph break and, with ``capturable``, the rows are computed on the parameters'
+device (CUDA-graph safe; an LR scheduler writing a tensor lr causes no recompile).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from childopt import backends, philox
+from childopt.backends import Backend, SparseTensorLists, TensorLists
+from childopt.backends.contract import STEP_SCALAR_FIELDS, MaskKind, MaskSpec
+
+# How bias corrections and weight decay enter the update: torch's AdamW, or ChildTuning's
+# published optimizer (corrections folded into the step size, decay after the update; its
+# ``correct_bias=False`` drops the corrections).
+RULES = ("adamw", "childtuning", "childtuning-uncorrected")
+
+
+def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: float, weight_decay: float,
+                     maximize: bool, grad_scale: float, rule: str, device) -> torch.Tensor:
+    """The float64 [n, len(STEP_SCALAR_FIELDS)] rows of one bucket, for its next step.
+
+    Host float64 arithmetic in tensor form: every backend rounds the same values to fp32.
+    ``rng_bases`` are ints, or float64 scalars on ``device`` (capturable: no host copy, so a
+    CUDA graph can capture this).
+    """
+    t = torch.stack(state_steps).to(device=device, dtype=torch.float64) + 1
+    ones = torch.ones_like(t)
+    beta1, beta2 = betas
+    lr = torch.as_tensor(lr, dtype=torch.float64, device=device)
+    bias1 = 1 - torch.pow(beta1, t)
+    bias2 = 1 - torch.pow(beta2, t)
+    decay = (1 - lr * weight_decay) * ones
+    if rule == "adamw":
+        step_size, bc2_sqrt, decay_before, decay_after = lr / bias1, torch.sqrt(bias2), decay, ones
+    elif rule == "childtuning":
+        step_size, bc2_sqrt, decay_before, decay_after = lr * torch.sqrt(bias2) / bias1, ones, ones, decay
+    else:
+        step_size, bc2_sqrt, decay_before, decay_after = lr * ones, ones, ones, decay
+    columns = {
+        "decay_before": decay_before, "decay_after": decay_after, "one_minus_beta1": 1 - beta1, "beta2": beta2,
+        "one_minus_beta2": 1 - beta2, "eps": eps, "step_size": step_size, "bc2_sqrt": bc2_sqrt,
+        "grad_scale": grad_scale, "grad_sign": -1.0 if maximize else 1.0,
+        "lerp_from_start": 1.0 if 1 - beta1 < 0.5 else 0.0, "step": t,
+        "rng_base": torch.stack(rng_bases) if isinstance(rng_bases[0], torch.Tensor)
+        else torch.tensor(rng_bases, dtype=torch.float64, device=device),
+    }
+    return torch.stack([c if isinstance(c, torch.Tensor) else ones * c for c in map(columns.get, STEP_SCALAR_FIELDS)],
+                       dim=1)
+
+
+def _tensor_kind(i: int, masks, indices, compact_grads, mask_kind: MaskKind, reserve_p: float):
+    if indices[i] is not None:
+        return ("sparse", indices[i].dtype, compact_grads[i])
+    if masks[i] is not None:
+        return MaskKind.DENSE
+    if mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0:
+        return MaskKind.BERNOULLI
+    return MaskKind.NONE
+
+
+def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, max_exp_avg_sqs: Optional[list],
+                 state_steps: list, *, masks: list, indices: list, compact_grads: list, rng_bases: list,
+                 backend: Callable[[torch.device], Backend], mask_kind: MaskKind, freeze: bool, reserve_p: float,
+                 seed: int, lr, betas, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                 rule: str = "adamw", capturable: bool = False) -> None:
+    """One masked AdamW step over parallel lists (one entry per parameter that has a gradient).
+
+    ``masks[i]``: the bool mask of a dense-storage parameter with a fixed mask, else None;
+    ``indices[i]``: the selected flat indices of a sparse-storage parameter, else None (its
+    moments are then compact); ``compact_grads[i]``: its gradient is ``grad[indices]``.
+    ``mask_kind`` is the optimizer's kind (Bernoulli applies to every tensor of a group with
+    ``reserve_p < 1``); ``freeze`` leaves dropped entries bit-identical, else their gradient
+    is zeroed (and a Bernoulli draw's kept entries are scaled by ``1 / reserve_p``).
+    ``backend(device)`` gives the backend of a device; a bucket whose dtypes it does not cover
+    goes to the reference backend.  Each bucket's step counts advance once its op has run.
+    """
+    buckets: dict = {}
+    for i, p in enumerate(params):
+        kind = _tensor_kind(i, masks, indices, compact_grads, mask_kind, reserve_p)
+        impl = backends.route(backend(p.device), p.dtype, grads[i].dtype)
+        buckets.setdefault((p.device, p.dtype, grads[i].dtype, kind, impl.name), (impl, []))[1].append(i)
+    bernoulli = mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0
+    keep_threshold = philox.keep_threshold(reserve_p) if bernoulli else 1
+    for (device, _, _, kind, _), (impl, members) in buckets.items():
+        steps = [state_steps[i] for i in members]
+        rows = step_scalar_rows(steps, [rng_bases[i] for i in members], lr=lr, betas=betas, eps=eps,
+                                weight_decay=weight_decay, maximize=maximize,
+                                grad_scale=1.0 / reserve_p if kind == MaskKind.BERNOULLI and not freeze else 1.0,
+                                rule=rule,
+                                device=device if capturable else "cpu").to(device)
+        work = [params[i] if params[i].is_contiguous() else params[i].contiguous() for i in members]
+        bucket_grads = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in members]
+        moments = dict(exp_avgs=[exp_avgs[i] for i in members], exp_avg_sqs=[exp_avg_sqs[i] for i in members],
+                       max_exp_avg_sqs=[max_exp_avg_sqs[i] for i in members] if amsgrad else None)
+        if isinstance(kind, tuple):
+            impl.sparse_adamw_step(SparseTensorLists(params=work, grads=bucket_grads,
+                                                     indices=[indices[i] for i in members],
+                                                     compact_grads=kind[2], **moments), rows)
+        else:
+            impl.adamw_step(TensorLists(params=work, grads=bucket_grads, **moments,
+                                        masks=[masks[i] for i in members] if kind == MaskKind.DENSE else None),
+                            rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold))
+        for i, w in zip(members, work):
+            if w is not params[i]:
+                params[i].copy_(w)
+        torch._foreach_add_(steps, 1.0)

@@ -1,0 +1,284 @@
+"""MaskedAdamW: the torch.optim surface of childopt (groups, step, masks, state dicts, hooks).
+
+The class validates, owns the state and the mask, and does no arithmetic: ``step`` hands each
+group's tensor lists to childopt.optim.functional.masked_adamw, which buckets them and calls
+one backend op per bucket (childopt.backends.contract defines the update).
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from childopt import backends, philox, sparse
+from childopt.backends.contract import MaskKind
+from childopt.optim import checkpoint, params, validation
+from childopt.optim.functional import masked_adamw
+from childopt.optim.state import LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient
+
+
+class MaskedAdamW(Optimizer):
+    r"""AdamW that updates only a child network of the parameters (docs/design.md, "Semantics").
+
+    Args:
+        params: parameters, named parameters (``model.named_parameters()``) or param groups;
+            groups may override ``lr``, ``betas``, ``eps``, ``weight_decay``, ``reserve_p``,
+            ``masked``, ``amsgrad`` and ``maximize``.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``.
+        mask: ``None`` (torch AdamW's update), a dict from parameter (or name) to a bool tensor
+            of its shape (a fixed child network, Child-Tuning-D; parameters without an entry
+            train fully), or ``"bernoulli"`` (Child-Tuning-F: each step each element is kept
+            with probability ``reserve_p``, drawn in-kernel from Philox keyed by the seed, the
+            parameter's step and the element's global index; childopt.philox).
+        reserve_p: keep probability of the Bernoulli mask, in (0, 1].
+        masked: ``"freeze"`` (dropped p, m, v stay bit-identical) or ``"zero_grad"`` (their
+            gradient is zeroed, Bernoulli keeps scaled by ``1 / reserve_p``, as ChildTuning
+            publishes it); ``None``: freeze for dict masks, zero_grad for Bernoulli.
+        seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator.
+        backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"reference"`` (childopt.backends).
+        storage: ``"dense"``, or ``"sparse"``: parameters with a dict mask keep only their
+            selected entries (int32/int64 ``indices`` and compact fp32 moments, 12 B per entry)
+            and follow ``masked="freeze"``'s trajectory bit for bit on one backend.
+        compact_grads: sparse storage only: a gradient hook keeps ``grad[indices]`` and frees
+            the dense gradient inside backward (clip with :meth:`clip_grad_norm_`).
+        foreach, fused: torch AdamW's switches, mapped onto backends: ``fused=True`` needs a
+            kernel backend (``auto`` never settles for the reference); ``foreach=False`` or
+            ``fused=False`` select the one-tensor-at-a-time reference; ``foreach=True`` is
+            what the multi-tensor kernels do anyway.
+        capturable: step counters on the parameters' device, ``lr`` a device tensor (schedulers
+            write it in place), step scalars computed there: a CUDA graph can capture ``step()``
+            and a compiled step does not recompile when the learning rate changes.
+        differentiable: only ``False`` (the kernels have no autograd formula).
+
+    State per parameter: ``step`` (float32; on CPU unless capturable), fp32 ``exp_avg``,
+    ``exp_avg_sq`` (``max_exp_avg_sq``), and ``mask`` (dense) or ``indices`` (sparse storage).
+    """
+
+    _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads")
+    _RULE = "adamw"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, mask=None,
+                 reserve_p=1.0, masked=None, seed=None, amsgrad=False, maximize=False, backend="auto",
+                 storage="dense", compact_grads=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reserve_p=reserve_p, masked=masked,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                        differentiable=differentiable)
+        self._setup(params, defaults, mask=mask, seed=seed, backend=backend, storage=storage,
+                    compact_grads=compact_grads)
+
+    def _setup(self, params, defaults: dict, *, mask, seed, backend: str, storage: str = "dense",
+               compact_grads: bool = False) -> None:
+        validation.check_arguments(defaults, storage, compact_grads)
+        self.storage, self.compact_grads = storage, compact_grads
+        # GradScaler unscales and inf-checks only .grad, which compact gradients replace: declaring
+        # our own scaling makes it hand us the scale, so step() can refuse instead of mis-stepping.
+        self._step_supports_amp_scaling = compact_grads
+        self._compact = sparse.CompactGradients(self._indices_of) if compact_grads else None
+        self._backend_request, self._backend_exclude = validation.backend_for_flags(
+            backends.check_name(backend), defaults["foreach"], defaults["fused"])
+        self._backends: dict = {}
+        self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else philox.check_seed(seed)
+        self._rng_bases: dict = {}
+        self._rng_groups = 0
+        self._mask_kind = MaskKind.NONE
+        super().__init__(params, defaults)
+        self.set_mask(mask)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (validated) and give its parameters the next Philox index range."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f" (param group {len(self.param_groups) - 1})"
+        try:
+            validation.check_group(group, where, self.storage)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
+        self._number(group)
+        for device in {p.device for p in group["params"]}:
+            self._backend(device)  # a backend asked for by name that cannot run here fails now
+
+    def _number(self, group: dict) -> None:
+        """Give each parameter the next Philox index range; capturable: as a device scalar too."""
+        for p in group["params"]:
+            base = self._rng_groups
+            self._rng_bases[p] = torch.tensor(float(base), dtype=torch.float64, device=p.device) \
+                if group["capturable"] else base
+            self._rng_groups += philox.rng_group_counts(p.numel())
+
+    def _indices_of(self, param: torch.Tensor) -> torch.Tensor:
+        return self.state[param]["indices"]
+
+    def describe(self, param: torch.Tensor) -> str:
+        """How messages name ``param``."""
+        return params.describe(self.param_groups, param)
+
+    def set_mask(self, mask, *, reset_state: bool = False) -> None:
+        """Replace the child network: ``None``, ``"bernoulli"`` or a dict as in the constructor.
+
+        State is kept by default (see childopt.optim.state for how each storage carries it over);
+        ``reset_state=True`` drops ``step`` and the moments of every parameter whose mask changed
+        (every parameter, when the mask kind changes), so they restart as on step 1.
+        """
+        kind, new = params.parse_mask(self.param_groups, mask)
+        if self.storage == "sparse" and kind == MaskKind.BERNOULLI:
+            raise ValueError("storage='sparse' needs a fixed mask (a dict); a Bernoulli mask changes every step")
+        changed = LAYOUTS[self.storage].store_masks(self.state, new, self._compact, self.describe)
+        if kind != self._mask_kind:
+            changed = [p for g in self.param_groups for p in g["params"]]
+        if reset_state:
+            for p in changed:
+                for key in ("step", *MOMENT_KEYS):
+                    self.state[p].pop(key, None)
+        self._mask_kind = kind
+
+    @property
+    def mask_kind(self) -> str:
+        """``"none"``, ``"dense"`` (dict mask) or ``"bernoulli"``."""
+        return self._mask_kind.label
+
+    def backend_name(self, device=None) -> str:
+        """The backend that steps tensors on ``device`` (default: the first parameter's)."""
+        if device is None:
+            device = self.param_groups[0]["params"][0].device
+        return self._backend(torch.device(device)).name
+
+    def _backend(self, device: torch.device):
+        backend = self._backends.get(device)
+        if backend is None:
+            backend = self._backends[device] = backends.create(self._backend_request, device,
+                                                               exclude=self._backend_exclude)
+        return backend
+
+    def _check_ready(self) -> None:
+        """Hook for subclasses that need configuration before the first step."""
+
+    def _rule(self, group: dict) -> str:
+        """How bias corrections and weight decay enter the update (childopt.optim.functional.RULES)."""
+        return self._RULE
+
+    def _masked_mode(self, group: dict) -> str:
+        if group["masked"] is not None:
+            return group["masked"]
+        return "zero_grad" if self._mask_kind == MaskKind.BERNOULLI else "freeze"
+
+    @_use_grad_for_differentiable  # torch's optimizers' graph breaks: AOT then sees an inference graph
+    def step(self, closure=None):
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_ready()
+        if self._compact is not None:
+            validation.check_no_grad_scaler(self)
+        for group in self.param_groups:
+            self._step_group(group)
+        if self._compact is not None:
+            self._compact.mark_stepped()
+        return loss
+
+    def _gradient(self, p: torch.Tensor):
+        """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""
+        compact = self._compact.buffers.get(p) if self._compact is not None else None
+        validation.check_gradient(p.grad, compact, lambda: self.describe(p))
+        return compact if compact is not None else p.grad
+
+    def _with_gradients(self, candidates: list) -> tuple[list, list]:
+        """The parameters of ``candidates`` that have a gradient, and those gradients."""
+        stepped, grads = [], []
+        for p in candidates:
+            grad = self._gradient(p)
+            if grad is not None:
+                stepped.append(p)
+                grads.append(grad)
+        return stepped, grads
+
+    def _step_group(self, group: dict) -> None:
+        stepped, grads = self._with_gradients(group["params"])
+        if not stepped:
+            return
+        states = [self.state[p] for p in stepped]
+        init_missing_state(stepped, states, group["amsgrad"], group["capturable"])
+        beta1, beta2 = group["betas"]
+        masked_adamw(
+            stepped, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, [s["step"] for s in states],
+            masks=[s.get("mask") for s in states], indices=[s.get("indices") for s in states],
+            compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
+            rng_bases=[self._rng_bases[p] for p in stepped], backend=self._backend, mask_kind=self._mask_kind,
+            freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
+            lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+            rule=self._rule(group), capturable=group["capturable"],
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset ``.grad`` of every parameter, and the compact gradient buffers."""
+        super().zero_grad(set_to_none)
+        if self._compact is not None:
+            self._compact.zero(set_to_none)
+
+    def compact_gradients(self) -> dict:
+        """The compact gradient buffers (parameter -> ``grad[indices]``), e.g. to all-reduce them."""
+        return dict(self._compact.buffers) if self._compact is not None else {}
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+        """Clip the gradients the next step uses by the global norm of their child-network entries.
+
+        Equals ``torch.nn.utils.clip_grad_norm_`` on the *masked* gradients (a Bernoulli mask is
+        drawn inside the step, so it clips the full gradient, as ChildTuning's trainer does).
+        """
+        stepped, grads = self._with_gradients([p for group in self.param_groups for p in group["params"]])
+        measured = [measured_gradient(g, g is p.grad, self.state.get(p, {})) for p, g in zip(stepped, grads)]
+        return clip_by_norm_(grads, measured, max_norm, norm_type, error_if_nonfinite)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state: moments, indices or masks, step counters."""
+        return sum(v.nbytes for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+    def sparse_indices(self) -> dict:
+        """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed)."""
+        return {name: self.state[p]["indices"] for group in self.param_groups
+                for name, p in zip(group.get("param_names", group["params"]), group["params"])
+                if "indices" in self.state.get(p, {})}
+
+    def state_dict(self) -> dict:
+        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage."""
+        state_dict = super().state_dict()
+        state_dict["childopt"] = checkpoint.extras(self)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.
+
+        A childopt state dict also restores the mask kind and seed (the Bernoulli stream
+        continues where it was saved); a foreign one keeps this optimizer's masks.
+        """
+        checkpoint.load(self, state_dict, super().load_state_dict)
+
+    def __getstate__(self) -> dict:
+        """torch keeps only defaults, state and groups; add what defines the mask stream."""
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if isinstance(self._mask_kind, str):  # pickled by a childopt that named kinds by string
+            self._mask_kind = MaskKind.from_label(self._mask_kind)
+        self.__dict__.setdefault("_backend_exclude", ())
+        self._backends = {}
+        self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
+        self._rng_bases, self._rng_groups = {}, 0
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # groups saved before a flag existed
+            self._number(group)
+        if self._compact is not None:
+            for p in (p for p, s in self.state.items() if "indices" in s):
+                self._compact.register(p)
+

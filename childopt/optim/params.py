@@ -1,0 +1,67 @@
+"""Naming parameters in messages and resolving user masks onto the optimizer's parameters."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from childopt.backends.contract import MaskKind
+
+
+def parse_mask(param_groups: list, mask) -> tuple[MaskKind, dict]:
+    """The kind of a ``mask=`` argument and its per-parameter masks (empty unless a dict)."""
+    if mask is None:
+        return MaskKind.NONE, {}
+    if isinstance(mask, str):
+        if mask != MaskKind.BERNOULLI.label:
+            raise ValueError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {mask!r}")
+        if all(g["reserve_p"] == 1.0 for g in param_groups):
+            warnings.warn("mask='bernoulli' with reserve_p=1.0 in every group keeps every entry: "
+                          "this trains like plain AdamW; pass reserve_p < 1", stacklevel=4)
+        return MaskKind.BERNOULLI, {}
+    if isinstance(mask, Mapping):
+        return MaskKind.DENSE, resolve_masks(param_groups, mask)
+    raise TypeError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {type(mask).__name__}")
+
+
+def describe(param_groups: list, param: torch.Tensor) -> str:
+    """How a message names ``param``: by its name when named parameters were given."""
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            if p is param:
+                if "param_names" in group:
+                    return f"parameter {group['param_names'][pi]!r}"
+                return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+    return f"a tensor of shape {tuple(param.shape)}"
+
+
+def resolve_masks(param_groups: list, mask: Mapping) -> dict:
+    """``mask`` (parameter or name -> bool tensor) as parameter -> contiguous mask on its device."""
+    held = {id(p): p for g in param_groups for p in g["params"]}
+    named = {n: p for g in param_groups for n, p in zip(g.get("param_names", ()), g["params"])}
+    resolved = {}
+    for key, value in mask.items():
+        if isinstance(key, str):
+            if key not in named:
+                hint = "" if named else " (pass model.named_parameters() to address parameters by name)"
+                raise ValueError(f"mask has an entry for {key!r}, which is not a parameter of this optimizer{hint}")
+            param, label = named[key], f"parameter {key!r}"
+        elif isinstance(key, torch.Tensor):
+            if id(key) not in held:
+                raise ValueError(f"mask has an entry for a tensor of shape {tuple(key.shape)} "
+                                 "that is not a parameter of this optimizer")
+            param, label = key, describe(param_groups, key)
+        else:
+            raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"mask for {label} must be a bool tensor, got {type(value).__name__}")
+        if value.dtype != torch.bool:
+            raise TypeError(f"mask for {label} has dtype {value.dtype}, expected torch.bool")
+        if value.shape != param.shape:
+            raise ValueError(f"mask for {label} has shape {tuple(value.shape)}, "
+                             f"expected the parameter's shape {tuple(param.shape)}")
+        if param in resolved:
+            raise ValueError(f"mask has two entries for {label}")
+        resolved[param] = value.detach().to(device=param.device, copy=True).contiguous()
+    return resolved

@@ -1,0 +1,124 @@
+"""The two state layouts of MaskedAdamW: dense moments with a bool mask, or sparse indices.
+
+Dense storage keeps fp32 moments of every element and, for a parameter with a fixed mask, the
+bool ``mask``.  Sparse storage keeps, for such a parameter, sorted flat ``indices`` of the
+selected entries and compact moments of the same length (childopt.sparse); parameters without
+a mask keep dense moments.  A layout knows how to store a new mask (keeping what state it
+can), how large the moments are, which entries clipping measures, and how to restore a saved
+parameter state.
+"""
+from __future__ import annotations
+
+import torch
+
+from childopt import sparse
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def init_state(p: torch.Tensor, state: dict, amsgrad: bool, capturable: bool) -> None:
+    """Step 0 and zero fp32 moments, shaped by the parameter or its selected entries."""
+    shape = state["indices"].shape if "indices" in state else p.shape
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
+    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+    state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+
+def init_missing_state(params: list, states: list, amsgrad: bool, capturable: bool) -> None:
+    """Initialise the state of parameters stepped for the first time; add vmax when amsgrad is new."""
+    for p, state in zip(params, states):
+        if "step" not in state:
+            init_state(p, state, amsgrad, capturable)
+        elif amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+
+
+def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
+    """The entries of ``grad`` the step will use: the child network's, for norms and clipping."""
+    if is_dense_grad and "indices" in state:
+        return sparse.gather(grad, state["indices"])
+    if "mask" in state:
+        return grad[state["mask"]]
+    return grad
+
+
+def clip_by_norm_(grads: list, measured: list, max_norm: float, norm_type: float,
+                  error_if_nonfinite: bool) -> torch.Tensor:
+    """Scale ``grads`` in place so the ``norm_type`` norm of ``measured`` is at most ``max_norm``.
+
+    ``torch.nn.utils.clip_grads_with_norm_`` takes parameters and scales their ``.grad``;
+    compact gradients are not any parameter's ``.grad``, so the scaling is done here.
+    """
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(measured, norm_type, error_if_nonfinite)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_device: dict = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    for device, device_grads in by_device.items():
+        torch._foreach_mul_(device_grads, coef.to(device))
+    return total
+
+
+class DenseLayout:
+    """Moments of every element; a fixed mask is kept as ``state["mask"]``."""
+
+    name = "dense"
+
+    def store_masks(self, states: dict, new: dict, compact, describe) -> list:
+        """Keep ``new`` (param -> bool mask) in the state; return the parameters whose mask changed."""
+        old = {p: s["mask"] for p, s in states.items() if "mask" in s}
+        changed = [p for p in set(old) | set(new) if p not in old or p not in new or not torch.equal(old[p], new[p])]
+        for p in old:
+            del states[p]["mask"]
+        for p, m in new.items():
+            states[p]["mask"] = m
+        return changed
+
+
+class SparseLayout:
+    """Selected flat ``indices`` and compact moments for each parameter with a fixed mask."""
+
+    name = "sparse"
+
+    def store_masks(self, states: dict, new: dict, compact, describe) -> list:
+        """Turn ``new`` into indices and re-compact the moments; return the parameters that changed.
+
+        Entries selected before and after keep their moments, newly selected ones start from
+        zero (or from the dense moments of a parameter that had no mask), and a parameter losing
+        its mask gets dense moments that are zero off its old indices.
+        """
+        old = {p: s["indices"] for p, s in states.items() if "indices" in s}
+        new_indices = {p: sparse.indices_from_mask(m) for p, m in new.items()}
+        changed = [p for p in set(old) | set(new_indices)
+                   if p not in old or p not in new_indices or not torch.equal(old[p], new_indices[p])]
+        pending = [p for p in changed if compact is not None and p in compact.buffers]
+        if pending:
+            raise RuntimeError(f"{describe(pending[0])} has a compact gradient for its old indices: call "
+                               "set_mask after step() and zero_grad(), not between backward and step")
+        for p in changed:
+            state = states[p]
+            for key in MOMENT_KEYS:
+                if key not in state:
+                    continue
+                if p not in new_indices:
+                    state[key] = sparse.scatter(state[key], old[p], p.shape)
+                elif p in old:
+                    state[key] = sparse.remap(state[key], old[p], new_indices[p])
+                else:
+                    state[key] = sparse.gather(state[key], new_indices[p])
+            if p in new_indices:
+                state["indices"] = new_indices[p]
+                if compact is not None:
+                    compact.register(p)
+            else:
+                del state["indices"]
+                if compact is not None:
+                    compact.unregister(p)
+        return changed
+
+
+LAYOUTS = {"dense": DenseLayout(), "sparse": SparseLayout()}

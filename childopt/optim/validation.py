@@ -1,0 +1,119 @@
+"""Checks of the optimizers' arguments, with messages that name the parameter and the range.
+
+Shared by the constructors, ``add_param_group`` and ``load_state_dict``, so a value is judged
+the same way wherever it comes from.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+MASKED_MODES = ("freeze", "zero_grad")
+STORAGES = ("dense", "sparse")
+
+
+def check_number(value, name: str, where: str = "", *, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float, or a clear error when it is not a number in the interval."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above or math.isnan(value):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}{where} must be in {interval}, got {value}")
+    return float(value)
+
+
+def check_arguments(defaults: Mapping, storage: str, compact_grads) -> None:
+    """The constructor's checks: hyper-parameters, torch's flags, storage."""
+    check_storage(storage, compact_grads)
+    check_group(defaults, "", storage)
+    check_torch_flags(defaults["foreach"], defaults["fused"], defaults["capturable"], defaults["differentiable"])
+
+
+def check_group(group: Mapping, where: str = "", storage: str = "dense") -> None:
+    """Raise a clear error for any hyper-parameter of ``group`` that is out of range (or storage)."""
+    check_number(group["lr"], "lr", where, low=0.0)
+    check_number(group["eps"], "eps", where, low=0.0)
+    check_number(group["weight_decay"], "weight_decay", where, low=0.0)
+    check_number(group["reserve_p"], "reserve_p", where, low=0.0, high=1.0, low_open=True)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(beta, f"betas[{i}]", where, low=0.0, high=1.0, high_open=True)
+    if group["masked"] is not None and group["masked"] not in MASKED_MODES:
+        raise ValueError(f"masked{where} must be one of {MASKED_MODES} (or None), got {group['masked']!r}")
+    for flag in ("amsgrad", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag}{where} must be a bool, got {group[flag]!r}")
+    if storage == "sparse" and group["masked"] == "zero_grad":
+        raise ValueError(f"masked='zero_grad'{where} needs state for every entry; storage='sparse' "
+                         "keeps only the selected ones (use masked='freeze')")
+
+
+def check_torch_flags(foreach, fused, capturable, differentiable) -> None:
+    """torch.optim.AdamW's implementation flags: types, and the combinations torch refuses."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None or a bool, got {value!r}")
+    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot be set together (as in torch.optim.AdamW)")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported: the childopt kernels update the parameters in "
+                         "place without an autograd formula; use torch.optim.AdamW(differentiable=True) to "
+                         "differentiate through a step")
+
+
+def backend_for_flags(backend: str, foreach, fused) -> tuple[str, tuple]:
+    """Map torch's ``foreach``/``fused`` onto a backend request: (backend, backends auto must skip).
+
+    ``fused=True`` asks for a fused kernel: ``auto`` then never settles for the reference
+    backend, and naming the reference is an error.  ``foreach=False`` or ``fused=False`` ask
+    for the one-tensor-at-a-time implementation, which is the reference backend.
+    """
+    if fused:
+        if backend == "reference":
+            raise ValueError("fused=True needs a kernel backend ('auto', 'native' or 'triton'), got backend='reference'")
+        return backend, ("reference",)
+    if foreach is False or fused is False:
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"foreach=False / fused=False select the one-tensor-at-a-time reference backend; "
+                             f"they contradict backend={backend!r}")
+        return "reference", ()
+    return backend, ()
+
+
+def check_storage(storage: str, compact_grads) -> None:
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if not isinstance(compact_grads, bool):
+        raise TypeError(f"compact_grads must be a bool, got {compact_grads!r}")
+    if compact_grads and storage != "sparse":
+        raise ValueError("compact_grads=True needs storage='sparse' (it keeps only the selected entries)")
+
+
+def check_gradient(grad, compact, describe) -> None:
+    """Refuse a sparse gradient, or a dense ``.grad`` beside a compact one; ``describe()`` names it."""
+    if compact is not None and grad is not None:
+        raise RuntimeError(f"{describe()} has both a dense .grad and a compact gradient; with "
+                           "compact_grads=True gradients come from backward (set .grad only without it)")
+    if grad is not None and grad.is_sparse:
+        raise RuntimeError(f"childopt does not support sparse gradients ({describe()}); use dense "
+                           "gradients, e.g. nn.Embedding(sparse=False)")
+
+
+def check_no_grad_scaler(optimizer) -> None:
+    """Compact gradients cannot run under a GradScaler, which unscales and checks only ``.grad``."""
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        raise RuntimeError("compact_grads=True cannot run under torch.amp.GradScaler: it unscales and checks "
+                           "only .grad, which the compact gradients replace; use bf16 autocast (no scaler) or "
+                           "compact_grads=False")

@@ -1,0 +1,146 @@
+"""torch.compile of a training step that calls ``opt.step()``: no more graph breaks than torch
+AdamW takes in the same step, the same parameters as eager, and with ``capturable=True`` no
+recompile while an LR scheduler changes the learning rate.
+
+Compiled and eager steps are compared bit for bit: the step scalars are float64 tensor
+arithmetic in both (inductor may fuse it, which changes no float64 result that is then
+rounded to fp32 here; if a torch release made them differ, the test would show it).
+"""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from childopt import MaskedAdamW
+from tests.helpers import assert_all_equal
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+CASES = [("dense", "none"), ("dense", "dense"), ("dense", "bernoulli"), ("sparse", "none"), ("sparse", "dense")]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def _mask(model, kind):
+    if kind == "bernoulli":
+        return "bernoulli"
+    if kind == "dense":
+        gen = torch.Generator().manual_seed(1)
+        return {p: torch.rand(p.shape, generator=gen) < 0.5 for p in model.parameters()}
+    return None
+
+
+def _train(make_optimizer, compiled: bool, steps: int, scheduled: bool = False):
+    """Params after ``steps`` training steps (forward, backward, step, zero_grad), and graph breaks."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model()
+    opt = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if scheduled else None
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+
+    def step():
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    fn = torch.compile(step) if compiled else step
+    for _ in range(steps):
+        fn()
+        if scheduler is not None:
+            scheduler.step()
+    return [p.detach().clone() for p in model.parameters()], sum(counters["graph_break"].values()), fn, scheduler
+
+
+@pytest.fixture(scope="module")
+def torch_adamw_breaks():
+    return _train(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), compiled=True, steps=2)[1]
+
+
+@pytest.mark.parametrize("storage,mask", CASES, ids=[f"{s}-{m}" for s, m in CASES])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_compiled_step_breaks_no_more_than_torch_adamw_and_matches_eager(lane_on_cpu, backend, storage, mask,
+                                                                           torch_adamw_breaks):
+    lane_on_cpu(backend)
+
+    def make(model):
+        return MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, mask=_mask(model, mask), reserve_p=0.5,
+                           seed=7, backend=backend, storage=storage)
+
+    eager, _, _, _ = _train(make, compiled=False, steps=3)
+    compiled, breaks, _, _ = _train(make, compiled=True, steps=3)
+    # torch's own optimizers break twice around step() (torch.optim.optimizer._use_grad_for_differentiable,
+    # so AOT sees an inference graph); backward() and zero_grad() break for both.  No extra break is ours.
+    assert breaks <= torch_adamw_breaks
+    assert_all_equal(compiled, eager)
+
+
+@pytest.mark.parametrize("mask", ["none", "dense", "bernoulli"])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_capturable_lr_schedules_cause_no_recompile(lane_on_cpu, backend, mask):
+    """lr is a tensor the scheduler writes in place and the step counts are tensors: after the
+    first two calls (the second recompiles once because the state now exists, as torch AdamW's
+    does), 20 scheduler steps reuse the compiled graphs."""
+    lane_on_cpu(backend)
+
+    def make(model):
+        return MaskedAdamW(model.parameters(), lr=1e-2, mask=_mask(model, mask), reserve_p=0.5, seed=7,
+                           backend=backend, capturable=True)
+
+    eager, _, _, _ = _train(make, compiled=False, steps=22, scheduled=True)
+    torch._dynamo.reset()
+    _, _, fn, scheduler = _train(make, compiled=True, steps=2, scheduled=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(20):
+            fn()
+            scheduler.step()
+    compiled = [p.detach().clone() for p in scheduler.optimizer.param_groups[0]["params"]]
+    assert isinstance(scheduler.optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert_all_equal(compiled, eager)
+
+
+def test_capturable_keeps_step_counts_on_the_parameters_device():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = MaskedAdamW([p], lr=0.1, capturable=True, backend="reference")
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[p]["step"].device == p.device and opt.state[p]["step"].item() == 1
+    assert opt.param_groups[0]["lr"].dtype == torch.float64
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_a_cuda_graph_captures_and_replays_the_step(backend):
+    """Capture one step after warm-up; each replay equals an eager step on a twin model."""
+    from childopt import backends
+
+    ok, why = backends.MODULES[backend].available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    params = [torch.nn.Parameter(torch.randn(4099, device="cuda")) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    opt = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3, backend=backend, capturable=True)
+    ref = MaskedAdamW(twins, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3, backend=backend, capturable=True)
+    for p, g in zip(params + twins, grads + grads):
+        p.grad = g.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        ref.step()
+    for _ in range(3):
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    assert_all_equal([p.detach() for p in params], [p.detach() for p in twins])
