@@ -1,5 +1,5 @@
 """childopt: fused masked AdamW optimizers for child-network fine-tuning."""
-from childopt import _ext
+from childopt import _native
 from childopt.deltas import SparseDelta
 from childopt.optim import ChildTuningAdamW, MaskedAdamW
 
@@ -7,4 +7,4 @@ __all__ = ["MaskedAdamW", "ChildTuningAdamW", "SparseDelta"]
 __version__ = "0.1.0"
 
 # The runtime guard of an installed build: one message now if childopt._C was built for another torch.
-_ext.check_installed_build()
+_native.check_installed_build()

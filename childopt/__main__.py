@@ -30,7 +30,7 @@ def _backend_lines(device) -> list[str]:
     for name, module in modules.items():
         if name == picked:
             continue
-        ok, why = getattr(module, "ready", module.available)(device)  # ready: never compiles
+        ok, why = backends.check_ready(module, device)  # never compiles
         if ok and device.type not in module.AUTO_DEVICES:
             why = f"runs here, but auto does not pick it for {device.type} tensors"
         lines.append(f"      not {name}: {why}")
@@ -42,19 +42,19 @@ def info() -> int:
     import torch
 
     import childopt
-    from childopt.bench import triton_version
+    from childopt.bench.environment import triton_version
 
-    from childopt import _ext
+    from childopt import _native
 
     cuda = torch.cuda.is_available()
-    record = _ext.prebuilt_record() or {}
+    record = _native.prebuilt_record() or {}
     # A wheel's build record names it with its label (0.1.0+cu130torch2.11).
     print(f"childopt {record.get('version') or childopt.__version__}")
     print(f"torch    {torch.__version__} (built for CUDA {torch.version.cuda})")
     print(f"triton   {triton_version() or 'not installed'}")
     print(f"CUDA     {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}")
 
-    print("native   childopt._C %s: %s" % _ext.status())
+    print("native   childopt._C %s: %s" % _native.status())
     override = os.environ.get("CHILDOPT_BACKEND", "").strip()
     print("backend=auto picks" + (f" (CHILDOPT_BACKEND={override} overrides it)" if override else ""))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -74,17 +74,17 @@ def main(argv=None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
     ns = parser.parse_args(argv)
     if ns.command == "bench":
-        from childopt import bench_report
+        from childopt.bench import report
 
-        return bench_report.main(ns.args)
+        return report.main(ns.args)
     if ns.command == "finetune":
-        from childopt import finetune
+        from childopt.finetune import cli
 
-        return finetune.main(ns.args)
+        return cli.main(ns.args)
     if ns.command in ("doctor", "build", "clean"):
-        from childopt import _ext
+        from childopt import _native
 
-        return getattr(_ext, f"{ns.command}_main")(ns.args)
+        return getattr(_native, f"{ns.command}_main")(ns.args)
     if ns.args:
         parser.error(f"info takes no arguments, got {' '.join(ns.args)}")
     return info()

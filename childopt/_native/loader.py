@@ -94,6 +94,9 @@ _state: dict = {"module": None, "how": "", "error": None}
 
 
 def _import(library: Path, name: str):
+    """Import the extension module at ``library``; the op schemas it implements are defined first."""
+    from childopt.backends import contract  # noqa: F401  (childopt._C registers implementations only)
+
     spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
         raise ExtensionUnavailable(f"cannot import {library}")
