@@ -58,6 +58,22 @@ def remap(compact: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.
     return result
 
 
+def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describe) -> torch.Tensor | None:
+    """The gradient a step uses: ``param``'s compact buffer when hooked, else ``param.grad``.
+
+    Refuses a sparse gradient, or a dense ``.grad`` beside a compact one (``describe(param)``
+    names the parameter in the message).
+    """
+    buffer = compact.buffers.get(param) if compact is not None else None
+    if buffer is not None and param.grad is not None:
+        raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
+                           "compact_grads=True gradients come from backward (set .grad only without it)")
+    if param.grad is not None and param.grad.is_sparse:
+        raise RuntimeError(f"childopt does not support sparse gradients ({describe(param)}); use dense "
+                           "gradients, e.g. nn.Embedding(sparse=False)")
+    return buffer if buffer is not None else param.grad
+
+
 class CompactGradients:
     """Keeps only ``grad[indices]`` of the registered parameters, freeing each dense gradient.
 

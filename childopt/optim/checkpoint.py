@@ -67,6 +67,19 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
         state["mask"] = kept["mask"]
 
 
+def upgrade_pickled(state: dict) -> dict:
+    """A pickled optimizer's ``__dict__`` in today's form (childopt 0.1.0 named mask kinds by string).
+
+    torch's ``load_state_dict`` also calls ``__setstate__``, with only ``state`` and
+    ``param_groups``: that is passed through untouched.
+    """
+    if "_mask_kind" in state:
+        if isinstance(state["_mask_kind"], str):
+            state["_mask_kind"] = MaskKind.from_label(state["_mask_kind"])
+        state.setdefault("_backend_exclude", ())
+    return state
+
+
 def load(optimizer, state_dict: dict, torch_load) -> None:
     """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
     saved_extras = state_dict.get("childopt")

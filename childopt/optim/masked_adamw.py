@@ -14,7 +14,8 @@ from childopt import backends, philox, sparse
 from childopt.backends.contract import MaskKind
 from childopt.optim import checkpoint, params, validation
 from childopt.optim.functional import masked_adamw
-from childopt.optim.state import LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient
+from childopt.optim.state import (LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient,
+                                   with_gradients)
 
 
 class MaskedAdamW(Optimizer):
@@ -41,17 +42,11 @@ class MaskedAdamW(Optimizer):
             and follow ``masked="freeze"``'s trajectory bit for bit on one backend.
         compact_grads: sparse storage only: a gradient hook keeps ``grad[indices]`` and frees
             the dense gradient inside backward (clip with :meth:`clip_grad_norm_`).
-        foreach, fused: torch AdamW's switches, mapped onto backends: ``fused=True`` needs a
-            kernel backend (``auto`` never settles for the reference); ``foreach=False`` or
-            ``fused=False`` select the one-tensor-at-a-time reference; ``foreach=True`` is
-            what the multi-tensor kernels do anyway.
-        capturable: step counters on the parameters' device, ``lr`` a device tensor (schedulers
-            write it in place), step scalars computed there: a CUDA graph can capture ``step()``
-            and a compiled step does not recompile when the learning rate changes.
+        foreach, fused: ``fused=True`` needs a kernel backend; ``foreach=False`` or
+            ``fused=False`` select the one-tensor-at-a-time reference; ``foreach=True``: as is.
+        capturable: steps, ``lr`` and step scalars on the parameters' device: CUDA graphs can
+            capture ``step()``; a compiled step does not recompile when an LR scheduler runs.
         differentiable: only ``False`` (the kernels have no autograd formula).
-
-    State per parameter: ``step`` (float32; on CPU unless capturable), fp32 ``exp_avg``,
-    ``exp_avg_sq`` (``max_exp_avg_sq``), and ``mask`` (dense) or ``indices`` (sparse storage).
     """
 
     _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads")
@@ -183,22 +178,10 @@ class MaskedAdamW(Optimizer):
 
     def _gradient(self, p: torch.Tensor):
         """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""
-        compact = self._compact.buffers.get(p) if self._compact is not None else None
-        validation.check_gradient(p.grad, compact, lambda: self.describe(p))
-        return compact if compact is not None else p.grad
-
-    def _with_gradients(self, candidates: list) -> tuple[list, list]:
-        """The parameters of ``candidates`` that have a gradient, and those gradients."""
-        stepped, grads = [], []
-        for p in candidates:
-            grad = self._gradient(p)
-            if grad is not None:
-                stepped.append(p)
-                grads.append(grad)
-        return stepped, grads
+        return sparse.gradient_of(p, self._compact, self.describe)
 
     def _step_group(self, group: dict) -> None:
-        stepped, grads = self._with_gradients(group["params"])
+        stepped, grads = with_gradients(group["params"], self._gradient)
         if not stepped:
             return
         states = [self.state[p] for p in stepped]
@@ -232,7 +215,7 @@ class MaskedAdamW(Optimizer):
         Equals ``torch.nn.utils.clip_grad_norm_`` on the *masked* gradients (a Bernoulli mask is
         drawn inside the step, so it clips the full gradient, as ChildTuning's trainer does).
         """
-        stepped, grads = self._with_gradients([p for group in self.param_groups for p in group["params"]])
+        stepped, grads = with_gradients([p for group in self.param_groups for p in group["params"]], self._gradient)
         measured = [measured_gradient(g, g is p.grad, self.state.get(p, {})) for p, g in zip(stepped, grads)]
         return clip_by_norm_(grads, measured, max_norm, norm_type, error_if_nonfinite)
 
@@ -267,10 +250,7 @@ class MaskedAdamW(Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if isinstance(self._mask_kind, str):  # pickled by a childopt that named kinds by string
-            self._mask_kind = MaskKind.from_label(self._mask_kind)
-        self.__dict__.setdefault("_backend_exclude", ())
+        super().__setstate__(checkpoint.upgrade_pickled(state))
         self._backends = {}
         self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
         self._rng_bases, self._rng_groups = {}, 0

@@ -35,6 +35,17 @@ def init_missing_state(params: list, states: list, amsgrad: bool, capturable: bo
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
 
 
+def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
+    """The parameters of ``candidates`` that have a gradient (``gradient_of(p)``), and those gradients."""
+    stepped, grads = [], []
+    for p in candidates:
+        grad = gradient_of(p)
+        if grad is not None:
+            stepped.append(p)
+            grads.append(grad)
+    return stepped, grads
+
+
 def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
     """The entries of ``grad`` the step will use: the child network's, for norms and clipping."""
     if is_dense_grad and "indices" in state:

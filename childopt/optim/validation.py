@@ -101,16 +101,6 @@ def check_storage(storage: str, compact_grads) -> None:
         raise ValueError("compact_grads=True needs storage='sparse' (it keeps only the selected entries)")
 
 
-def check_gradient(grad, compact, describe) -> None:
-    """Refuse a sparse gradient, or a dense ``.grad`` beside a compact one; ``describe()`` names it."""
-    if compact is not None and grad is not None:
-        raise RuntimeError(f"{describe()} has both a dense .grad and a compact gradient; with "
-                           "compact_grads=True gradients come from backward (set .grad only without it)")
-    if grad is not None and grad.is_sparse:
-        raise RuntimeError(f"childopt does not support sparse gradients ({describe()}); use dense "
-                           "gradients, e.g. nn.Embedding(sparse=False)")
-
-
 def check_no_grad_scaler(optimizer) -> None:
     """Compact gradients cannot run under a GradScaler, which unscales and checks only ``.grad``."""
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:

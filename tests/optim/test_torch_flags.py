@@ -1,0 +1,74 @@
+"""torch.optim.AdamW's implementation flags on MaskedAdamW and ChildTuningAdamW: accepted,
+honoured or mapped onto backends as the docstring says, refused with the reason otherwise."""
+import pickle
+
+import pytest
+import torch
+
+from childopt import ChildTuningAdamW, MaskedAdamW, backends
+from tests.helpers import assert_all_equal, make_params, snapshot, train
+
+
+def test_fused_true_needs_a_kernel_backend_and_auto_never_settles_for_the_reference(monkeypatch):
+    with pytest.raises(ValueError, match="fused=True needs a kernel backend"):
+        MaskedAdamW(make_params([(3,)]), fused=True, backend="reference")
+    monkeypatch.setattr(backends, "check_ready", lambda module, device: (module.NAME == "reference", "test"))
+    with pytest.raises(RuntimeError, match="no backend can run on cpu: native: test; triton: .*reference: excluded"):
+        MaskedAdamW(make_params([(3,)]), fused=True, seed=0)
+
+
+def test_fused_true_takes_native_on_cpu(lane_on_cpu):
+    lane_on_cpu("native")
+    opt = MaskedAdamW(make_params([(3,)]), fused=True, seed=0)
+    assert opt.backend_name() == "native"
+    opt.load_state_dict(opt.state_dict())  # the choice survives a load (torch calls __setstate__)
+    assert opt._backend_exclude == ("reference",)
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"fused": False}])
+def test_foreach_or_fused_false_select_the_one_tensor_at_a_time_reference(flags):
+    assert MaskedAdamW(make_params([(3,)]), seed=0, **flags).backend_name() == "reference"
+    with pytest.raises(ValueError, match="contradict backend='native'"):
+        MaskedAdamW(make_params([(3,)]), seed=0, backend="native", **flags)
+
+
+def test_foreach_true_changes_nothing():
+    ours, theirs = make_params([(7, 5), (13,)]), make_params([(7, 5), (13,)])
+    a = MaskedAdamW(ours, lr=1e-2, foreach=True, backend="reference", seed=0)
+    b = MaskedAdamW(theirs, lr=1e-2, backend="reference", seed=0)
+    train(a, ours, 3)
+    train(b, theirs, 3)
+    assert_all_equal(snapshot(a, ours), snapshot(b, theirs))
+
+
+@pytest.mark.parametrize("cls", [MaskedAdamW, ChildTuningAdamW])
+def test_bad_flags_are_clear_errors(cls):
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        cls(make_params([(3,)]), differentiable=True)
+    with pytest.raises(ValueError, match="fused=True and foreach=True cannot be set together"):
+        cls(make_params([(3,)]), fused=True, foreach=True)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        cls(make_params([(3,)]), capturable="yes")
+
+
+def test_capturable_matches_the_eager_host_scalars():
+    """Device-side (here CPU-tensor) scalars give the same parameters as host-built ones."""
+    ours, theirs = make_params([(7, 5), (13,)]), make_params([(7, 5), (13,)])
+    a = MaskedAdamW(ours, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3, capturable=True, backend="reference")
+    b = MaskedAdamW(theirs, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3, backend="reference")
+    train(a, ours, 4)
+    train(b, theirs, 4)
+    assert_all_equal(snapshot(a, ours), snapshot(b, theirs))
+
+
+def test_an_optimizer_pickled_with_string_mask_kinds_unpickles():
+    """childopt 0.1.0 pickled ``_mask_kind`` as a string and had no backend exclusions."""
+    params = make_params([(5,)])
+    opt = MaskedAdamW(params, mask="bernoulli", reserve_p=0.5, seed=1, backend="reference")
+    state = opt.__getstate__()
+    state["_mask_kind"] = "bernoulli"
+    del state["_backend_exclude"]
+    clone = MaskedAdamW.__new__(MaskedAdamW)
+    clone.__setstate__(state)
+    assert clone.mask_kind == "bernoulli" and clone._backend_exclude == ()
+    assert pickle.loads(pickle.dumps(opt)).mask_kind == "bernoulli"
