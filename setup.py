@@ -112,7 +112,8 @@ def _extension_kwargs():
     extension = (CUDAExtension if with_cuda else CppExtension)(
         cfg.PREBUILT_MODULE, sources,
         include_dirs=[str(d) for d in cfg.include_dirs(csrc)],
-        extra_compile_args={"cxx": cfg.cxx_flags(with_cuda), "nvcc": cfg.nvcc_flags(with_cuda)},
+        extra_compile_args={"cxx": inputs["cxx_flags"], "nvcc": cfg.nvcc_flags(with_cuda)},
+        extra_link_args=inputs["ld_flags"],
     )
 
     version = _version(cfg, facts, with_cuda)

@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_common.h"
 #include "ops.h"
 
 TORCH_LIBRARY_IMPL(childopt, CPU, m) {
@@ -40,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       {"NONE", static_cast<int64_t>(childopt::MaskKind::kNone)},
       {"DENSE", static_cast<int64_t>(childopt::MaskKind::kDense)},
       {"BERNOULLI", static_cast<int64_t>(childopt::MaskKind::kBernoulli)}};
+  m.def("_record_chunk_threads", &childopt::cpu::record_chunk_threads,
+        "test-only: clear the set of threads that ran CPU kernel chunks and switch recording on or off");
+  m.def("_chunk_thread_count", &childopt::cpu::chunk_thread_count,
+        "test-only: how many distinct threads ran CPU kernel chunks since recording was switched on");
 #ifdef CHILDOPT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

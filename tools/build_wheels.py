@@ -15,7 +15,8 @@ MAX_JOBS bounded by memory.  The toolkit is
 package holds nvcc itself).  Every wheel is
 checked: its file name carries the label (``+cu128torch2.10``, ``+cputorch2.13``) and its
 ``_build_info.json`` says what was built.  ``--repair`` runs auditwheel for a manylinux tag
-without grafting libtorch, libc10, libcuda or libcudart: torch's own wheels bring those.
+without grafting libtorch, libc10, libcuda, libcudart or the OpenMP runtime: torch's own wheels
+bring those.
 ``--smoke`` installs each wheel into a fresh environment with its torch and runs
 tools/wheel_smoke.py there.
 """
@@ -53,7 +54,10 @@ TORCH_RELEASES = {
 # whose default gcc is newer); the other toolkits take the default.
 HOST_GCC = {"11.8": "11", "12.4": "13", "12.6": "13"}
 # libraries a wheel must link but never carry: torch's wheels (and the driver) provide them.
-AUDITWHEEL_EXCLUDES = ("libtorch*.so", "libc10*.so", "libcuda.so.*", "libcudart.so.*")
+# libgomp / libiomp5: the extension must bind to the OpenMP runtime torch has loaded (one thread
+# pool, sized by torch.set_num_threads); a grafted copy would get another soname and a second pool.
+AUDITWHEEL_EXCLUDES = ("libtorch*.so", "libc10*.so", "libcuda.so.*", "libcudart.so.*", "libgomp.so.*",
+                       "libiomp5.so")
 
 
 def _native_config():

@@ -6,7 +6,8 @@
 Default: ``import childopt`` prints no guard warning, the prebuilt module loads (no JIT build),
 and its CPU ops step MaskedAdamW (none / dense freeze / Bernoulli freeze) like the reference
 backend: within 1e-6 relative (the two differ only in float32 rounding order), with the
-entries the reference leaves frozen bit-identical.
+entries the reference leaves frozen bit-identical; a step runs on both of 2 intra-op threads,
+and the process holds one OpenMP runtime (torch's), not a grafted second one.
 ``--guard``: the import prints the guard's message once, the prebuilt module is not loaded, and
 ``backend='auto'`` (Triton where it runs, else the reference backend) steps as
 torch.optim.AdamW does.
@@ -83,6 +84,28 @@ def check_fallback_step() -> None:
     print(f"ok: auto took {opt.backend_name()} and matches torch.optim.AdamW")
 
 
+def check_threads(module) -> None:
+    """A native step runs chunks on 2 threads when torch has 2, through torch's own OpenMP runtime."""
+    import torch
+
+    from childopt import MaskedAdamW
+
+    torch.set_num_threads(2)
+    params = [torch.nn.Parameter(torch.ones(1 << 18)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = MaskedAdamW(params, lr=1e-3, backend="native")
+    module._record_chunk_threads(True)
+    opt.step()
+    used = module._chunk_thread_count()
+    module._record_chunk_threads(False)
+    assert used == 2, f"a step over 4 x 256K elements ran on {used} thread(s) with torch.get_num_threads() == 2"
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp5" in line}
+    assert len(runtimes) <= 1, f"more than one OpenMP runtime is loaded: {sorted(runtimes)}"
+    print(f"threads: a step used {used} threads; OpenMP runtime: {sorted(runtimes)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--guard", action="store_true", help="expect the guard's warning and a fallback")
@@ -111,6 +134,7 @@ def main(argv=None) -> int:
         assert module is not None and how.startswith("prebuilt"), f"the prebuilt childopt._C did not load: {how}"
         print(f"loaded: {how}")
         check_native_steps()
+        check_threads(module)
     return 0
 
 

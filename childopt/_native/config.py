@@ -28,6 +28,8 @@ NAME = "childopt_C"
 PREBUILT_MODULE = "childopt._C"
 BUILD_INFO_FILE = "_build_info.json"
 
+# -fopenmp (added by cxx_flags when torch's ATen parallel backend is OpenMP): at::parallel_for is
+# header code that runs serially unless the extension itself is compiled with OpenMP.
 # -fno-trapping-math lets GCC if-convert the kernels' selects (frozen / dropped entries) so the
 # element loops vectorise; no result changes, the kernels never rely on floating-point traps.
 # No -std: torch's cpp_extension passes the standard its headers need (C++17, C++20 from torch 2.13);
@@ -96,8 +98,37 @@ def source_digest(csrc: Path) -> str:
     return h.hexdigest()
 
 
-def cxx_flags(with_cuda: bool) -> list[str]:
-    return CXX_FLAGS + ([CUDA_DEFINE] if with_cuda else [])
+def cxx_flags(with_cuda: bool, openmp: str | None = None) -> list[str]:
+    """Host compiler flags; ``openmp``: torch's OpenMP runtime (torch_facts), or None."""
+    return CXX_FLAGS + (["-fopenmp"] if openmp else []) + ([CUDA_DEFINE] if with_cuda else [])
+
+
+def ld_flags(openmp: str | None) -> list[str]:
+    """Link flags that bind the extension to the OpenMP runtime torch already loaded.
+
+    GNU libgomp: ``-fopenmp`` links ``libgomp.so.1``, the soname of the copy torch's wheel
+    ships, so the process keeps one OpenMP runtime and one thread pool that
+    ``torch.set_num_threads`` sizes.  Intel's libiomp5 (conda builds of torch) is linked from
+    torch's lib directory instead; it serves the GOMP entry points that -fopenmp compiles to.
+    """
+    if openmp == "gomp":
+        return ["-fopenmp"]
+    if openmp == "iomp5":
+        import torch
+
+        return [f"-L{Path(torch.__file__).parent / 'lib'}", "-liomp5"]
+    return []
+
+
+def torch_openmp(torch) -> str | None:
+    """The OpenMP runtime behind torch's at::parallel_for on Linux: "gomp", "iomp5", or None.
+
+    None when ATen's parallel backend is not OpenMP (its native thread pool lives in libtorch,
+    so extensions need no flag) or off Linux, where the kernels stay serial for now.
+    """
+    if not sys.platform.startswith("linux") or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    return "iomp5" if any((Path(torch.__file__).parent / "lib").glob("libiomp5*")) else "gomp"
 
 
 def nvcc_flags(with_cuda: bool) -> list[str]:
@@ -332,6 +363,7 @@ def torch_facts() -> dict:
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "openmp": torch_openmp(torch),
     }
 
 
@@ -340,7 +372,8 @@ def key_inputs(torch: dict, digest: str, with_cuda: bool, archs, nvcc_version: s
     return {
         "loader_version": LOADER_VERSION,
         "sources": digest,
-        "cxx_flags": cxx_flags(with_cuda),
+        "cxx_flags": cxx_flags(with_cuda, torch.get("openmp")),
+        "ld_flags": ld_flags(torch.get("openmp")),
         "nvcc_flags": nvcc_flags(with_cuda),
         **torch,
         "cxx": tool_version(cxx_compiler()),

@@ -150,7 +150,8 @@ def build_spec(archs: str | None = None, cpu: bool = False, rt: dict | None = No
                     "built with CPU kernels only, and CUDA tensors use the Triton backend")
             warn_once(("nonvcc",), f"childopt: {note}")
     nvcc_version = cfg.tool_version(rt["nvcc"]) if with_cuda else None
-    torch_part = {k: rt[k] for k in ("torch_version", "torch_git", "torch_cuda", "torch_hip", "cxx11_abi")}
+    torch_part = {k: rt[k] for k in ("torch_version", "torch_git", "torch_cuda", "torch_hip", "cxx11_abi",
+                                       "openmp")}
     inputs = cfg.key_inputs(torch_part, rt["sources"], with_cuda, chosen, nvcc_version)
     key, base_key = cfg.keys(inputs)
     return BuildSpec(csrc=csrc, with_cuda=with_cuda, archs=tuple(inputs["archs"]), inputs=inputs, key=key,

@@ -138,7 +138,7 @@ def worker_main(argv: list[str]) -> None:
 
     try:
         cpp_extension.load(
-            name=job["module"], sources=job["sources"], extra_cflags=job["cflags"],
+            name=job["module"], sources=job["sources"], extra_cflags=job["cflags"], extra_ldflags=job["ldflags"],
             extra_cuda_cflags=job["cuda_cflags"] or None, extra_include_paths=job["include_dirs"],
             build_directory=job["build_dir"], with_cuda=job["with_cuda"], verbose=True, is_python_module=True)
     except Exception as exc:  # the compiler's own output is above, in this log

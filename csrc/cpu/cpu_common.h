@@ -1,5 +1,10 @@
 // Shared pieces of the CPU kernels: fp32 views of the storage dtypes, per-ISA clones, and the
 // split of a tensor list into chunks run in parallel on torch's intra-op thread pool.
+//
+// at::parallel_for is header code over OpenMP: the extension is compiled with -fopenmp and linked
+// to the OpenMP runtime torch loaded (childopt/_native/config.py), so the chunks run on all
+// torch.get_num_threads() threads.  A test-only recorder (chunk_threads.cpp) counts the distinct
+// threads that ran chunks, so a test can prove it without timing anything.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -76,11 +81,18 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
   return chunks;
 }
 
+// Test-only recording of the threads that run chunks (off unless a test switches it on).
+bool chunk_threads_recording();
+void note_chunk_thread();
+void record_chunk_threads(bool on);
+int64_t chunk_thread_count();
+
 // Run fn(chunk) over every chunk of the tensors, in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<int64_t>& numels, const F& fn) {
   const std::vector<Chunk> chunks = make_chunks(numels);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    if (chunk_threads_recording()) note_chunk_thread();
     for (int64_t i = first; i < last; ++i) fn(chunks[i]);
   });
 }
