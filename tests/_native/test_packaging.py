@@ -23,7 +23,7 @@ def test_setup_py_builds_the_extension_only_when_asked(tmp_path):
             "import runpy; runpy.run_path('setup.py', run_name='__main__'); "
             "ext = seen.get('ext_modules', [None])[0]; "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'ext': ext and [ext.name, ext.sources, "
-            "ext.extra_compile_args, ext.include_dirs], 'cmd': sorted(seen.get('cmdclass', {})), "
+            "ext.extra_compile_args, ext.include_dirs, ext.extra_link_args], 'cmd': sorted(seen.get('cmdclass', {})), "
             "'max_jobs': os.environ.get('MAX_JOBS'), 'version': seen.get('version')}))")
     env = env_for(tmp_path / "cache")
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -34,11 +34,13 @@ def test_setup_py_builds_the_extension_only_when_asked(tmp_path):
                          text=True, timeout=120, cwd=REPO)
     assert aot.returncode == 0, aot.stderr
     seen = json.loads(aot.stdout.splitlines()[-1])
-    name, sources, args, includes = seen["ext"]
+    name, sources, args, includes, link_args = seen["ext"]
     with_cuda = bool(torch.version.cuda) and cfg.nvcc_path(spec.torch_cuda_home()) is not None
     assert name == "childopt._C" and seen["cmd"] == ["build_ext"] and int(seen["max_jobs"]) >= 1
     assert sources == [p.relative_to(REPO).as_posix() for p in cfg.source_files(REPO / "csrc", with_cuda)]
-    assert args == {"cxx": cfg.cxx_flags(with_cuda), "nvcc": cfg.nvcc_flags(with_cuda)}
+    openmp = cfg.torch_facts()["openmp"]  # torch's OpenMP runtime: the kernels use its threads
+    assert args == {"cxx": cfg.cxx_flags(with_cuda, openmp), "nvcc": cfg.nvcc_flags(with_cuda)}
+    assert link_args == cfg.ld_flags(openmp)
     assert str(REPO / "csrc" / "include") in includes
     assert ("CPU kernels only" in aot.stderr) is not with_cuda
     assert seen["version"] == f"{childopt.__version__}+{cfg.local_version(cfg.torch_facts(), with_cuda)}"
