@@ -144,8 +144,9 @@ class FisherAccumulator:
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):
             param.grad = None if self.free_grads else param.grad
             return  # an overflowed batch (GradScaler will skip it too): not counted
-        self._backend(grad.device).fisher_accumulate([self._fisher[name]], [grad.contiguous()],
-                                                     self._coefficients(norms))
+        # A gradient dtype the kernels do not take (float64) goes to the reference backend.
+        backend = backends.route(self._backend(grad.device), grad.dtype, grad.dtype)
+        backend.fisher_accumulate([self._fisher[name]], [grad.contiguous()], self._coefficients(norms))
         self._counts[name] += 1
         if self.free_grads:
             param.grad = None

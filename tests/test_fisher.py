@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from childopt import backends
 from childopt.fisher import FisherAccumulator, fisher_mask
 from tests.helpers import kernel_backend
 
@@ -166,3 +167,20 @@ def test_fisher_mask_keeps_the_largest_scores():
 def test_bad_input_raises_a_clear_error(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_float64_gradients_are_accumulated_by_the_reference_on_a_kernel_backend():
+    """The native kernels take fp32/bf16/fp16 gradients; a float64 model's scores are routed to the
+    reference op (it crashed in the native op before) and equal the reference backend's."""
+    ok, why = backends.MODULES["native"].available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    scores = {}
+    for name in ("native", "reference"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).double()
+        with FisherAccumulator(model, backend=name) as acc:
+            model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+        scores[name] = acc.scores()
+    for key, value in scores["reference"].items():
+        assert torch.equal(scores["native"][key], value)
