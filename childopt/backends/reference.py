@@ -29,8 +29,9 @@ class Backend(base.Backend):
     name = NAME
 
 
-def _row(scalars: torch.Tensor, i: int) -> dict:
-    return dict(zip(contract.STEP_SCALAR_FIELDS, scalars[i].tolist()))
+def _rows(scalars: torch.Tensor) -> list[dict]:
+    """Each tensor's row as a dict of Python floats, read with one host copy for the bucket."""
+    return [dict(zip(contract.STEP_SCALAR_FIELDS, row)) for row in scalars.tolist()]
 
 
 def adamw_math(p, g, m, v, vmax, s: dict):
@@ -58,8 +59,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
                keep_threshold, seed_lo, seed_hi) -> None:
     """Apply one masked AdamW step in place to every tensor of the bucket."""
     seed = seed_lo | (seed_hi << 32)
-    for i, param in enumerate(params):
-        s = _row(scalars, i)
+    for i, (param, s) in enumerate(zip(params, _rows(scalars))):
         p_flat = param.view(-1)
         m = exp_avgs[i].view(-1)
         v = exp_avg_sqs[i].view(-1)
@@ -86,8 +86,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
 def sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, amsgrad,
                       compact_grads) -> None:
     """Apply one AdamW step in place to the selected entries of every tensor of the bucket."""
-    for i, param in enumerate(params):
-        s = _row(scalars, i)
+    for i, (param, s) in enumerate(zip(params, _rows(scalars))):
         idx = indices[i]
         p_flat = param.view(-1)
         grad = grads[i].reshape(-1)

@@ -85,13 +85,17 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     saved_extras = state_dict.get("childopt")
     if saved_extras is not None:
         check_extras(saved_extras, optimizer.storage)
+    for gi, saved in enumerate(state_dict["param_groups"]):
+        # Checked before torch replaces anything, with this optimizer's defaults for what an older
+        # state dict lacks, by the constructor's rules (torch's implementation flags included).
+        group = {**optimizer.defaults, **saved}
+        validation.check_group(group, f" (loaded param group {gi})", optimizer.storage)
+        validation.check_torch_flags(group["foreach"], group["fused"], group["capturable"], group["differentiable"])
     kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     torch_load(state_dict)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}
-    for gi, group in enumerate(optimizer.param_groups):
-        validation.check_group(group, f" (loaded param group {gi})", optimizer.storage)
     for saved_id, p in zip(saved_ids, stepped):
         restore_param(optimizer, p, state_dict["state"].get(saved_id, {}), kept.get(p, {}), saved_extras is None,
                       capturable[p])

@@ -72,3 +72,16 @@ def test_an_optimizer_pickled_with_string_mask_kinds_unpickles():
     clone.__setstate__(state)
     assert clone.mask_kind == "bernoulli" and clone._backend_exclude == ()
     assert pickle.loads(pickle.dumps(opt)).mask_kind == "bernoulli"
+
+
+@pytest.mark.parametrize("flags,error", [({"capturable": "yes"}, TypeError), ({"differentiable": True}, ValueError),
+                                         ({"fused": True, "foreach": True}, ValueError)])
+def test_a_state_dict_with_bad_flags_is_refused_before_anything_changes(flags, error):
+    params = make_params([(5,)])
+    opt = MaskedAdamW(params, lr=1e-2, seed=0, backend="reference")
+    train(opt, params, 1)
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(flags, lr=0.5)
+    with pytest.raises(error):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["capturable"] is False
