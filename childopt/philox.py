@@ -18,6 +18,8 @@ Triton and C++ kernels.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 ROUND_A = 0xD2511F53
@@ -66,10 +68,22 @@ def keep_threshold(reserve_p: float) -> int:
 
 
 def check_seed(seed) -> int:
-    """Raise unless ``seed`` is an int usable as the 64-bit Philox key."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    """``seed`` as a Python int usable as the 64-bit Philox key, or a clear error.
+
+    Integers of any kind are accepted (int, numpy integers, one-element integer tensors);
+    floats and bools are refused rather than truncated.
+    """
+    if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.dtype.is_floating_point
+                                           or seed.dtype.is_complex or seed.dtype == torch.bool):
+        raise TypeError(f"seed must be an int in [0, 2**64); got a tensor of shape {tuple(seed.shape)} "
+                        f"and dtype {seed.dtype} (a one-element integer tensor would do)")
+    try:
+        value = int(seed.item()) if isinstance(seed, torch.Tensor) else operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__} {seed!r}") from None
+    if isinstance(seed, bool) or not 0 <= value < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return seed
+    return value
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -12,10 +12,9 @@ import torch
 
 from childopt import philox, sparse
 from childopt.backends.contract import MaskKind
-from childopt.optim import params, validation
+from childopt.optim import params
+from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS
-
-STATE_FORMAT = 1
 
 
 def extras(optimizer) -> dict:
@@ -24,39 +23,23 @@ def extras(optimizer) -> dict:
             "storage": optimizer.storage}
 
 
-def check_extras(saved: dict, storage: str) -> None:
-    """Refuse a ``"childopt"`` entry of another format or another storage, with the fix."""
-    if saved.get("format") != STATE_FORMAT or saved.get("mask_kind") not in [k.label for k in MaskKind]:
-        raise ValueError(f"unsupported childopt state format: {saved!r}")
-    philox.check_seed(saved.get("seed"))
-    saved_storage = saved.get("storage", "dense")
-    if saved_storage != storage:
-        raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "
-                         f"optimizer with storage={saved_storage!r} to load it")
-
-
 def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: bool, capturable: bool) -> None:
     """Rebuild the state of ``p`` from its saved entry after torch's ``load_state_dict``.
 
-    torch casts floating state to the parameter's dtype; here moments stay fp32, masks bool and
-    indices checked; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
+    The entry was checked (childopt.optim.saved_state).  torch casts floating state to the
+    parameter's dtype; here moments stay fp32 and masks bool; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
     (``kept``), and its dense moments are gathered onto them.
     """
     state = optimizer.state[p]
     if "indices" in saved:
-        sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {optimizer.describe(p)}")
         state["indices"] = saved["indices"].to(device=p.device, copy=True)
     elif foreign and "indices" in kept:
         state["indices"] = kept["indices"]
-    shape = state["indices"].shape if "indices" in state else p.shape
     for key in MOMENT_KEYS:
         if key in saved:
             value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
             if "indices" in state and "indices" not in saved and value.shape == p.shape:
                 value = sparse.gather(value, state["indices"])  # dense (torch AdamW) state
-            if value.shape != shape:
-                raise ValueError(f"state {key!r} for {optimizer.describe(p)} has shape "
-                                 f"{tuple(value.shape)}, expected {tuple(shape)}")
             state[key] = value.contiguous()
     if "step" in saved:
         state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32,
@@ -82,17 +65,9 @@ def upgrade_pickled(state: dict) -> dict:
 
 def load(optimizer, state_dict: dict, torch_load) -> None:
     """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
+    saved_ids = check_state_dict(optimizer, state_dict)
     saved_extras = state_dict.get("childopt")
-    if saved_extras is not None:
-        check_extras(saved_extras, optimizer.storage)
-    for gi, saved in enumerate(state_dict["param_groups"]):
-        # Checked before torch replaces anything, with this optimizer's defaults for what an older
-        # state dict lacks, by the constructor's rules (torch's implementation flags included).
-        group = {**optimizer.defaults, **saved}
-        validation.check_group(group, f" (loaded param group {gi})", optimizer.storage)
-        validation.check_torch_flags(group["foreach"], group["fused"], group["capturable"], group["differentiable"])
     kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     torch_load(state_dict)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}
@@ -106,4 +81,4 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
             (compact.register if "indices" in optimizer.state[p] else compact.unregister)(p)
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
-        optimizer.seed = saved_extras["seed"]
+        optimizer.seed = philox.check_seed(saved_extras["seed"])

@@ -87,7 +87,8 @@ class MaskedAdamW(Optimizer):
         where = f" (param group {len(self.param_groups) - 1})"
         try:
             validation.check_group(group, where, self.storage)
-        except (TypeError, ValueError):
+            validation.check_params(group["params"], self.describe)
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
@@ -162,7 +163,11 @@ class MaskedAdamW(Optimizer):
 
     @_use_grad_for_differentiable  # torch's optimizers' graph breaks: AOT then sees an inference graph
     def step(self, closure=None):
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss.
+
+        Atomic as far as inputs go: every group is checked (hyper-parameters edited since
+        construction, gradients, parameter memory) before the first tensor is written.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -170,8 +175,14 @@ class MaskedAdamW(Optimizer):
         self._check_ready()
         if self._compact is not None:
             validation.check_no_grad_scaler(self)
-        for group in self.param_groups:
-            self._step_group(group)
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            validation.check_group(group, f" (param group {gi})", self.storage, at_step=True)
+            stepped, grads = with_gradients(group["params"], self._gradient)
+            validation.check_steppable(stepped, grads, self.describe)
+            work.append((group, stepped, grads))
+        for group, stepped, grads in work:
+            self._step_group(group, stepped, grads)
         if self._compact is not None:
             self._compact.mark_stepped()
         return loss
@@ -180,8 +191,7 @@ class MaskedAdamW(Optimizer):
         """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""
         return sparse.gradient_of(p, self._compact, self.describe)
 
-    def _step_group(self, group: dict) -> None:
-        stepped, grads = with_gradients(group["params"], self._gradient)
+    def _step_group(self, group: dict, stepped: list, grads: list) -> None:
         if not stepped:
             return
         states = [self.state[p] for p in stepped]

@@ -54,14 +54,22 @@ def resolve_masks(param_groups: list, mask: Mapping) -> dict:
             param, label = key, describe(param_groups, key)
         else:
             raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"mask for {label} must be a bool tensor, got {type(value).__name__}")
-        if value.dtype != torch.bool:
-            raise TypeError(f"mask for {label} has dtype {value.dtype}, expected torch.bool")
-        if value.shape != param.shape:
-            raise ValueError(f"mask for {label} has shape {tuple(value.shape)}, "
-                             f"expected the parameter's shape {tuple(param.shape)}")
+        check_mask(value, param, label)
         if param in resolved:
             raise ValueError(f"mask has two entries for {label}")
         resolved[param] = value.detach().to(device=param.device, copy=True).contiguous()
     return resolved
+
+
+def check_mask(value, param: torch.Tensor, label: str) -> None:
+    """Raise unless ``value`` is a bool tensor of ``param``'s shape that holds values."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"mask for {label} must be a bool tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"mask for {label} has dtype {value.dtype}, expected torch.bool")
+    if value.device.type == "meta":
+        raise ValueError(f"mask for {label} is on the meta device, which holds no values; "
+                         "build the mask on a real device (e.g. after the model is materialised)")
+    if value.shape != param.shape:
+        raise ValueError(f"mask for {label} has shape {tuple(value.shape)}, "
+                         f"expected the parameter's shape {tuple(param.shape)}")

@@ -12,12 +12,22 @@ import torch
 
 MASKED_MODES = ("freeze", "zero_grad")
 STORAGES = ("dense", "sparse")
+STEPPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_number(value, name: str, where: str = "", *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float, or a clear error when it is not a number in the interval."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+                 low_open: bool = False, high_open: bool = False, read_tensor: bool = True) -> float:
+    """``value`` as a float, or a clear error when it is not a number in the interval.
+
+    A one-element tensor is read on the host unless ``read_tensor`` is False (the per-step
+    check: reading a device tensor would synchronise, and break a CUDA graph or a compiled graph).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name}{where} must be a number or a one-element real tensor, "
+                            f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        if not read_tensor:
+            return math.nan
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
@@ -36,17 +46,23 @@ def check_arguments(defaults: Mapping, storage: str, compact_grads) -> None:
     check_torch_flags(defaults["foreach"], defaults["fused"], defaults["capturable"], defaults["differentiable"])
 
 
-def check_group(group: Mapping, where: str = "", storage: str = "dense") -> None:
-    """Raise a clear error for any hyper-parameter of ``group`` that is out of range (or storage)."""
-    check_number(group["lr"], "lr", where, low=0.0)
-    check_number(group["eps"], "eps", where, low=0.0)
-    check_number(group["weight_decay"], "weight_decay", where, low=0.0)
-    check_number(group["reserve_p"], "reserve_p", where, low=0.0, high=1.0, low_open=True)
+def check_group(group: Mapping, where: str = "", storage: str = "dense", *, at_step: bool = False) -> None:
+    """Raise a clear error for any hyper-parameter of ``group`` that is out of range (or storage).
+
+    ``at_step``: the check ``step()`` makes of groups the user may have edited since; it does
+    not read tensor hyper-parameters (see :func:`check_number`).
+    """
+    read = not at_step
+    finite = dict(low=0.0, high_open=True, read_tensor=read)  # [0, inf): inf or NaN would poison the weights
+    check_number(group["lr"], "lr", where, **finite)
+    check_number(group["eps"], "eps", where, **finite)
+    check_number(group["weight_decay"], "weight_decay", where, **finite)
+    check_number(group["reserve_p"], "reserve_p", where, low=0.0, high=1.0, low_open=True, read_tensor=read)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        check_number(beta, f"betas[{i}]", where, low=0.0, high=1.0, high_open=True)
+        check_number(beta, f"betas[{i}]", where, low=0.0, high=1.0, high_open=True, read_tensor=read)
     if group["masked"] is not None and group["masked"] not in MASKED_MODES:
         raise ValueError(f"masked{where} must be one of {MASKED_MODES} (or None), got {group['masked']!r}")
     for flag in ("amsgrad", "maximize"):
@@ -55,6 +71,54 @@ def check_group(group: Mapping, where: str = "", storage: str = "dense") -> None
     if storage == "sparse" and group["masked"] == "zero_grad":
         raise ValueError(f"masked='zero_grad'{where} needs state for every entry; storage='sparse' "
                          "keeps only the selected ones (use masked='freeze')")
+
+
+def check_params(params: list, describe) -> None:
+    """Refuse parameters the update is not defined for: complex or non-floating, or self-overlapping.
+
+    torch's AdamW steps a complex parameter as real pairs; childopt's masks, Bernoulli counters
+    and sparse indices address real elements, so a complex parameter is refused rather than
+    silently losing its imaginary part in a cast.
+    """
+    for p in params:
+        if p.dtype not in STEPPED_DTYPES:
+            hint = (" (view it as real pairs, e.g. register torch.view_as_real(p) as the parameter, or "
+                    "use torch.optim.AdamW)" if p.dtype.is_complex else "")
+            raise TypeError(f"{describe(p)} has dtype {p.dtype}; MaskedAdamW steps "
+                            f"{', '.join(str(d) for d in STEPPED_DTYPES)} parameters{hint}")
+        _check_own_memory(p, describe)
+
+
+def _check_own_memory(p: torch.Tensor, describe) -> None:
+    if _overlaps_itself(p):
+        raise RuntimeError(f"{describe(p)} has memory shared between its elements (an expanded or "
+                           f"overlapping view, strides {p.stride()}): an update cannot write each element "
+                           "on its own; make it a parameter with its own storage (e.g. .clone())")
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an expanded or strided alias).
+
+    Written here because torch exposes its overlap check only as a private debug helper: with
+    the dimensions of size > 1 sorted by stride, a strided tensor is free of self-overlap when
+    every stride reaches past the whole extent of the smaller ones.
+    """
+    if t.is_contiguous():
+        return False
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def check_steppable(params: list, grads: list, describe) -> None:
+    """Everything a step could fail on partway, checked before the first tensor is written."""
+    for p, g in zip(params, grads):
+        _check_own_memory(p, describe)  # p.data may have been replaced since construction
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
 
 
 def check_torch_flags(foreach, fused, capturable, differentiable) -> None:

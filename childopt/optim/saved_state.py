@@ -1,0 +1,132 @@
+"""Checks of a state dict before ``load_state_dict`` changes anything.
+
+torch's ``Optimizer.load_state_dict`` replaces the state and the groups first and leaves every
+value as given, so a bad entry would surface at the next ``step()`` (a cryptic error, or NaN
+parameters) or leave the optimizer half-loaded.  Everything the load relies on is checked here,
+with the parameter named, before torch is called: group sizes and hyper-parameters, the
+``"childopt"`` entry, and each parameter's step count, moments, mask or indices.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from childopt import philox, sparse
+from childopt.backends.contract import MaskKind
+from childopt.optim import params, validation
+from childopt.optim.state import MOMENT_KEYS
+
+STATE_FORMAT = 1
+REQUIRED_MOMENTS = ("exp_avg", "exp_avg_sq")
+SQUARED_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_extras(saved: Mapping, storage: str) -> MaskKind:
+    """The mask kind of a ``"childopt"`` entry, refusing another format or storage with the fix."""
+    if not isinstance(saved, Mapping) or saved.get("format") != STATE_FORMAT \
+            or saved.get("mask_kind") not in [k.label for k in MaskKind]:
+        raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
+                         f"and mask_kind one of {[k.label for k in MaskKind]})")
+    philox.check_seed(saved.get("seed"))
+    saved_storage = saved.get("storage", "dense")
+    if saved_storage != storage:
+        raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "
+                         f"optimizer with storage={saved_storage!r} to load it")
+    return MaskKind.from_label(saved["mask_kind"])
+
+
+def check_state_dict(optimizer, state_dict) -> list:
+    """Raise a clear error for anything ``optimizer`` cannot load; return the saved ids in order.
+
+    The ids pair with the optimizer's parameters in order, as torch pairs them.
+    """
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (an optimizer's "
+                         f"state_dict()), got {type(state_dict).__name__}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups; this optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    extras = state_dict.get("childopt")
+    kind = check_extras(extras, optimizer.storage) if extras is not None else None
+    saved_ids = []
+    for gi, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        where = f" (loaded param group {gi})"
+        if len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(f"loaded param group {gi} has {len(saved.get('params', ()))} parameters; "
+                             f"this optimizer's has {len(group['params'])}")
+        # This optimizer's defaults for what an older state dict lacks; the constructor's rules.
+        merged = {**optimizer.defaults, **saved}
+        validation.check_group(merged, where, optimizer.storage)
+        validation.check_torch_flags(merged["foreach"], merged["fused"], merged["capturable"],
+                                     merged["differentiable"])
+        for saved_id, p in zip(saved["params"], group["params"]):
+            entry = state_dict["state"].get(saved_id)
+            if entry is not None:
+                _check_param_state(optimizer, p, entry, kind)
+            saved_ids.append(saved_id)
+    return saved_ids
+
+
+def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
+    """One parameter's saved state: the keys belong together and each value fits ``p``."""
+    label = optimizer.describe(p)
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"saved state for {label} must be a dict, got {type(saved).__name__}")
+    has_moments = [key for key in MOMENT_KEYS if key in saved]
+    if has_moments and "step" not in saved:
+        raise ValueError(f"saved state for {label} has {has_moments} but no 'step' (the bias corrections "
+                         "need the step count the moments were accumulated over)")
+    if "step" in saved:
+        missing = [key for key in REQUIRED_MOMENTS if key not in saved]
+        if missing:
+            raise ValueError(f"saved state for {label} has a 'step' but no {missing}")
+        _check_step(saved["step"], label)
+    if kind is not None and kind != MaskKind.DENSE and ("mask" in saved or "indices" in saved):
+        raise ValueError(f"the state_dict's mask_kind is {kind.label!r}, but its state for {label} holds "
+                         f"{'a mask' if 'mask' in saved else 'indices'}: the two disagree")
+    if "mask" in saved:
+        params.check_mask(saved["mask"], p, label)
+    if "indices" in saved:
+        if not isinstance(saved["indices"], torch.Tensor):
+            raise TypeError(f"saved 'indices' for {label} must be a tensor, got {type(saved['indices']).__name__}")
+        sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {label}")
+    for key in has_moments:
+        _check_moment(saved[key], key, label, _moment_shapes(optimizer, p, saved, kind is None))
+
+
+def _check_step(step, label: str) -> None:
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_complex or step.dtype == torch.bool:
+            raise TypeError(f"saved 'step' for {label} must be a number or a one-element tensor, "
+                            f"got a tensor of shape {tuple(step.shape)} and dtype {step.dtype}")
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"saved 'step' for {label} must be a number, got {type(step).__name__}")
+    if not math.isfinite(step) or step < 0 or step != int(step):
+        raise ValueError(f"saved 'step' for {label} must be a whole number >= 0, got {step}")
+
+
+def _moment_shapes(optimizer, p: torch.Tensor, saved: Mapping, foreign: bool) -> set:
+    """Shapes a saved moment of ``p`` may have: compact when indices are saved, else the dense
+    shape; a foreign (torch AdamW) state dict's dense moments are gathered onto kept indices."""
+    if "indices" in saved:
+        return {tuple(saved["indices"].shape)}
+    kept = optimizer.state.get(p, {}).get("indices")
+    if foreign and kept is not None:
+        return {tuple(p.shape), tuple(kept.shape)}
+    return {tuple(p.shape)}
+
+
+def _check_moment(value, key: str, label: str, shapes: set) -> None:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"saved {key!r} for {label} must be a floating-point tensor, got {what}")
+    if tuple(value.shape) not in shapes:
+        raise ValueError(f"saved {key!r} for {label} has shape {tuple(value.shape)}, expected "
+                         f"{' or '.join(str(s) for s in sorted(shapes))}")
+    if key in SQUARED_MOMENTS and value.numel() and not bool((value >= 0).all()):
+        raise ValueError(f"saved {key!r} for {label} has negative or NaN entries; a second moment is a "
+                         "running mean of squares (>= 0)")

@@ -1,0 +1,117 @@
+"""load_state_dict refuses a bad state dict with the parameter named, before anything changes.
+
+Each case corrupts one entry of a valid state dict (dense storage with a mask and amsgrad, or
+sparse storage) and checks the error, then that the optimizer is exactly as before the refused
+load (state, groups, mask kind, seed) and still loads the valid dict and steps.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from childopt import MaskedAdamW
+from tests.helpers import make_params, masks_for, train
+
+SHAPES = [(6, 4), (9,)]
+
+
+def _trained(storage):
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, lr=1e-2, seed=11, amsgrad=storage == "dense", storage=storage,
+                      mask=masks_for(params[:1]), backend="reference")
+    train(opt, params, 2)
+    return opt, params
+
+
+def _set(key, value, param=0):
+    def corrupt(sd):
+        sd["state"][param][key] = value(sd["state"][param]) if callable(value) else value
+    return corrupt
+
+
+def _drop(key):
+    def corrupt(sd):
+        del sd["state"][0][key]
+    return corrupt
+
+
+def _extras(key, value):
+    def corrupt(sd):
+        sd["childopt"][key] = value
+    return corrupt
+
+
+NAMED = "param_groups\\[0\\]\\['params'\\]\\[0\\] \\(shape \\(6, 4\\)\\)"
+CORRUPTIONS = [
+    ("dense", _set("step", torch.tensor(-5.0)), ValueError, f"'step' for {NAMED} must be a whole number >= 0, got -5"),
+    ("dense", _set("step", torch.tensor(math.nan)), ValueError, "'step' .* must be a whole number >= 0, got nan"),
+    ("dense", _set("step", 2.5), ValueError, "must be a whole number >= 0, got 2.5"),
+    ("dense", _set("step", "3"), TypeError, "'step' .* must be a number, got str"),
+    ("dense", _drop("exp_avg_sq"), ValueError, f"state for {NAMED} has a 'step' but no \\['exp_avg_sq'\\]"),
+    ("dense", _drop("step"), ValueError, "has \\['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'\\] but no 'step'"),
+    ("dense", _set("exp_avg_sq", lambda s: -s["exp_avg_sq"] - 1), ValueError, "'exp_avg_sq' .* negative or NaN"),
+    ("dense", _set("max_exp_avg_sq", lambda s: s["max_exp_avg_sq"] * math.nan), ValueError, "negative or NaN"),
+    ("dense", _set("exp_avg", lambda s: s["exp_avg"].t()), ValueError, "'exp_avg' .* has shape \\(4, 6\\), expected \\(6, 4\\)"),
+    ("dense", _set("exp_avg", [0.0] * 24), TypeError, "'exp_avg' .* must be a floating-point tensor, got list"),
+    ("dense", _set("exp_avg", lambda s: s["exp_avg"].long()), TypeError, "got a torch.int64 tensor"),
+    ("dense", _set("mask", lambda s: s["mask"].float()), TypeError, "has dtype torch.float32, expected torch.bool"),
+    ("dense", lambda sd: sd["state"].__setitem__(1, [1, 2]), TypeError,
+     "saved state for param_groups\\[0\\]\\['params'\\]\\[1\\] \\(shape \\(9,\\)\\) must be a dict"),
+    ("dense", _extras("mask_kind", "none"), ValueError, "mask_kind is 'none', but its state for .* holds a mask"),
+    ("dense", _extras("seed", -1), ValueError, "seed must be an int"),
+    ("dense", lambda sd: sd["param_groups"][0].__setitem__("lr", math.inf), ValueError,
+     "lr \\(loaded param group 0\\) must be in \\[0.0, inf\\), got inf"),
+    ("dense", lambda sd: sd["param_groups"][0]["params"].pop(), ValueError, "loaded param group 0 has 1 parameters"),
+    ("dense", lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), ValueError, "has 2 param groups"),
+    ("sparse", _set("indices", lambda s: s["indices"] + 100), ValueError, "indices must be strictly increasing and inside"),
+    ("sparse", _set("indices", lambda s: s["indices"].tolist()), TypeError, "'indices' for .* must be a tensor, got list"),
+    ("sparse", _set("exp_avg", lambda s: torch.zeros(5)), ValueError, "'exp_avg' .* has shape \\(5,\\), expected \\("),
+    ("sparse", _extras("mask_kind", "bernoulli"), ValueError, "mask_kind is 'bernoulli', but .* holds indices"),
+]
+
+
+def _fingerprint(opt):
+    """Everything a load could change, deep-copied for comparison."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return copy.deepcopy((opt.state_dict()["state"], groups, opt.mask_kind, opt.seed))
+
+
+def _equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("storage,corrupt,error,match", CORRUPTIONS)
+def test_a_bad_state_dict_is_refused_before_anything_changes(storage, corrupt, error, match):
+    source, _ = _trained(storage)
+    good = source.state_dict()
+    bad = copy.deepcopy(good)
+    corrupt(bad)
+    target, params = _trained(storage)
+    train(target, params, 1, start=5)  # differs from the saved state, so a partial load would show
+    before = _fingerprint(target)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(bad)
+    assert _equal(_fingerprint(target), before)
+    target.load_state_dict(good)
+    train(target, params, 1, start=2)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_valid_round_trip_still_loads_with_integer_and_tensor_steps():
+    """torch saves ``step`` as a tensor; an int (hand-written or older dicts) loads the same."""
+    source, _ = _trained("dense")
+    state_dict = source.state_dict()
+    as_int = copy.deepcopy(state_dict)
+    for entry in as_int["state"].values():
+        entry["step"] = int(entry["step"])
+    for candidate in (state_dict, as_int):
+        target, _ = _trained("dense")
+        target.load_state_dict(candidate)
+        assert all(target.state[p]["step"].item() == 2 for g in target.param_groups for p in g["params"])

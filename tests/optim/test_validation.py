@@ -1,0 +1,146 @@
+"""Arguments and parameters refused with a clear error, and a step that refuses changes nothing.
+
+Messages name the parameter (or group) and what was expected; torch.optim.AdamW is the oracle
+for what a step after a refused one must give.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from childopt import MaskedAdamW
+from tests.helpers import clone_params, make_params, train
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _params():
+    return make_params([(3, 2)])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_parameters_are_refused_at_construction_not_cast(dtype):
+    p = torch.nn.Parameter(torch.randn(4, dtype=dtype))
+    with pytest.raises(TypeError, match=f"param_groups\\[0\\]\\['params'\\]\\[0\\] .* has dtype {dtype}.*view_as_real"):
+        MaskedAdamW([p], seed=0)
+
+
+def test_a_complex_parameter_in_an_added_group_leaves_the_optimizer_as_it_was():
+    opt = MaskedAdamW(_params(), seed=0)
+    with pytest.raises(TypeError, match="param_groups\\[1\\].*complex64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_the_real_view_of_a_complex_parameter_steps_as_torch_adamw_steps_the_complex_one():
+    """The workaround the message names gives torch AdamW's complex update (it views as real too)."""
+    z = torch.randn(5, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    theirs = torch.nn.Parameter(z.clone())
+    ours = torch.nn.Parameter(torch.view_as_real(z.clone()))
+    opt = MaskedAdamW([ours], lr=1e-2, weight_decay=0.1, seed=0)
+    ref = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        g = torch.randn(5, dtype=torch.complex64, generator=gen)
+        theirs.grad, ours.grad = g, torch.view_as_real(g).clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(torch.view_as_complex(ours.detach()), theirs.detach(), **TOL)
+
+
+def test_an_expanded_parameter_is_refused_at_construction():
+    p = torch.nn.Parameter(torch.randn(3).expand(4, 3))
+    with pytest.raises(RuntimeError, match="shape \\(4, 3\\)\\) has memory shared between its elements.*strides \\(0, 1\\)"):
+        MaskedAdamW([p], seed=0)
+
+
+def test_a_step_that_fails_on_a_later_tensor_changes_nothing(lane):
+    """[transposed, expanded]: the expanded one (its data swapped in after construction) is refused
+    before the transposed one is written, so step counts, moments and weights stay, and a retry
+    after the fix applies the update once (torch AdamW on the same two tensors is the oracle)."""
+    backend, device = lane
+    ours = [torch.nn.Parameter(torch.randn(4, 3).t().to(device)), torch.nn.Parameter(torch.randn(4, 3).to(device))]
+    theirs = clone_params(ours)
+    opt = MaskedAdamW(ours, lr=1e-2, seed=0, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    train(opt, ours, 1)
+    train(ref, theirs, 1)
+    own_storage = ours[1].data
+    ours[1].data = own_storage[:1].expand(4, 3)
+    before = [p.detach().clone() for p in ours] + [opt.state[ours[0]][k].clone() for k in ("exp_avg", "exp_avg_sq")]
+    for p, g in zip(ours, [torch.ones(3, 4, device=device), torch.ones(4, 3, device=device)]):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="param_groups\\[0\\]\\['params'\\]\\[1\\].*memory shared"):
+        opt.step()
+    after = [p.detach() for p in ours] + [opt.state[ours[0]][k] for k in ("exp_avg", "exp_avg_sq")]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert [opt.state[p]["step"].item() for p in ours] == [1, 1]
+    ours[1].data = own_storage
+    train(opt, ours, 2, start=1)
+    train(ref, theirs, 2, start=1)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), **TOL)
+
+
+EDITS = [
+    ("lr", math.nan, ValueError, "lr \\(param group 0\\) must be in \\[0.0, inf\\), got nan"),
+    ("lr", math.inf, ValueError, "lr \\(param group 0\\) must be in"),
+    ("weight_decay", -0.1, ValueError, "weight_decay \\(param group 0\\) must be in"),
+    ("eps", 0.0 - 1, ValueError, "eps \\(param group 0\\) must be in"),
+    ("betas", (0.9, 1.0), ValueError, "betas\\[1\\] \\(param group 0\\) must be in"),
+    ("betas", 0.9, ValueError, "betas \\(param group 0\\) must be a pair"),
+    ("masked", "bogus", ValueError, "masked \\(param group 0\\) must be one of"),
+    ("reserve_p", 0.0, ValueError, "reserve_p \\(param group 0\\) must be in \\(0.0, 1.0\\]"),
+    ("amsgrad", 1, TypeError, "amsgrad \\(param group 0\\) must be a bool"),
+    ("lr", torch.ones(2), TypeError, "lr \\(param group 0\\) must be a number or a one-element real tensor"),
+]
+
+
+@pytest.mark.parametrize("key,value,error,match", EDITS)
+def test_hyper_parameters_edited_after_construction_are_checked_at_the_next_step(key, value, error, match):
+    params = _params()
+    opt = MaskedAdamW(params, lr=1e-2, seed=0)
+    train(opt, params, 1)
+    before = params[0].detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(error, match=match):
+        train(opt, params, 1, start=1)
+    assert torch.equal(params[0].detach(), before) and opt.state[params[0]]["step"].item() == 1
+
+
+@pytest.mark.parametrize("hyper", ["lr", "weight_decay", "eps"])
+def test_infinite_hyper_parameters_are_refused_at_construction(hyper):
+    with pytest.raises(ValueError, match=f"{hyper} must be in \\[0.0, inf\\), got inf"):
+        MaskedAdamW(_params(), **{hyper: math.inf})
+
+
+@pytest.mark.parametrize("seed", [np.int64(7), np.uint32(7), torch.tensor(7), torch.tensor([7], dtype=torch.int32)])
+def test_integer_seeds_of_any_kind_give_the_same_bernoulli_stream(seed):
+    runs = []
+    for s in (7, seed):
+        params = make_params([(64,)])
+        opt = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=s)
+        train(opt, params, 2)
+        assert opt.seed == 7 and type(opt.seed) is int
+        runs.append(params[0].detach())
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("seed,error,match", [
+    (2.7, TypeError, "seed must be an int in \\[0, 2\\*\\*64\\), got float 2.7"),
+    (np.float64(3.0), TypeError, "got float64"),
+    (torch.tensor(3.0), TypeError, "got a tensor of shape \\(\\) and dtype torch.float32"),
+    (torch.tensor([1, 2]), TypeError, "got a tensor of shape \\(2,\\)"),
+    (True, ValueError, "seed must be an int"),
+    (2**64, ValueError, "seed must be an int in \\[0, 2\\*\\*64\\)"),
+])
+def test_seeds_that_are_not_integers_are_refused(seed, error, match):
+    with pytest.raises(error, match=match):
+        MaskedAdamW(_params(), mask="bernoulli", reserve_p=0.5, seed=seed)
+
+
+def test_a_mask_on_the_meta_device_is_refused_with_what_to_do():
+    params = _params()
+    with pytest.raises(ValueError, match="mask for param_groups.* is on the meta device, which holds no values"):
+        MaskedAdamW(params, mask={params[0]: torch.ones(3, 2, dtype=torch.bool, device="meta")})
