@@ -14,12 +14,14 @@ its difference from the base weights at the changed entries only::
 Each :class:`DeltaEntry` holds sorted flat (row-major) indices and the differences
 ``tuned - base`` there, in a float type wider than the parameter's, so that applying the delta
 to the base reproduces the tuned weights exactly (see :data:`WIDE_DTYPES`).  Files are plain
-safetensors: tensors ``"{name}.indices"`` and ``"{name}.values"``, with the shapes, dtypes and
-format version in the string metadata.
+safetensors: tensors ``"{name}.indices"`` and ``"{name}.values"``, with the shapes, dtypes,
+format version and a checksum in the string metadata (:mod:`childopt.delta_file`); a file that
+is damaged or not a delta raises :class:`DeltaFormatError` naming the file and the problem.
 """
 from __future__ import annotations
 
-import json
+import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,12 +29,12 @@ from itertools import chain
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from childopt import delta_file
+from childopt.delta_file import FORMAT_VERSION, DeltaFormatError, short_list
 from childopt.sparse import check_indices, gather, index_dtype, indices_from_mask
 
-__all__ = ["DeltaEntry", "SparseDelta", "indices_from_mask", "WIDE_DTYPES", "FORMAT_VERSION"]
+__all__ = ["DeltaEntry", "SparseDelta", "DeltaFormatError", "indices_from_mask", "WIDE_DTYPES", "FORMAT_VERSION"]
 
 # The exact difference of two floats of one type needs the significand bits of the type plus
 # the gap between their exponents (plus one for a carry).  The next wider type has more than
@@ -51,12 +53,6 @@ WIDE_DTYPES = {
     torch.float32: torch.float64,
     torch.float64: torch.float64,
 }
-FORMAT_VERSION = "1"
-_FORMAT = "childopt.sparse_delta"
-_META_PREFIX = "childopt."  # metadata keys the format reserves
-_FORMAT_KEY = "childopt.format"
-_VERSION_KEY = "childopt.format_version"
-_ENTRIES_KEY = "childopt.entries"
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in WIDE_DTYPES}  # as files record them
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNITS = ("B", "kB", "MB", "GB", "TB")
@@ -82,7 +78,7 @@ class DeltaEntry:
     values: torch.Tensor
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        self.shape = delta_file.check_shape(self.shape, "DeltaEntry shape")
 
     @property
     def numel(self) -> int:
@@ -159,7 +155,7 @@ class SparseDelta:
         base, tuned = _named_tensors(base), _named_tensors(tuned)
         _check_same_tensors(base, tuned)
         if indices is not None and (unknown := [n for n in indices if n not in tuned]):
-            raise ValueError(f"indices given for tensors that base and tuned lack: {_list(unknown)}")
+            raise ValueError(f"indices given for tensors that base and tuned lack: {short_list(unknown)}")
         names = [n for n in tuned if indices is None or n in indices]
         tied = _tied_duplicates(tuned, names)
         entries = {}
@@ -185,12 +181,15 @@ class SparseDelta:
         against ``target`` before anything is written.
 
         Raises:
-            ValueError: ``target`` lacks a tensor of the delta, or one has another shape or dtype
-                (a delta for another model), or two entries name the same (tied) tensor.
+            TypeError: ``scale`` is not a real number (e.g. the string ``'2'``).
+            ValueError: ``scale`` is NaN or infinite, ``target`` lacks a tensor of the delta, or
+                one has another shape or dtype (a delta for another model), or two entries name
+                the same (tied) tensor.
         """
+        scale = _finite_number(scale, "scale")
         tensors = _named_tensors(target)
         if missing := [n for n in self.entries if n not in tensors]:
-            raise ValueError(f"target lacks tensors the delta changes: {_list(missing)} "
+            raise ValueError(f"target lacks tensors the delta changes: {short_list(missing)} "
                              "(is the delta for another model?)")
         for name, e in self.entries.items():
             p = tensors[name]
@@ -217,10 +216,12 @@ class SparseDelta:
         result is deterministic on every device.
 
         Raises:
-            ValueError: no deltas, a weight count that differs from the delta count, or one
-                tensor name with different shapes or dtypes in two deltas.
+            TypeError: a weight is not a real number.
+            ValueError: no deltas, a weight count that differs from the delta count, a NaN or
+                infinite weight, or one tensor name with different shapes or dtypes in two deltas.
         """
-        weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+        weights = ([1.0] * len(deltas) if weights is None
+                   else [_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)])
         if not deltas or len(weights) != len(deltas):
             raise ValueError(f"merge needs one or more deltas and one weight per delta, got "
                              f"{len(deltas)} deltas and {len(weights)} weights")
@@ -234,43 +235,42 @@ class SparseDelta:
         """Write the delta to a safetensors file, with ``self.metadata`` updated by ``metadata``.
 
         Tensors are ``"{name}.indices"`` and ``"{name}.values"`` (moved to CPU); the string
-        metadata holds the user's keys plus ``childopt.*`` keys: format, format version and a
-        JSON object ``{name: {"shape": [...], "dtype": "bfloat16"}}``.
+        metadata holds the user's keys plus ``childopt.*`` keys: format, format version, a JSON
+        object ``{name: {"shape": [...], "dtype": "bfloat16"}}`` and a SHA-256 checksum of the
+        metadata and tensors (:mod:`childopt.delta_file`).
         """
         user = {**self.metadata, **(metadata or {})}
-        if bad := [k for k, v in user.items() if not (isinstance(k, str) and isinstance(v, str))]:
-            raise TypeError(f"metadata keys and values must be strings; not so for {_list(bad)}")
-        if reserved := [k for k in user if k.startswith(_META_PREFIX)]:
-            raise ValueError(f"metadata keys starting with {_META_PREFIX!r} are reserved: {_list(reserved)}")
-        layout = {name: {"shape": list(e.shape), "dtype": str(e.dtype).removeprefix("torch.")}
-                  for name, e in self.entries.items()}
         tensors = {}
         for name, e in self.entries.items():
             tensors[f"{name}.indices"] = e.indices.contiguous().cpu()
             tensors[f"{name}.values"] = e.values.contiguous().cpu()
-        save_file(tensors, path, metadata={**user, _FORMAT_KEY: _FORMAT, _VERSION_KEY: FORMAT_VERSION,
-                                           _ENTRIES_KEY: json.dumps(layout)})
+        layout = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
+        delta_file.write(path, layout, tensors, user)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "SparseDelta":
-        """Read a delta written by :meth:`save`, onto ``device``.
+        """Read a delta written by :meth:`save` (format version 1 or 2), onto ``device``.
+
+        The file is read and checked on the CPU: container, metadata, layout, every entry's
+        indices and values, then the checksum; only a delta that passes all moves to ``device``.
 
         Raises:
-            ValueError: the file is not a childopt sparse delta, has another format version, or
-                lacks a tensor of an entry or holds one that belongs to none.
+            DeltaFormatError: (a ValueError) the file is not a readable safetensors file or not a
+                childopt sparse delta, has an unsupported format version, malformed layout
+                metadata, missing or stray tensors, an entry whose indices or values are invalid
+                (out of range, unsorted, wrong dtype, mismatched lengths), or contents that do
+                not match its checksum.  The message names the file and the key or entry.
         """
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            layout = _read_layout(path, meta)
-            expected = {f"{name}.{part}" for name in layout for part in ("indices", "values")}
-            if missing := sorted(expected - set(f.keys())):
-                raise ValueError(f"{os.fspath(path)}: missing tensors {_list(missing)}")
-            if extra := sorted(set(f.keys()) - expected):
-                raise ValueError(f"{os.fspath(path)}: tensors that belong to no entry: {_list(extra)}")
-            entries = {name: DeltaEntry(shape, dtype, f.get_tensor(f"{name}.indices"),
-                                        f.get_tensor(f"{name}.values"))
-                       for name, (shape, dtype) in layout.items()}
-        return cls(entries, {k: v for k, v in meta.items() if not k.startswith(_META_PREFIX)})
+        raw = delta_file.read(path, _DTYPE_NAMES)
+        try:
+            delta = cls({name: DeltaEntry(shape, dtype, raw.tensors[f"{name}.indices"], raw.tensors[f"{name}.values"])
+                         for name, (shape, dtype) in raw.layout.items()}, raw.user_metadata)
+        except (TypeError, ValueError) as err:
+            raise DeltaFormatError(f"{raw.path}: {err}") from err
+        delta_file.verify(raw)
+        for entry in delta.entries.values():
+            entry.indices, entry.values = entry.indices.to(device), entry.values.to(device)
+        return delta
 
     @property
     def num_entries(self) -> int:
@@ -312,10 +312,13 @@ def _named_tensors(tensors: NamedTensors) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"expected an nn.Module or a mapping name -> tensor, got {type(tensors).__name__}")
 
 
-def _list(names: list) -> str:
-    """A short quoted list of names for error messages."""
-    shown = ", ".join(repr(n) for n in names[:5])
-    return shown if len(names) <= 5 else f"{shown}, ... ({len(names)} in all)"
+def _finite_number(value, what: str) -> float:
+    """``value`` as a float, if it is a finite real number (``scale``, merge weights)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a finite real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite real number, got {value!r}")
+    return float(value)
 
 
 def _format_bytes(n: int) -> str:
@@ -331,8 +334,8 @@ def _check_same_tensors(base: Mapping[str, torch.Tensor], tuned: Mapping[str, to
     only_base = [n for n in base if n not in tuned]
     only_tuned = [n for n in tuned if n not in base]
     if only_base or only_tuned:
-        raise ValueError(f"base and tuned name different tensors: only in base: {_list(only_base) or '-'}; "
-                         f"only in tuned: {_list(only_tuned) or '-'}")
+        raise ValueError(f"base and tuned name different tensors: only in base: {short_list(only_base) or '-'}; "
+                         f"only in tuned: {short_list(only_tuned) or '-'}")
     for name, t in tuned.items():
         b = base[name]
         _check_same_layout(name, ("base", b.shape, b.dtype), ("tuned", t.shape, t.dtype))
@@ -428,19 +431,3 @@ def _merge_entries(name: str, entry_weights: list[tuple[DeltaEntry, float]]) -> 
         summed = values.new_zeros(indices.numel())
         values = summed.index_add_(0, slot, torch.cat([values, entry.values.to(values.device) * weight]))
     return DeltaEntry(first.shape, first.dtype, indices.to(index_dtype(first.numel)), values)
-
-
-def _read_layout(path, meta: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (shape, dtype) from the metadata of a delta file, after checking its format."""
-    where = os.fspath(path)
-    if meta.get(_FORMAT_KEY) != _FORMAT:
-        raise ValueError(f"{where} is not a childopt sparse delta (its metadata has no "
-                         f"{_FORMAT_KEY!r}: {_FORMAT!r}); it may be a full checkpoint")
-    if meta.get(_VERSION_KEY) != FORMAT_VERSION:
-        raise ValueError(f"{where}: sparse delta format version {meta.get(_VERSION_KEY)!r} is not "
-                         f"supported (this childopt reads version {FORMAT_VERSION!r})")
-    try:
-        layout = json.loads(meta[_ENTRIES_KEY])
-        return {name: (tuple(spec["shape"]), _DTYPE_NAMES[spec["dtype"]]) for name, spec in layout.items()}
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{where}: malformed {_ENTRIES_KEY!r} metadata ({err!r})") from err

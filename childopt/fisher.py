@@ -5,7 +5,9 @@ adds ``(g * c)^2`` to the parameter's fp32 score with the fused ``fisher_accumul
 ``c`` is a per-tensor clip coefficient kept on the device.  Estimators:
 
 * ``"batch"`` (ChildTuning-D): the squared gradient of each batch, i.e. of the batch-mean loss;
-  scores are divided by the number of batches.  Cost: one backward per batch, as training.
+  every score is divided by the same number, the batches seen (ChildTuning's ``/ N``), so a
+  parameter that gets gradients in only some batches (an unused branch, a routed expert) is not
+  inflated against the others.  Cost: one backward per batch, as training.
 * ``"sample"`` (FISH's empirical Fisher): the sum of squared *per-sample* gradients, computed with
   ``torch.func.vmap(torch.func.grad(...))`` over the batch in chunks of ``chunk_size`` samples
   instead of a batch-size-1 loop; scores are divided by the number of samples.  Cost: about one
@@ -72,6 +74,9 @@ class FisherAccumulator:
 
     Use ``with FisherAccumulator(model) as acc: loss.backward(); ...; scores = acc.scores()``.
     Zero the gradients between batches (or pass ``free_grads=True``): the hook sees ``p.grad``.
+    A batch is one backward pass that gives at least one scored parameter a gradient (overflowed
+    ones under ``grad_scaler`` not counted); reentrant activation checkpointing runs a nested
+    backward per segment, so there pass the number of batches to :meth:`scores` yourself.
     """
 
     def __init__(self, model_or_named_params, *, include: Include = None, estimator: str = "batch",
@@ -101,6 +106,8 @@ class FisherAccumulator:
         self.grad_scaler, self.chunk_size = grad_scaler, chunk_size
         self._fisher = {n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in self._params.items()}
         self._counts = dict.fromkeys(self._params, 0)
+        self._seen = 0  # batches (sample estimator: samples): the divisor of every score
+        self._new_pass = False  # a backward pass reached a scored parameter and is not counted yet
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
         self._handles: list = []
@@ -109,6 +116,9 @@ class FisherAccumulator:
         if self.estimator == "batch":
             self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, n))
                              for n, p in self._params.items()]
+            # fires once per backward pass (graph task), before the first scored gradient accumulates
+            self._handles.append(torch.autograd.graph.register_multi_grad_hook(
+                list(self._params.values()), self._on_pass, mode="any"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,6 +144,10 @@ class FisherAccumulator:
             coefficients = coefficients * torch.clamp(self.clip_norm / (norms * inverse + 1e-6), max=1.0)
         return coefficients
 
+    def _on_pass(self, grad: torch.Tensor) -> None:
+        """A backward pass reaches the scored parameters: the next accumulation counts one batch."""
+        self._new_pass = True
+
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         if param.grad is None:
             raise RuntimeError(f"the gradient of {name!r} was freed by an earlier hook (e.g. MaskedAdamW with "
@@ -148,6 +162,9 @@ class FisherAccumulator:
         backend = backends.route(self._backend(grad.device), grad.dtype, grad.dtype)
         backend.fisher_accumulate([self._fisher[name]], [grad.contiguous()], self._coefficients(norms))
         self._counts[name] += 1
+        if self._new_pass:
+            self._seen += 1
+            self._new_pass = False
         if self.free_grads:
             param.grad = None
 
@@ -169,20 +186,48 @@ class FisherAccumulator:
 
         per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), randomness="different",
                                      chunk_size=self.chunk_size)(detached, batch)
+        n_samples = per_sample[names[0]].shape[0]
         for n in names:
-            grads = per_sample[n].reshape(per_sample[n].shape[0], -1).float()
+            grads = per_sample[n].reshape(n_samples, -1).float()
             norms = torch.linalg.vector_norm(grads, dim=1)
             scaled = grads * self._coefficients(norms)[:, None]
             self._fisher[n].add_((scaled * scaled).sum(0).view(self._fisher[n].shape).to(self._fisher[n].dtype))
-            self._counts[n] += grads.shape[0]
+            self._counts[n] += n_samples
+        self._seen += n_samples
 
-    def scores(self) -> dict:
-        """name -> Fisher estimate: the accumulated squares over the number of batches (or samples)."""
-        return {n: f / max(self._counts[n], 1) for n, f in self._fisher.items()}
+    def scores(self, num_batches: Optional[int] = None) -> dict:
+        """name -> Fisher estimate: the accumulated squares over the batches (or samples) seen.
+
+        Every tensor is divided by the same number, :attr:`num_seen` or, with the batch
+        estimator, ``num_batches`` when given (the batches run, where a batch may take several
+        backward passes or reach no scored parameter).
+
+        Raises:
+            ValueError: ``num_batches`` is not an int >= 1, or is given to the sample estimator.
+            RuntimeError: nothing was accumulated (no backward pass inside the with-block).
+        """
+        divisor = self._seen
+        if num_batches is not None:
+            if self.estimator != "batch":
+                raise ValueError("num_batches is for estimator='batch'; the sample estimator divides by "
+                                 "the samples it saw")
+            if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+                raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
+            divisor = num_batches
+        if divisor == 0:
+            raise RuntimeError("no gradients of the scored parameters were accumulated: run loss.backward() "
+                               "inside the with-block (or accumulate_samples) before asking for scores")
+        return {n: f / divisor for n, f in self._fisher.items()}
+
+    @property
+    def num_seen(self) -> int:
+        """Batches (sample estimator: samples) seen, the divisor of every score."""
+        return self._seen
 
     @property
     def counts(self) -> dict:
-        """How many batches (or samples) each parameter's score averages."""
+        """In how many batches (or samples) each parameter received a gradient (a diagnostic:
+        scores are all divided by :attr:`num_seen`)."""
         return dict(self._counts)
 
 
@@ -211,7 +256,15 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
     ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``.  The model runs in its current
     mode (ChildTuning computes Fisher in train mode, with dropout).  Existing gradients are
     cleared first; each is freed as soon as it is scored, and all are zeroed after each batch.
+    With the batch estimator every score is divided by the number of batches run, as in ChildTuning.
+
+    Raises:
+        ValueError: the dataloader yields no batch, or no batch gives the included parameters a
+            gradient (all scores would be 0 and the mask an arbitrary first share of entries).
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
     loss_fn = loss_fn or _hf_loss
     device = next(model.parameters()).device
     accumulator = FisherAccumulator(model, include=include, estimator=estimator, clip_norm=clip_norm,
@@ -219,6 +272,7 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
     batches = dataloader if max_batches is None else islice(dataloader, max_batches)
     total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
     model.zero_grad(set_to_none=True)  # gradients left from earlier work would be scored as this batch's
+    n_batches = 0
     with accumulator:
         for batch in tqdm(batches, total=total, desc="fisher", unit="batch", disable=not progress):
             batch = _to_device(batch, device)
@@ -227,4 +281,12 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
             else:
                 accumulator.accumulate_samples(loss_fn, batch)
             model.zero_grad(set_to_none=True)
-    return select_mask(accumulator.scores(), reserve_p, scope=scope, layer_of=layer_of, backend=backend)
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError(f"fisher_mask: the dataloader yielded no batches (max_batches={max_batches!r}); the "
+                         "Fisher scores need at least one")
+    if accumulator.num_seen == 0:
+        raise ValueError(f"fisher_mask: none of the {n_batches} batches gave a gradient to the included "
+                         f"parameters (include={include!r}); check include and loss_fn")
+    scores = accumulator.scores(n_batches if estimator == "batch" else None)
+    return select_mask(scores, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

@@ -2,12 +2,15 @@
 
 ``select_mask`` keeps, in every scope (all tensors, each layer, or each tensor), exactly its share
 of ``reserve_p``: the largest scores, ties at the threshold taken in canonical order (the
-mapping's order, then flat index).  The threshold comes from a radix select over the fp32 bit
-patterns: three histogram passes (11, 11 and 10 bits) over all tensors and scopes at once, each
-reading 4 bytes per element and keeping one 2048-bin histogram per scope; only those histograms
-reach the host.  So there is no ``torch.cat`` of the model's scores, no 2**24 ``quantile`` limit
-and no INT_MAX ``topk`` limit.  ``sample_mask`` draws an exact-size sample without replacement
-(Gumbel top-k on ``log(score) / temperature``) on the same machinery.
+mapping's order, then flat index).  The threshold comes from a radix select over the scores' bit
+patterns: for fp32 (and fp16/bf16) scores, three histogram passes (11, 11 and 10 bits) of the
+backend's ``radix_histogram`` op over all tensors and scopes at once, each reading 4 bytes per
+element and keeping one 2048-bin histogram per scope; only those histograms reach the host.
+Float64 scores are selected in float64 (the kernels histogram 32-bit keys): six plain-torch
+passes over 64-bit keys, so scores that differ below fp32 precision are still told apart.  So
+there is no ``torch.cat`` of the model's scores, no 2**24 ``quantile`` limit and no INT_MAX
+``topk`` limit.  ``sample_mask`` draws an exact-size sample without replacement (Gumbel top-k on
+``log(score) / temperature``) on the same machinery.
 """
 from __future__ import annotations
 
@@ -15,17 +18,25 @@ import math
 import re
 import struct
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Hashable, Optional
 
 import torch
 
 from childopt import backends, philox
 
-PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits): 32 key bits, most significant first
+# (shift, bits) per pass, most significant first: 32-bit keys (fp32) and 64-bit keys (float64)
+PASSES = ((21, 11), (10, 11), (0, 10))
+PASSES_64 = ((53, 11), (42, 11), (31, 11), (20, 11), (10, 10), (0, 10))
+_KEY_FORMATS = {32: ("<I", "<f"), 64: ("<Q", "<d")}  # struct formats: unsigned key bits, float
 SCOPES = ("global", "layer", "tensor")
 # "encoder.layer.3.attention...", "model.layers.12.mlp...", "transformer.h.0.attn...", "blocks.7..."
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 GUMBEL_STREAM = 0x5A3D  # Philox counter words 2-3 of the Gumbel noise: apart from any optimizer step
+# The Gumbel noise lies in [-2.86, 17.33] (uniforms in [2**-25, 1 - 2**-25]), so keys this far
+# below log(smallest positive float) or above log(largest float) are below or above the key of
+# every finite positive score, whatever the temperature (sample_mask's zero and infinite scores).
+_KEY_MARGIN = 32.0
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -38,10 +49,14 @@ def apportion(reserve_p: float, sizes: list[int]) -> list[int]:
     """Entries to keep per scope: floor or ceil of ``reserve_p * size``, summing to ``round(reserve_p * N)``.
 
     Largest remainders (ties to earlier scopes) hand out the rounding, so a global, a layer-wise
-    and a tensor-wise mask of the same scores always keep the same total.
+    and a tensor-wise mask of the same scores always keep the same total.  The shares are
+    computed exactly from ``reserve_p`` as written (its shortest decimal form, so ``0.3 * 31``
+    and ``0.3 * 21`` tie at remainder 0.3 and the earlier scope wins), not from float products
+    whose rounding noise would break such ties arbitrarily.
     """
     total = round(reserve_p * sum(sizes))
-    exact = [reserve_p * n for n in sizes]
+    share = Fraction(repr(float(reserve_p)))
+    exact = [share * n for n in sizes]
     counts = [min(math.floor(x), n) for x, n in zip(exact, sizes)]
     order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: max(total - sum(counts), 0)]:
@@ -61,19 +76,46 @@ def _scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], 
     return [first_seen.setdefault(key, len(first_seen)) for key in keys]
 
 
-def _key_to_float(key: int) -> float:
-    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+def _key_to_float(key: int, width: int = 32) -> float:
+    """The float whose order-preserving unsigned key (see ``_keys_64``, ``reference.score_keys``) is ``key``."""
+    sign = 1 << (width - 1)
+    bits = key ^ sign if key & sign else ~key & ((1 << width) - 1)
+    unsigned, floating = _KEY_FORMATS[width]
+    return struct.unpack(floating, struct.pack(unsigned, bits))[0]
 
 
-def _thresholds(backend, scores: list, scope_ids: list, ks: list, device) -> list[tuple[float, int]]:
-    """Per scope, (tau, r): keep scores > tau and the first r scores == tau (three radix passes)."""
+def _keys_64(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving unsigned 64-bit keys (as int64 bit patterns) of float64 scores, -0.0 as +0.0."""
+    bits = (scores + 0.0).view(torch.int64)
+    return torch.where(bits < 0, ~bits, bits ^ -(2**63))
+
+
+def _histogram_64(scores: list, scope_ids: list, prefixes: list, shift: int, bits: int, n_scopes: int):
+    """Per scope, counts of the 64-bit keys under the scope's prefix, by their ``bits`` bits at ``shift``.
+
+    The float64 counterpart of the ``radix_histogram`` op, in plain torch (the kernels take fp32).
+    """
+    device = scores[0].device
+    prefix_tensor = torch.tensor(prefixes, dtype=torch.int64, device=device)
+    hist = torch.zeros(n_scopes, 2**bits, dtype=torch.int64, device=device)
+    for s, scope in zip(scores, scope_ids):
+        keys = _keys_64(s)
+        if shift + bits < 64:  # the shift sign-extends: mask back to the 64 - shift - bits prefix bits
+            keys = keys[((keys >> (shift + bits)) & (2 ** (64 - shift - bits) - 1)) == prefix_tensor[scope]]
+        hist[scope] += torch.bincount((keys >> shift) & (2**bits - 1), minlength=2**bits)
+    return hist.cpu()
+
+
+def _thresholds(histogram: Callable, passes: tuple, width: int, ks: list) -> list[tuple[float, int]]:
+    """Per scope, (tau, r): keep scores > tau and the first r scores == tau (a radix select).
+
+    ``histogram(prefixes, shift, bits)`` gives the host copy of one pass's per-scope histograms.
+    """
     n_scopes = len(ks)
     prefixes = [0] * n_scopes
     remaining = list(ks)
-    for shift, bits in PASSES:
-        prefix_tensor = torch.tensor(prefixes, dtype=torch.int64, device=device)
-        hist = backend.radix_histogram(scores, scope_ids, prefix_tensor, shift, bits, n_scopes).cpu()
+    for shift, bits in passes:
+        hist = histogram(prefixes, shift, bits)
         for s in range(n_scopes):
             if remaining[s] == 0:
                 continue
@@ -81,7 +123,7 @@ def _thresholds(backend, scores: list, scope_ids: list, ks: list, device) -> lis
             b = int(torch.searchsorted(from_top, remaining[s]))  # first cumulative count >= remaining
             remaining[s] -= int(from_top[b]) - int(hist[s].flip(0)[b])
             prefixes[s] = (prefixes[s] << bits) | (2**bits - 1 - b)
-    return [(_key_to_float(prefixes[s]), remaining[s]) if ks[s] else (math.inf, 0) for s in range(n_scopes)]
+    return [(_key_to_float(prefixes[s], width), remaining[s]) if ks[s] else (math.inf, 0) for s in range(n_scopes)]
 
 
 def _check_scores(scores: Mapping) -> tuple[list, list]:
@@ -101,18 +143,46 @@ def _check_scores(scores: Mapping) -> tuple[list, list]:
     return names, tensors
 
 
+def _key_dtype(tensors: list) -> torch.dtype:
+    """float64 when any score is float64 (selected in float64), else float32 (exact for fp16/bf16)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _radix_passes(flat: list, scope_ids: list, n_scopes: int, backend: str) -> tuple[Callable, tuple, int]:
+    """(histogram(prefixes, shift, bits), passes, key width) for scores of ``flat``'s dtype.
+
+    fp32 scores use the backend's ``radix_histogram`` op; float64 scores, which its 32-bit keys
+    cannot order, use :func:`_histogram_64` on the scores' device, like :func:`backends.route`
+    sends dtypes the kernels do not cover to plain torch.
+    """
+    if flat[0].dtype == torch.float64:
+        backends.check_name(backend)
+        return (lambda prefixes, shift, bits: _histogram_64(flat, scope_ids, prefixes, shift, bits, n_scopes),
+                PASSES_64, 64)
+    device = flat[0].device
+    impl = backends.create(backend, device)
+
+    def histogram(prefixes: list, shift: int, bits: int) -> torch.Tensor:
+        prefix_tensor = torch.tensor(prefixes, dtype=torch.int64, device=device)
+        return impl.radix_histogram(flat, scope_ids, prefix_tensor, shift, bits, n_scopes).cpu()
+
+    return histogram, PASSES, 32
+
+
 def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: str = "global",
                 layer_of: Optional[Callable[[str], Hashable]] = None, backend: str = "auto") -> dict:
     """Bool masks keeping the largest ``reserve_p`` share of ``scores`` per scope, exactly.
 
     Args:
         scores: name -> floating-point tensor (e.g. ``FisherAccumulator.scores()``), one device.
+            When any is float64, all are compared in float64; otherwise in fp32.
         reserve_p: share to keep, in [0, 1]; each scope keeps floor or ceil of its share
             (:func:`apportion`), so every scope choice keeps ``round(reserve_p * N)`` in total.
         scope: ``"global"`` (one threshold for all), ``"layer"`` (per layer: ``layer_of(name)``,
             default the number after ``layer.``/``layers.``/``h.``/``block.`` in the name; names
             without one form one more scope), or ``"tensor"``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` for the histogram passes.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` for the fp32 histogram passes
+            (float64 scores take plain-torch passes whatever the backend).
 
     Ties at the threshold are kept in the mapping's order, then by flat index.  Memory: one
     histogram per scope, plus, per tensor, the transient comparisons that build its mask.
@@ -125,10 +195,9 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
     for t, s in zip(tensors, scope_ids):
         sizes[s] += t.numel()
     ks = apportion(reserve_p, sizes)
-    device = tensors[0].device
-    impl = backends.create(backend, device)
-    flat = [t.detach().reshape(-1).float().contiguous() for t in tensors]
-    thresholds = _thresholds(impl, flat, scope_ids, ks, device)
+    dtype = _key_dtype(tensors)
+    flat = [t.detach().reshape(-1).to(dtype).contiguous() for t in tensors]
+    thresholds = _thresholds(*_radix_passes(flat, scope_ids, len(ks), backend), ks)
     ties = torch.stack([(f == thresholds[s][0]).sum() for f, s in zip(flat, scope_ids)]).tolist()
     budgets = [r for _, r in thresholds]
     masks = {}
@@ -146,6 +215,35 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
     return masks
 
 
+def gumbel_noise(words: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float64) from uint32 Philox words: ``-log(-log(u))``.
+
+    ``u = ((word >> 8) + 0.5) / 2**24`` lies in [2**-25, 1 - 2**-25] and is exact in float64 (in
+    fp32 the top value rounds to 1.0, whose noise is +inf), so the noise is finite: [-2.86, 17.33].
+    """
+    uniform = ((words >> 8).double() + 0.5) * 2.0**-24
+    return -torch.log(-torch.log(uniform))
+
+
+def _sample_keys(score: torch.Tensor, gumbel: torch.Tensor, temperature: float, dtype: torch.dtype):
+    """Keys whose top share is the Gumbel top-k draw of ``log(score) / temperature + G``.
+
+    The same order, overflow-free: ``log(s) / T + G`` for ``T >= 1`` and ``T`` times that,
+    ``log(s) + T * G``, below, both finite for every finite positive score.  Zero scores get keys
+    ``floor + G`` below every such key and infinite scores ``ceiling + G`` above, so zeros are
+    drawn only after all other entries, infinities before them, each uniformly among themselves.
+    """
+    s = score.detach().reshape(-1).to(dtype)
+    noise = gumbel.to(dtype)
+    log_s = torch.log(s)
+    keys = log_s / temperature + noise if temperature >= 1 else log_s + temperature * noise
+    info = torch.finfo(dtype)
+    floor = math.log(info.tiny * info.eps) - _KEY_MARGIN  # info.tiny * info.eps: the smallest subnormal
+    ceiling = math.log(info.max) + _KEY_MARGIN
+    keys = torch.where(torch.isinf(s), ceiling + noise, keys)
+    return torch.where(s == 0, floor + noise, keys)
+
+
 def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, temperature: float, seed: int,
                 scope: str = "global", layer_of: Optional[Callable[[str], Hashable]] = None,
                 backend: str = "auto") -> dict:
@@ -153,23 +251,25 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
 
     Gumbel top-k: keep the top share of ``log(score) / temperature + G`` with ``G`` standard
     Gumbel noise from Philox (key ``seed``, counter = global element index / 4 in the mapping's
-    order), so the draw is reproducible on every device.  ``temperature -> 0`` gives
-    :func:`select_mask`'s result; a large temperature gives a uniform draw.  Scores must be >= 0
-    (zero-score entries are drawn only after all others).  Memory: one perturbed fp32 copy of the
-    scores.
+    order), so the draw is reproducible on every device.  Equal scores are drawn uniformly among
+    themselves.  ``temperature -> 0`` gives :func:`select_mask`'s result (once ``temperature * G``
+    is below the keys' precision, ties are taken in select_mask's canonical order); a large
+    temperature gives a uniform draw.  Scores must be >= 0: zero-score entries are drawn only after
+    all others, uniformly among themselves.  Keys are float64 when any score is, else fp32.
+    Memory: one perturbed copy of the scores in that dtype.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+            or not math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     philox.check_seed(seed)
     names, tensors = _check_scores(scores)
     negative = torch.stack([(t < 0).any() for t in tensors]).tolist()
     if any(negative):
         raise ValueError(f"scores[{names[negative.index(True)]!r}] has negative entries; sample_mask needs scores >= 0")
+    dtype = _key_dtype(tensors)
     perturbed, base = {}, 0
     for name, t in zip(names, tensors):
-        words = philox.random_words(t.numel(), base, seed, GUMBEL_STREAM, t.device)
-        uniform = ((words >> 8).float() + 0.5) * 2.0**-24  # in (0, 1), exact in fp32
-        gumbel = -torch.log(-torch.log(uniform))
-        perturbed[name] = (torch.log(t.detach().reshape(-1).float()) / temperature + gumbel).view(t.shape)
+        gumbel = gumbel_noise(philox.random_words(t.numel(), base, seed, GUMBEL_STREAM, t.device))
+        perturbed[name] = _sample_keys(t, gumbel, float(temperature), dtype).view(t.shape)
         base += philox.rng_group_counts(t.numel())
     return select_mask(perturbed, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

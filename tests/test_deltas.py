@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from childopt.deltas import WIDE_DTYPES, DeltaEntry, SparseDelta, indices_from_mask
+from childopt.deltas import WIDE_DTYPES, DeltaEntry, DeltaFormatError, SparseDelta, indices_from_mask
 
 SHAPES = {"embed.weight": (11, 6), "block.0.weight": (3, 4, 5), "block.0.bias": (5,), "gain": ()}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -142,7 +142,8 @@ def test_save_load_apply_is_exact_and_a_plain_safetensors_file(tmp_path):
         assert torch.equal(raw[f"{name}.values"], entry.values)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-    assert meta["base_model"] == "tiny" and meta["childopt.format_version"] == "1"
+    assert meta["base_model"] == "tiny" and meta["childopt.format_version"] == "2"
+    assert len(meta["childopt.sha256"]) == 64
     layout = json.loads(meta["childopt.entries"])
     assert layout["fp32.weight"] == {"shape": [9, 2], "dtype": "float32"}
     assert layout["block.0.weight"] == {"shape": [3, 4, 5], "dtype": "bfloat16"}
@@ -425,6 +426,87 @@ def test_malformed_entries_and_metadata_raise(tmp_path):
         SparseDelta.merge(delta, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="one or more deltas"):
         SparseDelta.merge()
+
+
+@pytest.mark.parametrize("shape,error,match", [
+    ((2.7,), TypeError, r"DeltaEntry shape must be a list of non-negative ints, got \(2.7,\)"),
+    ("34", TypeError, "DeltaEntry shape must be a list of non-negative ints, got '34'"),
+    ((True, 2), TypeError, "DeltaEntry shape must be a list of non-negative ints"),
+    ((-3,), ValueError, r"DeltaEntry shape must be non-negative ints .* got \[-3\]"),
+    ((2**62, 4), ValueError, "fewer than 2\\*\\*63 elements"),
+])
+def test_entry_shapes_must_be_non_negative_ints(shape, error, match):
+    with pytest.raises(error, match=match):
+        DeltaEntry(shape, torch.float32, torch.tensor([0]), torch.zeros(1, dtype=torch.float64))
+
+
+def test_entry_shapes_accept_integer_like_sizes():
+    entry = DeltaEntry(torch.Size([3, 4]), torch.float32, torch.tensor([0]), torch.zeros(1, dtype=torch.float64))
+    assert entry.shape == (3, 4) and type(entry.shape[0]) is int
+    assert DeltaEntry([torch.tensor(5)], torch.float32, torch.tensor([4]), torch.zeros(1).double()).shape == (5,)
+
+
+def test_scale_and_merge_weights_must_be_finite_real_numbers():
+    delta = SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([1]), torch.ones(1).double())})
+    target = {"w": torch.zeros(4)}
+    with pytest.raises(TypeError, match=r"scale must be a finite real number, got '2' \(str\)"):
+        delta.apply_to(target, scale="2")
+    with pytest.raises(ValueError, match="scale must be a finite real number, got nan"):
+        delta.apply_to(target, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a finite real number, got True"):
+        delta.apply_to(target, scale=True)
+    assert target["w"].tolist() == [0.0, 0.0, 0.0, 0.0]  # nothing written before the check
+    with pytest.raises(ValueError, match=r"weights\[1\] must be a finite real number, got nan"):
+        SparseDelta.merge(delta, delta, weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a finite real number, got -inf"):
+        SparseDelta.merge(delta, weights=[float("-inf")])
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a finite real number, got '2' \(str\)"):
+        SparseDelta.merge(delta, weights=["2"])
+    delta.apply_to(target, scale=2)  # an int is a real number
+    assert target["w"].tolist() == [0.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"shape": "3x4", "dtype": "float32"}, r"entry 'w': shape must be a list of non-negative ints, got '3x4'"),
+    ({"shape": [2.7, 4], "dtype": "float32"}, r"entry 'w': shape must be a list of non-negative ints, got \[2.7, 4\]"),
+    ({"shape": [-3, 4], "dtype": "float32"}, r"entry 'w': shape must be non-negative ints .* got \[-3, 4\]"),
+    ({"shape": [3, 4], "dtype": 3}, r"entry 'w' has dtype 3; expected one of 'float16', 'bfloat16'"),
+    ([3, 4], r"entry 'w' must be an object with exactly the keys 'shape' and 'dtype', got \[3, 4\]"),
+])
+def test_malformed_layout_metadata_says_what_was_expected(tmp_path, spec, match):
+    path = tmp_path / "delta.safetensors"
+    SparseDelta({"w": DeltaEntry((3, 4), torch.float32, torch.tensor([1, 5]), torch.ones(2).double())}).save(path)
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={**meta, "childopt.entries": json.dumps({"w": spec})})
+    with pytest.raises(DeltaFormatError, match=match) as err:
+        SparseDelta.load(path)
+    assert str(path) in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_version_1_files_without_a_checksum_still_load_and_unknown_reserved_keys_do_not(tmp_path):
+    path = tmp_path / "v1.safetensors"
+    layout = json.dumps({"w": {"shape": [3], "dtype": "bfloat16"}})
+    v1 = {"childopt.format": "childopt.sparse_delta", "childopt.format_version": "1", "childopt.entries": layout,
+          "base_model": "tiny"}
+    tensors = {"w.indices": torch.tensor([0, 2], dtype=torch.int32), "w.values": torch.tensor([0.5, -1.0])}
+    save_file(tensors, path, metadata=v1)
+    loaded = SparseDelta.load(path)
+    assert loaded.metadata == {"base_model": "tiny"} and loaded.entries["w"].values.tolist() == [0.5, -1.0]
+    save_file(tensors, path, metadata={**v1, "childopt.sha256": "0" * 64})
+    with pytest.raises(DeltaFormatError, match="keys that format version '1' does not define: 'childopt.sha256'"):
+        SparseDelta.load(path)
+    save_file(tensors, path, metadata={**v1, "childopt.format_version": "2"})
+    with pytest.raises(DeltaFormatError, match="format version '2' needs metadata keys 'childopt.sha256'"):
+        SparseDelta.load(path)
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "delta.safetensors"
+    SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([1]), torch.ones(1).double())}).save(path)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(DeltaFormatError, match="is not a readable safetensors file"):
+        SparseDelta.load(path)
 
 
 # --- size reporting ----------------------------------------------------------------------------

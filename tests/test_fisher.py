@@ -29,18 +29,18 @@ def _batches(n=4, size=6):
     return [(torch.randn(size, 5, generator=gen), torch.randint(0, 2, (size,), generator=gen)) for _ in range(n)]
 
 
-def _naive_batch_fisher(model, batches, include, clip):
-    scores = {n: torch.zeros_like(p) for n, p in model.named_parameters() if include in n}
+def _plain_fisher(model, batches, loss_fn, clip=None):
+    """sum over batches of (clipped grad)^2 / number of batches; no gradient counts as zero."""
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if "layer" in n}
     for batch in batches:
-        model.zero_grad()
-        _loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
         for n, p in model.named_parameters():
-            if n in scores:
-                g = p.grad
-                if clip is not None:
-                    g = g * min(1.0, clip / (g.norm().item() + 1e-6))
-                scores[n] += g * g
-    return {n: s / len(batches) for n, s in scores.items()}
+            if n in total and p.grad is not None:
+                g = p.grad if clip is None else p.grad * min(1.0, clip / (p.grad.norm().item() + 1e-6))
+                total[n] += g * g
+    model.zero_grad(set_to_none=True)
+    return {n: t / len(batches) for n, t in total.items()}
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
@@ -49,7 +49,7 @@ def test_batch_estimator_equals_a_naive_loop(lane, clip, free_grads):
     backend, device = lane
     model = _Net().to(device)
     batches = [tuple(t.to(device) for t in b) for b in _batches()]
-    expected = _naive_batch_fisher(model, batches, "layer", clip)
+    expected = _plain_fisher(model, batches, _loss, clip)
     with FisherAccumulator(model, include="layer", clip_norm=clip, free_grads=free_grads, backend=backend) as acc:
         for batch in batches:
             model.zero_grad()
@@ -88,7 +88,7 @@ def test_sample_estimator_equals_a_batch_size_one_loop(clip):
 def test_grad_scaler_scores_come_from_unscaled_gradients_and_overflows_are_skipped():
     model = _Net()
     batches = _batches(n=3)
-    expected = _naive_batch_fisher(model, batches, "layer", None)
+    expected = _plain_fisher(model, batches, _loss)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     with FisherAccumulator(model, include="layer", grad_scaler=scaler) as acc:
         for batch in batches:
@@ -149,7 +149,7 @@ def test_fisher_mask_on_a_small_transformers_model_keeps_the_exact_count(scope):
 def test_fisher_mask_keeps_the_largest_scores():
     model = _Net()
     batches = _batches()
-    expected = _naive_batch_fisher(model, batches, "layer", 1.0)
+    expected = _plain_fisher(model, batches, _loss, clip=1.0)
     masks = fisher_mask(model, batches, 0.3, loss_fn=_loss, progress=False)
     kept = torch.cat([expected[n][masks[n]] for n in masks])
     dropped = torch.cat([expected[n][~masks[n]] for n in masks])
@@ -184,3 +184,105 @@ def test_float64_gradients_are_accumulated_by_the_reference_on_a_kernel_backend(
         scores[name] = acc.scores()
     for key, value in scores["reference"].items():
         assert torch.equal(scores["native"][key], value)
+
+
+# --- one divisor for every tensor: the number of batches ----------------------------------------
+
+class _Routed(torch.nn.Module):
+    """``layer_rare`` joins the forward only in batches that ask for it (a routed expert)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer_common = torch.nn.Linear(5, 4)
+        self.layer_rare = torch.nn.Linear(5, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x, use_rare):
+        hidden = self.layer_common(x)
+        if use_rare:
+            hidden = hidden + self.layer_rare(x)
+        return self.head(torch.tanh(hidden))
+
+
+def _routed_loss(model, batch):
+    x, y, use_rare = batch
+    return torch.nn.functional.cross_entropy(model(x, use_rare), y)
+
+
+def _routed_batches(n=10, rare_at=(3,)):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(6, 5, generator=gen), torch.randint(0, 2, (6,), generator=gen), i in rare_at)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_parameter_used_in_some_batches_is_divided_by_all_batches(clip):
+    model, batches = _Routed(), _routed_batches()
+    expected = _plain_fisher(model, batches, _routed_loss, clip)
+    with FisherAccumulator(model, include="layer", clip_norm=clip, free_grads=True) as acc:
+        for batch in batches:
+            _routed_loss(model, batch).backward()
+    assert acc.num_seen == 10
+    assert acc.counts == {"layer_common.weight": 10, "layer_common.bias": 10,
+                          "layer_rare.weight": 1, "layer_rare.bias": 1}
+    scores = acc.scores()
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-6, atol=1e-9)
+
+
+def test_fisher_mask_ranks_a_rarely_used_parameter_by_all_batches():
+    model, batches = _Routed(), _routed_batches()
+    expected = _plain_fisher(model, batches, _routed_loss, clip=1.0)
+    masks = fisher_mask(model, batches, 0.3, loss_fn=_routed_loss, progress=False)
+    kept = torch.cat([expected[n][masks[n]] for n in expected])
+    dropped = torch.cat([expected[n][~masks[n]] for n in expected])
+    assert kept.numel() == round(0.3 * 48) and kept.min() >= dropped.max() * (1 - 1e-6)
+    # the data can tell: dividing layer_rare by its own single batch would rank it otherwise
+    inflated = {n: s * (10 if "rare" in n else 1) for n, s in expected.items()}
+    flat, flat_inflated = torch.cat([s.reshape(-1) for s in expected.values()]), \
+        torch.cat([s.reshape(-1) for s in inflated.values()])
+    assert not torch.equal(flat.topk(kept.numel()).indices.sort().values,
+                           flat_inflated.topk(kept.numel()).indices.sort().values)
+
+
+def test_num_batches_overrides_the_counted_passes_under_reentrant_checkpointing():
+    """Reentrant checkpointing runs one nested backward per segment: two passes per batch here."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Segmented(_Net):
+        def forward(self, x):
+            x = x.detach().requires_grad_()  # reentrant checkpointing passes no gradient otherwise
+            h = checkpoint(lambda t: torch.tanh(self.layer1(t)), x, use_reentrant=True)
+            h = checkpoint(lambda t: torch.tanh(self.layer2(t)), h, use_reentrant=True)
+            return self.head(h)
+
+    model, batches = Segmented(), _batches(n=3)
+    expected = _plain_fisher(model, batches, _loss)
+    with FisherAccumulator(model, include="layer", free_grads=True) as acc:
+        for batch in batches:
+            _loss(model, batch).backward()
+    assert acc.num_seen == 6 and all(count == 3 for count in acc.counts.values())
+    scores = acc.scores(num_batches=3)
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-6, atol=1e-9)
+
+
+def test_an_empty_dataloader_or_no_gradient_is_an_error():
+    model = _Routed()
+    with pytest.raises(ValueError, match=r"dataloader yielded no batches \(max_batches=None\)"):
+        fisher_mask(model, [], 0.3, loss_fn=_routed_loss, progress=False)
+    with pytest.raises(ValueError, match="max_batches must be None or an int >= 1, got 0"):
+        fisher_mask(model, _routed_batches(), 0.3, loss_fn=_routed_loss, max_batches=0, progress=False)
+    with pytest.raises(ValueError, match=r"none of the 2 batches gave a gradient .*include='layer_rare'"):
+        fisher_mask(model, _routed_batches(n=2, rare_at=()), 0.3, loss_fn=_routed_loss, include="layer_rare",
+                    progress=False)
+    with FisherAccumulator(model) as acc:
+        pass
+    with pytest.raises(RuntimeError, match="no gradients of the scored parameters were accumulated"):
+        acc.scores()
+    with pytest.raises(ValueError, match="num_batches must be an int >= 1, got 2.5"):
+        acc.scores(num_batches=2.5)
+    sample = FisherAccumulator(model, estimator="sample")
+    with pytest.raises(ValueError, match="num_batches is for estimator='batch'"):
+        sample.scores(num_batches=2)

@@ -1,8 +1,13 @@
 """select_mask / sample_mask against sort-based oracles, ties, scopes and statistics."""
+import itertools
+import math
+import random
+from fractions import Fraction
+
 import pytest
 import torch
 
-from childopt.masks import apportion, layer_index, sample_mask, select_mask
+from childopt.masks import apportion, gumbel_noise, layer_index, sample_mask, select_mask
 from tests.helpers import kernel_backend
 
 NAMES = ("encoder.layer.0.attention.weight", "encoder.layer.0.attention.bias", "encoder.layer.1.output.weight",
@@ -40,21 +45,26 @@ def test_global_selection_equals_a_stable_sort_oracle(lane, reserve_p):
     assert torch.equal(flat_mask(masks), oracle(scores, round(reserve_p * n)))
 
 
+# Shares of reserve_p = 0.3 of tied_scores' 2205 entries, by hand: 0.3 * 2205 = 661.5 rounds to 662.
+# Layers 0, 1 and none (1353, 500, 352 entries): 405.9, 150, 105.6 -> floors 660, the two ups go to
+# the largest remainders .9 and .6.  Tensors (1320, 33, 500, 51, 301): 396, 9.9, 150, 15.3, 90.3 ->
+# floors 660, ups to .9 and to the first of the tied .3s.
+SCOPE_COUNTS = {"layer": {0: 406, 1: 150, None: 106},
+                "tensor": dict(zip(NAMES, (396, 10, 150, 16, 90)))}
+
+
 @pytest.mark.parametrize("scope", ["layer", "tensor"])
 def test_scoped_selection_equals_the_oracle_per_scope_and_keeps_the_global_total(lane, scope):
     backend, device = lane
     scores = tied_scores(device, seed=1)
-    reserve_p = 0.3
-    masks = select_mask(scores, reserve_p, scope=scope, backend=backend)
-    total = sum(int(m.sum()) for m in masks.values())
-    assert total == sum(int(m.sum()) for m in select_mask(scores, reserve_p, backend=backend).values())
+    masks = select_mask(scores, 0.3, scope=scope, backend=backend)
+    assert sum(int(m.sum()) for m in masks.values()) == 662
     groups = {}
     for name in scores:
         groups.setdefault(layer_index(name) if scope == "layer" else name, []).append(name)
-    sizes = [sum(scores[n].numel() for n in names) for names in groups.values()]
-    for names, k in zip(groups.values(), apportion(reserve_p, sizes)):
+    for key, names in groups.items():
         part = {n: scores[n] for n in names}
-        assert torch.equal(flat_mask({n: masks[n] for n in names}), oracle(part, k))
+        assert torch.equal(flat_mask({n: masks[n] for n in names}), oracle(part, SCOPE_COUNTS[scope][key]))
 
 
 def test_kernel_histograms_equal_the_reference_histograms(kernel_lane):
@@ -86,6 +96,30 @@ def test_selection_past_2_24_elements_where_quantile_fails():
     kept = torch.cat([scores[k][masks[k]] for k in scores])
     dropped = torch.cat([scores[k][~masks[k]] for k in scores])
     assert kept.numel() == round(0.1 * (n + 100)) and kept.min() >= dropped.max()
+
+
+def brute_force_apportion(reserve_p, sizes):
+    """Try every set of scopes to round up; keep the one closest to the exact shares (sum of
+    |count - share| with the shares in exact decimal arithmetic), ties to the earliest scopes."""
+    share = Fraction(repr(reserve_p))
+    exact = [share * n for n in sizes]
+    floors = [math.floor(x) for x in exact]
+    ups = round(reserve_p * sum(sizes)) - sum(floors)
+    best = min(itertools.combinations(range(len(sizes)), ups),
+               key=lambda up: (sum(abs(floors[i] + (i in up) - exact[i]) for i in range(len(sizes))), up))
+    return [f + (i in best) for i, f in enumerate(floors)]
+
+
+def test_apportion_equals_a_brute_force_search_and_hand_computed_cases():
+    assert apportion(0.3, [31, 21]) == [10, 6]  # 9.3 and 6.3: tied remainders, the earlier scope gets the up
+    assert apportion(0.5, [3, 3, 3]) == [2, 1, 1]  # round(4.5) = 4: one up among three tied halves
+    assert apportion(0.3, [22, 24, 12]) == [7, 7, 3]  # 6.6, 7.2, 3.6 -> total round(16.8) = 17
+    assert apportion(0.25, [4, 0, 7]) == [1, 0, 2]  # 1, 0, 1.75 -> total round(2.75) = 3
+    gen = random.Random(0)
+    for _ in range(300):
+        sizes = [gen.randint(0, 40) for _ in range(gen.randint(1, 6))]
+        p = gen.choice([round(gen.random(), 2), gen.randint(0, 64) / 64, gen.random()])
+        assert apportion(p, sizes) == brute_force_apportion(p, sizes), (p, sizes)
 
 
 def test_apportion_gives_floor_or_ceil_shares_summing_to_the_rounded_total():
@@ -126,14 +160,123 @@ def test_sample_mask_frequencies_follow_importance():
     assert 0.42 < sum(hot) / 30 < 0.58   # std of the mean ~0.013
 
 
+# --- float64 scores ------------------------------------------------------------------------------
+
+def float64_scores(device="cpu"):
+    """float64 scores that fp32 cannot tell apart (1 + k * 1e-12 all round to 1.0), plus signed
+    zeros, infinities, subnormals, negatives and an fp32 tensor to be compared in float64."""
+    gen = torch.Generator().manual_seed(6)
+    close = 1.0 + torch.randperm(300, generator=gen).double() * 1e-12
+    assert torch.unique(close.float()).numel() == 1
+    inf = float("inf")
+    special = torch.tensor([0.0, -0.0, 5e-324, -5e-324, inf, -inf, -1.0, 1.0, 1.0], dtype=torch.float64)
+    coarse = (torch.rand(40, 10, generator=gen, dtype=torch.float64) * 4).round() / 4 - 1
+    return {n: t.to(device) for n, t in zip(NAMES, (close.view(20, 15), special, coarse, torch.rand(60, generator=gen),
+                                                     torch.randn(33, generator=gen, dtype=torch.float64) * 1e-300))}
+
+
+@pytest.mark.parametrize("reserve_p", [0.0, 0.05, 0.33, 0.5, 0.9, 1.0])
+def test_float64_scores_are_selected_in_float64(lane, reserve_p):
+    backend, device = lane
+    scores = float64_scores(device)
+    n = sum(s.numel() for s in scores.values())
+    masks = select_mask(scores, reserve_p, backend=backend)
+    assert torch.equal(flat_mask(masks), oracle(scores, round(reserve_p * n)))
+
+
+def test_float64_scores_below_fp32_precision_pick_exactly_the_largest():
+    """Of 1 + k * 1e-12 for k = 0..99 in a shuffled order, keeping 10 must keep k = 90..99."""
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(7))
+    scores = {"w": 1.0 + order.double() * 1e-12}
+    for scope in ("global", "tensor"):
+        assert select_mask(scores, 0.1, scope=scope)["w"].tolist() == (order >= 90).tolist()
+
+
+@pytest.mark.parametrize("scope", ["layer", "tensor"])
+def test_float64_scoped_selection_equals_the_oracle_per_scope(scope):
+    scores = float64_scores()
+    masks = select_mask(scores, 0.3, scope=scope)
+    groups = {}
+    for name in scores:
+        groups.setdefault(layer_index(name) if scope == "layer" else name, []).append(name)
+    sizes = [sum(scores[n].numel() for n in names) for names in groups.values()]
+    for names, k in zip(groups.values(), brute_force_apportion(0.3, sizes)):
+        part = {n: scores[n] for n in names}
+        assert torch.equal(flat_mask({n: masks[n] for n in names}), oracle(part, k))
+
+
+# --- sample_mask: ties, zeros, extreme temperatures ------------------------------------------------
+
+def inclusion_counts(scores_of, reserve_p, seeds):
+    """Per position, how often it is drawn over ``seeds`` x 200 independent tensors (scope 'tensor'),
+    and the distinct drawn subsets."""
+    counts, subsets = torch.zeros(10), set()
+    for seed in seeds:
+        masks = sample_mask({f"t{i}": scores_of() for i in range(200)}, reserve_p, temperature=1.0, seed=seed,
+                            scope="tensor")
+        for m in masks.values():
+            counts += m
+            subsets.add(tuple(m.nonzero().reshape(-1).tolist()))
+    return counts, subsets
+
+
+@pytest.mark.parametrize("value", [0.0, 2.5])
+def test_sample_mask_draws_all_zero_or_tied_scores_uniformly(value):
+    """3 of 10 tied entries, 1000 draws: each position ~300 times (binomial sd 14.5; bounds 4.5 sd),
+    and nearly all C(10, 3) = 120 subsets appear."""
+    counts, subsets = inclusion_counts(lambda: torch.full((10,), value), 0.3, seeds=range(5))
+    assert counts.sum() == 3000
+    assert ((counts > 235) & (counts < 365)).all(), counts.tolist()
+    assert len(subsets) >= 110
+
+
+def test_sample_mask_draws_zero_scores_after_positive_ones_and_uniformly_among_them():
+    """Scores (3, 1, 0 x 8), keep 4: both positives always, 2 of the 8 zeros uniformly (~250 of 1000)."""
+    counts, _ = inclusion_counts(lambda: torch.tensor([3.0, 1.0] + [0.0] * 8), 0.4, seeds=range(5))
+    assert counts[:2].tolist() == [1000, 1000]
+    assert ((counts[2:] > 190) & (counts[2:] < 310)).all(), counts.tolist()
+
+
+def test_sample_mask_seeds_give_different_draws_of_all_zero_scores():
+    scores = {"a": torch.zeros(50), "b": torch.zeros(7, 3)}
+    draws = {tuple(flat_mask(sample_mask(scores, 0.2, temperature=1.0, seed=s)).tolist()) for s in range(6)}
+    assert len(draws) == 6
+
+
+def test_sample_mask_at_extreme_temperatures():
+    """1e300 overflowed to NaN keys before; now it is a uniform draw with zeros last and
+    infinities first.  1e-300 is select_mask, also for float64 scores fp32 cannot order."""
+    scores = {"w": torch.tensor([0.0, 4.0, float("inf"), 1.0, 0.0, 2.0, 0.0, 3.0])}
+    for seed in range(4):
+        hot = sample_mask(scores, 0.5, temperature=1e300, seed=seed)["w"]
+        assert hot.sum() == 4 and hot[2] and not hot[[0, 4, 6]].any()
+    counts = sum(sample_mask({"w": torch.ones(100)}, 0.1, temperature=1e300, seed=s)["w"].float() for s in range(50))
+    assert counts.max() <= 15  # uniform: each ~5 times in 50 draws (a fixed choice would give 50)
+    close = {"w": 1.0 + torch.randperm(200, generator=torch.Generator().manual_seed(8)).double() * 1e-12}
+    for scope in ("global", "tensor"):
+        cold = sample_mask(close, 0.25, temperature=1e-300, seed=3, scope=scope)["w"]
+        assert torch.equal(cold, oracle(close, 50).view(200))
+
+
+def test_gumbel_noise_is_finite_at_the_extreme_words():
+    """In fp32 the largest uniform (2**24 - 0.5) / 2**24 rounds to 1.0, whose noise is +inf."""
+    words = torch.tensor([0, 0xFFFFFFFF, 0x80000000, 0x12345678], dtype=torch.int64)
+    expected = [-math.log(-math.log(((w >> 8) + 0.5) / 2**24)) for w in words.tolist()]
+    assert gumbel_noise(words).tolist() == pytest.approx(expected, rel=1e-14)
+    assert 17.3 < expected[1] < 17.4
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: select_mask(tied_scores(), 1.5), ValueError, "reserve_p must be in \\[0, 1\\]"),
     (lambda: select_mask({}, 0.1), TypeError, "non-empty mapping"),
     (lambda: select_mask({"a": torch.tensor([1.0, float("nan")])}, 0.5), ValueError, "scores\\['a'\\] contains NaN"),
     (lambda: select_mask({"a": torch.arange(3)}, 0.5), TypeError, "scores\\['a'\\] must be a floating-point"),
     (lambda: select_mask(tied_scores(), 0.1, scope="row"), ValueError, "scope must be one of"),
-    (lambda: sample_mask(tied_scores(), 0.1, temperature=0.0, seed=1), ValueError, "temperature must be > 0"),
+    (lambda: sample_mask(tied_scores(), 0.1, temperature=0.0, seed=1), ValueError,
+     "temperature must be a finite number > 0"),
     (lambda: sample_mask({"a": torch.tensor([-1.0, 2.0])}, 0.5, temperature=1.0, seed=1), ValueError, "negative"),
+    (lambda: sample_mask(tied_scores(), 0.1, temperature=float("inf"), seed=1), ValueError,
+     "temperature must be a finite number > 0, got inf"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):

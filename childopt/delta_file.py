@@ -1,0 +1,207 @@
+"""The file format of sparse deltas: plain safetensors plus string metadata, checked on read.
+
+A delta file holds tensors ``"{name}.indices"`` and ``"{name}.values"`` per entry and, beside
+the user's metadata, the reserved keys::
+
+    childopt.format          "childopt.sparse_delta"
+    childopt.format_version  "2"
+    childopt.entries         JSON {name: {"shape": [non-negative ints], "dtype": "bfloat16"}}
+    childopt.sha256          SHA-256 of the metadata and tensors (see :func:`checksum`)
+
+Version 1 files (no checksum) are still read.  :func:`read` checks the safetensors container,
+the reserved keys, the layout and the tensor names, each with a message naming the file and the
+key; :func:`verify` compares the checksum, so a flipped byte in the data is an error rather than
+a silently different delta.  Every problem raises :class:`DeltaFormatError`.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import operator
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "childopt.sparse_delta"
+FORMAT_VERSION = "2"
+READ_VERSIONS = ("1", "2")
+META_PREFIX = "childopt."  # metadata keys the format reserves
+FORMAT_KEY = "childopt.format"
+VERSION_KEY = "childopt.format_version"
+ENTRIES_KEY = "childopt.entries"
+CHECKSUM_KEY = "childopt.sha256"
+RESERVED_KEYS = {"1": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY), "2": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY, CHECKSUM_KEY)}
+PARTS = ("indices", "values")
+NUMEL_LIMIT = 2**63  # flat indices are int64
+
+Path = Union[str, os.PathLike]
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class DeltaFormatError(ValueError):
+    """A file that is not a readable childopt sparse delta; the message names the file and the problem."""
+
+
+@dataclass
+class RawDelta:
+    """What :func:`read` found: the layout, the tensors (on CPU) and the metadata of a delta file."""
+
+    path: str
+    layout: Layout
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def user_metadata(self) -> dict[str, str]:
+        """The metadata without the format's reserved keys."""
+        return {k: v for k, v in self.metadata.items() if not k.startswith(META_PREFIX)}
+
+
+def check_shape(shape, what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple, after checking it is a sequence of ints >= 0 with fewer than 2**63 elements.
+
+    Raises TypeError for anything but a tuple, list or torch.Size of ints (a string, a float or a
+    bool is not silently converted) and ValueError for negative or too large sizes.
+    """
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(_is_int(s) for s in shape):
+        raise TypeError(f"{what} must be a list of non-negative ints, got {shape!r}")
+    sizes = tuple(operator.index(s) for s in shape)
+    if any(s < 0 for s in sizes) or math.prod(sizes) >= NUMEL_LIMIT:
+        raise ValueError(f"{what} must be non-negative ints with fewer than 2**63 elements in all, got {list(sizes)!r}")
+    return sizes
+
+
+def _is_int(value) -> bool:
+    """An integer (an int, a numpy or 0-d torch integer: anything with ``__index__``), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_user_metadata(metadata: Mapping) -> dict[str, str]:
+    """The user's metadata, checked: string keys and values, none under the reserved prefix."""
+    if bad := [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]:
+        raise TypeError(f"metadata keys and values must be strings; not so for {short_list(bad)}")
+    if reserved := [k for k in metadata if k.startswith(META_PREFIX)]:
+        raise ValueError(f"metadata keys starting with {META_PREFIX!r} are reserved: {short_list(reserved)}")
+    return dict(metadata)
+
+
+def short_list(names: list) -> str:
+    """A short quoted list of names for error messages."""
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown if len(names) <= 5 else f"{shown}, ... ({len(names)} in all)"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a contiguous CPU tensor (torch tensors have no buffer protocol, and numpy
+    is no dependency of childopt)."""
+    return ctypes.string_at(t.data_ptr(), t.nbytes) if t.nbytes else b""
+
+
+def checksum(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the metadata (all keys but the checksum) and of every tensor's name, dtype,
+    shape and bytes, in sorted order: what a delta file holds, independent of its byte layout."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != CHECKSUM_KEY)).encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous().cpu()
+        digest.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
+
+
+def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Save ``tensors`` (contiguous, CPU) with the user's ``metadata`` and the reserved keys."""
+    entries = {name: {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+               for name, (shape, dtype) in layout.items()}
+    meta = {**check_user_metadata(metadata), FORMAT_KEY: FORMAT, VERSION_KEY: FORMAT_VERSION,
+            ENTRIES_KEY: json.dumps(entries)}
+    save_file(dict(tensors), path, metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
+
+
+def read(path: Path, dtypes: Mapping[str, torch.dtype]) -> RawDelta:
+    """Read a delta file onto the CPU, checking everything but the tensors' contents and checksum.
+
+    ``dtypes``: the dtype names the layout may use.  Raises :class:`DeltaFormatError`.
+    """
+    where = os.fspath(path)
+    try:
+        with safe_open(where, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            layout = _read_layout(where, meta, dtypes)
+            expected = {f"{name}.{part}" for name in layout for part in PARTS}
+            if missing := sorted(expected - set(f.keys())):
+                raise DeltaFormatError(f"{where}: missing tensors {short_list(missing)}")
+            if extra := sorted(set(f.keys()) - expected):
+                raise DeltaFormatError(f"{where}: tensors that belong to no entry: {short_list(extra)}")
+            tensors = {key: f.get_tensor(key) for key in sorted(expected)}
+    except SafetensorError as err:
+        raise DeltaFormatError(f"{where} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    return RawDelta(where, layout, tensors, dict(meta))
+
+
+def verify(raw: RawDelta) -> None:
+    """Raise unless the file's checksum (version 2) matches what was read."""
+    expected = raw.metadata.get(CHECKSUM_KEY)
+    if expected is not None and expected != checksum(raw.metadata, raw.tensors):
+        raise DeltaFormatError(f"{raw.path}: the contents do not match {CHECKSUM_KEY!r}; the file is corrupted "
+                               "or was edited after it was saved")
+
+
+def _read_layout(where: str, meta: Mapping[str, str], dtypes: Mapping[str, torch.dtype]) -> Layout:
+    """name -> (shape, dtype) from the metadata of a delta file, after checking its format keys."""
+    if meta.get(FORMAT_KEY) != FORMAT:
+        raise DeltaFormatError(f"{where} is not a childopt sparse delta (its metadata has no "
+                               f"{FORMAT_KEY!r}: {FORMAT!r}); it may be a full checkpoint")
+    version = meta.get(VERSION_KEY)
+    if version not in READ_VERSIONS:
+        raise DeltaFormatError(f"{where}: sparse delta format version {version!r} is not supported (this "
+                               f"childopt reads versions {', '.join(map(repr, READ_VERSIONS))})")
+    known = RESERVED_KEYS[version]
+    if unknown := sorted(k for k in meta if k.startswith(META_PREFIX) and k not in known):
+        raise DeltaFormatError(f"{where}: reserved metadata keys that format version {version!r} does not "
+                               f"define: {short_list(unknown)}")
+    if missing := [k for k in known if k not in meta]:
+        raise DeltaFormatError(f"{where}: format version {version!r} needs metadata keys {short_list(missing)}")
+    try:
+        entries = json.loads(meta[ENTRIES_KEY])
+    except (ValueError, RecursionError) as err:
+        raise DeltaFormatError(f"{where}: {ENTRIES_KEY!r} metadata is not valid JSON ({err})") from err
+    if not isinstance(entries, dict):
+        raise DeltaFormatError(f"{where}: {ENTRIES_KEY!r} metadata must be a JSON object "
+                               f"{{name: {{\"shape\": [...], \"dtype\": ...}}}}, got {type(entries).__name__} "
+                               f"{_clip(entries)}")
+    return {name: _entry_layout(where, name, spec, dtypes) for name, spec in entries.items()}
+
+
+def _entry_layout(where: str, name: str, spec, dtypes: Mapping[str, torch.dtype]) -> tuple:
+    """(shape, dtype) of one entry of the layout metadata."""
+    what = f"{where}: {ENTRIES_KEY!r} entry {name!r}"
+    if not isinstance(spec, dict) or set(spec) != {"shape", "dtype"}:
+        raise DeltaFormatError(f"{what} must be an object with exactly the keys 'shape' and 'dtype', got {_clip(spec)}")
+    if not isinstance(spec["dtype"], str) or spec["dtype"] not in dtypes:
+        raise DeltaFormatError(f"{what} has dtype {_clip(spec['dtype'])}; expected one of "
+                               f"{', '.join(map(repr, dtypes))}")
+    try:
+        shape = check_shape(spec["shape"], f"{what}: shape")
+    except (TypeError, ValueError) as err:
+        raise DeltaFormatError(str(err)) from err
+    return shape, dtypes[spec["dtype"]]
+
+
+def _clip(value, limit: int = 80) -> str:
+    """``repr(value)``, shortened for an error message."""
+    text = json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
