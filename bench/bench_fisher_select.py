@@ -4,7 +4,8 @@ Baselines in the same run: ``torch._foreach_addcmul_(F, G, G)`` (one fused kerne
 12 B/element) for accumulation, and ``kthvalue`` / ``topk`` on a ``torch.cat`` copy of all
 scores for selection (the copy is what childopt avoids).  CPU cases use small sizes (CI smoke);
 ``cuda`` cases use roberta-base's 125M scores.  ``extra_info`` records it/s, the byte model and
-GB/s, and peak GB.
+GB/s, and peak GB; each case then checks its result (Fisher: g**2 from zero; selection: the k
+largest scores).
 """
 import pytest
 import torch
@@ -54,6 +55,10 @@ def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
     benchmark(step)
     numel = sum(g.numel() for g in grads)
     _record(benchmark, copy_gbps, device, FISHER_BYTES * numel, numel)
+    for f in fisher:
+        f.zero_()
+    step()
+    assert all(torch.equal(f, g * g) for f, g in zip(fisher, grads))  # unit scales: one call from zero is g**2
 
 
 @pytest.mark.parametrize("impl", ["select_mask", "cat_kthvalue", "cat_topk"])
@@ -72,3 +77,18 @@ def bench_select(benchmark, copy_gbps, impl, device, shapes):
     measure.reset_peak_memory(device)
     benchmark(measure.synchronized(run, device))
     _record(benchmark, copy_gbps, device, 3 * SELECT_PASS_BYTES * n, n)
+    assert_selects_the_top_k(impl, run(), scores, k)
+
+
+def assert_selects_the_top_k(impl, result, scores, k):
+    """Each implementation finds the k-th largest score (sorted here): ``select_mask`` keeps k
+    entries, none below it and none above it dropped; kthvalue returns it; topk k values down to it."""
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    kth = torch.sort(flat, descending=True).values[k - 1]
+    if impl == "select_mask":
+        kept = torch.cat([result[name].reshape(-1) for name in scores])
+        assert int(kept.sum()) == k and bool((flat[kept] >= kth).all()) and bool((flat[~kept] <= kth).all())
+    elif impl == "cat_kthvalue":
+        assert result.values == kth
+    else:
+        assert result.values.numel() == k and result.values.min() == kth

@@ -1,5 +1,9 @@
 """Shared test helpers: deterministic parameters, gradients and training loops."""
+import math
+
 import torch
+
+from childopt import philox
 
 MIXED_SHAPES = [(7, 5), (13,), (0,), (3, 4, 5), (1,), (33,), (2, 1, 3)]
 
@@ -51,3 +55,14 @@ def assert_all_equal(xs, ys):
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):
         assert torch.equal(x, y)
+
+
+def bernoulli_keep_at(params, seed, reserve_p):
+    """The Philox definition of the Bernoulli masks: tensor ``i`` owns the 4-element counter groups
+    after those of the tensors before it (childopt.philox, checked in tests/test_philox.py);
+    ``keep_at(i, t)`` is its bool mask at step ``t`` (1-based)."""
+    bases = [0]
+    for p in params:
+        bases.append(bases[-1] + math.ceil(p.numel() / 4))
+    return lambda i, t: philox.bernoulli_keep(params[i].numel(), bases[i], seed, t, reserve_p,
+                                              params[i].device).reshape(params[i].shape)

@@ -9,7 +9,7 @@ import torch
 from childopt import MaskedAdamW, backends, philox
 from childopt.backends import triton as triton_backend
 from childopt.kernels import masked_adamw
-from tests.helpers import MIXED_SHAPES, clone_params, make_params, train
+from tests.helpers import MIXED_SHAPES, bernoulli_keep_at, clone_params, make_params, train
 
 ODD_SHAPES = MIXED_SHAPES + [(0, 4), (1031,), (5, 0)]
 
@@ -19,25 +19,18 @@ def device(triton_device):
     return triton_device
 
 
-def _applied_bernoulli(device, backend):
-    params = make_params(ODD_SHAPES, device)
-    opt = MaskedAdamW(params, lr=0.0, betas=(0.0, 0.999), mask="bernoulli", reserve_p=0.3, seed=2**40 + 17)
-    opt._backends[torch.device(device)] = backend
-    for step in range(3):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-    return [opt.state[p]["exp_avg"] for p in params]
-
-
 @pytest.mark.parametrize("block,iters", [(4, 1), (64, 3), (256, 1), (1024, 2)])
-def test_bernoulli_masks_bit_identical_to_reference_for_any_block_size(device, block, iters):
-    from childopt.backends import reference
-
-    ours = _applied_bernoulli(device, triton_backend.Backend(block=block, iters=iters))
-    ref = _applied_bernoulli(device, reference.Backend())
-    for a, b in zip(ours, ref):
-        assert torch.equal(a, b)
+def test_bernoulli_masks_follow_the_philox_definition_for_any_block_size(device, block, iters):
+    """With beta1 = 0 and unit gradients, exp_avg after step 3 is 1 / reserve_p (fp32) exactly
+    where the Philox definition keeps an entry at step 3, and 0 elsewhere, whatever the blocks."""
+    params, seed = make_params(ODD_SHAPES, device), 2**40 + 17
+    opt = MaskedAdamW(params, lr=0.0, betas=(0.0, 0.999), mask="bernoulli", reserve_p=0.3, seed=seed)
+    opt._backends[torch.device(device)] = triton_backend.Backend(block=block, iters=iters)
+    train(opt, params, 3, grad_fn=lambda ps, t: [torch.ones_like(p) for p in ps])
+    keep_at = bernoulli_keep_at(params, seed, 0.3)
+    for i, p in enumerate(params):
+        expected = torch.where(keep_at(i, 3), torch.tensor(1 / 0.3, device=device), 0.0)
+        assert torch.equal(opt.state[p]["exp_avg"], expected)
 
 
 def test_one_launch_steps_a_whole_bucket(device, monkeypatch):

@@ -31,6 +31,14 @@ def test_malformed_data_is_reported_with_file_and_line_before_training(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def refused(argv, capsys) -> str:
+    """What ``parse_args(argv)`` writes to stderr as it exits with argparse's usage-error status 2."""
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--reserve-p", "0"], "--reserve-p: expected a value in (0.0, 1.0], got 0"),
     (["--epochs", "two"], "--epochs: expected an integer, got 'two'"),
@@ -38,18 +46,12 @@ def test_malformed_data_is_reported_with_file_and_line_before_training(tmp_path,
     (["--method", "sgd"], "--method: invalid choice: 'sgd'"),
 ])
 def test_bad_arguments_are_named(args, message, capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args([*SMOKE, *args])
-    assert message in capsys.readouterr().err
+    assert message in refused([*SMOKE, *args], capsys)
 
 
 def test_task_and_data_dir_are_required_unless_summarizing(capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--data-dir", "x"])
-    assert "--task is required" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--task", "RTE"])
-    assert "--data-dir is required" in capsys.readouterr().err
+    assert "--task is required" in refused(["--data-dir", "x"], capsys)
+    assert "--data-dir is required" in refused(["--task", "RTE"], capsys)
     assert cli.parse_args(["--summarize", "--output", "x"]).summarize
 
 
