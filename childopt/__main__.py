@@ -1,4 +1,4 @@
-"""Command line of childopt: ``python -m childopt {bench,info} ...``."""
+"""Command line of childopt: ``python -m childopt {bench,info,doctor,build,clean,finetune,selftest} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ COMMANDS = {
     "clean": "remove stale and unused native-extension builds from the cache (python -m childopt clean --help)",
     "finetune": "fine-tune on GLUE with AdamW and Child-Tuning, then a table and learning curves "
                 "(python -m childopt finetune --help)",
+    "selftest": "build, test, sanitize and benchmark every kernel on this machine, then a verdict per kernel "
+                "(python -m childopt selftest --help)",
 }
 
 
@@ -77,6 +79,10 @@ def main(argv=None) -> int:
         from childopt.bench import report
 
         return report.main(ns.args)
+    if ns.command == "selftest":
+        from childopt import selftest
+
+        return selftest.main(ns.args)
     if ns.command == "finetune":
         from childopt.finetune import cli
 

@@ -1,0 +1,134 @@
+"""``python -m childopt selftest`` on CPU, as CI runs it: its outputs, its skips, how a failure shows.
+
+``--cpu-only`` makes the run the same on a machine with a GPU (the GPU part needs minutes and is
+the lane itself, tests/backends/test_cuda_lane.py, run by ``pytest -m cuda`` where a GPU is).
+"""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from childopt import backends
+from childopt.selftest import cli, main, steps, target
+from childopt.selftest.verdict import COLUMNS, KERNELS
+from tests.backends import test_cuda_lane
+
+GPU_STEPS = ("build", "cuda-tests", "graph-capture", "memcheck", "racecheck", "benchmark")
+
+
+def run(*argv) -> tuple[int, str]:
+    """``main(argv)`` and what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(list(argv))
+    return rc, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("selftest")
+    rc, printed = run("--cpu-only", "--out", str(out))
+    return rc, out, printed, json.loads((out / "selftest.json").read_text())
+
+
+def test_the_cpu_part_passes_and_writes_json_markdown_and_logs(cpu_run):
+    rc, out, _, report = cpu_run
+    assert rc == 0 and report["exit_code"] == 0
+    assert [s["name"] for s in report["steps"]] == [name for name, _, _ in cli.STEPS]
+    for step in report["steps"]:
+        assert step["status"] in ("passed", "failed", "skipped") and step["reason"], step
+        if step["log"]:
+            assert (out / step["log"]).is_file()
+    assert report["environment"]["torch"] == torch.__version__
+    steps_by_name = {s["name"]: s for s in report["steps"]}
+    assert steps_by_name["environment"]["status"] == "passed" and steps_by_name["lane"]["status"] == "passed"
+    assert steps_by_name["lane"]["details"]["failed"] == 0 and (out / "lane.xml").is_file()
+    markdown = (out / "selftest.md").read_text()
+    assert "## Verdict per kernel" in markdown and all(f"`{kernel}`" in markdown for kernel in KERNELS)
+
+
+def test_every_gpu_step_is_skipped_with_a_reason_naming_the_missing_gpu(cpu_run):
+    _, _, _, report = cpu_run
+    skipped = {s["name"]: s["reason"] for s in report["steps"] if s["name"] in GPU_STEPS}
+    assert set(skipped) == set(GPU_STEPS)
+    for name, reason in skipped.items():
+        assert next(s for s in report["steps"] if s["name"] == name)["status"] == "skipped"
+        assert "GPU" in reason, (name, reason)
+    assert report["gpu"] is False and "GPU" in report["no_gpu"]
+
+
+def test_the_verdict_table_is_printed_and_the_cpu_lanes_fill_it(cpu_run):
+    _, _, printed, report = cpu_run
+    assert "verdict per kernel" in printed and "childopt selftest PASSED" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("kernel "))
+    assert header.split()[1:] == [word for column in COLUMNS for word in column.split()]
+    for kernel in KERNELS:
+        assert any(line.startswith(kernel + " ") for line in printed.splitlines()), kernel
+        for column, cell in report["verdict"][kernel].items():
+            backend, device = column.split()
+            if device == "cuda":
+                assert cell["status"] == "skipped" and "GPU" in cell["reason"]
+            else:
+                runs_here = backends.MODULES[backend].available(torch.device("cpu"))[0]
+                assert cell["status"] == ("passed" if runs_here else "skipped"), (kernel, column, cell)
+
+
+FAILING_LANE = '''
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def verdict_cell(request):
+    request.node.user_properties += [("kernel", "adamw_step/bernoulli"), ("backend", "native"), ("device", "cpu")]
+
+
+def test_masks_are_bit_exact():
+    assert 1 == 2, "injected failure"
+
+
+def test_something_that_passes():
+    pass
+'''
+
+
+def test_a_failing_lane_test_fails_the_run_and_its_kernel(tmp_path):
+    tests = tmp_path / "checkout" / "tests"
+    (tests / "backends").mkdir(parents=True)
+    (tests / steps.LANE_FILE).write_text(FAILING_LANE)
+    rc, printed = run("--cpu-only", "--out", str(tmp_path / "out"), "--tests", str(tests))
+    report = json.loads((tmp_path / "out" / "selftest.json").read_text())
+    assert rc == 1 and report["exit_code"] == 1
+    lane = next(s for s in report["steps"] if s["name"] == "lane")
+    assert lane["status"] == "failed" and "injected failure" in lane["reason"]
+    assert lane["details"]["failed"] == 1 and lane["details"]["passed"] == 1
+    cell = report["verdict"]["adamw_step/bernoulli"]["native cpu"]
+    assert cell["status"] == "failed" and "test_masks_are_bit_exact" in cell["reason"]
+    assert report["verdict"]["adamw_step/none"]["native cpu"]["status"] == "skipped"
+    assert "childopt selftest FAILED" in printed
+    assert any(line.startswith("adamw_step/bernoulli") and "FAIL [" in line for line in printed.splitlines())
+
+
+def test_without_the_tests_folder_the_test_steps_are_skipped_with_the_reason(tmp_path):
+    rc, printed = run("--cpu-only", "--out", str(tmp_path / "out"), "--tests", str(tmp_path / "no-tests"))
+    report = json.loads((tmp_path / "out" / "selftest.json").read_text())
+    lane = next(s for s in report["steps"] if s["name"] == "lane")
+    assert rc == 0 and lane["status"] == "skipped" and "not found" in lane["reason"]
+    assert report["verdict"]["radix_histogram"]["native cpu"]["reason"] == lane["reason"]
+
+
+def test_the_graph_step_reads_a_test_the_lane_has():
+    assert callable(getattr(test_cuda_lane, steps.GRAPH_TEST))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_sanitizer_program_steps_each_kernel(lane_on_cpu, kernel):
+    lane_on_cpu("native")
+    assert target.main(["--backend", "native", "--kernel", kernel, "--device", "cpu"]) == 0
+
+
+def test_the_sanitizer_program_skips_a_backend_that_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(backends, "check_ready", lambda module, device: (False, "not built"))
+    assert target.main(["--backend", "native", "--kernel", "fisher_accumulate"]) == target.EXIT_SKIPPED
+    assert "native cannot run on cuda: not built" in capsys.readouterr().err
