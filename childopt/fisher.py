@@ -135,11 +135,14 @@ class FisherAccumulator:
         return self._backends[device]
 
     def _coefficients(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-tensor gradient multipliers: GradScaler's inverse scale times the clip coefficient."""
+        """Per-tensor gradient multipliers: GradScaler's inverse scale times the clip coefficient.
+
+        ``norms`` are only read when clipping; without it they may be a placeholder of the count.
+        """
         inverse = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             inverse = 1.0 / self.grad_scaler.get_scale()
-        coefficients = torch.full_like(norms, inverse)
+        coefficients = torch.full(norms.shape, inverse, dtype=torch.float32, device=norms.device)
         if self.clip_norm is not None:
             coefficients = coefficients * torch.clamp(self.clip_norm / (norms * inverse + 1e-6), max=1.0)
         return coefficients
@@ -154,7 +157,11 @@ class FisherAccumulator:
                                "compact_grads=True) before the Fisher hook could read it: compute the Fisher "
                                "scores before building a compact-gradient optimizer")
         grad = param.grad.detach()
-        norms = torch.linalg.vector_norm(grad.float()).reshape(1)
+        if self.clip_norm is None and self.grad_scaler is None:
+            norms = torch.empty(1, device=grad.device)  # no norm pass: 12 B per element, not 16
+        else:
+            norms = torch.linalg.vector_norm(grad, dtype=torch.float32).reshape(1)
+        # GradScaler: one sync per hook, to leave an overflowed batch out of the scores and the count.
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):
             param.grad = None if self.free_grads else param.grad
             return  # an overflowed batch (GradScaler will skip it too): not counted

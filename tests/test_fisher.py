@@ -63,6 +63,22 @@ def test_batch_estimator_equals_a_naive_loop(lane, clip, free_grads):
     assert acc.counts == dict.fromkeys(expected, len(batches))
 
 
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_hook_reads_each_gradient_once_without_clipping(clip, monkeypatch):
+    """Without clip_norm or a GradScaler no norm is taken: the hook's only pass is the fused
+    accumulation (12 B per element); with clipping there is one norm per tensor."""
+    norms = []
+    vector_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: norms.append(1) or vector_norm(*a, **k))
+    model = _Net()
+    with FisherAccumulator(model, include="layer", clip_norm=clip, backend="reference"):
+        for batch in _batches(n=2):
+            model.zero_grad()
+            _loss(model, batch).backward()
+    scored = sum(1 for n, _ in model.named_parameters() if "layer" in n)
+    assert len(norms) == (0 if clip is None else 2 * scored)
+
+
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_sample_estimator_equals_a_batch_size_one_loop(clip):
     model = _Net()

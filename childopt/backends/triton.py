@@ -7,9 +7,10 @@ device table of element offsets, which functionalization cannot see, so letting 
 into them would hide which tensors they write.  The schemas' mutation annotations and the
 fake kernels (childopt.backends.contract) are what torch.compile needs.
 
-Device tables are cached per set of tensor addresses, so a training loop whose gradients keep
-their storage (or get the same blocks back from the caching allocator) does no table work
-after the first step; new addresses cost one small host-to-device copy.  Launches run on the
+Device tables are cached by the layout they encode (offsets relative to each list's first
+tensor, alignment, sizes), so a training loop whose tensors keep their relative placement, and
+every one-tensor launch of a given size, does no table work after the first; a new layout costs
+one small host-to-device copy.  Launches run on the
 device of their tensors (a device guard), whatever the current device is.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from childopt.backends import base, contract
 NAME = "triton"
 # The interpreter (TRITON_INTERPRET=1) is for tests: auto never picks Triton for CPU tensors.
 AUTO_DEVICES = ("cuda",)
-_PLAN_CACHE_SIZE = 8
+_PLAN_CACHE_SIZE = 64  # plans are a few small device tables and hold no tensor of the bucket
 _plans: OrderedDict = OrderedDict()
 # Elements per program and block iterations; tests shrink them so small tensors span blocks.
 _shape = {"block": None, "iters": None}
@@ -84,13 +85,27 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _layout(tensors: list) -> tuple:
+    """What a plan's tables depend on for one tensor list: the first tensor's 16-byte alignment
+    and every tensor's byte offset from it (the tables hold offsets relative to the first tensor)."""
+    if not tensors:
+        return ()
+    base = tensors[0].data_ptr()
+    return (tensors[0].device, base % 16, tuple(t.data_ptr() - base for t in tensors))
+
+
 def _plan(family, lists: dict, *extra):
-    """The cached plan of ``lists`` (keyed by every tensor's address and size), built on a miss."""
+    """The cached plan of ``lists``, built on a miss.
+
+    Keyed by what the plan holds (relative offsets, alignment, sizes), not by absolute
+    addresses: a one-tensor launch (a Fisher hook per parameter) hits whatever address its
+    gradient got, and a bucket whose tensors all moved together hits too.
+    """
     from childopt.kernels import multi_tensor
 
     block = _shape["block"] or multi_tensor.DEFAULT_BLOCK
     iters = _shape["iters"] or multi_tensor.DEFAULT_ITERS
-    key = (family.__name__, tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values()),
+    key = (family.__name__, tuple(_layout(tensors) for tensors in lists.values()),
            tuple(t.numel() for tensors in lists.values() for t in tensors), extra, block, iters)
     plan = _plans.get(key)
     if plan is None:

@@ -59,6 +59,32 @@ def test_plan_cache_survives_new_gradient_storage(device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_one_tensor_launches_reuse_their_plan_at_any_address(device, monkeypatch):
+    """A Fisher hook launches per parameter with a fresh gradient each batch: after the first
+    batch no plan is built (no table copies to the device), and the scores stay exact."""
+    from childopt.kernels import fisher_accumulate
+
+    built = []
+    make_plan = fisher_accumulate.make_plan
+    monkeypatch.setattr(fisher_accumulate, "make_plan", lambda *a, **k: built.append(1) or make_plan(*a, **k))
+    triton_backend._plans.clear()
+    backend = backends.create("triton", torch.device(device))
+    shapes = [(7, 5), (13,), (33,)]
+    fisher = [torch.zeros(s, device=device) for s in shapes]
+    expected = [torch.zeros(s, device=device) for s in shapes]
+    for batch in range(3):
+        grads = [torch.randn(s, device=device) for s in shapes]
+        _ = [torch.empty(batch + 1, device=device) for _ in shapes]  # move later allocations
+        for f, e, g in zip(fisher, expected, grads):
+            backend.fisher_accumulate([f], [g], torch.ones(1, device=device))
+            e += g * g
+        if batch == 0:
+            assert len(built) == len(shapes)
+    assert len(built) == len(shapes)
+    for f, e in zip(fisher, expected):
+        torch.testing.assert_close(f, e, rtol=1e-6, atol=0)
+
+
 def test_block_must_be_a_power_of_two(device):
     params = make_params([(4,)], device)
     lists = masked_adamw.launch_lists(params, params, params, params)
