@@ -1,7 +1,7 @@
 """The masked AdamW step as a pure function over tensor lists, as ``torch.optim.adamw.adamw`` is.
 
 :func:`masked_adamw` sorts the tensors into buckets that share (device, dtypes, mask kind,
-storage, backend), computes each tensor's row of step scalars (childopt.backends.contract)
+storage, backend, 16-byte alignment), computes each tensor's row of step scalars (childopt.backends.contract)
 with tensor ops, and makes one op call per bucket.  Nothing here reads a tensor on the host:
 the step counts, and a tensor ``lr``, stay tensors, so ``torch.compile`` traces the step
 without a graph break and, with ``capturable``, the rows are computed on the parameters'
@@ -86,10 +86,16 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
     for i, p in enumerate(params):
         kind = _tensor_kind(i, masks, indices, compact_grads, mask_kind, reserve_p)
         impl = backends.route(backend(p.device), p.dtype, grads[i].dtype)
-        buckets.setdefault((p.device, p.dtype, grads[i].dtype, kind, impl.name), (impl, []))[1].append(i)
+        # A tensor off 16-byte alignment gets its own bucket: in a shared one it would turn off
+        # the vector loads of every tensor (a kernel vectorises a list only when all are aligned).
+        # Storages are allocated aligned, so the storage offset tells.  A compiled step does not
+        # split (dynamo breaks its graph on these reads); the kernels then check alignment themselves.
+        aligned = torch.compiler.is_compiling() or all(
+            t.storage_offset() * t.element_size() % 16 == 0 for t in (p, grads[i]))
+        buckets.setdefault((p.device, p.dtype, grads[i].dtype, kind, impl.name, aligned), (impl, []))[1].append(i)
     bernoulli = mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0
     keep_threshold = philox.keep_threshold(reserve_p) if bernoulli else 1
-    for (device, _, _, kind, _), (impl, members) in buckets.items():
+    for (device, _, _, kind, _, _), (impl, members) in buckets.items():
         steps = [state_steps[i] for i in members]
         rows = step_scalar_rows(steps, [rng_bases[i] for i in members], lr=lr, betas=betas, eps=eps,
                                 weight_decay=weight_decay, maximize=maximize,

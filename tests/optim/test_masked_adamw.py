@@ -366,6 +366,26 @@ def test_tensor_hyper_parameters_work_as_in_torch(lane):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_a_tensor_off_16_byte_alignment_gets_its_own_bucket(monkeypatch):
+    """One misaligned view (storage offset 1) must not share a launch with aligned tensors: the
+    kernels vectorise a list only when every tensor is aligned.  The result stays torch AdamW's."""
+    buffer = torch.randn(41)
+    ours = [torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(buffer[1:41]), torch.nn.Parameter(torch.randn(8))]
+    theirs = clone_params(ours)
+    opt = MaskedAdamW(ours, lr=1e-2, seed=0, backend="reference")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    backend = opt._backend(torch.device("cpu"))
+    launches = []
+    step = backend.adamw_step
+    monkeypatch.setattr(backend, "adamw_step", lambda tensors, *a: launches.append(
+        [t.numel() for t in tensors.params]) or step(tensors, *a))
+    train(opt, ours, 2)
+    train(ref, theirs, 2)
+    assert sorted(launches) == [[16, 8], [16, 8], [40], [40]]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_a_failed_step_does_not_advance_step_counts(monkeypatch):
     params = make_params([(4,)])
     opt = MaskedAdamW(params, lr=1e-2, seed=0)
