@@ -17,11 +17,13 @@ def test_info_names_the_backend_auto_picks_and_why(capsys, monkeypatch):
     assert "cpu: reference (plain torch)" in out
 
 
-def test_unknown_command_and_stray_arguments_are_rejected():
-    with pytest.raises(SystemExit):
+def test_unknown_command_and_stray_arguments_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train"])
-    with pytest.raises(SystemExit):
+    assert exit_info.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(["info", "--fast"])
+    assert exit_info.value.code == 2 and "info takes no arguments, got --fast" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():
@@ -52,8 +54,9 @@ def test_native_extension_commands_have_help(command, capsys):
 
 def test_build_rejects_conflicting_and_impossible_targets(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("CHILDOPT_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["build", "--cpu", "--archs", "8.0"])
+    assert exit_info.value.code == 2 and "--archs and --cpu exclude each other" in capsys.readouterr().err
     if not torch.version.cuda:
         assert main(["build", "--archs", "8.0"]) == 1
         assert "cannot build CUDA kernels for 8.0: torch has no CUDA" in capsys.readouterr().err

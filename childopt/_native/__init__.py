@@ -11,15 +11,19 @@ can be registered only once per process):
    crash, never a kernel built for another target.
 2. **Cache**: ``<root>/childopt_C-<key16>/`` published with a ``manifest.json`` for exactly
    this key (or, for CUDA builds, a build of the same key for more archs) is imported without
-   taking any lock.
+   taking any lock, once its library matches the size and sha256 the manifest records.  A
+   build that fails that check, has a corrupt manifest or does not load is never loaded: it is
+   renamed to ``<root>/.bad-childopt_C-<key16>-*`` (so no process tries it again), one warning
+   says why, and it is built again (``backend="auto"`` takes another backend instead).
 3. **JIT build**: under ``fcntl.flock`` on ``<root>/locks/childopt_C-<key16>.lock`` (a file
    never deleted), waited on with ``CHILDOPT_LOCK_TIMEOUT`` and a progress line naming the
    holder; after the timeout the process builds anyway.  The build runs in a child process
    (``torch.utils.cpp_extension.load`` and ninja) inside ``<root>/.tmp-<key16>-<host>-<pid>-*``
-   and is published by ``os.rename`` after its manifest is written and fsynced; losing the
-   rename race means using the winner's build.
+   and is published by ``os.rename`` after the library is fsynced and the manifest, with its
+   checksum, is written and fsynced; losing the rename race means using the winner's build.
 
-The key hashes everything a build depends on (childopt._native.config.key_inputs), so a changed
+A relative CHILDOPT_CACHE_DIR or XDG_CACHE_HOME is made absolute at its first use.  The key
+hashes everything a build depends on (childopt._native.config.key_inputs), so a changed
 source, flag, torch, CUDA, compiler, arch list, Python or platform gives a new directory and
 never touches an old one.  Correctness never depends on the lock: a builder killed at any
 point leaves a ``.tmp-*`` directory nobody reads and a lock the kernel has released.

@@ -3,9 +3,12 @@
 ``build`` takes the build lock, builds unless another process published the key meanwhile, and
 publishes.  ``run_build`` runs childopt._native.worker in a child process group inside a private
 ``<root>/.tmp-*`` directory, bounded by CHILDOPT_BUILD_TIMEOUT (torch's own ninja call has none),
-with TORCH_CUDA_ARCH_LIST and MAX_JOBS set in the child's environment only.  The manifest is
-written and fsynced before ``os.rename`` publishes the directory, so no reader sees half a build;
-losing the rename race means using the winner's build.
+with TORCH_CUDA_ARCH_LIST and MAX_JOBS set in the child's environment only.  The library is
+fsynced and its size and sha256 recorded in the manifest, which is written and fsynced before
+``os.rename`` publishes the directory, so no reader sees half a build and a library damaged later
+is never loaded; losing the rename race means using the winner's build.  An untrusted directory
+under the build's name (a corrupt manifest, a damaged library) is set aside before building, so
+the new build can be published.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native import worker
-from childopt._native.cache import MANIFEST, find_published, read_manifest, writable_root
+from childopt._native.cache import MANIFEST, file_sha256, lookup, set_aside_and_report, verify_build, writable_root
 from childopt._native.env import PROCESS_START, build_timeout, hostname, lock_timeout
-from childopt._native.errors import ExtensionUnavailable, warn_once
+from childopt._native.errors import ExtensionUnavailable, Untrusted, warn_once
 from childopt._native.lock import BuildLock, lock_path
 from childopt._native.spec import BuildSpec
 
@@ -177,11 +180,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_manifest(tmp: Path, spec: BuildSpec, seconds: float, lock: str) -> None:
+    """Record the build in ``tmp``: the library is fsynced and its size and sha256 written into the manifest,
+    which is fsynced too, so a reader of the published build can tell a damaged library from it."""
     library = f"{spec.module_name}.so"
     if not (tmp / library).is_file():
         raise ExtensionUnavailable(f"the build finished without producing {tmp / library}")
     manifest = {
         "key": spec.key, "base_key": spec.base_key, "module": spec.module_name, "library": library,
+        "size": (tmp / library).stat().st_size, "sha256": file_sha256(tmp / library, sync=True),
         "inputs": spec.inputs, "published_at": time.time(), "build_seconds": round(seconds, 1),
         "host": hostname(), "pid": os.getpid(), "lock": lock,
     }
@@ -212,9 +218,28 @@ def _publish(tmp: Path, final: Path, force: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # lost the race: another process published the same key
         log.info("childopt: %s was published by another process first; using it", final)
     _fsync_dir(final.parent)
-    if read_manifest(final) is None:
-        raise ExtensionUnavailable(f"{final} exists but holds no complete build; remove it (python -m childopt clean)")
+    try:
+        verify_build(final)
+    except Untrusted as exc:
+        raise ExtensionUnavailable(f"{exc}; it was published by another process and is not loaded "
+                                   "(python -m childopt clean removes it)") from None
     return final
+
+
+def _clear_the_name(root: Path, spec: BuildSpec, newer_than: float | None) -> Path | None:
+    """The build of ``spec`` already published in ``root``, else None once no untrusted directory holds its name.
+
+    Runs under the build lock: an untrusted build under the name is set aside (a corrupt manifest
+    would otherwise make the publish of every new build fail, after the whole build).
+    """
+    found, untrusted = lookup(spec, [root], newer_than)
+    if found is not None:
+        return found
+    for bad in untrusted:
+        if Path(bad.directory) == root / spec.dirname and not set_aside_and_report(bad, "building it again"):
+            raise ExtensionUnavailable(f"cannot build childopt._C into {root}: {bad.directory} holds an untrusted "
+                                       f"build ({bad.why}) that cannot be moved aside; remove it")
+    return None
 
 
 def build(spec: BuildSpec, force: bool = False) -> tuple[Path, str]:
@@ -222,7 +247,7 @@ def build(spec: BuildSpec, force: bool = False) -> tuple[Path, str]:
     root = writable_root()
     newer_than = PROCESS_START if force else None
     with BuildLock(lock_path(root, spec), lock_timeout(), f"childopt._C ({spec.dirname})") as held:
-        found = find_published(spec, [root], newer_than)
+        found = _clear_the_name(root, spec, newer_than)
         if found is not None:
             return found, f"built by another process: {found}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.key16}-{hostname()}-{os.getpid()}-", dir=root))

@@ -1,13 +1,19 @@
-"""The cache of JIT builds of childopt._C: its roots, the published builds in them, and cleaning it.
+"""The cache of JIT builds of childopt._C: its roots, the published builds in them, their trust, and cleaning it.
 
-A build is published as ``<root>/childopt_C-<key16>/`` holding a ``manifest.json``; private build
-directories (``.tmp-<key16>-<host>-<pid>-*``) and forced-rebuild leftovers (``.old-*``) beside them
-are never read, only reported and cleaned.  The root is CHILDOPT_CACHE_DIR, else the XDG cache,
-or a per-user directory in the temp dir when that cannot be written.
+A build is published as ``<root>/childopt_C-<key16>/`` holding its library and a ``manifest.json``
+that records the library's size and sha256 (taken after the library was fsynced).  A published
+build is loaded only after its library matches that checksum (verify_build); one that does not,
+or whose manifest is corrupt, or that fails to load, is renamed to ``.bad-<name>-*`` (set_aside)
+so that no process tries it again.  Private build directories (``.tmp-<key16>-<host>-<pid>-*``),
+forced-rebuild and clean leftovers (``.old-*``) and set-aside builds (``.bad-*``) beside them are
+never read, only reported and cleaned.  The root is CHILDOPT_CACHE_DIR, else the XDG cache, or a
+per-user directory in the temp dir when that cannot be written; a relative path is made absolute.
 """
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
 import os
 import re
@@ -18,19 +24,39 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.env import hostname, lock_timeout, pid_alive, uid
-from childopt._native.errors import ExtensionUnavailable, warn_once
+from childopt._native.errors import ExtensionUnavailable, Untrusted, warn_once
 from childopt._native.spec import BuildSpec, build_spec
 
 MANIFEST = "manifest.json"
+# Written into a set-aside build: why it was set aside, when and by whom (doctor and clean show it).
+SET_ASIDE_RECORD = "set_aside.json"
+# Name prefixes of the directories beside published builds that no process ever loads.
+PRIVATE, LEFTOVER, SET_ASIDE = ".tmp-", ".old-", ".bad-"
+
+
+@functools.lru_cache(maxsize=None)
+def _absolute(relative: str) -> Path:
+    """A relative cache path made absolute once per process, against the working directory of its first use.
+
+    The build worker runs in another directory, and a process that changes directory later must
+    keep using the same cache.
+    """
+    return Path(os.path.abspath(relative))
+
+
+def _as_root(text: str) -> Path:
+    """A cache path from the environment, ``~`` expanded and made absolute."""
+    path = os.path.expanduser(text)
+    return Path(path) if os.path.isabs(path) else _absolute(path)
 
 
 def cache_root() -> Path:
-    """CHILDOPT_CACHE_DIR, else $XDG_CACHE_HOME/childopt, else ~/.cache/childopt."""
+    """CHILDOPT_CACHE_DIR, else $XDG_CACHE_HOME/childopt, else ~/.cache/childopt, always absolute."""
     env = os.environ.get("CHILDOPT_CACHE_DIR", "").strip()
     if env:
-        return Path(env).expanduser()
+        return _as_root(env)
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "childopt"
+    return _as_root(xdg) / "childopt"
 
 
 def fallback_root() -> Path:
@@ -93,14 +119,84 @@ def writable_root() -> Path:
         "Set CHILDOPT_CACHE_DIR to a writable directory.")
 
 
+def root_problem(root: Path) -> str | None:
+    """Why builds cannot be written under ``root``, found without creating anything; None if they can."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def planned_root() -> tuple[Path | None, str | None]:
+    """(where a build would go, why that is not the cache root), as writable_root decides, without creating it."""
+    root = cache_root()
+    problem = root_problem(root)
+    if problem is None:
+        return root, None
+    fallback = fallback_root()
+    usable = fallback != root and root_problem(fallback) is None and (not fallback.exists() or _safe_fallback(fallback))
+    return (fallback if usable else None), problem
+
+
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The sha256 of the file at ``path``; ``sync`` first flushes it to disk (a build about to be published)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_manifest(directory: Path) -> dict | None:
-    """The manifest of a published build directory, if it is complete (manifest and library present)."""
+    """The manifest of ``directory`` if it is a readable JSON object, else None; nothing is verified."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or not (directory / str(manifest.get("library", ""))).is_file():
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _inode(path: Path) -> int | None:
+    """The inode of ``path``, None if it is gone: what set_aside checks to move only the directory it was given."""
+    try:
+        return path.stat().st_ino
+    except OSError:
         return None
+
+
+def verify_build(directory: Path) -> dict:
+    """The manifest of the published build in ``directory``, once its library matches the recorded size and
+    sha256; raises Untrusted with the reason otherwise (a corrupt manifest, a missing, truncated or
+    overwritten library, or a manifest from before checksums were recorded)."""
+    inode = _inode(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise Untrusted(directory, f"it has no {MANIFEST}", inode) from None
+    except (OSError, ValueError) as exc:
+        raise Untrusted(directory, f"its {MANIFEST} is unreadable or corrupt ({exc})", inode) from None
+    if not isinstance(manifest, dict):
+        raise Untrusted(directory, f"its {MANIFEST} is not a JSON object", inode)
+    library, expected, size = manifest.get("library"), manifest.get("sha256"), manifest.get("size")
+    if not isinstance(library, str) or not library or Path(library).name != library:
+        raise Untrusted(directory, f"its {MANIFEST} names no library file in it (library={library!r})", inode)
+    if not isinstance(expected, str) or not isinstance(size, int):
+        raise Untrusted(directory, f"its {MANIFEST} records no size and sha256 of {library} (an older childopt "
+                                   "published it, or it was altered)", inode)
+    try:
+        actual_size = (directory / library).stat().st_size
+        if actual_size != size:
+            raise Untrusted(directory, f"{library} is {actual_size} bytes, its manifest records {size}", inode)
+        if file_sha256(directory / library) != expected:
+            raise Untrusted(directory, f"{library} does not match the sha256 its manifest records", inode)
+    except OSError as exc:
+        raise Untrusted(directory, f"{library} cannot be read ({exc.strerror or exc})", inode) from None
     return manifest
 
 
@@ -111,29 +207,88 @@ def published_dirs(root: Path) -> list[Path]:
         return []
 
 
-def find_published(spec: BuildSpec, roots: list[Path] | None = None, newer_than: float | None = None) -> Path | None:
-    """A published build for ``spec``: its own key first, then (CUDA) one of the same base key whose archs
-    cover every visible GPU.  ``newer_than`` (CHILDOPT_FORCE_REBUILD) ignores builds published before it."""
-    roots = roots if roots is not None else search_roots()
+def lookup(spec: BuildSpec, roots: list[Path] | None = None,
+           newer_than: float | None = None) -> tuple[Path | None, list[Untrusted]]:
+    """(the published build of ``spec`` this process may load, or None; the candidates it must not load).
 
-    def fresh(manifest):
-        return newer_than is None or manifest.get("published_at", 0) >= newer_than
+    Candidates are the directory named for the key in each root, then (CUDA) the builds of the
+    same base key whose archs cover every visible GPU; each is verified before it is trusted, and
+    one under the key's name that holds another key is not trusted either (it would block the
+    publish of a build).  ``newer_than`` (CHILDOPT_FORCE_REBUILD) skips builds published before it.
+    """
+    roots = roots if roots is not None else search_roots()
+    untrusted: list[Untrusted] = []
+
+    def trusted(directory: Path) -> dict | None:
+        try:
+            manifest = verify_build(directory)
+        except Untrusted as exc:
+            untrusted.append(exc)
+            return None
+        if newer_than is not None and manifest.get("published_at", 0) < newer_than:
+            return None
+        return manifest
 
     for root in roots:
         directory = root / spec.dirname
-        manifest = read_manifest(directory)
-        if manifest and manifest.get("key") == spec.key and fresh(manifest):
-            return directory
+        if not directory.is_dir():
+            continue
+        manifest = trusted(directory)
+        if manifest is not None and manifest.get("key") == spec.key:
+            return directory, untrusted
+        if manifest is not None:
+            untrusted.append(Untrusted(directory, f"its manifest is for key {manifest.get('key')!r}, not {spec.key}",
+                                       _inode(directory)))
     if spec.with_cuda and spec.gpus:
         for root in roots:
             for directory in published_dirs(root):
                 manifest = read_manifest(directory)
-                if not manifest or manifest.get("base_key") != spec.base_key or not fresh(manifest):
+                if directory.name == spec.dirname or not manifest or manifest.get("base_key") != spec.base_key:
                     continue
                 archs = manifest.get("inputs", {}).get("archs", [])
-                if all(cfg.arch_covers(archs, tuple(cap))[0] for cap in spec.gpus):
-                    return directory
-    return None
+                if all(cfg.arch_covers(archs, tuple(cap))[0] for cap in spec.gpus) and trusted(directory):
+                    return directory, untrusted
+    return None, untrusted
+
+
+def find_published(spec: BuildSpec, roots: list[Path] | None = None, newer_than: float | None = None) -> Path | None:
+    """The published build of ``spec`` that may be loaded here (see lookup), or None."""
+    return lookup(spec, roots, newer_than)[0]
+
+
+def set_aside(bad: Untrusted) -> Path | None:
+    """Rename the untrusted build ``bad`` to ``.bad-<name>-<host>-<pid>-<random>`` so no process loads it again,
+    recording why inside it; the new path, or None when its name no longer holds the directory judged
+    (another process set it aside, or published a good build since).  OSError if it cannot be renamed."""
+    directory = Path(bad.directory)
+    if bad.inode is None or _inode(directory) != bad.inode:
+        return None
+    target = directory.parent / f"{SET_ASIDE}{directory.name}-{hostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        os.rename(directory, target)
+    except FileNotFoundError:
+        return None
+    record = {"why": bad.why, "set_aside_at": time.time(), "host": hostname(), "pid": os.getpid()}
+    try:
+        (target / SET_ASIDE_RECORD).write_text(json.dumps(record))
+    except OSError:
+        pass  # the name alone keeps it from being loaded
+    return target
+
+
+def set_aside_and_report(bad: Untrusted, then: str) -> bool:
+    """Set ``bad`` aside and say so once per process (``then``: what happens next); False if it is still there."""
+    try:
+        target = set_aside(bad)
+    except OSError as exc:
+        warn_once(("untrusted", str(bad.directory)),
+                  f"childopt: not loading {bad.directory}: {bad.why}; it could not be set aside "
+                  f"({exc.strerror or exc}), remove it (python -m childopt clean); {then}")
+        return False
+    if target is not None:
+        warn_once(("untrusted", str(bad.directory)),
+                  f"childopt: not loading {bad.directory}: {bad.why}; set aside as {target.name}; {then}")
+    return True
 
 
 def age_of(path: Path) -> float:
@@ -164,19 +319,32 @@ def human_age(seconds: float) -> str:
 _TMP = re.compile(r"^\.tmp-([0-9a-f]{16})-(.+)-(\d+)-[^-]+$")
 
 
-def tmp_dirs(root: Path) -> list[dict]:
-    """Private build directories (.tmp-*) and forced-rebuild leftovers (.old-*), with whether they are stale."""
+def _set_aside_why(path: Path) -> str:
+    """Why the set-aside build ``path`` was set aside, from the record written into it."""
+    try:
+        why = json.loads((path / SET_ASIDE_RECORD).read_text()).get("why")
+    except (OSError, ValueError, AttributeError):
+        why = None
+    return f"set aside, never loaded: {why or 'untrusted'}"
+
+
+def tmp_dirs(root: Path, stale_after: float | None = None) -> list[dict]:
+    """Private build directories (.tmp-*), leftovers (.old-*) and set-aside builds (.bad-*), with whether
+    they are stale.  A private directory of another host is stale after ``stale_after`` seconds
+    without change (default CHILDOPT_LOCK_TIMEOUT)."""
     out = []
     try:
-        entries = sorted(p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-")) and p.is_dir())
+        entries = sorted(p for p in root.iterdir() if p.name.startswith((PRIVATE, LEFTOVER, SET_ASIDE)) and p.is_dir())
     except OSError:
         return out
-    timeout = lock_timeout()
+    timeout = lock_timeout() if stale_after is None else stale_after
     for path in entries:
         age = age_of(path)
         m = _TMP.match(path.name)
-        if path.name.startswith(".old-"):
-            out.append({"path": path, "age": age, "stale": True, "why": "set aside by a forced rebuild"})
+        if path.name.startswith(SET_ASIDE):
+            out.append({"path": path, "age": age, "stale": True, "why": _set_aside_why(path)})
+        elif path.name.startswith(LEFTOVER):
+            out.append({"path": path, "age": age, "stale": True, "why": "set aside by a forced rebuild or a clean"})
         elif m and m.group(2) == hostname():
             pid = int(m.group(3))
             alive = pid_alive(pid) and pid != os.getpid()
@@ -188,10 +356,21 @@ def tmp_dirs(root: Path) -> list[dict]:
     return out
 
 
-def clean(all_builds: bool = False, dry_run: bool = False) -> list[tuple[Path, str]]:
-    """Remove stale private build directories, failed-build logs and published builds this process would not
-    use (all published builds with ``all_builds``).  Lock files stay: they are never deleted."""
-    removed = []
+def published_builds(root: Path) -> list[tuple[Path, dict | None, str | None]]:
+    """(directory, manifest or None, why it is untrusted or None) of every published build in ``root``."""
+    out = []
+    for directory in published_dirs(root):
+        try:
+            out.append((directory, verify_build(directory), None))
+        except Untrusted as exc:
+            out.append((directory, read_manifest(directory), exc.why))
+    return out
+
+
+def cleanable(all_builds: bool = False) -> list[tuple[Path, str]]:
+    """What clean removes, and why: stale private directories, leftovers, set-aside and untrusted builds,
+    failed-build logs, and published builds this process would not use (all of them with ``all_builds``)."""
+    found = []
     current = None
     if not all_builds:
         try:
@@ -200,30 +379,57 @@ def clean(all_builds: bool = False, dry_run: bool = False) -> list[tuple[Path, s
             raise ExtensionUnavailable(f"cannot tell which build is current ({exc}); use --all to remove every "
                                        "build") from exc
     for root in search_roots():
-        for entry in tmp_dirs(root):
-            if entry["stale"]:
-                removed.append((entry["path"], f"stale build directory ({entry['why']})"))
-        for directory in published_dirs(root):
-            if current is not None and directory == current:
-                continue
-            removed.append((directory, "published build" + (" (current)" if all_builds else " not used here")))
+        found += [(entry["path"], f"stale build directory ({entry['why']})") for entry in tmp_dirs(root)
+                  if entry["stale"]]
+        for directory, _, untrusted in published_builds(root):
+            if untrusted is not None:
+                found.append((directory, f"untrusted published build: {untrusted}"))
+            elif current is None or directory != current:
+                found.append((directory, "published build" + (" (current)" if all_builds else " not used here")))
         try:
-            removed += [(p, "failed-build log") for p in sorted((root / "logs").glob("failed-*.log"))]
+            found += [(p, "failed-build log") for p in sorted((root / "logs").glob("failed-*.log"))]
         except OSError:
             pass
-    if not dry_run:
-        for path, _ in removed:
-            if path.is_dir():
-                # Move aside first so no reader ever sees half a directory under a published name.
-                doomed = path.parent / f".old-rm-{path.name.lstrip('.')}-{os.getpid()}"
-                try:
-                    os.rename(path, doomed)
-                    shutil.rmtree(doomed, ignore_errors=True)
-                except OSError:
-                    shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
-    return removed
+    return found
+
+
+def remove(path: Path) -> str | None:
+    """Remove a file or directory of the cache; None once it is gone, else why it is not.
+
+    A directory is first renamed aside (``.old-rm-*``), so no reader ever sees half of it under
+    its name; one that cannot be renamed is left whole.
+    """
+    if not path.is_dir() or path.is_symlink():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
+    doomed = path.parent / f"{LEFTOVER}rm-{path.name.lstrip('.')}-{os.getpid()}"
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot move it aside to remove it: {exc.strerror or exc}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    return f"moved to {doomed}, but it could not be removed entirely" if doomed.exists() else None
+
+
+def clean(all_builds: bool = False,
+          dry_run: bool = False) -> tuple[list[tuple[Path, str]], list[tuple[Path, str, str]]]:
+    """Remove what ``cleanable`` finds (nothing with ``dry_run``); returns (removed or, with ``dry_run``, what
+    would be: [(path, why)], failed: [(path, why, error)]).  Lock files stay: they are never deleted."""
+    found = cleanable(all_builds)
+    if dry_run:
+        return found, []
+    removed, failed = [], []
+    for path, why in found:
+        error = remove(path)
+        if error is None:
+            removed.append((path, why))
+        else:
+            failed.append((path, why, error))
+    return removed, failed

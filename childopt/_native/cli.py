@@ -16,9 +16,9 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.build import build, worker_env_path
-from childopt._native.cache import (cache_root, clean, find_published, human_age, published_dirs, read_manifest,
-                                    search_roots, size_of, tmp_dirs)
-from childopt._native.env import ENV_VARS
+from childopt._native.cache import (cache_root, clean, fallback_root, find_published, human_age, planned_root,
+                                    published_builds, search_roots, size_of, tmp_dirs)
+from childopt._native.env import DEFAULT_LOCK_TIMEOUT, ENV_VARS, lock_timeout, setting_problems
 from childopt._native.errors import ExtensionUnavailable
 from childopt._native.loader import status
 from childopt._native.lock import build_locks, torch_extension_locks, torch_extensions_root
@@ -58,9 +58,30 @@ def doctor_main(argv=None) -> int:
                         help="remove stale 'lock' files of torch's extension cache whose owner is gone")
     ns = parser.parse_args(argv)
 
+    rt = runtime()
+    _report_toolchain(rt)
+    spec = _report_build(rt)
+    state, detail = status()
+    _print_kv("childopt._C", f"{state}: {detail}")
+    _report_cache_root()
+    current = find_published(spec) if spec else None
+    try:
+        stale_after = lock_timeout()
+    except ExtensionUnavailable:
+        stale_after = DEFAULT_LOCK_TIMEOUT  # reported below, with the other settings
+    for root in search_roots():
+        _report_builds(root, current)
+        _report_build_locks(root)
+        _report_private_dirs(root, stale_after)
+    _report_torch_locks(ns.fix)
+    problems = _report_environment()
+    return 0 if state in ("loaded", "prebuilt", "cached", "needs a build") and not problems else 1
+
+
+def _report_toolchain(rt: dict) -> None:
+    """torch, the GPUs, nvcc, the C++ compiler and ninja: what a build needs."""
     import torch
 
-    rt = runtime()
     _print_kv("torch", f"{torch.__version__} (git {str(torch.version.git_version)[:12]}), CUDA {torch.version.cuda}, "
                        f"C++11 ABI {int(rt['cxx11_abi'])}, {rt['python']}, {rt['platform']}")
     if rt["gpus"]:
@@ -88,6 +109,10 @@ def doctor_main(argv=None) -> int:
     ninja = shutil.which("ninja", path=path)
     _print_kv("ninja", f"{ninja}: {cfg.tool_version(ninja) if ninja else ''}" if ninja
               else "NOT FOUND: pip install ninja")
+
+
+def _report_build(rt: dict):
+    """The build this process would make (its BuildSpec, None when no build is possible)."""
     jobs = os.environ.get("MAX_JOBS")
     try:
         spec = build_spec(rt=rt)
@@ -99,57 +124,73 @@ def doctor_main(argv=None) -> int:
         if spec.note:
             _print_kv("", spec.note)
     except ExtensionUnavailable as exc:
-        spec = None
         _print_kv("build", f"impossible: {exc}")
-    state, detail = status()
-    _print_kv("childopt._C", f"{state}: {detail}")
+        return None
+    return spec
+
+
+def _report_cache_root() -> None:
+    """The cache root: whether builds can go there (or where they go instead) and its file system."""
     root = cache_root()
-    writable = os.access(root, os.W_OK) if root.exists() else os.access(root.parent if root.parent.exists()
-                                                                         else Path("/"), os.W_OK)
+    target, problem = planned_root()
     fs = _fs_type(root)
-    shared = fs and fs.split(".")[0] in ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "fuse", "beegfs")
-    _print_kv("cache root", f"{root} ({'exists' if root.exists() else 'not created yet'}, "
-                            f"{'writable' if writable else 'NOT WRITABLE: set CHILDOPT_CACHE_DIR'}"
+    if problem is None:
+        usable = "writable"
+    elif target is not None:
+        usable = f"NOT USABLE: {problem}; builds go to {target} instead: set CHILDOPT_CACHE_DIR"
+    else:
+        usable = f"NOT USABLE: {problem}, nor is the fallback {fallback_root()}: set CHILDOPT_CACHE_DIR"
+    _print_kv("cache root", f"{root} ({'exists' if root.exists() else 'not created yet'}, {usable}"
                             + (f", {fs}" if fs else "") + ")")
-    if shared:
+    if fs and fs.split(".")[0] in ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "fuse", "beegfs"):
         _print_kv("", f"WARNING: {fs} is a network file system; flock may not work across nodes there. A "
                       "node-local CHILDOPT_CACHE_DIR is faster and safer (correctness does not depend on the lock).")
-    current = find_published(spec) if spec else None
-    for root in search_roots():
-        builds = published_dirs(root)
-        print(f"published builds in {root}: {len(builds) or 'none'}")
-        for directory in builds:
-            manifest = read_manifest(directory)
-            if manifest is None:
-                print(f"  {directory.name}  INCOMPLETE (no manifest or library): python -m childopt clean --all")
-                continue
-            inputs = manifest.get("inputs", {})
-            kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(inputs.get('archs') or [])}" \
-                if inputs.get("with_cuda") else "CPU"
-            mark = "  <- used here" if current is not None and directory == current else ""
-            age = human_age(time.time() - manifest.get("published_at", 0))
-            print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
-                  f"{size_of(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s"
-                  + mark)
-        locks = build_locks(root)
-        held = [lk for lk in locks if lk["holder"]]
-        print(f"build locks in {root / 'locks'}: {len(locks)} file(s), {len(held)} held")
-        for lk in held:
-            print(f"  {lk['path'].name} held by {lk['holder']}")
-        tmps = tmp_dirs(root)
-        if tmps:
-            print(f"private build directories in {root}: {len(tmps)}")
-            for entry in tmps:
-                print(f"  {entry['path'].name}  {'STALE' if entry['stale'] else 'active'} ({entry['why']}, "
-                      f"{human_age(entry['age'])} old)" + ("; python -m childopt clean removes it"
-                                                           if entry["stale"] else ""))
-    torch_root = torch_extensions_root()
+
+
+def _report_builds(root: Path, current: Path | None) -> None:
+    """Each published build in ``root``: what it is for, or why it is untrusted."""
+    builds = published_builds(root)
+    print(f"published builds in {root}: {len(builds) or 'none'}")
+    for directory, manifest, untrusted in builds:
+        if untrusted is not None:
+            print(f"  {directory.name}  UNTRUSTED, never loaded: {untrusted}; python -m childopt clean removes it")
+            continue
+        inputs = manifest.get("inputs", {})
+        kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(inputs.get('archs') or [])}" \
+            if inputs.get("with_cuda") else "CPU"
+        mark = "  <- used here" if current is not None and directory == current else ""
+        age = human_age(time.time() - manifest.get("published_at", 0))
+        print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
+              f"{size_of(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s" + mark)
+
+
+def _report_build_locks(root: Path) -> None:
+    """The build lock files in ``root`` and who holds each now."""
+    locks = build_locks(root)
+    held = [lk for lk in locks if lk["holder"]]
+    print(f"build locks in {root / 'locks'}: {len(locks)} file(s), {len(held)} held")
+    for lk in held:
+        print(f"  {lk['path'].name} held by {lk['holder']}")
+
+
+def _report_private_dirs(root: Path, stale_after: float) -> None:
+    """Private build directories, leftovers and set-aside builds beside the published builds."""
+    entries = tmp_dirs(root, stale_after)
+    if entries:
+        print(f"private, left-over and set-aside build directories in {root}: {len(entries)}")
+    for entry in entries:
+        print(f"  {entry['path'].name}  {'STALE' if entry['stale'] else 'active'} ({entry['why']}, "
+              f"{human_age(entry['age'])} old)" + ("; python -m childopt clean removes it" if entry["stale"] else ""))
+
+
+def _report_torch_locks(fix: bool) -> None:
+    """Lock files of torch's own extension cache; with ``fix``, the stale ones are removed."""
     torch_locks = torch_extension_locks()
     stale = [lk for lk in torch_locks if lk["stale"]]
-    print(f"torch extension cache {torch_root}: {len(torch_locks)} lock file(s), {len(stale)} stale")
+    print(f"torch extension cache {torch_extensions_root()}: {len(torch_locks)} lock file(s), {len(stale)} stale")
     for lk in torch_locks:
         action = ""
-        if lk["stale"] and ns.fix:
+        if lk["stale"] and fix:
             try:
                 lk["path"].unlink()
                 action = " -> removed"
@@ -157,13 +198,19 @@ def doctor_main(argv=None) -> int:
                 action = f" -> could not remove: {exc}"
         elif lk["stale"]:
             action = " -> remove it with python -m childopt doctor --fix"
-        print(f"  {lk['path']}  {'STALE' if lk['stale'] else 'kept'}: {lk['why']}, "
-              f"{human_age(lk['age'])} old{action}")
+        print(f"  {lk['path']}  {'STALE' if lk['stale'] else 'kept'}: {lk['why']}, {human_age(lk['age'])} old{action}")
+
+
+def _report_environment() -> list[str]:
+    """The CHILDOPT_* and build variables that are set, and what is wrong with them (returned)."""
     env = [f"{var}={os.environ[var]}" for var in ENV_VARS if os.environ.get(var)]
     print(f"environment: {' '.join(env) if env else 'no CHILDOPT_* or build variables set'}")
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         print("  TORCH_CUDA_ARCH_LIST is ignored for childopt._C: set CHILDOPT_CUDA_ARCHS to choose its archs")
-    return 0 if state in ("loaded", "prebuilt", "cached", "needs a build") else 1
+    problems = setting_problems()
+    for problem in problems:
+        print(f"  INVALID: {problem}")
+    return problems
 
 
 def build_main(argv=None) -> int:
@@ -203,19 +250,22 @@ def clean_main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m childopt clean",
-        description="Remove stale private build directories, failed-build logs and published builds of childopt._C "
-                    "that this machine's torch and toolchain would not use. Lock files are kept.")
+        description="Remove stale private build directories, set-aside and untrusted builds, failed-build logs and "
+                    "published builds of childopt._C that this machine's torch and toolchain would not use. Lock "
+                    "files are kept. Exits 1, naming each path, when something could not be removed.")
     parser.add_argument("--all", action="store_true", help="also remove the build that would be used here")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     ns = parser.parse_args(argv)
     try:
-        removed = clean(all_builds=ns.all, dry_run=ns.dry_run)
+        removed, failed = clean(all_builds=ns.all, dry_run=ns.dry_run)
     except ExtensionUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     verb = "would remove" if ns.dry_run else "removed"
     for path, why in removed:
         print(f"{verb} {path} ({why})")
-    if not removed:
+    for path, why, error in failed:
+        print(f"error: could not remove {path} ({why}): {error}", file=sys.stderr)
+    if not removed and not failed:
         print(f"nothing to remove in {', '.join(map(str, search_roots()))}")
-    return 0
+    return 1 if failed else 0

@@ -21,7 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 
 # Bump when the way a build is made or recorded changes: every key changes with it.
-LOADER_VERSION = 1
+# 2: manifests record the library's size and sha256; builds published before are not trusted.
+LOADER_VERSION = 2
 # Base name of a JIT build: module childopt_C_<key12>, directory childopt_C-<key16>.
 NAME = "childopt_C"
 # The ahead-of-time build (setup.py, CHILDOPT_BUILD_EXT=1) and the record written beside it.

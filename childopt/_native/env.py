@@ -7,6 +7,7 @@ before it).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -24,15 +25,21 @@ PROCESS_START = time.time()
 
 
 def _env_seconds(name: str, default: float) -> float:
+    """The seconds set in environment variable ``name`` (``default`` when unset or blank).
+
+    A value that is not a finite number >= 0 is refused with a message naming the variable:
+    ``nan`` would make every wait endless (no comparison with it is ever true) and a typo
+    must not silently become the default.
+    """
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
         value = float(text)
     except ValueError:
-        raise ExtensionUnavailable(f"{name} must be a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise ExtensionUnavailable(f"{name} must be >= 0, got {text!r}")
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ExtensionUnavailable(f"{name} must be a finite number of seconds >= 0, got {text!r}")
     return value
 
 
@@ -44,6 +51,17 @@ def lock_timeout() -> float:
 def build_timeout() -> float:
     """CHILDOPT_BUILD_TIMEOUT: seconds one build may take before it is killed."""
     return _env_seconds("CHILDOPT_BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT)
+
+
+def setting_problems() -> list[str]:
+    """What is wrong with the CHILDOPT_* settings, one message each (python -m childopt doctor reports them)."""
+    problems = []
+    for setting in (lock_timeout, build_timeout):
+        try:
+            setting()
+        except ExtensionUnavailable as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def force_rebuild() -> bool:

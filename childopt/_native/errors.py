@@ -1,7 +1,8 @@
 """How the loader of childopt._C reports trouble: the exceptions callers catch, and warnings said once.
 
 Every part of the loader raises ExtensionUnavailable with the reason (NeedsBuild when only a build
-is missing and building was not allowed), so callers such as the native backend can fall back and
+is missing and building was not allowed, Untrusted for a published build that must not be
+loaded), so callers such as the native backend can fall back and
 say why; a warning about the same thing (a fallback cache root, an ignored arch list, a prebuilt
 module that does not fit) is logged once per process, however often it is hit.
 """
@@ -20,10 +21,23 @@ class NeedsBuild(ExtensionUnavailable):
     """childopt._C is not built for this torch and toolchain yet, and building was not allowed."""
 
 
+class Untrusted(ExtensionUnavailable):
+    """A directory under a published build's name that must never be loaded, and why.
+
+    ``inode`` is the directory's inode when the verdict was made: it is set aside only if the
+    name still holds that directory, never a good build another process published since.
+    """
+
+    def __init__(self, directory, why: str, inode: int | None):
+        super().__init__(f"{directory}: {why}")
+        self.directory, self.why, self.inode = directory, why, inode
+
+
 _warned: set = set()
 
 
 def warn_once(key, message: str) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
     if key not in _warned:
         _warned.add(key)
         log.warning(message)

@@ -1,8 +1,12 @@
 """Loading childopt._C once per process: a prebuilt module whose record fits, else a published JIT build, else a build.
 
 The outcome, module or error, is kept for the process (``TORCH_LIBRARY(childopt)`` registers once
-per process).  ``status`` says what a load would do without doing it; ``check_installed_build`` is
-the guard ``import childopt`` runs on an installed prebuilt module (no load, no GPU query).
+per process).  A published build is imported only after its library matches the checksum in
+its manifest; one that does not, or whose manifest is corrupt, or that fails to load, is set
+aside (childopt._native.cache.set_aside), reported once, and built again when building is
+allowed (``backend="auto"`` then takes another backend): a damaged library is never mapped into
+the process.  ``status`` says what a load would do without doing it; ``check_installed_build``
+is the guard ``import childopt`` runs on an installed prebuilt module (no load, no GPU query).
 """
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.build import build
-from childopt._native.cache import cache_root, find_published, read_manifest
+from childopt._native.cache import lookup, planned_root, set_aside_and_report, verify_build
 from childopt._native.env import PROCESS_START, force_rebuild
-from childopt._native.errors import ExtensionUnavailable, NeedsBuild, warn_once
+from childopt._native.errors import ExtensionUnavailable, NeedsBuild, Untrusted, warn_once
 from childopt._native.spec import PACKAGE_DIR, build_spec, csrc_dir, runtime
 
 log = logging.getLogger("childopt")
@@ -100,8 +104,8 @@ def _import(library: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
         raise ExtensionUnavailable(f"cannot import {library}")
-    module = importlib.util.module_from_spec(spec)
     try:
+        module = importlib.util.module_from_spec(spec)  # dlopen happens here, for an extension module
         spec.loader.exec_module(module)
     except (ImportError, OSError) as exc:
         raise ExtensionUnavailable(f"{library} does not load: {exc}") from exc
@@ -110,13 +114,41 @@ def _import(library: Path, name: str):
 
 
 def _import_published(directory: Path):
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise ExtensionUnavailable(f"{directory} was removed while loading it; try again")
+    """Import the published build in ``directory`` after verifying it; Untrusted if it fails the check or
+    does not load (ExtensionUnavailable if it was removed meanwhile)."""
     try:
-        return _import(directory / manifest["library"], manifest["module"])
+        manifest = verify_build(directory)
+    except Untrusted:
+        if not directory.exists():
+            raise ExtensionUnavailable(f"{directory} was removed while loading it; try again") from None
+        raise
+    inode = directory.stat().st_ino
+    try:
+        return _import(directory / manifest["library"], str(manifest.get("module")))
     except ExtensionUnavailable as exc:
-        raise ExtensionUnavailable(f"{exc} (remove the build with python -m childopt clean --all)") from exc
+        raise Untrusted(directory, f"it does not load: {exc}", inode) from exc
+
+
+def _then(allow_build: bool) -> str:
+    """What happens after an untrusted build is set aside, in the words of its one warning."""
+    if allow_build:
+        return "building it again"
+    return "backend='auto' uses another backend until backend='native' or python -m childopt build builds it again"
+
+
+def _load_published(spec, newer_than: float | None, allow_build: bool):
+    """(module, how) from a trusted published build of ``spec``, or (None, what was set aside)."""
+    found, untrusted = lookup(spec, newer_than=newer_than)
+    for bad in untrusted:
+        set_aside_and_report(bad, _then(allow_build))
+    notes = [f"{bad.directory} is untrusted ({bad.why})" for bad in untrusted]
+    if found is not None:
+        try:
+            return _import_published(found), f"JIT build {found}"
+        except Untrusted as bad:
+            set_aside_and_report(bad, _then(allow_build))
+            notes.append(f"{bad.directory} is untrusted ({bad.why})")
+    return None, "; ".join(notes)
 
 
 def _find_or_build(allow_build: bool):
@@ -138,14 +170,18 @@ def _find_or_build(allow_build: bool):
         elif prebuilt_record() is not None:
             warn_once(("prebuilt",), f"childopt: {why}; {PREBUILT_FALLBACK}")
     spec = build_spec(rt=rt)
-    found = find_published(spec, newer_than=PROCESS_START if force else None)
-    if found is not None:
-        return _import_published(found), f"JIT build {found}"
+    module, how = _load_published(spec, PROCESS_START if force else None, allow_build)
+    if module is not None:
+        return module, how
     if not allow_build:
-        raise NeedsBuild(f"not built yet for this torch and toolchain ({spec.describe()}); "
-                         "backend='native' builds it, or run python -m childopt build")
+        raise NeedsBuild(f"not built yet for this torch and toolchain ({spec.describe()})" + (f"; {how}" if how else "")
+                         + "; backend='native' builds it, or run python -m childopt build")
     directory, how = build(spec, force=force)
-    return _import_published(directory), f"JIT {how}"
+    try:
+        return _import_published(directory), f"JIT {how}"
+    except Untrusted as bad:
+        set_aside_and_report(bad, "not building it again in this process")
+        raise ExtensionUnavailable(f"the new build of childopt._C {bad}") from bad
 
 
 def _load(allow_build: bool):
@@ -204,16 +240,21 @@ def status() -> tuple[str, str]:
             library, why = check_prebuilt(rt)
             if library is not None:
                 return "prebuilt", f"{library} ({why})"
-            prebuilt_note = f"; {why}" if prebuilt_record() is not None else ""
+            notes = f"; {why}" if prebuilt_record() is not None else ""
         else:
-            prebuilt_note = "; CHILDOPT_FORCE_REBUILD is set"
+            notes = "; CHILDOPT_FORCE_REBUILD is set"
         spec = build_spec(rt=rt)
-        found = find_published(spec, newer_than=PROCESS_START if force_rebuild() else None)
+        found, untrusted = lookup(spec, newer_than=PROCESS_START if force_rebuild() else None)
         if found is not None:
-            return "cached", f"{found} ({spec.describe()}){prebuilt_note}"
+            return "cached", f"{found} ({spec.describe()}){notes}"
+        for bad in untrusted:
+            notes += f"; {bad.directory} is untrusted ({bad.why}): the next load sets it aside"
         if cfg.tool_version(cfg.cxx_compiler()) is None:
-            return "unavailable", f"not built, and no C++ compiler ({cfg.cxx_compiler()}) to build it{prebuilt_note}"
+            return "unavailable", f"not built, and no C++ compiler ({cfg.cxx_compiler()}) to build it{notes}"
+        root, _ = planned_root()
+        if root is None:
+            return "unavailable", f"not built, and no writable cache to build it in{notes}"
         return "needs a build", (f"{spec.describe()}, key {spec.key16}: backend='native' or python -m childopt "
-                                 f"build compiles it into {cache_root()}{prebuilt_note}")
+                                 f"build compiles it into {root}{notes}")
     except ExtensionUnavailable as exc:
         return "unavailable", str(exc)

@@ -13,7 +13,7 @@ import pytest
 from childopt import _native
 from childopt._native import cache, spec
 from childopt._native import config as cfg
-from tests._native.helpers import env_for, run
+from tests._native.helpers import clean_here, copy_published, read_only
 
 
 def test_a_build_for_more_archs_serves_a_gpu_it_covers(tmp_path):
@@ -26,10 +26,11 @@ def test_a_build_for_more_archs_serves_a_gpu_it_covers(tmp_path):
         del os.environ["CHILDOPT_CUDA_ARCHS"]
     directory = tmp_path / wide.dirname
     directory.mkdir()
-    (directory / f"{wide.module_name}.so").write_bytes(b"")
+    library = directory / f"{wide.module_name}.so"
+    library.write_bytes(b"")
     (directory / cache.MANIFEST).write_text(json.dumps(
-        {"key": wide.key, "base_key": wide.base_key, "inputs": wide.inputs, "library": f"{wide.module_name}.so",
-         "module": wide.module_name, "published_at": time.time()}))
+        {"key": wide.key, "base_key": wide.base_key, "inputs": wide.inputs, "library": library.name,
+         "module": wide.module_name, "published_at": time.time(), "size": 0, "sha256": cache.file_sha256(library)}))
     assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(8, 6)]}), [tmp_path]) == directory  # sm_80 cubin
     assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(12, 0)]}), [tmp_path]) == directory  # PTX 9.0
     assert cache.find_published(spec.build_spec(rt={**rt, "gpus": [(7, 5)]}), [tmp_path]) is None
@@ -57,7 +58,7 @@ def test_an_unwritable_cache_falls_back_to_the_per_user_temp_dir(tmp_path, monke
         cache.writable_root()
 
 
-def test_clean_removes_stale_and_unused_builds_but_not_the_current_one(built_cache, tmp_path):
+def test_clean_removes_stale_and_unused_builds_but_not_the_current_one(built_cache, tmp_path, monkeypatch, capsys):
     cache_dir = tmp_path / "cache"
     shutil.copytree(built_cache.cache, cache_dir)
     current = cache_dir / built_cache.spec.dirname
@@ -67,18 +68,53 @@ def test_clean_removes_stale_and_unused_builds_but_not_the_current_one(built_cac
     (unused / cache.MANIFEST).write_text(json.dumps({**manifest, "key": "0" * 64}))
     host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
     dead = cache_dir / f".tmp-{'1' * 16}-{host}-{2**22 + 12345}-abcd1234"  # pid above pid_max: gone
-    live = cache_dir / f".tmp-{'2' * 16}-{host}-{os.getpid()}-abcd1234"
+    live = cache_dir / f".tmp-{'2' * 16}-{host}-{os.getppid()}-abcd1234"  # pytest's parent: running
     dead.mkdir()
     live.mkdir()
     (cache_dir / "logs").mkdir(exist_ok=True)
     (cache_dir / "logs" / "failed-x.log").write_text("x")
-    env = env_for(cache_dir)
-    dry = run(["-m", "childopt", "clean", "--dry-run"], env, timeout=120)
-    assert dry.returncode == 0 and "would remove" in dry.stdout and unused.exists(), dry.stdout + dry.stderr
-    result = run(["-m", "childopt", "clean"], env, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--dry-run")
+    assert code == 0 and f"would remove {unused} (published build not used here)" in out and unused.exists(), out + err
+    code, out, err = clean_here(monkeypatch, capsys, cache_dir)
+    assert code == 0, out + err
     assert not unused.exists() and not dead.exists() and not (cache_dir / "logs" / "failed-x.log").exists()
     assert current.exists() and live.exists() and list((cache_dir / "locks").glob("*.lock"))
-    everything = run(["-m", "childopt", "clean", "--all"], env, timeout=120)
-    assert everything.returncode == 0 and not current.exists() and live.exists()
+    code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--all")
+    assert code == 0 and f"removed {current} (published build (current))" in out, out + err
+    assert not current.exists() and live.exists()
     assert list((cache_dir / "locks").glob("*.lock")), "lock files are never deleted"
+
+
+@pytest.mark.parametrize("variable, below", [("CHILDOPT_CACHE_DIR", ""), ("XDG_CACHE_HOME", "childopt")])
+def test_a_relative_cache_root_is_absolute_and_stays_put(tmp_path, monkeypatch, variable, below):
+    """Made absolute against the working directory of its first use, so a later chdir does not move the cache."""
+    monkeypatch.delenv("CHILDOPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv(variable, f"rel-{tmp_path.name}-{variable}")
+    monkeypatch.chdir(tmp_path)
+    root = cache.cache_root()
+    assert root == tmp_path / f"rel-{tmp_path.name}-{variable}" / below and root.is_absolute()
+    monkeypatch.chdir(tmp_path.parent)
+    assert cache.cache_root() == root
+
+
+def test_clean_reports_only_what_it_removed_and_fails_naming_the_rest(built_cache, tmp_path, monkeypatch, capsys):
+    cache_dir = tmp_path / "cache"
+    current = copy_published(built_cache, cache_dir)
+    unused = cache_dir / f"{cfg.NAME}-{'0' * 16}"
+    shutil.copytree(current, unused)
+    log = cache_dir / "logs" / "failed-x.log"
+    log.parent.mkdir()
+    log.write_text("x")
+    with read_only(cache_dir):
+        code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--all")
+    assert code == 1 and "removed" not in out, out + err
+    for path in (current, unused, log):
+        assert path.exists() and f"error: could not remove {path} (" in err, err
+    with read_only(log.parent):
+        code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--all")
+    assert code == 1, out + err
+    assert f"removed {current} (" in out and f"removed {unused} (" in out and str(log) not in out
+    assert f"error: could not remove {log} (failed-build log): " in err
+    assert not current.exists() and not unused.exists() and log.exists()
+    code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--all")
+    assert code == 0 and f"removed {log} (failed-build log)" in out and not log.exists()

@@ -11,14 +11,14 @@ from tests._native.helpers import env_for, run
 
 
 def test_build_then_doctor_report_the_build_and_the_held_lock(built_cache):
-    out = built_cache.build.stdout
-    assert f"key {built_cache.spec.key16}" in out and "built in" in out and built_cache.spec.dirname in out
+    assert f"childopt._C: CPU kernels only, key {built_cache.spec.key16}" in built_cache.victim.output
     held = built_cache.doctor_held
     assert held.returncode == 0, held.stdout + held.stderr
-    assert f"childopt._C  cached: {built_cache.cache / built_cache.spec.dirname}" in held.stdout
+    assert "childopt._C  needs a build" in held.stdout, "doctor ran before the build"
     assert "1 held" in held.stdout and f"pid {os.getpid()} on" in held.stdout
     again = run(["-m", "childopt", "doctor"], built_cache.env, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert f"childopt._C  cached: {built_cache.cache / built_cache.spec.dirname}" in again.stdout
     for line in ("torch", "GPU", "nvcc", "C++ compiler", "ninja", "build", "cache root"):
         assert re.search(rf"^{re.escape(line)}\s", again.stdout, re.MULTILINE), (line, again.stdout)
     assert "0 held" in again.stdout
@@ -53,3 +53,26 @@ def test_doctor_fix_removes_stale_torch_extension_locks_only(tmp_path):
         assert not stale.exists() and in_use.exists() and young.exists()
     finally:
         os.close(fd)
+
+
+def test_doctor_says_where_builds_go_when_the_cache_path_is_a_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    (tmp_path / "tmp").mkdir()
+    report = run(["-m", "childopt", "doctor"], env_for(blocker, TMPDIR=tmp_path / "tmp"), timeout=120)
+    assert report.returncode == 0, report.stdout + report.stderr
+    fallback = tmp_path / "tmp" / f"childopt-{os.getuid()}"
+    assert (f"cache root   {blocker} (exists, NOT USABLE: {blocker} is not a directory; builds go to {fallback} "
+            "instead: set CHILDOPT_CACHE_DIR") in report.stdout, report.stdout
+    assert f"python -m childopt build compiles it into {fallback}" in report.stdout
+
+
+def test_doctor_reports_invalid_settings_instead_of_crashing(tmp_path):
+    cache_dir = tmp_path / "cache"
+    (cache_dir / f".tmp-{'3' * 16}-otherhost-1-abcd1234").mkdir(parents=True)  # judged by CHILDOPT_LOCK_TIMEOUT
+    env = env_for(cache_dir, CHILDOPT_LOCK_TIMEOUT="soon", CHILDOPT_BUILD_TIMEOUT="nan")
+    report = run(["-m", "childopt", "doctor"], env, timeout=120)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stdout + report.stderr
+    assert "INVALID: CHILDOPT_LOCK_TIMEOUT must be a finite number of seconds >= 0, got 'soon'" in report.stdout
+    assert "INVALID: CHILDOPT_BUILD_TIMEOUT must be a finite number of seconds >= 0, got 'nan'" in report.stdout
+    assert "otherhost" in report.stdout, "the cache is still reported"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -30,15 +29,12 @@ def test_a_published_build_loads_without_the_lock(built_cache, tmp_path):
     spec = built_cache.spec
     fd = hold_lock(built_cache.cache / "locks" / f"{spec.dirname}.lock", "pytest again")
     try:
-        start = time.monotonic()
         result = python(LOAD, env_for(built_cache.cache, CHILDOPT_LOCK_TIMEOUT=600), timeout=120)
-        seconds = time.monotonic() - start
     finally:
         os.close(fd)
     assert result.returncode == 0, result.stdout + result.stderr
     assert loaded_path(result.stdout).startswith(str(built_cache.cache / spec.dirname))
     assert "waiting" not in result.stderr and BUILDING not in result.stderr
-    assert seconds < 60
 
 
 def _fake_prebuilt(directory: Path, record: dict, library: Path | None = None) -> None:
