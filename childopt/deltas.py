@@ -313,7 +313,11 @@ def _named_tensors(tensors: NamedTensors) -> Mapping[str, torch.Tensor]:
 
 
 def _finite_number(value, what: str) -> float:
-    """``value`` as a float, if it is a finite real number (``scale``, merge weights)."""
+    """``value`` as a float, if it is a finite real number or one-element real tensor (``scale``,
+    merge weights)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.dtype.is_complex
+                                                                        or value.dtype == torch.bool):
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a finite real number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):

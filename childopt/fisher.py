@@ -108,6 +108,9 @@ class FisherAccumulator:
         self._counts = dict.fromkeys(self._params, 0)
         self._seen = 0  # batches (sample estimator: samples): the divisor of every score
         self._new_pass = False  # a backward pass reached a scored parameter and is not counted yet
+        self._pass = 0  # id of the current backward pass
+        self._counted_passes: set = set()
+        self._overflowed = {n: [] for n in self._params}  # GradScaler: passes whose gradient was inf/NaN
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
         self._handles: list = []
@@ -149,6 +152,7 @@ class FisherAccumulator:
 
     def _on_pass(self, grad: torch.Tensor) -> None:
         """A backward pass reaches the scored parameters: the next accumulation counts one batch."""
+        self._pass += 1
         self._new_pass = True
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
@@ -161,16 +165,19 @@ class FisherAccumulator:
             norms = torch.empty(1, device=grad.device)  # no norm pass: 12 B per element, not 16
         else:
             norms = torch.linalg.vector_norm(grad, dtype=torch.float32).reshape(1)
-        # GradScaler: one sync per hook, to leave an overflowed batch out of the scores and the count.
+        # GradScaler: one sync per hook, to leave an overflowed gradient out of its tensor's score
+        # and divisor (other tensors of the batch may be finite and already accumulated).
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):
+            self._overflowed[name].append(self._pass)
             param.grad = None if self.free_grads else param.grad
-            return  # an overflowed batch (GradScaler will skip it too): not counted
+            return
         # A gradient dtype the kernels do not take (float64) goes to the reference backend.
         backend = backends.route(self._backend(grad.device), grad.dtype, grad.dtype)
         backend.fisher_accumulate([self._fisher[name]], [grad.contiguous()], self._coefficients(norms))
         self._counts[name] += 1
         if self._new_pass:
             self._seen += 1
+            self._counted_passes.add(self._pass)
             self._new_pass = False
         if self.free_grads:
             param.grad = None
@@ -207,7 +214,8 @@ class FisherAccumulator:
 
         Every tensor is divided by the same number, :attr:`num_seen` or, with the batch
         estimator, ``num_batches`` when given (the batches run, where a batch may take several
-        backward passes or reach no scored parameter).
+        backward passes or reach no scored parameter); under a GradScaler, less the batches in
+        which that tensor's gradient overflowed (it is left out of them).
 
         Raises:
             ValueError: ``num_batches`` is not an int >= 1, or is given to the sample estimator.
@@ -224,7 +232,11 @@ class FisherAccumulator:
         if divisor == 0:
             raise RuntimeError("no gradients of the scored parameters were accumulated: run loss.backward() "
                                "inside the with-block (or accumulate_samples) before asking for scores")
-        return {n: f / divisor for n, f in self._fisher.items()}
+        return {n: f / max(divisor - self._overflows(n), 1) for n, f in self._fisher.items()}
+
+    def _overflows(self, name: str) -> int:
+        """Counted batches in which ``name``'s gradient overflowed (GradScaler) and was left out."""
+        return sum(1 for p in self._overflowed[name] if p in self._counted_passes)
 
     @property
     def num_seen(self) -> int:

@@ -464,6 +464,10 @@ def test_scale_and_merge_weights_must_be_finite_real_numbers():
         SparseDelta.merge(delta, weights=["2"])
     delta.apply_to(target, scale=2)  # an int is a real number
     assert target["w"].tolist() == [0.0, 2.0, 0.0, 0.0]
+    delta.apply_to(target, scale=torch.tensor(0.5))  # and so is a one-element real tensor
+    assert target["w"].tolist() == [0.0, 2.5, 0.0, 0.0]
+    with pytest.raises(TypeError, match="scale must be a finite real number"):
+        delta.apply_to(target, scale=torch.tensor([1.0, 2.0]))
 
 
 @pytest.mark.parametrize("spec,match", [

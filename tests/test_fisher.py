@@ -117,6 +117,22 @@ def test_grad_scaler_scores_come_from_unscaled_gradients_and_overflows_are_skipp
     assert set(acc.counts.values()) == {3}
 
 
+def test_a_tensor_that_overflows_in_some_batches_is_averaged_over_its_finite_ones():
+    """GradScaler, partial overflow: ``b``'s gradient is inf in 2 of 4 batches while ``a``'s is
+    finite; each score is the mean over the batches its tensor was scored in (hand-computed: 1)."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    with FisherAccumulator([("a", a), ("b", b)], grad_scaler=scaler, backend="reference") as acc:
+        for batch in range(4):
+            a.grad = b.grad = None
+            factor = float("inf") if batch % 2 else 1.0
+            (a.sum() + b.sum() * factor).backward()
+    scores = acc.scores()
+    torch.testing.assert_close(scores["a"], torch.ones(3))
+    torch.testing.assert_close(scores["b"], torch.ones(2))
+    assert acc.counts == {"a": 4, "b": 2} and acc.num_seen == 4
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_kernel_fisher_accumulate_matches_the_reference(kernel_lane, grad_dtype):
     """Within 1e-6: the kernels compute (g * c) * (g * c) + f without contraction; torch's CPU

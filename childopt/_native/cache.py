@@ -162,7 +162,7 @@ def read_manifest(directory: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _inode(path: Path) -> int | None:
+def inode_of(path: Path) -> int | None:
     """The inode of ``path``, None if it is gone: what set_aside checks to move only the directory it was given."""
     try:
         return path.stat().st_ino
@@ -174,7 +174,7 @@ def verify_build(directory: Path) -> dict:
     """The manifest of the published build in ``directory``, once its library matches the recorded size and
     sha256; raises Untrusted with the reason otherwise (a corrupt manifest, a missing, truncated or
     overwritten library, or a manifest from before checksums were recorded)."""
-    inode = _inode(directory)
+    inode = inode_of(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
@@ -238,7 +238,7 @@ def lookup(spec: BuildSpec, roots: list[Path] | None = None,
             return directory, untrusted
         if manifest is not None:
             untrusted.append(Untrusted(directory, f"its manifest is for key {manifest.get('key')!r}, not {spec.key}",
-                                       _inode(directory)))
+                                       inode_of(directory)))
     if spec.with_cuda and spec.gpus:
         for root in roots:
             for directory in published_dirs(root):
@@ -261,7 +261,7 @@ def set_aside(bad: Untrusted) -> Path | None:
     recording why inside it; the new path, or None when its name no longer holds the directory judged
     (another process set it aside, or published a good build since).  OSError if it cannot be renamed."""
     directory = Path(bad.directory)
-    if bad.inode is None or _inode(directory) != bad.inode:
+    if bad.inode is None or inode_of(directory) != bad.inode:
         return None
     target = directory.parent / f"{SET_ASIDE}{directory.name}-{hostname()}-{os.getpid()}-{os.urandom(4).hex()}"
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.build import build
-from childopt._native.cache import lookup, planned_root, set_aside_and_report, verify_build
+from childopt._native.cache import inode_of, lookup, planned_root, set_aside_and_report, verify_build
 from childopt._native.env import PROCESS_START, force_rebuild
 from childopt._native.errors import ExtensionUnavailable, NeedsBuild, Untrusted, warn_once
 from childopt._native.spec import PACKAGE_DIR, build_spec, csrc_dir, runtime
@@ -122,7 +122,9 @@ def _import_published(directory: Path):
         if not directory.exists():
             raise ExtensionUnavailable(f"{directory} was removed while loading it; try again") from None
         raise
-    inode = directory.stat().st_ino
+    inode = inode_of(directory)
+    if inode is None:
+        raise ExtensionUnavailable(f"{directory} was removed while loading it; try again")
     try:
         return _import(directory / manifest["library"], str(manifest.get("module")))
     except ExtensionUnavailable as exc:

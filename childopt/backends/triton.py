@@ -86,12 +86,13 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def _layout(tensors: list) -> tuple:
-    """What a plan's tables depend on for one tensor list: the first tensor's 16-byte alignment
-    and every tensor's byte offset from it (the tables hold offsets relative to the first tensor)."""
+    """What a plan's tables depend on for one tensor list: device, dtype (the tables hold
+    *element* offsets and element-size alignment facts), the first tensor's 16-byte alignment
+    and every tensor's byte offset from it."""
     if not tensors:
         return ()
     base = tensors[0].data_ptr()
-    return (tensors[0].device, base % 16, tuple(t.data_ptr() - base for t in tensors))
+    return (tensors[0].device, tensors[0].dtype, base % 16, tuple(t.data_ptr() - base for t in tensors))
 
 
 def _plan(family, lists: dict, *extra):

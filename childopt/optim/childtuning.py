@@ -53,7 +53,8 @@ class ChildTuningAdamW(MaskedAdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As MaskedAdamW's, refusing a state dict whose mask kind contradicts this ``mode``."""
-        label = (state_dict.get("childopt") or {}).get("mask_kind", self.mask_kind)
+        extras = state_dict.get("childopt") if isinstance(state_dict, Mapping) else None
+        label = extras.get("mask_kind", self.mask_kind) if isinstance(extras, Mapping) else self.mask_kind
         if label not in [kind.label for kind in self._MODE_KINDS[self.mode]]:
             raise ValueError(f"this state_dict holds a {label!r} mask, which mode={self.mode!r} cannot use")
         super().load_state_dict(state_dict)

@@ -88,14 +88,14 @@ class MaskedAdamW(Optimizer):
         try:
             validation.check_group(group, where, self.storage)
             validation.check_params(group["params"], self.describe)
-        except (TypeError, ValueError, RuntimeError):
-            self.param_groups.pop()
+            for device in {p.device for p in group["params"]}:
+                self._backend(device)  # a backend asked for by name that cannot run here fails now
+        except Exception:
+            self.param_groups.pop()  # torch's add_param_group appended it; nothing else has changed
             raise
         if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
         self._number(group)
-        for device in {p.device for p in group["params"]}:
-            self._backend(device)  # a backend asked for by name that cannot run here fails now
 
     def _number(self, group: dict) -> None:
         """Give each parameter the next Philox index range; capturable: as a device scalar too."""

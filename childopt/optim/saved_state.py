@@ -29,7 +29,10 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
             or saved.get("mask_kind") not in [k.label for k in MaskKind]:
         raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
                          f"and mask_kind one of {[k.label for k in MaskKind]})")
-    philox.check_seed(saved.get("seed"))
+    try:
+        philox.check_seed(saved.get("seed"))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
     saved_storage = saved.get("storage", "dense")
     if saved_storage != storage:
         raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "
@@ -60,8 +63,11 @@ def check_state_dict(optimizer, state_dict) -> list:
         # This optimizer's defaults for what an older state dict lacks; the constructor's rules.
         merged = {**optimizer.defaults, **saved}
         validation.check_group(merged, where, optimizer.storage)
-        validation.check_torch_flags(merged["foreach"], merged["fused"], merged["capturable"],
-                                     merged["differentiable"])
+        try:
+            validation.check_torch_flags(merged["foreach"], merged["fused"], merged["capturable"],
+                                         merged["differentiable"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"loaded param group {gi}: {exc}") from None
         for saved_id, p in zip(saved["params"], group["params"]):
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
@@ -84,6 +90,10 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
         if missing:
             raise ValueError(f"saved state for {label} has a 'step' but no {missing}")
         _check_step(saved["step"], label)
+    if kind is None and ("mask" in saved or "indices" in saved):
+        raise ValueError(f"the saved state for {label} holds {'a mask' if 'mask' in saved else 'indices'}, but "
+                         "the state_dict has no 'childopt' entry (format, mask_kind, seed, storage): a childopt "
+                         "state dict that lost it; load the dict MaskedAdamW.state_dict() returned")
     if kind is not None and kind != MaskKind.DENSE and ("mask" in saved or "indices" in saved):
         raise ValueError(f"the state_dict's mask_kind is {kind.label!r}, but its state for {label} holds "
                          f"{'a mask' if 'mask' in saved else 'indices'}: the two disagree")
@@ -98,15 +108,9 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
 
 
 def _check_step(step, label: str) -> None:
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype.is_complex or step.dtype == torch.bool:
-            raise TypeError(f"saved 'step' for {label} must be a number or a one-element tensor, "
-                            f"got a tensor of shape {tuple(step.shape)} and dtype {step.dtype}")
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise TypeError(f"saved 'step' for {label} must be a number, got {type(step).__name__}")
-    if not math.isfinite(step) or step < 0 or step != int(step):
-        raise ValueError(f"saved 'step' for {label} must be a whole number >= 0, got {step}")
+    value = validation.check_number(step, f"saved 'step' for {label}", low=0.0, high=math.inf, high_open=True)
+    if value != int(value):
+        raise ValueError(f"saved 'step' for {label} must be a whole number, got {value}")
 
 
 def _moment_shapes(optimizer, p: torch.Tensor, saved: Mapping, foreign: bool) -> set:

@@ -6,6 +6,7 @@ the same way wherever it comes from.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -29,8 +30,9 @@ def check_number(value, name: str, where: str = "", *, low: float, high: float =
         if not read_tensor:
             return math.nan
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
+    value = float(value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above or math.isnan(value):
@@ -97,20 +99,30 @@ def _check_own_memory(p: torch.Tensor, describe) -> None:
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` share memory (an expanded or strided alias).
+    """Whether two elements of ``t`` share memory (an expanded or overlapping strided alias).
 
-    Written here because torch exposes its overlap check only as a private debug helper: with
-    the dimensions of size > 1 sorted by stride, a strided tensor is free of self-overlap when
-    every stride reaches past the whole extent of the smaller ones.
+    Written here because torch exposes its overlap check only as a private debug helper (which
+    answers "too hard" for most strided views).  Quick rule: with the dimensions of size > 1
+    sorted by stride, no overlap when every stride reaches past the extent of the smaller ones;
+    a zero stride always overlaps; an interleaved layout the rule cannot judge is decided by
+    counting its distinct element offsets.
     """
-    if t.is_contiguous():
+    if t.is_contiguous() or t.numel() == 0:
         return False
+    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1)
+    if any(stride == 0 for stride, _ in dims):
+        return True
     extent = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    for stride, size in dims:
         if stride < extent:
-            return True
+            break
         extent = stride * size
-    return False
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for stride, size in dims:
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return torch.unique(offsets).numel() < t.numel()
 
 
 def check_steppable(params: list, grads: list, describe) -> None:

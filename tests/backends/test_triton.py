@@ -85,6 +85,22 @@ def test_one_tensor_launches_reuse_their_plan_at_any_address(device, monkeypatch
         torch.testing.assert_close(f, e, rtol=1e-6, atol=0)
 
 
+def test_buckets_with_the_same_byte_layout_and_other_dtypes_get_their_own_plans(device):
+    """Element offsets depend on the element size: an fp32 and a bf16 list at the same byte
+    offsets must not share a plan (the fp32 one would step the wrong elements)."""
+    from childopt.kernels import masked_adamw
+
+    triton_backend._plans.clear()
+    buf32, buf16 = torch.zeros(1024, device=device), torch.zeros(1024, dtype=torch.bfloat16, device=device)
+    moments = [torch.zeros(4, device=device) for _ in range(2)]
+    plans = []
+    for params in ([buf16[0:4], buf16[256:260]], [buf32[0:4], buf32[128:132]]):
+        lists = masked_adamw.launch_lists(params, params, moments, moments, None, None)
+        plans.append(triton_backend._plan(masked_adamw, lists))
+    assert plans[0] is not plans[1]
+    assert plans[1].table[1, 0].item() == 128  # the second fp32 tensor starts 128 elements in
+
+
 def test_block_must_be_a_power_of_two(device):
     params = make_params([(4,)], device)
     lists = masked_adamw.launch_lists(params, params, params, params)

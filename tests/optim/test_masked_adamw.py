@@ -400,3 +400,13 @@ def test_a_failed_step_does_not_advance_step_counts(monkeypatch):
 def test_a_named_backend_that_cannot_run_fails_at_construction():
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run on meta"):
         MaskedAdamW([torch.nn.Parameter(torch.empty(3, device="meta"))], backend="triton", seed=0)
+
+
+def test_a_group_whose_backend_cannot_run_is_not_added():
+    """The refused group leaves no trace: groups and the Philox numbering are as before."""
+    params = make_params([(3,)])
+    opt = MaskedAdamW(params, backend="triton", seed=0)
+    numbered = opt._rng_groups
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on meta"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.empty(3, device="meta"))]})
+    assert len(opt.param_groups) == 1 and opt._rng_groups == numbered

@@ -7,6 +7,7 @@ load (state, groups, mask kind, seed) and still loads the valid dict and steps.
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,9 +45,9 @@ def _extras(key, value):
 
 NAMED = "param_groups\\[0\\]\\['params'\\]\\[0\\] \\(shape \\(6, 4\\)\\)"
 CORRUPTIONS = [
-    ("dense", _set("step", torch.tensor(-5.0)), ValueError, f"'step' for {NAMED} must be a whole number >= 0, got -5"),
-    ("dense", _set("step", torch.tensor(math.nan)), ValueError, "'step' .* must be a whole number >= 0, got nan"),
-    ("dense", _set("step", 2.5), ValueError, "must be a whole number >= 0, got 2.5"),
+    ("dense", _set("step", torch.tensor(-5.0)), ValueError, f"'step' for {NAMED} must be in \\[0.0, inf\\), got -5"),
+    ("dense", _set("step", torch.tensor(math.nan)), ValueError, "'step' .* must be in \\[0.0, inf\\), got nan"),
+    ("dense", _set("step", 2.5), ValueError, "'step' .* must be a whole number, got 2.5"),
     ("dense", _set("step", "3"), TypeError, "'step' .* must be a number, got str"),
     ("dense", _drop("exp_avg_sq"), ValueError, f"state for {NAMED} has a 'step' but no \\['exp_avg_sq'\\]"),
     ("dense", _drop("step"), ValueError, "has \\['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'\\] but no 'step'"),
@@ -59,11 +60,14 @@ CORRUPTIONS = [
     ("dense", lambda sd: sd["state"].__setitem__(1, [1, 2]), TypeError,
      "saved state for param_groups\\[0\\]\\['params'\\]\\[1\\] \\(shape \\(9,\\)\\) must be a dict"),
     ("dense", _extras("mask_kind", "none"), ValueError, "mask_kind is 'none', but its state for .* holds a mask"),
-    ("dense", _extras("seed", -1), ValueError, "seed must be an int"),
+    ("dense", _extras("seed", -1), ValueError, "state_dict\\['childopt'\\]\\['seed'\\]: seed must be an int"),
     ("dense", lambda sd: sd["param_groups"][0].__setitem__("lr", math.inf), ValueError,
      "lr \\(loaded param group 0\\) must be in \\[0.0, inf\\), got inf"),
     ("dense", lambda sd: sd["param_groups"][0]["params"].pop(), ValueError, "loaded param group 0 has 1 parameters"),
     ("dense", lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), ValueError, "has 2 param groups"),
+    ("dense", lambda sd: sd.pop("childopt"), ValueError, "holds a mask, but the state_dict has no 'childopt' entry"),
+    ("dense", lambda sd: sd["param_groups"][0].__setitem__("fused", "yes"), TypeError, "loaded param group 0: fused must be"),
+    ("sparse", lambda sd: sd.pop("childopt"), ValueError, "holds indices, but the state_dict has no 'childopt' entry"),
     ("sparse", _set("indices", lambda s: s["indices"] + 100), ValueError, "indices must be strictly increasing and inside"),
     ("sparse", _set("indices", lambda s: s["indices"].tolist()), TypeError, "'indices' for .* must be a tensor, got list"),
     ("sparse", _set("exp_avg", lambda s: torch.zeros(5)), ValueError, "'exp_avg' .* has shape \\(5,\\), expected \\("),
@@ -105,13 +109,13 @@ def test_a_bad_state_dict_is_refused_before_anything_changes(storage, corrupt, e
 
 
 def test_a_valid_round_trip_still_loads_with_integer_and_tensor_steps():
-    """torch saves ``step`` as a tensor; an int (hand-written or older dicts) loads the same."""
+    """torch saves ``step`` as a tensor; an int or a numpy integer (hand-written or older dicts) loads the same."""
     source, _ = _trained("dense")
     state_dict = source.state_dict()
-    as_int = copy.deepcopy(state_dict)
-    for entry in as_int["state"].values():
-        entry["step"] = int(entry["step"])
-    for candidate in (state_dict, as_int):
+    as_int, as_numpy = copy.deepcopy(state_dict), copy.deepcopy(state_dict)
+    for a, b in zip(as_int["state"].values(), as_numpy["state"].values()):
+        a["step"], b["step"] = int(a["step"]), np.int64(b["step"])
+    for candidate in (state_dict, as_int, as_numpy):
         target, _ = _trained("dense")
         target.load_state_dict(candidate)
         assert all(target.state[p]["step"].item() == 2 for g in target.param_groups for p in g["params"])

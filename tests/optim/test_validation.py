@@ -55,6 +55,23 @@ def test_an_expanded_parameter_is_refused_at_construction():
         MaskedAdamW([p], seed=0)
 
 
+def test_an_interleaved_view_without_overlap_is_accepted_and_steps_as_torch_adamw():
+    """as_strided((2, 3), (3, 2)) has six distinct offsets the quick stride rule cannot prove apart."""
+    ours = [torch.nn.Parameter(torch.randn(8).as_strided((2, 3), (3, 2)))]
+    theirs = clone_params(ours)
+    opt = MaskedAdamW(ours, lr=1e-2, seed=0)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    train(opt, ours, 3)
+    train(ref, theirs, 3)
+    torch.testing.assert_close(ours[0], theirs[0], **TOL)
+
+
+def test_an_interleaved_view_that_overlaps_is_refused():
+    p = torch.nn.Parameter(torch.randn(8).as_strided((2, 3), (2, 1)))  # offsets 0,1,2 and 2,3,4
+    with pytest.raises(RuntimeError, match="memory shared between its elements"):
+        MaskedAdamW([p], seed=0)
+
+
 def test_a_step_that_fails_on_a_later_tensor_changes_nothing(lane):
     """[transposed, expanded]: the expanded one (its data swapped in after construction) is refused
     before the transposed one is written, so step counts, moments and weights stay, and a retry
@@ -107,6 +124,19 @@ def test_hyper_parameters_edited_after_construction_are_checked_at_the_next_step
     with pytest.raises(error, match=match):
         train(opt, params, 1, start=1)
     assert torch.equal(params[0].detach(), before) and opt.state[params[0]]["step"].item() == 1
+
+
+def test_numpy_hyper_parameters_edited_in_a_group_step_as_in_torch():
+    """Schedulers and configs hand over numpy scalars; torch AdamW steps with them, so must we."""
+    ours = _params()
+    theirs = clone_params(ours)
+    opt = MaskedAdamW(ours, seed=0)
+    ref = torch.optim.AdamW(theirs, foreach=False)
+    for o in (opt, ref):
+        o.param_groups[0].update(lr=np.float32(0.01), weight_decay=np.float64(0.1), eps=np.float32(1e-8))
+    train(opt, ours, 3)
+    train(ref, theirs, 3)
+    torch.testing.assert_close(ours[0], theirs[0], **TOL)
 
 
 @pytest.mark.parametrize("hyper", ["lr", "weight_decay", "eps"])
