@@ -66,3 +66,18 @@ def bernoulli_keep_at(params, seed, reserve_p):
         bases.append(bases[-1] + math.ceil(p.numel() / 4))
     return lambda i, t: philox.bernoulli_keep(params[i].numel(), bases[i], seed, t, reserve_p,
                                               params[i].device).reshape(params[i].shape)
+
+
+def capture_step(opt, warmup=3):
+    """``opt.step()`` warmed up ``warmup`` times on a side stream (as CUDA graph capture needs),
+    then captured once; returns the graph (its replay is one more step)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph

@@ -33,6 +33,7 @@ from childopt import MaskedAdamW, backends, philox
 from childopt.backends import SparseTensorLists, TensorLists, reference
 from childopt.backends.contract import COLUMN, MaskKind, MaskSpec, StepScalars
 from childopt.selftest.verdict import KERNELS
+from tests.helpers import capture_step
 
 SEED = 2**40 + 2**33 + 7  # both key words non-zero
 RESERVE_P = 0.3
@@ -409,15 +410,7 @@ def test_a_cuda_graph_captures_the_step(cuda_backend, kernel):
     gen = torch.Generator(device="cuda").manual_seed(6)
     for p, q, g in zip(params, eager_params, lane_grads(sizes, 1, gen, "cuda")):
         p.grad, q.grad = g.clone(), g.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = capture_step(opt)
     for _ in range(3):
         eager.step()
     for t in range(2, 5):

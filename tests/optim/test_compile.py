@@ -12,7 +12,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from childopt import MaskedAdamW
-from tests.helpers import assert_all_equal
+from tests.helpers import assert_all_equal, capture_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CASES = [("dense", "none"), ("dense", "dense"), ("dense", "bernoulli"), ("sparse", "none"), ("sparse", "dense")]
@@ -128,15 +128,7 @@ def test_a_cuda_graph_captures_and_replays_the_step(backend):
     ref = MaskedAdamW(twins, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3, backend=backend, capturable=True)
     for p, g in zip(params + twins, grads + grads):
         p.grad = g.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = capture_step(opt)
     for _ in range(3):
         ref.step()
     for _ in range(3):
