@@ -137,6 +137,8 @@ def read(path: Path, dtypes: Mapping[str, torch.dtype]) -> RawDelta:
     ``dtypes``: the dtype names the layout may use.  Raises :class:`DeltaFormatError`.
     """
     where = os.fspath(path)
+    if os.path.isdir(where):
+        raise DeltaFormatError(f"{where} is a directory, not a delta file")
     try:
         with safe_open(where, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}

@@ -513,6 +513,12 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
         SparseDelta.load(path)
 
 
+def test_a_directory_is_named_as_such(tmp_path):
+    (tmp_path / "delta.safetensors").mkdir()
+    with pytest.raises(DeltaFormatError, match="delta.safetensors is a directory, not a delta file"):
+        SparseDelta.load(tmp_path / "delta.safetensors")
+
+
 # --- size reporting ----------------------------------------------------------------------------
 
 def test_nbytes_num_entries_density_and_repr():

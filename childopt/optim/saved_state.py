@@ -128,6 +128,8 @@ def _check_moment(value, key: str, label: str, shapes: set) -> None:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"saved {key!r} for {label} must be a floating-point tensor, got {what}")
+    if value.device.type == "meta":
+        raise ValueError(f"saved {key!r} for {label} is on the meta device, which holds no values")
     if tuple(value.shape) not in shapes:
         raise ValueError(f"saved {key!r} for {label} has shape {tuple(value.shape)}, expected "
                          f"{' or '.join(str(s) for s in sorted(shapes))}")

@@ -47,7 +47,13 @@ def parse_args(argv) -> argparse.Namespace:
                         help="run the CPU part only, as on a machine without a GPU (CI)")
     parser.add_argument("--tests", metavar="DIR",
                         help="the tests folder of a childopt checkout (default: tests/ beside the package)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # A folder the user names must hold the lane: a typo must not pass as "tests not installed".
+    if args.tests is not None and not (Path(args.tests) / steps.LANE_FILE).is_file():
+        parser.error(f"--tests {args.tests}: no {steps.LANE_FILE} in it (pass the tests/ folder of a checkout)")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    return args
 
 
 def make_context(args: argparse.Namespace) -> Context:

@@ -56,6 +56,7 @@ CORRUPTIONS = [
     ("dense", _set("exp_avg", lambda s: s["exp_avg"].t()), ValueError, "'exp_avg' .* has shape \\(4, 6\\), expected \\(6, 4\\)"),
     ("dense", _set("exp_avg", [0.0] * 24), TypeError, "'exp_avg' .* must be a floating-point tensor, got list"),
     ("dense", _set("exp_avg", lambda s: s["exp_avg"].long()), TypeError, "got a torch.int64 tensor"),
+    ("dense", _set("exp_avg_sq", lambda s: s["exp_avg_sq"].to("meta")), ValueError, "'exp_avg_sq' .* on the meta device"),
     ("dense", _set("mask", lambda s: s["mask"].float()), TypeError, "has dtype torch.float32, expected torch.bool"),
     ("dense", lambda sd: sd["state"].__setitem__(1, [1, 2]), TypeError,
      "saved state for param_groups\\[0\\]\\['params'\\]\\[1\\] \\(shape \\(9,\\)\\) must be a dict"),

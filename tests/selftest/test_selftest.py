@@ -6,6 +6,7 @@ the lane itself, tests/backends/test_cuda_lane.py, run by ``pytest -m cuda`` whe
 import contextlib
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -110,12 +111,27 @@ def test_a_failing_lane_test_fails_the_run_and_its_kernel(tmp_path):
     assert any(line.startswith("adamw_step/bernoulli") and "FAIL [" in line for line in printed.splitlines())
 
 
-def test_without_the_tests_folder_the_test_steps_are_skipped_with_the_reason(tmp_path):
-    rc, printed = run("--cpu-only", "--out", str(tmp_path / "out"), "--tests", str(tmp_path / "no-tests"))
+def test_without_the_tests_folder_the_test_steps_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    """An installed wheel has no tests/ beside the package."""
+    monkeypatch.setattr(steps.childopt, "__file__", str(tmp_path / "site-packages" / "childopt" / "__init__.py"))
+    rc, printed = run("--cpu-only", "--out", str(tmp_path / "out"))
     report = json.loads((tmp_path / "out" / "selftest.json").read_text())
     lane = next(s for s in report["steps"] if s["name"] == "lane")
     assert rc == 0 and lane["status"] == "skipped" and "not found" in lane["reason"]
     assert report["verdict"]["radix_histogram"]["native cpu"]["reason"] == lane["reason"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--tests", "no-tests", "--tests .*no-tests: no backends/test_cuda_lane.py in it"),
+    ("--out", "a-file", "--out .*a-file: exists and is not a folder"),
+])
+def test_a_wrong_folder_is_refused_before_anything_runs(tmp_path, capsys, option, value, message):
+    """A typo in --tests must not pass as "tests not installed" (exit 0, nothing tested)."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cpu-only", option, str(tmp_path / value)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_the_graph_step_reads_a_test_the_lane_has():
