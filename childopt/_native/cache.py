@@ -256,6 +256,17 @@ def find_published(spec: BuildSpec, roots: list[Path] | None = None, newer_than:
     return lookup(spec, roots, newer_than)[0]
 
 
+def _rename_beside(directory: Path, name: str) -> Path | None:
+    """Rename ``directory`` to ``name`` in the same folder (atomic: no reader sees it half gone);
+    the new path, or None if it was already gone.  OSError if it cannot be renamed."""
+    target = directory.parent / name
+    try:
+        os.rename(directory, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
 def set_aside(bad: Untrusted) -> Path | None:
     """Rename the untrusted build ``bad`` to ``.bad-<name>-<host>-<pid>-<random>`` so no process loads it again,
     recording why inside it; the new path, or None when its name no longer holds the directory judged
@@ -263,10 +274,8 @@ def set_aside(bad: Untrusted) -> Path | None:
     directory = Path(bad.directory)
     if bad.inode is None or inode_of(directory) != bad.inode:
         return None
-    target = directory.parent / f"{SET_ASIDE}{directory.name}-{hostname()}-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        os.rename(directory, target)
-    except FileNotFoundError:
+    target = _rename_beside(directory, f"{SET_ASIDE}{directory.name}-{hostname()}-{os.getpid()}-{os.urandom(4).hex()}")
+    if target is None:
         return None
     record = {"why": bad.why, "set_aside_at": time.time(), "host": hostname(), "pid": os.getpid()}
     try:
@@ -407,13 +416,12 @@ def remove(path: Path) -> str | None:
         except OSError as exc:
             return exc.strerror or str(exc)
         return None
-    doomed = path.parent / f"{LEFTOVER}rm-{path.name.lstrip('.')}-{os.getpid()}"
     try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return None
+        doomed = _rename_beside(path, f"{LEFTOVER}rm-{path.name.lstrip('.')}-{os.getpid()}")
     except OSError as exc:
         return f"cannot move it aside to remove it: {exc.strerror or exc}"
+    if doomed is None:
+        return None
     shutil.rmtree(doomed, ignore_errors=True)
     return f"moved to {doomed}, but it could not be removed entirely" if doomed.exists() else None
 
