@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from childopt import ChildTuningAdamW, MaskedAdamW
-from tests.helpers import assert_all_equal
 
 SAVED = Path(__file__).resolve().parents[1] / "data" / "state_dicts" / "childopt-0.1.0-b64ecd5.pt"
 SHAPES = [(7, 5), (13,), (33,)]
@@ -39,5 +38,10 @@ def test_an_old_format_state_dict_loads_and_continues_as_the_old_code_did(case):
         for p, g in zip(params, _grads(t)):
             p.grad = g
         opt.step()
-    assert_all_equal([p.detach() for p in params], saved["params_after_2_more"])
+    # Bitwise on the CPU that saved them; elsewhere torch's own CPU math (the reference backend's
+    # lerp, the host pow/sqrt of the step scalars) may round an element one ulp apart (seen on an
+    # AVX-512 Xeon: 1-2 elements, 1.1e-7 relative).  A lost mask, seed or moment moves entries by
+    # about lr = 1e-2, five orders above this tolerance.
+    for p, want in zip(params, saved["params_after_2_more"], strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=2.5e-7, atol=0)
     assert "foreach" in opt.param_groups[0] and opt.param_groups[0]["capturable"] is False
