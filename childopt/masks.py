@@ -267,9 +267,13 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
     if any(negative):
         raise ValueError(f"scores[{names[negative.index(True)]!r}] has negative entries; sample_mask needs scores >= 0")
     dtype = _key_dtype(tensors)
+    # Every backend draws the same words; float64 keys take plain-torch selection passes, so any
+    # backend auto finds ready may draw their noise.
+    source = "auto" if dtype == torch.float64 else backend
+    words = backends.create(backends.check_name(source), tensors[0].device).random_words
     perturbed, base = {}, 0
     for name, t in zip(names, tensors):
-        gumbel = gumbel_noise(philox.random_words(t.numel(), base, seed, GUMBEL_STREAM, t.device))
+        gumbel = gumbel_noise(words(t.numel(), base, seed, GUMBEL_STREAM, t.device))
         perturbed[name] = _sample_keys(t, gumbel, float(temperature), dtype).view(t.shape)
         base += philox.rng_group_counts(t.numel())
     return select_mask(perturbed, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_common.h"
+#include "cpu/philox_cpu.h"
 #include "ops.h"
 
 TORCH_LIBRARY_IMPL(childopt, CPU, m) {
@@ -45,6 +46,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "test-only: clear the set of threads that ran CPU kernel chunks and switch recording on or off");
   m.def("_chunk_thread_count", &childopt::cpu::chunk_thread_count,
         "test-only: how many distinct threads ran CPU kernel chunks since recording was switched on");
+  m.def("_philox_words", &childopt::cpu::philox_words_into, pybind11::arg("words"), pybind11::arg("rng_base"),
+        pybind11::arg("seed"), pybind11::arg("step"),
+        "fill a contiguous int32 CPU tensor with the Philox words (bit patterns) of its elements, as "
+        "childopt.philox.random_words draws them");
+  m.def("_inplace_stream", &childopt::cpu::inplace_stream, pybind11::arg("p"), pybind11::arg("g"),
+        pybind11::arg("m"), pybind11::arg("v"),
+        "benchmark reference: m += g; v += g; p += m over four fp32 CPU tensors, 28 B per element, in parallel");
+  // The Philox ISAs of the CPU draws: 0 scalar, 1 AVX2, 2 AVX-512F (philox_cpu.h).
+  m.def("_philox_isa", [] { return static_cast<int64_t>(childopt::cpu::philox_isa()); },
+        "the ISA the CPU Philox draws use now: 0 scalar, 1 AVX2, 2 AVX-512F");
+  m.def("_best_philox_isa", [] { return static_cast<int64_t>(childopt::cpu::best_philox_isa()); },
+        "the fastest Philox ISA this CPU supports");
+  m.def("_set_philox_isa",
+        [](int64_t isa) {
+          return static_cast<int64_t>(childopt::cpu::set_philox_isa(static_cast<childopt::cpu::PhiloxIsa>(isa)));
+        },
+        "test-only: draw with this ISA from now on (refused if the CPU lacks it); returns the previous one");
 #ifdef CHILDOPT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -172,6 +172,12 @@ inline void check_radix_histogram(at::TensorList scores, at::IntArrayRef scopes,
 
 namespace cpu {
 CHILDOPT_DECLARE_OPS()
+
+// CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
+// sample_mask's Gumbel noise (philox_words.cpp) and the benchmark's roofline reference
+// (inplace_stream.cpp).
+void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
+void inplace_stream(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v);
 }  // namespace cpu
 
 #ifdef CHILDOPT_WITH_CUDA

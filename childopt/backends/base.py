@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from childopt import philox
 from childopt.backends import contract
 from childopt.backends.contract import MaskKind, MaskSpec
 
@@ -90,3 +91,7 @@ class Backend:
         """``fisher[i] += (grads[i] * scales[i])**2`` in one op call (fisher contiguous fp32)."""
         if fisher:
             self._op("fisher_accumulate")(fisher, grads, scales.to(torch.float32))
+
+    def random_words(self, numel: int, rng_base: int, seed: int, step: int, device) -> torch.Tensor:
+        """The uint32 Philox words (int64) of ``numel`` elements: :func:`childopt.philox.random_words`."""
+        return philox.random_words(numel, rng_base, seed, step, device)

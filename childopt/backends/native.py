@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from childopt import philox
 from childopt.backends import base
 
 NAME = "native"
@@ -49,4 +50,12 @@ class Backend(base.Backend):
     def __init__(self):
         from childopt import _native
 
-        _native.load()
+        self._module = _native.load()
+
+    def random_words(self, numel: int, rng_base: int, seed: int, step: int, device) -> torch.Tensor:
+        """On CPU, the vectorised Philox of childopt._C on every intra-op thread (the same bits)."""
+        if torch.device(device).type != "cpu":
+            return super().random_words(numel, rng_base, seed, step, device)
+        words = torch.empty(numel, dtype=torch.int32)
+        self._module._philox_words(words, rng_base, seed, step)
+        return words.to(torch.int64) & philox.MASK32

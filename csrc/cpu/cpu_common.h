@@ -31,7 +31,7 @@ namespace cpu {
 
 // Elements per parallel work item: a multiple of 4 (a Philox group) and of kBlock.
 constexpr int64_t kChunk = 1 << 15;
-// Elements per inner block: the Bernoulli keep decisions of a block live on the stack.
+// Elements per inner block of the element loops.
 constexpr int64_t kBlock = 1024;
 
 // fp32 loads and stores of each storage dtype; bf16 through the shared rounding of

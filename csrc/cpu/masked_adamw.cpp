@@ -5,12 +5,13 @@
 // with amsgrad); the Bernoulli mask is drawn in cache.  Scalars come per tensor (one float64
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
-// decisions (Philox, one call per 4 elements), then the element update, a loop the compiler
-// vectorises per ISA clone.  Frozen entries are written back with their old bits (a select),
+// decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
+// element update, a loop the compiler vectorises per ISA clone.  Frozen entries are written back with their old bits (a select),
 // so the update loop has no branches.
 #include "../ops.h"
 
 #include "cpu_common.h"
+#include "philox_cpu.h"
 
 namespace childopt {
 namespace cpu {
@@ -38,13 +39,42 @@ CHILDOPT_CPU_CLONES void adamw_block(P* __restrict p, const G* __restrict g, flo
   }
 }
 
+// The element streams of a block (vmax null without amsgrad).
+template <typename P, typename G>
+struct BlockStreams {
+  P* p;
+  const G* g;
+  float* m;
+  float* v;
+  float* vmax;
+};
+
+// Elements whose keep decisions are drawn between two rounds of prefetches: 32 Philox groups,
+// one AVX-512 step of philox_cpu.h.
+constexpr int64_t kDrawStep = 128;
+
+// Prefetch the lines of n elements; WRITE asks for them in a writable state.
+template <int WRITE, typename T>
+inline void prefetch_span(const T* first, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(first + i, WRITE, 3);
+}
+
 // Keep decisions of elements [begin, begin + n) of a tensor whose Philox groups start at
-// rng_base; begin is a multiple of 4.
-CHILDOPT_CPU_CLONES void bernoulli_block(const BernoulliDraw draw, uint64_t rng_base, int64_t begin, int64_t n,
-                                         uint8_t* __restrict keep) {
-  const int64_t groups = (n + 3) / 4;
-  for (int64_t q = 0; q < groups; ++q) {
-    keep_group(draw, rng_base + static_cast<uint64_t>(begin / 4 + q), keep + 4 * q);
+// rng_base (begin a multiple of 4).  Drawing is pure arithmetic, so each step of it first asks
+// for the lines the update of the same elements will read: the memory system fetches them
+// while the core computes, instead of the update waiting for them afterwards.
+template <typename P, typename G>
+void draw_block(const BernoulliDraw& draw, uint64_t rng_base, int64_t begin, int64_t n, uint8_t* keep,
+                const BlockStreams<P, G>& streams) {
+  for (int64_t at = 0; at < n; at += kDrawStep) {
+    const int64_t count = std::min(kDrawStep, n - at);
+    prefetch_span<1>(streams.p + at, count);
+    prefetch_span<0>(streams.g + at, count);
+    prefetch_span<1>(streams.m + at, count);
+    prefetch_span<1>(streams.v + at, count);
+    if (streams.vmax != nullptr) prefetch_span<1>(streams.vmax + at, count);
+    keep_groups(draw, rng_base + static_cast<uint64_t>((begin + at) / 4), (count + 3) / 4, keep + at);
   }
 }
 
@@ -70,7 +100,7 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
       if (mask_kind == MaskKind::kDense) {
         keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
       } else if (mask_kind == MaskKind::kBernoulli) {
-        bernoulli_block(draw, s.rng_base, b, n, drawn);
+        draw_block<P, G>(draw, s.rng_base, b, n, drawn, {p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr});
         keep = drawn;
       }
       adamw_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);

@@ -90,3 +90,17 @@ def test_the_build_uses_torchs_openmp_runtime_when_aten_does():
     if openmp == "gomp":
         assert config.ld_flags(openmp) == ["-fopenmp"]
     assert config.ld_flags(None) == [] and "-fopenmp" not in config.cxx_flags(True, None)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_philox_words_and_the_stream_reference_run_on_every_intra_op_thread(native_module, threads, count):
+    threads(count)
+    for run in (lambda: native_module._philox_words(torch.empty(1 << 20, dtype=torch.int32), 0, 1, 2),
+                lambda: native_module._inplace_stream(*(torch.zeros(1 << 20) for _ in range(4)))):
+        native_module._record_chunk_threads(True)
+        try:
+            run()
+            used = native_module._chunk_thread_count()
+        finally:
+            native_module._record_chunk_threads(False)
+        assert used == count

@@ -1,0 +1,296 @@
+// Vectorised Philox4x32-10 (philox_cpu.h).  Intrinsics rather than target_clones: GCC vectorises
+// the widening 32x32->64 multiply of a plain loop as a full 64-bit multiply (three vpmuludq per
+// vector instead of one, slower than scalar code), so the multiply-high / multiply-low pair is
+// written out with vpmuludq on even and odd lanes.  Each vector step runs LANES counters through
+// the 10 rounds, then transposes the four word vectors so the words leave in element order.
+#include "philox_cpu.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CHILDOPT_X86_PHILOX 1
+#include <immintrin.h>
+#endif
+
+namespace childopt {
+namespace cpu {
+namespace {
+
+// Scalar: one group at a time, the shared definition of philox.h.
+void scalar_words(const BernoulliDraw& draw, uint64_t first, int64_t groups, uint32_t* words) {
+  for (int64_t q = 0; q < groups; ++q) {
+    const uint64_t group = first + static_cast<uint64_t>(q);
+    uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                     static_cast<uint32_t>(draw.step), static_cast<uint32_t>(draw.step >> 32)};
+    philox4x32_10(c, draw.seed_lo, draw.seed_hi);
+    for (int w = 0; w < 4; ++w) words[4 * q + w] = c[w];
+  }
+}
+
+void scalar_keep(const BernoulliDraw& draw, uint64_t first, int64_t groups, uint8_t* keep) {
+  for (int64_t q = 0; q < groups; ++q) keep_group(draw, first + static_cast<uint64_t>(q), keep + 4 * q);
+}
+
+#ifdef CHILDOPT_X86_PHILOX
+
+// ---------------------------------------------------------------- AVX-512F: 32 groups per step
+
+// 8 counters per vector, one per 64-bit lane with its words in the low halves: vpmuludq then
+// yields each full 64-bit product, the high word is one dword swap away and the low word is the
+// product itself (the high half left in a lane is garbage that vpmuludq and the final
+// narrowing ignore, and XOR keeps it out of the low half).  Four such vectors run interleaved,
+// so the multiplies of one chain hide the latency of the others.
+constexpr int kChains512 = 4;
+
+struct Words512 {
+  __m512i w[4];  // w[j] holds groups 4j .. 4j+3 of 16 groups, each as its 4 words in order
+};
+
+// Words c0..c3 of 16 groups (two chains of 8, in qword lanes) -> element order.
+__attribute__((target("avx512f"))) inline Words512 transpose_512(const __m512i (&lo)[4], const __m512i (&hi)[4]) {
+  __m512i c[4];
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo[j])), _mm512_cvtepi64_epi32(hi[j]), 1);
+  }
+  // 4 x 16 transpose: within each 128-bit lane, then across lanes.
+  const __m512i t0 = _mm512_unpacklo_epi32(c[0], c[1]);
+  const __m512i t1 = _mm512_unpackhi_epi32(c[0], c[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(c[2], c[3]);
+  const __m512i t3 = _mm512_unpackhi_epi32(c[2], c[3]);
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2);  // group 4k of 128-bit lane k
+  const __m512i u1 = _mm512_unpackhi_epi64(t0, t2);  // group 4k + 1
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3);  // group 4k + 2
+  const __m512i u3 = _mm512_unpackhi_epi64(t1, t3);  // group 4k + 3
+  const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44);
+  const __m512i v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+  const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE);
+  const __m512i v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  return {{_mm512_shuffle_i32x4(v0, v1, 0x88), _mm512_shuffle_i32x4(v0, v1, 0xDD),
+           _mm512_shuffle_i32x4(v2, v3, 0x88), _mm512_shuffle_i32x4(v2, v3, 0xDD)}};
+}
+
+// The words of groups first .. first + 31, as two 16-group sets in element order.
+__attribute__((target("avx512f"))) inline void philox_512(const BernoulliDraw& draw, uint64_t first,
+                                                          Words512 (&out)[kChains512 / 2]) {
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i low_word = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i step_lo = _mm512_set1_epi64(static_cast<uint32_t>(draw.step));
+  const __m512i step_hi = _mm512_set1_epi64(static_cast<uint32_t>(draw.step >> 32));
+  __m512i c0[kChains512], c1[kChains512], c2[kChains512], c3[kChains512];
+  for (int v = 0; v < kChains512; ++v) {
+    // 64-bit group numbers, so the carry into the high counter word is exact.
+    const __m512i group = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first + 8u * v)), lane);
+    c0[v] = _mm512_and_si512(group, low_word);
+    c1[v] = _mm512_srli_epi64(group, 32);
+    c2[v] = step_lo;
+    c3[v] = step_hi;
+  }
+  const __m512i mul_a = _mm512_set1_epi64(kPhiloxRoundA);
+  const __m512i mul_b = _mm512_set1_epi64(kPhiloxRoundB);
+  uint32_t k0 = draw.seed_lo;
+  uint32_t k1 = draw.seed_hi;
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi64(k0);
+    const __m512i key1 = _mm512_set1_epi64(k1);
+    for (int v = 0; v < kChains512; ++v) {
+      const __m512i p0 = _mm512_mul_epu32(c0[v], mul_a);
+      const __m512i p2 = _mm512_mul_epu32(c2[v], mul_b);
+      // The high word to the low half by a dword swap (vpshufd, off the multiplier's port; the
+      // low word it moves up is garbage like the rest of the high half), then a ^ b ^ c.
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p2, _MM_PERM_CDAB), c1[v], key0, 0x96);
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), c3[v], key1, 0x96);
+      c1[v] = p2;
+      c3[v] = p0;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int half = 0; half < kChains512 / 2; ++half) {
+    const __m512i lo[4] = {c0[2 * half], c1[2 * half], c2[2 * half], c3[2 * half]};
+    const __m512i hi[4] = {c0[2 * half + 1], c1[2 * half + 1], c2[2 * half + 1], c3[2 * half + 1]};
+    out[half] = transpose_512(lo, hi);
+  }
+}
+
+__attribute__((target("avx512f"))) void avx512_words(const BernoulliDraw& draw, uint64_t first, int64_t groups,
+                                                     uint32_t* words) {
+  constexpr int64_t kGroups = 8 * kChains512;
+  int64_t q = 0;
+  for (; q + kGroups <= groups; q += kGroups) {
+    Words512 out[kChains512 / 2];
+    philox_512(draw, first + static_cast<uint64_t>(q), out);
+    for (int half = 0; half < kChains512 / 2; ++half) {
+      for (int j = 0; j < 4; ++j) _mm512_storeu_si512(words + 4 * q + 64 * half + 16 * j, out[half].w[j]);
+    }
+  }
+  scalar_words(draw, first + static_cast<uint64_t>(q), groups - q, words + 4 * q);
+}
+
+__attribute__((target("avx512f"))) void avx512_keep(const BernoulliDraw& draw, uint64_t first, int64_t groups,
+                                                    uint8_t* keep) {
+  // keep_threshold < 2**32 (check_draw), so `word < threshold` is an unsigned 32-bit compare.
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(draw.keep_threshold)));
+  const __m512i one = _mm512_set1_epi32(1);
+  constexpr int64_t kGroups = 8 * kChains512;
+  int64_t q = 0;
+  for (; q + kGroups <= groups; q += kGroups) {
+    Words512 out[kChains512 / 2];
+    philox_512(draw, first + static_cast<uint64_t>(q), out);
+    for (int half = 0; half < kChains512 / 2; ++half) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i kept = _mm512_maskz_mov_epi32(_mm512_cmplt_epu32_mask(out[half].w[j], threshold), one);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + 4 * q + 64 * half + 16 * j), _mm512_cvtepi32_epi8(kept));
+      }
+    }
+  }
+  scalar_keep(draw, first + static_cast<uint64_t>(q), groups - q, keep + 4 * q);
+}
+
+// ---------------------------------------------------------------- AVX2: 8 groups per step
+
+struct Words256 {
+  __m256i w[4];  // w[j] holds groups 2j, 2j+1 of the step
+};
+
+__attribute__((target("avx2"))) inline void mulhilo_256(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) inline Words256 philox_256(const BernoulliDraw& draw, uint64_t first) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const uint32_t first_lo = static_cast<uint32_t>(first);
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_lo)), lane);
+  // Carry where the low word wrapped: c0 < first_lo unsigned, i.e. lane > 0xFFFFFFFF - first_lo.
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(first_lo)), sign),
+                                             _mm256_xor_si256(c0, sign));
+  __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), wrapped);
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(draw.step)));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(draw.step >> 32)));
+  const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  uint32_t k0 = draw.seed_lo;
+  uint32_t k1 = draw.seed_hi;
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi2, lo2;
+    mulhilo_256(c0, mul_a, hi0, lo0);
+    mulhilo_256(c2, mul_b, hi2, lo2);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi2, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = lo2;
+    c3 = lo0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1);
+  const __m256i t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3);
+  const __m256i t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2);  // groups 0 and 4
+  const __m256i u1 = _mm256_unpackhi_epi64(t0, t2);  // groups 1 and 5
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3);  // groups 2 and 6
+  const __m256i u3 = _mm256_unpackhi_epi64(t1, t3);  // groups 3 and 7
+  return {{_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u2, u3, 0x20),
+           _mm256_permute2x128_si256(u0, u1, 0x31), _mm256_permute2x128_si256(u2, u3, 0x31)}};
+}
+
+__attribute__((target("avx2"))) void avx2_words(const BernoulliDraw& draw, uint64_t first, int64_t groups,
+                                                uint32_t* words) {
+  int64_t q = 0;
+  for (; q + 8 <= groups; q += 8) {
+    const Words256 out = philox_256(draw, first + static_cast<uint64_t>(q));
+    for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 4 * q + 8 * j), out.w[j]);
+  }
+  scalar_words(draw, first + static_cast<uint64_t>(q), groups - q, words + 4 * q);
+}
+
+__attribute__((target("avx2"))) void avx2_keep(const BernoulliDraw& draw, uint64_t first, int64_t groups,
+                                               uint8_t* keep) {
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i threshold =
+      _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(draw.keep_threshold))), sign);
+  const __m256i one = _mm256_set1_epi32(1);
+  int64_t q = 0;
+  for (; q + 8 <= groups; q += 8) {
+    const Words256 out = philox_256(draw, first + static_cast<uint64_t>(q));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i kept = _mm256_and_si256(_mm256_cmpgt_epi32(threshold, _mm256_xor_si256(out.w[j], sign)), one);
+      // int32 0/1 -> bytes, in order: pack the two 128-bit halves to int16, then to uint8.
+      const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128(kept), _mm256_extracti128_si256(kept, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(keep + 4 * q + 8 * j), _mm_packus_epi16(halves, halves));
+    }
+  }
+  scalar_keep(draw, first + static_cast<uint64_t>(q), groups - q, keep + 4 * q);
+}
+
+bool cpu_has(PhiloxIsa isa) {
+  if (isa == PhiloxIsa::kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == PhiloxIsa::kAvx2) return __builtin_cpu_supports("avx2");
+  return true;
+}
+
+#else
+
+bool cpu_has(PhiloxIsa isa) { return isa == PhiloxIsa::kScalar; }
+
+#endif  // CHILDOPT_X86_PHILOX
+
+PhiloxIsa detect() {
+  if (cpu_has(PhiloxIsa::kAvx512)) return PhiloxIsa::kAvx512;
+  if (cpu_has(PhiloxIsa::kAvx2)) return PhiloxIsa::kAvx2;
+  return PhiloxIsa::kScalar;
+}
+
+std::atomic<PhiloxIsa>& current() {
+  static std::atomic<PhiloxIsa> isa{detect()};
+  return isa;
+}
+
+}  // namespace
+
+PhiloxIsa philox_isa() { return current().load(std::memory_order_relaxed); }
+
+PhiloxIsa best_philox_isa() { return detect(); }
+
+PhiloxIsa set_philox_isa(PhiloxIsa isa) {
+  TORCH_CHECK(isa == PhiloxIsa::kScalar || isa == PhiloxIsa::kAvx2 || isa == PhiloxIsa::kAvx512,
+              "childopt: unknown Philox ISA ", static_cast<int64_t>(isa));
+  TORCH_CHECK(cpu_has(isa), "childopt: this CPU cannot run the Philox ISA ", static_cast<int64_t>(isa));
+  return current().exchange(isa);
+}
+
+void keep_groups(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint8_t* keep) {
+#ifdef CHILDOPT_X86_PHILOX
+  switch (philox_isa()) {
+    case PhiloxIsa::kAvx512:
+      return avx512_keep(draw, first_group, groups, keep);
+    case PhiloxIsa::kAvx2:
+      return avx2_keep(draw, first_group, groups, keep);
+    case PhiloxIsa::kScalar:
+      break;
+  }
+#endif
+  scalar_keep(draw, first_group, groups, keep);
+}
+
+void philox_words(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint32_t* words) {
+#ifdef CHILDOPT_X86_PHILOX
+  switch (philox_isa()) {
+    case PhiloxIsa::kAvx512:
+      return avx512_words(draw, first_group, groups, words);
+    case PhiloxIsa::kAvx2:
+      return avx2_words(draw, first_group, groups, words);
+    case PhiloxIsa::kScalar:
+      break;
+  }
+#endif
+  scalar_words(draw, first_group, groups, words);
+}
+
+}  // namespace cpu
+}  // namespace childopt

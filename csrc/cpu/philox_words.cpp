@@ -1,0 +1,35 @@
+// The raw Philox words of a tensor's elements on the CPU (childopt.philox.random_words, fast):
+// the Gumbel noise of childopt.masks.sample_mask draws from them.  Bytes: 4 written per element;
+// the words come from the vectorised Philox of philox_cpu.h, split over torch's intra-op threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_common.h"
+#include "philox_cpu.h"
+
+namespace childopt {
+namespace cpu {
+
+void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step) {
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.is_contiguous(),
+              "childopt: words must be a contiguous int32 CPU tensor, got ", words.scalar_type(), " on ",
+              words.device());
+  const int64_t numel = words.numel();
+  const int64_t groups = (numel + 3) / 4;
+  const BernoulliDraw key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), step, 0};
+  uint32_t* out = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
+  // Whole groups go straight to the output; the last, partial group through a 4-word buffer.
+  const int64_t whole = numel / 4;
+  at::parallel_for(0, whole, kChunk / 4, [&](int64_t first, int64_t last) {
+    if (chunk_threads_recording()) note_chunk_thread();
+    philox_words(key, rng_base + static_cast<uint64_t>(first), last - first, out + 4 * first);
+  });
+  if (groups > whole) {
+    uint32_t tail[4];
+    philox_words(key, rng_base + static_cast<uint64_t>(whole), 1, tail);
+    for (int64_t i = 4 * whole; i < numel; ++i) out[i] = tail[i - 4 * whole];
+  }
+}
+
+}  // namespace cpu
+}  // namespace childopt

@@ -1,0 +1,140 @@
+"""The vectorised Philox of the CPU kernels (csrc/cpu/philox_cpu.h) draws exactly childopt.philox's
+stream with every ISA this CPU has (AVX-512F, AVX2, scalar code) and at every thread count: the
+raw words behind sample_mask's Gumbel noise, and the Bernoulli masks of a native step, checked
+against the plain-torch definition and the reference backend.
+"""
+import platform
+
+import pytest
+import torch
+
+from childopt import MaskedAdamW, masks, philox
+from tests.helpers import assert_all_equal, bernoulli_keep_at, make_params, snapshot, train
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512f": 2}
+THREADS = (1, 2, 3)
+# (numel, rng_base, seed, step): a lone element, a partial group at the top of the counter's low
+# word, a vector step that carries into the high word, long runs split over the threads.
+WORD_CASES = [
+    (1, 0, 0, 0),
+    (7, 2**32 - 1, 2**64 - 1, 2**32 + 5),
+    (4 * 32 * 3 + 7, 2**32 - 40, 12345, 7),
+    (100_003, 2**40 + 1, 99, 2**63),
+    (300_001, 5, 2**33 + 1, 1),
+]
+SHAPES = [(1,), (3,), (5,), (129,), (1031,), (64 * 1024 + 5,), (7, 13)]
+
+
+@pytest.fixture
+def native_module(lane_on_cpu):
+    lane_on_cpu("native")
+    from childopt import _native
+
+    return _native.load()
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, native_module):
+    """Draws with one ISA for the test (skipped where this CPU lacks it), then restores the default."""
+    before = native_module._philox_isa()
+    try:
+        native_module._set_philox_isa(ISAS[request.param])
+    except RuntimeError:
+        pytest.skip(f"this CPU cannot run {request.param}")
+    yield request.param
+    native_module._set_philox_isa(before)
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _cpu_flags() -> set:
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+def test_the_default_is_the_fastest_isa_this_cpu_has(native_module):
+    assert native_module._philox_isa() == native_module._best_philox_isa()
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_flags():
+        flags = _cpu_flags()
+        expected = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "scalar"
+        assert native_module._best_philox_isa() == ISAS[expected]
+
+
+def test_an_unknown_isa_is_refused(native_module):
+    with pytest.raises(RuntimeError, match="unknown Philox ISA 7"):
+        native_module._set_philox_isa(7)
+    assert native_module._philox_isa() == native_module._best_philox_isa()
+
+
+@pytest.mark.parametrize("count", THREADS)
+@pytest.mark.parametrize("numel, rng_base, seed, step", WORD_CASES)
+def test_words_equal_the_definition(native_module, isa, threads, count, numel, rng_base, seed, step):
+    threads(count)
+    words = torch.empty(numel, dtype=torch.int32)
+    native_module._philox_words(words, rng_base, seed, step)
+    expected = philox.random_words(numel, rng_base, seed, step, "cpu")
+    assert torch.equal(words.to(torch.int64) & philox.MASK32, expected)
+
+
+def test_words_need_a_contiguous_int32_cpu_tensor(native_module):
+    with pytest.raises(RuntimeError, match="words must be a contiguous int32 CPU tensor"):
+        native_module._philox_words(torch.empty(8, dtype=torch.int64), 0, 0, 0)
+    with pytest.raises(RuntimeError, match="words must be a contiguous int32 CPU tensor"):
+        native_module._philox_words(torch.empty(8, 2, dtype=torch.int32).t(), 0, 0, 0)
+
+
+@pytest.mark.parametrize("count", THREADS)
+def test_bernoulli_masks_equal_the_definition(native_module, isa, threads, count):
+    """Under freeze exactly the kept entries move, step after step: the masks drawn 32 groups per
+    vector (a partial vector and a partial group at every tensor's end) are childopt.philox's."""
+    threads(count)
+    params = make_params(SHAPES)
+    seed = 2**63 + 11
+    keep_at = bernoulli_keep_at(params, seed, 0.3)
+    opt = MaskedAdamW(params, mask="bernoulli", reserve_p=0.3, masked="freeze", seed=seed, lr=1e-2,
+                      backend="native")
+    for t in range(1, 4):
+        before = [p.detach().clone() for p in params]
+        train(opt, params, 1, start=t - 1)
+        for i, (p, old) in enumerate(zip(params, before)):
+            assert torch.equal(p.detach() != old, keep_at(i, t)), (i, t)
+
+
+@pytest.mark.parametrize("masked", ["freeze", "zero_grad"])
+def test_bernoulli_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, masked):
+    def run(isa, count):
+        native_module._set_philox_isa(isa)
+        threads(count)
+        params = make_params(SHAPES)
+        opt = MaskedAdamW(params, mask="bernoulli", reserve_p=0.3, masked=masked, seed=7, lr=1e-2,
+                          weight_decay=0.1, backend="native")
+        train(opt, params, 3)
+        return snapshot(opt, params)
+
+    best = native_module._best_philox_isa()
+    try:
+        baseline = run(ISAS["scalar"], 1)
+        for isa in range(ISAS["scalar"], best + 1):
+            for count in THREADS:
+                assert_all_equal(run(isa, count), baseline)
+    finally:
+        native_module._set_philox_isa(best)
+
+
+def test_sample_mask_draws_the_same_gumbel_noise_natively(native_module, isa):
+    """sample_mask on CPU takes its words from the native kernel; the masks equal the reference's."""
+    torch.manual_seed(0)
+    scores = {f"w{i}": torch.rand(shape) for i, shape in enumerate(SHAPES)}
+    native = masks.sample_mask(scores, 0.3, temperature=0.7, seed=21, backend="native")
+    reference = masks.sample_mask(scores, 0.3, temperature=0.7, seed=21, backend="reference")
+    assert native.keys() == reference.keys()
+    for name in native:
+        assert torch.equal(native[name], reference[name]), name
