@@ -83,16 +83,22 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
     goes to the reference backend.  Each bucket's step counts advance once its op has run.
     """
     buckets: dict = {}
+    routes: dict = {}  # (device, param dtype, grad dtype) -> backend: one lookup per kind of tensor
+    compiling = torch.compiler.is_compiling()
     for i, p in enumerate(params):
+        grad = grads[i]
         kind = _tensor_kind(i, masks, indices, compact_grads, mask_kind, reserve_p)
-        impl = backends.route(backend(p.device), p.dtype, grads[i].dtype)
+        route = (p.device, p.dtype, grad.dtype)
+        impl = routes.get(route)
+        if impl is None:
+            impl = routes[route] = backends.route(backend(p.device), p.dtype, grad.dtype)
         # A tensor off 16-byte alignment gets its own bucket: in a shared one it would turn off
         # the vector loads of every tensor (a kernel vectorises a list only when all are aligned).
         # Storages are allocated aligned, so the storage offset tells.  A compiled step does not
         # split (dynamo breaks its graph on these reads); the kernels then check alignment themselves.
-        aligned = torch.compiler.is_compiling() or all(
-            t.storage_offset() * t.element_size() % 16 == 0 for t in (p, grads[i]))
-        buckets.setdefault((p.device, p.dtype, grads[i].dtype, kind, impl.name, aligned), (impl, []))[1].append(i)
+        aligned = compiling or (p.storage_offset() * p.element_size() % 16 == 0
+                                and grad.storage_offset() * grad.element_size() % 16 == 0)
+        buckets.setdefault((*route, kind, impl.name, aligned), (impl, []))[1].append(i)
     bernoulli = mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0
     keep_threshold = philox.keep_threshold(reserve_p) if bernoulli else 1
     for (device, _, _, kind, _, _), (impl, members) in buckets.items():

@@ -2,8 +2,9 @@
 // adamw_element.h at p[idx[k]] with compact state m[k], v[k] (and vmax[k]).
 //
 // Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32;
-// gathers from p and g are the cost.  The gradient is dense (gathered at idx) or compact
-// (g[k]).  Scalars come per tensor (one float64 row each).  Indices are sorted and unique, so chunks of k never write the same p entry.
+// gathers from p and g are the cost, so the loop prefetches the lines of entries ahead.  The
+// gradient is dense (gathered at idx) or compact (g[k]).  Scalars come per tensor (one float64
+// row each).  Indices are sorted and unique, so chunks of k never write the same p entry.
 #include "../ops.h"
 
 #include "cpu_common.h"
@@ -12,11 +13,20 @@ namespace childopt {
 namespace cpu {
 namespace {
 
+// Entries ahead whose p (and dense g) lines are prefetched: the gathers follow sorted indices
+// with gaps the hardware prefetcher does not follow once the child network is sparse.
+constexpr int64_t kPrefetchAhead = 16;
+
 template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
 CHILDOPT_CPU_CLONES void sparse_block(P* __restrict p, const G* __restrict g, const I* __restrict idx,
                                       float* __restrict m, float* __restrict v, float* __restrict vmax, int64_t n,
                                       StepScalars s) {
   for (int64_t k = 0; k < n; ++k) {
+    if (k + kPrefetchAhead < n) {
+      const int64_t ahead = static_cast<int64_t>(idx[k + kPrefetchAhead]);
+      __builtin_prefetch(p + ahead, 1);
+      if (!COMPACT) __builtin_prefetch(g + ahead, 0);
+    }
     const int64_t j = static_cast<int64_t>(idx[k]);
     const float grad = Storage<G>::load(COMPACT ? g[k] : g[j]);
     const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p[j]), grad, m[k], v[k],
