@@ -7,6 +7,7 @@
 // threads that ran chunks, so a test can prove it without timing anything.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -19,8 +20,12 @@
 
 // One build serves every x86-64 CPU: GCC and clang compile the hot loops once per ISA and pick
 // the clone at load time (ifunc), instead of -march=native, which would tie a cached or
-// prebuilt module to the machine that built it.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// prebuilt module to the machine that built it.  GCC 12+ takes the AVX-512 clone as x86-64-v4
+// (adds BW/DQ/VL: 16-bit lanes and byte masks, twice as fast bf16/fp16 conversion loops as
+// avx512f alone); KNL-style avx512f-only CPUs then run the avx2 clone.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define CHILDOPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define CHILDOPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CHILDOPT_CPU_CLONES
@@ -34,28 +39,43 @@ constexpr int64_t kChunk = 1 << 15;
 // Elements per inner block of the element loops.
 constexpr int64_t kBlock = 1024;
 
-// fp32 loads and stores of each storage dtype; bf16 through the shared rounding of
-// adamw_element.h so CPU and CUDA store the same bits.
+// fp32 loads and stores of each storage dtype, on its raw bits (float, or uint16_t for the 16-bit
+// types): a select between two uint16_t values if-converts where one between two c10 wrapper
+// objects keeps a masked loop scalar.  bf16 rounds through the shared code of adamw_element.h
+// so CPU and CUDA store the same bits; fp16 through c10's software conversion (the build has no
+// -mf16c, so every ISA clone rounds alike).
 template <typename T>
 struct Storage;
 
 template <>
 struct Storage<float> {
+  using Raw = float;
   static float load(float x) { return x; }
   static float store(float x) { return x; }
 };
 
 template <>
 struct Storage<c10::BFloat16> {
-  static float load(c10::BFloat16 x) { return float_from_bf16_bits(x.x); }
-  static c10::BFloat16 store(float x) { return c10::BFloat16(bf16_bits_from_float(x), c10::BFloat16::from_bits()); }
+  using Raw = uint16_t;
+  static float load(uint16_t bits) { return float_from_bf16_bits(bits); }
+  static uint16_t store(float x) { return bf16_bits_from_float(x); }
 };
 
 template <>
 struct Storage<c10::Half> {
-  static float load(c10::Half x) { return static_cast<float>(x); }
-  static c10::Half store(float x) { return c10::Half(x); }
+  using Raw = uint16_t;
+  static float load(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+  static uint16_t store(float x) { return c10::Half(x).x; }
 };
+
+template <typename T>
+using Raw = typename Storage<T>::Raw;
+
+// The elements of a float32 / bfloat16 / float16 tensor as their raw storage type.
+template <typename T>
+Raw<T>* raw_data(const at::Tensor& t) {
+  return reinterpret_cast<Raw<T>*>(t.data_ptr<T>());
+}
 
 // Run the lambda with scalar_t bound to the storage type of a float32 / bfloat16 / float16 tensor.
 #define CHILDOPT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                  \

@@ -11,7 +11,8 @@ namespace cpu {
 namespace {
 
 template <typename G>
-CHILDOPT_CPU_CLONES void fisher_block(float* __restrict f, const G* __restrict g, int64_t n, float scale) {
+CHILDOPT_CPU_CLONES void fisher_block(float* __restrict f, const Raw<G>* __restrict g, int64_t n,
+                                      float scale) {
   for (int64_t i = 0; i < n; ++i) {
     const float x = Storage<G>::load(g[i]) * scale;
     f[i] = f[i] + x * x;
@@ -29,7 +30,7 @@ void fisher_accumulate(at::TensorList fisher, at::TensorList grads, const at::Te
   CHILDOPT_DISPATCH_FLOAT_TYPES(grads[0].scalar_type(), "childopt_fisher_accumulate", [&] {
     for_each_chunk(numels, [&](const Chunk& c) {
       fisher_block<scalar_t>(fisher[c.tensor].data_ptr<float>() + c.begin,
-                             grads[c.tensor].data_ptr<scalar_t>() + c.begin, c.end - c.begin, scale[c.tensor]);
+                             raw_data<scalar_t>(grads[c.tensor]) + c.begin, c.end - c.begin, scale[c.tensor]);
     });
   });
 }

@@ -6,10 +6,14 @@
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
-// element update, a loop the compiler vectorises per ISA clone.  Frozen entries are written back with their old bits (a select),
-// so the update loop has no branches.
+// element update, a loop the compiler vectorises per ISA clone (bf16/fp16 params or grads through
+// fp32 scratch where a single loop would stay scalar, update_block).  Frozen entries are written back with their old bits (a select), so
+// the update loop has no branches.
+#include <type_traits>
+
 #include "../ops.h"
 
+#include "adamw_block.h"
 #include "cpu_common.h"
 #include "philox_cpu.h"
 
@@ -17,33 +21,44 @@ namespace childopt {
 namespace cpu {
 namespace {
 
-enum class Keep { kAll, kZeroGrad, kFreeze };
-
+// One block of any storage types.  fp32, and bf16 without a mask, run adamw_block on the tensors
+// themselves.  Otherwise (fp16 anywhere, or a mask beside 16-bit elements) GCC keeps that single
+// loop scalar: no vector shape fits 16-bit elements, byte masks and fp32 state together, and
+// fp16's software rounding does not if-convert beside the update.  Those blocks go through fp32
+// scratch in three loops (widen, the fp32 update, narrow) that each vectorise while the scratch
+// (8 KB) stays in L1.  The arithmetic, and so every stored bit, is the same either way.
 template <typename P, typename G, bool AMSGRAD, Keep KEEP>
-CHILDOPT_CPU_CLONES void adamw_block(P* __restrict p, const G* __restrict g, float* __restrict m,
-                                     float* __restrict v, float* __restrict vmax, const uint8_t* __restrict keep,
-                                     int64_t n, StepScalars s) {
-  for (int64_t i = 0; i < n; ++i) {
-    bool dropped = false;
-    if constexpr (KEEP != Keep::kAll) dropped = keep[i] == 0;
-    const float m_old = m[i];
-    const float v_old = v[i];
-    const float vmax_old = AMSGRAD ? vmax[i] : 0.0f;
-    const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p[i]), Storage<G>::load(g[i]), m_old, v_old,
-                                                  vmax_old, KEEP == Keep::kZeroGrad && dropped, s);
-    const bool frozen = KEEP == Keep::kFreeze && dropped;
-    p[i] = frozen ? p[i] : Storage<P>::store(e.p);
-    m[i] = frozen ? m_old : e.m;
-    v[i] = frozen ? v_old : e.v;
-    if (AMSGRAD) vmax[i] = frozen ? vmax_old : e.vmax;
+void update_block(Raw<P>* p, const Raw<G>* g, float* m, float* v, float* vmax, const uint8_t* keep, int64_t n,
+                  const StepScalars& s) {
+  constexpr bool kFloat = std::is_same_v<P, float> && std::is_same_v<G, float>;
+  constexpr bool kBf16Dense = std::is_same_v<P, c10::BFloat16> && !std::is_same_v<G, c10::Half> && KEEP == Keep::kAll;
+  if constexpr (kFloat || kBf16Dense) {
+    adamw_block<P, G, AMSGRAD, KEEP>(p, g, m, v, vmax, keep, n, s);
+  } else {
+    alignas(64) float p_wide[kBlock];
+    alignas(64) float g_wide[kBlock];
+    float* p32 = p_wide;
+    const float* g32 = g_wide;
+    if constexpr (std::is_same_v<P, float>) {
+      p32 = p;
+    } else {
+      widen_block<P>(p, p_wide, n);
+    }
+    if constexpr (std::is_same_v<G, float>) {
+      g32 = g;
+    } else {
+      widen_block<G>(g, g_wide, n);
+    }
+    adamw_block<float, float, AMSGRAD, KEEP>(p32, g32, m, v, vmax, keep, n, s);
+    if constexpr (!std::is_same_v<P, float>) narrow_block<P, KEEP == Keep::kFreeze>(p, p_wide, keep, n);
   }
 }
 
 // The element streams of a block (vmax null without amsgrad).
 template <typename P, typename G>
 struct BlockStreams {
-  P* p;
-  const G* g;
+  Raw<P>* p;
+  const Raw<G>* g;
   float* m;
   float* v;
   float* vmax;
@@ -87,8 +102,8 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
   for_each_chunk(numels, [&](const Chunk& c) {
     const StepScalars s = step_scalars_from_row(rows + c.tensor * kNumStepScalars);
     const BernoulliDraw draw = bernoulli_draw(keep_threshold, seed_lo, seed_hi, s.step);
-    P* p = params[c.tensor].data_ptr<P>();
-    const G* g = grads[c.tensor].data_ptr<G>();
+    Raw<P>* p = raw_data<P>(params[c.tensor]);
+    const Raw<G>* g = raw_data<G>(grads[c.tensor]);
     float* m = exp_avgs[c.tensor].data_ptr<float>();
     float* v = exp_avg_sqs[c.tensor].data_ptr<float>();
     float* vmax = AMSGRAD ? max_exp_avg_sqs[c.tensor].data_ptr<float>() : nullptr;
@@ -103,7 +118,7 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
         draw_block<P, G>(draw, s.rng_base, b, n, drawn, {p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr});
         keep = drawn;
       }
-      adamw_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
+      update_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
     }
   });
 }

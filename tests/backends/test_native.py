@@ -106,6 +106,33 @@ def test_bernoulli_mask_equals_the_philox_definition(name, step):
         assert torch.equal((m_new != m_old).reshape(-1), keep)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", [MaskKind.DENSE, MaskKind.BERNOULLI])
+def test_frozen_16_bit_entries_keep_their_bits_through_the_fp32_scratch(native_cpu, dtype, kind):
+    """16-bit params step through fp32 scratch (widen, update, narrow); a frozen entry must come
+    back with its own bits, not a round trip's: NaN payloads (which rounding would make the
+    canonical NaN), signalling NaNs and -0.0 stay, while kept entries move as the reference moves them."""
+    t, want = bucket(dtype, False, kind), bucket(dtype, False, kind)
+    odd_bits = torch.tensor([0x7F81, 0xFFFF, 0x7C01, 0xFE01, 0x8000], dtype=torch.int32).to(torch.int16)
+    for a, b in zip(t.params, want.params, strict=True):
+        every_fifth = a.view(torch.int16).view(-1)[::5][:5]
+        every_fifth.copy_(odd_bits[: every_fifth.numel()])
+        b.copy_(a)
+    before = [p.clone() for p in t.params]
+    native_cpu.adamw_step(t, rows(), mask_spec(kind, True))
+    reference.Backend().adamw_step(want, rows(), mask_spec(kind, True))
+    for i, (old, new, ref) in enumerate(zip(before, t.params, want.params, strict=True)):
+        moved = (new.view(torch.int16) != old.view(torch.int16)).reshape(-1)
+        if kind == MaskKind.DENSE:
+            kept = t.masks[i].reshape(-1)
+        else:
+            kept = philox.bernoulli_keep(old.numel(), RNG_BASES[i], SEED, 3, 0.3, "cpu")
+        assert not moved[~kept].any(), f"tensor {i}: a frozen entry changed bits"
+        # a kept NaN stores the canonical NaN here (as Triton), the reference keeps torch's payload
+        nan = ref.isnan()
+        assert torch.equal(new.isnan(), nan) and torch.equal(new[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
 def test_argument_errors_name_the_tensor(native_cpu):
     t = bucket(torch.float32, False, MaskKind.NONE)
     t.exp_avgs[1] = torch.zeros(3)
