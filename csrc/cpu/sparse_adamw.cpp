@@ -2,11 +2,15 @@
 // adamw_element.h at p[idx[k]] with compact state m[k], v[k] (and vmax[k]).
 //
 // Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32;
-// gathers from p and g are the cost, so the loop prefetches the lines of entries ahead.  The
+// gathers from p and g are the cost, so the gather prefetches the lines of entries ahead.  The
 // gradient is dense (gathered at idx) or compact (g[k]).  Scalars come per tensor (one float64
 // row each).  Indices are sorted and unique, so chunks of k never write the same p entry.
+#include <algorithm>
+#include <type_traits>
+
 #include "../ops.h"
 
+#include "adamw_block.h"
 #include "cpu_common.h"
 
 namespace childopt {
@@ -17,24 +21,49 @@ namespace {
 // with gaps the hardware prefetcher does not follow once the child network is sparse.
 constexpr int64_t kPrefetchAhead = 16;
 
-template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
-CHILDOPT_CPU_CLONES void sparse_block(P* __restrict p, const G* __restrict g, const I* __restrict idx,
-                                      float* __restrict m, float* __restrict v, float* __restrict vmax, int64_t n,
-                                      StepScalars s) {
+// p[idx[k]] (and g[idx[k]] for a dense gradient) of a block gathered into fp32 scratch.
+template <typename P, typename G, typename I, bool COMPACT>
+void gather_block(const Raw<P>* __restrict p, const Raw<G>* __restrict g, const I* __restrict idx, int64_t n,
+                  int64_t left, float* __restrict p_wide, float* __restrict g_wide) {
   for (int64_t k = 0; k < n; ++k) {
-    if (k + kPrefetchAhead < n) {
+    if (kPrefetchAhead < left - k) {
       const int64_t ahead = static_cast<int64_t>(idx[k + kPrefetchAhead]);
       __builtin_prefetch(p + ahead, 1);
       if (!COMPACT) __builtin_prefetch(g + ahead, 0);
     }
     const int64_t j = static_cast<int64_t>(idx[k]);
-    const float grad = Storage<G>::load(COMPACT ? g[k] : g[j]);
-    const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p[j]), grad, m[k], v[k],
-                                                  AMSGRAD ? vmax[k] : 0.0f, false, s);
-    p[j] = Storage<P>::store(e.p);
-    m[k] = e.m;
-    v[k] = e.v;
-    if (AMSGRAD) vmax[k] = e.vmax;
+    p_wide[k] = Storage<P>::load(p[j]);
+    if (!COMPACT) g_wide[k] = Storage<G>::load(g[j]);
+  }
+}
+
+// The updated scratch written back to p[idx[k]].
+template <typename P, typename I>
+void scatter_block(Raw<P>* __restrict p, const I* __restrict idx, const float* __restrict p_wide, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) p[static_cast<int64_t>(idx[k])] = Storage<P>::store(p_wide[k]);
+}
+
+// A chunk of selected entries in 1K blocks: gather (prefetching ahead), the fp32 update of
+// adamw_block.h over the compact block (vectorised: its division and square root were the
+// scalar loop's cost once the gathers are prefetched), scatter.  The arithmetic is the dense
+// step's, element for element.
+template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
+void sparse_chunk(Raw<P>* p, const Raw<G>* g, const I* idx, float* m, float* v, float* vmax, int64_t n,
+                  const StepScalars& s) {
+  alignas(64) float p_wide[kBlock];
+  alignas(64) float g_wide[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t count = std::min(kBlock, n - b);
+    gather_block<P, G, I, COMPACT>(p, g, idx + b, count, n - b, p_wide, g_wide);
+    const float* g32 = g_wide;
+    if constexpr (COMPACT && std::is_same_v<G, float>) {
+      g32 = g + b;
+    } else if constexpr (COMPACT) {
+      widen_block<G>(g + b, g_wide, count);
+    }
+    adamw_block<float, float, AMSGRAD, Keep::kAll>(p_wide, g32, m + b, v + b, AMSGRAD ? vmax + b : nullptr, nullptr,
+                                                   count, s);
+    scatter_block<P, I>(p, idx + b, p_wide, count);
   }
 }
 
@@ -47,7 +76,7 @@ void sparse_lists(at::TensorList params, at::TensorList grads, at::TensorList in
     const int64_t t = c.tensor;
     const StepScalars s = step_scalars_from_row(rows + t * kNumStepScalars);
     float* vmax = AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() + c.begin : nullptr;
-    sparse_block<P, G, I, AMSGRAD, COMPACT>(params[t].data_ptr<P>(), grads[t].data_ptr<G>() + (COMPACT ? c.begin : 0),
+    sparse_chunk<P, G, I, AMSGRAD, COMPACT>(raw_data<P>(params[t]), raw_data<G>(grads[t]) + (COMPACT ? c.begin : 0),
                                             indices[t].data_ptr<I>() + c.begin,
                                             exp_avgs[t].data_ptr<float>() + c.begin,
                                             exp_avg_sqs[t].data_ptr<float>() + c.begin, vmax, c.end - c.begin, s);
