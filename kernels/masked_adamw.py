@@ -12,7 +12,16 @@ dense mask; Bernoulli masks cost no bytes (Philox in registers, one call per 4 e
 +8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
 traffic stays 28 B so that accesses vectorise (skipping them only pays for very sparse masks,
 which sparse-index storage serves).  Blocks wholly inside a tensor run unpredicated; only a
-tensor's last block masks its loads.
+tensor's last block masks its loads (the dense mask's included).
+
+Layouts: Triton gives all loads of a step the widest per-thread run any one of them could take
+(up to 128 bits), but caps each store at 128 bits, i.e. 4 fp32.  A 16-byte aligned uint8 mask
+would take 8 bytes per thread and drag the fp32 loads to 8 elements, so that p, m and v each
+pass through shared memory (a layout conversion, bar.sync) before their 4-wide stores.  The
+kernel therefore claims at most 4-byte alignment for the mask: it loads as one 32-bit word per
+4 elements in the fp32 streams' layout, with no conversion (tools/triton_resources.py reports
+``bar_sync``).  bf16 parameters (8 per 128-bit load) still widen the fp32 loads, for every mask
+kind, and convert m and v before their stores.
 """
 from __future__ import annotations
 
@@ -51,7 +60,8 @@ def masked_adamw_kernel(
     m_ptr = m_base + tl.multiple_of(tl.load(row + COL_M), S_ALIGN)
     v_ptr = v_base + tl.multiple_of(tl.load(row + COL_V), S_ALIGN)
     vmax_ptr = vmax_base + tl.multiple_of(tl.load(row + COL_VMAX), S_ALIGN)
-    mask_ptr = mask_base + tl.multiple_of(tl.load(row + COL_MASK), MASK_ALIGN)
+    # at most 4-byte alignment claimed for the mask, so it loads in the fp32 streams' layout (header)
+    mask_ptr = mask_base + tl.multiple_of(tl.load(row + COL_MASK), MASK_ALIGN if MASK_ALIGN < 4 else 4)
     (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
      grad_sign, lerp_from_start) = load_step_scalars(scalars, tensor)
     if MASK_KIND == KIND_BERNOULLI:
@@ -67,9 +77,7 @@ def masked_adamw_kernel(
         first = start + it * BLOCK
         offs = first + tl.arange(0, BLOCK).to(tl.int64)
         inb = offs < numel
-        if MASK_KIND == KIND_DENSE:
-            keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
-        elif MASK_KIND == KIND_BERNOULLI:
+        if MASK_KIND == KIND_BERNOULLI:
             group = rng_base + first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
             w0, w1, w2, w3 = philox4x32_10(
                 (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32), ctr2, ctr3, key0, key1
@@ -77,12 +85,16 @@ def masked_adamw_kernel(
             words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
             keep = words.to(tl.int64) < keep_threshold
         else:
-            keep = inb
+            keep = inb  # unused (MASKED is off), or replaced by the dense mask's bytes below
         if first + BLOCK <= numel:
+            if MASK_KIND == KIND_DENSE:  # unpredicated: 4 mask bytes per 32-bit load
+                keep = tl.load(mask_ptr + offs) != 0
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
                         grad_scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
         elif first < numel:
+            if MASK_KIND == KIND_DENSE:
+                keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
                         grad_scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)

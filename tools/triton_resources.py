@@ -2,9 +2,10 @@
 
 Triton's wheel carries ptxas, so compilation, register counts, spills and
 whether the loads became 128-bit vectors can be checked without a GPU, which the interpreter
-cannot show.  Prints one JSON object per variant:
+cannot show; so can shared-memory barriers (layout conversions) and ordered atomics with their
+fences (from the PTX and the SASS).  Prints one JSON object per variant:
 
-    python tools/triton_resources.py [--arch 90] [--block 1024] [--iters 4]
+    python tools/triton_resources.py [--arch 90] [--block 1024] [--iters N] [--kernel radix_histogram ...]
 
 Must run without TRITON_INTERPRET (the kernel has to be a compiled JITFunction).
 """
@@ -26,10 +27,11 @@ from childopt.kernels import fisher_accumulate, masked_adamw, multi_tensor, radi
 
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 INTEGERS = {"keep_threshold", "seed_lo", "seed_hi", "shift"}
+KERNELS = ("masked_adamw", "sparse_adamw", "radix_histogram", "fisher_accumulate")
 
 
 def _compile(fn, pointer_types: dict, constexprs: dict, arch: int) -> dict:
-    """Compile ``fn`` for ``arch`` with 16-byte aligned pointers; report vectors and resources."""
+    """Compile ``fn`` for ``arch`` with 16-byte aligned pointers; report vectors, barriers, atomics and resources."""
     names = fn.arg_names
     signature = {n: pointer_types.get(n) or ("constexpr" if n in constexprs else "i64" if n in INTEGERS else "fp32")
                  for n in names}
@@ -41,7 +43,30 @@ def _compile(fn, pointer_types: dict, constexprs: dict, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     return dict(num_warps=kernel.metadata.num_warps,
                 vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
-                vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx)), **_resource_usage(ptx))
+                vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx)),
+                load_bits=_load_widths(ptx), **_sync_counts(ptx, kernel.asm["sass"]), **_resource_usage(ptx))
+
+
+def _load_widths(ptx: str) -> dict:
+    """Global load instructions by width in bits (vector length x element bits): ``{"128": 8, "8": 32}``."""
+    widths = {}
+    for vec, bits in re.findall(r"ld\.global(?:\.[\w:]+)*?(?:\.v([248]))?\.[bsuf](8|16|32|64)\b", ptx):
+        width = str(int(vec or 1) * int(bits))
+        widths[width] = widths.get(width, 0) + 1
+    return dict(sorted(widths.items(), key=lambda kv: -int(kv[0])))
+
+
+def _sync_counts(ptx: str, sass: str) -> dict:
+    """Static counts of what serialises a kernel: CTA barriers (``bar.sync``, the mark of a layout
+    conversion through shared memory), global atomics, the ordered ones among them (acq_rel /
+    acquire / release / sc; PTX's default is relaxed) and the fences ptxas puts in SASS for them."""
+    atomics = re.findall(r"\b(?:atom|red)\.global((?:\.[\w:]+)*)", ptx)
+    return dict(bar_sync=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
+                atomics=len(atomics),
+                ordered_atomics=sum(bool(re.search(r"\.(?:acq_rel|acquire|release|sc)\b", q)) for q in atomics),
+                ptx_fences=len(re.findall(r"\b(?:membar|fence)\.", ptx)),
+                sass_membar=len(re.findall(r"\bMEMBAR\b", sass)),
+                sass_atomics=len(re.findall(r"\b(?:ATOMG|REDG|ATOM|RED)\.", sass)))
 
 
 def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, amsgrad: bool,
@@ -108,25 +133,38 @@ def _resource_usage(ptx: str) -> dict:
                 spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
 
 
+def _rows(args):
+    """The variants ``main`` prints, compiled one at a time."""
+    kernels = args.kernel or KERNELS
+    iters = args.iters or multi_tensor.DEFAULT_ITERS
+    if "masked_adamw" in kernels:
+        for dtype, kind, freeze, amsgrad in itertools.product(("float32", "bfloat16"), (0, 1, 2), (False, True),
+                                                              (False, True)):
+            if not (kind == 0 and freeze):
+                yield compile_variant(args.arch, dtype, kind, freeze, amsgrad, args.block, iters)
+    if "sparse_adamw" in kernels:
+        for dtype, compact, amsgrad in itertools.product(("float32", "bfloat16"), (False, True), (False, True)):
+            yield compile_sparse_variant(args.arch, dtype, compact, amsgrad, args.block, iters)
+    if "radix_histogram" in kernels:
+        for bits, check_prefix in ((11, False), (11, True), (10, True)):
+            yield compile_histogram_variant(args.arch, bits, check_prefix, args.block,
+                                            args.iters or radix_histogram.DEFAULT_ITERS)
+    if "fisher_accumulate" in kernels:
+        for dtype in ("float32", "bfloat16"):
+            yield compile_fisher_variant(args.arch, dtype, args.block, iters)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--block", type=int, default=multi_tensor.DEFAULT_BLOCK)
-    parser.add_argument("--iters", type=int, default=multi_tensor.DEFAULT_ITERS)
+    parser.add_argument("--iters", type=int, help="blocks per program (default: each kernel's launch default)")
+    parser.add_argument("--kernel", action="append", choices=KERNELS, help="only these kernels (repeatable)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this tool compiles the kernel")
-    variants = itertools.product(("float32", "bfloat16"), (0, 1, 2), (False, True), (False, True))
-    for dtype, kind, freeze, amsgrad in variants:
-        if kind == 0 and freeze:
-            continue
-        print(json.dumps(compile_variant(args.arch, dtype, kind, freeze, amsgrad, args.block, args.iters)))
-    for dtype, compact, amsgrad in itertools.product(("float32", "bfloat16"), (False, True), (False, True)):
-        print(json.dumps(compile_sparse_variant(args.arch, dtype, compact, amsgrad, args.block, args.iters)))
-    for bits, check_prefix in ((11, False), (11, True), (10, True)):
-        print(json.dumps(compile_histogram_variant(args.arch, bits, check_prefix, args.block, args.iters)))
-    for dtype in ("float32", "bfloat16"):
-        print(json.dumps(compile_fisher_variant(args.arch, dtype, args.block, args.iters)))
+    for row in _rows(args):
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

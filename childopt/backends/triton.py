@@ -105,7 +105,8 @@ def _plan(family, lists: dict, *extra):
     from childopt.kernels import multi_tensor
 
     block = _shape["block"] or multi_tensor.DEFAULT_BLOCK
-    iters = _shape["iters"] or multi_tensor.DEFAULT_ITERS
+    # a family may want more blocks per program (radix_histogram: to amortise its flush)
+    iters = _shape["iters"] or getattr(family, "DEFAULT_ITERS", multi_tensor.DEFAULT_ITERS)
     key = (family.__name__, tuple(_layout(tensors) for tensors in lists.values()),
            tuple(t.numel() for tensors in lists.values() for t in tensors), extra, block, iters)
     plan = _plans.get(key)

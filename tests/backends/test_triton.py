@@ -101,6 +101,43 @@ def test_buckets_with_the_same_byte_layout_and_other_dtypes_get_their_own_plans(
     assert plans[1].table[1, 0].item() == 128  # the second fp32 tensor starts 128 elements in
 
 
+@pytest.mark.parametrize("block,iters", [(64, 1), (64, 5), (128, 64), (None, None)],
+                         ids=["64x1", "64x5", "128x64", "default"])
+def test_histogram_counts_are_exact_however_chunks_split_the_scores(device, block, iters):
+    """A program counts up to block * iters scores (a runtime loop over full blocks, then a tensor's
+    partial last block) and flushes only its non-zero bins: the three passes of a selection must
+    count exactly what the reference counts, for tensors spanning several chunks, ending inside a
+    block or on a chunk edge, shorter than a block, and empty."""
+    from childopt.backends import reference
+    from childopt.kernels import radix_histogram
+
+    b, chunk = block or 1024, (block or 1024) * (iters or radix_histogram.DEFAULT_ITERS)
+    gen = torch.Generator().manual_seed(5)
+    sizes = [2 * chunk + 2 * b + 17, chunk, b - 1, 1, 0, 3 * b]
+    # few distinct values (ties in every bin), both zeros, negatives and infinities
+    scores = [(torch.randint(-40, 40, (n,), generator=gen).float() / 8).to(device) for n in sizes]
+    scores[0][:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), -0.0, 1e-40])
+    scopes = [0, 1, 0, 2, 1, 2]
+    keys = torch.stack([reference.score_keys(scores[i])[3] for i in (0, 1, 5)])  # one score of each scope
+    backend = triton_backend.Backend(block=block, iters=iters)
+    for shift, bits, pre in ((21, 11, torch.zeros_like(keys)), (10, 11, keys >> 21), (0, 10, keys >> 10)):
+        got = backend.radix_histogram(scores, scopes, pre, shift, bits, 3)
+        want = reference.Backend().radix_histogram(scores, scopes, pre, shift, bits, 3)
+        assert torch.equal(got, want) and int(want.sum()) > 0
+    assert int(got.sum()) < sum(sizes)  # the last pass counted only each scope's prefix
+
+
+def test_histogram_programs_count_64_blocks_each():
+    """The histogram plan gives each program 64 blocks (65,536 scores at the default block), so its
+    flush of up to 2048 bins is amortised: 2^20 + 1 scores take 17 programs, not 257 as the step's 4."""
+    from childopt.kernels import radix_histogram
+
+    triton_backend._plans.clear()
+    plan = triton_backend._plan(radix_histogram, {"scores": [torch.zeros(2**20 + 1)]}, (0,))
+    assert (plan.block, plan.iters, plan.chunk_tensor.numel()) == (1024, 64, 17)
+    assert plan.chunk_start[-1].item() == 2**20
+
+
 def test_block_must_be_a_power_of_two(device):
     params = make_params([(4,)], device)
     lists = masked_adamw.launch_lists(params, params, params, params)
