@@ -4,8 +4,8 @@ Baselines in the same run: ``torch._foreach_addcmul_(F, G, G)`` (one fused kerne
 12 B/element) for accumulation, and ``kthvalue`` / ``topk`` on a ``torch.cat`` copy of all
 scores for selection (the copy is what childopt avoids).  CPU cases use small sizes (CI smoke);
 ``cuda`` cases use roberta-base's 125M scores.  ``extra_info`` records it/s, the byte model and
-GB/s, and peak GB; each case then checks its result (Fisher: g**2 from zero; selection: the k
-largest scores).
+GB/s with its share of the in-place stream reference (:mod:`childopt.bench.stream`), and peak GB;
+each case then checks its result (Fisher: g**2 from zero; selection: the k largest scores).
 """
 import pytest
 import torch
@@ -23,14 +23,14 @@ def _scores(shapes, device):
     return {f"t{i}": torch.rand(s, generator=gen).to(device) for i, s in enumerate(shapes)}
 
 
-def _record(benchmark, copy_gbps, device, bytes_moved, numel):
+def _record(benchmark, stream_reference, device, bytes_moved, numel):
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     seconds = stats.median if stats is not None and stats.rounds else None
     benchmark.extra_info.update(bytes=bytes_moved, peak_gb=measure.peak_memory_gb(device))
     if seconds:
         gbps = bytes_moved / seconds / 1e9
         benchmark.extra_info.update(it_s=1.0 / seconds, gbps=gbps,
-                                    pct_copy_bw=100.0 * gbps / copy_gbps(numel, device))
+                                    pct_stream=100.0 * gbps / stream_reference(numel, device).gbps)
 
 
 def _cases(cpu_shapes):
@@ -40,7 +40,7 @@ def _cases(cpu_shapes):
 
 @pytest.mark.parametrize("impl", ["childopt", "foreach_addcmul"])
 @pytest.mark.parametrize("device,shapes", _cases(roberta_base_shapes(scale=1 / 12, layers=1)))
-def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
+def bench_fisher_accumulate(benchmark, stream_reference, impl, device, shapes):
     device = torch.device(device)
     grads = list(_scores(shapes, device).values())
     fisher = [torch.zeros_like(g) for g in grads]
@@ -54,7 +54,7 @@ def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
     measure.reset_peak_memory(device)
     benchmark(step)
     numel = sum(g.numel() for g in grads)
-    _record(benchmark, copy_gbps, device, FISHER_BYTES * numel, numel)
+    _record(benchmark, stream_reference, device, FISHER_BYTES * numel, numel)
     for f in fisher:
         f.zero_()
     step()
@@ -63,7 +63,7 @@ def bench_fisher_accumulate(benchmark, copy_gbps, impl, device, shapes):
 
 @pytest.mark.parametrize("impl", ["select_mask", "cat_kthvalue", "cat_topk"])
 @pytest.mark.parametrize("device,shapes", _cases(roberta_base_shapes(scale=1 / 12, layers=1)))
-def bench_select(benchmark, copy_gbps, impl, device, shapes):
+def bench_select(benchmark, stream_reference, impl, device, shapes):
     device = torch.device(device)
     scores = _scores(shapes, device)
     n = sum(s.numel() for s in scores.values())
@@ -76,7 +76,7 @@ def bench_select(benchmark, copy_gbps, impl, device, shapes):
         run = lambda: torch.topk(torch.cat([s.reshape(-1) for s in scores.values()]), k)  # noqa: E731
     measure.reset_peak_memory(device)
     benchmark(measure.synchronized(run, device))
-    _record(benchmark, copy_gbps, device, 3 * SELECT_PASS_BYTES * n, n)
+    _record(benchmark, stream_reference, device, 3 * SELECT_PASS_BYTES * n, n)
     assert_selects_the_top_k(impl, run(), scores, k)
 
 

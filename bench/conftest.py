@@ -1,16 +1,19 @@
-"""Benchmark fixtures: skip ``cuda`` cases without a GPU; one copy-bandwidth figure per run; the
-smoke run.
+"""Benchmark fixtures: skip ``cuda`` cases without a GPU; one in-place stream reference per size,
+device and thread count per run; the smoke run.
 
 With benchmarks disabled (``--benchmark-disable``, in addopts) every case runs once as a smoke
-test of what it times, and the cases marked ``timing`` (more sizes and backends of a row that
-another case already covers) are deselected; ``--benchmark-enable`` runs the whole grid.
+test of what it times, and the cases marked ``timing`` (more sizes, dtypes and backends of a row
+that another case already covers) are deselected; ``--benchmark-enable`` runs the whole grid but
+for the CPU cases on roberta-base's 125M elements, which are also marked ``slow`` (minutes on a
+small CPU): ``-m slow --benchmark-enable`` runs them.
 """
 from pathlib import Path
 
 import pytest
 import torch
 
-from childopt.bench import measure
+from childopt.bench import measure, stream
+from childopt.bench.llc import last_level_cache
 
 HERE = Path(__file__).parent
 
@@ -37,14 +40,16 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def copy_gbps():
-    """``copy_gbps(numel, device)``: ``dst.copy_(src)`` bandwidth of that size, measured once per run."""
-    cache = {}
+def stream_reference():
+    """``stream_reference(numel, device)``: the :mod:`childopt.bench.stream` reference for a parameter
+    list of ``numel`` elements at the current intra-op thread count, measured once per run."""
+    caches, cache = {}, {}
 
-    def copy_bandwidth(numel: int, device: torch.device) -> float:
-        key = (numel, str(device))
+    def reference(numel: int, device: torch.device) -> stream.StreamReference:
+        llc = caches.setdefault(str(device), last_level_cache(device))
+        key = (stream.stream_numel(llc.bytes, numel), str(device), torch.get_num_threads())
         if key not in cache:
-            cache[key] = measure.measure_copy_gbps(numel, device, warmup=measure.WARMUP, steps=10)
+            cache[key] = stream.measure_stream(device, warmup=measure.WARMUP, steps=10, min_numel=numel, llc=llc)
         return cache[key]
 
-    return copy_bandwidth
+    return reference

@@ -1,9 +1,12 @@
 """What benchmark numbers depend on, recorded beside them: the device, driver, torch/Triton/CUDA
-and Python versions, the platform, the git commit, the time and the arguments of the run.
+and Python versions, the platform, the git commit, the time and the arguments of the run, and how
+busy the machine was when it started (other processes on the cores slow the multi-threaded CPU
+rows far more than the single-threaded ones).
 """
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shutil
 import subprocess
@@ -45,6 +48,14 @@ def _command_output(argv: list[str], cwd: Optional[Path] = None) -> Optional[str
     return lines[0] if lines else None
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (runnable processes, all CPUs together), or None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def describe(device: torch.device, args: dict) -> dict:
     """What the numbers depend on: hardware, driver, versions, commit, time and arguments."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -58,6 +69,8 @@ def describe(device: torch.device, args: dict) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load_average(),
         "git_commit": _command_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "args": args,

@@ -1,16 +1,15 @@
-"""How every benchmark measures: timing, peak memory, optimizer state and copy bandwidth, and
-how a row that cannot run here is reported.
+"""How every benchmark measures: timing, peak memory and optimizer state, and how a row that
+cannot run here is reported.
 
 A row is warmed up with a few untimed calls (the first Triton step compiles); then each timed
 call is wall time, with a device synchronize after it on CUDA so the time covers its kernels,
-and the rows report the median.  The bandwidth of a plain ``dst.copy_(src)`` of the same size,
-measured in the same run, is the yardstick of the memory-bound steps.
+and the rows report the median.  The yardstick of the memory-bound steps is the in-place stream
+of :mod:`childopt.bench.stream`; the live tensor bytes of a step are :mod:`childopt.bench.live`'s.
 """
 from __future__ import annotations
 
 import gc
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,19 +87,3 @@ def peak_memory_gb(device: torch.device) -> float:
 def state_gb(opt: torch.optim.Optimizer) -> float:
     """GB held by the tensors of ``opt.state`` (moments, masks, step counters)."""
     return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)) / 1e9
-
-
-def measure_copy_gbps(numel: int, device: torch.device, *, warmup: int, steps: int) -> float:
-    """Bandwidth of ``dst.copy_(src)`` on fp32 buffers of ``numel`` elements (read 4 B + write 4 B each).
-
-    On CPUs the write to ``dst`` also reads its cache lines first (write-allocate), traffic the
-    8-byte model does not count; an in-place optimizer step pays no such cost, so a row can
-    exceed 100% of this figure there.
-    """
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    copy = synchronized(lambda: dst.copy_(src), device)
-    for _ in range(warmup):
-        copy()
-    return 8 * numel / statistics.median(time_calls(copy, steps)) / 1e9
-

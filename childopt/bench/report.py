@@ -1,9 +1,11 @@
-"""``python -m childopt bench``: the optimizer-step table, the training-step table and the goals.
+"""``python -m childopt bench``: the optimizer-step tables, the training-step table and the goals.
 
-It runs on whatever device is present: the step rows of :mod:`childopt.bench.step`, the end-to-end
-training rows of :mod:`childopt.bench.train`, then the goal ratios of :mod:`childopt.bench.goals`,
-all measured in this one run; ``--json`` keeps every number with the environment, ``--markdown``
-writes the summary that goes beside it in bench/results, ``--plot`` draws speed and memory.
+It runs on whatever device is present: the step tables of :mod:`childopt.bench.sweep` (on CPU at
+one intra-op thread and at all of them, each beside its in-place stream reference), the
+end-to-end training rows of :mod:`childopt.bench.train`, then the goal ratios of
+:mod:`childopt.bench.goals`, all measured in this one run; ``--json`` keeps every number with the
+environment, ``--markdown`` writes the summary that goes beside it in bench/results, ``--plot``
+draws speed and memory.
 """
 from __future__ import annotations
 
@@ -12,24 +14,35 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from childopt import backends
-from childopt.bench import environment, measure, step, train
-from childopt.bench.goals import format_goals, step_goals, training_goals
+from childopt.bench import environment, measure, step, sweep, train
+from childopt.bench.goals import TARGETS, format_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
+from childopt.bench.threads import DEFAULT_CPU, label, parse_threads
+
+
+def _listed(text: str, allowed, option: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The comma-separated items of ``text``, each once, each one of ``allowed``; a usage error otherwise."""
+    items = list(dict.fromkeys(item.strip() for item in text.split(",")))
+    bad = [item for item in items if item not in allowed]
+    if bad:
+        parser.error(f"{option}: {', '.join(map(repr, bad))} not among {', '.join(allowed)}")
+    return items
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line of ``python -m childopt bench``."""
+    """The command line of ``python -m childopt bench``; ``sizes``, ``dtypes`` and ``thread_counts``
+    hold the parsed lists (``thread_counts`` None: the device's default)."""
     parser = argparse.ArgumentParser(
         prog="python -m childopt bench",
         description="Time one optimizer step of torch AdamW, the childopt optimizers and the ChildTuning loop "
-                    "(memory and achieved bandwidth), a full training step of a RoBERTa with each, and report "
-                    "childopt's goals as ratios measured in this run.")
-    parser.add_argument("--quick", action="store_true", help="a smaller parameter list and fewer steps")
+                    "(memory, achieved bandwidth and its share of an in-place stream reference), a full "
+                    "training step of a RoBERTa with each (with live tensor memory), and report childopt's goals "
+                    "as ratios measured in this run.")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps per row")
     parser.add_argument("--json", metavar="PATH", help="write the environment, every row and the goals as JSON")
     parser.add_argument("--markdown", metavar="PATH",
                         help="write a markdown summary (environment, command, the tables and goals)")
@@ -37,18 +50,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where the tensors live (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, metavar="N",
-                        help="timed steps per row, step and training rows alike (default: by device and size)")
+                        help="timed steps per row, step and training rows alike (default: by device and --quick)")
     parser.add_argument("--backend", choices=backends.CHOICES, default="auto",
                         help="the childopt backend of the childopt rows (default: auto's pick per device)")
+    parser.add_argument("--size", metavar="LIST",
+                        help=f"roberta-base-shaped parameter lists, comma-separated, of {', '.join(step.SIZES)} "
+                             f"(default: {step.DEFAULT_SIZE['cpu']} on CPU, {step.DEFAULT_SIZE['cuda']} on CUDA)")
+    parser.add_argument("--dtype", metavar="LIST", default="float32",
+                        help=f"parameter and gradient dtypes, comma-separated, of {', '.join(step.DTYPES)} "
+                             "(default: float32)")
+    parser.add_argument("--threads", metavar="LIST",
+                        help="intra-op thread counts of the step tables, comma-separated positive integers or "
+                             f"'all' (torch.get_num_threads() at start; default: {DEFAULT_CPU} on CPU, all on CUDA)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available to this torch")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    args.sizes = _listed(args.size, step.SIZES, "--size", parser) if args.size else None
+    args.dtypes = _listed(args.dtype, step.DTYPES, "--dtype", parser)
+    try:
+        args.thread_counts = parse_threads(args.threads, torch.get_num_threads()) if args.threads else None
+    except ValueError as exc:
+        parser.error(f"--threads: {exc}")
     return args
 
 
-def describe_run(device: torch.device, shapes, scale: float, layers: Optional[int], steps: int) -> dict:
+def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int], steps: int) -> dict:
     """What was stepped and how it was measured, for the header and the JSON meta."""
     rss_window = "each row's timed steps" if measure.reset_peak_memory(device) else "process start"
     return {
@@ -56,8 +84,15 @@ def describe_run(device: torch.device, shapes, scale: float, layers: Optional[in
                     else f"process peak RSS since {rss_window} (an upper bound: it starts from the RSS "
                          "then, heap kept from earlier rows included)"),
         "state_gb": "bytes of the tensors in optimizer.state",
-        "params": {"numel": sum(torch.Size(s).numel() for s in shapes), "tensors": len(shapes),
-                   "scale": scale, "layers": layers},
+        "pct_stream": "the row's GB/s (its byte model over its median time) / the in-place stream reference's "
+                      "GB/s, measured at the same thread count",
+        "live_gb": "held GB: parameters, gradients and optimizer state live when one extra, untimed training step "
+                   "starts (counted from the tensors); live GB: held + the peak of tensor bytes allocated minus "
+                   "freed during that step (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                                 else "torch profiler memory events") + ")",
+        "params": {size: {"numel": sweep.size_numel(size), "tensors": len(roberta_base_shapes(*step.SIZES[size])),
+                          "roberta_base_shapes": step.SIZES[size]} for size in sizes},
+        "threads": {"all": torch.get_num_threads(), "timed": thread_counts},
         "warmup": measure.WARMUP,
         "steps": steps,
     }
@@ -75,9 +110,9 @@ def _bars(fig_row, title, labels, speed, memory, speed_label):
     speed_ax.set_xlabel(f"{speed_label} per second (higher is better)")
     speed_ax.margins(x=0.15)
     height = 0.8 / len(memory)
-    for i, ((label, values), color) in enumerate(zip(memory.items(), ("tab:orange", "tab:green"))):
+    for i, ((legend, values), color) in enumerate(zip(memory.items(), ("tab:orange", "tab:green"))):
         offset = (i - (len(memory) - 1) / 2) * height
-        bars = memory_ax.barh([t + offset for t in ticks], values, height=height, label=label, color=color)
+        bars = memory_ax.barh([t + offset for t in ticks], values, height=height, label=legend, color=color)
         memory_ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
     memory_ax.set_xlabel("GB (lower is better)")
     memory_ax.legend(loc="lower right")
@@ -88,31 +123,37 @@ def _labels(rows) -> list[str]:
     return [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows]
 
 
-def plot(rows: list[step.Row], train_rows: list[train.TrainRow], path: str, title: str,
-         titles: tuple[str, str]) -> None:
-    """Save horizontal bar charts of it/s and GB: optimizer steps on top, training steps below
-    (``titles``: the subtitle of each)."""
+def plot(tables: list[step.Table], train_rows: list[train.TrainRow], path: str, title: str,
+         titles: list[str]) -> None:
+    """Save horizontal bar charts of it/s and GB: one row of charts per step table, the training
+    steps below (``titles``: the subtitle of each)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
-    heights = [len(rows)] + ([len(train_rows)] if train_rows else [])
+    heights = [len(t.rows) for t in tables] + ([len(train_rows)] if train_rows else [])
     fig = Figure(figsize=(13, 1.5 + 0.6 * sum(heights)), layout="constrained")
     axes = fig.subplots(len(heights), 2, sharey="row", squeeze=False, gridspec_kw={"height_ratios": heights})
-    _bars(axes[0], titles[0], _labels(rows), [r.it_s for r in rows],
-          {"peak GB": [r.peak_gb for r in rows], "state GB": [r.state_gb for r in rows]}, "optimizer steps")
+    for axes_row, table, subtitle in zip(axes, tables, titles):
+        _bars(axes_row, subtitle, _labels(table.rows), [r.it_s for r in table.rows],
+              {"peak GB": [r.peak_gb for r in table.rows], "state GB": [r.state_gb for r in table.rows]},
+              "optimizer steps")
     if train_rows:
-        _bars(axes[1], titles[1], _labels(train_rows), [r.it_s for r in train_rows],
-              {"peak GB": [r.peak_gb for r in train_rows]}, "training steps")
+        _bars(axes[-1], titles[-1], _labels(train_rows), [r.it_s for r in train_rows],
+              {"peak GB": [r.peak_gb for r in train_rows], "live GB": [r.live_gb for r in train_rows]},
+              "training steps")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
 
 
 def _goals_heading(meta: dict) -> str:
-    on_target_gpu = meta["gpu_name"] and any(g in meta["gpu_name"] for g in ("H100", "H200"))
-    where = "" if on_target_gpu else \
-        f" (targets are for H100/H200; measured here on {meta['device_name']}, so they only inform)"
-    return f"goals, each a ratio of two rows of this run{where}:"
+    """Whose targets the goals are and where they were measured."""
+    if meta["device"].startswith("cuda"):
+        on_target_gpu = any(g in meta["gpu_name"] for g in ("H100", "H200"))
+        where = "" if on_target_gpu else f"; measured here on {meta['device_name']}, so they only inform"
+        return f"goals, each a ratio of two rows of this run (targets {TARGETS['cuda']}{where}):"
+    return (f"goals, each a ratio of two rows of this run (targets {TARGETS['cpu']}; measured here on "
+            f"{meta['device_name']}, {meta['threads']['all']} threads):")
 
 
 def markdown(meta: dict, body: str) -> str:
@@ -124,44 +165,61 @@ def markdown(meta: dict, body: str) -> str:
             f"```\n{body}\n```\n")
 
 
+def _shown_load(load) -> str:
+    """The load average as the header prints it."""
+    return "unknown" if load is None else f"{load:.2f}"
+
+
+def table_heading(table: step.Table, params: dict, all_threads: int) -> str:
+    """What a step table stepped, at how many threads, and its stream reference."""
+    return (f"optimizer step, {table.size} list: {params['numel'] / 1e6:.1f}M {table.dtype} parameters in "
+            f"{params['tensors']} tensors, {label(table.threads, all_threads)}\n  {table.stream.describe()}")
+
+
 def main(argv=None) -> int:
-    """Run the step and training rows, print the tables and the goals; write JSON, markdown and plot when asked."""
+    """Run the step tables and training rows, print them and the goals; write JSON, markdown and plot when asked."""
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scale, layers, default_steps = step.SIZES[(device.type, args.quick)]
-    steps = args.steps or default_steps
+    all_threads = torch.get_num_threads()
+    sizes = args.sizes or [step.DEFAULT_SIZE[device.type]]
+    thread_counts = args.thread_counts or parse_threads(DEFAULT_CPU if device.type == "cpu" else "all", all_threads)
+    steps = args.steps or step.STEPS[(device.type, args.quick)]
     train_steps = args.steps or train.STEPS[(device.type, args.quick)]
-    shapes = roberta_base_shapes(scale, layers)
-    meta = {**environment.describe(device, vars(args)), **describe_run(device, shapes, scale, layers, steps),
+    meta = {**environment.describe(device, vars(args)), **describe_run(device, sizes, thread_counts, steps),
             "argv": list(sys.argv[1:] if argv is None else argv)}
-    numel = meta["params"]["numel"]
     lines = [f"childopt bench on {meta['device_name']} ({device}); torch {meta['torch']}, "
-             f"triton {meta['triton'] or 'not installed'}, CUDA {meta['cuda']}, python {meta['python']}",
-             f"optimizer step: {numel / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors; "
-             f"{measure.WARMUP} warm-up + {steps} timed steps per row",
-             f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}"]
+             f"triton {meta['triton'] or 'not installed'}, CUDA {meta['cuda']}, python {meta['python']}; "
+             f"load average {_shown_load(meta['load_average'])} on {meta['cpu_count']} CPUs at the start",
+             f"optimizer step tables: sizes {', '.join(sizes)}, dtypes {', '.join(args.dtypes)}, at "
+             f"{' and '.join(label(n, all_threads) for n in thread_counts)} (torch.set_num_threads, restored "
+             f"after); {measure.WARMUP} warm-up + {steps} timed steps per row",
+             f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}; % of stream: {meta['pct_stream']}"]
     print("\n".join(lines))
 
-    copy_gbps = measure.measure_copy_gbps(numel, device, warmup=measure.WARMUP, steps=steps)
-    rows, skipped = step.run_rows(shapes, device, warmup=measure.WARMUP, steps=steps, backend=args.backend)
-    rows, baseline = step.compare(rows, copy_gbps)
+    tables = sweep.run_tables(sizes, args.dtypes, thread_counts, device, warmup=measure.WARMUP, steps=steps,
+                              backend=args.backend)
     setup, train_rows, train_skipped = train.optional_rows(device, warmup=measure.WARMUP, steps=train_steps,
                                                            backend=args.backend)
-    goals = step_goals(rows) + training_goals(train_rows)
+    goals = step_goals(tables, device.type, all_threads) + training_goals(train_rows)
 
-    results = [f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src), fp32, 8 B per element)",
-               step.format_table(rows, baseline)]
+    results = []
+    for table in tables:
+        results += ["\n" + table_heading(table, meta["params"][table.size], all_threads),
+                    step.format_table(table.rows, table.baseline)]
+        results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in table.skipped]
     if train_rows:
         results += [f"\ntraining step (forward, backward, step, zero_grad): {setup.description}; "
-                    f"{measure.WARMUP} warm-up + {train_steps} timed steps per row",
-                    train.format_table(train_rows)]
-    results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in skipped + train_skipped]
+                    f"{label(all_threads, all_threads)}; {measure.WARMUP} warm-up + {train_steps} timed steps "
+                    f"per row\n  {meta['live_gb']}", train.format_table(train_rows)]
+    results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in train_skipped]
     results += ["\n" + _goals_heading(meta), format_goals(goals)]
     print("\n".join(results))
 
     if args.json:
-        report = {"meta": meta, "copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows],
-                  "skipped": skipped,
+        report = {"meta": meta,
+                  "tables": [{"size": t.size, "dtype": t.dtype, "threads": t.threads, "baseline": t.baseline,
+                              "stream": dataclasses.asdict(t.stream), "rows": [dataclasses.asdict(r) for r in t.rows],
+                              "skipped": t.skipped} for t in tables],
                   "training": {"setup": setup.description if setup else None,
                                "steps": train_steps,
                                "rows": [dataclasses.asdict(r) for r in train_rows],
@@ -173,8 +231,8 @@ def main(argv=None) -> int:
         Path(args.markdown).write_text(markdown(meta, "\n".join(lines + results)))
         print(f"wrote {args.markdown}")
     if args.plot:
-        plot(rows, train_rows, args.plot, f"childopt bench: {meta['device_name']}",
-             (f"optimizer step, {numel / 1e6:.1f}M fp32 parameters",
-              f"training step, {setup.description if setup else ''}"))
+        plot(tables, train_rows, args.plot, f"childopt bench: {meta['device_name']}",
+             [f"optimizer step, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in tables]
+             + [f"training step, {setup.description if setup else ''}"])
         print(f"wrote {args.plot}")
     return 0

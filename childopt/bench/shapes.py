@@ -1,5 +1,6 @@
 """The parameter lists the benchmarks step: roberta-base (scalable), a 1.26B decoder and many tiny
-tensors, as fp32 parameters with fixed random gradients, seeded so every row sees the same data.
+tensors, as parameters (fp32 unless told) with fixed random gradients of their dtype, seeded so
+every row sees the same data.
 """
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def many_tiny_shapes(count: int = 2000) -> list[tuple[int, ...]]:
     return [(16 * (1 + i % 64),) for i in range(count)]
 
 
-def make_params(shapes, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """fp32 parameters of ``shapes`` with random gradients set once; seeded, so every row sees the same data."""
+def make_params(shapes, device: torch.device, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    """``dtype`` parameters of ``shapes`` with random gradients of the same dtype set once (bf16
+    parameters with bf16 gradients, as torch's fused AdamW takes them); seeded, so every row sees
+    the same data."""
     torch.manual_seed(seed)
     params = []
     for shape in shapes:
-        param = torch.nn.Parameter(torch.randn(shape, device=device))
-        param.grad = torch.randn(shape, device=device)
+        param = torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype))
+        param.grad = torch.randn(shape, device=device, dtype=dtype)
         params.append(param)
     return params

@@ -1,14 +1,17 @@
 """The optimizer-step rows of ``python -m childopt bench``: one ``opt.step()`` of torch AdamW, the
 childopt optimizers, bitsandbytes' 8-bit AdamW and the published ChildTuning loop, timed alike.
 
-Every row steps a fresh copy of the same parameter list (roberta-base shapes, shrunk on CPU and
-for ``--quick``) whose gradients are fixed random tensors set once, so only ``opt.step()`` is
-timed: a few untimed warm-up steps (the first Triton step compiles), then the median wall time
-of the timed steps, with a device synchronize after each step on CUDA.
+Every row steps a fresh copy of the same parameter list (roberta-base shapes: 24.3M or 125M
+elements, fp32 or bf16 parameters and gradients) whose gradients are fixed random tensors set
+once, so only ``opt.step()`` is timed: a few untimed warm-up steps (the first Triton step
+compiles), then the median wall time of the timed steps, with a device synchronize after each
+step on CUDA.
 
-An optimizer step is memory-bound, so each row also carries a byte model (the bytes the step
-has to move per element) and turns it into achieved GB/s, compared with the bandwidth of a plain
-``dst.copy_(src)`` of the same size measured in the same run.
+An optimizer step is memory-bound, so each row also carries a byte model (the bytes the step has
+to move per element, from the parameter dtype and the state dtype the optimizer keeps) and turns
+it into achieved GB/s, compared with the in-place stream reference of :mod:`childopt.bench.stream`
+measured in the same run at the same thread count.  The rows of one size, dtype and thread count
+form a :class:`Table`.
 """
 from __future__ import annotations
 
@@ -24,35 +27,47 @@ from childopt import ChildTuningAdamW, MaskedAdamW
 from childopt.bench.baselines import ChildTuningReferenceAdamW, adamw_8bit, fused_adamw
 from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, state_gb,
                                     synchronized, time_calls)
-from childopt.bench.shapes import make_params
+from childopt.bench.shapes import make_params, roberta_base_shapes
+from childopt.bench.stream import StreamReference
 from childopt.bench.table import aligned_table
+from childopt.bench.threads import label
 
-# (device type, --quick) -> (roberta_base_shapes scale, layers, timed steps).  CPU sizes keep the
-# quick run under ~3 minutes and the full one under ~10 on two cores; CUDA uses roberta-base.
-SIZES = {
-    ("cpu", True): (1 / 3, 4, 5),
-    ("cpu", False): (0.5, 8, 10),
-    ("cuda", True): (1.0, 4, 20),
-    ("cuda", False): (1.0, None, 50),
-}
+# --size -> roberta_base_shapes(scale, layers): 24.3M elements in 139 tensors (the CPU default:
+# parameters, gradients and moments hold 390 MB) and roberta-base's 125M in 203 (2 GB).
+SIZES = {"24m": (0.5, 8), "125m": (1.0, None)}
+DEFAULT_SIZE = {"cpu": "24m", "cuda": "125m"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# (device type, --quick) -> timed steps per row.
+STEPS = {("cpu", True): 5, ("cpu", False): 10, ("cuda", True): 20, ("cuda", False): 50}
 
 HYPER = dict(lr=1e-3, weight_decay=1e-2)
 DENSITY = 0.3
 RESERVE_P = 0.3
 
-# Byte model, per parameter element and step, fp32.  An AdamW step reads p, g, m, v (16 B) and
-# writes p, m, v (12 B); a dense mask adds a 1-byte read; the in-kernel Bernoulli mask adds
-# nothing.  Every row is charged what its update needs, not what its implementation moves
+# Byte model, per parameter element and step.  An AdamW step reads p and g and writes p in the
+# parameter dtype (3 x its size: 12 B in fp32, 6 in bf16) and reads and writes m and v in the
+# state dtype (4 x its size: torch keeps the parameter's dtype, childopt fp32, bitsandbytes one
+# byte), so 28 B per fp32 element; a dense mask adds a 1-byte read; the in-kernel Bernoulli mask
+# adds nothing.  Every row is charged what its update needs, not what its implementation moves
 # (torch's foreach AdamW moves ~80 B, the ChildTuning loop well over 100 B), so GB/s is an
-# effective bandwidth, comparable across rows and with the copy bandwidth.
-ADAMW_BYTES = 28
+# effective bandwidth, comparable across rows and with the stream reference.
+FP32 = 4
 MASK_BYTES = 1
-# bitsandbytes' 8-bit AdamW: p read + write 8, g 4, m and v one byte each read + written 4 (its
-# per-block scales are under 1%).
-ADAMW_8BIT_BYTES = 16
-# Sparse storage moves idx 4 + g 4 + p 4 + 4 + m 8 + v 8 = 32 B per *selected* entry.
-SPARSE_ENTRY_BYTES = 32
+# Sparse storage moves an int32 index, g read, p read and written and fp32 m and v read and
+# written per *selected* entry: 32 B in fp32.
+INDEX_BYTES = 4
 SPARSE_DENSITIES = (0.01, 0.05, 0.1, 0.3)
+
+
+def adamw_traffic(state_size: Optional[int] = None, extra: float = 0) -> Callable[[int], float]:
+    """Bytes per element of an AdamW step as a function of the parameter's element size: p, g and
+    p again in that size, m and v twice each in ``state_size`` (the parameter's when None), plus ``extra``."""
+    return lambda param_size: 3 * param_size + 4 * (state_size or param_size) + extra
+
+
+def sparse_traffic(density: float) -> Callable[[int], float]:
+    """Bytes per parameter element of a sparse-storage step selecting ``density`` of the entries."""
+    return lambda param_size: density * (INDEX_BYTES + 3 * param_size + 4 * FP32)
 
 
 def _dense_mask(params, density: float = DENSITY) -> dict:
@@ -60,16 +75,29 @@ def _dense_mask(params, density: float = DENSITY) -> dict:
     return {p: torch.rand(p.shape, device=p.device) < density for p in params}
 
 
+def _sparse_compact(params, density: float, backend: str) -> MaskedAdamW:
+    """MaskedAdamW with sparse-index storage of a random child network of ``density`` and compact
+    gradients.  The parameters' gradients pass once through backward, so the optimizer's hooks
+    turn each into its compact buffer as in training; every timed step then reads those."""
+    grads = [p.grad for p in params]
+    opt = MaskedAdamW(params, mask=_dense_mask(params, density), storage="sparse", compact_grads=True,
+                      backend=backend, **HYPER)
+    for p in params:
+        p.grad = None
+    torch.autograd.backward(params, grads)
+    return opt
+
+
 def _sparse_row(density: float) -> "RowSpec":
-    """MaskedAdamW with sparse-index storage of a random child network of ``density``."""
-    return RowSpec(f"masked-sparse-{density}", "MaskedAdamW", f"sparse {density}", SPARSE_ENTRY_BYTES * density,
-                   lambda ps, backend: MaskedAdamW(ps, mask=_dense_mask(ps, density), storage="sparse",
-                                                   backend=backend, **HYPER))
+    """Sparse-index storage of a random child network of ``density``, compact gradients."""
+    return RowSpec(f"masked-sparse-{density}", "MaskedAdamW", f"sparse {density}, compact grads",
+                   sparse_traffic(density), lambda ps, backend: _sparse_compact(ps, density, backend))
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One benchmark row: how to build its optimizer over a parameter list, and its byte model.
+    """One benchmark row: how to build its optimizer over a parameter list, and its byte model
+    (``bytes_per_element(parameter element size)``).
 
     ``make(params, backend)`` builds the optimizer, or raises :class:`Unavailable` (the row is
     then skipped with the reason); ``backend`` is the label of rows that do not run on a childopt
@@ -81,7 +109,7 @@ class RowSpec:
     key: str
     optimizer: str
     mode: str
-    bytes_per_element: float
+    bytes_per_element: Callable[[int], float]
     make: Callable[[list, str], torch.optim.Optimizer]
     backend: Optional[str] = None
     scales_grads: bool = False
@@ -94,25 +122,25 @@ def _compiled(spec: RowSpec) -> RowSpec:
 
 
 ROWS = (
-    RowSpec("adamw-foreach", "torch AdamW", "foreach", ADAMW_BYTES,
+    RowSpec("adamw-foreach", "torch AdamW", "foreach", adamw_traffic(),
             lambda ps, backend: torch.optim.AdamW(ps, foreach=True, **HYPER), backend="torch"),
-    RowSpec("adamw-fused", "torch AdamW", "fused", ADAMW_BYTES,
+    RowSpec("adamw-fused", "torch AdamW", "fused", adamw_traffic(),
             lambda ps, backend: fused_adamw(ps, **HYPER), backend="torch"),
-    RowSpec("adamw-8bit", "bitsandbytes AdamW8bit", "8-bit state", ADAMW_8BIT_BYTES,
+    RowSpec("adamw-8bit", "bitsandbytes AdamW8bit", "8-bit state", adamw_traffic(1),
             lambda ps, backend: adamw_8bit(ps, **HYPER), backend="bitsandbytes"),
-    RowSpec("masked-none", "MaskedAdamW", "mask=None", ADAMW_BYTES,
+    RowSpec("masked-none", "MaskedAdamW", "mask=None", adamw_traffic(FP32),
             lambda ps, backend: MaskedAdamW(ps, backend=backend, **HYPER)),
-    RowSpec("masked-dense-freeze", "MaskedAdamW", f"dense {DENSITY} freeze", ADAMW_BYTES + MASK_BYTES,
+    RowSpec("masked-dense-freeze", "MaskedAdamW", f"dense {DENSITY} freeze", adamw_traffic(FP32, MASK_BYTES),
             lambda ps, backend: MaskedAdamW(ps, mask=_dense_mask(ps), masked="freeze", backend=backend, **HYPER)),
-    RowSpec("masked-dense-zero_grad", "MaskedAdamW", f"dense {DENSITY} zero_grad", ADAMW_BYTES + MASK_BYTES,
+    RowSpec("masked-dense-zero_grad", "MaskedAdamW", f"dense {DENSITY} zero_grad", adamw_traffic(FP32, MASK_BYTES),
             lambda ps, backend: MaskedAdamW(ps, mask=_dense_mask(ps), masked="zero_grad", backend=backend, **HYPER)),
-    RowSpec("masked-bernoulli", "MaskedAdamW", f"bernoulli p={RESERVE_P}", ADAMW_BYTES,
+    RowSpec("masked-bernoulli", "MaskedAdamW", f"bernoulli p={RESERVE_P}", adamw_traffic(FP32),
             lambda ps, backend: MaskedAdamW(ps, mask="bernoulli", reserve_p=RESERVE_P, seed=0, backend=backend,
                                             **HYPER)),
-    RowSpec("childtuning-f", "ChildTuningAdamW", f"ChildTuning-F p={RESERVE_P}", ADAMW_BYTES,
+    RowSpec("childtuning-f", "ChildTuningAdamW", f"ChildTuning-F p={RESERVE_P}", adamw_traffic(FP32),
             lambda ps, backend: ChildTuningAdamW(ps, mode="ChildTuning-F", reserve_p=RESERVE_P, seed=0,
                                                  backend=backend, **HYPER)),
-    RowSpec("childtuning-f-loop", "ChildTuningReferenceAdamW", f"ChildTuning-F p={RESERVE_P}", ADAMW_BYTES,
+    RowSpec("childtuning-f-loop", "ChildTuningReferenceAdamW", f"ChildTuning-F p={RESERVE_P}", adamw_traffic(),
             lambda ps, backend: ChildTuningReferenceAdamW(ps, mode="ChildTuning-F", reserve_p=RESERVE_P, **HYPER),
             backend="python loop", scales_grads=True),
     *(_sparse_row(density) for density in SPARSE_DENSITIES),
@@ -123,7 +151,7 @@ ROWS += tuple(_compiled(spec) for spec in ROWS if spec.key in ("adamw-foreach", 
 
 @dataclass(frozen=True)
 class Row:
-    """The measurements of one row (``pct_copy_bw`` and ``x_fused`` are set by :func:`compare`)."""
+    """The measurements of one row (``pct_stream`` and ``x_fused`` are set by :func:`compare`)."""
 
     key: str
     optimizer: str
@@ -137,7 +165,9 @@ class Row:
     gbps: float
     numel: int
     steps: int
-    pct_copy_bw: Optional[float] = None
+    dtype: str
+    threads: int
+    pct_stream: Optional[float] = None
     x_fused: Optional[float] = None
 
 
@@ -152,9 +182,15 @@ def _grad_restorer(params) -> Callable[[], None]:
     return restore
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for ``torch.float32``: how rows, tables and ``--dtype`` name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch.device, *,
                 warmup: int, steps: int) -> Row:
-    """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` and apply the byte model."""
+    """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` at the current intra-op
+    thread count and apply the byte model of the parameters' dtype."""
     step = synchronized(torch.compile(opt.step) if spec.compiled else opt.step, device)
     restore = _grad_restorer(params) if spec.scales_grads else None
     for _ in range(warmup):
@@ -164,27 +200,30 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
     reset_peak_memory(device)
     seconds = statistics.median(time_calls(step, steps, before=restore))
     numel = sum(p.numel() for p in params)
-    bytes_per_step = round(spec.bytes_per_element * numel)
+    bytes_per_step = round(spec.bytes_per_element(params[0].element_size()) * numel)
     backend = spec.backend or opt.backend_name()
     return Row(key=spec.key, optimizer=spec.optimizer, mode=spec.mode, backend=backend, it_s=1.0 / seconds,
                ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device), state_gb=state_gb(opt),
-               bytes_per_step=bytes_per_step, gbps=bytes_per_step / seconds / 1e9, numel=numel, steps=steps)
+               bytes_per_step=bytes_per_step, gbps=bytes_per_step / seconds / 1e9, numel=numel, steps=steps,
+               dtype=dtype_name(params[0].dtype), threads=torch.get_num_threads())
 
 
-def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto") -> Row:
-    """Build ``spec``'s optimizer over fresh parameters and measure it; everything is freed on return."""
-    params = make_params(shapes, device)
+def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
+            dtype: torch.dtype = torch.float32) -> Row:
+    """Build ``spec``'s optimizer over fresh ``dtype`` parameters and measure it; everything is freed on return."""
+    params = make_params(shapes, device, dtype=dtype)
     opt = spec.make(params, backend)
     return measure_row(spec, opt, params, device, warmup=warmup, steps=steps)
 
 
-def compare(rows: list[Row], copy_gbps: float) -> tuple[list[Row], str]:
-    """Rows with % of copy bandwidth and speed relative to torch fused AdamW (foreach when fused is missing)."""
-    baselines = {(r.optimizer, r.mode): r for r in rows}
-    baseline = baselines.get(("torch AdamW", "fused")) or baselines[("torch AdamW", "foreach")]
-    compared = [dataclasses.replace(r, pct_copy_bw=100.0 * r.gbps / copy_gbps, x_fused=r.it_s / baseline.it_s)
+def compare(rows: list[Row], stream_gbps: float) -> tuple[list[Row], str]:
+    """Rows with their GB/s as % of the stream reference's and their speed relative to torch fused
+    AdamW of the same rows (foreach when fused is missing)."""
+    by_key = {r.key: r for r in rows}
+    baseline = by_key.get("adamw-fused") or by_key["adamw-foreach"]
+    compared = [dataclasses.replace(r, pct_stream=100.0 * r.gbps / stream_gbps, x_fused=r.it_s / baseline.it_s)
                 for r in rows]
-    return compared, f"torch-{baseline.mode}"
+    return compared, baseline.key.replace("adamw", "torch")
 
 
 def format_table(rows: list[Row], baseline: str) -> str:
@@ -193,19 +232,51 @@ def format_table(rows: list[Row], baseline: str) -> str:
         ("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.2f}"),
         ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("state GB", lambda r: f"{r.state_gb:.3f}"),
-        ("GB/s", lambda r: f"{r.gbps:.1f}"), ("% copy BW", lambda r: f"{r.pct_copy_bw:.0f}%"),
+        ("GB/s", lambda r: f"{r.gbps:.1f}"), ("% of stream", lambda r: f"{r.pct_stream:.0f}%"),
         (f"x {baseline}", lambda r: f"{r.x_fused:.2f}x"),
     )
     return aligned_table(columns, rows, numeric=range(3, len(columns)))
 
 
-def run_rows(shapes, device: torch.device, *, warmup: int, steps: int,
-             backend: str = "auto") -> tuple[list[Row], list[dict]]:
-    """Measure every row of ``ROWS`` under a progress bar; rows that cannot run here are skipped with the reason."""
+def run_rows(shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
+             dtype: torch.dtype = torch.float32) -> tuple[list[Row], list[dict]]:
+    """Measure every row of ``ROWS`` under a progress bar; rows that cannot run here are skipped with
+    the reason, and so are rows whose optimizer fails on non-fp32 parameters."""
     rows, skipped = [], []
-    for spec in tqdm(ROWS, desc="bench", unit="row"):
+    for spec in tqdm(ROWS, desc=f"bench {dtype_name(dtype)}, {label(torch.get_num_threads(), 0)}", unit="row"):
         try:
-            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend))
+            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype))
         except Unavailable as exc:
             skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, str(exc)))
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            if dtype == torch.float32:
+                raise
+            skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, f"fails with {dtype_name(dtype)} "
+                                                                            f"parameters: {type(exc).__name__}: {exc}"))
     return rows, skipped
+
+
+@dataclass(frozen=True)
+class Table:
+    """The rows of one parameter list (``size``, a key of :data:`SIZES`), dtype and intra-op thread
+    count, compared with the stream reference measured at that thread count (``baseline``: the row
+    the speed ratios divide by)."""
+
+    size: str
+    dtype: str
+    threads: int
+    stream: StreamReference
+    rows: list[Row]
+    skipped: list[dict]
+    baseline: str
+
+
+def run_table(size: str, dtype: torch.dtype, stream: StreamReference, device: torch.device, *, warmup: int,
+              steps: int, backend: str = "auto") -> Table:
+    """Every row over the ``size`` list of ``dtype`` parameters at the current thread count, compared
+    with ``stream``."""
+    scale, layers = SIZES[size]
+    rows, skipped = run_rows(roberta_base_shapes(scale, layers), device, warmup=warmup, steps=steps,
+                             backend=backend, dtype=dtype)
+    rows, baseline = compare(rows, stream.gbps)
+    return Table(size, dtype_name(dtype), torch.get_num_threads(), stream, rows, skipped, baseline)

@@ -7,6 +7,12 @@ rows check that everything runs rather than what a GPU would show.  Rows: torch 
 Child-Tuning-F (Bernoulli 30%), sparse storage with compact gradients (10% of every parameter),
 and, where installed, peft LoRA r=8 on query and value and bitsandbytes 8-bit AdamW.
 
+Memory, two ways: ``peak_gb`` over the timed steps (the CUDA allocator's peak; on CPU the
+process peak RSS, which everything else in the process dominates), and the live tensor bytes of
+one extra, untimed step (:mod:`childopt.bench.live`): ``held_gb``, the parameters, gradients and
+optimizer state live when it starts, and ``live_gb``, that plus the step's peak increase
+(activations, gradients, temporaries), which is what tells the methods apart on CPU.
+
 Shared by ``python -m childopt bench`` (the training table and its goals) and the
 pytest-benchmark suite bench/bench_e2e.py.
 """
@@ -22,6 +28,7 @@ from tqdm import tqdm
 
 from childopt import MaskedAdamW
 from childopt.bench.baselines import adamw_8bit, fused_adamw
+from childopt.bench.live import measure_live
 from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, synchronized,
                                     time_calls)
 from childopt.bench.table import aligned_table
@@ -172,6 +179,8 @@ class TrainRow:
     it_s: float
     ms_per_step: float
     peak_gb: float
+    held_gb: float  # tensors live at the start of a step (:class:`childopt.bench.live.LiveMemory`)
+    live_gb: float  # held_gb + the step's peak increase
     trained: float  # :func:`trained_entries`
     steps: int
 
@@ -181,12 +190,15 @@ def _backend_of(kind: str, opt) -> str:
 
 
 def measure(kind: str, device: torch.device, *, warmup: int, steps: int, backend: str = "auto") -> TrainRow:
-    """Time ``steps`` training steps of ``kind`` after :func:`warmed_up`."""
+    """Time ``steps`` training steps of ``kind`` after :func:`warmed_up`, read the peak memory, then
+    measure the live tensor bytes of one more step."""
     step, model, opt = warmed_up(kind, device, warmup=warmup, backend=backend)
     seconds = statistics.median(time_calls(step, steps))
+    peak_gb = peak_memory_gb(device)
+    live = measure_live(step, model.parameters(), opt, device)
     optimizer, mode = KINDS[kind]
     return TrainRow(key=kind, optimizer=optimizer, mode=mode, backend=_backend_of(kind, opt), it_s=1.0 / seconds,
-                    ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device),
+                    ms_per_step=seconds * 1e3, peak_gb=peak_gb, held_gb=live.held / 1e9, live_gb=live.peak / 1e9,
                     trained=trained_entries(model, opt), steps=steps)
 
 
@@ -208,7 +220,8 @@ def format_table(rows: list[TrainRow]) -> str:
     columns = (
         ("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.1f}"),
-        ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
+        ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("held GB", lambda r: f"{r.held_gb:.4f}"),
+        ("live GB", lambda r: f"{r.live_gb:.4f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
         ("x fused", lambda r: f"{r.it_s / fused.it_s:.2f}x" if fused else "n/a"),
     )
     return aligned_table(columns, rows, numeric=range(3, len(columns)))

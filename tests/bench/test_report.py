@@ -1,12 +1,17 @@
-"""``python -m childopt bench``: end to end at a tiny size (so the main job cannot rot), and on
-made-up measurements whose ratios, table cells and goals are worked out by hand."""
+"""``python -m childopt bench``: end to end at a tiny size (so the main job cannot rot), over
+several dtypes and thread counts, and on made-up measurements whose ratios, table cells and goals
+are worked out by hand."""
 import json
 
 import pytest
+import torch
 
-from childopt.bench import measure, step, train
+from childopt.bench import measure, step, sweep, train
+from childopt.bench.llc import CacheSize
 from childopt.bench.report import main, parse_args
-from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row
+from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_table
+
+TINY = (1 / 24, 1)  # roberta_base_shapes(1/24, 1): ~0.2M parameters, a smoke run
 
 
 def run_main(tmp_path, capsys, *options):
@@ -16,79 +21,141 @@ def run_main(tmp_path, capsys, *options):
     return json.loads(out.read_text()), md.read_text(), capsys.readouterr().out
 
 
-def goal(report, text):
-    """(value, met) of the one goal of ``report`` whose name contains ``text``."""
-    (found,) = [g for g in report["goals"] if text in g["goal"]]
+def goal(report, *texts):
+    """(value, met) of the one goal of ``report`` whose name contains every text."""
+    (found,) = [g for g in report["goals"] if all(text in g["goal"] for text in texts)]
     return found["value"], found["met"]
 
 
-def test_quick_bench_runs_every_row_and_writes_every_output(tmp_path, capsys, monkeypatch):
-    """Every step row and training kind is measured or skipped with a reason; the numbers are
-    positive, the byte model is charged per element, and JSON, markdown and plot are written."""
-    monkeypatch.setitem(step.SIZES, ("cpu", True), (1 / 24, 1, 1))  # ~0.2M parameters: a smoke run
+@pytest.fixture
+def tiny_run(monkeypatch):
+    """The 24m list shrunk to ~0.2M elements, one warm-up step, a 1 MiB "cache" for the stream."""
+    monkeypatch.setitem(step.SIZES, "24m", TINY)
     monkeypatch.setattr(measure, "WARMUP", 1)
+    monkeypatch.setattr(sweep, "last_level_cache", lambda device: CacheSize(2**20, "a made-up cache"))
+
+
+def test_quick_bench_runs_every_row_and_writes_every_output(tmp_path, capsys, tiny_run):
+    """Every step row and training kind is measured or skipped with a reason; the numbers are
+    positive, the byte model is charged per element, the goals are ratios of the rows, and JSON,
+    markdown and plot are written."""
     png = tmp_path / "bench.png"
-    report, summary, printed = run_main(tmp_path, capsys, "--device", "cpu", "--plot", str(png))
-    assert {r["key"] for r in report["rows"]} | {r["key"] for r in report["skipped"]} == {s.key for s in step.ROWS}
-    assert all(r["reason"] for r in report["skipped"] + report["training"]["skipped"])
-    numel = report["meta"]["params"]["numel"]
-    for row in report["rows"]:
-        assert row["numel"] == numel and min(row["it_s"], row["peak_gb"], row["gbps"], row["x_fused"]) > 0, row
-    by_key = {r["key"]: r for r in report["rows"]}
-    for key, size in BYTES_PER_ELEMENT.items():
+    threads = torch.get_num_threads()
+    report, summary, printed = run_main(tmp_path, capsys, "--device", "cpu", "--threads", "all", "--plot", str(png))
+    (table,) = report["tables"]
+    assert (table["size"], table["dtype"], table["threads"]) == ("24m", "float32", threads)
+    assert {r["key"] for r in table["rows"]} | {r["key"] for r in table["skipped"]} == {s.key for s in step.ROWS}
+    assert all(r["reason"] for r in table["skipped"] + report["training"]["skipped"])
+    numel = report["meta"]["params"]["24m"]["numel"]
+    assert table["stream"]["numel"] == max(numel, 2**20 // 4) and table["stream"]["threads"] == threads
+    for row in table["rows"]:
+        assert row["numel"] == numel and row["threads"] == threads, row
+        assert min(row["it_s"], row["peak_gb"], row["gbps"], row["x_fused"], row["pct_stream"]) > 0, row
+        assert row["pct_stream"] == pytest.approx(100 * row["gbps"] / table["stream"]["gbps"])
+    by_key = {r["key"]: r for r in table["rows"]}
+    for key, size in BYTES_PER_ELEMENT["float32"].items():
         assert by_key[key]["bytes_per_step"] == round(size * numel)
     training = report["training"]
     assert {r["key"] for r in training["rows"]} | {r["key"] for r in training["skipped"]} == set(train.KINDS)
-    assert all(r["it_s"] > 0 and r["peak_gb"] > 0 and r["trained"] > 0 for r in training["rows"])
-    goals = {g["goal"]: g for g in report["goals"]}
-    loop = goals["ChildTuning-F: fused step vs the ChildTuning reference loop"]
-    assert loop["value"] == pytest.approx(by_key["childtuning-f"]["it_s"] / by_key["childtuning-f-loop"]["it_s"])
-    assert "x torch-fused" in printed and "training step" in printed and "goals" in printed
+    assert all(r["it_s"] > 0 and r["live_gb"] > r["held_gb"] > 0 and r["trained"] > 0 for r in training["rows"])
+    assert goal(report, "ChildTuningAdamW", "the ChildTuning loop")[0] == pytest.approx(
+        by_key["childtuning-f"]["it_s"] / by_key["childtuning-f-loop"]["it_s"])
+    assert goal(report, "MaskedAdamW mask=None:", "share")[0] == pytest.approx(by_key["masked-none"]["pct_stream"])
+    if threads > 1:
+        assert goal(report, "1 thread", "masked-none") == (None, None)  # no 1-thread table in this run
+    assert "x torch-fused" in printed and "% of stream" in printed and "training step" in printed
+    assert "a made-up cache" in printed and "live GB" in printed and "goals" in printed
     assert png.stat().st_size > 10_000
     assert "python -m childopt bench --quick --steps 1" in summary and report["meta"]["torch"] in summary
 
 
+def test_one_table_per_dtype_and_thread_count_and_the_count_comes_back(tmp_path, capsys, tiny_run, monkeypatch):
+    """``--dtype float32,bfloat16 --threads 1,all``: four tables, each at its count and dtype, bf16
+    charged its own byte model; the thread count of the process is unchanged afterwards."""
+    monkeypatch.setattr(step, "ROWS", tuple(s for s in step.ROWS if s.key in ("adamw-fused", "masked-none")))
+    monkeypatch.setattr(train, "optional_rows", lambda *args, **kwargs: (None, [], []))
+    start = torch.get_num_threads()
+    report, _, printed = run_main(tmp_path, capsys, "--device", "cpu", "--dtype", "float32,bfloat16",
+                                  "--threads", "1,all")
+    assert torch.get_num_threads() == start
+    counts = [1] if start == 1 else [1, start]
+    assert [(t["threads"], t["dtype"]) for t in report["tables"]] == [
+        (n, dtype) for n in counts for dtype in ("float32", "bfloat16")]
+    numel = report["meta"]["params"]["24m"]["numel"]
+    for table in report["tables"]:
+        assert {r["threads"] for r in table["rows"]} == {table["stream"]["threads"]} == {table["threads"]}
+        fused, masked = table["rows"]
+        assert masked["bytes_per_step"] == round(BYTES_PER_ELEMENT[table["dtype"]]["masked-none"] * numel)
+    assert report["meta"]["threads"] == {"all": start, "timed": counts}
+    assert "1 thread" in printed and "bfloat16 parameters" in printed
+    assert goal(report, "bfloat16", "masked-dense-freeze")[1] is None  # a row this run did not measure
+
+
 def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, monkeypatch):
-    """Copy bandwidth 40 GB/s; fused 100 it/s at 20 GB/s, dense freeze 96 it/s at 36 GB/s (0.96x,
-    90%), the ChildTuning loop 10 it/s against 90 (9x), sparse 5% 2.5 ms against 20 ms (0.125x);
-    training: Child-Tuning-D 9.8 it/s against 10 (0.98x), sparse peak 3.2 GB against LoRA's 3.0."""
-    rows = [fake_row("adamw-fused", "torch AdamW", "fused", 100.0, 20.0),
-            fake_row("masked-none", "MaskedAdamW", "mask=None", 50.0, 10.0),
-            fake_row("masked-dense-freeze", "MaskedAdamW", "dense freeze", 96.0, 36.0),
-            fake_row("childtuning-f", "ChildTuningAdamW", "F", 90.0, 30.0),
-            fake_row("childtuning-f-loop", "ChildTuningReferenceAdamW", "F loop", 10.0, 1.0),
-            fake_row("masked-sparse-0.05", "MaskedAdamW", "sparse", 400.0, 2.0)]
+    """Stream 40 GB/s at 2 threads, 20 at 1.  2 threads: fused 100 it/s at 20 GB/s, dense freeze 96
+    it/s at 36 GB/s (0.96x, 90%), the ChildTuning loop 3 it/s against ChildTuning-F's 90 (30x),
+    sparse 5% 2.5 ms against freeze's 10.4 ms (0.24x).  1 thread: fused 50, freeze 51 (1.02x, 11 GB/s
+    = 55%).  Training: Child-Tuning-D 9.8 it/s against 10 (0.98x), sparse live 3.2 GB against LoRA's 3.0."""
+    two = fake_table([fake_row("adamw-fused", "torch AdamW", "fused", 100.0, 20.0),
+                      fake_row("masked-none", "MaskedAdamW", "mask=None", 50.0, 10.0),
+                      fake_row("masked-dense-freeze", "MaskedAdamW", "dense freeze", 96.0, 36.0),
+                      fake_row("childtuning-f", "ChildTuningAdamW", "F", 90.0, 30.0),
+                      fake_row("childtuning-f-loop", "ChildTuningReferenceAdamW", "F loop", 3.0, 1.0),
+                      fake_row("masked-sparse-0.05", "MaskedAdamW", "sparse", 400.0, 2.0)], 40.0, threads=2)
+    one = fake_table([fake_row("adamw-fused", "torch AdamW", "fused", 50.0, 10.0, threads=1),
+                      fake_row("masked-dense-freeze", "MaskedAdamW", "dense freeze", 51.0, 11.0, threads=1)],
+                     20.0, threads=1)
     trained = [train.TrainRow(key=k, optimizer="opt", mode=k, backend="b", it_s=it_s, ms_per_step=1e3 / it_s,
-                              peak_gb=gb, trained=1e6, steps=1)
+                              peak_gb=0.5, held_gb=gb / 2, live_gb=gb, trained=1e6, steps=1)
                for k, it_s, gb in (("adamw-fused", 10.0, 4.0), ("child-tuning-d", 9.8, 4.1),
                                    ("sparse-compact", 8.0, 3.2), ("lora-r8", 11.0, 3.0))]
-    monkeypatch.setattr(measure, "measure_copy_gbps", lambda *args, **kwargs: 40.0)
-    monkeypatch.setattr(step, "run_rows", lambda *args, **kwargs: (rows, [measure.skip_record("x", "X", "m", "why")]))
+    one.skipped.append(measure.skip_record("x", "X", "m", "why"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(sweep, "run_tables", lambda *args, **kwargs: [one, two])
     monkeypatch.setattr(train, "optional_rows",
                         lambda *args, **kwargs: (train.Setup(None, 8, 64, "a made-up model"), trained, []))
     report, summary, printed = run_main(tmp_path, capsys, "--device", "cpu")
-    compared = {r["key"]: (r["x_fused"], r["pct_copy_bw"]) for r in report["rows"]}
-    assert compared["masked-none"] == (0.5, 25.0) and compared["masked-dense-freeze"] == (0.96, 90.0)
+    compared = {(t["threads"], r["key"]): (r["x_fused"], r["pct_stream"]) for t in report["tables"] for r in t["rows"]}
+    assert compared[(2, "masked-none")] == (0.5, 25.0) and compared[(2, "masked-dense-freeze")] == (0.96, 90.0)
+    assert compared[(1, "masked-dense-freeze")] == (1.02, 55.0)
     lines = printed.splitlines()
-    assert "copy bandwidth: 40.0 GB/s (dst.copy_(src), fp32, 8 B per element)" in lines
-    (freeze,) = [line for line in lines if line.split()[:3] == ["MaskedAdamW", "dense", "freeze"]]
-    assert freeze.split()[-2:] == ["90%", "0.96x"]
+    assert "optimizer step, 24m list: 24.3M float32 parameters in 139 tensors, 1 thread" in lines
+    assert "optimizer step, 24m list: 24.3M float32 parameters in 139 tensors, 2 threads (all)" in lines
+    assert sum(line.strip().startswith("in-place stream reference 40.0 GB/s: fake;") for line in lines) == 1
+    (freeze,) = [line for line in lines if line.split()[:3] == ["MaskedAdamW", "dense", "freeze"]
+                 and line.split()[-1] == "0.96x"]
+    assert freeze.split()[-2] == "90%"
     (child_d,) = [line for line in lines if line.split()[:2] == ["opt", "child-tuning-d"]]
     assert child_d.split()[-1] == "0.98x"
     assert "skipped X m: why" in lines
-    assert goal(report, "dense freeze: speed") == (pytest.approx(0.96), True)
-    assert goal(report, "dense freeze: share") == (pytest.approx(90.0), True)
-    assert goal(report, "masked-bernoulli: speed") == (None, None)  # no such row
-    assert goal(report, "reference loop") == (pytest.approx(9.0), False)
-    assert goal(report, "sparse 5%") == (pytest.approx(0.125), True)
+    assert goal(report, "2 threads", "dense freeze:", "speed") == (pytest.approx(0.96), False)  # < 1.05
+    assert goal(report, "2 threads", "dense freeze:", "share") == (pytest.approx(90.0), True)
+    assert goal(report, "1 thread", "dense freeze:", "speed") == (pytest.approx(1.02), True)
+    assert goal(report, "masked-bernoulli:", "torch fused") == (None, None)  # no such row
+    assert goal(report, "ChildTuningAdamW F:", "the ChildTuning loop") == (pytest.approx(30.0), True)
+    assert goal(report, "MaskedAdamW sparse:", "the dense freeze step") == (pytest.approx(96 / 400), True)
     assert goal(report, "Child-Tuning-D") == (pytest.approx(0.98), True)
     assert goal(report, "Child-Tuning-F") == (None, None)
-    assert goal(report, "peak GB") == (pytest.approx(3.2 / 3.0), True)
+    assert goal(report, "live GB") == (pytest.approx(3.2 / 3.0), True)
+    assert "issue #20" in printed
     assert all(line in summary for line in lines if not line.startswith("wrote "))
 
 
-def test_bad_steps_are_refused_with_the_option_named(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--threads", "1,0"], "--threads: thread counts are positive integers or 'all', got '0'"),
+    (["--dtype", "float32,float16"], "--dtype: 'float16' not among float32, bfloat16"),
+    (["--size", "7m"], "--size: '7m' not among 24m, 125m")])
+def test_bad_options_are_refused_with_the_option_named(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
-        parse_args(["--steps", "0"])
+        parse_args(argv)
     assert exited.value.code == 2
-    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_options_parse_into_lists():
+    args = parse_args(["--size", "24m,125m", "--dtype", "bfloat16", "--threads", "all,1"])
+    assert args.sizes == ["24m", "125m"] and args.dtypes == ["bfloat16"]
+    assert args.thread_counts == list(dict.fromkeys([torch.get_num_threads(), 1]))
+    defaults = parse_args([])
+    assert (defaults.sizes, defaults.dtypes, defaults.thread_counts) == (None, ["float32"], None)

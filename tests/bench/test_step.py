@@ -1,51 +1,97 @@
-"""The optimizer-step rows: the byte model they are charged, and their comparison with torch fused
-AdamW and the copy bandwidth, on made-up timings with the ratios worked out by hand."""
+"""The optimizer-step rows: the byte model they are charged by dtype, their comparison with torch
+fused AdamW and the stream reference on made-up timings with the ratios worked out by hand, and
+how rows that fail with bf16 parameters are skipped."""
 import pytest
 import torch
 
 from childopt.bench import shapes, step
-from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row
+from childopt.bench.measure import Unavailable
+from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_stream
 
 SPECS = {spec.key: spec for spec in step.ROWS}
+CPU = torch.device("cpu")
 
 
-def test_compare_divides_by_torch_fused_and_the_copy_bandwidth():
-    """At 40 GB/s copy bandwidth and fused at 80 it/s: 50 it/s is 0.625x, 100 it/s 1.25x; 10 GB/s is 25%."""
+def test_compare_divides_by_torch_fused_and_the_stream_reference():
+    """At a 40 GB/s stream and fused at 80 it/s: 50 it/s is 0.625x, 100 it/s 1.25x; 10 GB/s is 25%."""
     rows = [fake_row("adamw-foreach", "torch AdamW", "foreach", 50.0, 10.0),
             fake_row("adamw-fused", "torch AdamW", "fused", 80.0, 16.0),
             fake_row("masked-none", "MaskedAdamW", "mask=None", 100.0, 20.0)]
-    compared, baseline = step.compare(rows, copy_gbps=40.0)
+    compared, baseline = step.compare(rows, stream_gbps=40.0)
     assert baseline == "torch-fused"
     assert [r.x_fused for r in compared] == [0.625, 1.0, 1.25]
-    assert [r.pct_copy_bw for r in compared] == [25.0, 40.0, 50.0]
+    assert [r.pct_stream for r in compared] == [25.0, 40.0, 50.0]
 
 
 def test_compare_falls_back_to_foreach_without_a_fused_row():
     rows = [fake_row("adamw-foreach", "torch AdamW", "foreach", 50.0, 10.0),
             fake_row("masked-none", "MaskedAdamW", "mask=None", 100.0, 20.0)]
-    compared, baseline = step.compare(rows, copy_gbps=40.0)
+    compared, baseline = step.compare(rows, stream_gbps=40.0)
     assert baseline == "torch-foreach" and [r.x_fused for r in compared] == [1.0, 2.0]
 
 
-def test_table_prints_each_row_s_share_and_speed_ratio():
+def test_table_prints_each_row_s_share_of_the_stream_and_speed_ratio():
     compared, baseline = step.compare([fake_row("adamw-fused", "torch AdamW", "fused", 80.0, 16.0),
                                        fake_row("masked-none", "MaskedAdamW", "mask=None", 100.0, 20.0)], 40.0)
     table = step.format_table(compared, baseline).splitlines()
-    assert table[0].split()[-3:] == ["BW", "x", "torch-fused"]
+    assert table[0].split()[-5:] == ["%", "of", "stream", "x", "torch-fused"]
     assert table[2].split() == ["torch", "AdamW", "fused", "b", "80.00", "12.50", "1.000", "0.500", "16.0", "40%",
                                 "1.00x"]
     assert table[3].split() == ["MaskedAdamW", "mask=None", "b", "100.00", "10.00", "1.000", "0.500", "20.0", "50%",
                                 "1.25x"]
 
 
-@pytest.mark.parametrize("key", BYTES_PER_ELEMENT)
-def test_measure_row_charges_the_byte_model_and_steps_the_optimizer(key):
-    """bytes_per_step is the row's bytes per element times the elements; GB/s is those bytes per second."""
-    params = shapes.make_params([(1000,)], torch.device("cpu"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("key", BYTES_PER_ELEMENT["float32"])
+def test_measure_row_charges_the_byte_model_of_the_dtype_and_steps_the_optimizer(key, dtype):
+    """bytes_per_step is the row's bytes per element (by parameter and state dtype) times the
+    elements; GB/s is those bytes per second; the row records its dtype and thread count."""
+    params = shapes.make_params([(1000,)], CPU, dtype=step.DTYPES[dtype])
+    assert params[0].grad.dtype == step.DTYPES[dtype]
     before = params[0].detach().clone()
-    row = step.measure_row(SPECS[key], SPECS[key].make(params, "reference"), params, torch.device("cpu"),
-                           warmup=1, steps=2)
-    assert (row.key, row.numel, row.steps, row.bytes_per_step) == (key, 1000, 2, round(1000 * BYTES_PER_ELEMENT[key]))
+    row = step.measure_row(SPECS[key], SPECS[key].make(params, "reference"), params, CPU, warmup=1, steps=2)
+    assert (row.key, row.numel, row.steps, row.dtype, row.threads) == (key, 1000, 2, dtype, torch.get_num_threads())
+    assert row.bytes_per_step == round(1000 * BYTES_PER_ELEMENT[dtype][key])
     assert row.gbps == pytest.approx(row.bytes_per_step * row.it_s / 1e9)
     assert row.ms_per_step == pytest.approx(1e3 / row.it_s)
     assert not torch.equal(params[0].detach(), before)
+
+
+def _failing(dtype_ok):
+    """A row whose optimizer raises on parameters of any dtype but ``dtype_ok``."""
+    def make(params, backend):
+        if params[0].dtype != dtype_ok:
+            raise RuntimeError("no kernel for this dtype")
+        return torch.optim.AdamW(params, fused=True)
+
+    return step.RowSpec("failing", "Failing", "test", step.adamw_traffic(), make, backend="torch")
+
+
+def test_rows_that_fail_with_bf16_parameters_are_skipped_with_the_reason(monkeypatch):
+    unavailable = step.RowSpec("missing", "Missing", "test", step.adamw_traffic(),
+                               lambda ps, backend: (_ for _ in ()).throw(Unavailable("needs a GPU")))
+    monkeypatch.setattr(step, "ROWS", (SPECS["adamw-fused"], _failing(torch.float32), unavailable))
+    rows, skipped = step.run_rows([(64,)], CPU, warmup=1, steps=1, dtype=torch.bfloat16)
+    assert [r.key for r in rows] == ["adamw-fused"] and rows[0].dtype == "bfloat16"
+    assert [(s["key"], s["reason"]) for s in skipped] == [
+        ("failing", "fails with bfloat16 parameters: RuntimeError: no kernel for this dtype"),
+        ("missing", "needs a GPU")]
+
+
+def test_an_fp32_failure_is_not_hidden(monkeypatch):
+    monkeypatch.setattr(step, "ROWS", (_failing(torch.bfloat16),))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        step.run_rows([(64,)], CPU, warmup=1, steps=1)
+
+
+def test_run_table_steps_the_named_size_and_dtype_at_the_current_threads(monkeypatch):
+    monkeypatch.setitem(step.SIZES, "24m", (1 / 24, 1))
+    monkeypatch.setattr(step, "ROWS", (SPECS["adamw-fused"], SPECS["masked-none"]))
+    table = step.run_table("24m", torch.bfloat16, fake_stream(50.0), CPU, warmup=1, steps=1, backend="reference")
+    numel = sum(torch.Size(s).numel() for s in shapes.roberta_base_shapes(1 / 24, 1))
+    assert (table.size, table.dtype, table.threads, table.baseline) == ("24m", "bfloat16", torch.get_num_threads(),
+                                                                        "torch-fused")
+    fused, masked = table.rows
+    assert fused.numel == numel and fused.x_fused == 1.0 and masked.x_fused == pytest.approx(masked.it_s / fused.it_s)
+    assert masked.pct_stream == pytest.approx(100 * masked.gbps / 50.0)
+    assert masked.bytes_per_step == round(22 * numel) and fused.bytes_per_step == 14 * numel

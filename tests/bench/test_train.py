@@ -69,7 +69,24 @@ def test_rows_measure_every_kind_that_can_run_here():
         assert row.it_s > 0 and row.peak_gb > 0 and row.trained > 0
         assert row.backend == ("reference" if row.optimizer == "MaskedAdamW" else "torch")
     assert by_key["lora-r8"].trained < by_key["adamw-fused"].trained / 10
-    assert "x fused" in train.format_table(rows)
+    assert "x fused" in train.format_table(rows) and "live GB" in train.format_table(rows)
+    assert_live_memory_tells_the_methods_apart(by_key)
+
+
+def assert_live_memory_tells_the_methods_apart(by_key):
+    """Against the bytes each method must hold, counted from a model of the same config: full
+    fine-tuning holds fp32 parameters, exp_avg and exp_avg_sq (12 B per parameter) when a step
+    starts and all gradients (4 B more) by the end of backward; sparse storage holds the
+    parameters and 12 B per selected entry; LoRA little beyond the parameters.  Live bytes
+    order LoRA < sparse + compact gradients < full fine-tuning."""
+    model = train.transformers_module().RobertaForSequenceClassification(train.setup_for(CPU).config)
+    numel = sum(p.numel() for p in model.parameters())
+    full, sparse, lora = (by_key[k] for k in ("adamw-fused", "sparse-compact", "lora-r8"))
+    assert full.held_gb * 1e9 >= 12 * numel
+    assert (full.live_gb - full.held_gb) * 1e9 >= 4 * numel
+    assert sparse.held_gb * 1e9 == pytest.approx(4 * numel + 12 * sparse.trained, rel=0.01)
+    assert 4 * numel <= lora.held_gb * 1e9 < 5 * numel
+    assert lora.live_gb < sparse.live_gb < full.live_gb
 
 
 def test_an_unknown_kind_names_the_choices():

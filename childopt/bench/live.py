@@ -1,0 +1,92 @@
+"""Peak bytes of live tensors during one training or optimizer step: the memory that tells
+full fine-tuning, sparse storage and LoRA apart on a CPU, where the process RSS is dominated by
+everything else in the process (libraries, allocator caches, earlier rows).
+
+``live bytes = held + peak increase``:
+
+* ``held``: the bytes of the model's parameters, their gradients and the optimizer's state tensors
+  live when the step starts, counted from the tensors themselves (each storage once);
+* ``peak increase``: the highest point, during the one step, of the bytes of tensors allocated
+  minus freed since it started (activations, gradients, state created on a first step,
+  temporaries), never below zero.  On CPU it is read from torch's profiler: with
+  ``profile_memory=True`` every allocation and free is a ``[memory]`` event carrying its signed
+  size, and walking them in time order gives the running total and its peak.  On CUDA it is
+  ``torch.cuda.max_memory_allocated`` over the step minus ``memory_allocated`` at its start.
+
+The profiler slows the step, so the step measured is an extra, untimed one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+MEMORY_EVENT = "[memory]"
+
+
+@dataclass(frozen=True)
+class LiveMemory:
+    """Bytes ``held`` when the step started and the ``peak_increase`` above that during the step."""
+
+    held: int
+    peak_increase: int
+
+    @property
+    def peak(self) -> int:
+        return self.held + self.peak_increase
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def held_bytes(params: Iterable[torch.Tensor], opt: torch.optim.Optimizer) -> int:
+    """Bytes of ``params``, their gradients (where set) and every tensor in ``opt.state``."""
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return storage_bytes(params + grads + state)
+
+
+def peak_of_events(sizes: Iterable[int]) -> int:
+    """The peak of the running sum of signed allocation sizes (in time order), at least zero."""
+    total = peak = 0
+    for size in sizes:
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def cpu_peak_increase(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated minus freed on the CPU while ``fn()`` runs, from the profiler's memory events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == MEMORY_EVENT and e.device_type() == DeviceType.CPU]
+    return peak_of_events(e.nbytes() for e in sorted(events, key=lambda e: e.start_ns()))
+
+
+def cuda_peak_increase(fn: Callable[[], object], device: torch.device) -> int:
+    """``max_memory_allocated`` while ``fn()`` runs minus ``memory_allocated`` before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - start)
+
+
+def measure_live(step: Callable[[], object], params: Iterable[torch.Tensor], opt: torch.optim.Optimizer,
+                 device: torch.device) -> LiveMemory:
+    """Run ``step`` once and return what was held before it and the peak increase during it."""
+    held = held_bytes(params, opt)
+    increase = cuda_peak_increase(step, device) if device.type == "cuda" else cpu_peak_increase(step)
+    return LiveMemory(held=held, peak_increase=increase)
