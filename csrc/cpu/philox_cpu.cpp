@@ -264,33 +264,43 @@ PhiloxIsa set_philox_isa(PhiloxIsa isa) {
   return current().exchange(isa);
 }
 
-void keep_groups(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint8_t* keep) {
 #ifdef CHILDOPT_X86_PHILOX
+namespace {
+
+// An operation over Philox groups, writing T per element (keep bytes or words).
+template <typename T>
+using GroupsFn = void (*)(const BernoulliDraw&, uint64_t, int64_t, T*);
+
+// The variant of an operation that the selected ISA runs.
+template <typename T>
+GroupsFn<T> for_selected_isa(GroupsFn<T> avx512, GroupsFn<T> avx2, GroupsFn<T> scalar) {
   switch (philox_isa()) {
     case PhiloxIsa::kAvx512:
-      return avx512_keep(draw, first_group, groups, keep);
+      return avx512;
     case PhiloxIsa::kAvx2:
-      return avx2_keep(draw, first_group, groups, keep);
+      return avx2;
     case PhiloxIsa::kScalar:
       break;
   }
+  return scalar;
+}
+
+}  // namespace
+
+#define CHILDOPT_FOR_SELECTED_ISA(OP) for_selected_isa(avx512_##OP, avx2_##OP, scalar_##OP)
+#else
+#define CHILDOPT_FOR_SELECTED_ISA(OP) scalar_##OP
 #endif
-  scalar_keep(draw, first_group, groups, keep);
+
+void keep_groups(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint8_t* keep) {
+  CHILDOPT_FOR_SELECTED_ISA(keep)(draw, first_group, groups, keep);
 }
 
 void philox_words(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint32_t* words) {
-#ifdef CHILDOPT_X86_PHILOX
-  switch (philox_isa()) {
-    case PhiloxIsa::kAvx512:
-      return avx512_words(draw, first_group, groups, words);
-    case PhiloxIsa::kAvx2:
-      return avx2_words(draw, first_group, groups, words);
-    case PhiloxIsa::kScalar:
-      break;
-  }
-#endif
-  scalar_words(draw, first_group, groups, words);
+  CHILDOPT_FOR_SELECTED_ISA(words)(draw, first_group, groups, words);
 }
+
+#undef CHILDOPT_FOR_SELECTED_ISA
 
 }  // namespace cpu
 }  // namespace childopt
