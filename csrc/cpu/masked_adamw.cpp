@@ -6,9 +6,9 @@
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
-// element update, a loop the compiler vectorises per ISA clone (bf16/fp16 params or grads through
-// fp32 scratch where a single loop would stay scalar, update_block).  Frozen entries are written back with their old bits (a select), so
-// the update loop has no branches.
+// element update, a loop the compiler vectorises per ISA clone (bf16/fp16 params or grads go
+// through fp32 scratch where a single loop would stay scalar: update_block).  Frozen entries are
+// written back with their old bits (a select), so the update loop has no branches.
 #include <type_traits>
 
 #include "../ops.h"
