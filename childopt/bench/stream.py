@@ -86,18 +86,19 @@ def _torch_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     p.add_(m)
 
 
-def _native_module():
-    """``(childopt._C or None, why)`` as loaded by childopt._native, without compiling anything."""
+def _native_module(build: bool = False):
+    """``(childopt._C or None, why)`` as loaded by childopt._native; compiles only when ``build``."""
     from childopt import _native
 
-    return _native.try_load(build=False)
+    return _native.try_load(build=build)
 
 
-def stream_kernel(device: torch.device) -> StreamKernel:
-    """The native one-pass stream on CPU when childopt._C has it, else the labelled torch approximation."""
+def stream_kernel(device: torch.device, build: bool = False) -> StreamKernel:
+    """The native one-pass stream on CPU when childopt._C has it, else the labelled torch approximation.
+    ``build``: build childopt._C first if it is not built (a run of the native backend builds it anyway)."""
     why = "the native stream is a CPU kernel"
     if device.type == "cpu":
-        module, how = _native_module()
+        module, how = _native_module(build)
         if module is not None and hasattr(module, "_inplace_stream"):
             return StreamKernel(module._inplace_stream, NATIVE_BYTES,
                                 "childopt._C._inplace_stream, one pass reading p, g, m, v and writing p, m, v "

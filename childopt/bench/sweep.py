@@ -30,7 +30,8 @@ def run_tables(sizes: list[str], dtypes: list[str], thread_counts: list[int], de
     """One :class:`~childopt.bench.step.Table` per size, thread count and dtype (``dtypes``: keys of
     :data:`childopt.bench.step.DTYPES`), each with the stream reference of its size and thread count."""
     llc = last_level_cache(device)
-    kernel = stream_kernel(device)
+    # a native run builds childopt._C for its rows anyway: build it first, so the reference is native
+    kernel = stream_kernel(device, build=backend == "native")
     tables = []
     for size in sizes:
         for count in thread_counts:

@@ -19,18 +19,18 @@ def test_buffers_span_four_caches_and_at_least_the_parameter_list():
 
 
 def test_without_childopt_c_the_torch_approximation_is_labelled_and_charged_36_bytes(monkeypatch):
-    monkeypatch.setattr(stream, "_native_module", lambda: (None, "not built yet for this torch"))
+    monkeypatch.setattr(stream, "_native_module", lambda build=False: (None, "not built yet for this torch"))
     kernel = stream.stream_kernel(CPU)
     assert kernel.approximate and kernel.bytes_per_element == 36
     assert kernel.label.startswith("APPROXIMATION") and "not built yet for this torch" in kernel.label
-    monkeypatch.setattr(stream, "_native_module", lambda: (types.SimpleNamespace(), "cached"))
+    monkeypatch.setattr(stream, "_native_module", lambda build=False: (types.SimpleNamespace(), "cached"))
     assert "has no _inplace_stream" in stream.stream_kernel(CPU).label
 
 
 def test_childopt_c_s_one_pass_is_used_and_charged_28_bytes(monkeypatch):
     calls = []
     module = types.SimpleNamespace(_inplace_stream=lambda *tensors: calls.append(len(tensors)))
-    monkeypatch.setattr(stream, "_native_module", lambda: (module, "cached"))
+    monkeypatch.setattr(stream, "_native_module", lambda build=False: (module, "cached"))
     kernel = stream.stream_kernel(CPU)
     assert not kernel.approximate and kernel.bytes_per_element == 28 and "_inplace_stream" in kernel.label
     reference = stream.measure_stream(CPU, warmup=1, steps=2, llc=MIB, kernel=kernel)
@@ -75,3 +75,17 @@ def test_the_native_stream_computes_what_the_byte_model_charges():
     stream._torch_pass(*oracle)
     for got, want in zip(ours, oracle):
         assert torch.equal(got, want)
+
+
+def test_a_native_run_builds_childopt_c_before_its_stream_reference_and_auto_never_builds(monkeypatch):
+    """--backend native would build childopt._C at its first row; its reference must not fall back
+    to the approximation because it was measured first.  auto never starts a compile."""
+    from childopt.bench import sweep
+
+    asked = []
+    monkeypatch.setattr(stream, "_native_module", lambda build=False: asked.append(build) or (None, "not built"))
+    monkeypatch.setattr(sweep, "measure_stream", lambda *a, **k: None)
+    monkeypatch.setattr(sweep.step, "run_table", lambda *a, **k: None)
+    for backend in ("native", "auto"):
+        sweep.run_tables(["24m"], ["float32"], [1], CPU, warmup=1, steps=1, backend=backend)
+    assert asked == [True, False]
