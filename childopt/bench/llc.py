@@ -12,6 +12,7 @@ in, large enough for most server CPUs.  On CUDA the last-level cache is the GPU'
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ import torch
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 DEFAULT_BYTES = 256 * 2**20
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)(?:i?B)?\b", re.IGNORECASE)
+# ASCII digits, one optional decimal point, nothing number-like after it ("1.2.3K" is no size).
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)(?![0-9.])\s*([KMGT]?)(?:i?B)?\b", re.IGNORECASE)
 _LSCPU_LINE = re.compile(r"^L(\d+) cache:\s*(.+)$")
 
 
@@ -44,8 +46,10 @@ def parse_size(text: str) -> Optional[int]:
     match = _SIZE.match(text)
     if match is None:
         return None
-    size = round(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    return size or None
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if not math.isfinite(value):  # hundreds of digits
+        return None
+    return round(value) or None
 
 
 def from_sysfs(root: Path = SYSFS_CPU) -> Optional[CacheSize]:

@@ -7,6 +7,7 @@ every table.  ``--threads 1,all`` names the counts; the count in force before is
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -15,17 +16,25 @@ import torch
 DEFAULT_CPU = "1,all"
 
 
+def max_threads() -> int:
+    """The largest count accepted: 8 threads per CPU.  More measures nothing, and a far larger count
+    (99999) crashes torch's thread pool at its first parallel op."""
+    return 8 * (os.cpu_count() or 1)
+
+
 def parse_threads(text: str, all_threads: int) -> list[int]:
-    """Thread counts of a comma-separated list of positive integers and ``all`` (= ``all_threads``),
-    in order, each once; ValueError naming the bad item otherwise."""
+    """Thread counts of a comma-separated list of positive integers (at most :func:`max_threads`) and
+    ``all`` (= ``all_threads``), in order, each once; ValueError naming the bad item otherwise."""
     counts = []
     for item in (part.strip() for part in text.split(",")):
         if item == "all":
             count = all_threads
-        elif item.isdigit() and int(item) >= 1:
+        elif item.isascii() and item.isdigit() and int(item) >= 1:  # isdigit alone takes "²" and "١"
             count = int(item)
         else:
             raise ValueError(f"thread counts are positive integers or 'all', got {item!r}")
+        if count > max_threads():
+            raise ValueError(f"thread count {count} is more than {max_threads()} (8 per CPU of this machine)")
         if count not in counts:
             counts.append(count)
     return counts

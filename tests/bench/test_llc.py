@@ -76,3 +76,9 @@ def test_cpu_llc_falls_back_from_sysfs_to_lscpu_to_getconf_to_the_default(tmp_pa
 def test_this_machine_s_cache_is_read_from_sysfs():
     found = llc.cpu_llc()
     assert found.known and found.source.startswith("sysfs") and found.bytes >= 2**20, found
+
+
+@pytest.mark.parametrize("text", ["1.2.3K", "9" * 400 + "K", "\u0661\u0662K"])
+def test_parse_size_takes_malformed_or_absurd_numbers_as_no_size(text):
+    """A corrupt sysfs, lscpu or getconf value falls back to the default, never raises."""
+    assert llc.parse_size(text) is None

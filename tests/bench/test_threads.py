@@ -59,3 +59,17 @@ def test_run_tables_times_each_count_with_its_own_stream_and_restores_the_count(
     assert seen == [("stream", 1), ("float32", 1), ("bfloat16", 1), ("stream", 3), ("float32", 3), ("bfloat16", 3)]
     assert [(t.dtype, t.threads, t.stream.gbps) for t in tables] == [("float32", 1, 10.0), ("bfloat16", 1, 10.0),
                                                                      ("float32", 3, 30.0), ("bfloat16", 3, 30.0)]
+
+
+@pytest.mark.parametrize("bad", ["\u00b2", "\u0661"])
+def test_parse_threads_refuses_non_ascii_digits(bad):
+    """str.isdigit() accepts "²" (int() then fails with an unclear message) and "١" (silently 1)."""
+    with pytest.raises(ValueError, match="positive integers or 'all'"):
+        threads.parse_threads(bad, 2)
+
+
+def test_parse_threads_refuses_counts_past_eight_per_cpu():
+    """99999 threads crash torch's pool at its first parallel op; the parser says so first."""
+    assert threads.parse_threads(str(threads.max_threads()), 2) == [threads.max_threads()]
+    with pytest.raises(ValueError, match=f"more than {threads.max_threads()}"):
+        threads.parse_threads("99999", 2)
