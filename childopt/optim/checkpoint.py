@@ -8,6 +8,8 @@ flags) and ``torch.optim.AdamW`` state dicts (dense moments; this optimizer's ma
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from childopt import philox, sparse
@@ -21,6 +23,36 @@ def extras(optimizer) -> dict:
     """The ``"childopt"`` entry of ``optimizer.state_dict()``."""
     return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
             "storage": optimizer.storage}
+
+
+def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
+    """Put ``"childopt"`` at the top and in every saved group.
+
+    torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``state`` and
+    ``param_groups``; the copy in the groups carries the mask kind and seed through it.
+    """
+    state_dict["childopt"] = extras_entry
+    for group in state_dict["param_groups"]:
+        group["childopt"] = extras_entry
+    return state_dict
+
+
+def lift_extras(state_dict):
+    """``state_dict`` with ``"childopt"`` at the top (taken from its groups if only they carry it)
+    and groups without it, as torch's loader expects; anything else is returned unchanged."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
+        return state_dict
+    groups = state_dict["param_groups"]
+    in_groups = [g["childopt"] for g in groups if isinstance(g, Mapping) and "childopt" in g]
+    if not in_groups:
+        return state_dict
+    if any(entry != in_groups[0] for entry in in_groups) or len(in_groups) != len(groups):
+        raise ValueError("the param groups of this state_dict carry different 'childopt' entries (format, "
+                         "mask_kind, seed, storage): it merges state dicts of different optimizers")
+    lifted = dict(state_dict)
+    lifted.setdefault("childopt", in_groups[0])
+    lifted["param_groups"] = [{k: v for k, v in g.items() if k != "childopt"} for g in groups]
+    return lifted
 
 
 def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: bool, capturable: bool) -> None:
@@ -82,3 +114,4 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
         optimizer.seed = philox.check_seed(saved_extras["seed"])
+        optimizer._seed_drawn, optimizer._seed_agreed = False, False  # ranks must have loaded the same seed

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from childopt.backends.contract import MaskKind
+from childopt.optim import checkpoint
 from childopt.optim.masked_adamw import MaskedAdamW
 
 CHILDTUNING_MODES = (None, "ChildTuning-D", "ChildTuning-F")
@@ -53,6 +54,7 @@ class ChildTuningAdamW(MaskedAdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As MaskedAdamW's, refusing a state dict whose mask kind contradicts this ``mode``."""
+        state_dict = checkpoint.lift_extras(state_dict)
         extras = state_dict.get("childopt") if isinstance(state_dict, Mapping) else None
         label = extras.get("mask_kind", self.mask_kind) if isinstance(extras, Mapping) else self.mask_kind
         if label not in [kind.label for kind in self._MODE_KINDS[self.mode]]:

@@ -16,6 +16,7 @@ import torch
 from childopt import backends, philox
 from childopt.backends import Backend, SparseTensorLists, TensorLists
 from childopt.backends.contract import STEP_SCALAR_FIELDS, MaskKind, MaskSpec
+from childopt.optim import philox_lanes
 
 # How bias corrections and weight decay enter the update: torch's AdamW, or ChildTuning's
 # published optimizer (corrections folded into the step size, decay after the update; its
@@ -70,7 +71,7 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
                  state_steps: list, *, masks: list, indices: list, compact_grads: list, rng_bases: list,
                  backend: Callable[[torch.device], Backend], mask_kind: MaskKind, freeze: bool, reserve_p: float,
                  seed: int, lr, betas, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-                 rule: str = "adamw", capturable: bool = False) -> None:
+                 rule: str = "adamw", capturable: bool = False, rng_lanes: Optional[list] = None) -> None:
     """One masked AdamW step over parallel lists (one entry per parameter that has a gradient).
 
     ``masks[i]``: the bool mask of a dense-storage parameter with a fixed mask, else None;
@@ -81,7 +82,18 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
     is zeroed (and a Bernoulli draw's kept entries are scaled by ``1 / reserve_p``).
     ``backend(device)`` gives the backend of a device; a bucket whose dtypes it does not cover
     goes to the reference backend.  Each bucket's step counts advance once its op has run.
+    ``rng_lanes[i]``: the Philox lane of tensor i's first element, non-zero for a shard that
+    starts inside a group (childopt.optim.philox_lanes); ``None``: all 0.
     """
+    bernoulli = mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0
+    writebacks = []
+    if bernoulli and rng_lanes is not None and any(rng_lanes):
+        lists, writebacks = philox_lanes.split_heads(
+            dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                 max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps, rng_bases=rng_bases), rng_lanes)
+        params, grads, exp_avgs, exp_avg_sqs = lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"]
+        max_exp_avg_sqs, state_steps, rng_bases = lists["max_exp_avg_sqs"], lists["state_steps"], lists["rng_bases"]
+        masks, indices, compact_grads = [None] * len(params), [None] * len(params), [False] * len(params)
     buckets: dict = {}
     routes: dict = {}  # (device, param dtype, grad dtype) -> backend: one lookup per kind of tensor
     compiling = torch.compiler.is_compiling()
@@ -99,7 +111,6 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
         aligned = compiling or (p.storage_offset() * p.element_size() % 16 == 0
                                 and grad.storage_offset() * grad.element_size() % 16 == 0)
         buckets.setdefault((*route, kind, impl.name, aligned), (impl, []))[1].append(i)
-    bernoulli = mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0
     keep_threshold = philox.keep_threshold(reserve_p) if bernoulli else 1
     for (device, _, _, kind, _, _), (impl, members) in buckets.items():
         steps = [state_steps[i] for i in members]
@@ -124,3 +135,5 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
             if w is not params[i]:
                 params[i].copy_(w)
         torch._foreach_add_(steps, 1.0)
+    for destination, source in writebacks:
+        destination.copy_(source)

@@ -12,7 +12,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from childopt import backends, philox, sparse
 from childopt.backends.contract import MaskKind
-from childopt.optim import checkpoint, params, validation
+from childopt.optim import checkpoint, params, sharding, validation
 from childopt.optim.functional import masked_adamw
 from childopt.optim.state import (LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient,
                                    with_gradients)
@@ -74,7 +74,9 @@ class MaskedAdamW(Optimizer):
             backends.check_name(backend), defaults["foreach"], defaults["fused"])
         self._backends: dict = {}
         self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else philox.check_seed(seed)
+        self._seed_drawn, self._seed_agreed = seed is None, False
         self._rng_bases: dict = {}
+        self._rng_lanes: dict = {}
         self._rng_groups = 0
         self._mask_kind = MaskKind.NONE
         super().__init__(params, defaults)
@@ -98,11 +100,17 @@ class MaskedAdamW(Optimizer):
         self._number(group)
 
     def _number(self, group: dict) -> None:
-        """Give each parameter the next Philox index range; capturable: as a device scalar too."""
+        """Give each parameter the next Philox index range; capturable: as a device scalar too.
+
+        A shard (DTensor) is numbered by its full parameter's size; its own first group and
+        lane follow from its global offset, so its draws do not depend on the world size.
+        """
         for p in group["params"]:
-            base = self._rng_groups
+            offset = sharding.element_offset(p, self.describe)
+            base = self._rng_groups + offset // 4
             self._rng_bases[p] = torch.tensor(float(base), dtype=torch.float64, device=p.device) \
                 if group["capturable"] else base
+            self._rng_lanes[p] = offset % 4
             self._rng_groups += philox.rng_group_counts(p.numel())
 
     def _indices_of(self, param: torch.Tensor) -> torch.Tensor:
@@ -116,8 +124,10 @@ class MaskedAdamW(Optimizer):
         """Replace the child network: ``None``, ``"bernoulli"`` or a dict as in the constructor.
 
         State is kept by default (see childopt.optim.state for how each storage carries it over);
-        ``reset_state=True`` drops ``step`` and the moments of every parameter whose mask changed
-        (every parameter, when the mask kind changes), so they restart as on step 1.
+        ``reset_state=True`` restarts ``step`` and the moments of every parameter whose mask
+        changed (every parameter, when the mask kind changes) from zero, as on step 1.  A mask is
+        state, so once one is held every parameter's state is initialised: torch.distributed.
+        checkpoint takes an optimizer with any state for one with all of it.
         """
         kind, new = params.parse_mask(self.param_groups, mask)
         if self.storage == "sparse" and kind == MaskKind.BERNOULLI:
@@ -130,6 +140,10 @@ class MaskedAdamW(Optimizer):
                 for key in ("step", *MOMENT_KEYS):
                     self.state[p].pop(key, None)
         self._mask_kind = kind
+        if any(self.state.values()):
+            for group in self.param_groups:
+                init_missing_state(group["params"], [self.state[p] for p in group["params"]], group["amsgrad"],
+                                   group["capturable"])
 
     @property
     def mask_kind(self) -> str:
@@ -173,11 +187,15 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_ready()
+        if self._mask_kind == MaskKind.BERNOULLI and not self._seed_agreed:
+            self.seed = sharding.agree_seed(self.seed, self._seed_drawn)
+            self._seed_agreed = True
         if self._compact is not None:
             validation.check_no_grad_scaler(self)
         work = []
         for gi, group in enumerate(self.param_groups):
             validation.check_group(group, f" (param group {gi})", self.storage, at_step=True)
+            validation.check_numbered(group["params"], self._rng_bases, gi)
             stepped, grads = with_gradients(group["params"], self._gradient)
             validation.check_steppable(stepped, grads, self.describe)
             work.append((group, stepped, grads))
@@ -197,12 +215,15 @@ class MaskedAdamW(Optimizer):
         states = [self.state[p] for p in stepped]
         init_missing_state(stepped, states, group["amsgrad"], group["capturable"])
         beta1, beta2 = group["betas"]
+        local = sharding.local  # the kernels step each rank's shard of a DTensor
         masked_adamw(
-            stepped, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, [s["step"] for s in states],
-            masks=[s.get("mask") for s in states], indices=[s.get("indices") for s in states],
+            [local(p) for p in stepped], [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states],
+            [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None, [s["step"] for s in states],
+            masks=[local(s.get("mask")) for s in states], indices=[s.get("indices") for s in states],
             compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
-            rng_bases=[self._rng_bases[p] for p in stepped], backend=self._backend, mask_kind=self._mask_kind,
+            rng_bases=[self._rng_bases[p] for p in stepped], rng_lanes=[self._rng_lanes[p] for p in stepped],
+            backend=self._backend, mask_kind=self._mask_kind,
             freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
@@ -240,10 +261,11 @@ class MaskedAdamW(Optimizer):
                 if "indices" in self.state.get(p, {})}
 
     def state_dict(self) -> dict:
-        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage."""
-        state_dict = super().state_dict()
-        state_dict["childopt"] = checkpoint.extras(self)
-        return state_dict
+        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage.
+
+        Each saved group carries ``"childopt"`` too, so torch.distributed.checkpoint keeps it.
+        """
+        return checkpoint.attach_extras(super().state_dict(), checkpoint.extras(self))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.
@@ -251,7 +273,7 @@ class MaskedAdamW(Optimizer):
         A childopt state dict also restores the mask kind and seed (the Bernoulli stream
         continues where it was saved); a foreign one keeps this optimizer's masks.
         """
-        checkpoint.load(self, state_dict, super().load_state_dict)
+        checkpoint.load(self, checkpoint.lift_extras(state_dict), super().load_state_dict)
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and groups; add what defines the mask stream."""
@@ -263,7 +285,8 @@ class MaskedAdamW(Optimizer):
         super().__setstate__(checkpoint.upgrade_pickled(state))
         self._backends = {}
         self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
-        self._rng_bases, self._rng_groups = {}, 0
+        self._rng_bases, self._rng_lanes, self._rng_groups = {}, {}, 0
+        self._seed_drawn, self._seed_agreed = False, False
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # groups saved before a flag existed

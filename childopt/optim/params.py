@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from childopt.backends.contract import MaskKind
+from childopt.optim import sharding
 
 
 def parse_mask(param_groups: list, mask) -> tuple[MaskKind, dict]:
@@ -57,7 +58,13 @@ def resolve_masks(param_groups: list, mask: Mapping) -> dict:
         check_mask(value, param, label)
         if param in resolved:
             raise ValueError(f"mask has two entries for {label}")
-        resolved[param] = value.detach().to(device=param.device, copy=True).contiguous()
+        if sharding.is_dtensor(param):
+            resolved[param] = sharding.shard_like(value.detach(), param, label)
+        elif sharding.is_dtensor(value):
+            raise TypeError(f"mask for {label} is a DTensor but the parameter is a plain tensor; pass a plain bool "
+                            "tensor of its shape")
+        else:
+            resolved[param] = value.detach().to(device=param.device, copy=True).contiguous()
     return resolved
 
 

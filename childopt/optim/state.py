@@ -12,18 +12,30 @@ from __future__ import annotations
 import torch
 
 from childopt import sparse
+from childopt.optim import sharding
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def init_state(p: torch.Tensor, state: dict, amsgrad: bool, capturable: bool) -> None:
-    """Step 0 and zero fp32 moments, shaped by the parameter or its selected entries."""
-    shape = state["indices"].shape if "indices" in state else p.shape
+    """Step 0 and zero fp32 moments, shaped by the parameter or its selected entries.
+
+    A DTensor parameter's moments are DTensors placed alike (so torch.distributed.checkpoint
+    saves and reshards them); its step stays a plain tensor, as torch's AdamW keeps it.
+    """
+    if sharding.is_dtensor(p):
+        def zeros():
+            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+    else:
+        shape = state["indices"].shape if "indices" in state else p.shape
+
+        def zeros():
+            return torch.zeros(shape, dtype=torch.float32, device=p.device)
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
-    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-    state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+    state["exp_avg"] = zeros()
+    state["exp_avg_sq"] = zeros()
     if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["max_exp_avg_sq"] = zeros()
 
 
 def init_missing_state(params: list, states: list, amsgrad: bool, capturable: bool) -> None:
@@ -51,6 +63,8 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> t
     if is_dense_grad and "indices" in state:
         return sparse.gather(grad, state["indices"])
     if "mask" in state:
+        if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
+            return torch.where(state["mask"], grad, 0.0)
         return grad[state["mask"]]
     return grad
 
@@ -65,6 +79,8 @@ def clip_by_norm_(grads: list, measured: list, max_norm: float, norm_type: float
     if not grads:
         return torch.tensor(0.0)
     total = torch.nn.utils.get_total_norm(measured, norm_type, error_if_nonfinite)
+    if sharding.is_dtensor(total):  # the norm of sharded gradients: reduced over the ranks
+        total = total.full_tensor()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     by_device: dict = {}
     for grad in grads:
@@ -82,7 +98,9 @@ class DenseLayout:
     def store_masks(self, states: dict, new: dict, compact, describe) -> list:
         """Keep ``new`` (param -> bool mask) in the state; return the parameters whose mask changed."""
         old = {p: s["mask"] for p, s in states.items() if "mask" in s}
-        changed = [p for p in set(old) | set(new) if p not in old or p not in new or not torch.equal(old[p], new[p])]
+        local = sharding.local  # a shard's comparison: torch.equal of DTensors would communicate
+        changed = [p for p in set(old) | set(new)
+                   if p not in old or p not in new or not torch.equal(local(old[p]), local(new[p]))]
         for p in old:
             del states[p]["mask"]
         for p, m in new.items():
@@ -102,6 +120,11 @@ class SparseLayout:
         zero (or from the dense moments of a parameter that had no mask), and a parameter losing
         its mask gets dense moments that are zero off its old indices.
         """
+        sharded = [p for p in new if sharding.is_dtensor(p)]
+        if sharded:
+            raise NotImplementedError(f"storage='sparse' does not take DTensor (FSDP2) parameters yet, and "
+                                      f"{describe(sharded[0])} is one; use storage='dense' (the same trajectory "
+                                      "as sparse storage under masked='freeze')")
         old = {p: s["indices"] for p, s in states.items() if "indices" in s}
         new_indices = {p: sparse.indices_from_mask(m) for p, m in new.items()}
         changed = [p for p in set(old) | set(new_indices)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from childopt.optim import sharding
+
 MASKED_MODES = ("freeze", "zero_grad")
 STORAGES = ("dense", "sparse")
 STEPPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -83,6 +85,10 @@ def check_params(params: list, describe) -> None:
     silently losing its imaginary part in a cast.
     """
     for p in params:
+        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+            raise TypeError(f"{describe(p)} is partitioned by DeepSpeed ZeRO-3, whose flat partitions no mask or "
+                            "Bernoulli counter can address; shard with FSDP2 (torch.distributed.fsdp.fully_shard), "
+                            "which childopt supports")
         if p.dtype not in STEPPED_DTYPES:
             hint = (" (view it as real pairs, e.g. register torch.view_as_real(p) as the parameter, or "
                     "use torch.optim.AdamW)" if p.dtype.is_complex else "")
@@ -131,6 +137,23 @@ def check_steppable(params: list, grads: list, describe) -> None:
         _check_own_memory(p, describe)  # p.data may have been replaced since construction
         if g.layout != torch.strided:
             raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
+        sharding.check_gradient(p, g, describe)
+
+
+def check_numbered(params: list, numbered: dict, group_index: int) -> None:
+    """Refuse a group whose parameters were swapped after construction (DeepSpeed ZeRO does this).
+
+    ZeRO-1/2 replace ``param_groups[i]["params"]`` by flat fp32 partitions: masks and Philox
+    ranges keyed by the original parameters would match nothing, and the step would silently
+    train every entry.
+    """
+    for p in params:
+        if p not in numbered:
+            raise RuntimeError(
+                f"param group {group_index} holds a tensor of shape {tuple(p.shape)} that was not given to this "
+                "optimizer (were its params replaced, as DeepSpeed ZeRO does with flat partitions?): its masks "
+                "and Bernoulli counters would match nothing; shard with FSDP2 (torch.distributed.fsdp."
+                "fully_shard), which childopt supports, or use add_param_group for new parameters")
 
 
 def check_torch_flags(foreach, fused, capturable, differentiable) -> None:

@@ -25,6 +25,13 @@ def _trained(storage):
     return opt, params
 
 
+def _drop_extras(state_dict):
+    """Lose the ``"childopt"`` entry everywhere it is kept (the top and each group)."""
+    state_dict.pop("childopt")
+    for group in state_dict["param_groups"]:
+        group.pop("childopt")
+
+
 def _set(key, value, param=0):
     def corrupt(sd):
         sd["state"][param][key] = value(sd["state"][param]) if callable(value) else value
@@ -66,9 +73,9 @@ CORRUPTIONS = [
      "lr \\(loaded param group 0\\) must be in \\[0.0, inf\\), got inf"),
     ("dense", lambda sd: sd["param_groups"][0]["params"].pop(), ValueError, "loaded param group 0 has 1 parameters"),
     ("dense", lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), ValueError, "has 2 param groups"),
-    ("dense", lambda sd: sd.pop("childopt"), ValueError, "holds a mask, but the state_dict has no 'childopt' entry"),
+    ("dense", lambda sd: _drop_extras(sd), ValueError, "holds a mask, but the state_dict has no 'childopt' entry"),
     ("dense", lambda sd: sd["param_groups"][0].__setitem__("fused", "yes"), TypeError, "loaded param group 0: fused must be"),
-    ("sparse", lambda sd: sd.pop("childopt"), ValueError, "holds indices, but the state_dict has no 'childopt' entry"),
+    ("sparse", lambda sd: _drop_extras(sd), ValueError, "holds indices, but the state_dict has no 'childopt' entry"),
     ("sparse", _set("indices", lambda s: s["indices"] + 100), ValueError, "indices must be strictly increasing and inside"),
     ("sparse", _set("indices", lambda s: s["indices"].tolist()), TypeError, "'indices' for .* must be a tensor, got list"),
     ("sparse", _set("exp_avg", lambda s: torch.zeros(5)), ValueError, "'exp_avg' .* has shape \\(5,\\), expected \\("),
@@ -120,3 +127,29 @@ def test_a_valid_round_trip_still_loads_with_integer_and_tensor_steps():
         target, _ = _trained("dense")
         target.load_state_dict(candidate)
         assert all(target.state[p]["step"].item() == 2 for g in target.param_groups for p in g["params"])
+
+
+def test_the_childopt_entry_survives_a_dict_of_only_state_and_groups():
+    """torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two: the groups'
+    copy of ``"childopt"`` restores the mask kind and the Bernoulli seed, so the stream continues."""
+    params = make_params(SHAPES)
+    source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=11, backend="reference")
+    train(source, params, 2)
+    kept = copy.deepcopy({"state": source.state_dict()["state"], "param_groups": source.state_dict()["param_groups"]})
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = MaskedAdamW(resumed_params, lr=1e-2, seed=99, backend="reference")
+    resumed.load_state_dict(kept)
+    assert resumed.seed == 11 and resumed.mask_kind == "bernoulli"
+    assert all("childopt" not in g for g in resumed.param_groups)
+    train(source, params, 1, start=2)
+    train(resumed, resumed_params, 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
+
+
+def test_groups_that_carry_different_childopt_entries_are_refused():
+    opt, _ = _trained("dense")
+    state_dict = opt.state_dict()
+    del state_dict["childopt"]
+    state_dict["param_groups"].append(dict(state_dict["param_groups"][0], childopt={"seed": 1}))
+    with pytest.raises(ValueError, match="carry different 'childopt' entries"):
+        opt.load_state_dict(state_dict)

@@ -170,8 +170,9 @@ def test_set_mask_recompacts_state_by_the_documented_rule():
     assert opt.state[p]["exp_avg"].shape == (10,) and "indices" not in opt.state[p]
     assert torch.equal(opt.state[p]["exp_avg"][3:8], compact) and not opt.state[p]["exp_avg"][:3].any()
     train(opt, [p], 1, start=3)
-    opt.set_mask({p: torch.arange(10) % 2 == 0}, reset_state=True)
-    assert set(opt.state[p]) == {"indices"}
+    opt.set_mask({p: torch.arange(10) % 2 == 0}, reset_state=True)  # restarts from zero, as on step 1
+    assert set(opt.state[p]) == {"indices", "step", "exp_avg", "exp_avg_sq"} and opt.state[p]["step"].item() == 0
+    assert opt.state[p]["exp_avg"].shape == (5,) and not opt.state[p]["exp_avg"].any()
 
 
 def test_a_param_without_mask_trains_fully_next_to_sparse_ones():

@@ -1,0 +1,110 @@
+"""Optimizer runs that tests/optim/test_sharding.py compares across world sizes.
+
+Each scenario builds the same parameters and feeds the same (already averaged) gradients for a
+few steps, on plain tensors in one process (the oracle) or on DTensors sharded by rows in a
+torchrun worker (tests/optim/sharded_worker.py).  The shapes give uneven shards, shards starting
+inside a Philox group (row sizes 1, 5 and 6) and, at world sizes 2 and 3, empty ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from childopt import ChildTuningAdamW, MaskedAdamW
+
+SHAPES = {"w1": (7, 5), "b1": (7,), "w2": (3, 6), "b2": (3,), "tiny": (1, 3), "big": (33, 9)}
+STEPS = 3
+
+
+def full_params() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    params = {name: torch.randn(shape, generator=gen) for name, shape in SHAPES.items()}
+    params["bf16"] = torch.randn(10, 3, generator=gen).to(torch.bfloat16)
+    return params
+
+
+def full_grads(step: int) -> dict:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return {name: torch.randn(p.shape, generator=gen).to(p.dtype) for name, p in full_params().items()}
+
+
+def full_masks() -> dict:
+    gen = torch.Generator().manual_seed(7)
+    return {name: torch.rand(p.shape, generator=gen) < 0.4 for name, p in full_params().items()}
+
+
+def _masked(mask, masked, **kwargs):
+    def build(named, backend):
+        return MaskedAdamW(named, lr=1e-2, weight_decay=0.1, mask=mask() if callable(mask) else mask,
+                           masked=masked, seed=11, backend=backend, **kwargs)
+    return build
+
+
+def _childtuning(mode, **kwargs):
+    def build(named, backend):
+        opt = ChildTuningAdamW(named, lr=1e-2, weight_decay=0.01, mode=mode, seed=11, backend=backend, **kwargs)
+        if mode == "ChildTuning-D":
+            opt.set_gradient_mask(full_masks())
+        return opt
+    return build
+
+
+SCENARIOS = {
+    "none": _masked(None, None),
+    "dense-freeze": _masked(full_masks, "freeze"),
+    "dense-zero_grad": _masked(full_masks, "zero_grad"),
+    "bernoulli-zero_grad": _masked("bernoulli", "zero_grad", reserve_p=0.5),
+    "bernoulli-freeze-amsgrad": _masked("bernoulli", "freeze", reserve_p=0.5, amsgrad=True),
+    "bernoulli-capturable": _masked("bernoulli", "zero_grad", reserve_p=0.3, capturable=True),
+    "childtuning-F": _childtuning("ChildTuning-F", reserve_p=0.4),
+    "childtuning-D": _childtuning("ChildTuning-D"),
+}
+
+
+def build(scenario: str, backend: str, to_param):
+    """A module holding the scenario's parameters (``to_param`` of the full ones) and its optimizer."""
+    module = torch.nn.Module()
+    for name, value in full_params().items():
+        module.register_parameter(name, torch.nn.Parameter(to_param(value)))
+    return module, SCENARIOS[scenario](list(module.named_parameters()), backend)
+
+
+def train(module, opt, to_grad, start: int = 0, steps: int = STEPS) -> None:
+    """Steps ``start .. start + steps - 1`` with the full gradients passed through ``to_grad``."""
+    params = dict(module.named_parameters())
+    for step in range(start, start + steps):
+        for name, grad in full_grads(step).items():
+            params[name].grad = to_grad(grad)
+        opt.step()
+
+
+def collect(module, opt, to_full) -> dict:
+    """Full parameters and moments by name (``to_full`` gathers a shard into a full tensor)."""
+    result = {}
+    for name, p in module.named_parameters():
+        result[name] = to_full(p.detach())
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in opt.state[p]:
+                result[f"{name}.{key}"] = to_full(opt.state[p][key])
+    return result
+
+
+def run(scenario: str, backend: str, steps: int = STEPS) -> dict:
+    """The oracle: ``scenario`` on plain tensors in this process."""
+    module, opt = build(scenario, backend, lambda t: t.clone())
+    train(module, opt, lambda g: g, steps=steps)
+    return collect(module, opt, lambda t: t.clone())
+
+
+def clip(module, opt, to_grad, to_full, max_norm: float = 0.5) -> dict:
+    """``opt.clip_grad_norm_`` of the step-0 gradients: the total norm and the clipped gradients."""
+    params = dict(module.named_parameters())
+    for name, grad in full_grads(0).items():
+        params[name].grad = to_grad(grad)
+    total = opt.clip_grad_norm_(max_norm)
+    return {"total": total.clone(), **{name: to_full(p.grad) for name, p in params.items()}}
+
+
+def clipped(scenario: str, backend: str) -> dict:
+    """The oracle of :func:`clip` on plain tensors."""
+    module, opt = build(scenario, backend, lambda t: t.clone())
+    return clip(module, opt, lambda g: g, lambda t: t.clone())

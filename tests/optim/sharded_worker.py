@@ -1,0 +1,130 @@
+"""A torchrun worker (gloo, CPU) that runs tests/optim/sharded_scenarios.py on DTensor shards.
+
+Usage: ``torchrun --nproc_per_node N tests/optim/sharded_worker.py OUT BACKENDS [save|load]``.
+Rank 0 writes ``OUT/ws{N}.pt``: full results of every scenario on every backend, the seeds
+the ranks agreed on, and every rank's error for each bad input; ``save`` writes distributed
+checkpoints after the scenario's steps, ``load`` resumes from them for one more step.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from childopt import MaskedAdamW  # noqa: E402
+from tests.optim import sharded_scenarios as scenarios  # noqa: E402
+
+CHECKPOINTED = ("dense-freeze", "bernoulli-freeze-amsgrad", "childtuning-F")
+
+
+def main(out: str, backends: list, phase: str) -> None:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def shard(t):
+        return distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)  # every rank holds the full tensor
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+
+    report = {"results": {}, "resumed": {}, "clipped": {}}
+    for backend in backends:
+        for name in scenarios.SCENARIOS:
+            module, opt = scenarios.build(name, backend, shard)
+            scenarios.train(module, opt, shard)
+            report["results"][name, backend] = scenarios.collect(module, opt, full)
+            report["clipped"][name, backend] = scenarios.clip(*scenarios.build(name, backend, shard), shard, full)
+            if name in CHECKPOINTED and phase == "save":
+                dcp.save(get_optimizer_state_dict(module, opt), checkpoint_id=os.path.join(out, f"{name}-{backend}"))
+        for name in CHECKPOINTED if phase == "load" else ():
+            module, opt = scenarios.build(name, backend, shard)
+            scenarios.train(module, opt, shard)  # the parameters as the saving run left them
+            opt = scenarios.SCENARIOS[name](list(module.named_parameters()), backend)
+            opt.zero_grad()  # DCP then initialises the fresh optimizer's state with a zero-lr step
+            state = get_optimizer_state_dict(module, opt)
+            dcp.load(state, checkpoint_id=os.path.join(out, f"{name}-{backend}"))
+            set_optimizer_state_dict(module, opt, state)
+            scenarios.train(module, opt, shard, start=scenarios.STEPS, steps=1)
+            report["resumed"][name, backend] = scenarios.collect(module, opt, full)
+    report["seeds"] = _agreed_seeds(shard)
+    report["errors"] = _bad_inputs(mesh, shard)
+    if rank == 0:
+        torch.save(report, os.path.join(out, f"ws{world}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _agreed_seeds(shard) -> list:
+    """seed=None on ranks whose torch generators differ: every rank must end with rank 0's seed."""
+    torch.manual_seed(1234 + dist.get_rank())
+    params = [torch.nn.Parameter(shard(torch.zeros(64)))]
+    opt = MaskedAdamW(params, mask="bernoulli", reserve_p=0.5, backend="reference")
+    params[0].grad = shard(torch.ones(64))
+    opt.step()
+    seeds = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, opt.seed)
+    return seeds
+
+
+def _bad_inputs(mesh, shard) -> dict:
+    """Each bad input's error on every rank (``None`` where a rank raised nothing)."""
+    from torch.distributed.tensor import Replicate
+
+    cases = {
+        "mask of the wrong global shape": lambda: _with_param(shard, lambda p: MaskedAdamW(
+            [p], mask={p: torch.ones(5, 2, dtype=torch.bool)})),
+        "Shard(1) placement": lambda: MaskedAdamW(
+            [torch.nn.Parameter(distribute_tensor(torch.zeros(6, 4), mesh, [Shard(1)], src_data_rank=None))]),
+        "plain gradient on a DTensor": lambda: _step_with(shard(torch.zeros(6, 2)), torch.ones(6, 2)),
+        "DTensor gradient on a plain parameter": lambda: _step_with(torch.zeros(6, 2), shard(torch.ones(6, 2))),
+        "replicated gradient on a sharded parameter": lambda: _step_with(
+            shard(torch.zeros(6, 2)), distribute_tensor(torch.ones(6, 2), mesh, [Replicate()], src_data_rank=None)),
+        "seed differing between ranks": lambda: _step_with(shard(torch.zeros(8)), shard(torch.ones(8)),
+                                                           mask="bernoulli", reserve_p=0.5,
+                                                           seed=5 + dist.get_rank()),
+        "ZeRO-style replaced params": _replaced_params,
+    }
+    errors = {}
+    for case, call in cases.items():
+        try:
+            call()
+            mine = None
+        except Exception as error:  # noqa: BLE001 - the test inspects which error each rank raised
+            mine = (type(error).__name__, str(error))
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        errors[case] = every
+    return errors
+
+
+def _with_param(shard, make):
+    return make(torch.nn.Parameter(shard(torch.zeros(6, 2))))
+
+
+def _step_with(param, grad, **kwargs):
+    p = torch.nn.Parameter(param)
+    opt = MaskedAdamW([p], backend="reference", **kwargs)
+    p.grad = grad
+    opt.step()
+
+
+def _replaced_params():
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = MaskedAdamW([p], backend="reference", mask={p: torch.ones(6, dtype=torch.bool)})
+    flat = torch.nn.Parameter(torch.zeros(6))
+    flat.grad = torch.ones(6)
+    opt.param_groups[0]["params"] = [flat]
+    opt.step()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2].split(","), sys.argv[3] if len(sys.argv) > 3 else "")

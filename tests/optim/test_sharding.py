@@ -1,0 +1,113 @@
+"""MaskedAdamW on DTensor shards (FSDP2's placement) at world sizes 1, 2 and 3, against one process.
+
+The workers (tests/optim/sharded_worker.py) run under ``torchrun`` with gloo on CPU, each launch
+under a timeout so a hung collective fails the test instead of stalling CI.  Fed the same
+averaged gradients, every scenario (no mask, fixed masks, Bernoulli masks, ChildTuning-D/-F,
+amsgrad, capturable, a bf16 parameter) must leave parameters and moments bit-identical to the
+same run on plain tensors in this process: the oracle.  A distributed checkpoint saved at world
+size 2 resumes at 1 and 3 exactly as the uninterrupted run continues.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from childopt import backends
+from tests.optim import sharded_scenarios as scenarios
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")
+LAUNCH_TIMEOUT_S = 300
+
+
+def _backends() -> list:
+    native_ok, _ = backends.MODULES["native"].available(torch.device("cpu"))  # built here, not by 3 ranks at once
+    return ["reference", "native"] if native_ok or os.environ.get("CHILDOPT_REQUIRE_NATIVE") == "1" else ["reference"]
+
+
+def _launch(world: int, out: str, phase: str) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", WORKER,
+               out, ",".join(_backends()), phase]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"world size {world} hung for {LAUNCH_TIMEOUT_S} s:\n{(timeout.stderr or b'')[-4000:]}")
+    assert done.returncode == 0, f"world size {world} failed:\n{done.stderr[-6000:]}"
+    return torch.load(os.path.join(out, f"ws{world}.pt"), weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sharded"))
+    saved = _launch(2, out, "save")  # writes the checkpoints the other world sizes resume from
+    return {1: _launch(1, out, "load"), 2: saved, 3: _launch(3, out, "load")}
+
+
+def _assert_bit_identical(got: dict, expected: dict, what: str) -> None:
+    assert got.keys() == expected.keys(), what
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), f"{what}: {key}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_scenario_steps_as_one_process_does(reports, world):
+    results = reports[world]["results"]
+    assert {name for name, _ in results} == set(scenarios.SCENARIOS)
+    for (name, backend), got in results.items():
+        _assert_bit_identical(got, scenarios.run(name, backend), f"{name} on {backend} at world size {world}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_clip_grad_norm_measures_the_child_network_across_shards(reports, world):
+    for (name, backend), got in reports[world]["clipped"].items():
+        expected = scenarios.clipped(name, backend)
+        what = f"{name} on {backend} at world size {world}"
+        # torch's get_total_norm rounds each tensor's norm to its dtype: the bf16 parameter's norm is
+        # rounded per shard instead of once, so totals (and the clip factor) agree to bf16's 2**-8.
+        torch.testing.assert_close(got.pop("total"), expected.pop("total"), rtol=2**-8, atol=0, msg=what)
+        for key, value in expected.items():
+            rtol = 2**-7 if value.dtype == torch.bfloat16 else 2**-8  # and a bf16 gradient rounds once more
+            torch.testing.assert_close(got[key], value, rtol=rtol, atol=1e-7, msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(reports, world):
+    resumed = reports[world]["resumed"]
+    assert resumed, "no checkpoint was resumed"
+    for (name, backend), got in resumed.items():
+        expected = scenarios.run(name, backend, steps=scenarios.STEPS + 1)
+        _assert_bit_identical(got, expected, f"{name} on {backend}, saved at 2 ranks, resumed at {world}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_seed_none_takes_rank_zeros_seed(reports, world):
+    seeds = reports[world]["seeds"]
+    assert len(seeds) == world and len(set(seeds)) == 1
+
+
+BAD_INPUTS = {
+    "mask of the wrong global shape": ("ValueError", "has shape \\(5, 2\\), expected the parameter's shape \\(6, 2\\)"),
+    "Shard(1) placement": ("ValueError", "placed as \\(Shard\\(dim=1\\),\\).*Shard\\(0\\)"),
+    "plain gradient on a DTensor": ("TypeError", "is a DTensor but its gradient is a plain tensor"),
+    "DTensor gradient on a plain parameter": ("TypeError", "is a plain tensor but its gradient is a DTensor"),
+    "replicated gradient on a sharded parameter": ("ValueError", "its gradient as \\(Replicate\\(\\),\\)"),
+    "seed differing between ranks": ("ValueError", "seed differs between ranks \\(rank 0: 5, rank 1: 6"),
+    "ZeRO-style replaced params": ("RuntimeError", "DeepSpeed ZeRO.*FSDP2"),
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_the_same_clear_error_on_every_rank(reports, world, case):
+    kind, pattern = BAD_INPUTS[case]
+    errors = reports[world]["errors"][case]
+    assert len(errors) == world
+    for rank, error in enumerate(errors):
+        assert error is not None, f"rank {rank} raised nothing for {case}"
+        assert error[0] == kind and re.search(pattern, error[1]), f"rank {rank}: {error}"
