@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from childopt import backends
 from childopt.masks import select_mask
+from childopt.optim import sharding
 
 ESTIMATORS = ("batch", "sample")
 Include = Union[None, str, Callable[[str], bool]]
@@ -77,6 +78,10 @@ class FisherAccumulator:
     A batch is one backward pass that gives at least one scored parameter a gradient (overflowed
     ones under ``grad_scaler`` not counted); reentrant activation checkpointing runs a nested
     backward per segment, so there pass the number of batches to :meth:`scores` yourself.
+
+    Under FSDP2 (DTensor parameters) each rank accumulates its shard's scores, as DTensors; the
+    clip norms are those of whole tensors (reduced over the shards).  FSDP2 calls the hooks after
+    its reduce-scatter, so the scores are those of the gradient averaged over the ranks' batches.
     """
 
     def __init__(self, model_or_named_params, *, include: Include = None, estimator: str = "batch",
@@ -104,8 +109,13 @@ class FisherAccumulator:
             raise ValueError(f"include={include!r} matches no trainable parameter")
         self.estimator, self.clip_norm, self.free_grads = estimator, clip_norm, free_grads
         self.grad_scaler, self.chunk_size = grad_scaler, chunk_size
-        self._fisher = {n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in self._params.items()}
+        # FSDP2 parameters (DTensors) get DTensor scores of their placement: each rank scores its shard.
+        self._sharded = any(sharding.is_dtensor(p) for p in self._params.values())
+        self._fisher = {n: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                        if sharding.is_dtensor(p) else torch.zeros(p.shape, dtype=dtype, device=p.device)
+                        for n, p in self._params.items()}
         self._counts = dict.fromkeys(self._params, 0)
+        self._fired = dict.fromkeys(self._params, 0)  # sharded: hook calls per parameter
         self._seen = 0  # batches (sample estimator: samples): the divisor of every score
         self._new_pass = False  # a backward pass reached a scored parameter and is not counted yet
         self._pass = 0  # id of the current backward pass
@@ -119,9 +129,12 @@ class FisherAccumulator:
         if self.estimator == "batch":
             self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, n))
                              for n, p in self._params.items()]
-            # fires once per backward pass (graph task), before the first scored gradient accumulates
-            self._handles.append(torch.autograd.graph.register_multi_grad_hook(
-                list(self._params.values()), self._on_pass, mode="any"))
+            # fires once per backward pass (graph task), before the first scored gradient accumulates;
+            # FSDP2's sharded parameters are not in the graph (it calls their hooks after the
+            # reduce-scatter, once per pass): there a pass is counted by the parameter most stepped.
+            if not self._sharded:
+                self._handles.append(torch.autograd.graph.register_multi_grad_hook(
+                    list(self._params.values()), self._on_pass, mode="any"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,11 +173,17 @@ class FisherAccumulator:
             raise RuntimeError(f"the gradient of {name!r} was freed by an earlier hook (e.g. MaskedAdamW with "
                                "compact_grads=True) before the Fisher hook could read it: compute the Fisher "
                                "scores before building a compact-gradient optimizer")
+        if self._sharded:  # FSDP2 calls each parameter's hook once per pass: its k-th call is pass k
+            self._fired[name] += 1
+            if self._fired[name] > self._pass:
+                self._on_pass(None)
         grad = param.grad.detach()
         if self.clip_norm is None and self.grad_scaler is None:
-            norms = torch.empty(1, device=grad.device)  # no norm pass: 12 B per element, not 16
+            norms = torch.empty(1, device=sharding.local(grad).device)  # no norm pass: 12 B per element, not 16
         else:
             norms = torch.linalg.vector_norm(grad, dtype=torch.float32).reshape(1)
+            if sharding.is_dtensor(norms):  # the whole tensor's norm, reduced over the shards
+                norms = norms.full_tensor()
         # GradScaler: one sync per hook, to leave an overflowed gradient out of its tensor's score
         # and divisor (other tensors of the batch may be finite and already accumulated).
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):
@@ -172,8 +191,9 @@ class FisherAccumulator:
             param.grad = None if self.free_grads else param.grad
             return
         # A gradient dtype the kernels do not take (float64) goes to the reference backend.
+        grad = sharding.local(grad)
         backend = backends.route(self._backend(grad.device), grad.dtype, grad.dtype)
-        backend.fisher_accumulate([self._fisher[name]], [grad.contiguous()], self._coefficients(norms))
+        backend.fisher_accumulate([sharding.local(self._fisher[name])], [grad.contiguous()], self._coefficients(norms))
         self._counts[name] += 1
         if self._new_pass:
             self._seen += 1

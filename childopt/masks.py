@@ -24,6 +24,7 @@ from typing import Hashable, Optional
 import torch
 
 from childopt import backends, philox
+from childopt.score_shards import ScoreShards
 
 # (shift, bits) per pass, most significant first: 32-bit keys (fp32) and 64-bit keys (float64)
 PASSES = ((21, 11), (10, 11), (0, 10))
@@ -103,7 +104,7 @@ def _histogram_64(scores: list, scope_ids: list, prefixes: list, shift: int, bit
         if shift + bits < 64:  # the shift sign-extends: mask back to the 64 - shift - bits prefix bits
             keys = keys[((keys >> (shift + bits)) & (2 ** (64 - shift - bits) - 1)) == prefix_tensor[scope]]
         hist[scope] += torch.bincount((keys >> shift) & (2**bits - 1), minlength=2**bits)
-    return hist.cpu()
+    return hist
 
 
 def _thresholds(histogram: Callable, passes: tuple, width: int, ks: list) -> list[tuple[float, int]]:
@@ -126,7 +127,8 @@ def _thresholds(histogram: Callable, passes: tuple, width: int, ks: list) -> lis
     return [(_key_to_float(prefixes[s], width), remaining[s]) if ks[s] else (math.inf, 0) for s in range(n_scopes)]
 
 
-def _check_scores(scores: Mapping) -> tuple[list, list]:
+def _check_scores(scores: Mapping) -> tuple[list, list, ScoreShards]:
+    """Names, tensors and placement of ``scores``; a NaN on any rank raises on every rank."""
     if not isinstance(scores, Mapping) or not scores:
         raise TypeError("scores must be a non-empty mapping from name to a floating-point tensor")
     names, tensors = list(scores), list(scores.values())
@@ -137,10 +139,11 @@ def _check_scores(scores: Mapping) -> tuple[list, list]:
         if t.device != tensors[0].device:
             raise ValueError(f"scores[{name!r}] is on {t.device}, the others on {tensors[0].device}: "
                              "move them to one device")
-    nan = torch.stack([torch.isnan(t).any() for t in tensors]).tolist()
+    shards = ScoreShards(names, tensors)
+    nan = shards.any_rank(torch.stack([torch.isnan(t).any() for t in shards.local(tensors)]).tolist())
     if any(nan):
         raise ValueError(f"scores[{names[nan.index(True)]!r}] contains NaN")
-    return names, tensors
+    return names, tensors, shards
 
 
 def _key_dtype(tensors: list) -> torch.dtype:
@@ -148,23 +151,26 @@ def _key_dtype(tensors: list) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _radix_passes(flat: list, scope_ids: list, n_scopes: int, backend: str) -> tuple[Callable, tuple, int]:
+def _radix_passes(flat: list, scope_ids: list, n_scopes: int, backend: str,
+                  shards: ScoreShards) -> tuple[Callable, tuple, int]:
     """(histogram(prefixes, shift, bits), passes, key width) for scores of ``flat``'s dtype.
 
     fp32 scores use the backend's ``radix_histogram`` op; float64 scores, which its 32-bit keys
     cannot order, use :func:`_histogram_64` on the scores' device, like :func:`backends.route`
-    sends dtypes the kernels do not cover to plain torch.
+    sends dtypes the kernels do not cover to plain torch.  Sharded scores' histograms are
+    summed over the ranks before they reach the host.
     """
     if flat[0].dtype == torch.float64:
         backends.check_name(backend)
-        return (lambda prefixes, shift, bits: _histogram_64(flat, scope_ids, prefixes, shift, bits, n_scopes),
-                PASSES_64, 64)
+        return (lambda prefixes, shift, bits: shards.sum_histograms(
+            _histogram_64(flat, scope_ids, prefixes, shift, bits, n_scopes)).cpu(), PASSES_64, 64)
     device = flat[0].device
     impl = backends.create(backend, device)
 
     def histogram(prefixes: list, shift: int, bits: int) -> torch.Tensor:
         prefix_tensor = torch.tensor(prefixes, dtype=torch.int64, device=device)
-        return impl.radix_histogram(flat, scope_ids, prefix_tensor, shift, bits, n_scopes).cpu()
+        return shards.sum_histograms(impl.radix_histogram(flat, scope_ids, prefix_tensor, shift, bits,
+                                                          n_scopes)).cpu()
 
     return histogram, PASSES, 32
 
@@ -186,32 +192,40 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
 
     Ties at the threshold are kept in the mapping's order, then by flat index.  Memory: one
     histogram per scope, plus, per tensor, the transient comparisons that build its mask.
+
+    Scores may be DTensors sharded ``Shard(0)`` on one 1-D mesh (an FSDP2 model's Fisher scores;
+    every rank calls this): the histograms and tie counts are summed over the mesh, and each
+    rank gets DTensor masks of its rows, equal to the single-process mask bit for bit
+    (childopt.score_shards).
     """
     if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0.0 <= reserve_p <= 1.0:
         raise ValueError(f"reserve_p must be in [0, 1], got {reserve_p!r}")
-    names, tensors = _check_scores(scores)
+    names, tensors, shards = _check_scores(scores)
     scope_ids = _scope_ids(names, scope, layer_of)
     sizes = [0] * (max(scope_ids) + 1)
     for t, s in zip(tensors, scope_ids):
         sizes[s] += t.numel()
     ks = apportion(reserve_p, sizes)
     dtype = _key_dtype(tensors)
-    flat = [t.detach().reshape(-1).to(dtype).contiguous() for t in tensors]
-    thresholds = _thresholds(*_radix_passes(flat, scope_ids, len(ks), backend), ks)
+    local = shards.local(tensors)
+    flat = [t.detach().reshape(-1).to(dtype).contiguous() for t in local]
+    thresholds = _thresholds(*_radix_passes(flat, scope_ids, len(ks), backend, shards), ks)
     ties = torch.stack([(f == thresholds[s][0]).sum() for f, s in zip(flat, scope_ids)]).tolist()
+    full_ties, ties_before = shards.ties_before(ties)
     budgets = [r for _, r in thresholds]
     masks = {}
-    for name, t, f, s, n_ties in zip(names, tensors, flat, scope_ids, ties):
+    for i, (name, t, f, s) in enumerate(zip(names, tensors, flat, scope_ids)):
         tau = thresholds[s][0]
-        take = min(n_ties, budgets[s])
-        budgets[s] -= take
+        take_in_tensor = min(full_ties[i], budgets[s])
+        budgets[s] -= take_in_tensor
+        take = min(max(take_in_tensor - ties_before[i], 0), ties[i])  # this shard's share of the tensor's ties
         mask = f > tau
-        if take == n_ties and take:
+        if take == ties[i] and take:
             mask |= f == tau
         elif take:
             equal = f == tau
             mask |= equal & (torch.cumsum(equal, 0) <= take)
-        masks[name] = mask.view(t.shape)
+        masks[name] = shards.wrap(mask.view(local[i].shape), t)
     return masks
 
 
@@ -256,14 +270,16 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
     is below the keys' precision, ties are taken in select_mask's canonical order); a large
     temperature gives a uniform draw.  Scores must be >= 0: zero-score entries are drawn only after
     all others, uniformly among themselves.  Keys are float64 when any score is, else fp32.
-    Memory: one perturbed copy of the scores in that dtype.
+    Memory: one perturbed copy of the scores in that dtype.  Sharded scores: as in
+    :func:`select_mask`; each shard draws the noise of its global indices.
     """
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
             or not math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     philox.check_seed(seed)
-    names, tensors = _check_scores(scores)
-    negative = torch.stack([(t < 0).any() for t in tensors]).tolist()
+    names, tensors, shards = _check_scores(scores)
+    local = shards.local(tensors)
+    negative = shards.any_rank(torch.stack([(t < 0).any() for t in local]).tolist())
     if any(negative):
         raise ValueError(f"scores[{names[negative.index(True)]!r}] has negative entries; sample_mask needs scores >= 0")
     dtype = _key_dtype(tensors)
@@ -272,8 +288,9 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
     source = "auto" if dtype == torch.float64 else backend
     words = backends.create(backends.check_name(source), tensors[0].device).random_words
     perturbed, base = {}, 0
-    for name, t in zip(names, tensors):
-        gumbel = gumbel_noise(words(t.numel(), base, seed, GUMBEL_STREAM, t.device))
-        perturbed[name] = _sample_keys(t, gumbel, float(temperature), dtype).view(t.shape)
+    for i, (name, t, shard) in enumerate(zip(names, tensors, local)):
+        group, lane = shards.first_word(i)  # a shard draws the words of its global indices
+        gumbel = gumbel_noise(words(shard.numel() + lane, base + group, seed, GUMBEL_STREAM, shard.device)[lane:])
+        perturbed[name] = shards.wrap(_sample_keys(shard, gumbel, float(temperature), dtype).view(shard.shape), t)
         base += philox.rng_group_counts(t.numel())
     return select_mask(perturbed, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

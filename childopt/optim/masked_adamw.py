@@ -251,8 +251,12 @@ class MaskedAdamW(Optimizer):
         return clip_by_norm_(grads, measured, max_norm, norm_type, error_if_nonfinite)
 
     def state_bytes(self) -> int:
-        """Bytes of every tensor in the optimizer state: moments, indices or masks, step counters."""
-        return sum(v.nbytes for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        """Bytes of every tensor in the optimizer state: moments, indices or masks, step counters.
+
+        Of this rank's shards only, for DTensor (FSDP2) state.
+        """
+        return sum(sharding.local(v).nbytes for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
 
     def sparse_indices(self) -> dict:
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed)."""

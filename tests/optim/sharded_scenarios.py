@@ -108,3 +108,51 @@ def clipped(scenario: str, backend: str) -> dict:
     """The oracle of :func:`clip` on plain tensors."""
     module, opt = build(scenario, backend, lambda t: t.clone())
     return clip(module, opt, lambda g: g, lambda t: t.clone())
+
+
+SCOPES = ("global", "layer", "tensor")
+
+
+def full_scores() -> dict:
+    """Scores with many ties (few distinct values), named by layer, fp32 and one float64."""
+    gen = torch.Generator().manual_seed(5)
+    scores = {f"layer.{i % 3}.{name}": torch.randint(0, 6, shape, generator=gen).float()
+              for i, (name, shape) in enumerate(SHAPES.items())}
+    scores["head.weight"] = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    return scores
+
+
+def selections(to_score, to_full) -> dict:
+    """select_mask and sample_mask of :func:`full_scores` in every scope, as full masks."""
+    from childopt.masks import sample_mask, select_mask
+
+    scores = {name: to_score(t) for name, t in full_scores().items()}
+    out = {}
+    for scope in SCOPES:
+        for name, mask in select_mask(scores, 0.37, scope=scope, backend="reference").items():
+            out["select", scope, name] = to_full(mask)
+        for name, mask in sample_mask(scores, 0.37, temperature=0.5, seed=3, scope=scope,
+                                      backend="reference").items():
+            out["sample", scope, name] = to_full(mask)
+    return out
+
+
+def fisher_masks(wrap, to_full) -> dict:
+    """fisher_mask (ChildTuning-D defaults: clip 1.0, global scope) of a small model, as full masks.
+
+    The loss is scaled so every gradient norm exceeds the clip: the per-tensor clip factors,
+    reduced over the shards, then shape the scores.
+
+    ``wrap(model)`` shards it (FSDP2's fully_shard) or leaves it; every rank sees the same batches,
+    so FSDP2's averaged gradients equal one process's wherever the average of equal values is exact.
+    """
+    from childopt.fisher import fisher_mask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    wrap(model)
+    gen = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
+    masks = fisher_mask(model, batches, 0.4, include=None, progress=False, backend="reference",
+                        loss_fn=lambda m, batch: 40 * torch.nn.functional.cross_entropy(m(batch[0]), batch[1]))
+    return {name: to_full(mask) for name, mask in masks.items()}

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -55,6 +56,8 @@ def main(out: str, backends: list, phase: str) -> None:
             set_optimizer_state_dict(module, opt, state)
             scenarios.train(module, opt, shard, start=scenarios.STEPS, steps=1)
             report["resumed"][name, backend] = scenarios.collect(module, opt, full)
+    report["selections"] = scenarios.selections(shard, full)
+    report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full)
     report["seeds"] = _agreed_seeds(shard)
     report["errors"] = _bad_inputs(mesh, shard)
     if rank == 0:

@@ -85,6 +85,27 @@ def test_a_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(reports, 
         _assert_bit_identical(got, expected, f"{name} on {backend}, saved at 2 ranks, resumed at {world}")
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_layer_and_tensor_selection_of_sharded_scores_is_the_one_process_mask(reports, world):
+    """Histograms and tie counts summed over the ranks: the same exact count and tie order."""
+    expected = scenarios.selections(lambda t: t.clone(), lambda t: t.clone())
+    got = reports[world]["selections"]
+    assert got.keys() == expected.keys()
+    for key, mask in expected.items():
+        assert torch.equal(got[key], mask), f"{key} at world size {world}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
+    """Scores accumulate on each rank's shards (clip norms reduced over them); at 2 ranks the
+    averaged gradient of equal batches is exact, so the scores, and the mask, are bit-identical."""
+    expected = scenarios.fisher_masks(lambda model: None, lambda t: t.clone())
+    got = reports[world]["fisher"]
+    assert got.keys() == expected.keys()
+    for name, mask in expected.items():
+        assert torch.equal(got[name], mask), f"{name} at world size {world}"
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_seed_none_takes_rank_zeros_seed(reports, world):
     seeds = reports[world]["seeds"]
