@@ -58,12 +58,44 @@ def main(out: str, backends: list, phase: str) -> None:
             report["resumed"][name, backend] = scenarios.collect(module, opt, full)
     report["selections"] = scenarios.selections(shard, full)
     report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full)
+    report["ddp"] = _ddp_runs()
     report["seeds"] = _agreed_seeds(shard)
     report["errors"] = _bad_inputs(mesh, shard)
     if rank == 0:
         torch.save(report, os.path.join(out, f"ws{world}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _ddp_runs() -> dict:
+    """Child-Tuning-D under DDP, each rank on its own batches: the child-network hook and DDP's
+    default all-reduce, each rank's parameters and moments, and the hook's byte counts."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from childopt.ddp import register_child_network_hook
+
+    runs = {}
+    for hook in ("child", "default"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+        gen = torch.Generator().manual_seed(3)
+        masks = {"0.weight": torch.rand(40, 6, generator=gen) < 0.3, "2.weight": torch.rand(3, 40, generator=gen) < 0.3}
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask=masks, seed=1, backend="reference")
+        ddp = DistributedDataParallel(model)
+        state = register_child_network_hook(ddp, opt) if hook == "child" else None
+        data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own batches
+        for _ in range(3):
+            x, y = torch.randn(8, 6, generator=data), torch.randint(0, 3, (8,), generator=data)
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        mine = {name: p.detach().clone() for name, p in model.named_parameters()}
+        mine.update({f"{name}.exp_avg_sq": opt.state[p]["exp_avg_sq"].clone() for name, p in model.named_parameters()})
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        runs[hook] = {"ranks": every, "masks": masks,
+                      "bytes": (state.bytes_sent, state.dense_bytes) if state else None}
+    return runs
 
 
 def _agreed_seeds(shard) -> list:
@@ -95,6 +127,7 @@ def _bad_inputs(mesh, shard) -> dict:
                                                            mask="bernoulli", reserve_p=0.5,
                                                            seed=5 + dist.get_rank()),
         "ZeRO-style replaced params": _replaced_params,
+        "child-network hook on a Bernoulli mask": _hook_on_bernoulli,
     }
     errors = {}
     for case, call in cases.items():
@@ -118,6 +151,16 @@ def _step_with(param, grad, **kwargs):
     opt = MaskedAdamW([p], backend="reference", **kwargs)
     p.grad = grad
     opt.step()
+
+
+def _hook_on_bernoulli():
+    from torch.nn.parallel import DistributedDataParallel
+
+    from childopt.ddp import register_child_network_hook
+
+    model = torch.nn.Linear(3, 2)
+    register_child_network_hook(DistributedDataParallel(model), MaskedAdamW(model.parameters(), mask="bernoulli",
+                                                                          reserve_p=0.5, seed=1))
 
 
 def _replaced_params():

@@ -107,6 +107,23 @@ def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_the_ddp_child_network_hook_matches_the_dense_all_reduce_and_moves_reserve_p_of_the_bytes(reports, world):
+    child, default = reports[world]["ddp"]["child"], reports[world]["ddp"]["default"]
+    for run in (child, default):  # no divergence between replicas
+        assert all(torch.equal(rank[key], run["ranks"][0][key]) for rank in run["ranks"] for key in rank)
+    # Two ranks sum the same two values either way (bit-identical); three may be added in
+    # another order by gloo's ring over a shorter buffer: equal up to fp32 rounding.
+    tolerance = dict(rtol=0, atol=0) if world == 2 else dict(rtol=1e-6, atol=1e-9)
+    for key, value in default["ranks"][0].items():
+        torch.testing.assert_close(child["ranks"][0][key], value, **tolerance, msg=key)
+    sent, dense = child["bytes"]
+    kept = sum(int(m.sum()) for m in child["masks"].values())
+    unmasked = 40 + 3  # the biases have no mask: every entry is sent
+    assert sent == 3 * 4 * (kept + unmasked)  # three steps of fp32 entries, no indices
+    assert dense == 3 * 4 * (40 * 6 + 40 + 3 * 40 + 3)  # what DDP's default hook sends: every entry
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_seed_none_takes_rank_zeros_seed(reports, world):
     seeds = reports[world]["seeds"]
     assert len(seeds) == world and len(set(seeds)) == 1
@@ -120,6 +137,7 @@ BAD_INPUTS = {
     "replicated gradient on a sharded parameter": ("ValueError", "its gradient as \\(Replicate\\(\\),\\)"),
     "seed differing between ranks": ("ValueError", "seed differs between ranks \\(rank 0: 5, rank 1: 6"),
     "ZeRO-style replaced params": ("RuntimeError", "DeepSpeed ZeRO.*FSDP2"),
+    "child-network hook on a Bernoulli mask": ("ValueError", "needs a fixed mask.*'bernoulli'"),
 }
 
 
