@@ -114,4 +114,5 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
         optimizer.seed = philox.check_seed(saved_extras["seed"])
-        optimizer._seed_drawn, optimizer._seed_agreed = False, False  # ranks must have loaded the same seed
+        optimizer._seed_drawn = False
+        optimizer._seed_agreed = not optimizer.sync_seed  # ranks must have loaded the same seed

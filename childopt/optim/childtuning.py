@@ -22,7 +22,7 @@ class ChildTuningAdamW(MaskedAdamW):
     ``reserve_p`` and scaled by ``1 / reserve_p`` (in-kernel Philox, see MaskedAdamW).
     ``mode="ChildTuning-D"``: the gradient is multiplied by the mask given to
     :meth:`set_gradient_mask` (required before the first step).  ``mode=None``: no mask.
-    ``seed``, ``backend`` and torch's ``foreach``, ``fused``, ``capturable``, ``differentiable``
+    ``seed``, ``sync_seed``, ``backend`` and torch's ``foreach``, ``fused``, ``capturable``, ``differentiable``
     are as in :class:`MaskedAdamW`.
     """
 
@@ -32,7 +32,7 @@ class ChildTuningAdamW(MaskedAdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  correct_bias=True, reserve_p=1.0, mode=None, *, seed=None, backend="auto", foreach=None,
-                 fused=None, capturable=False, differentiable=False):
+                 fused=None, capturable=False, differentiable=False, sync_seed=True):
         if mode not in CHILDTUNING_MODES:
             raise ValueError(f"mode must be one of {CHILDTUNING_MODES}, got {mode!r}")
         if not isinstance(correct_bias, bool):
@@ -42,7 +42,7 @@ class ChildTuningAdamW(MaskedAdamW):
                         masked="zero_grad", amsgrad=False, maximize=False, correct_bias=correct_bias,
                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         self._setup(params, defaults, mask=MaskKind.BERNOULLI.label if mode == "ChildTuning-F" else None,
-                    seed=seed, backend=backend)
+                    seed=seed, backend=backend, sync_seed=sync_seed)
 
     def set_gradient_mask(self, gradient_mask: Mapping) -> None:
         """Set the Child-Tuning-D mask: a dict from parameter (or name) to a bool tensor."""

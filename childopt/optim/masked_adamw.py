@@ -36,6 +36,10 @@ class MaskedAdamW(Optimizer):
             gradient is zeroed, Bernoulli keeps scaled by ``1 / reserve_p``, as ChildTuning
             publishes it); ``None``: freeze for dict masks, zero_grad for Bernoulli.
         seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator.
+        sync_seed: with torch.distributed initialised, the ranks of the default process group
+            agree on the seed at the first Bernoulli step (``seed=None`` takes rank 0's; seeds
+            that differ raise on every rank), so replicas and shards draw one mask.  ``False``
+            for an optimizer that only some ranks step (the agreement is a collective).
         backend: ``"auto"``, ``"native"``, ``"triton"`` or ``"reference"`` (childopt.backends).
         storage: ``"dense"``, or ``"sparse"``: parameters with a dict mask keep only their
             selected entries (int32/int64 ``indices`` and compact fp32 moments, 12 B per entry)
@@ -49,21 +53,21 @@ class MaskedAdamW(Optimizer):
         differentiable: only ``False`` (the kernels have no autograd formula).
     """
 
-    _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads")
+    _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads", "sync_seed")
     _RULE = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, mask=None,
                  reserve_p=1.0, masked=None, seed=None, amsgrad=False, maximize=False, backend="auto",
                  storage="dense", compact_grads=False, foreach=None, fused=None, capturable=False,
-                 differentiable=False):
+                 differentiable=False, sync_seed=True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reserve_p=reserve_p, masked=masked,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                         differentiable=differentiable)
         self._setup(params, defaults, mask=mask, seed=seed, backend=backend, storage=storage,
-                    compact_grads=compact_grads)
+                    compact_grads=compact_grads, sync_seed=sync_seed)
 
     def _setup(self, params, defaults: dict, *, mask, seed, backend: str, storage: str = "dense",
-               compact_grads: bool = False) -> None:
+               compact_grads: bool = False, sync_seed: bool = True) -> None:
         validation.check_arguments(defaults, storage, compact_grads)
         self.storage, self.compact_grads = storage, compact_grads
         # GradScaler unscales and inf-checks only .grad, which compact gradients replace: declaring
@@ -74,7 +78,10 @@ class MaskedAdamW(Optimizer):
             backends.check_name(backend), defaults["foreach"], defaults["fused"])
         self._backends: dict = {}
         self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else philox.check_seed(seed)
-        self._seed_drawn, self._seed_agreed = seed is None, False
+        if not isinstance(sync_seed, bool):
+            raise TypeError(f"sync_seed must be a bool, got {sync_seed!r}")
+        self.sync_seed = sync_seed
+        self._seed_drawn, self._seed_agreed = seed is None, not sync_seed
         self._rng_bases: dict = {}
         self._rng_lanes: dict = {}
         self._rng_groups = 0
@@ -290,7 +297,10 @@ class MaskedAdamW(Optimizer):
         self._backends = {}
         self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
         self._rng_bases, self._rng_lanes, self._rng_groups = {}, {}, 0
-        self._seed_drawn, self._seed_agreed = False, False
+        self.__dict__.setdefault("sync_seed", True)  # pickled before the flag existed
+        # Unpickled: the seed is a given one; torch's load_state_dict (which calls this too) keeps them.
+        self.__dict__.setdefault("_seed_drawn", False)
+        self.__dict__.setdefault("_seed_agreed", not self.sync_seed)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # groups saved before a flag existed

@@ -107,6 +107,13 @@ def _agreed_seeds(shard) -> list:
     opt.step()
     seeds = [None] * dist.get_world_size()
     dist.all_gather_object(seeds, opt.seed)
+    if dist.get_rank() == 0:  # an optimizer only rank 0 steps: with sync_seed=False it waits for nobody
+        local = [torch.nn.Parameter(torch.zeros(8))]
+        alone = MaskedAdamW(local, mask="bernoulli", reserve_p=0.5, seed=99, sync_seed=False, backend="reference")
+        local[0].grad = torch.ones(8)
+        alone.step()
+        seeds.append(alone.seed)
+    dist.barrier()
     return seeds
 
 

@@ -125,8 +125,9 @@ def test_the_ddp_child_network_hook_matches_the_dense_all_reduce_and_moves_reser
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_seed_none_takes_rank_zeros_seed(reports, world):
-    seeds = reports[world]["seeds"]
+    seeds, alone = reports[world]["seeds"][:world], reports[world]["seeds"][world:]
     assert len(seeds) == world and len(set(seeds)) == 1
+    assert alone == [99]  # stepped by rank 0 alone with sync_seed=False: no collective, its own seed
 
 
 BAD_INPUTS = {
