@@ -84,6 +84,8 @@ class MaskedAdamW(Optimizer):
         self._seed_drawn, self._seed_agreed = seed is None, not sync_seed
         self._rng_bases: dict = {}
         self._rng_lanes: dict = {}
+        self._sharded = False  # any DTensor parameter: the step unwraps local shards
+        self._verified: dict = {}  # group index -> the params list check_numbered last passed
         self._rng_groups = 0
         self._mask_kind = MaskKind.NONE
         super().__init__(params, defaults)
@@ -118,6 +120,7 @@ class MaskedAdamW(Optimizer):
             self._rng_bases[p] = torch.tensor(float(base), dtype=torch.float64, device=p.device) \
                 if group["capturable"] else base
             self._rng_lanes[p] = offset % 4
+            self._sharded = self._sharded or sharding.is_dtensor(p)
             self._rng_groups += philox.rng_group_counts(p.numel())
 
     def _indices_of(self, param: torch.Tensor) -> torch.Tensor:
@@ -202,9 +205,11 @@ class MaskedAdamW(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             validation.check_group(group, f" (param group {gi})", self.storage, at_step=True)
-            validation.check_numbered(group["params"], self._rng_bases, gi)
+            if self._verified.get(gi) is not group["params"]:  # a list checked before is not walked again
+                validation.check_numbered(group["params"], self._rng_bases, gi)
+                self._verified[gi] = group["params"]
             stepped, grads = with_gradients(group["params"], self._gradient)
-            validation.check_steppable(stepped, grads, self.describe)
+            validation.check_steppable(stepped, grads, self.describe, self._sharded)
             work.append((group, stepped, grads))
         for group, stepped, grads in work:
             self._step_group(group, stepped, grads)
@@ -222,14 +227,15 @@ class MaskedAdamW(Optimizer):
         states = [self.state[p] for p in stepped]
         init_missing_state(stepped, states, group["amsgrad"], group["capturable"])
         beta1, beta2 = group["betas"]
-        local = sharding.local  # the kernels step each rank's shard of a DTensor
+        unwrap = sharding.locals_of if self._sharded else list  # the kernels step each rank's shard
         masked_adamw(
-            [local(p) for p in stepped], [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
-            [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None, [s["step"] for s in states],
-            masks=[local(s.get("mask")) for s in states], indices=[s.get("indices") for s in states],
+            unwrap(stepped), unwrap(grads), unwrap([s["exp_avg"] for s in states]),
+            unwrap([s["exp_avg_sq"] for s in states]),
+            unwrap([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else None, [s["step"] for s in states],
+            masks=unwrap([s.get("mask") for s in states]), indices=[s.get("indices") for s in states],
             compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
-            rng_bases=[self._rng_bases[p] for p in stepped], rng_lanes=[self._rng_lanes[p] for p in stepped],
+            rng_bases=[self._rng_bases[p] for p in stepped],
+            rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
             backend=self._backend, mask_kind=self._mask_kind,
             freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
@@ -296,7 +302,8 @@ class MaskedAdamW(Optimizer):
         super().__setstate__(checkpoint.upgrade_pickled(state))
         self._backends = {}
         self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
-        self._rng_bases, self._rng_lanes, self._rng_groups = {}, {}, 0
+        self._rng_bases, self._rng_lanes, self._rng_groups, self._sharded = {}, {}, 0, False
+        self._verified = {}
         self.__dict__.setdefault("sync_seed", True)  # pickled before the flag existed
         # Unpickled: the seed is a given one; torch's load_state_dict (which calls this too) keeps them.
         self.__dict__.setdefault("_seed_drawn", False)

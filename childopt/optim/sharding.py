@@ -18,18 +18,24 @@ try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor, Replicate, Shard
     # Written against torch's private helper: the public DTensor API exposes no global offset.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    DTENSOR = (DTensor,)
 except ImportError:  # pragma: no cover - only on builds without torch.distributed
-    DTensor = None
+    DTENSOR = ()  # isinstance(t, ()) is False
 
 
 def is_dtensor(t) -> bool:
     """Whether ``t`` is a DTensor (always False where torch has no distributed support)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    return isinstance(t, DTENSOR)
 
 
 def local(t):
     """The local tensor of a DTensor (it shares storage: writes reach the DTensor), else ``t``."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if isinstance(t, DTENSOR) else t
+
+
+def locals_of(tensors: list) -> list:
+    """:func:`local` of each tensor (None stays None)."""
+    return [local(t) for t in tensors]
 
 
 def element_offset(p: torch.Tensor, describe) -> int:

@@ -131,13 +131,17 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
     return torch.unique(offsets).numel() < t.numel()
 
 
-def check_steppable(params: list, grads: list, describe) -> None:
-    """Everything a step could fail on partway, checked before the first tensor is written."""
+def check_steppable(params: list, grads: list, describe, sharded: bool = False) -> None:
+    """Everything a step could fail on partway, checked before the first tensor is written.
+
+    ``sharded``: some parameters are DTensors (else only a DTensor gradient needs a look).
+    """
     for p, g in zip(params, grads):
         _check_own_memory(p, describe)  # p.data may have been replaced since construction
         if g.layout != torch.strided:
             raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
-        sharding.check_gradient(p, g, describe)
+        if sharded or isinstance(g, sharding.DTENSOR):
+            sharding.check_gradient(p, g, describe)
 
 
 def check_numbered(params: list, numbered: dict, group_index: int) -> None:

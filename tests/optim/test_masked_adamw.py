@@ -336,15 +336,39 @@ def test_deepcopy_and_pickle_keep_the_mask_stream():
     from childopt import ChildTuningAdamW
 
     params = make_params([(40,)])
-    opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5, seed=3)
+    opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5, seed=3, sync_seed=False)
     train(opt, params, 2)
     clones = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
     train(opt, params, 2, start=2)
     for clone in clones:
         clone_params_ = [p for g in clone.param_groups for p in g["params"]]
-        assert (clone.mode, clone.seed, clone.mask_kind) == ("ChildTuning-F", 3, "bernoulli")
+        assert (clone.mode, clone.seed, clone.mask_kind, clone.sync_seed) == ("ChildTuning-F", 3, "bernoulli", False)
         train(clone, clone_params_, 2, start=2)
         assert torch.equal(clone_params_[0], params[0])
+
+
+def test_sync_seed_must_be_a_bool():
+    with pytest.raises(TypeError, match="sync_seed must be a bool, got 'no'"):
+        MaskedAdamW(make_params([(3,)]), sync_seed="no")
+
+
+def test_params_swapped_after_construction_are_refused_at_the_step():
+    """DeepSpeed ZeRO-1/2 replace a group's params by flat partitions no mask can address."""
+    params = make_params([(6,)])
+    opt = MaskedAdamW(params, mask={params[0]: torch.ones(6, dtype=torch.bool)}, seed=0)
+    flat = torch.nn.Parameter(torch.zeros(6))
+    flat.grad = torch.ones(6)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="param group 0 holds a tensor of shape \\(6,\\) that was not given.*"
+                                           "DeepSpeed ZeRO.*FSDP2"):
+        opt.step()
+
+
+def test_a_zero3_partitioned_parameter_is_refused():
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.ds_id = 7  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    with pytest.raises(TypeError, match="partitioned by DeepSpeed ZeRO-3.*FSDP2"):
+        MaskedAdamW([param])
 
 
 def test_bernoulli_mask_that_keeps_everything_warns():
