@@ -89,3 +89,30 @@ def register_child_network_hook(ddp_model, optimizer, process_group=None) -> Chi
     state = ChildNetworkHookState(optimizer, process_group)
     ddp_model.register_comm_hook(state, child_network_hook)
     return state
+
+
+def all_reduce_gradients(optimizer, process_group=None) -> int:
+    """Average, over the ranks, every gradient ``optimizer.step()`` will use; return the bytes sent.
+
+    The gradients are the compact buffers of ``compact_grads=True`` parameters and ``.grad`` of
+    the others, in the optimizer's parameter order, packed into one buffer per dtype, divided by
+    the world size and summed (DDP's order, so the result equals DDP's on those entries).  Every
+    rank must have gradients for the same parameters, as under DDP.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    compact = optimizer.compact_gradients()
+    by_dtype: dict = {}
+    for param_group in optimizer.param_groups:
+        for p in param_group["params"]:
+            grad = compact.get(p, p.grad)
+            if grad is not None:
+                by_dtype.setdefault((grad.device, grad.dtype), []).append(grad)
+    sent = 0
+    for grads in by_dtype.values():
+        packed = torch.cat([g.reshape(-1) for g in grads])
+        packed.div_(group.size())
+        dist.all_reduce(packed, group=group)
+        sent += packed.nbytes
+        for grad, reduced in zip(grads, packed.split([g.numel() for g in grads])):
+            grad.copy_(reduced.view_as(grad))
+    return sent

@@ -72,30 +72,43 @@ def _ddp_runs() -> dict:
     default all-reduce, each rank's parameters and moments, and the hook's byte counts."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from childopt.ddp import register_child_network_hook
+    from childopt.ddp import all_reduce_gradients, register_child_network_hook
 
     runs = {}
-    for hook in ("child", "default"):
+    for hook in ("child", "default", "compact"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
         gen = torch.Generator().manual_seed(3)
         masks = {"0.weight": torch.rand(40, 6, generator=gen) < 0.3, "2.weight": torch.rand(3, 40, generator=gen) < 0.3}
-        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask=masks, seed=1, backend="reference")
-        ddp = DistributedDataParallel(model)
-        state = register_child_network_hook(ddp, opt) if hook == "child" else None
+        storage = dict(storage="sparse", compact_grads=True) if hook == "compact" else {}
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask=masks, seed=1, backend="reference", **storage)
+        wrapped = model if hook == "compact" else DistributedDataParallel(model)  # compact: no DDP
+        state = register_child_network_hook(wrapped, opt) if hook == "child" else None
+        sent = 0
         data = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own batches
         for _ in range(3):
             x, y = torch.randn(8, 6, generator=data), torch.randint(0, 3, (8,), generator=data)
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+            if hook == "compact":
+                sent += all_reduce_gradients(opt)
             opt.step()
             opt.zero_grad()
         mine = {name: p.detach().clone() for name, p in model.named_parameters()}
-        mine.update({f"{name}.exp_avg_sq": opt.state[p]["exp_avg_sq"].clone() for name, p in model.named_parameters()})
+        mine.update({f"{name}.exp_avg_sq": _dense_moment(opt.state[p], p) for name, p in model.named_parameters()})
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         runs[hook] = {"ranks": every, "masks": masks,
-                      "bytes": (state.bytes_sent, state.dense_bytes) if state else None}
+                      "bytes": (state.bytes_sent, state.dense_bytes) if state else sent}
     return runs
+
+
+def _dense_moment(state: dict, p: torch.Tensor) -> torch.Tensor:
+    """exp_avg_sq as a dense tensor (sparse storage keeps it at its indices, zero elsewhere)."""
+    from childopt import sparse
+
+    if "indices" not in state:
+        return state["exp_avg_sq"].clone()
+    return sparse.scatter(state["exp_avg_sq"], state["indices"], p.shape)
 
 
 def _agreed_seeds(shard) -> list:

@@ -107,7 +107,8 @@ def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_the_ddp_child_network_hook_matches_the_dense_all_reduce_and_moves_reserve_p_of_the_bytes(reports, world):
+def test_the_ddp_child_network_hook_and_compact_all_reduce_match_the_dense_all_reduce(reports, world):
+    """...and move only the child network's entries (reserve_p of the bytes)."""
     child, default = reports[world]["ddp"]["child"], reports[world]["ddp"]["default"]
     for run in (child, default):  # no divergence between replicas
         assert all(torch.equal(rank[key], run["ranks"][0][key]) for rank in run["ranks"] for key in rank)
@@ -116,7 +117,12 @@ def test_the_ddp_child_network_hook_matches_the_dense_all_reduce_and_moves_reser
     tolerance = dict(rtol=0, atol=0) if world == 2 else dict(rtol=1e-6, atol=1e-9)
     for key, value in default["ranks"][0].items():
         torch.testing.assert_close(child["ranks"][0][key], value, **tolerance, msg=key)
+    compact = reports[world]["ddp"]["compact"]  # sparse storage, compact gradients, all_reduce_gradients
+    assert all(torch.equal(rank[key], compact["ranks"][0][key]) for rank in compact["ranks"] for key in rank)
+    for key, value in default["ranks"][0].items():
+        torch.testing.assert_close(compact["ranks"][0][key], value, **tolerance, msg=f"compact: {key}")
     sent, dense = child["bytes"]
+    assert compact["bytes"] == sent  # the same entries: the child network's and the biases
     kept = sum(int(m.sum()) for m in child["masks"].values())
     unmasked = 40 + 3  # the biases have no mask: every entry is sent
     assert sent == 3 * 4 * (kept + unmasked)  # three steps of fp32 entries, no indices
