@@ -115,7 +115,7 @@ class FisherAccumulator:
                         if sharding.is_dtensor(p) else torch.zeros(p.shape, dtype=dtype, device=p.device)
                         for n, p in self._params.items()}
         self._counts = dict.fromkeys(self._params, 0)
-        self._fired = dict.fromkeys(self._params, 0)  # sharded: hook calls per parameter
+        self._graph_task = None  # sharded: the backward pass (autograd graph task) last seen
         self._seen = 0  # batches (sample estimator: samples): the divisor of every score
         self._new_pass = False  # a backward pass reached a scored parameter and is not counted yet
         self._pass = 0  # id of the current backward pass
@@ -131,7 +131,7 @@ class FisherAccumulator:
                              for n, p in self._params.items()]
             # fires once per backward pass (graph task), before the first scored gradient accumulates;
             # FSDP2's sharded parameters are not in the graph (it calls their hooks after the
-            # reduce-scatter, once per pass): there a pass is counted by the parameter most stepped.
+            # reduce-scatter, once per pass): there _on_grad tells passes apart.
             if not self._sharded:
                 self._handles.append(torch.autograd.graph.register_multi_grad_hook(
                     list(self._params.values()), self._on_pass, mode="any"))
@@ -173,9 +173,13 @@ class FisherAccumulator:
             raise RuntimeError(f"the gradient of {name!r} was freed by an earlier hook (e.g. MaskedAdamW with "
                                "compact_grads=True) before the Fisher hook could read it: compute the Fisher "
                                "scores before building a compact-gradient optimizer")
-        if self._sharded:  # FSDP2 calls each parameter's hook once per pass: its k-th call is pass k
-            self._fired[name] += 1
-            if self._fired[name] > self._pass:
+        if self._sharded:
+            # FSDP2's sharded parameters are outside the autograd graph, so no multi-grad hook
+            # sees a pass start; their hooks run inside the backward's graph task, whose id tells
+            # passes apart (torch's private accessor: no public API exposes the graph task).
+            task = torch._C._current_graph_task_id()
+            if task != self._graph_task:
+                self._graph_task = task
                 self._on_pass(None)
         grad = param.grad.detach()
         if self.clip_norm is None and self.grad_scaler is None:

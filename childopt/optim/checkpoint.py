@@ -14,32 +14,47 @@ import torch
 
 from childopt import philox, sparse
 from childopt.backends.contract import MaskKind
-from childopt.optim import params
+from childopt.optim import params, sharding
 from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS
 
 
 def extras(optimizer) -> dict:
-    """The ``"childopt"`` entry of ``optimizer.state_dict()``."""
+    """The ``"childopt"`` entry of ``optimizer.state_dict()``.
+
+    ``seed_drawn``: the seed came from ``seed=None``, so ranks that load different ones still
+    agree on rank 0's (childopt.optim.sharding.agree_seed).
+    """
     return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
-            "storage": optimizer.storage}
+            "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn}
+
+
+def _steps_total(state: Mapping) -> float:
+    """The sum of the saved step counts: what a group's copy of ``"childopt"`` is stamped with."""
+    return float(sum(float(s["step"]) for s in state.values() if isinstance(s, Mapping) and "step" in s))
 
 
 def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
-    """Put ``"childopt"`` at the top and in every saved group.
+    """Put ``"childopt"`` at the top and, stamped with the steps taken, in every saved group.
 
     torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``state`` and
-    ``param_groups``; the copy in the groups carries the mask kind and seed through it.
+    ``param_groups``; the copy in the groups carries the mask kind and seed through it.  The
+    stamp tells it from a stale copy that torch's AdamW carried along while it stepped.
     """
     state_dict["childopt"] = extras_entry
+    stamped = {**extras_entry, "steps_total": _steps_total(state_dict["state"])}
     for group in state_dict["param_groups"]:
-        group["childopt"] = extras_entry
+        group["childopt"] = stamped
     return state_dict
 
 
 def lift_extras(state_dict):
-    """``state_dict`` with ``"childopt"`` at the top (taken from its groups if only they carry it)
-    and groups without it, as torch's loader expects; anything else is returned unchanged."""
+    """``state_dict`` with ``"childopt"`` at the top and groups without it, as torch's loader expects.
+
+    Without a top-level entry, the groups' copy is lifted when its stamp matches the state's
+    steps, and dropped otherwise (an optimizer that is not childopt's stepped since: a foreign
+    state dict).  Anything else is returned unchanged.
+    """
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
         return state_dict
     groups = state_dict["param_groups"]
@@ -50,8 +65,10 @@ def lift_extras(state_dict):
         raise ValueError("the param groups of this state_dict carry different 'childopt' entries (format, "
                          "mask_kind, seed, storage): it merges state dicts of different optimizers")
     lifted = dict(state_dict)
-    lifted.setdefault("childopt", in_groups[0])
     lifted["param_groups"] = [{k: v for k, v in g.items() if k != "childopt"} for g in groups]
+    stamped = dict(in_groups[0])
+    if "childopt" not in lifted and stamped.pop("steps_total", None) == _steps_total(state_dict.get("state", {})):
+        lifted["childopt"] = stamped
     return lifted
 
 
@@ -72,6 +89,8 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
             value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
             if "indices" in state and "indices" not in saved and value.shape == p.shape:
                 value = sparse.gather(value, state["indices"])  # dense (torch AdamW) state
+            elif sharding.is_dtensor(p):  # a full (torch.save) moment: this rank keeps its rows
+                value = sharding.shard_like(value, p, optimizer.describe(p), what=f"saved {key!r}")
             state[key] = value.contiguous()
     if "step" in saved:
         state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32,
@@ -114,5 +133,5 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
         optimizer.seed = philox.check_seed(saved_extras["seed"])
-        optimizer._seed_drawn = False
-        optimizer._seed_agreed = not optimizer.sync_seed  # ranks must have loaded the same seed
+        optimizer._seed_drawn = bool(saved_extras.get("seed_drawn", False))
+        optimizer._seed_agreed = not optimizer.sync_seed  # ranks must hold the same seed again

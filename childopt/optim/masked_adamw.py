@@ -53,7 +53,8 @@ class MaskedAdamW(Optimizer):
         differentiable: only ``False`` (the kernels have no autograd formula).
     """
 
-    _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads", "sync_seed")
+    _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads", "sync_seed",
+                "_seed_drawn")
     _RULE = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, mask=None,
@@ -136,8 +137,8 @@ class MaskedAdamW(Optimizer):
         State is kept by default (see childopt.optim.state for how each storage carries it over);
         ``reset_state=True`` restarts ``step`` and the moments of every parameter whose mask
         changed (every parameter, when the mask kind changes) from zero, as on step 1.  A mask is
-        state, so once one is held every parameter's state is initialised: torch.distributed.
-        checkpoint takes an optimizer with any state for one with all of it.
+        state, so once one is held the state of every parameter that requires grad is initialised:
+        torch.distributed.checkpoint takes an optimizer with any state for one with all of it.
         """
         kind, new = params.parse_mask(self.param_groups, mask)
         if self.storage == "sparse" and kind == MaskKind.BERNOULLI:
@@ -150,10 +151,10 @@ class MaskedAdamW(Optimizer):
                 for key in ("step", *MOMENT_KEYS):
                     self.state[p].pop(key, None)
         self._mask_kind = kind
-        if any(self.state.values()):
+        if any(self.state.values()):  # of the parameters that can get a gradient, as DCP's own init step
             for group in self.param_groups:
-                init_missing_state(group["params"], [self.state[p] for p in group["params"]], group["amsgrad"],
-                                   group["capturable"])
+                trained = [p for p in group["params"] if p.requires_grad]
+                init_missing_state(trained, [self.state[p] for p in trained], group["amsgrad"], group["capturable"])
 
     @property
     def mask_kind(self) -> str:
@@ -305,7 +306,7 @@ class MaskedAdamW(Optimizer):
         self._rng_bases, self._rng_lanes, self._rng_groups, self._sharded = {}, {}, 0, False
         self._verified = {}
         self.__dict__.setdefault("sync_seed", True)  # pickled before the flag existed
-        # Unpickled: the seed is a given one; torch's load_state_dict (which calls this too) keeps them.
+        # Pickled before these existed: a given seed; torch's load_state_dict (which calls this too) keeps them.
         self.__dict__.setdefault("_seed_drawn", False)
         self.__dict__.setdefault("_seed_agreed", not self.sync_seed)
         for group in self.param_groups:

@@ -33,6 +33,8 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
         philox.check_seed(saved.get("seed"))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
+    if not isinstance(saved.get("seed_drawn", False), bool):
+        raise TypeError(f"state_dict['childopt']['seed_drawn'] must be a bool, got {saved['seed_drawn']!r}")
     saved_storage = saved.get("storage", "dense")
     if saved_storage != storage:
         raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "

@@ -69,15 +69,15 @@ def check_gradient(p: torch.Tensor, grad: torch.Tensor, describe) -> None:
                          "both must be sharded alike")
 
 
-def shard_like(value: torch.Tensor, p: torch.Tensor, label: str) -> torch.Tensor:
+def shard_like(value: torch.Tensor, p: torch.Tensor, label: str, what: str = "mask") -> torch.Tensor:
     """``value`` (a full tensor of ``p``'s shape, or a DTensor placed as ``p``) as a DTensor like ``p``.
 
     A full tensor is cut to this rank's rows locally (no communication): every rank must pass
-    the same full tensor, as each keeps only its own shard.
+    the same full tensor, as each keeps only its own shard.  ``what`` names ``value`` in errors.
     """
     if is_dtensor(value):
         if value.placements != p.placements or value.device_mesh != p.device_mesh:
-            raise ValueError(f"mask for {label} is a DTensor placed as {tuple(value.placements)}; expected the "
+            raise ValueError(f"{what} for {label} is a DTensor placed as {tuple(value.placements)}; expected the "
                              f"parameter's placement {tuple(p.placements)}")
         return value.clone()
     start = element_offset(p, lambda _: label)

@@ -156,3 +156,29 @@ def fisher_masks(wrap, to_full) -> dict:
     masks = fisher_mask(model, batches, 0.4, include=None, progress=False, backend="reference",
                         loss_fn=lambda m, batch: 40 * torch.nn.functional.cross_entropy(m(batch[0]), batch[1]))
     return {name: to_full(mask) for name, mask in masks.items()}
+
+
+class _Branches(torch.nn.Module):
+    """A trunk and two heads; a batch goes through one head (as a MoE expert or an optional head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x, head):
+        return getattr(self, head)(self.trunk(x)).sum()
+
+
+def fisher_passes(wrap, to_full) -> dict:
+    """FisherAccumulator over three passes, the third through the other head: passes counted and scores."""
+    from childopt.fisher import FisherAccumulator
+
+    torch.manual_seed(0)
+    model = _Branches()
+    wrap(model)
+    gen = torch.Generator().manual_seed(2)
+    with FisherAccumulator(model, include=r"^(a|b)\.", backend="reference") as fisher:
+        for head in ("a", "a", "b"):
+            model(torch.randn(4, 6, generator=gen), head).backward()
+            model.zero_grad()
+    return {"num_seen": fisher.num_seen, **{name: to_full(score) for name, score in fisher.scores().items()}}

@@ -37,7 +37,7 @@ def main(out: str, backends: list, phase: str) -> None:
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t.clone()
 
-    report = {"results": {}, "resumed": {}, "clipped": {}}
+    report = {"results": {}, "resumed": {}, "clipped": {}, "from_plain": {}}
     for backend in backends:
         for name in scenarios.SCENARIOS:
             module, opt = scenarios.build(name, backend, shard)
@@ -46,6 +46,15 @@ def main(out: str, backends: list, phase: str) -> None:
             report["clipped"][name, backend] = scenarios.clip(*scenarios.build(name, backend, shard), shard, full)
             if name in CHECKPOINTED and phase == "save":
                 dcp.save(get_optimizer_state_dict(module, opt), checkpoint_id=os.path.join(out, f"{name}-{backend}"))
+        for name in CHECKPOINTED:  # a full state dict from one process (torch.save), loaded into shards
+            plain_module, plain_opt = scenarios.build(name, backend, lambda t: t.clone())
+            scenarios.train(plain_module, plain_opt, lambda g: g)
+            module, opt = scenarios.build(name, backend, shard)
+            scenarios.train(module, opt, shard)
+            opt = scenarios.SCENARIOS[name](list(module.named_parameters()), backend)
+            opt.load_state_dict(plain_opt.state_dict())
+            scenarios.train(module, opt, shard, start=scenarios.STEPS, steps=1)
+            report["from_plain"][name, backend] = scenarios.collect(module, opt, full)
         for name in CHECKPOINTED if phase == "load" else ():
             module, opt = scenarios.build(name, backend, shard)
             scenarios.train(module, opt, shard)  # the parameters as the saving run left them
@@ -58,6 +67,7 @@ def main(out: str, backends: list, phase: str) -> None:
             report["resumed"][name, backend] = scenarios.collect(module, opt, full)
     report["selections"] = scenarios.selections(shard, full)
     report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full)
+    report["fisher_passes"] = scenarios.fisher_passes(lambda model: fully_shard(model, mesh=mesh), full)
     report["ddp"] = _ddp_runs()
     report["seeds"] = _agreed_seeds(shard)
     report["errors"] = _bad_inputs(mesh, shard)

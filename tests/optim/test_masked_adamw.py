@@ -347,6 +347,16 @@ def test_deepcopy_and_pickle_keep_the_mask_stream():
         assert torch.equal(clone_params_[0], params[0])
 
 
+def test_a_mask_initialises_the_state_of_trained_parameters_only():
+    """DCP needs the state complete once any exists; a frozen parameter gets none (8 B per element saved)."""
+    trained, frozen = make_params([(6,), (1000,)])
+    frozen.requires_grad_(False)
+    opt = MaskedAdamW([trained, frozen], mask={trained: torch.ones(6, dtype=torch.bool)}, seed=0)
+    assert opt.state[trained]["step"].item() == 0 and opt.state[trained]["exp_avg"].shape == (6,)
+    assert not opt.state[frozen]
+    assert opt.state_bytes() == 6 + 4 + 2 * 6 * 4  # mask, step, two fp32 moments
+
+
 def test_sync_seed_must_be_a_bool():
     with pytest.raises(TypeError, match="sync_seed must be a bool, got 'no'"):
         MaskedAdamW(make_params([(3,)]), sync_seed="no")

@@ -6,6 +6,7 @@ load (state, groups, mask kind, seed) and still loads the valid dict and steps.
 """
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -153,3 +154,28 @@ def test_groups_that_carry_different_childopt_entries_are_refused():
     state_dict["param_groups"].append(dict(state_dict["param_groups"][0], childopt={"seed": 1}))
     with pytest.raises(ValueError, match="carry different 'childopt' entries"):
         opt.load_state_dict(state_dict)
+
+
+def test_a_copy_that_torch_adamw_stepped_with_is_foreign():
+    """torch's AdamW keeps unknown group keys, so a MaskedAdamW's group copy of ``"childopt"`` rides
+    along; once AdamW has stepped, the stamp no longer matches and this optimizer's own settings stay."""
+    params = make_params(SHAPES)
+    source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=4, backend="reference")
+    train(source, params, 2)
+    adamw = torch.optim.AdamW(params, lr=1e-2)
+    adamw.load_state_dict(source.state_dict())
+    train(adamw, params, 1, start=2)
+    target = MaskedAdamW(params, lr=1e-2, seed=77, backend="reference")
+    target.load_state_dict(adamw.state_dict())
+    assert (target.mask_kind, target.seed) == ("none", 77)
+    assert all(target.state[p]["step"].item() == 3 for p in params)
+
+
+def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
+    """A drawn seed is replaced by rank 0's at the first step; a copy must still know it was drawn."""
+    opt = MaskedAdamW(make_params(SHAPES), mask="bernoulli", reserve_p=0.5, backend="reference")
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone._seed_drawn and clone.seed == opt.seed
+    loaded = MaskedAdamW(make_params(SHAPES), seed=5, backend="reference")
+    loaded.load_state_dict(opt.state_dict())
+    assert loaded._seed_drawn and loaded.seed == opt.seed

@@ -76,6 +76,16 @@ def test_clip_grad_norm_measures_the_child_network_across_shards(reports, world)
             torch.testing.assert_close(got[key], value, rtol=rtol, atol=1e-7, msg=f"{what}: {key}")
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_one_process_state_dict_loads_into_shards(reports, world):
+    """A full state dict (torch.save of one process): each rank keeps its rows of every moment."""
+    loaded = reports[world]["from_plain"]
+    assert loaded
+    for (name, backend), got in loaded.items():
+        expected = scenarios.run(name, backend, steps=scenarios.STEPS + 1)
+        _assert_bit_identical(got, expected, f"{name} on {backend}, one process's state at {world} ranks")
+
+
 @pytest.mark.parametrize("world", [1, 3])
 def test_a_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(reports, world):
     resumed = reports[world]["resumed"]
@@ -89,10 +99,7 @@ def test_a_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(reports, 
 def test_global_layer_and_tensor_selection_of_sharded_scores_is_the_one_process_mask(reports, world):
     """Histograms and tie counts summed over the ranks: the same exact count and tie order."""
     expected = scenarios.selections(lambda t: t.clone(), lambda t: t.clone())
-    got = reports[world]["selections"]
-    assert got.keys() == expected.keys()
-    for key, mask in expected.items():
-        assert torch.equal(got[key], mask), f"{key} at world size {world}"
+    _assert_bit_identical(reports[world]["selections"], expected, f"selection at world size {world}")
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -100,10 +107,16 @@ def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
     """Scores accumulate on each rank's shards (clip norms reduced over them); at 2 ranks the
     averaged gradient of equal batches is exact, so the scores, and the mask, are bit-identical."""
     expected = scenarios.fisher_masks(lambda model: None, lambda t: t.clone())
-    got = reports[world]["fisher"]
-    assert got.keys() == expected.keys()
-    for name, mask in expected.items():
-        assert torch.equal(got[name], mask), f"{name} at world size {world}"
+    _assert_bit_identical(reports[world]["fisher"], expected, f"fisher_mask at world size {world}")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fisher_under_fsdp2_counts_passes_that_skip_a_scored_head(reports, world):
+    """Passes are told apart by their backward, not by which parameters they reach."""
+    expected = scenarios.fisher_passes(lambda model: None, lambda t: t.clone())
+    got = reports[world]["fisher_passes"]
+    assert got.pop("num_seen") == expected.pop("num_seen") == 3
+    _assert_bit_identical(got, expected, f"Fisher scores at world size {world}")
 
 
 @pytest.mark.parametrize("world", [2, 3])
