@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from childopt import sparse
+
 
 @dataclass
 class ChildNetworkHookState:
@@ -44,7 +46,7 @@ class ChildNetworkHookState:
         if "indices" in state:
             return state["indices"].to(torch.int64)
         if "mask" in state:
-            return state["mask"].reshape(-1).nonzero().reshape(-1)
+            return sparse.indices_from_mask(state["mask"]).to(torch.int64)
         return torch.arange(p.numel(), device=p.device)
 
 

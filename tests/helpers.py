@@ -1,6 +1,10 @@
 """Shared test helpers: deterministic parameters, gradients and training loops."""
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from childopt import philox
@@ -81,3 +85,22 @@ def capture_step(opt, warmup=3):
     with torch.cuda.graph(graph):
         opt.step()
     return graph
+
+
+TORCHRUN_TIMEOUT_S = 300
+
+
+def torchrun(world: int, *args: str) -> str:
+    """Run ``args`` (a script or ``-m module`` and its arguments) under torchrun on CPU; its stdout.
+
+    A subprocess under a timeout, so a hung collective fails the test instead of stalling CI; a
+    non-zero exit fails it with the end of stderr.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"{world} ranks hung for {TORCHRUN_TIMEOUT_S} s:\n{(timeout.stderr or b'')[-4000:]}")
+    assert done.returncode == 0, f"{world} ranks failed:\n{done.stderr[-6000:]}"
+    return done.stdout

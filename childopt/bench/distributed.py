@@ -46,9 +46,9 @@ def _full_mask(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(p.shape, generator=gen) < RESERVE_P  # the same full mask on every rank
 
 
-def _median_step_ms(opt: MaskedAdamW, warmup: int, steps: int) -> float:
+def _median_step_ms(opt: MaskedAdamW, warmup: int, steps: int, after_warmup=lambda: None) -> float:
     time_calls(opt.step, warmup)
-    dist.barrier()
+    after_warmup()
     return 1e3 * statistics.median(time_calls(opt.step, steps))
 
 
@@ -66,7 +66,7 @@ def step_rows(size: str, warmup: int, steps: int) -> list[dict]:
             shard.grad = distribute_tensor(p.grad, mesh, [Shard(0)], src_data_rank=None)
             sharded.append(shard)
         opt = _optimizer(sharded, mode)
-        sharded_ms = _median_step_ms(opt, warmup, steps)
+        sharded_ms = _median_step_ms(opt, warmup, steps, after_warmup=dist.barrier)  # timed together
         state = torch.tensor([opt.state_bytes()], dtype=torch.int64)
         per_rank = [torch.zeros_like(state) for _ in range(world)]
         dist.all_gather(per_rank, state)
@@ -77,8 +77,7 @@ def step_rows(size: str, warmup: int, steps: int) -> list[dict]:
             threads = torch.get_num_threads()
             for count in sorted({threads, world * threads}):
                 torch.set_num_threads(count)
-                time_calls(alone.step, warmup)
-                one_ms[count] = 1e3 * statistics.median(time_calls(alone.step, steps))
+                one_ms[count] = _median_step_ms(alone, warmup, steps)
             torch.set_num_threads(threads)
             one_state = alone.state_bytes()
             del alone

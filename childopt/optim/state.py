@@ -9,6 +9,8 @@ parameter state.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from childopt import sparse
@@ -24,13 +26,10 @@ def init_state(p: torch.Tensor, state: dict, amsgrad: bool, capturable: bool) ->
     saves and reshards them); its step stays a plain tensor, as torch's AdamW keeps it.
     """
     if sharding.is_dtensor(p):
-        def zeros():
-            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        zeros = partial(torch.zeros_like, p, dtype=torch.float32, memory_format=torch.contiguous_format)
     else:
         shape = state["indices"].shape if "indices" in state else p.shape
-
-        def zeros():
-            return torch.zeros(shape, dtype=torch.float32, device=p.device)
+        zeros = partial(torch.zeros, shape, dtype=torch.float32, device=p.device)
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
     state["exp_avg"] = zeros()
     state["exp_avg_sq"] = zeros()

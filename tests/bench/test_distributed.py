@@ -3,23 +3,18 @@
 Timing is reported, never asserted; the state per rank and the bytes are counts, so they are.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 
 
 def test_two_ranks_hold_half_the_state_and_the_hook_sends_reserve_p_of_the_bytes(tmp_path):
     out = tmp_path / "rows.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "childopt.bench.distributed", "--steps", "1", "--warmup", "0", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, start_new_session=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-6000:]
+    stdout = torchrun(2, "-m", "childopt.bench.distributed", "--steps", "1", "--warmup", "0", "--json", str(out))
     report = json.loads(out.read_text())
     assert {row["mode"] for row in report["rows"]} == {"dense 0.3 freeze", "bernoulli 0.3"}
     for row in report["rows"]:
@@ -28,4 +23,4 @@ def test_two_ranks_hold_half_the_state_and_the_hook_sends_reserve_p_of_the_bytes
         assert set(row["one_process_step_ms"]) == {"1", "2"}
     ddp = report["ddp"]
     assert ddp["ratio"] <= ddp["reserve_p"] * 1.01 and ddp["child_hook_bytes"] > 0
-    assert "| dense 0.3 freeze | 2 |" in done.stdout
+    assert "| dense 0.3 freeze | 2 |" in stdout

@@ -1,7 +1,7 @@
 """MaskedAdamW on DTensor shards (FSDP2's placement) at world sizes 1, 2 and 3, against one process.
 
 The workers (tests/optim/sharded_worker.py) run under ``torchrun`` with gloo on CPU, each launch
-under a timeout so a hung collective fails the test instead of stalling CI.  Fed the same
+under a timeout (tests.helpers.torchrun) so a hung collective fails instead of stalling CI.  Fed the same
 averaged gradients, every scenario (no mask, fixed masks, Bernoulli masks, ChildTuning-D/-F,
 amsgrad, capturable, a bf16 parameter) must leave parameters and moments bit-identical to the
 same run on plain tensors in this process: the oracle.  A distributed checkpoint saved at world
@@ -9,19 +9,17 @@ size 2 resumes at 1 and 3 exactly as the uninterrupted run continues.
 """
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from childopt import backends
+from tests.helpers import torchrun
 from tests.optim import sharded_scenarios as scenarios
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_worker.py")
-LAUNCH_TIMEOUT_S = 300
 
 
 def _backends() -> list:
@@ -30,15 +28,7 @@ def _backends() -> list:
 
 
 def _launch(world: int, out: str, phase: str) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", WORKER,
-               out, ",".join(_backends()), phase]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"world size {world} hung for {LAUNCH_TIMEOUT_S} s:\n{(timeout.stderr or b'')[-4000:]}")
-    assert done.returncode == 0, f"world size {world} failed:\n{done.stderr[-6000:]}"
+    torchrun(world, WORKER, out, ",".join(_backends()), phase)
     return torch.load(os.path.join(out, f"ws{world}.pt"), weights_only=False)
 
 
