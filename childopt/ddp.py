@@ -89,8 +89,34 @@ def register_child_network_hook(ddp_model, optimizer, process_group=None) -> Chi
         raise ValueError(f"the optimizer does not hold {missing[0]!r} of the DDP model; build it from "
                          "ddp_model.module's parameters")
     state = ChildNetworkHookState(optimizer, process_group)
+    group = process_group if process_group is not None else dist.group.WORLD
+    named = [(name, p) for name, p in ddp_model.module.named_parameters() if p.requires_grad]
+    selected = [state._selected(p) for _, p in named]
+    # Masks that differ between ranks would average different entries and drift the replicas.
+    name_of = lambda i: repr(named[i][0])  # noqa: E731
+    _check_same_on_every_rank([len(s) for s in selected], name_of, "child-network entries", group)
+    _check_same_on_every_rank([int(s.sum()) for s in selected], name_of, "child-network positions", group)
     ddp_model.register_comm_hook(state, child_network_hook)
     return state
+
+
+def _check_same_on_every_rank(values: list, name_of, what: str, group) -> None:
+    """Raise on every rank unless each rank holds the same ``values`` (one all-reduce of integers);
+    ``name_of(i)`` names entry ``i`` in the message."""
+    if not values:
+        return
+    mine = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    both = torch.cat([mine, -mine])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max over ranks, -min over ranks]
+    differs = (both[: len(values)] != -both[len(values):]).nonzero()
+    if len(differs):
+        raise ValueError(f"the ranks disagree on the {what} of {name_of(int(differs[0]))}: every rank must hold the "
+                         "same masks and gradients for the same parameters, as DDP requires")
+
+
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}  # others: 15
 
 
 def all_reduce_gradients(optimizer, process_group=None) -> int:
@@ -99,16 +125,21 @@ def all_reduce_gradients(optimizer, process_group=None) -> int:
     The gradients are the compact buffers of ``compact_grads=True`` parameters and ``.grad`` of
     the others, in the optimizer's parameter order, packed into one buffer per dtype, divided by
     the world size and summed (DDP's order, so the result equals DDP's on those entries).  Every
-    rank must have gradients for the same parameters, as under DDP.
+    rank must have gradients of the same size and dtype for the same parameters, as under DDP:
+    one small all-reduce checks it first, and a mismatch raises on every rank.
     """
     group = process_group if process_group is not None else dist.group.WORLD
     compact = optimizer.compact_gradients()
     by_dtype: dict = {}
-    for param_group in optimizer.param_groups:
-        for p in param_group["params"]:
-            grad = compact.get(p, p.grad)
-            if grad is not None:
-                by_dtype.setdefault((grad.device, grad.dtype), []).append(grad)
+    layout = []  # per parameter: no gradient (0), else its size and dtype, which every rank must share
+    params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+    for p in params:
+        grad = compact.get(p, p.grad)
+        layout.append(0 if grad is None else 1 + grad.numel() * 16 + _DTYPE_CODES.get(grad.dtype, 15))
+        if grad is not None:
+            by_dtype.setdefault((grad.device, grad.dtype), []).append(grad)
+    _check_same_on_every_rank(layout, lambda i: optimizer.describe(params[i]), "gradient (present, size, dtype)",
+                              group)
     sent = 0
     for grads in by_dtype.values():
         packed = torch.cat([g.reshape(-1) for g in grads])

@@ -8,6 +8,7 @@ flags) and ``torch.optim.AdamW`` state dicts (dense moments; this optimizer's ma
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -48,6 +49,10 @@ def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
     return state_dict
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def lift_extras(state_dict):
     """``state_dict`` with ``"childopt"`` at the top and groups without it, as torch's loader expects.
 
@@ -57,13 +62,23 @@ def lift_extras(state_dict):
     """
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
         return state_dict
+    if "childopt" in state_dict and not isinstance(state_dict["childopt"], Mapping):
+        raise ValueError(f"state_dict['childopt'] must be a dict (format, mask_kind, seed, storage), got "
+                         f"{type(state_dict['childopt']).__name__}")
     groups = state_dict["param_groups"]
     in_groups = [g["childopt"] for g in groups if isinstance(g, Mapping) and "childopt" in g]
     if not in_groups:
         return state_dict
+    for entry in in_groups:  # before comparing them: a tensor stamp has no truth value
+        if not isinstance(entry, Mapping) or not _finite_number(entry.get("steps_total", 0.0)):
+            raise ValueError(f"a param group's 'childopt' entry must be a dict whose 'steps_total' (the step count "
+                             f"it was saved at) is a finite number, got {entry!r}: the state_dict is corrupt")
     if any(entry != in_groups[0] for entry in in_groups) or len(in_groups) != len(groups):
         raise ValueError("the param groups of this state_dict carry different 'childopt' entries (format, "
                          "mask_kind, seed, storage): it merges state dicts of different optimizers")
+    if "steps_total" not in in_groups[0]:
+        raise ValueError(f"the param groups' 'childopt' entry has no 'steps_total' (the step count it was saved at), "
+                         f"got {in_groups[0]!r}: the state_dict is corrupt")
     lifted = dict(state_dict)
     lifted["param_groups"] = [{k: v for k, v in g.items() if k != "childopt"} for g in groups]
     stamped = dict(in_groups[0])

@@ -138,3 +138,6 @@ def _check_moment(value, key: str, label: str, shapes: set) -> None:
     if key in SQUARED_MOMENTS and value.numel() and not bool((value >= 0).all()):
         raise ValueError(f"saved {key!r} for {label} has negative or NaN entries; a second moment is a "
                          "running mean of squares (>= 0)")
+    if value.numel() and not bool(torch.isfinite(value).all()):  # a DTensor: all ranks judge the whole
+        raise ValueError(f"saved {key!r} for {label} has inf or NaN entries; the next step would make the "
+                         "parameter NaN")

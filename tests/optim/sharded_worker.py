@@ -158,6 +158,8 @@ def _bad_inputs(mesh, shard) -> dict:
                                                            seed=5 + dist.get_rank()),
         "ZeRO-style replaced params": _replaced_params,
         "child-network hook on a Bernoulli mask": _hook_on_bernoulli,
+        "child-network hook on masks that differ between ranks": _hook_on_rank_masks,
+        "all_reduce_gradients with gradients on other parameters": _gradients_on_rank_params,
     }
     errors = {}
     for case, call in cases.items():
@@ -191,6 +193,25 @@ def _hook_on_bernoulli():
     model = torch.nn.Linear(3, 2)
     register_child_network_hook(DistributedDataParallel(model), MaskedAdamW(model.parameters(), mask="bernoulli",
                                                                           reserve_p=0.5, seed=1))
+
+
+def _hook_on_rank_masks():
+    from torch.nn.parallel import DistributedDataParallel
+
+    from childopt.ddp import register_child_network_hook
+
+    model = torch.nn.Linear(4, 3)
+    mask = {"weight": torch.arange(12).view(3, 4) % (2 + dist.get_rank()) == 0}  # a different mask per rank
+    register_child_network_hook(DistributedDataParallel(model),
+                                MaskedAdamW(model.named_parameters(), mask=mask, seed=1, backend="reference"))
+
+
+def _gradients_on_rank_params():
+    from childopt.ddp import all_reduce_gradients
+
+    params = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(5))]
+    params[dist.get_rank() % 2].grad = torch.ones(5)  # rank 0 has a's gradient, rank 1 c's
+    all_reduce_gradients(MaskedAdamW(params, seed=1, backend="reference"))
 
 
 def _replaced_params():

@@ -33,6 +33,15 @@ def _drop_extras(state_dict):
         group.pop("childopt")
 
 
+def _stamp_groups(state_dict, stamp):
+    """Only the groups' copy of ``"childopt"`` left, with ``steps_total`` set to ``stamp`` (None: removed)."""
+    state_dict.pop("childopt")
+    for group in state_dict["param_groups"]:
+        group["childopt"] = {k: v for k, v in group["childopt"].items() if k != "steps_total"}
+        if stamp is not None:
+            group["childopt"]["steps_total"] = stamp
+
+
 def _set(key, value, param=0):
     def corrupt(sd):
         sd["state"][param][key] = value(sd["state"][param]) if callable(value) else value
@@ -53,6 +62,14 @@ def _extras(key, value):
 
 NAMED = "param_groups\\[0\\]\\['params'\\]\\[0\\] \\(shape \\(6, 4\\)\\)"
 CORRUPTIONS = [
+    ("dense", _set("exp_avg", lambda s: torch.full_like(s["exp_avg"], float("nan"))), ValueError,
+     "'exp_avg' for .* has inf or NaN entries"),
+    ("dense", _set("exp_avg_sq", lambda s: torch.full_like(s["exp_avg_sq"], float("inf"))), ValueError,
+     "'exp_avg_sq' for .* has inf or NaN entries"),
+    ("dense", lambda sd: sd.__setitem__("childopt", None), ValueError, "state_dict\\['childopt'\\] must be a dict"),
+    ("dense", lambda sd: _stamp_groups(sd, float("nan")), ValueError, "'steps_total' .* is a finite number"),
+    ("dense", lambda sd: _stamp_groups(sd, torch.tensor([1.0, 2.0])), ValueError, "'steps_total' .* is a finite number"),
+    ("dense", lambda sd: _stamp_groups(sd, None), ValueError, "has no 'steps_total'"),
     ("dense", _set("step", torch.tensor(-5.0)), ValueError, f"'step' for {NAMED} must be in \\[0.0, inf\\), got -5"),
     ("dense", _set("step", torch.tensor(math.nan)), ValueError, "'step' .* must be in \\[0.0, inf\\), got nan"),
     ("dense", _set("step", 2.5), ValueError, "'step' .* must be a whole number, got 2.5"),

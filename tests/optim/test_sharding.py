@@ -148,6 +148,9 @@ BAD_INPUTS = {
     "seed differing between ranks": ("ValueError", "seed differs between ranks \\(rank 0: 5, rank 1: 6"),
     "ZeRO-style replaced params": ("RuntimeError", "DeepSpeed ZeRO.*FSDP2"),
     "child-network hook on a Bernoulli mask": ("ValueError", "needs a fixed mask.*'bernoulli'"),
+    "child-network hook on masks that differ between ranks": ("ValueError", "disagree on the child-network .* 'weight'"),
+    "all_reduce_gradients with gradients on other parameters": ("ValueError",
+                                                               "disagree on the gradient .* param_groups\\[0\\]"),
 }
 
 
