@@ -65,7 +65,8 @@ def apportion(reserve_p: float, sizes: list[int]) -> list[int]:
     return counts
 
 
-def _scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], Hashable]]) -> list[int]:
+def scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], Hashable]]) -> list[int]:
+    """The scope number of each name: all 0 (global), one per layer key in order of appearance, or one per tensor."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global":
@@ -201,20 +202,20 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
     if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0.0 <= reserve_p <= 1.0:
         raise ValueError(f"reserve_p must be in [0, 1], got {reserve_p!r}")
     names, tensors, shards = _check_scores(scores)
-    scope_ids = _scope_ids(names, scope, layer_of)
-    sizes = [0] * (max(scope_ids) + 1)
-    for t, s in zip(tensors, scope_ids):
+    scope_of = scope_ids(names, scope, layer_of)
+    sizes = [0] * (max(scope_of) + 1)
+    for t, s in zip(tensors, scope_of):
         sizes[s] += t.numel()
     ks = apportion(reserve_p, sizes)
     dtype = _key_dtype(tensors)
     local = shards.local(tensors)
     flat = [t.detach().reshape(-1).to(dtype).contiguous() for t in local]
-    thresholds = _thresholds(*_radix_passes(flat, scope_ids, len(ks), backend, shards), ks)
-    ties = torch.stack([(f == thresholds[s][0]).sum() for f, s in zip(flat, scope_ids)]).tolist()
+    thresholds = _thresholds(*_radix_passes(flat, scope_of, len(ks), backend, shards), ks)
+    ties = torch.stack([(f == thresholds[s][0]).sum() for f, s in zip(flat, scope_of)]).tolist()
     full_ties, ties_before = shards.ties_before(ties)
     budgets = [r for _, r in thresholds]
     masks = {}
-    for i, (name, t, f, s) in enumerate(zip(names, tensors, flat, scope_ids)):
+    for i, (name, t, f, s) in enumerate(zip(names, tensors, flat, scope_of)):
         tau = thresholds[s][0]
         take_in_tensor = min(full_ties[i], budgets[s])
         budgets[s] -= take_in_tensor

@@ -1,7 +1,7 @@
 """Multi-tensor masked AdamW in Triton: one launch steps a whole bucket of tensors.
 
 Semantics: the element update of ``childopt.backends.contract`` (AdamW in fp32 with mask kinds
-none / dense / Bernoulli, freeze or zero-grad, amsgrad, maximize, decay before or after); the
+none / dense / Bernoulli / importance, freeze or zero-grad, amsgrad, maximize, decay before or after); the
 scalars, the Philox base and the step of each tensor are its float64 row of ``scalars``.
 
 Layout: see childopt.kernels.multi_tensor (base pointer + int64 element offsets per tensor,
@@ -9,7 +9,8 @@ chunks of ``BLOCK * ITERS`` elements).  All indexing is int64.
 
 Bytes per element (fp32, one step): p, g, m, v read + p, m, v written = 28; +1 for a uint8
 dense mask; Bernoulli masks cost no bytes (Philox in registers, one call per 4 elements);
-+8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
+importance masks 1 (a uint8 level code, read as the dense mask is, then its threshold and
+``1 / p`` from the 4 KB level table, which stays in cache); +8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
 traffic stays 28 B so that accesses vectorise (skipping them only pays for very sparse masks,
 which sparse-index storage serves).  Blocks wholly inside a tensor run unpredicated; only a
 tensor's last block masks its loads (the dense mask's included).
@@ -39,12 +40,14 @@ COL_P, COL_G, COL_M, COL_V, COL_VMAX, COL_MASK, COL_NUMEL = (tl.constexpr(i) for
 TABLE_COLS = tl.constexpr(7)
 KIND_DENSE = tl.constexpr(int(MaskKind.DENSE))
 KIND_BERNOULLI = tl.constexpr(int(MaskKind.BERNOULLI))
+KIND_IMPORTANCE = tl.constexpr(int(MaskKind.IMPORTANCE))
+LEVEL_COUNT = tl.constexpr(256)  # childopt.importance.LEVEL_COUNT: thresholds, then 1 / p, in ``levels``
 
 
 @triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi"])
 def masked_adamw_kernel(
     p_base, g_base, m_base, v_base, vmax_base, mask_base,
-    table, chunk_tensor, chunk_start, scalars,
+    table, chunk_tensor, chunk_start, scalars, levels,
     keep_threshold, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, FREEZE: tl.constexpr, AMSGRAD: tl.constexpr,
     P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, MASK_ALIGN: tl.constexpr,
@@ -64,7 +67,9 @@ def masked_adamw_kernel(
     mask_ptr = mask_base + tl.multiple_of(tl.load(row + COL_MASK), MASK_ALIGN if MASK_ALIGN < 4 else 4)
     (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
      grad_sign, lerp_from_start) = load_step_scalars(scalars, tensor)
-    if MASK_KIND == KIND_BERNOULLI:
+    DRAWN: tl.constexpr = MASK_KIND == KIND_BERNOULLI or MASK_KIND == KIND_IMPORTANCE
+    CODED: tl.constexpr = MASK_KIND == KIND_DENSE or MASK_KIND == KIND_IMPORTANCE  # a byte per element
+    if DRAWN:
         scalar_row = scalars + tensor * NUM_STEP_SCALARS
         rng_base = tl.load(scalar_row + COL_RNG_BASE).to(tl.int64)
         step = tl.load(scalar_row + COL_STEP).to(tl.int64)
@@ -77,7 +82,7 @@ def masked_adamw_kernel(
         first = start + it * BLOCK
         offs = first + tl.arange(0, BLOCK).to(tl.int64)
         inb = offs < numel
-        if MASK_KIND == KIND_BERNOULLI:
+        if DRAWN:
             group = rng_base + first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
             w0, w1, w2, w3 = philox4x32_10(
                 (group & 0xFFFFFFFF).to(tl.uint32), (group >> 32).to(tl.uint32), ctr2, ctr3, key0, key1
@@ -86,22 +91,44 @@ def masked_adamw_kernel(
             keep = words.to(tl.int64) < keep_threshold
         else:
             keep = inb  # unused (MASKED is off), or replaced by the dense mask's bytes below
+            words = offs  # unused
         if first + BLOCK <= numel:
-            if MASK_KIND == KIND_DENSE:  # unpredicated: 4 mask bytes per 32-bit load
-                keep = tl.load(mask_ptr + offs) != 0
+            if CODED:  # unpredicated: 4 mask bytes per 32-bit load
+                keep, scale = _decide(tl.load(mask_ptr + offs), keep, words, levels, grad_scale, MASK_KIND, FREEZE)
+            else:
+                scale = grad_scale
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                        grad_scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
+                        scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
         elif first < numel:
-            if MASK_KIND == KIND_DENSE:
-                keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+            if CODED:
+                keep, scale = _decide(tl.load(mask_ptr + offs, mask=inb, other=0), keep, words, levels, grad_scale,
+                                      MASK_KIND, FREEZE)
+            else:
+                scale = grad_scale
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                        grad_scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)
+                        scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)
+
+
+@triton.jit
+def _decide(code, keep, words, levels, grad_scale, MASK_KIND: tl.constexpr, FREEZE: tl.constexpr):
+    """Keep decisions and gradient scale of a block from its mask bytes (dense) or level codes (importance)."""
+    if MASK_KIND == KIND_DENSE:
+        return code != 0, grad_scale
+    level = code.to(tl.int32)
+    keep = words.to(tl.int64) < tl.load(levels + level).to(tl.int64)
+    if FREEZE:
+        return keep, grad_scale
+    # the unbiased estimate: kept gradients times 1 / p of their level
+    return keep, grad_scale * tl.load(levels + LEVEL_COUNT + level).to(tl.float32)
 
 
 def launch_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, masks=None) -> dict:
-    """The six tensor lists a launch addresses; absent ones alias exp_avg_sqs (never read)."""
+    """The six tensor lists a launch addresses; absent ones alias exp_avg_sqs (never read).
+
+    ``masks``: bool masks (dense kind) or uint8 level codes (importance kind), read as bytes.
+    """
     masks = [m.view(torch.uint8) for m in masks] if masks is not None else None
     return {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
             "max_exp_avg_sqs": max_exp_avg_sqs or exp_avg_sqs, "masks": masks or exp_avg_sqs}
@@ -117,14 +144,17 @@ def make_plan(lists: dict, *, block: int = multi_tensor.DEFAULT_BLOCK,
 
 
 def launch(plan: multi_tensor.Plan, lists: dict, scalars: torch.Tensor, *, mask_kind: int, freeze: bool,
-           amsgrad: bool, keep_threshold: int = 1, seed: int = 0) -> None:
-    """Run one masked AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows."""
+           amsgrad: bool, keep_threshold: int = 1, seed: int = 0, levels=None) -> None:
+    """Run one masked AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows.
+
+    ``levels``: the importance kind's level table (childopt.importance.level_table), else unused.
+    """
     n_chunks = plan.chunk_tensor.numel()
     if n_chunks == 0:
         return
     masked_adamw_kernel[(n_chunks,)](
         *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start, scalars,
-        keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+        levels if levels is not None else scalars, keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
         MASK_KIND=mask_kind, FREEZE=mask_kind != 0 and freeze, AMSGRAD=amsgrad,
         P_ALIGN=plan.aligns[0], G_ALIGN=plan.aligns[1], S_ALIGN=plan.aligns[2], MASK_ALIGN=plan.aligns[3],
         BLOCK=plan.block, ITERS=plan.iters,

@@ -23,7 +23,8 @@ KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 class TensorLists:
     """The tensors of one bucket; all contiguous, state in fp32, one device.
 
-    ``masks`` (bool, one per param) is set for the dense kind, ``max_exp_avg_sqs`` under amsgrad.
+    ``masks`` (one per param) is set for the dense kind (bool) and the importance kind (uint8
+    level codes), ``max_exp_avg_sqs`` under amsgrad.
     """
 
     params: list[torch.Tensor]
@@ -71,8 +72,8 @@ class Backend:
         seed_lo, seed_hi = mask.seed_words
         self._op("adamw_step")(
             tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs or [],
-            tensors.masks if mask.kind == MaskKind.DENSE else [], scalars, int(mask.kind), mask.freeze,
-            tensors.max_exp_avg_sqs is not None, mask.keep_threshold, seed_lo, seed_hi,
+            tensors.masks if mask.kind in (MaskKind.DENSE, MaskKind.IMPORTANCE) else [], scalars, int(mask.kind),
+            mask.freeze, tensors.max_exp_avg_sqs is not None, mask.keep_threshold, seed_lo, seed_hi, mask.levels,
         )
 
     def sparse_adamw_step(self, tensors: SparseTensorLists, scalars: torch.Tensor) -> None:

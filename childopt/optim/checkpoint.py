@@ -91,7 +91,7 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
     """Rebuild the state of ``p`` from its saved entry after torch's ``load_state_dict``.
 
     The entry was checked (childopt.optim.saved_state).  torch casts floating state to the
-    parameter's dtype; here moments stay fp32 and masks bool; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
+    parameter's dtype; here moments stay fp32, masks bool and importance draws as saved; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
     (``kept``), and its dense moments are gathered onto them.
     """
     state = optimizer.state[p]
@@ -110,6 +110,8 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
     if "step" in saved:
         state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32,
                                      device=p.device if capturable else "cpu")
+    if "importance" in saved:  # torch cast it to the parameter's dtype: the saved codes or mask, as saved
+        state["importance"] = saved["importance"].detach().to(device=p.device, copy=True).contiguous()
     if "mask" in saved:
         state["mask"] = params.resolve_masks(optimizer.param_groups, {p: saved["mask"]})[p]
     elif foreign and "mask" in kept:
@@ -133,6 +135,10 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
     saved_ids = check_state_dict(optimizer, state_dict)
     saved_extras = state_dict.get("childopt")
+    if saved_extras is not None and saved_extras["mask_kind"] == MaskKind.IMPORTANCE.label \
+            and optimizer._importance_config is None:
+        raise ValueError("this state_dict was saved with mask='importance'; construct the optimizer with the same "
+                         "mask (its Importance configuration is not saved) to load it")
     kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
     torch_load(state_dict)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
@@ -147,6 +153,8 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
             (compact.register if "indices" in optimizer.state[p] else compact.unregister)(p)
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
+        if optimizer._mask_kind != MaskKind.IMPORTANCE:
+            optimizer._importance = optimizer._importance_config = None
         optimizer.seed = philox.check_seed(saved_extras["seed"])
         optimizer._seed_drawn = bool(saved_extras.get("seed_drawn", False))
         optimizer._seed_agreed = not optimizer.sync_seed  # ranks must hold the same seed again

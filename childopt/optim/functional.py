@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from childopt import backends, philox
+from childopt import backends, importance, philox
 from childopt.backends import Backend, SparseTensorLists, TensorLists
 from childopt.backends.contract import STEP_SCALAR_FIELDS, MaskKind, MaskSpec
 from childopt.optim import philox_lanes
@@ -60,8 +60,8 @@ def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: floa
 def _tensor_kind(i: int, masks, indices, compact_grads, mask_kind: MaskKind, reserve_p: float):
     if indices[i] is not None:
         return ("sparse", indices[i].dtype, compact_grads[i])
-    if masks[i] is not None:
-        return MaskKind.DENSE
+    if masks[i] is not None:  # importance: uint8 level codes; a fixed or an exact-size drawn mask: bool
+        return MaskKind.IMPORTANCE if masks[i].dtype == torch.uint8 else MaskKind.DENSE
     if mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0:
         return MaskKind.BERNOULLI
     return MaskKind.NONE
@@ -74,7 +74,8 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
                  rule: str = "adamw", capturable: bool = False, rng_lanes: Optional[list] = None) -> None:
     """One masked AdamW step over parallel lists (one entry per parameter that has a gradient).
 
-    ``masks[i]``: the bool mask of a dense-storage parameter with a fixed mask, else None;
+    ``masks[i]``: the bool mask of a dense-storage parameter with a fixed (or exact-size drawn) mask,
+    its uint8 importance level codes (childopt.importance), else None;
     ``indices[i]``: the selected flat indices of a sparse-storage parameter, else None (its
     moments are then compact); ``compact_grads[i]``: its gradient is ``grad[indices]``.
     ``mask_kind`` is the optimizer's kind (Bernoulli applies to every tensor of a group with
@@ -128,9 +129,12 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
                                                      indices=[indices[i] for i in members],
                                                      compact_grads=kind[2], **moments), rows)
         else:
+            held = kind in (MaskKind.DENSE, MaskKind.IMPORTANCE)
             impl.adamw_step(TensorLists(params=work, grads=bucket_grads, **moments,
-                                        masks=[masks[i] for i in members] if kind == MaskKind.DENSE else None),
-                            rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold))
+                                        masks=[masks[i] for i in members] if held else None),
+                            rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold,
+                                           levels=importance.level_table(device) if kind == MaskKind.IMPORTANCE
+                                           else None))
         for i, w in zip(members, work):
             if w is not params[i]:
                 params[i].copy_(w)

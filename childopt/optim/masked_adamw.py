@@ -12,7 +12,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from childopt import backends, philox, sparse
 from childopt.backends.contract import MaskKind
-from childopt.optim import checkpoint, params, sharding, validation
+from childopt.optim import checkpoint, importance_mask, params, sharding, validation
 from childopt.optim.functional import masked_adamw
 from childopt.optim.state import (LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient,
                                    with_gradients)
@@ -30,11 +30,16 @@ class MaskedAdamW(Optimizer):
             of its shape (a fixed child network, Child-Tuning-D; parameters without an entry
             train fully), or ``"bernoulli"`` (Child-Tuning-F: each step each element is kept
             with probability ``reserve_p``, drawn in-kernel from Philox keyed by the seed, the
-            parameter's step and the element's global index; childopt.philox).
-        reserve_p: keep probability of the Bernoulli mask, in (0, 1].
+            parameter's step and the element's global index; childopt.philox), or ``"importance"``
+            / ``Importance(...)`` (each step each element is kept with a probability rising with
+            its importance, ``reserve_p`` in expectation per scope, drawn in the kernel from the
+            same stream; childopt.optim.importance_mask.Importance).
+        reserve_p: keep probability of the Bernoulli mask (the expected kept share of the
+            importance mask), in (0, 1].
         masked: ``"freeze"`` (dropped p, m, v stay bit-identical) or ``"zero_grad"`` (their
             gradient is zeroed, Bernoulli keeps scaled by ``1 / reserve_p``, as ChildTuning
-            publishes it); ``None``: freeze for dict masks, zero_grad for Bernoulli.
+            publishes it, importance keeps by ``1 / p_i``: an unbiased gradient estimate);
+            ``None``: freeze for dict masks, zero_grad for Bernoulli and importance.
         seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator.
         sync_seed: with torch.distributed initialised, the ranks of the default process group
             agree on the seed at the first Bernoulli step (``seed=None`` takes rank 0's; seeds
@@ -54,7 +59,7 @@ class MaskedAdamW(Optimizer):
     """
 
     _PICKLED = ("_backend_request", "_backend_exclude", "seed", "_mask_kind", "storage", "compact_grads", "sync_seed",
-                "_seed_drawn")
+                "_seed_drawn", "_importance_config")
     _RULE = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, mask=None,
@@ -89,6 +94,7 @@ class MaskedAdamW(Optimizer):
         self._verified: dict = {}  # group index -> the params list check_numbered last passed
         self._rng_groups = 0
         self._mask_kind = MaskKind.NONE
+        self._importance_config = self._importance = None
         super().__init__(params, defaults)
         self.set_mask(mask)
 
@@ -141,8 +147,13 @@ class MaskedAdamW(Optimizer):
         torch.distributed.checkpoint takes an optimizer with any state for one with all of it.
         """
         kind, new = params.parse_mask(self.param_groups, mask)
-        if self.storage == "sparse" and kind == MaskKind.BERNOULLI:
-            raise ValueError("storage='sparse' needs a fixed mask (a dict); a Bernoulli mask changes every step")
+        if self.storage == "sparse" and kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE):
+            raise ValueError(f"storage='sparse' needs a fixed mask (a dict); a {kind.label} mask changes every step")
+        sampler = self._make_sampler(new) if kind == MaskKind.IMPORTANCE else None
+        if kind == MaskKind.IMPORTANCE:
+            new = {}
+        for state in self.state.values():
+            state.pop("importance", None)  # a new mask draws anew
         changed = LAYOUTS[self.storage].store_masks(self.state, new, self._compact, self.describe)
         if kind != self._mask_kind:
             changed = [p for g in self.param_groups for p in g["params"]]
@@ -151,14 +162,22 @@ class MaskedAdamW(Optimizer):
                 for key in ("step", *MOMENT_KEYS):
                     self.state[p].pop(key, None)
         self._mask_kind = kind
+        self._importance = sampler
+        self._importance_config = sampler.config if sampler is not None else None
         if any(self.state.values()):  # of the parameters that can get a gradient, as DCP's own init step
             for group in self.param_groups:
                 trained = [p for p in group["params"] if p.requires_grad]
                 init_missing_state(trained, [self.state[p] for p in trained], group["amsgrad"], group["capturable"])
 
+    def _make_sampler(self, config) -> importance_mask.ImportanceSampler:
+        def resolve(scores, what):
+            return params.resolve_entries(self.param_groups, scores, what, importance_mask.check_scores)
+
+        return importance_mask.ImportanceSampler(config, self.param_groups, self.describe, resolve)
+
     @property
     def mask_kind(self) -> str:
-        """``"none"``, ``"dense"`` (dict mask) or ``"bernoulli"``."""
+        """``"none"``, ``"dense"`` (dict mask), ``"bernoulli"`` or ``"importance"``."""
         return self._mask_kind.label
 
     def backend_name(self, device=None) -> str:
@@ -184,7 +203,7 @@ class MaskedAdamW(Optimizer):
     def _masked_mode(self, group: dict) -> str:
         if group["masked"] is not None:
             return group["masked"]
-        return "zero_grad" if self._mask_kind == MaskKind.BERNOULLI else "freeze"
+        return "zero_grad" if self._mask_kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE) else "freeze"
 
     @_use_grad_for_differentiable  # torch's optimizers' graph breaks: AOT then sees an inference graph
     def step(self, closure=None):
@@ -198,7 +217,7 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_ready()
-        if self._mask_kind == MaskKind.BERNOULLI and not self._seed_agreed:
+        if self._mask_kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE) and not self._seed_agreed:
             self.seed = sharding.agree_seed(self.seed, self._seed_drawn)
             self._seed_agreed = True
         if self._compact is not None:
@@ -212,6 +231,11 @@ class MaskedAdamW(Optimizer):
             stepped, grads = with_gradients(group["params"], self._gradient)
             validation.check_steppable(stepped, grads, self.describe, self._sharded)
             work.append((group, stepped, grads))
+        if self._importance is None and self._importance_config is not None:  # unpickled: rebuild the sampler
+            self._importance = self._make_sampler(self._importance_config)
+        if self._importance is not None and not self._importance.config.uniform and self._importance.due(self.state):
+            self._importance.refresh(self.state, self.seed, self._rng_bases,
+                                     self._backend(self.param_groups[0]["params"][0].device).random_words)
         for group, stepped, grads in work:
             self._step_group(group, stepped, grads)
         if self._compact is not None:
@@ -233,11 +257,14 @@ class MaskedAdamW(Optimizer):
             unwrap(stepped), unwrap(grads), unwrap([s["exp_avg"] for s in states]),
             unwrap([s["exp_avg_sq"] for s in states]),
             unwrap([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else None, [s["step"] for s in states],
-            masks=unwrap([s.get("mask") for s in states]), indices=[s.get("indices") for s in states],
+            masks=unwrap([s.get("importance" if self._importance is not None else "mask") for s in states]),
+            indices=[s.get("indices") for s in states],
             compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
             rng_bases=[self._rng_bases[p] for p in stepped],
             rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
-            backend=self._backend, mask_kind=self._mask_kind,
+            backend=self._backend,
+            mask_kind=MaskKind.BERNOULLI if self._importance is not None and self._importance.config.uniform
+            else self._mask_kind,
             freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
@@ -306,6 +333,8 @@ class MaskedAdamW(Optimizer):
         self._rng_bases, self._rng_lanes, self._rng_groups, self._sharded = {}, {}, 0, False
         self._verified = {}
         self.__dict__.setdefault("sync_seed", True)  # pickled before the flag existed
+        self.__dict__.setdefault("_importance_config", None)
+        self._importance = None  # rebuilt from the config at the next step
         # Pickled before these existed: a given seed; torch's load_state_dict (which calls this too) keeps them.
         self.__dict__.setdefault("_seed_drawn", False)
         self.__dict__.setdefault("_seed_agreed", not self.sync_seed)

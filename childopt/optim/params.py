@@ -8,22 +8,29 @@ import torch
 
 from childopt.backends.contract import MaskKind
 from childopt.optim import sharding
+from childopt.optim.importance_mask import Importance
 
 
 def parse_mask(param_groups: list, mask) -> tuple[MaskKind, dict]:
-    """The kind of a ``mask=`` argument and its per-parameter masks (empty unless a dict)."""
+    """The kind of a ``mask=`` argument and its per-parameter masks (a dict), or its Importance config."""
     if mask is None:
         return MaskKind.NONE, {}
+    if isinstance(mask, Importance):
+        return MaskKind.IMPORTANCE, mask
     if isinstance(mask, str):
+        if mask == MaskKind.IMPORTANCE.label:
+            return MaskKind.IMPORTANCE, Importance()
         if mask != MaskKind.BERNOULLI.label:
-            raise ValueError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {mask!r}")
+            raise ValueError(f"mask must be None, 'bernoulli', 'importance', an Importance or a dict of bool tensors, "
+                             f"got {mask!r}")
         if all(g["reserve_p"] == 1.0 for g in param_groups):
             warnings.warn("mask='bernoulli' with reserve_p=1.0 in every group keeps every entry: "
                           "this trains like plain AdamW; pass reserve_p < 1", stacklevel=4)
         return MaskKind.BERNOULLI, {}
     if isinstance(mask, Mapping):
         return MaskKind.DENSE, resolve_masks(param_groups, mask)
-    raise TypeError(f"mask must be None, 'bernoulli' or a dict of bool tensors, got {type(mask).__name__}")
+    raise TypeError(f"mask must be None, 'bernoulli', 'importance', an Importance or a dict of bool tensors, "
+                    f"got {type(mask).__name__}")
 
 
 def describe(param_groups: list, param: torch.Tensor) -> str:
@@ -39,29 +46,38 @@ def describe(param_groups: list, param: torch.Tensor) -> str:
 
 def resolve_masks(param_groups: list, mask: Mapping) -> dict:
     """``mask`` (parameter or name -> bool tensor) as parameter -> contiguous mask on its device."""
+    return resolve_entries(param_groups, mask, "mask", check_mask)
+
+
+def resolve_entries(param_groups: list, entries: Mapping, what: str, check) -> dict:
+    """``entries`` (parameter or name -> tensor of its shape) as parameter -> contiguous tensor on its device.
+
+    ``check(value, param, label)`` judges each value (raising with ``what`` in the message);
+    a DTensor parameter keeps its shard of a full value.
+    """
     held = {id(p): p for g in param_groups for p in g["params"]}
     named = {n: p for g in param_groups for n, p in zip(g.get("param_names", ()), g["params"])}
     resolved = {}
-    for key, value in mask.items():
+    for key, value in entries.items():
         if isinstance(key, str):
             if key not in named:
                 hint = "" if named else " (pass model.named_parameters() to address parameters by name)"
-                raise ValueError(f"mask has an entry for {key!r}, which is not a parameter of this optimizer{hint}")
+                raise ValueError(f"{what} has an entry for {key!r}, which is not a parameter of this optimizer{hint}")
             param, label = named[key], f"parameter {key!r}"
         elif isinstance(key, torch.Tensor):
             if id(key) not in held:
-                raise ValueError(f"mask has an entry for a tensor of shape {tuple(key.shape)} "
+                raise ValueError(f"{what} has an entry for a tensor of shape {tuple(key.shape)} "
                                  "that is not a parameter of this optimizer")
             param, label = key, describe(param_groups, key)
         else:
-            raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
-        check_mask(value, param, label)
+            raise TypeError(f"{what} keys must be parameters or parameter names, got {type(key).__name__}")
+        check(value, param, label)
         if param in resolved:
-            raise ValueError(f"mask has two entries for {label}")
+            raise ValueError(f"{what} has two entries for {label}")
         if sharding.is_dtensor(param):
             resolved[param] = sharding.shard_like(value.detach(), param, label)
         elif sharding.is_dtensor(value):
-            raise TypeError(f"mask for {label} is a DTensor but the parameter is a plain tensor; pass a plain bool "
+            raise TypeError(f"{what} for {label} is a DTensor but the parameter is a plain tensor; pass a plain "
                             "tensor of its shape")
         else:
             resolved[param] = value.detach().to(device=param.device, copy=True).contiguous()

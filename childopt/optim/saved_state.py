@@ -101,12 +101,26 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
                          f"{'a mask' if 'mask' in saved else 'indices'}: the two disagree")
     if "mask" in saved:
         params.check_mask(saved["mask"], p, label)
+    if "importance" in saved:
+        _check_importance_draw(saved["importance"], p, label, kind)
     if "indices" in saved:
         if not isinstance(saved["indices"], torch.Tensor):
             raise TypeError(f"saved 'indices' for {label} must be a tensor, got {type(saved['indices']).__name__}")
         sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {label}")
     for key in has_moments:
         _check_moment(saved[key], key, label, _moment_shapes(optimizer, p, saved, kind is None))
+
+
+def _check_importance_draw(value, p: torch.Tensor, label: str, kind) -> None:
+    """A saved importance draw: uint8 level codes or an exact-size bool mask of ``p``'s shape."""
+    if kind != MaskKind.IMPORTANCE:
+        raise ValueError(f"the saved state for {label} holds an importance draw, but the state_dict's mask_kind is "
+                         f"{kind.label if kind is not None else 'missing'}: the two disagree")
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.uint8, torch.bool):
+        what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"saved 'importance' for {label} must be uint8 level codes or a bool mask, got {what}")
+    if value.shape != p.shape:
+        raise ValueError(f"saved 'importance' for {label} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
 
 
 def _check_step(step, label: str) -> None:

@@ -1,8 +1,9 @@
-// Masked AdamW over a bucket of CPU tensors: mask kinds none / dense / Bernoulli, freeze or
-// zero-grad, amsgrad; fp32/bf16/fp16 params with fp32 state.
+// Masked AdamW over a bucket of CPU tensors: mask kinds none / dense / Bernoulli / importance,
+// freeze or zero-grad, amsgrad; fp32/bf16/fp16 params with fp32 state.
 //
 // Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 for a dense mask, +8
-// with amsgrad); the Bernoulli mask is drawn in cache.  Scalars come per tensor (one float64
+// with amsgrad); the Bernoulli mask is drawn in cache; the importance mask reads one level code
+// per element (+1) and draws against its level's threshold (a 3 KB table, in L1).  Scalars come per tensor (one float64
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
@@ -75,13 +76,14 @@ inline void prefetch_span(const T* first, int64_t n) {
   for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(first + i, WRITE, 3);
 }
 
-// Keep decisions of elements [begin, begin + n) of a tensor whose Philox groups start at
-// rng_base (begin a multiple of 4).  Drawing is pure arithmetic, so each step of it first asks
-// for the lines the update of the same elements will read: the memory system fetches them
-// while the core computes, instead of the update waiting for them afterwards.
-template <typename P, typename G>
-void draw_block(const BernoulliDraw& draw, uint64_t rng_base, int64_t begin, int64_t n, uint8_t* keep,
-                const BlockStreams<P, G>& streams) {
+// Philox draws of elements [begin, begin + n) of a tensor whose groups start at rng_base (begin
+// a multiple of 4): draw_groups(first group, groups, offset in the block) per step.  Drawing is
+// pure arithmetic, so each step of it first asks for the lines the update of the same elements
+// will read: the memory system fetches them while the core computes, instead of the update
+// waiting for them afterwards.
+template <typename P, typename G, typename DrawGroups>
+void draw_block(uint64_t rng_base, int64_t begin, int64_t n, const BlockStreams<P, G>& streams,
+                const DrawGroups& draw_groups) {
   for (int64_t at = 0; at < n; at += kDrawStep) {
     const int64_t count = std::min(kDrawStep, n - at);
     prefetch_span<1>(streams.p + at, count);
@@ -89,14 +91,26 @@ void draw_block(const BernoulliDraw& draw, uint64_t rng_base, int64_t begin, int
     prefetch_span<1>(streams.m + at, count);
     prefetch_span<1>(streams.v + at, count);
     if (streams.vmax != nullptr) prefetch_span<1>(streams.vmax + at, count);
-    keep_groups(draw, rng_base + static_cast<uint64_t>((begin + at) / 4), (count + 3) / 4, keep + at);
+    draw_groups(rng_base + static_cast<uint64_t>((begin + at) / 4), (count + 3) / 4, at);
   }
+}
+
+// The levels tensor (float64 [2, kLevelCount]: thresholds, then 1 / p) as the kernel reads it.
+LevelTable level_table(const c10::optional<at::Tensor>& levels) {
+  LevelTable table{};
+  if (!levels.has_value()) return table;
+  const double* rows = levels->data_ptr<double>();
+  for (int q = 0; q < kLevelCount; ++q) {
+    table.threshold[q] = static_cast<uint64_t>(rows[q]);
+    table.scale[q] = static_cast<float>(rows[kLevelCount + q]);
+  }
+  return table;
 }
 
 template <typename P, typename G, bool AMSGRAD, Keep KEEP>
 void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
-                 int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+                 int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi, const LevelTable& levels) {
   std::vector<int64_t> numels;
   for (const auto& t : params) numels.push_back(t.numel());
   for_each_chunk(numels, [&](const Chunk& c) {
@@ -107,16 +121,35 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     float* m = exp_avgs[c.tensor].data_ptr<float>();
     float* v = exp_avg_sqs[c.tensor].data_ptr<float>();
     float* vmax = AMSGRAD ? max_exp_avg_sqs[c.tensor].data_ptr<float>() : nullptr;
-    // 4 spare bytes: the last Philox group of a tensor may run past its end.
+    // 4 spare entries: the last Philox group of a tensor may run past its end.
     uint8_t drawn[kBlock + 4];
+    alignas(64) uint32_t words[kBlock + 4];
+    alignas(64) float scaled_grads[kBlock];
+    StepScalars unit = s;  // the importance gradients come scaled and signed (importance_grads)
+    unit.grad_sign = 1.0f;
+    unit.grad_scale = 1.0f;
     for (int64_t b = c.begin; b < c.end; b += kBlock) {
       const int64_t n = std::min(kBlock, c.end - b);
+      const BlockStreams<P, G> streams{p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr};
       const uint8_t* keep = nullptr;
       if (mask_kind == MaskKind::kDense) {
         keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
       } else if (mask_kind == MaskKind::kBernoulli) {
-        draw_block<P, G>(draw, s.rng_base, b, n, drawn, {p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr});
+        draw_block(s.rng_base, b, n, streams,
+                   [&](uint64_t group, int64_t groups, int64_t at) { keep_groups(draw, group, groups, drawn + at); });
         keep = drawn;
+      } else if (mask_kind == MaskKind::kImportance) {
+        const uint8_t* codes = masks[c.tensor].data_ptr<uint8_t>() + b;
+        draw_block(s.rng_base, b, n, streams,
+                   [&](uint64_t group, int64_t groups, int64_t at) { philox_words(draw, group, groups, words + at); });
+        importance_keep(words, codes, levels, n, drawn);
+        keep = drawn;
+        if constexpr (KEEP == Keep::kZeroGrad) {
+          importance_grads<G>(g + b, codes, levels, s.grad_sign * s.grad_scale, n, scaled_grads);
+          update_block<P, float, AMSGRAD, KEEP>(p + b, scaled_grads, m + b, v + b, AMSGRAD ? vmax + b : nullptr,
+                                                keep, n, unit);
+          continue;
+        }
       }
       update_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
     }
@@ -126,10 +159,11 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
 template <typename P, typename G>
 void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
-                    bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+                    bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,
+                    const LevelTable& levels) {
 #define CHILDOPT_RUN(AMS, KEEP)                                                                                   \
   return adamw_lists<P, G, AMS, KEEP>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows,    \
-                                      mask_kind, keep_threshold, seed_lo, seed_hi)
+                                      mask_kind, keep_threshold, seed_lo, seed_hi, levels)
   const Keep keep = mask_kind == MaskKind::kNone ? Keep::kAll : (freeze ? Keep::kFreeze : Keep::kZeroGrad);
   if (amsgrad) {
     if (keep == Keep::kAll) CHILDOPT_RUN(true, Keep::kAll);
@@ -146,21 +180,24 @@ void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList 
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind,
-                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
+                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,
+                const c10::optional<at::Tensor>& levels) {
   const MaskKind kind = mask_kind_from(mask_kind);
   check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, kind, amsgrad);
-  if (kind == MaskKind::kBernoulli) check_draw(keep_threshold, seed_lo, seed_hi);
+  if (kind == MaskKind::kBernoulli || kind == MaskKind::kImportance) check_draw(keep_threshold, seed_lo, seed_hi);
   if (params.empty()) return;
+  if (kind == MaskKind::kImportance) check_levels(levels, params[0].device());
+  const LevelTable table = level_table(kind == MaskKind::kImportance ? levels : c10::nullopt);
   const double* rows = scalars.data_ptr<double>();
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
   CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_adamw_step", [&] {
     if (g_dtype == p_dtype) {
       dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
-                                         freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
+                                         freeze, amsgrad, keep_threshold, seed_lo, seed_hi, table);
     } else {
       dispatch_flags<scalar_t, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
-                                      freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
+                                      freeze, amsgrad, keep_threshold, seed_lo, seed_hi, table);
     }
   });
 }

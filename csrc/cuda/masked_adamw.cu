@@ -1,8 +1,9 @@
-// Multi-tensor masked AdamW on CUDA: mask kinds none / dense / Bernoulli, freeze or zero-grad,
-// amsgrad; fp32/bf16/fp16 params (fp32 or matching grads) with fp32 state.
+// Multi-tensor masked AdamW on CUDA: mask kinds none / dense / Bernoulli / importance, freeze or
+// zero-grad, amsgrad; fp32/bf16/fp16 params (fp32 or matching grads) with fp32 state.
 //
-// Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 dense mask, +8 amsgrad);
-// Bernoulli masks cost none (Philox in registers, one call per 4 elements).  Each thread
+// Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 dense mask or importance
+// level code, +8 amsgrad); Bernoulli masks cost none (Philox in registers, one call per 4
+// elements); the importance level table (3 KB) is staged in shared memory once per block.  Each thread
 // steps one Philox group of 4 consecutive elements with vector accesses (128-bit for fp32)
 // where the chunk is aligned; a tensor's last partial group is guarded element by element.
 // Frozen entries are written back with their old bits so accesses stay whole vectors.  Each
@@ -17,25 +18,51 @@ namespace {
 
 template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
 __global__ void __launch_bounds__(kThreads)
-    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw) {
+    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw,
+                        const double* __restrict__ levels) {
+  constexpr bool kCoded = KIND == 1 || KIND == 3;  // a byte per element: dense mask or level code
   const BlockWork<6> work(meta);
   const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
+  StepScalars unit = s;  // importance zero-grad gradients arrive signed and scaled
+  unit.grad_sign = 1.0f;
+  unit.grad_scale = 1.0f;
   draw.step = s.step;
+  __shared__ uint64_t level_threshold[KIND == 3 ? kLevelCount : 1];
+  __shared__ float level_scale[KIND == 3 ? kLevelCount : 1];
+  if (KIND == 3) {
+    for (int q = threadIdx.x; q < kLevelCount; q += kThreads) {
+      level_threshold[q] = static_cast<uint64_t>(levels[q]);
+      level_scale[q] = static_cast<float>(levels[kLevelCount + q]);
+    }
+    __syncthreads();
+  }
   P* p = static_cast<P*>(meta.ptr[0][work.slot]) + work.start;
   const G* g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
   float* m = static_cast<float*>(meta.ptr[2][work.slot]) + work.start;
   float* v = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
   float* vmax = AMSGRAD ? static_cast<float*>(meta.ptr[4][work.slot]) + work.start : nullptr;
-  const uint8_t* mask = KIND == 1 ? static_cast<const uint8_t*>(meta.ptr[5][work.slot]) + work.start : nullptr;
+  const uint8_t* mask = kCoded ? static_cast<const uint8_t*>(meta.ptr[5][work.slot]) + work.start : nullptr;
   const bool vec = vec4_aligned<P>(p) && vec4_aligned<G>(g) && vec4_aligned<float>(m) && vec4_aligned<float>(v) &&
-                   (!AMSGRAD || vec4_aligned<float>(vmax)) && (KIND != 1 || vec4_aligned<uint8_t>(mask));
+                   (!AMSGRAD || vec4_aligned<float>(vmax)) && (!kCoded || vec4_aligned<uint8_t>(mask));
   const uint64_t group0 = s.rng_base + static_cast<uint64_t>(work.start / 4);
 
   for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < work.n; i += 4 * kThreads) {
     const bool full = vec && i + 4 <= work.n;
     uint8_t keep[4] = {1, 1, 1, 1};
+    uint8_t code[4] = {0, 0, 0, 0};
+    float scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (KIND == 1) load4(mask, i, work.n, full, keep);
     if (KIND == 2) keep_group(draw, group0 + static_cast<uint64_t>(i / 4), keep);
+    if (KIND == 3) {
+      uint32_t words[4];
+      group_words(draw, group0 + static_cast<uint64_t>(i / 4), words);
+      load4(mask, i, work.n, full, code);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        keep[k] = static_cast<uint64_t>(words[k]) < level_threshold[code[k]];
+        scale[k] = level_scale[code[k]];
+      }
+    }
     P p_raw[4];
     G g_raw[4];
     float m_old[4], v_old[4], vmax_old[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -49,8 +76,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const bool dropped = KIND != 0 && keep[k] == 0;
-      const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_raw[k]), Storage<G>::load(g_raw[k]),
-                                                    m_old[k], v_old[k], vmax_old[k], !FREEZE && dropped, s);
+      // importance, zero-grad: g * grad_sign * (1 / p of the level), then the update with unit scalars
+      const bool rescaled = KIND == 3 && !FREEZE;
+      const float g_k = rescaled ? Storage<G>::load(g_raw[k]) * s.grad_sign * scale[k] : Storage<G>::load(g_raw[k]);
+      const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_raw[k]), g_k, m_old[k], v_old[k],
+                                                    vmax_old[k], !FREEZE && dropped, rescaled ? unit : s);
       const bool frozen = FREEZE && dropped;
       p_new[k] = frozen ? p_raw[k] : Storage<P>::store(e.p);
       m_new[k] = frozen ? m_old[k] : e.m;
@@ -74,7 +104,7 @@ struct LaunchAdamw {
   void run() const {
     *result = multi_tensor_apply<6>(tensors, kChunk, [&](const TensorListMeta<6>& meta, int blocks) {
       masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE><<<blocks, kThreads, 0, stream>>>(meta, config.scalars,
-                                                                                        config.draw);
+                                                                                        config.draw, config.levels);
     });
   }
 
@@ -85,6 +115,8 @@ struct LaunchAdamw {
         return config.freeze ? run<P, G, AMSGRAD, 1, true>() : run<P, G, AMSGRAD, 1, false>();
       case MaskKind::kBernoulli:
         return config.freeze ? run<P, G, AMSGRAD, 2, true>() : run<P, G, AMSGRAD, 2, false>();
+      case MaskKind::kImportance:
+        return config.freeze ? run<P, G, AMSGRAD, 3, true>() : run<P, G, AMSGRAD, 3, false>();
       default:
         return run<P, G, AMSGRAD, 0, false>();
     }

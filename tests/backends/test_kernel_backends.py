@@ -15,7 +15,7 @@ tests/optim/test_masked_adamw.py::test_equals_torch_adamw_over_100_steps.
 import pytest
 import torch
 
-from childopt import MaskedAdamW, backends
+from childopt import Importance, MaskedAdamW, backends
 from childopt import sparse as sparse_mod
 from childopt.backends import SparseTensorLists, reference
 from childopt.backends.contract import StepScalars
@@ -27,16 +27,21 @@ LOW_PRECISION_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 def run_masked(params, backend, mask_kind, masked, steps=5, **kwargs):
-    mask = {"none": None, "bernoulli": "bernoulli", "dense": masks_for(params)}[mask_kind]
+    if mask_kind == "importance":  # running scores, redrawn every other step: the codes change within the run
+        mask = Importance(refresh_every=2)
+    else:
+        mask = {"none": None, "bernoulli": "bernoulli", "dense": masks_for(params)}[mask_kind]
     opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.05, mask=mask, reserve_p=0.4, masked=masked, seed=31,
                       backend=backend, **kwargs)
     train(opt, params, steps)
-    return snapshot(opt, params, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    return snapshot(opt, params, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "importance"))
 
 
 def assert_close_to_reference(ours, ref):
     for a, b in zip(ours, ref, strict=True):
-        if a.dtype == torch.float32:
+        if a.dtype == torch.uint8:  # importance level codes: drawn from the moments, must agree exactly
+            assert torch.equal(a, b)
+        elif a.dtype == torch.float32:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         else:
             torch.testing.assert_close(a, b, rtol=LOW_PRECISION_RTOL[a.dtype], atol=1e-6)
@@ -44,7 +49,8 @@ def assert_close_to_reference(ours, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask_kind,masked", [("none", None), ("dense", "freeze"), ("dense", "zero_grad"),
-                                              ("bernoulli", "zero_grad"), ("bernoulli", "freeze")])
+                                              ("bernoulli", "zero_grad"), ("bernoulli", "freeze"),
+                                              ("importance", "zero_grad"), ("importance", "freeze")])
 @pytest.mark.parametrize("flags", [{}, {"amsgrad": True, "maximize": True}], ids=["plain", "amsgrad-maximize"])
 def test_kernels_match_reference(kernel_lane, dtype, mask_kind, masked, flags):
     backend, device = kernel_lane

@@ -27,10 +27,12 @@ struct AdamwConfig {
   DType p_dtype;
   bool g_float;  // gradients in fp32 while params are bf16/fp16; else the params' dtype
   bool amsgrad;
-  MaskKind mask_kind;  // dense: ptr[5] = bool mask; Bernoulli: rng base and step from the row
+  MaskKind mask_kind;  // dense: ptr[5] = bool mask; importance: ptr[5] = uint8 level codes;
+                       // Bernoulli and importance: rng base and step from the row
   bool freeze;
   const double* scalars;  // device rows [n, kNumStepScalars]; extra = the tensor's row
   BernoulliDraw draw;     // key and threshold; the step comes from each row
+  const double* levels;   // importance: device [2, kLevelCount] thresholds, then 1 / p; else null
 };
 
 // ptr: p, g, m, v, vmax, mask

@@ -56,11 +56,19 @@ struct BernoulliDraw {
   uint64_t keep_threshold;  // up to 2**32 - 1; compared as 64-bit so the rule is `word < threshold`
 };
 
+// The four words of Philox group `group` at the draw's step.
+CHILDOPT_HD void group_words(const BernoulliDraw& draw, uint64_t group, uint32_t c[4]) {
+  c[0] = static_cast<uint32_t>(group);
+  c[1] = static_cast<uint32_t>(group >> 32);
+  c[2] = static_cast<uint32_t>(draw.step);
+  c[3] = static_cast<uint32_t>(draw.step >> 32);
+  philox4x32_10(c, draw.seed_lo, draw.seed_hi);
+}
+
 // Keep decisions (0/1) of the four elements of Philox group `group`.
 CHILDOPT_HD void keep_group(const BernoulliDraw& draw, uint64_t group, uint8_t keep[4]) {
-  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                   static_cast<uint32_t>(draw.step), static_cast<uint32_t>(draw.step >> 32)};
-  philox4x32_10(c, draw.seed_lo, draw.seed_hi);
+  uint32_t c[4];
+  group_words(draw, group, c);
   for (int w = 0; w < 4; ++w) keep[w] = static_cast<uint64_t>(c[w]) < draw.keep_threshold;
 }
 

@@ -1,0 +1,217 @@
+"""``mask="importance"`` in MaskedAdamW: its configuration and the refresh of the per-element draw.
+
+Each refresh (every ``refresh_every`` steps, and whenever a parameter has none yet) writes, for
+each sampled parameter, ``state["importance"]``: the uint8 level codes of its keep probabilities
+(``sampling="poisson"``, childopt.importance; the kernels draw the keep decision every step) or,
+with ``sampling="exact"``, a bool mask of exactly ``reserve_p`` of each scope drawn without
+replacement (Gumbel top-k, childopt.masks.sample_mask), stepped as a fixed mask until the next
+refresh.  The state entry is saved with the optimizer, so a resumed run draws what the
+uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Union
+
+import torch
+
+from childopt import importance, masks
+from childopt.optim import sharding
+
+SAMPLINGS = ("poisson", "exact")
+RUNNING = "running"
+_EXACT_SEED_STRIDE = 0xD1B54A32D192ED03  # spreads the refresh index over the 64-bit seed of each exact draw
+
+
+@dataclass(frozen=True, eq=False)
+class Importance:
+    """How an importance-sampled child network is drawn (``MaskedAdamW(mask=Importance(...))``).
+
+    Each step element ``i`` is kept with probability ``p_i = clamp(c * s_i ** (1 / T), p_min, 1)``,
+    ``c`` solved per scope so that the expected kept share is the group's ``reserve_p``.
+
+    Args:
+        scores: ``"running"`` (the optimizer's own ``exp_avg_sq``, an average of squared
+            gradients; a scope whose moments are all zero, as before the first step, is drawn
+            uniformly) or a dict from parameter (or name) to non-negative scores of its shape,
+            e.g. from childopt.fisher.FisherAccumulator; parameters without an entry train fully.
+        temperature: ``T`` > 0; ``inf`` draws every element with ``reserve_p``, bit for bit the
+            Bernoulli mask; ``T -> 0`` approaches the fixed top-``reserve_p`` mask.
+        p_min: floor of ``p_i`` in ``[0, reserve_p]``: bounds the variance of ``1 / p_i``.
+            ``None``: 0 for given scores; ``reserve_p / 10`` for running scores, whose entries
+            stay 0 until an element is first kept (with ``p_min = 0`` an element that was not
+            drawn before the first solve would never be drawn again).
+        scope: ``"global"``, ``"layer"`` or ``"tensor"``, as in childopt.masks.select_mask.
+        refresh_every: steps between two solves of ``c`` (running scores) and two roundings of
+            ``p_i`` to the kernels' levels (childopt.importance), or two exact draws.
+        sampling: ``"poisson"`` (independent draws each step, in the kernel) or ``"exact"``
+            (exactly ``reserve_p`` of each scope, without replacement, redrawn each refresh).
+        layer_of: for ``scope="layer"``: parameter name -> layer key (default: the number in
+            ``layer.N`` / ``layers.N`` / ``h.N`` / ``block.N``).
+    """
+
+    scores: Union[str, Mapping] = RUNNING
+    temperature: float = 1.0
+    p_min: Optional[float] = None
+    scope: str = "global"
+    refresh_every: int = 10
+    sampling: str = "poisson"
+    layer_of: Optional[Callable[[str], Hashable]] = None
+
+    def __post_init__(self):
+        if not (self.scores == RUNNING if isinstance(self.scores, str) else isinstance(self.scores, Mapping)):
+            raise ValueError(f"Importance.scores must be 'running' or a dict of score tensors, got {self.scores!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0:
+            raise ValueError(f"Importance.temperature must be a number > 0 (inf allowed), got {t!r}")
+        p_min = self.p_min
+        if p_min is not None and (isinstance(p_min, bool) or not isinstance(p_min, numbers.Real) or not 0 <= p_min <= 1):
+            raise ValueError(f"Importance.p_min must be None or a number in [0, reserve_p], got {p_min!r}")
+        if self.scope not in masks.SCOPES:
+            raise ValueError(f"Importance.scope must be one of {masks.SCOPES}, got {self.scope!r}")
+        r = self.refresh_every
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"Importance.refresh_every must be an int >= 1, got {r!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"Importance.sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.sampling == "exact" and (math.isinf(t) or self.p_min not in (None, 0)):
+            raise ValueError("Importance(sampling='exact') draws a fixed count without replacement: it needs a finite "
+                             f"temperature and takes no p_min (got temperature={t!r}, p_min={self.p_min!r})")
+
+    def floor(self, reserve_p: float) -> float:
+        """The ``p_min`` in force for a group with ``reserve_p`` (see ``p_min``)."""
+        if self.p_min is not None:
+            return float(self.p_min)
+        return reserve_p / 10 if isinstance(self.scores, str) and self.sampling == "poisson" else 0.0
+
+    @property
+    def uniform(self) -> bool:
+        """``T = inf`` with independent draws: the Bernoulli mask itself."""
+        return self.sampling == "poisson" and math.isinf(self.temperature)
+
+
+@dataclass
+class _Member:
+    param: torch.Tensor
+    name: str
+    reserve_p: float
+    score: Optional[torch.Tensor]  # None: the running exp_avg_sq
+
+
+class ImportanceSampler:
+    """The sampled parameters of one optimizer, their scopes, and the refresh of their draws."""
+
+    def __init__(self, config: Importance, param_groups: list, describe: Callable, resolve_scores: Callable):
+        self.config = config
+        given = None if isinstance(config.scores, str) else resolve_scores(config.scores, "Importance.scores")
+        self.members: list[_Member] = []
+        for gi, group in enumerate(param_groups):
+            if group["capturable"]:
+                raise ValueError(f"mask='importance' refreshes its draw on the host; param group {gi} has "
+                                 "capturable=True (use a Bernoulli or fixed mask to capture the step)")
+            if config.floor(group["reserve_p"]) > group["reserve_p"]:
+                raise ValueError(f"Importance.p_min={config.p_min} is above param group {gi}'s reserve_p="
+                                 f"{group['reserve_p']}; p_min must be in [0, reserve_p]")
+            names = group.get("param_names") or [f"param_groups.{gi}.{pi}" for pi in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                if sharding.is_dtensor(p):
+                    raise NotImplementedError(f"mask='importance' does not take sharded (DTensor) parameters yet "
+                                              f"({describe(p)}); use mask='bernoulli' or a fixed mask under FSDP2")
+                if given is None and p.requires_grad:
+                    self.members.append(_Member(p, name, float(group["reserve_p"]), None))
+                elif given is not None and p in given:
+                    self.members.append(_Member(p, name, float(group["reserve_p"]), given[p]))
+        if config.scope == "layer" and not all("param_names" in g for g in param_groups):
+            raise ValueError("Importance(scope='layer') finds layers by parameter name: pass model.named_parameters()")
+        self.scopes = masks.scope_ids([m.name for m in self.members], config.scope, config.layer_of)
+        for scope in set(self.scopes):
+            shares = {m.reserve_p for m, s in zip(self.members, self.scopes) if s == scope}
+            if len(shares) > 1:
+                raise ValueError(f"Importance(scope={config.scope!r}) puts parameters of param groups with different "
+                                 f"reserve_p {sorted(shares)} in one scope; use scope='tensor' or one reserve_p")
+        if given is not None:
+            for scope in set(self.scopes):
+                members = [m for m, s in zip(self.members, self.scopes) if s == scope]
+                if not any(bool(m.score.any()) for m in members):
+                    raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
+                                     "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
+        self._scales: dict = {}  # scope -> log2 c, for given scores (solved once)
+
+    def due(self, states: dict) -> bool:
+        """Whether the next step draws anew: a member has no draw, or its step count is a multiple."""
+        for m in self.members:
+            state = states.get(m.param, {})
+            if "importance" not in state:
+                return True
+        first = states[self.members[0].param] if self.members else {}
+        return bool(first) and int(first["step"]) % self.config.refresh_every == 0
+
+    def refresh(self, states: dict, seed: int, rng_bases: dict, random_words: Callable) -> None:
+        """Write each member's ``state["importance"]`` for the coming steps."""
+        if not self.members:
+            return
+        refresh = int(states[self.members[0].param].get("step", 0)) if self.members[0].param in states else 0
+        scores = [self._score(m, states) for m in self.members]
+        if self.config.sampling == "exact":
+            self._draw_exact(states, scores, seed, refresh)
+            return
+        for scope in sorted(set(self.scopes)):
+            where = [i for i, s in enumerate(self.scopes) if s == scope]
+            logs = importance.log_ratios([scores[i] for i in where], float(self.config.temperature))
+            p_min = self.config.floor(self.members[where[0]].reserve_p)
+            c = self._scales.get(scope) if self.members[where[0]].score is not None else None
+            if c is None:
+                c = importance.solve_log_scale(logs, self.members[where[0]].reserve_p, p_min)
+                if c == math.inf:
+                    warnings.warn(f"importance scope {scope} ({self.members[where[0]].name}, ...) has too few non-zero "
+                                  "scores to keep reserve_p of it in expectation; all non-zero ones are kept",
+                                  stacklevel=4)
+                if self.members[where[0]].score is not None:
+                    self._scales[scope] = c
+            probabilities = importance.keep_probabilities(logs, c, p_min)
+            for i, p in zip(where, probabilities):
+                param = self.members[i].param
+                codes = importance.draw_codes(p, rng_bases[param], seed, refresh, random_words)
+                states[param]["importance"] = codes.view(param.shape)
+
+    def _score(self, member: _Member, states: dict) -> torch.Tensor:
+        if member.score is not None:
+            return member.score
+        moment = states.get(member.param, {}).get("exp_avg_sq")
+        return moment if moment is not None else torch.zeros_like(member.param, dtype=torch.float32)
+
+    def _draw_exact(self, states: dict, scores: list, seed: int, refresh: int) -> None:
+        draw_seed = (seed + (refresh + 1) * _EXACT_SEED_STRIDE) % 2**64
+        by_name = {m.name: s for m, s in zip(self.members, scores)}
+        drawn = masks.sample_mask(by_name, self.members[0].reserve_p, temperature=float(self.config.temperature),
+                                  seed=draw_seed, scope=self.config.scope, layer_of=self.config.layer_of) \
+            if len({m.reserve_p for m in self.members}) == 1 else self._draw_exact_per_tensor(by_name, draw_seed)
+        for m in self.members:
+            states[m.param]["importance"] = drawn[m.name]
+
+    def _draw_exact_per_tensor(self, by_name: dict, draw_seed: int) -> dict:
+        """Groups with different reserve_p (scope='tensor'): one draw per tensor at its own share."""
+        drawn = {}
+        for m in self.members:
+            drawn.update(masks.sample_mask({m.name: by_name[m.name]}, m.reserve_p,
+                                           temperature=float(self.config.temperature), seed=draw_seed, scope="tensor"))
+        return drawn
+
+
+def check_scores(value, param: torch.Tensor, label: str) -> torch.Tensor:
+    """``value`` as a flat-able fp32 score tensor of ``param``'s shape on its device, or a clear error."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"Importance.scores for {label} must be a floating-point tensor, got {what}")
+    if value.shape != param.shape:
+        raise ValueError(f"Importance.scores for {label} has shape {tuple(value.shape)}, expected the parameter's "
+                         f"shape {tuple(param.shape)}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"Importance.scores for {label} has inf or NaN entries; scores must be finite and >= 0")
+    if value.numel() and bool((value < 0).any()):
+        raise ValueError(f"Importance.scores for {label} has negative entries; scores must be >= 0")
+    return value.detach().to(device=param.device, dtype=torch.float32).contiguous()

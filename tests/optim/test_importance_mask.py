@@ -1,0 +1,261 @@
+"""mask="importance" through MaskedAdamW: keep frequencies, unbiasedness, exact sizes, limits, state.
+
+The statistics tests observe the keep decisions the optimizer makes (a kept entry's exp_avg
+moves under freeze; under zero-grad with beta1 = 0 the exp_avg *is* the step's gradient), run
+on every lane that steps here, with fixed seeds, and judge them with bounds of 5-6 standard
+deviations: they fail for a wrong threshold, a wrong scale or a wrong level, not by chance.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from childopt import Importance, MaskedAdamW, importance, masks
+from tests.helpers import clone_params, grads_at, make_params, snapshot, train
+
+SHAPES = [(40, 60), (1500,), (3, 5, 7)]
+RESERVE_P = 0.3
+
+
+def lanes():
+    from childopt import backends
+
+    names = ["reference"]
+    if backends.MODULES["native"].available(torch.device("cpu"))[0]:
+        names.append("native")
+    return names
+
+
+@pytest.fixture(params=lanes())
+def lane(request):
+    return request.param
+
+
+def graded_scores(params, seed=3):
+    """Scores with a few distinct magnitudes, so each level holds many elements."""
+    gen = torch.Generator().manual_seed(seed)
+    return {p: 10.0 ** torch.randint(-3, 2, p.shape, generator=gen).float() for p in params}
+
+
+def observe_keeps(opt, params, steps):
+    """Per step, the bool keep decisions under freeze: the entries whose exp_avg moved."""
+    kept = []
+    for t in range(steps):
+        before = [opt.state[p]["exp_avg"].clone() if "exp_avg" in opt.state[p] else torch.zeros_like(p)
+                  for p in params]
+        for p, g in zip(params, grads_at(params, t)):
+            p.grad = g
+        opt.step()
+        kept.append([opt.state[p]["exp_avg"] != b for p, b in zip(params, before)])
+    return kept
+
+
+def level_of(opt, p):
+    return importance.level_probabilities()[opt.state[p]["importance"].long()].float()
+
+
+def test_keep_frequencies_match_each_elements_probability(lane):
+    """Per-element chi-square over 300 steps (codes fixed: no refresh): mean N, sd sqrt(2N)."""
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, lr=1e-3, mask=Importance(scores=graded_scores(params), refresh_every=10**6, p_min=0.02),
+                      reserve_p=RESERVE_P, masked="freeze", seed=11, backend=lane)
+    steps = 300
+    kept = observe_keeps(opt, params, steps)
+    counts = [sum(k[i].double() for k in kept) for i in range(len(params))]
+    p = torch.cat([level_of(opt, q).double().reshape(-1) for q in params])
+    k = torch.cat([c.reshape(-1) for c in counts])
+    live = (p > 0) & (p < 1)
+    chi2 = float((((k - steps * p) ** 2) / (steps * p * (1 - p)))[live].sum())
+    n = int(live.sum())
+    assert abs(chi2 - n) < 6 * math.sqrt(2 * n), (chi2, n)
+    assert torch.all(k[p == 1] == steps) and torch.all(k[p == 0] == 0)
+    assert float(k.sum()) / (steps * k.numel()) == pytest.approx(RESERVE_P, rel=0.02)
+
+
+def test_zero_grad_estimate_is_unbiased(lane):
+    """beta1 = 0 makes exp_avg the step's gradient; its mean over steps must equal the gradient.
+
+    The codes are re-rounded every step (refresh_every=1), so this covers the rounding too.
+    Per class of equal scores (equal p), the mean of exp_avg / g over elements and steps must be
+    1 within 5 standard errors; a class kept with p = 1 has no spread and must be exactly 1.  A
+    1 / reserve_p scale in place of 1 / p_i fails every class whose p is not reserve_p.
+    """
+    params = make_params([(64, 32)])
+    gradient = torch.randn(64, 32, generator=torch.Generator().manual_seed(4))
+    scores = graded_scores(params)
+    opt = MaskedAdamW(params, lr=0.0, weight_decay=0.0, betas=(0.0, 0.999),
+                      mask=Importance(scores=scores, refresh_every=1, p_min=0.05),
+                      reserve_p=RESERVE_P, seed=5, backend=lane)
+    ratios = []
+    for _ in range(400):
+        params[0].grad = gradient.clone()
+        opt.step()
+        ratios.append(opt.state[params[0]]["exp_avg"].double() / gradient.double())
+    ratios = torch.stack(ratios)
+    for value in scores[params[0]].unique():
+        sample = ratios[:, scores[params[0]] == value].reshape(-1)
+        mean, spread = float(sample.mean()), float(sample.std())
+        if spread == 0:
+            assert mean == 1.0
+        else:
+            assert abs(mean - 1) < 5 * spread / math.sqrt(sample.numel()), (float(value), mean)
+
+
+def test_exact_sampling_keeps_the_exact_count_of_each_scope_every_step(lane):
+    params = make_params(SHAPES)
+    named = [(f"layer.{i}.weight", p) for i, p in enumerate(params)]
+    opt = MaskedAdamW(named, lr=1e-3, reserve_p=RESERVE_P, masked="freeze", seed=2, backend=lane,
+                      mask=Importance(scores=graded_scores(params), sampling="exact", scope="tensor", refresh_every=1,
+                                      temperature=2.0))
+    kept = observe_keeps(opt, params, 6)
+    want = masks.apportion(RESERVE_P, [p.numel() for p in params])
+    want = [w for w in want]
+    for step in kept:
+        assert [int(k.sum()) for k in step] == [masks.apportion(RESERVE_P, [p.numel()])[0] for p in params]
+    assert not torch.equal(kept[0][0], kept[1][0])  # drawn anew at every refresh
+    assert sum(want) == round(RESERVE_P * sum(p.numel() for p in params))
+
+
+@pytest.mark.parametrize("masked", ["zero_grad", "freeze"])
+def test_infinite_temperature_is_the_bernoulli_mask_bit_for_bit(lane, masked):
+    params = make_params(SHAPES)
+    theirs = clone_params(params)
+    ours = MaskedAdamW(params, lr=1e-2, reserve_p=RESERVE_P, masked=masked, seed=9, backend=lane,
+                       mask=Importance(temperature=math.inf))
+    bernoulli = MaskedAdamW(theirs, lr=1e-2, reserve_p=RESERVE_P, masked=masked, seed=9, backend=lane, mask="bernoulli")
+    train(ours, params, 4)
+    train(bernoulli, theirs, 4)
+    for a, b in zip(snapshot(ours, params), snapshot(bernoulli, theirs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_small_temperature_approaches_the_top_p_mask(lane):
+    n = 2000
+    params = make_params([(n,)])
+    scores = {params[0]: torch.linspace(1.0, 2.0, n)}
+    opt = MaskedAdamW(params, lr=1e-3, reserve_p=RESERVE_P, masked="freeze", seed=4, backend=lane,
+                      mask=Importance(scores=scores, temperature=1e-4, p_min=0.0, refresh_every=1))
+    top = masks.select_mask({"w": scores[params[0]]}, RESERVE_P)["w"]
+    kept = observe_keeps(opt, params, 5)
+    for (k,) in kept:
+        assert float((k & top).sum()) / float(top.sum()) > 0.99
+        assert float((k & ~top).sum()) / float(top.sum()) < 0.01
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "tensor"])
+def test_each_scope_keeps_reserve_p_in_expectation(scope):
+    params = make_params(SHAPES)
+    named = [(f"encoder.layer.{i // 2}.w{i}", p) for i, p in enumerate(params)]
+    opt = MaskedAdamW(named, lr=1e-3, reserve_p=RESERVE_P, seed=1, backend="reference",
+                      mask=Importance(scores=graded_scores(params), scope=scope, p_min=0.01))
+    train(opt, params, 1)
+    groups = {"global": [params], "layer": [params[:2], params[2:]], "tensor": [[p] for p in params]}[scope]
+    for group in groups:
+        levels = torch.cat([level_of(opt, p).reshape(-1) for p in group])
+        # randomised rounding: the mean level is reserve_p up to 6 sd of the levels' spread
+        assert float(levels.mean()) == pytest.approx(RESERVE_P, abs=6 * 0.1 * RESERVE_P / math.sqrt(levels.numel()))
+
+
+def test_running_scores_floor_at_a_tenth_of_reserve_p_by_default():
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, lr=1e-3, reserve_p=RESERVE_P, seed=1, backend="reference",
+                      mask=Importance(refresh_every=2))
+    train(opt, params, 5)  # refreshed at steps 0, 2 and 4: many exp_avg_sq entries are still 0
+    levels = torch.cat([level_of(opt, p).reshape(-1) for p in params])
+    floor = importance.level_probabilities()[importance.level_probabilities() <= RESERVE_P / 10].max()
+    assert float(levels.min()) >= float(floor)
+    assert float(levels.mean()) == pytest.approx(RESERVE_P, rel=0.05)
+
+
+def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane):
+    params = make_params(SHAPES)
+    resumed = clone_params(params)
+    config = Importance(refresh_every=3)
+    opt = MaskedAdamW(params, lr=1e-2, reserve_p=RESERVE_P, seed=8, backend=lane, mask=config)
+    train(opt, params, 4)
+    saved = copy.deepcopy(opt.state_dict())  # torch's state dict holds the live tensors
+    for p, q in zip(params, resumed):
+        q.data.copy_(p.data)
+    train(opt, params, 4, start=4)
+    again = MaskedAdamW(resumed, lr=1e-2, reserve_p=RESERVE_P, seed=0, backend=lane, mask=config)
+    again.load_state_dict(saved)
+    train(again, resumed, 4, start=4)
+    for a, b in zip(snapshot(opt, params, ("exp_avg", "exp_avg_sq", "importance")),
+                    snapshot(again, resumed, ("exp_avg", "exp_avg_sq", "importance")), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_state_dict_of_importance_needs_an_importance_optimizer():
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, reserve_p=RESERVE_P, backend="reference", mask="importance")
+    train(opt, params, 1)
+    other = MaskedAdamW(clone_params(params), reserve_p=RESERVE_P, backend="reference", mask="bernoulli")
+    with pytest.raises(ValueError, match="saved with mask='importance'"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_set_mask_drops_the_draw_and_can_return_to_importance():
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, reserve_p=RESERVE_P, backend="reference", mask="importance")
+    train(opt, params, 1)
+    opt.set_mask("bernoulli")
+    assert opt.mask_kind == "bernoulli" and not any("importance" in s for s in opt.state.values())
+    train(opt, params, 1, start=1)
+    opt.set_mask(Importance(temperature=0.5))
+    train(opt, params, 1, start=2)
+    assert opt.mask_kind == "importance" and all(opt.state[p]["importance"].dtype == torch.uint8 for p in params)
+
+
+def test_parameters_without_scores_train_fully():
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, reserve_p=RESERVE_P, backend="reference", masked="freeze",
+                      mask=Importance(scores={params[0]: torch.rand(params[0].shape)}))
+    kept = observe_keeps(opt, params, 2)
+    assert all(bool(k[1].all()) and bool(k[2].all()) for k in kept)
+    assert float(kept[0][0].double().mean()) < 0.5
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(temperature=0.0), "temperature must be a number > 0"),
+    (dict(temperature=-1.0), "temperature must be a number > 0"),
+    (dict(p_min=-0.1), "p_min must be None or a number in"),
+    (dict(p_min=0.5), "p_min=0.5 is above param group 0's reserve_p=0.3"),
+    (dict(scope="row"), "scope must be one of"),
+    (dict(refresh_every=0), "refresh_every must be an int >= 1"),
+    (dict(sampling="gumbel"), "sampling must be one of"),
+    (dict(sampling="exact", p_min=0.1), "takes no p_min"),
+    (dict(scores="fisher"), "scores must be 'running' or a dict"),
+])
+def test_bad_configuration_is_a_clear_error(change, message):
+    params = make_params(SHAPES)
+    with pytest.raises(ValueError, match=message):
+        MaskedAdamW(params, reserve_p=RESERVE_P, backend="reference", mask=Importance(**change))
+
+
+@pytest.mark.parametrize("score,message", [
+    (lambda p: -torch.rand(p.shape), "has negative entries"),
+    (lambda p: torch.full(p.shape, float("nan")), "has inf or NaN entries"),
+    (lambda p: torch.zeros(p.shape), "all zero in the scope of parameter 'w'"),
+    (lambda p: torch.rand(3), r"has shape \(3,\), expected the parameter's shape \(40, 60\)"),
+    (lambda p: torch.ones(p.shape, dtype=torch.int64), "must be a floating-point tensor"),
+])
+def test_bad_scores_are_a_clear_error_naming_the_parameter(score, message):
+    weight = torch.nn.Parameter(torch.randn(40, 60))
+    with pytest.raises((ValueError, TypeError), match=message):
+        MaskedAdamW([("w", weight)], reserve_p=RESERVE_P, backend="reference",
+                    mask=Importance(scores={"w": score(weight)}))
+
+
+def test_importance_refuses_what_it_cannot_do():
+    params = make_params(SHAPES)
+    with pytest.raises(ValueError, match="storage='sparse' needs a fixed mask"):
+        MaskedAdamW(params, reserve_p=RESERVE_P, mask="importance", storage="sparse")
+    with pytest.raises(ValueError, match="capturable=True"):
+        MaskedAdamW(params, reserve_p=RESERVE_P, mask="importance", capturable=True)
+    with pytest.raises(ValueError, match="finds layers by parameter name"):
+        MaskedAdamW(params, reserve_p=RESERVE_P, mask=Importance(scope="layer"))
+    groups = [{"params": params[:1], "reserve_p": 0.3}, {"params": params[1:], "reserve_p": 0.5}]
+    with pytest.raises(ValueError, match="different reserve_p"):
+        MaskedAdamW(groups, mask="importance")
+    MaskedAdamW(groups, mask=Importance(scope="tensor"))  # one scope per tensor: each keeps its group's share
