@@ -41,7 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("mask_kinds") = std::vector<std::pair<std::string, int64_t>>{
       {"NONE", static_cast<int64_t>(childopt::MaskKind::kNone)},
       {"DENSE", static_cast<int64_t>(childopt::MaskKind::kDense)},
-      {"BERNOULLI", static_cast<int64_t>(childopt::MaskKind::kBernoulli)}};
+      {"BERNOULLI", static_cast<int64_t>(childopt::MaskKind::kBernoulli)},
+      {"IMPORTANCE", static_cast<int64_t>(childopt::MaskKind::kImportance)}};
   m.def("_record_chunk_threads", &childopt::cpu::record_chunk_threads,
         "test-only: clear the set of threads that ran CPU kernel chunks and switch recording on or off");
   m.def("_chunk_thread_count", &childopt::cpu::chunk_thread_count,

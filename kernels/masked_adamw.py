@@ -68,7 +68,6 @@ def masked_adamw_kernel(
     (decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, grad_scale,
      grad_sign, lerp_from_start) = load_step_scalars(scalars, tensor)
     DRAWN: tl.constexpr = MASK_KIND == KIND_BERNOULLI or MASK_KIND == KIND_IMPORTANCE
-    CODED: tl.constexpr = MASK_KIND == KIND_DENSE or MASK_KIND == KIND_IMPORTANCE  # a byte per element
     if DRAWN:
         scalar_row = scalars + tensor * NUM_STEP_SCALARS
         rng_base = tl.load(scalar_row + COL_RNG_BASE).to(tl.int64)
@@ -93,35 +92,42 @@ def masked_adamw_kernel(
             keep = inb  # unused (MASKED is off), or replaced by the dense mask's bytes below
             words = offs  # unused
         if first + BLOCK <= numel:
-            if CODED:  # unpredicated: 4 mask bytes per 32-bit load
-                keep, scale = _decide(tl.load(mask_ptr + offs), keep, words, levels, grad_scale, MASK_KIND, FREEZE)
+            if MASK_KIND == KIND_IMPORTANCE:  # unpredicated: 4 code bytes per 32-bit load
+                keep, full_scale = _importance_decide(tl.load(mask_ptr + offs), words, levels, grad_scale, FREEZE)
             else:
-                scale = grad_scale
+                full_scale = grad_scale
+                if MASK_KIND == KIND_DENSE:  # unpredicated: 4 mask bytes per 32-bit load
+                    keep = tl.load(mask_ptr + offs) != 0
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                        scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
+                        full_scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
         elif first < numel:
-            if CODED:
-                keep, scale = _decide(tl.load(mask_ptr + offs, mask=inb, other=0), keep, words, levels, grad_scale,
-                                      MASK_KIND, FREEZE)
+            if MASK_KIND == KIND_IMPORTANCE:
+                keep, tail_scale = _importance_decide(tl.load(mask_ptr + offs, mask=inb, other=0), words, levels,
+                                                      grad_scale, FREEZE)
             else:
-                scale = grad_scale
+                tail_scale = grad_scale
+                if MASK_KIND == KIND_DENSE:
+                    keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
             adamw_block(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, vmax_ptr + offs, inb, keep,
                         decay_before, decay_after, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-                        scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)
+                        tail_scale, grad_sign, lerp_from_start, True, MASK_KIND != 0, FREEZE, AMSGRAD)
 
 
 @triton.jit
-def _decide(code, keep, words, levels, grad_scale, MASK_KIND: tl.constexpr, FREEZE: tl.constexpr):
-    """Keep decisions and gradient scale of a block from its mask bytes (dense) or level codes (importance)."""
-    if MASK_KIND == KIND_DENSE:
-        return code != 0, grad_scale
+def _importance_decide(code, words, levels, grad_scale, FREEZE: tl.constexpr):
+    """Keep decisions of a block from its level codes, and the gradient scale of each element.
+
+    Kept when the Philox word is below the level's threshold; under zero-grad the gradient is
+    scaled by the level's ``1 / p`` (the unbiased estimate), under freeze by ``grad_scale`` alone.
+    """
     level = code.to(tl.int32)
     keep = words.to(tl.int64) < tl.load(levels + level).to(tl.int64)
     if FREEZE:
-        return keep, grad_scale
-    # the unbiased estimate: kept gradients times 1 / p of their level
-    return keep, grad_scale * tl.load(levels + LEVEL_COUNT + level).to(tl.float32)
+        scale = tl.zeros(code.shape, tl.float32) + grad_scale
+    else:
+        scale = grad_scale * tl.load(levels + LEVEL_COUNT + level).to(tl.float32)
+    return keep, scale
 
 
 def launch_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, masks=None) -> dict:

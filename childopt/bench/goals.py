@@ -10,7 +10,9 @@ table at every intra-op thread the run started with:
   published ChildTuning loop, at all threads;
 * bf16 parameters, dense freeze and zero_grad masks: >= 1.0x torch fused AdamW on the same bf16
   parameters, at all threads (measured with ``--dtype bfloat16``);
-* sparse storage at 5%: <= 0.25x the dense freeze step's time; at 1%: <= 0.08x.
+* sparse storage at 5%: <= 0.25x the dense freeze step's time; at 1%: <= 0.08x;
+* MaskedAdamW importance p=0.3 (Poisson draws, running scores refreshed every 10 steps): >= 0.9x
+  the Bernoulli step's speed (issue #17), on CPU and CUDA.
 
 CUDA targets are set for an H100/H200: masked steps at >= 0.95x torch fused AdamW and >= 85% of
 the stream reference, ChildTuningAdamW >= 10x the ChildTuning loop, the 5% sparse step at
@@ -34,6 +36,7 @@ FUSED, LOOP = "adamw-fused", "childtuning-f-loop"
 DENSE_KEYS = ("masked-none", "masked-dense-freeze", "masked-dense-zero_grad")
 BERNOULLI_KEYS = ("masked-bernoulli", "childtuning-f")
 BF16_KEYS = ("masked-dense-freeze", "masked-dense-zero_grad")
+BERNOULLI, IMPORTANCE = "masked-bernoulli", "masked-importance"
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,17 @@ CPU_GOALS = (
     *(StepGoal("speed", key, 1.0, dtype="bfloat16") for key in BF16_KEYS),
     StepGoal("time", "masked-sparse-0.05", 0.25, bottom="masked-dense-freeze"),
     StepGoal("time", "masked-sparse-0.01", 0.08, bottom="masked-dense-freeze"),
+    StepGoal("speed", IMPORTANCE, 0.9, bottom=BERNOULLI),
 )
 CUDA_GOALS = (
     *(StepGoal("speed", key, 0.95) for key in DENSE_KEYS[1:] + BERNOULLI_KEYS),
     *(StepGoal("share", key, 85.0) for key in DENSE_KEYS[1:] + BERNOULLI_KEYS),
     StepGoal("speed", "childtuning-f", 10.0, bottom=LOOP),
     StepGoal("time", "masked-sparse-0.05", 0.15, bottom="masked-none"),
+    StepGoal("speed", IMPORTANCE, 0.9, bottom=BERNOULLI),
 )
 BOTTOM_NAMES = {FUSED: "torch fused AdamW", LOOP: "the ChildTuning loop", "masked-none": "the mask=None step",
-                "masked-dense-freeze": "the dense freeze step"}
+                "masked-dense-freeze": "the dense freeze step", BERNOULLI: "the Bernoulli step"}
 TARGETS = {"cpu": "issue #20's, set on a 2-core AVX-512 Xeon", "cuda": "set for H100/H200"}
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from childopt import ChildTuningAdamW, MaskedAdamW
+from childopt import ChildTuningAdamW, Importance, MaskedAdamW
 from childopt.bench.baselines import ChildTuningReferenceAdamW, adamw_8bit, fused_adamw
 from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, state_gb,
                                     synchronized, time_calls)
@@ -43,12 +43,14 @@ STEPS = {("cpu", True): 5, ("cpu", False): 10, ("cuda", True): 20, ("cuda", Fals
 HYPER = dict(lr=1e-3, weight_decay=1e-2)
 DENSITY = 0.3
 RESERVE_P = 0.3
+REFRESH = 10  # steps between two solves of the importance mask (Importance's default)
 
 # Byte model, per parameter element and step.  An AdamW step reads p and g and writes p in the
 # parameter dtype (3 x its size: 12 B in fp32, 6 in bf16) and reads and writes m and v in the
 # state dtype (4 x its size: torch keeps the parameter's dtype, childopt fp32, bitsandbytes one
 # byte), so 28 B per fp32 element; a dense mask adds a 1-byte read; the in-kernel Bernoulli mask
-# adds nothing.  Every row is charged what its update needs, not what its implementation moves
+# adds nothing; the importance mask's level code is a 1-byte read, like the dense mask (its
+# refreshes are charged nothing: their time shows in the row's speed).  Every row is charged what its update needs, not what its implementation moves
 # (torch's foreach AdamW moves ~80 B, the ChildTuning loop well over 100 B), so GB/s is an
 # effective bandwidth, comparable across rows and with the stream reference.
 FP32 = 4
@@ -137,6 +139,14 @@ ROWS = (
     RowSpec("masked-bernoulli", "MaskedAdamW", f"bernoulli p={RESERVE_P}", adamw_traffic(FP32),
             lambda ps, backend: MaskedAdamW(ps, mask="bernoulli", reserve_p=RESERVE_P, seed=0, backend=backend,
                                             **HYPER)),
+    RowSpec("masked-importance", "MaskedAdamW", f"importance p={RESERVE_P}, running, refresh {REFRESH}",
+            adamw_traffic(FP32, MASK_BYTES),
+            lambda ps, backend: MaskedAdamW(ps, mask=Importance(refresh_every=REFRESH), reserve_p=RESERVE_P, seed=0,
+                                            backend=backend, **HYPER)),
+    RowSpec("masked-importance-exact", "MaskedAdamW", f"importance p={RESERVE_P}, exact, redrawn every step",
+            adamw_traffic(FP32, MASK_BYTES),
+            lambda ps, backend: MaskedAdamW(ps, mask=Importance(sampling="exact", refresh_every=1),
+                                            reserve_p=RESERVE_P, seed=0, backend=backend, **HYPER)),
     RowSpec("childtuning-f", "ChildTuningAdamW", f"ChildTuning-F p={RESERVE_P}", adamw_traffic(FP32),
             lambda ps, backend: ChildTuningAdamW(ps, mode="ChildTuning-F", reserve_p=RESERVE_P, seed=0,
                                                  backend=backend, **HYPER)),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from childopt import backends, philox
+from childopt import backends, importance, philox
 from childopt.backends import contract
 from childopt.backends.contract import COLUMN, MaskKind, StepScalars
 
@@ -25,7 +25,7 @@ def test_the_cpp_step_scalar_fields_are_the_python_ones_in_the_same_order():
 
 def test_the_cpp_mask_kinds_are_the_python_ones():
     text = (CSRC / "include" / "childopt" / "step_scalars.h").read_text()
-    cpp = {name.upper(): int(value) for name, value in re.findall(r"k(None|Dense|Bernoulli) = (\d+)", text)}
+    cpp = {name.upper(): int(value) for name, value in re.findall(r"k(None|Dense|Bernoulli|Importance) = (\d+)", text)}
     assert cpp == {kind.name: int(kind) for kind in MaskKind}
 
 
@@ -74,11 +74,14 @@ def _op_samples(op: str):
         for dtype in (torch.float32, torch.bfloat16):
             for kind in MaskKind:
                 for amsgrad in (False, True):
-                    masks = [randn(s) > 0 for s in shapes] if kind == MaskKind.DENSE else []
+                    masks = {MaskKind.DENSE: [randn(s) > 0 for s in shapes],
+                             MaskKind.IMPORTANCE: [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8)
+                                                   for s in shapes]}.get(kind, [])
                     yield ([randn(s, dtype) for s in shapes], [randn(s, dtype) for s in shapes],
                            [randn(s) for s in shapes], [randn(s).abs() for s in shapes],
                            [randn(s).abs() + 1 for s in shapes] if amsgrad else [], masks, _rows(len(shapes)),
-                           int(kind), kind == MaskKind.DENSE, amsgrad, philox.keep_threshold(0.4), 12345, 6)
+                           int(kind), kind == MaskKind.DENSE, amsgrad, philox.keep_threshold(0.4), 12345, 6,
+                           importance.level_table() if kind == MaskKind.IMPORTANCE else None)
     elif op == "sparse_adamw_step":
         for compact in (False, True):
             indices = [torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([16], dtype=torch.int32),

@@ -149,8 +149,14 @@ def test_argument_errors_name_the_tensor(native_cpu):
     with pytest.raises(RuntimeError, match=r"scalars must be a contiguous float64 tensor of shape \[7, 13\]"):
         torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], rows()[:, :11], 0,
                                       False, False, 1, 0, 0)
-    with pytest.raises(RuntimeError, match="mask_kind must be 0 \\(none\\), 1 \\(dense\\) or 2 \\(bernoulli\\), got 3"):
-        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], rows(), 3,
+    with pytest.raises(RuntimeError, match="mask_kind must be 0 \\(none\\), 1 \\(dense\\), 2 \\(bernoulli\\) or 3 "
+                                           "\\(importance\\), got 4"):
+        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], [], rows(), 4,
+                                      False, False, 1, 0, 0)
+    codes = [torch.zeros(p.shape, dtype=torch.uint8) for p in bad.params]
+    with pytest.raises(RuntimeError, match=r"mask_kind 3 \(importance\) needs levels, a contiguous float64 tensor "
+                                           r"of shape \[2, 256\]"):
+        torch.ops.childopt.adamw_step(bad.params, bad.grads, bad.exp_avgs, bad.exp_avg_sqs, [], codes, rows(), 3,
                                       False, False, 1, 0, 0)
 
 

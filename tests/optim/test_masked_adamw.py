@@ -306,7 +306,7 @@ BAD_INPUTS = [
     (lambda: MaskedAdamW([{"params": _params(), "reserve_p": -1}]), ValueError, "reserve_p \\(param group 0\\)"),
     (lambda: MaskedAdamW(_params(), masked="drop"), ValueError, "masked must be one of"),
     (lambda: MaskedAdamW(_params(), backend="cuda-magic"), ValueError, "backend must be one of"),
-    (lambda: MaskedAdamW(_params(), mask="random"), ValueError, "mask must be None, 'bernoulli' or a dict"),
+    (lambda: MaskedAdamW(_params(), mask="random"), ValueError, "mask must be None, 'bernoulli', 'importance', an Importance or a dict"),
     (lambda: MaskedAdamW(_params(), mask=[1]), TypeError, "mask must be None"),
     (lambda: MaskedAdamW(_params(), lr=-1.0), ValueError, "lr must be in"),
     (lambda: MaskedAdamW(_params(), betas=(0.9, 1.0)), ValueError, "betas\\[1\\] must be in"),
