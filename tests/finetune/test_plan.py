@@ -15,7 +15,16 @@ def test_rerun_skips_finished_runs_and_refuses_another_configuration(smoke, caps
     stamps = {path: path.stat().st_mtime_ns for path in smoke.glob("*.json")}
     assert cli.main([*SMOKE, "--output", str(smoke)]) == 0
     out = capsys.readouterr().out
-    assert all(f"[RTE-{method}-seed1] done already" in out for method in plan.METHODS)
+    assert all(f"[RTE-{method}-lr2e-05-seed1] done already" in out for method in plan.METHODS)
     assert {path: path.stat().st_mtime_ns for path in smoke.glob("*.json")} == stamps
-    assert cli.main([*SMOKE, "--lr", "1e-4", "--output", str(smoke)]) == 2
-    assert "another configuration (lr: 2e-05 there, 0.0001 now)" in capsys.readouterr().err
+    assert cli.main([*SMOKE, "--epochs", "2", "--output", str(smoke)]) == 2
+    assert "another configuration (epochs: 3 there, 2 now)" in capsys.readouterr().err
+
+
+def test_a_train_size_above_the_split_is_refused_before_training(tmp_path, capsys):
+    args = [*SMOKE, "--output", str(tmp_path)]
+    args[args.index("--train-size") + 1] = "41"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--train-size 41:" in err and "has only 40 training rows" in err, err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

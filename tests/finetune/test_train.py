@@ -4,7 +4,7 @@ and a run that repeats per seed."""
 import pytest
 
 from childopt import backends
-from childopt.finetune import cli, plan
+from childopt.finetune import cli, plan, train
 from tests.finetune.smoke import SMOKE, load_record
 
 
@@ -13,7 +13,7 @@ def test_smoke_run_writes_a_json_with_sane_fields(smoke, method):
     record = load_record(smoke, method)
     assert (record["task"], record["method"], record["seed"], record["steps"]) == ("RTE", method, 1, 3)
     assert record["config"]["max_steps"] == 3 and record["config"]["reserve_p"] == 0.3
-    assert record["data"] == {"train_rows": 40, "dev_rows": 20, "steps_per_epoch": 5}
+    assert record["data"] == {"train_rows": 24, "dev_rows": 20, "steps_per_epoch": 3}  # --train-size 24
     assert [h["step"] for h in record["history"]] == [0, 3]
     assert 0 <= record["dev"]["accuracy"] <= 1 and record["history"][-1]["train_loss"] > 0
     assert record["it_s"] > 0 and 0 < record["peak_gb"] < 64 and record["state_gb"] > 0
@@ -34,6 +34,14 @@ def test_sparse_storage_follows_ct_d_with_less_state(smoke):
     assert [h["train_loss"] for h in sparse["history"]] == [h["train_loss"] for h in dense["history"]]
     assert sparse["dev"] == dense["dev"]
     assert sparse["state_gb"] < dense["state_gb"]
+
+
+def test_training_subsets_are_drawn_with_the_seed():
+    rows = list(range(100))
+    first = train.training_subset(rows, 30, seed=1)
+    assert first == train.training_subset(rows, 30, seed=1) and first == sorted(set(first)) and len(first) == 30
+    assert first != train.training_subset(rows, 30, seed=2)
+    assert train.training_subset(rows, None, seed=1) is rows
 
 
 def test_a_run_is_deterministic_per_seed(smoke, tmp_path):
