@@ -1,4 +1,4 @@
-"""Importance-sampled keep probabilities: the scale solve, the level table and the level codes.
+"""Importance-sampled keep probabilities: the scale solve, the levels and the level codes.
 
 Each step an importance-sampled child network keeps element ``i`` with probability
 
@@ -8,77 +8,97 @@ where ``s_i`` is its importance, ``T`` a temperature and ``c`` is solved per sco
 expected kept share ``sum(p_i) / N`` is exactly ``reserve_p`` (:func:`solve_log_scale`, in the log domain).
 
 What the kernels read (contract kind ``IMPORTANCE``): one level code per element (uint8, the
-traffic of a dense mask) and the 256-entry :func:`level_table` of levels ``2 ** ((q - 255) / 8)``
-(``q = 0`` is p = 0) with their keep thresholds and ``1 / p``.  The kernels compare the Philox
-word with the threshold of the element's level and, under zero-grad, scale its gradient by the
-level's ``1 / p``.  One byte per element rather than none (p_i computed from ``exp_avg_sq`` in
-the kernel) because a power function in every backend would not round alike, and the keep
-decisions must be bit-identical on every backend; one byte rather than four (p_i in fp32)
-because the step streams 28 bytes per element and the dense mask already showed what one
-more costs.
+traffic of a dense mask).  Level ``q`` keeps an element when its Philox word (the Bernoulli
+stream's) is below an integer threshold that every backend computes from the code with shifts
+and a select among :data:`MANTISSAS`, no table and no transcendental function:
+
+    k = 255 - q,  threshold = MANTISSAS[k % 8] << 1          if k < 8
+                              MANTISSAS[k % 8] >> (k // 8 - 1) otherwise
+    q = 0: never kept;  q = 255: always kept (threshold 2**32)
+
+so level ``q`` keeps with probability ``threshold / 2**32`` (about ``2 ** ((q - 255) / 8)``,
+levels 9% apart), and under zero-grad a kept gradient is scaled by the fp32 quotient
+``2**32 / float(threshold)`` (1 for q = 255).  One byte per element rather than none (p_i
+computed from ``exp_avg_sq`` in the kernel) because a power function in every backend would not
+round alike, and the keep decisions must be bit-identical on every backend; one byte rather than
+four (p_i in fp32) because the step streams 28 bytes per element already.  Arithmetic levels
+rather than a 256-entry table because a gather per element costs the CPU kernel as much as the
+rest of its element update.
 
 p_i is rounded to one of its two neighbouring levels at random (Philox stream
 :data:`ROUNDING_STREAM`), up with probability ``(p_i - lower) / (upper - lower)``.  The level's
 expectation is p_i, so the expected kept share stays ``reserve_p``, and the gradient scaled by
-``1 / level`` stays an unbiased estimate.  Each refresh draws the rounding anew, so over
-refreshes every element is kept at rate p_i (levels are 9% apart; the rounding adds variance,
-no bias).  A level's keep threshold rounds ``p * 2**32`` to an integer, as the Bernoulli mask does.
+``1 / level`` stays an unbiased estimate (up to the fp32 rounding of the scale).  Each refresh
+draws the rounding anew, so over refreshes every element is kept at rate p_i.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
-from childopt import philox
-
 LEVEL_COUNT = 256
 LEVELS_PER_OCTAVE = 8
+# round(2 ** (31 - j / 8)): the keep thresholds of one octave of levels (csrc: kLevelMantissas).
+MANTISSAS = (2147483648, 1969251188, 1805811301, 1655936265, 1518500250, 1392470869, 1276901417, 1170923762)
 ROUNDING_STREAM = 0x5A3E  # Philox counter words 2-3 of the level rounding: apart from any optimizer step
+# Elements per piece of a refresh's elementwise work: its temporaries then stay in the cache
+# between torch ops (3x faster on a CPU than whole-tensor ops over a large model).
+PIECE = 1 << 20
 _SOLVE_ITERATIONS = 200
-_SOLVE_TOLERANCE = 1e-9  # relative error of the expected kept count the solve stops at
+_SOLVE_TOLERANCE = 1e-7  # relative error of the expected kept count the solve stops at (fp32 passes)
 
 
-def level_probabilities(device=None) -> torch.Tensor:
-    """The keep probability of each level code (float64 [256]): 0, then ``2 ** ((q - 255) / 8)``."""
-    q = torch.arange(LEVEL_COUNT, dtype=torch.float64, device=device)
-    p = torch.exp2((q - (LEVEL_COUNT - 1)) / LEVELS_PER_OCTAVE)
-    p[0] = 0.0
-    return p
+def level_thresholds(codes: torch.Tensor) -> torch.Tensor:
+    """The int64 keep threshold (``word < threshold``) of each uint8 level code (module docstring)."""
+    k = (LEVEL_COUNT - 1) - codes.long()
+    mantissa = torch.tensor(MANTISSAS, dtype=torch.int64, device=codes.device)[k & 7]
+    shift = k >> 3
+    threshold = torch.where(shift == 0, mantissa << 1, mantissa >> (shift - 1).clamp_min(0))
+    threshold = torch.where(k == 0, 2**32, threshold)
+    return torch.where(k == LEVEL_COUNT - 1, 0, threshold)
+
+
+def level_scales(codes: torch.Tensor) -> torch.Tensor:
+    """The fp32 gradient scale ``2**32 / float(threshold)`` of each level code (1 when always kept)."""
+    threshold = level_thresholds(codes)
+    quotient = torch.full_like(threshold, 2**32, dtype=torch.float32) / threshold.float()
+    return torch.where(threshold == 2**32, 1.0, quotient)
 
 
 @functools.lru_cache(maxsize=None)
-def _table(device: torch.device) -> torch.Tensor:
-    p = level_probabilities()
-    thresholds = [0.0] + [float(philox.keep_threshold(float(x))) for x in p[1:-1]] + [float(2**32)]
-    scales = torch.where(p > 0, 1.0 / p, torch.zeros_like(p))
-    return torch.stack([torch.tensor(thresholds, dtype=torch.float64), scales]).to(device)
+def _probabilities(device: torch.device) -> torch.Tensor:
+    codes = torch.arange(LEVEL_COUNT, device=device)
+    return level_thresholds(codes).double() / 2**32
 
 
-def level_table(device=None) -> torch.Tensor:
-    """The kernels' float64 [2, 256] table: keep thresholds (``word < threshold``), then ``1 / p``.
-
-    Thresholds are :func:`childopt.philox.keep_threshold` of each level, 0 for p = 0 (never kept)
-    and ``2**32`` for p = 1 (always kept); ``1 / p`` is 0 for p = 0 (never read).  Built once
-    per device (the kernels only read it).
-    """
-    return _table(torch.device(device if device is not None else "cpu"))
+def level_probabilities(device=None) -> torch.Tensor:
+    """The keep probability of each level code (float64 [256], exact): ``threshold / 2**32``."""
+    return _probabilities(torch.device(device if device is not None else "cpu"))
 
 
 def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """uint8 level codes of keep probabilities ``p`` (float64), rounded at random by uint32 ``words``.
+    """uint8 level codes of keep probabilities ``p`` (fp32), rounded at random by uint32 ``words``.
 
-    Level ``q`` or ``q + 1`` around each p, up with probability ``(p - P[q]) / (P[q+1] - P[q])``,
-    so ``E[P[code]] = p`` (exactly, up to float64 rounding and the 2**-32 steps of ``words``).
+    Level ``q`` or ``q + 1`` around each p (``q`` from ``log2 p``, corrected by one where the
+    levels' truncated thresholds put p in the neighbouring interval), up with probability
+    ``(p - P[q]) / (P[q+1] - P[q])``, so ``E[P[code]] = p`` up to fp32 rounding (relative 1e-7) and
+    the 2**-24 steps of the uniform draw.  fp32 and in place where it can: a refresh of a large
+    model is a few passes over its parameters.
     """
-    levels = level_probabilities(p.device)
-    position = (LEVEL_COUNT - 1) + LEVELS_PER_OCTAVE * torch.log2(p)
-    lower = torch.floor(position).clamp(0, LEVEL_COUNT - 2).long()
-    low, high = levels[lower], levels[lower + 1]
-    up = ((p - low) / (high - low)).clamp(0.0, 1.0)
-    uniform = (words.double() + 0.5) * 2.0**-32
-    return (lower + (uniform < up).long()).to(torch.uint8)
+    levels = level_probabilities(p.device).float()
+    p = p.float()
+    q = torch.log2(p).mul_(LEVELS_PER_OCTAVE).add_(LEVEL_COUNT - 1).floor_().clamp_(0, LEVEL_COUNT - 2).long()
+    q -= (p < levels[q]).long()  # a p just below its level (the thresholds truncate) or p = 0
+    q.clamp_(min=0)
+    q += (p >= levels[q + 1]).long() & (q < LEVEL_COUNT - 2).long()
+    low, high = levels[q], levels[q + 1]
+    # the lowest levels (p near 2**-31) repeat thresholds as the shifts run out of bits: no step, round down
+    up = torch.where(high > low, (p - low) / (high - low), 0.0)
+    uniform = (words >> 8).float().add_(0.5).mul_(2.0**-24)
+    return q.add_((uniform < up).long()).to(torch.uint8)
 
 
 def log_ratios(scores: list, temperature: float) -> list:
@@ -92,28 +112,46 @@ def log_ratios(scores: list, temperature: float) -> list:
     if peak == 0.0:
         return [torch.zeros(s.numel(), dtype=torch.float32, device=s.device) for s in scores]
     top = math.log2(peak)
-    return [((torch.log2(s.reshape(-1).double()) - top) / temperature).float() for s in scores]
+    return [torch.log2(s.reshape(-1).float()).sub_(top).div_(temperature) for s in scores]
+
+
+def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
+    """``clamp(2 ** (log_c + log r), p_min, 1)`` in fp32; ``log_c = inf`` keeps every non-zero score.
+
+    ``2 ** (log r + floor(log_c)) * 2 ** frac(log_c)``: the integer part is added exactly where it
+    matters (where ``p`` is not clamped to 0 or 1 the sum is small), the fraction is a factor with
+    fp32's relative precision, so ``log_c`` is not rounded to fp32 as a whole.
+    """
+    if math.isinf(log_c):
+        if log_c < 0:
+            return torch.full_like(log_r, p_min)
+        return torch.full_like(log_r, p_min).masked_fill_(torch.isfinite(log_r), 1.0)
+    whole = math.floor(log_c)
+    return torch.exp2(log_r + whole).mul_(2.0 ** (log_c - whole)).clamp_(p_min, 1.0)
 
 
 def _expected_kept(logs: list, log_c: float, p_min: float) -> tuple[float, float]:
-    """``sum(clamp(2 ** (log_c + log r), p_min, 1))`` and its slope in ``log_c``."""
+    """``sum(p)`` over the scope and its slope in ``log_c`` (``ln 2`` times the sum of unclamped p)."""
     total, slope = 0.0, 0.0
     for log_r in logs:
-        p = torch.exp2(log_r.double() + log_c)
-        clamped = p.clamp(p_min, 1.0)
-        total += float(clamped.sum())
-        slope += float(torch.where((p > p_min) & (p < 1.0), p, 0.0).sum()) * math.log(2.0)
+        for piece in log_r.split(PIECE):
+            p = probabilities(piece, log_c, p_min)
+            total += float(p.sum(dtype=torch.float64))
+            slope += float(torch.where((p > p_min) & (p < 1.0), p, 0.0).sum(dtype=torch.float64)) * math.log(2.0)
     return total, slope
 
 
-def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
+def solve_log_scale(logs: list, reserve_p: float, p_min: float, start: Optional[float] = None) -> float:
     """``log2 c`` with ``sum(clamp(c * r, p_min, 1)) = reserve_p * N`` over one scope's log ratios.
 
     The sum is non-decreasing in ``log2 c``; Newton's step from the current point is taken when it
     stays inside the bracket of the root found so far, else the bracket is halved, or, while it is
-    open on one side, widened by steps that double.  Returns ``-inf`` when ``p_min`` alone keeps
-    ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf`` keeps too few (more
-    zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to make up for them).
+    open on one side, widened by steps that double.  ``start``: where to begin (the last refresh's
+    root: running scores move little between refreshes).  Each step is one fp32 pass over the
+    ratios, with float64 sums: the kept count is hit to ``1e-7`` relative.  Returns ``-inf`` when
+    ``p_min`` alone keeps ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf``
+    keeps too few (more zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to
+    make up for them).
     """
     n = sum(r.numel() for r in logs)
     target = reserve_p * n
@@ -123,7 +161,9 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
     if positive + p_min * (n - positive) < target * (1 - _SOLVE_TOLERANCE):
         return math.inf
     low, high, widen = -math.inf, math.inf, 1.0
-    x = math.log2(target) - math.log2(sum(float(torch.exp2(r.double()).sum()) for r in logs))
+    if start is None or not math.isfinite(start):
+        start = math.log2(target) - math.log2(sum(float(torch.exp2(r).sum(dtype=torch.float64)) for r in logs))
+    x = start
     for _ in range(_SOLVE_ITERATIONS):
         kept, slope = _expected_kept(logs, x, p_min)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:
@@ -132,7 +172,7 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
             low = x
         else:
             high = x
-        if math.isfinite(low) and math.isfinite(high) and high - low <= 1e-15 * max(1.0, abs(high)):
+        if math.isfinite(low) and math.isfinite(high) and high - low <= 1e-12 * max(1.0, abs(high)):
             return high  # the sum steps over the target here
         step = x + (target - kept) / slope if slope > 0 else math.nan
         if low < step < high:
@@ -145,18 +185,16 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
     return x
 
 
-def keep_probabilities(logs: list, log_c: float, p_min: float) -> list:
-    """``clamp(2 ** (log_c + log r), p_min, 1)`` per tensor (float64); ``log_c = inf`` keeps every non-zero score."""
-    if math.isinf(log_c) and log_c > 0:
-        return [torch.full_like(r, p_min, dtype=torch.float64).masked_fill_(torch.isfinite(r), 1.0) for r in logs]
-    return [torch.exp2(r.double() + log_c).clamp(p_min, 1.0) for r in logs]
-
-
-def draw_codes(p: torch.Tensor, rng_base: int, seed: int, refresh: int, random_words) -> torch.Tensor:
-    """Level codes of one tensor's flat keep probabilities, rounded by Philox (key ``seed``).
+def draw_codes(log_r: torch.Tensor, log_c: float, p_min: float, rng_base: int, seed: int, refresh: int,
+               random_words) -> torch.Tensor:
+    """Level codes of one tensor's keep probabilities (:func:`probabilities`), rounded by Philox.
 
     The rounding words are keyed like the Bernoulli draw (counter: the element's group and
     :data:`ROUNDING_STREAM`), with ``refresh`` folded into the key so each refresh draws anew.
     """
     key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
-    return level_codes(p, random_words(p.numel(), rng_base, key, ROUNDING_STREAM, p.device))
+    words = random_words(log_r.numel(), rng_base, key, ROUNDING_STREAM, log_r.device)
+    codes = torch.empty(log_r.numel(), dtype=torch.uint8, device=log_r.device)
+    for out, piece, piece_words in zip(codes.split(PIECE), log_r.split(PIECE), words.split(PIECE)):
+        out.copy_(level_codes(probabilities(piece, log_c, p_min), piece_words))
+    return codes

@@ -86,15 +86,6 @@ inline void check_grad_dtype(at::TensorList params, at::TensorList grads) {
   TORCH_CHECK(g == p || g == at::kFloat, "childopt: grads must have the params' dtype (", p, ") or float32, got ", g);
 }
 
-// The importance kind's `Tensor? levels`: a contiguous float64 [2, kLevelCount] table on `device`.
-inline void check_levels(const c10::optional<at::Tensor>& levels, const at::Device& device) {
-  TORCH_CHECK(levels.has_value() && levels->scalar_type() == at::kDouble && levels->dim() == 2 &&
-                  levels->size(0) == 2 && levels->size(1) == kLevelCount && levels->is_contiguous() &&
-                  levels->device() == device,
-              "childopt: mask_kind 3 (importance) needs levels, a contiguous float64 tensor of shape [2, ", kLevelCount,
-              "] on ", device);
-}
-
 // Validates the arguments of adamw_step.
 inline void check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masks,
@@ -172,8 +163,7 @@ inline void check_radix_histogram(at::TensorList scores, at::IntArrayRef scopes,
 #define CHILDOPT_DECLARE_OPS()                                                                                        \
   void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,  \
                   at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind, \
-                  bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,                \
-                  const c10::optional<at::Tensor>& levels);                                                           \
+                  bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi);               \
   void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList indices,                         \
                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,         \
                          const at::Tensor& scalars, bool amsgrad, bool compact_grads);                                \

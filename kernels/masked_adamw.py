@@ -9,8 +9,8 @@ chunks of ``BLOCK * ITERS`` elements).  All indexing is int64.
 
 Bytes per element (fp32, one step): p, g, m, v read + p, m, v written = 28; +1 for a uint8
 dense mask; Bernoulli masks cost no bytes (Philox in registers, one call per 4 elements);
-importance masks 1 (a uint8 level code, read as the dense mask is, then its threshold and
-``1 / p`` from the 4 KB level table, which stays in cache); +8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
+importance masks 1 (a uint8 level code, read as the dense mask is; its threshold and scale are
+computed from it, childopt.importance); +8 with amsgrad.  Under freeze, dropped entries are read and written back unchanged: the
 traffic stays 28 B so that accesses vectorise (skipping them only pays for very sparse masks,
 which sparse-index storage serves).  Blocks wholly inside a tensor run unpredicated; only a
 tensor's last block masks its loads (the dense mask's included).
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from childopt import importance
 from childopt.backends.contract import MaskKind
 from childopt.kernels import multi_tensor
 from childopt.kernels.adamw_element import COL_RNG_BASE, COL_STEP, NUM_STEP_SCALARS, adamw_block, load_step_scalars
@@ -41,13 +42,13 @@ TABLE_COLS = tl.constexpr(7)
 KIND_DENSE = tl.constexpr(int(MaskKind.DENSE))
 KIND_BERNOULLI = tl.constexpr(int(MaskKind.BERNOULLI))
 KIND_IMPORTANCE = tl.constexpr(int(MaskKind.IMPORTANCE))
-LEVEL_COUNT = tl.constexpr(256)  # childopt.importance.LEVEL_COUNT: thresholds, then 1 / p, in ``levels``
+M0, M1, M2, M3, M4, M5, M6, M7 = (tl.constexpr(m) for m in importance.MANTISSAS)
 
 
 @triton.jit(do_not_specialize=["keep_threshold", "seed_lo", "seed_hi"])
 def masked_adamw_kernel(
     p_base, g_base, m_base, v_base, vmax_base, mask_base,
-    table, chunk_tensor, chunk_start, scalars, levels,
+    table, chunk_tensor, chunk_start, scalars,
     keep_threshold, seed_lo, seed_hi,
     MASK_KIND: tl.constexpr, FREEZE: tl.constexpr, AMSGRAD: tl.constexpr,
     P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, MASK_ALIGN: tl.constexpr,
@@ -93,7 +94,7 @@ def masked_adamw_kernel(
             words = offs  # unused
         if first + BLOCK <= numel:
             if MASK_KIND == KIND_IMPORTANCE:  # unpredicated: 4 code bytes per 32-bit load
-                keep, full_scale = _importance_decide(tl.load(mask_ptr + offs), words, levels, grad_scale, FREEZE)
+                keep, full_scale = _importance_decide(tl.load(mask_ptr + offs), words, grad_scale, FREEZE)
             else:
                 full_scale = grad_scale
                 if MASK_KIND == KIND_DENSE:  # unpredicated: 4 mask bytes per 32-bit load
@@ -103,8 +104,8 @@ def masked_adamw_kernel(
                         full_scale, grad_sign, lerp_from_start, False, MASK_KIND != 0, FREEZE, AMSGRAD)
         elif first < numel:
             if MASK_KIND == KIND_IMPORTANCE:
-                keep, tail_scale = _importance_decide(tl.load(mask_ptr + offs, mask=inb, other=0), words, levels,
-                                                      grad_scale, FREEZE)
+                keep, tail_scale = _importance_decide(tl.load(mask_ptr + offs, mask=inb, other=0), words, grad_scale,
+                                                      FREEZE)
             else:
                 tail_scale = grad_scale
                 if MASK_KIND == KIND_DENSE:
@@ -115,18 +116,25 @@ def masked_adamw_kernel(
 
 
 @triton.jit
-def _importance_decide(code, words, levels, grad_scale, FREEZE: tl.constexpr):
+def _importance_decide(code, words, grad_scale, FREEZE: tl.constexpr):
     """Keep decisions of a block from its level codes, and the gradient scale of each element.
 
-    Kept when the Philox word is below the level's threshold; under zero-grad the gradient is
-    scaled by the level's ``1 / p`` (the unbiased estimate), under freeze by ``grad_scale`` alone.
+    Kept when the Philox word is below the level's threshold (childopt.importance: shifts of an
+    octave's mantissas, no table); under zero-grad the gradient is scaled by the level's
+    ``2**32 / threshold`` (the unbiased estimate), under freeze by ``grad_scale`` alone.
     """
-    level = code.to(tl.int32)
-    keep = words.to(tl.int64) < tl.load(levels + level).to(tl.int64)
+    k = 255 - code.to(tl.int64)
+    j = k & 7
+    mantissa = tl.where(j == 0, M0, tl.where(j == 1, M1, tl.where(j == 2, M2, tl.where(j == 3, M3, tl.where(
+        j == 4, M4, tl.where(j == 5, M5, tl.where(j == 6, M6, M7)))))))
+    shift = k >> 3
+    threshold = tl.where(shift == 0, mantissa << 1, mantissa >> tl.maximum(shift - 1, 0))
+    threshold = tl.where(k == 255, 0, threshold)  # code 0: never kept; code 255 (k = 0): 2**32, always
+    keep = words.to(tl.int64) < threshold
     if FREEZE:
         scale = tl.zeros(code.shape, tl.float32) + grad_scale
     else:
-        scale = grad_scale * tl.load(levels + LEVEL_COUNT + level).to(tl.float32)
+        scale = grad_scale * tl.where(k == 0, 1.0, tl.div_rn(4294967296.0, threshold.to(tl.float32)))
     return keep, scale
 
 
@@ -150,17 +158,14 @@ def make_plan(lists: dict, *, block: int = multi_tensor.DEFAULT_BLOCK,
 
 
 def launch(plan: multi_tensor.Plan, lists: dict, scalars: torch.Tensor, *, mask_kind: int, freeze: bool,
-           amsgrad: bool, keep_threshold: int = 1, seed: int = 0, levels=None) -> None:
-    """Run one masked AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows.
-
-    ``levels``: the importance kind's level table (childopt.importance.level_table), else unused.
-    """
+           amsgrad: bool, keep_threshold: int = 1, seed: int = 0) -> None:
+    """Run one masked AdamW step over ``plan`` in one launch; ``scalars``: the contract's rows."""
     n_chunks = plan.chunk_tensor.numel()
     if n_chunks == 0:
         return
     masked_adamw_kernel[(n_chunks,)](
         *(tensors[0] for tensors in lists.values()), plan.table, plan.chunk_tensor, plan.chunk_start, scalars,
-        levels if levels is not None else scalars, keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+        keep_threshold, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
         MASK_KIND=mask_kind, FREEZE=mask_kind != 0 and freeze, AMSGRAD=amsgrad,
         P_ALIGN=plan.aligns[0], G_ALIGN=plan.aligns[1], S_ALIGN=plan.aligns[2], MASK_ALIGN=plan.aligns[3],
         BLOCK=plan.block, ITERS=plan.iters,

@@ -74,9 +74,8 @@ def compile_variant(arch: int, param_dtype: str, mask_kind: int, freeze: bool, a
     """One variant of the dense masked kernel."""
     p_type = TRITON_TYPES[param_dtype]
     pointers = dict(zip(("p_base", "g_base", "m_base", "v_base", "vmax_base", "mask_base", "table", "chunk_tensor",
-                         "chunk_start", "scalars", "levels"),
-                        (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64", "*i32", "*i64", "*fp64",
-                         "*fp64")))
+                         "chunk_start", "scalars"),
+                        (f"*{p_type}", f"*{p_type}", "*fp32", "*fp32", "*fp32", "*u8", "*i64", "*i32", "*i64", "*fp64")))
     align = 16 // {"fp32": 4, "bf16": 2, "fp16": 2}[p_type]
     constexprs = dict(MASK_KIND=mask_kind, FREEZE=freeze, AMSGRAD=amsgrad, P_ALIGN=align, G_ALIGN=align, S_ALIGN=4,
                       MASK_ALIGN=16, BLOCK=block, ITERS=iters)

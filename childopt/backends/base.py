@@ -73,7 +73,7 @@ class Backend:
         self._op("adamw_step")(
             tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs or [],
             tensors.masks if mask.kind in (MaskKind.DENSE, MaskKind.IMPORTANCE) else [], scalars, int(mask.kind),
-            mask.freeze, tensors.max_exp_avg_sqs is not None, mask.keep_threshold, seed_lo, seed_hi, mask.levels,
+            mask.freeze, tensors.max_exp_avg_sqs is not None, mask.keep_threshold, seed_lo, seed_hi,
         )
 
     def sparse_adamw_step(self, tensors: SparseTensorLists, scalars: torch.Tensor) -> None:

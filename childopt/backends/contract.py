@@ -22,11 +22,11 @@ Element update, in fp32 (``g`` is the gradient), with the per-tensor scalars of
 :data:`STEP_SCALAR_FIELDS` (one float64 row per tensor, rounded to fp32 once by every backend)::
 
     keep  = mask != 0                          (dense) | philox word < keep_threshold (bernoulli)
-                                               | philox word < levels[0][code] (importance)
+                                               | philox word < threshold(code) (importance)
     g     = g * grad_sign                      (-1 under maximize)
     g     = where(keep, g * grad_scale, 0)     unless freeze; under freeze, entries with
                                                keep == 0 keep p, m, v bit-identical
-          (importance: g * grad_scale * levels[1][code], levels rounded to fp32, under zero-grad)
+          (importance, zero-grad: g * grad_scale * scale(code))
     p     = p * decay_before
     m     = lerp(m, g, one_minus_beta1)        (torch.lerp's two-sided formula: lerp_from_start)
     v     = v * beta2 + one_minus_beta2 * g * g
@@ -34,8 +34,8 @@ Element update, in fp32 (``g`` is the gradient), with the per-tensor scalars of
     p     = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
     p     = p * decay_after
 
-``code`` is the element's uint8 entry of ``masks`` (importance: childopt.importance's level codes,
-``levels`` its float64 [2, 256] table of keep thresholds and ``1 / p``).  The Bernoulli and the
+``code`` is the element's uint8 entry of ``masks`` (importance: childopt.importance's level codes;
+``threshold`` and ``scale`` are its arithmetic of the code, the same in every backend).  The Bernoulli and the
 importance draw of element ``j`` use Philox4x32-10 with counter (rng_base + j // 4, step)
 (childopt.philox); ``step`` and ``rng_base`` are columns of the tensor's row.
 """
@@ -44,7 +44,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import astuple, dataclass, fields
-from typing import Optional
 
 import torch
 
@@ -103,13 +102,12 @@ COLUMN = {name: i for i, name in enumerate(STEP_SCALAR_FIELDS)}
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """The bucket-wide mask arguments: kind, freeze or zero-grad, the Philox key, the importance levels."""
+    """The bucket-wide mask arguments: kind, freeze or zero-grad, and the Philox key."""
 
     kind: MaskKind = MaskKind.NONE
     freeze: bool = False
     keep_threshold: int = 1
     seed: int = 0
-    levels: Optional[torch.Tensor] = None  # importance: childopt.importance.level_table
 
     @property
     def seed_words(self) -> tuple[int, int]:
@@ -120,7 +118,7 @@ SCHEMAS = {
     "adamw_step": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor[] masks, Tensor scalars, int mask_kind, bool freeze, bool amsgrad, "
-        "int keep_threshold, int seed_lo, int seed_hi, Tensor? levels=None) -> ()"
+        "int keep_threshold, int seed_lo, int seed_hi) -> ()"
     ),
     "sparse_adamw_step": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] indices, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from childopt import philox
+from childopt import importance, philox
 from childopt.backends import base, contract
 from childopt.backends.contract import MaskKind
 
@@ -46,32 +46,30 @@ def adamw_math(p, g, m, v, vmax, s: dict):
     return p * s["decay_after"], m, v, vmax
 
 
-def _keep_mask(i, masks, mask_kind, numel, s, keep_threshold, seed, levels, device):
+def _keep_mask(i, masks, mask_kind, numel, s, keep_threshold, seed, device):
     if mask_kind == MaskKind.DENSE:
         return masks[i].reshape(-1)
     if mask_kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE):
         words = philox.random_words(numel, int(s["rng_base"]), seed, int(s["step"]), device)
         if mask_kind == MaskKind.IMPORTANCE:
-            return words < levels[0].long()[masks[i].reshape(-1).long()]
+            return words < importance.level_thresholds(masks[i].reshape(-1))
         return words < keep_threshold
     return None
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, mask_kind, freeze, amsgrad,
-               keep_threshold, seed_lo, seed_hi, levels=None) -> None:
+               keep_threshold, seed_lo, seed_hi) -> None:
     """Apply one masked AdamW step in place to every tensor of the bucket."""
     seed = seed_lo | (seed_hi << 32)
-    if mask_kind == MaskKind.IMPORTANCE:
-        levels = levels.to(masks[0].device) if masks else levels
     for i, (param, s) in enumerate(zip(params, _rows(scalars))):
         p_flat = param.view(-1)
         m = exp_avgs[i].view(-1)
         v = exp_avg_sqs[i].view(-1)
         vmax = max_exp_avg_sqs[i].view(-1) if amsgrad else None
         g = grads[i].reshape(-1).float() * s["grad_sign"] * s["grad_scale"]
-        keep = _keep_mask(i, masks, mask_kind, p_flat.numel(), s, keep_threshold, seed, levels, p_flat.device)
+        keep = _keep_mask(i, masks, mask_kind, p_flat.numel(), s, keep_threshold, seed, p_flat.device)
         if mask_kind == MaskKind.IMPORTANCE and not freeze:
-            g = g * levels[1].float()[masks[i].reshape(-1).long()]
+            g = g * importance.level_scales(masks[i].reshape(-1))
         if keep is not None and not freeze:
             g = torch.where(keep, g, 0.0)
         p_new, m_new, v_new, vmax_new = adamw_math(p_flat.float(), g, m, v, vmax, s)

@@ -121,7 +121,7 @@ def _plan(family, lists: dict, *extra):
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, mask_kind, freeze, amsgrad,
-               keep_threshold, seed_lo, seed_hi, levels=None) -> None:
+               keep_threshold, seed_lo, seed_hi) -> None:
     """One launch over the bucket (see childopt.backends.contract for the update)."""
     if not params:
         return
@@ -132,8 +132,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
                                       masks if coded else None)
     with _device_guard(params[0]):
         masked_adamw.launch(_plan(masked_adamw, lists), lists, scalars, mask_kind=mask_kind, freeze=freeze,
-                            amsgrad=amsgrad, keep_threshold=keep_threshold, seed=seed_lo | (seed_hi << 32),
-                            levels=levels.to(params[0].device) if levels is not None else None)
+                            amsgrad=amsgrad, keep_threshold=keep_threshold, seed=seed_lo | (seed_hi << 32))
 
 
 def sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, amsgrad,

@@ -15,7 +15,7 @@ warmup/decay schedule:
   as ``ct-d`` (bit for bit on one backend) with less optimizer state.
 * ``ct-i``: an importance-sampled child network, ``MaskedAdamW(mask="importance", reserve_p=...)``:
   each step each entry is kept with a probability rising with its running Fisher (the optimizer's
-  own ``exp_avg_sq``, re-solved every 10 steps, floor ``reserve_p / 10``), kept gradients scaled
+  own ``exp_avg_sq``, re-solved every 100 steps, floor ``reserve_p / 10``), kept gradients scaled
   by ``1 / p`` (childopt.optim.importance_mask).
 
 ``--train-size N`` trains on N rows of the training split drawn with the run's seed (the same rows

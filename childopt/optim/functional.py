@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from childopt import backends, importance, philox
+from childopt import backends, philox
 from childopt.backends import Backend, SparseTensorLists, TensorLists
 from childopt.backends.contract import STEP_SCALAR_FIELDS, MaskKind, MaskSpec
 from childopt.optim import philox_lanes
@@ -132,9 +132,7 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
             held = kind in (MaskKind.DENSE, MaskKind.IMPORTANCE)
             impl.adamw_step(TensorLists(params=work, grads=bucket_grads, **moments,
                                         masks=[masks[i] for i in members] if held else None),
-                            rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold,
-                                           levels=importance.level_table(device) if kind == MaskKind.IMPORTANCE
-                                           else None))
+                            rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold))
         for i, w in zip(members, work):
             if w is not params[i]:
                 params[i].copy_(w)

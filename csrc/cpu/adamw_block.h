@@ -5,6 +5,7 @@
 // target_clones copies (and ifunc resolvers), never a shared inline definition across objects.
 #pragma once
 
+#include "childopt/importance_levels.h"
 #include "cpu_common.h"
 
 namespace childopt {
@@ -35,25 +36,22 @@ CHILDOPT_CPU_CLONES void adamw_block(Raw<P>* __restrict p, const Raw<G>* __restr
   }
 }
 
-// The importance kind's table, read from the op's float64 levels once per call.
-struct LevelTable {
-  uint64_t threshold[kLevelCount];
-  float scale[kLevelCount];
-};
-
-// Keep decisions of a block: the Philox word below its level's threshold.
+// Keep decisions of a block of importance level codes (importance_levels.h) from their words.
 CHILDOPT_CPU_CLONES inline void importance_keep(const uint32_t* __restrict words, const uint8_t* __restrict codes,
-                                                const LevelTable& levels, int64_t n, uint8_t* __restrict keep) {
-  for (int64_t i = 0; i < n; ++i) keep[i] = static_cast<uint64_t>(words[i]) < levels.threshold[codes[i]];
+                                                int64_t n, uint8_t* __restrict keep) {
+  for (int64_t i = 0; i < n; ++i) keep[i] = level_keep(words[i], codes[i]);
 }
 
-// The importance kind's zero-grad gradients: g * grad_sign * (1 / p of the level), in fp32 scratch,
-// the product the element update would form (it then runs with grad_sign = grad_scale = 1).
+// The same, and the zero-grad gradients g * grad_sign * (scale of the level) in fp32 scratch: the
+// product the element update would form (it then runs with grad_sign = grad_scale = 1).
 template <typename G>
-CHILDOPT_CPU_CLONES void importance_grads(const Raw<G>* __restrict g, const uint8_t* __restrict codes,
-                                          const LevelTable& levels, float grad_sign, int64_t n,
-                                          float* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = Storage<G>::load(g[i]) * grad_sign * levels.scale[codes[i]];
+CHILDOPT_CPU_CLONES void importance_keep_and_scale(const uint32_t* __restrict words, const uint8_t* __restrict codes,
+                                                   const Raw<G>* __restrict g, float grad_sign, int64_t n,
+                                                   uint8_t* __restrict keep, float* __restrict scaled) {
+  for (int64_t i = 0; i < n; ++i) {
+    keep[i] = level_keep(words[i], codes[i]);
+    scaled[i] = Storage<G>::load(g[i]) * grad_sign * level_scale(codes[i]);
+  }
 }
 
 // 16-bit elements of a block widened into fp32 scratch.

@@ -3,7 +3,7 @@
 //
 // Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 for a dense mask, +8
 // with amsgrad); the Bernoulli mask is drawn in cache; the importance mask reads one level code
-// per element (+1) and draws against its level's threshold (a 3 KB table, in L1).  Scalars come per tensor (one float64
+// per element (+1) and draws against its level's threshold, computed from the code.  Scalars come per tensor (one float64
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
@@ -95,22 +95,11 @@ void draw_block(uint64_t rng_base, int64_t begin, int64_t n, const BlockStreams<
   }
 }
 
-// The levels tensor (float64 [2, kLevelCount]: thresholds, then 1 / p) as the kernel reads it.
-LevelTable level_table(const c10::optional<at::Tensor>& levels) {
-  LevelTable table{};
-  if (!levels.has_value()) return table;
-  const double* rows = levels->data_ptr<double>();
-  for (int q = 0; q < kLevelCount; ++q) {
-    table.threshold[q] = static_cast<uint64_t>(rows[q]);
-    table.scale[q] = static_cast<float>(rows[kLevelCount + q]);
-  }
-  return table;
-}
 
 template <typename P, typename G, bool AMSGRAD, Keep KEEP>
 void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
-                 int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi, const LevelTable& levels) {
+                 int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
   std::vector<int64_t> numels;
   for (const auto& t : params) numels.push_back(t.numel());
   for_each_chunk(numels, [&](const Chunk& c) {
@@ -142,14 +131,14 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
         const uint8_t* codes = masks[c.tensor].data_ptr<uint8_t>() + b;
         draw_block(s.rng_base, b, n, streams,
                    [&](uint64_t group, int64_t groups, int64_t at) { philox_words(draw, group, groups, words + at); });
-        importance_keep(words, codes, levels, n, drawn);
         keep = drawn;
         if constexpr (KEEP == Keep::kZeroGrad) {
-          importance_grads<G>(g + b, codes, levels, s.grad_sign * s.grad_scale, n, scaled_grads);
+          importance_keep_and_scale<G>(words, codes, g + b, s.grad_sign * s.grad_scale, n, drawn, scaled_grads);
           update_block<P, float, AMSGRAD, KEEP>(p + b, scaled_grads, m + b, v + b, AMSGRAD ? vmax + b : nullptr,
                                                 keep, n, unit);
           continue;
         }
+        importance_keep(words, codes, n, drawn);
       }
       update_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
     }
@@ -159,11 +148,10 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
 template <typename P, typename G>
 void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList masks, const double* rows, MaskKind mask_kind,
-                    bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,
-                    const LevelTable& levels) {
+                    bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
 #define CHILDOPT_RUN(AMS, KEEP)                                                                                   \
   return adamw_lists<P, G, AMS, KEEP>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows,    \
-                                      mask_kind, keep_threshold, seed_lo, seed_hi, levels)
+                                      mask_kind, keep_threshold, seed_lo, seed_hi)
   const Keep keep = mask_kind == MaskKind::kNone ? Keep::kAll : (freeze ? Keep::kFreeze : Keep::kZeroGrad);
   if (amsgrad) {
     if (keep == Keep::kAll) CHILDOPT_RUN(true, Keep::kAll);
@@ -180,24 +168,21 @@ void dispatch_flags(at::TensorList params, at::TensorList grads, at::TensorList 
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind,
-                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,
-                const c10::optional<at::Tensor>& levels) {
+                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
   const MaskKind kind = mask_kind_from(mask_kind);
   check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, kind, amsgrad);
   if (kind == MaskKind::kBernoulli || kind == MaskKind::kImportance) check_draw(keep_threshold, seed_lo, seed_hi);
   if (params.empty()) return;
-  if (kind == MaskKind::kImportance) check_levels(levels, params[0].device());
-  const LevelTable table = level_table(kind == MaskKind::kImportance ? levels : c10::nullopt);
   const double* rows = scalars.data_ptr<double>();
   const auto p_dtype = params[0].scalar_type();
   const auto g_dtype = grads[0].scalar_type();
   CHILDOPT_DISPATCH_FLOAT_TYPES(p_dtype, "childopt_adamw_step", [&] {
     if (g_dtype == p_dtype) {
       dispatch_flags<scalar_t, scalar_t>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
-                                         freeze, amsgrad, keep_threshold, seed_lo, seed_hi, table);
+                                         freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
     } else {
       dispatch_flags<scalar_t, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, rows, kind,
-                                      freeze, amsgrad, keep_threshold, seed_lo, seed_hi, table);
+                                      freeze, amsgrad, keep_threshold, seed_lo, seed_hi);
     }
   });
 }

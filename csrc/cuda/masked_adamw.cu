@@ -3,12 +3,13 @@
 //
 // Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 dense mask or importance
 // level code, +8 amsgrad); Bernoulli masks cost none (Philox in registers, one call per 4
-// elements); the importance level table (3 KB) is staged in shared memory once per block.  Each thread
+// elements); importance thresholds and scales come from the code (importance_levels.h).  Each thread
 // steps one Philox group of 4 consecutive elements with vector accesses (128-bit for fp32)
 // where the chunk is aligned; a tensor's last partial group is guarded element by element.
 // Frozen entries are written back with their old bits so accesses stay whole vectors.  Each
 // tensor's scalars (and its Philox base and step) are one float64 row, read once per block.
 // Layout: multi_tensor.cuh (blocks own 64K-element chunks; int64 offsets).
+#include "childopt/importance_levels.h"
 #include "multi_tensor.cuh"
 #include "storage.cuh"
 
@@ -18,8 +19,7 @@ namespace {
 
 template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
 __global__ void __launch_bounds__(kThreads)
-    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw,
-                        const double* __restrict__ levels) {
+    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw) {
   constexpr bool kCoded = KIND == 1 || KIND == 3;  // a byte per element: dense mask or level code
   const BlockWork<6> work(meta);
   const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
@@ -27,15 +27,6 @@ __global__ void __launch_bounds__(kThreads)
   unit.grad_sign = 1.0f;
   unit.grad_scale = 1.0f;
   draw.step = s.step;
-  __shared__ uint64_t level_threshold[KIND == 3 ? kLevelCount : 1];
-  __shared__ float level_scale[KIND == 3 ? kLevelCount : 1];
-  if (KIND == 3) {
-    for (int q = threadIdx.x; q < kLevelCount; q += kThreads) {
-      level_threshold[q] = static_cast<uint64_t>(levels[q]);
-      level_scale[q] = static_cast<float>(levels[kLevelCount + q]);
-    }
-    __syncthreads();
-  }
   P* p = static_cast<P*>(meta.ptr[0][work.slot]) + work.start;
   const G* g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
   float* m = static_cast<float*>(meta.ptr[2][work.slot]) + work.start;
@@ -59,8 +50,8 @@ __global__ void __launch_bounds__(kThreads)
       load4(mask, i, work.n, full, code);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        keep[k] = static_cast<uint64_t>(words[k]) < level_threshold[code[k]];
-        scale[k] = level_scale[code[k]];
+        keep[k] = level_keep(words[k], code[k]);
+        scale[k] = level_scale(code[k]);
       }
     }
     P p_raw[4];
@@ -104,7 +95,7 @@ struct LaunchAdamw {
   void run() const {
     *result = multi_tensor_apply<6>(tensors, kChunk, [&](const TensorListMeta<6>& meta, int blocks) {
       masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE><<<blocks, kThreads, 0, stream>>>(meta, config.scalars,
-                                                                                        config.draw, config.levels);
+                                                                                        config.draw);
     });
   }
 

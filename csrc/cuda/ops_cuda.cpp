@@ -53,14 +53,12 @@ bool grads_float(at::TensorList params, at::TensorList grads) {
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList masks, const at::Tensor& scalars, int64_t mask_kind,
-                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi,
-                const c10::optional<at::Tensor>& levels) {
+                bool freeze, bool amsgrad, int64_t keep_threshold, int64_t seed_lo, int64_t seed_hi) {
   const MaskKind kind = mask_kind_from(mask_kind);
   check_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, scalars, kind, amsgrad);
   const bool drawn = kind == MaskKind::kBernoulli || kind == MaskKind::kImportance;
   if (drawn) check_draw(keep_threshold, seed_lo, seed_hi);
   if (params.empty()) return;
-  if (kind == MaskKind::kImportance) check_levels(levels, params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda_kernels::AdamwConfig config{dtype_of(params[0].scalar_type()),
                                          grads_float(params, grads),
@@ -69,8 +67,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                                          freeze,
                                          scalars.data_ptr<double>(),
                                          drawn ? bernoulli_draw(keep_threshold, seed_lo, seed_hi, 0)
-                                               : BernoulliDraw{0, 0, 0, 0},
-                                         kind == MaskKind::kImportance ? levels->data_ptr<double>() : nullptr};
+                                               : BernoulliDraw{0, 0, 0, 0}};
   const bool coded = kind == MaskKind::kDense || kind == MaskKind::kImportance;
   const auto tables = refs({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
                             coded ? masks : at::TensorList()},

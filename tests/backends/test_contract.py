@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from childopt import backends, importance, philox
+from childopt import backends, philox
 from childopt.backends import contract
 from childopt.backends.contract import COLUMN, MaskKind, StepScalars
 
@@ -80,8 +80,7 @@ def _op_samples(op: str):
                     yield ([randn(s, dtype) for s in shapes], [randn(s, dtype) for s in shapes],
                            [randn(s) for s in shapes], [randn(s).abs() for s in shapes],
                            [randn(s).abs() + 1 for s in shapes] if amsgrad else [], masks, _rows(len(shapes)),
-                           int(kind), kind == MaskKind.DENSE, amsgrad, philox.keep_threshold(0.4), 12345, 6,
-                           importance.level_table() if kind == MaskKind.IMPORTANCE else None)
+                           int(kind), kind == MaskKind.DENSE, amsgrad, philox.keep_threshold(0.4), 12345, 6)
     elif op == "sparse_adamw_step":
         for compact in (False, True):
             indices = [torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([16], dtype=torch.int32),

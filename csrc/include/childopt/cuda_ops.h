@@ -32,7 +32,6 @@ struct AdamwConfig {
   bool freeze;
   const double* scalars;  // device rows [n, kNumStepScalars]; extra = the tensor's row
   BernoulliDraw draw;     // key and threshold; the step comes from each row
-  const double* levels;   // importance: device [2, kLevelCount] thresholds, then 1 / p; else null
 };
 
 // ptr: p, g, m, v, vmax, mask

@@ -54,8 +54,4 @@ CHILDOPT_HD StepScalars step_scalars_from_row(const double* row) {
 // The ops' `int mask_kind` (contract.MaskKind).
 enum class MaskKind : int64_t { kNone = 0, kDense = 1, kBernoulli = 2, kImportance = 3 };
 
-// The importance kind's level table (childopt/importance.py): 256 levels, each a keep threshold
-// (keep when the Philox word is below it; up to 2**32) and the gradient scale 1 / p.
-constexpr int kLevelCount = 256;
-
 }  // namespace childopt
