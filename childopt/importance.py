@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,9 @@ LEVEL_COUNT = 256
 LEVELS_PER_OCTAVE = 8
 # round(2 ** (31 - j / 8)): the keep thresholds of one octave of levels (csrc: kLevelMantissas).
 MANTISSAS = (2147483648, 1969251188, 1805811301, 1655936265, 1518500250, 1392470869, 1276901417, 1170923762)
-ROUNDING_STREAM = 0x5A3E  # Philox counter words 2-3 of the level rounding: apart from any optimizer step
+# Philox counter words 2-3 (the "step") of the level rounding: above any step an optimizer reaches,
+# so its words are never an optimizer step's keep words.
+ROUNDING_STREAM = (1 << 62) | 0x5A3E
 # Elements per piece of a refresh's elementwise work: its temporaries then stay in the cache
 # between torch ops (3x faster on a CPU than whole-tensor ops over a large model).
 PIECE = 1 << 20
@@ -66,6 +67,16 @@ def level_scales(codes: torch.Tensor) -> torch.Tensor:
     threshold = level_thresholds(codes)
     quotient = torch.full_like(threshold, 2**32, dtype=torch.float32) / threshold.float()
     return torch.where(threshold == 2**32, 1.0, quotient)
+
+
+def _first_distinct_level() -> int:
+    """The lowest non-zero code from which every level is above the one below it."""
+    thresholds = level_thresholds(torch.arange(LEVEL_COUNT))
+    repeats = (thresholds[1:] == thresholds[:-1]).nonzero()
+    return int(repeats.max()) + 2 if repeats.numel() else 1
+
+
+FIRST_LEVEL = _first_distinct_level()  # 25: levels 1..24 repeat a few thresholds, so codes draw 0 or >= 25
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,11 +105,14 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     q -= (p < levels[q]).long()  # a p just below its level (the thresholds truncate) or p = 0
     q.clamp_(min=0)
     q += (p >= levels[q + 1]).long() & (q < LEVEL_COUNT - 2).long()
-    low, high = levels[q], levels[q + 1]
-    # the lowest levels (p near 2**-31) repeat thresholds as the shifts run out of bits: no step, round down
-    up = torch.where(high > low, (p - low) / (high - low), 0.0)
+    # Below FIRST_LEVEL the shifts run out of bits and levels repeat: round between 0 and FIRST_LEVEL.
+    below = q < FIRST_LEVEL
+    q.masked_fill_(below, 0)
+    upper = torch.where(below, FIRST_LEVEL, q + 1)
+    low, high = levels[q], levels[upper]
+    up = (p - low) / (high - low)
     uniform = (words >> 8).float().add_(0.5).mul_(2.0**-24)
-    return q.add_((uniform < up).long()).to(torch.uint8)
+    return torch.where(uniform < up, upper, q).to(torch.uint8)
 
 
 def log_ratios(scores: list, temperature: float) -> list:
@@ -141,13 +155,12 @@ def _expected_kept(logs: list, log_c: float, p_min: float) -> tuple[float, float
     return total, slope
 
 
-def solve_log_scale(logs: list, reserve_p: float, p_min: float, start: Optional[float] = None) -> float:
+def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
     """``log2 c`` with ``sum(clamp(c * r, p_min, 1)) = reserve_p * N`` over one scope's log ratios.
 
     The sum is non-decreasing in ``log2 c``; Newton's step from the current point is taken when it
     stays inside the bracket of the root found so far, else the bracket is halved, or, while it is
-    open on one side, widened by steps that double.  ``start``: where to begin (the last refresh's
-    root: running scores move little between refreshes).  Each step is one fp32 pass over the
+    open on one side, widened by steps that double.  Each step is one fp32 pass over the
     ratios, with float64 sums: the kept count is hit to ``1e-7`` relative.  Returns ``-inf`` when
     ``p_min`` alone keeps ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf``
     keeps too few (more zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to
@@ -161,9 +174,8 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, start: Optional[
     if positive + p_min * (n - positive) < target * (1 - _SOLVE_TOLERANCE):
         return math.inf
     low, high, widen = -math.inf, math.inf, 1.0
-    if start is None or not math.isfinite(start):
-        start = math.log2(target) - math.log2(sum(float(torch.exp2(r).sum(dtype=torch.float64)) for r in logs))
-    x = start
+    # the root when nothing is clamped; from the data alone, so a resumed run solves alike
+    x = math.log2(target) - math.log2(sum(float(torch.exp2(r).sum(dtype=torch.float64)) for r in logs))
     for _ in range(_SOLVE_ITERATIONS):
         kept, slope = _expected_kept(logs, x, p_min)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:
@@ -175,9 +187,12 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, start: Optional[
         if math.isfinite(low) and math.isfinite(high) and high - low <= 1e-12 * max(1.0, abs(high)):
             return high  # the sum steps over the target here
         step = x + (target - kept) / slope if slope > 0 else math.nan
-        if low < step < high:
+        unbounded = math.isinf(high) or math.isinf(low)
+        # Newton's step is taken inside the bracket; while the bracket is open, only as far as the
+        # widening step (a near-zero slope would send it to 1e37, past what exp2 can take)
+        if low < step < high and (not unbounded or abs(step - x) <= widen):
             x = step
-        elif math.isinf(high) or math.isinf(low):
+        elif unbounded:
             x = x + widen if math.isinf(high) else x - widen
             widen *= 2.0
         else:

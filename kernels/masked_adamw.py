@@ -121,12 +121,19 @@ def _importance_decide(code, words, grad_scale, FREEZE: tl.constexpr):
 
     Kept when the Philox word is below the level's threshold (childopt.importance: shifts of an
     octave's mantissas, no table); under zero-grad the gradient is scaled by the level's
-    ``2**32 / threshold`` (the unbiased estimate), under freeze by ``grad_scale`` alone.
+    ``2**32 / threshold`` in place of ``grad_scale`` (the unbiased estimate), under freeze by ``grad_scale``.
     """
     k = 255 - code.to(tl.int64)
     j = k & 7
-    mantissa = tl.where(j == 0, M0, tl.where(j == 1, M1, tl.where(j == 2, M2, tl.where(j == 3, M3, tl.where(
-        j == 4, M4, tl.where(j == 5, M5, tl.where(j == 6, M6, M7)))))))
+    # int64 blocks, not scalars: Triton types a bare integer constant as int32 (M0 = 2**31 overflows it)
+    mantissa = tl.full(k.shape, M7, tl.int64)
+    mantissa = tl.where(j == 6, tl.full(k.shape, M6, tl.int64), mantissa)
+    mantissa = tl.where(j == 5, tl.full(k.shape, M5, tl.int64), mantissa)
+    mantissa = tl.where(j == 4, tl.full(k.shape, M4, tl.int64), mantissa)
+    mantissa = tl.where(j == 3, tl.full(k.shape, M3, tl.int64), mantissa)
+    mantissa = tl.where(j == 2, tl.full(k.shape, M2, tl.int64), mantissa)
+    mantissa = tl.where(j == 1, tl.full(k.shape, M1, tl.int64), mantissa)
+    mantissa = tl.where(j == 0, tl.full(k.shape, M0, tl.int64), mantissa)
     shift = k >> 3
     threshold = tl.where(shift == 0, mantissa << 1, mantissa >> tl.maximum(shift - 1, 0))
     threshold = tl.where(k == 255, 0, threshold)  # code 0: never kept; code 255 (k = 0): 2**32, always
@@ -134,7 +141,7 @@ def _importance_decide(code, words, grad_scale, FREEZE: tl.constexpr):
     if FREEZE:
         scale = tl.zeros(code.shape, tl.float32) + grad_scale
     else:
-        scale = grad_scale * tl.where(k == 0, 1.0, tl.div_rn(4294967296.0, threshold.to(tl.float32)))
+        scale = tl.where(k == 0, 1.0, tl.div_rn(4294967296.0, threshold.to(tl.float32)))
     return keep, scale
 
 

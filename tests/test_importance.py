@@ -97,8 +97,10 @@ def test_the_cpp_mantissas_are_the_python_ones():
 
 
 def test_rounding_keeps_the_expectation_of_p():
-    """Codes are one of the two levels around p, and their mean level is p (binomial bound)."""
-    p = torch.tensor([1e-12, 3e-4, 0.0123, 0.3, 0.77, 0.999, 1.0, 0.0], dtype=torch.float64)
+    """Codes are one of the two levels around p, and their mean level is p (binomial bound), down to
+    the lowest levels, whose thresholds repeat (rounded between 0 and the first distinct level)."""
+    p = torch.tensor([1e-12, 1.5 * 2**-32, 2.5 * 2**-32, 3e-4, 0.0123, 0.3, 0.77, 0.999, 1.0, 0.0],
+                     dtype=torch.float64)
     n = 40_000
     words = philox.random_words(n * p.numel(), 0, 7, 0, "cpu")
     codes = importance.level_codes(p.repeat(n), words).view(n, -1)
@@ -106,7 +108,9 @@ def test_rounding_keeps_the_expectation_of_p():
     lower = importance.level_probabilities()[codes.long().min(0).values]
     upper = importance.level_probabilities()[codes.long().max(0).values]
     assert torch.all(lower <= p) and torch.all(p <= upper)
-    assert torch.all(codes.long().max(0).values - codes.long().min(0).values <= 1)
+    low_codes, high_codes = codes.long().min(0).values, codes.long().max(0).values
+    neighbours = (high_codes - low_codes <= 1) | ((low_codes == 0) & (high_codes == importance.FIRST_LEVEL))
+    assert torch.all(neighbours), (low_codes, high_codes)
     spread = (upper - lower) / 2
     bound = 6 * spread / math.sqrt(n) + 1e-15
     assert torch.all((levels.mean(0) - p).abs() <= bound), (levels.mean(0) - p, bound)

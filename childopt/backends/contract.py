@@ -26,7 +26,7 @@ Element update, in fp32 (``g`` is the gradient), with the per-tensor scalars of
     g     = g * grad_sign                      (-1 under maximize)
     g     = where(keep, g * grad_scale, 0)     unless freeze; under freeze, entries with
                                                keep == 0 keep p, m, v bit-identical
-          (importance, zero-grad: g * grad_scale * scale(code))
+          (importance, zero-grad: g * scale(code), the level's scale in place of grad_scale)
     p     = p * decay_before
     m     = lerp(m, g, one_minus_beta1)        (torch.lerp's two-sided formula: lerp_from_start)
     v     = v * beta2 + one_minus_beta2 * g * g

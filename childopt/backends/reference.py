@@ -66,10 +66,12 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
         m = exp_avgs[i].view(-1)
         v = exp_avg_sqs[i].view(-1)
         vmax = max_exp_avg_sqs[i].view(-1) if amsgrad else None
-        g = grads[i].reshape(-1).float() * s["grad_sign"] * s["grad_scale"]
-        keep = _keep_mask(i, masks, mask_kind, p_flat.numel(), s, keep_threshold, seed, p_flat.device)
-        if mask_kind == MaskKind.IMPORTANCE and not freeze:
+        g = grads[i].reshape(-1).float() * s["grad_sign"]
+        if mask_kind == MaskKind.IMPORTANCE and not freeze:  # the level's scale replaces grad_scale
             g = g * importance.level_scales(masks[i].reshape(-1))
+        else:
+            g = g * s["grad_scale"]
+        keep = _keep_mask(i, masks, mask_kind, p_flat.numel(), s, keep_threshold, seed, p_flat.device)
         if keep is not None and not freeze:
             g = torch.where(keep, g, 0.0)
         p_new, m_new, v_new, vmax_new = adamw_math(p_flat.float(), g, m, v, vmax, s)

@@ -1,12 +1,13 @@
 """``mask="importance"`` in MaskedAdamW: its configuration and the refresh of the per-element draw.
 
-Each refresh (every ``refresh_every`` steps, and whenever a parameter has none yet) writes, for
+Each refresh (every ``refresh_every`` optimizer steps, and whenever a parameter has none yet) writes, for
 each sampled parameter, ``state["importance"]``: the uint8 level codes of its keep probabilities
 (``sampling="poisson"``, childopt.importance; the kernels draw the keep decision every step) or,
 with ``sampling="exact"``, a bool mask of exactly ``reserve_p`` of each scope drawn without
 replacement (Gumbel top-k, childopt.masks.sample_mask), stepped as a fixed mask until the next
-refresh.  The state entry is saved with the optimizer, so a resumed run draws what the
-uninterrupted one would have.
+refresh.  The state entry is saved with the optimizer, and the refresh schedule and keys follow
+the step count (after a load: the largest saved step of the sampled parameters), so a resumed
+run draws what the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ class Importance:
 
     Args:
         scores: ``"running"`` (the optimizer's own ``exp_avg_sq``, an average of squared
-            gradients; a scope whose moments are all zero, as before the first step, is drawn
+            gradients; under zero-grad the gradients it averaged were scaled by ``1 / p``, so it is
+            multiplied by each element's current ``p`` to estimate the mean squared gradient
+            itself; a scope whose moments are all zero, as before the first step, is drawn
             uniformly) or a dict from parameter (or name) to non-negative scores of its shape,
             e.g. from childopt.fisher.FisherAccumulator; parameters without an entry train fully.
         temperature: ``T`` > 0; ``inf`` draws every element with ``reserve_p``, bit for bit the
@@ -81,6 +84,10 @@ class Importance:
             raise ValueError(f"Importance.refresh_every must be an int >= 1, got {r!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"Importance.sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if math.isinf(t) and not isinstance(self.scores, str):
+            raise ValueError("Importance(temperature=inf) draws every entry with reserve_p whatever its score: pass "
+                             "mask='bernoulli' instead of a score dict (the parameters without scores would be "
+                             "masked too)")
         if self.sampling == "exact" and (math.isinf(t) or self.p_min not in (None, 0)):
             raise ValueError("Importance(sampling='exact') draws a fixed count without replacement: it needs a finite "
                              f"temperature and takes no p_min (got temperature={t!r}, p_min={self.p_min!r})")
@@ -142,23 +149,27 @@ class ImportanceSampler:
                 if not any(bool(m.score.any()) for m in members):
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
-        self._scales: dict = {}  # scope -> log2 c: given scores' (solved once), running scores' last (a warm start)
+        self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
+        self._steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
 
-    def due(self, states: dict) -> bool:
-        """Whether the next step draws anew: a member has no draw, or its step count is a multiple."""
-        for m in self.members:
-            state = states.get(m.param, {})
-            if "importance" not in state:
-                return True
-        first = states[self.members[0].param] if self.members else {}
-        return bool(first) and int(first["step"]) % self.config.refresh_every == 0
+    def before_step(self, states: dict, seed: int, rng_bases: dict, random_words: Callable,
+                    rescaled: Callable[[torch.Tensor], bool]) -> None:
+        """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
+        has no draw.  ``rescaled(param)``: whether its group scales kept gradients by ``1 / p``."""
+        if self._steps is None:
+            self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
+                              default=0)
+        if self._steps % self.config.refresh_every == 0 or any("importance" not in states.get(m.param, {})
+                                                                 for m in self.members):
+            self.refresh(states, seed, rng_bases, random_words, self._steps, rescaled)
+        self._steps += 1
 
-    def refresh(self, states: dict, seed: int, rng_bases: dict, random_words: Callable) -> None:
-        """Write each member's ``state["importance"]`` for the coming steps."""
+    def refresh(self, states: dict, seed: int, rng_bases: dict, random_words: Callable, refresh: int,
+                rescaled: Callable[[torch.Tensor], bool]) -> None:
+        """Write each member's ``state["importance"]`` for the coming steps (``refresh``: the draw's key)."""
         if not self.members:
             return
-        refresh = int(states[self.members[0].param].get("step", 0)) if self.members[0].param in states else 0
-        scores = [self._score(m, states) for m in self.members]
+        scores = [self._score(m, states, rescaled(m.param)) for m in self.members]
         if self.config.sampling == "exact":
             self._draw_exact(states, scores, seed, refresh)
             return
@@ -167,23 +178,31 @@ class ImportanceSampler:
             first = self.members[where[0]]
             logs = importance.log_ratios([scores[i] for i in where], float(self.config.temperature))
             p_min = self.config.floor(first.reserve_p)
-            c = self._scales.get(scope) if first.score is not None else None  # given scores: solved once
+            c = self._scales.get(scope)
             if c is None:
-                c = importance.solve_log_scale(logs, first.reserve_p, p_min, start=self._scales.get(scope))
-                if c == math.inf:
+                c = importance.solve_log_scale(logs, first.reserve_p, p_min)
+                if c == math.inf:  # user code <- optimizer wrappers (2) <- step <- before_step <- refresh
                     warnings.warn(f"importance scope {scope} ({first.name}, ...) has too few non-zero scores to keep "
-                                  "reserve_p of it in expectation; all non-zero ones are kept", stacklevel=4)
-                self._scales[scope] = c
+                                  "reserve_p of it in expectation; all non-zero ones are kept", stacklevel=6)
+                if first.score is not None:
+                    self._scales[scope] = c
             for i, log_r in zip(where, logs):
                 param = self.members[i].param
                 codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, random_words)
                 states[param]["importance"] = codes.view(param.shape)
 
-    def _score(self, member: _Member, states: dict) -> torch.Tensor:
+    def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:
+        """Given scores, or the running estimate of the mean squared gradient (see ``Importance.scores``)."""
         if member.score is not None:
             return member.score
-        moment = states.get(member.param, {}).get("exp_avg_sq")
-        return moment if moment is not None else torch.zeros_like(member.param, dtype=torch.float32)
+        state = states.get(member.param, {})
+        moment = state.get("exp_avg_sq")
+        if moment is None:
+            return torch.zeros_like(member.param, dtype=torch.float32)
+        codes = state.get("importance")
+        if rescaled and codes is not None and codes.dtype == torch.uint8:
+            return moment * importance.level_probabilities(moment.device).float()[codes.long()]
+        return moment
 
     def _draw_exact(self, states: dict, scores: list, seed: int, refresh: int) -> None:
         draw_seed = (seed + (refresh + 1) * _EXACT_SEED_STRIDE) % 2**64

@@ -114,6 +114,8 @@ class MaskedAdamW(Optimizer):
         if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
         self._number(group)
+        if self._importance_config is not None:  # the sampled parameters and their scopes include the new group
+            self._importance = self._make_sampler(self._importance_config)
 
     def _number(self, group: dict) -> None:
         """Give each parameter the next Philox index range; capturable: as a device scalar too.
@@ -233,9 +235,11 @@ class MaskedAdamW(Optimizer):
             work.append((group, stepped, grads))
         if self._importance is None and self._importance_config is not None:  # unpickled: rebuild the sampler
             self._importance = self._make_sampler(self._importance_config)
-        if self._importance is not None and not self._importance.config.uniform and self._importance.due(self.state):
-            self._importance.refresh(self.state, self.seed, self._rng_bases,
-                                     self._backend(self.param_groups[0]["params"][0].device).random_words)
+        if self._importance is not None and not self._importance.config.uniform:
+            rescaled = {p for g in self.param_groups if self._masked_mode(g) == "zero_grad" for p in g["params"]}
+            self._importance.before_step(self.state, self.seed, self._rng_bases,
+                                         self._backend(self.param_groups[0]["params"][0].device).random_words,
+                                         rescaled.__contains__)
         for group, stepped, grads in work:
             self._step_group(group, stepped, grads)
         if self._compact is not None:
@@ -319,6 +323,8 @@ class MaskedAdamW(Optimizer):
         continues where it was saved); a foreign one keeps this optimizer's masks.
         """
         checkpoint.load(self, checkpoint.lift_extras(state_dict), super().load_state_dict)
+        if self._importance is not None:  # its step count is read from the loaded state at the next step
+            self._importance = self._make_sampler(self._importance_config)
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and groups; add what defines the mask stream."""

@@ -133,7 +133,8 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
                    [&](uint64_t group, int64_t groups, int64_t at) { philox_words(draw, group, groups, words + at); });
         keep = drawn;
         if constexpr (KEEP == Keep::kZeroGrad) {
-          importance_keep_and_scale<G>(words, codes, g + b, s.grad_sign * s.grad_scale, n, drawn, scaled_grads);
+          // the level's scale replaces grad_scale (contract.py)
+          importance_keep_and_scale<G>(words, codes, g + b, s.grad_sign, n, drawn, scaled_grads);
           update_block<P, float, AMSGRAD, KEEP>(p + b, scaled_grads, m + b, v + b, AMSGRAD ? vmax + b : nullptr,
                                                 keep, n, unit);
           continue;

@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const bool dropped = KIND != 0 && keep[k] == 0;
-      // importance, zero-grad: g * grad_sign * (1 / p of the level), then the update with unit scalars
+      // importance, zero-grad: g * grad_sign * (the level's scale, in place of grad_scale), then the
+      // update with unit scalars
       const bool rescaled = KIND == 3 && !FREEZE;
       const float g_k = rescaled ? Storage<G>::load(g_raw[k]) * s.grad_sign * scale[k] : Storage<G>::load(g_raw[k]);
       const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_raw[k]), g_k, m_old[k], v_old[k],

@@ -72,8 +72,8 @@ def test_byte_masks_load_in_words_without_layout_conversions(compiled):
     """Full blocks load the uint8 mask (dense) or level codes (importance) unpredicated, 4 bytes per
     32-bit load (the unmasked kernel plus exactly those loads), in the fp32 streams' layout: no
     conversion through shared memory, which shows as bar.sync (an 8-byte mask load cost 46 of them
-    in the PTX and 24 registers).  The importance kernel's level-table reads are 64-bit gathers
-    from a 4 KB table (cached), not counted here."""
+    in the PTX and 24 registers).  The importance kernel computes each level's threshold and scale
+    from the code in registers (childopt.importance): no further loads."""
     plain = {(r["arch"], r["amsgrad"]): r for r in compiled
              if r["kernel"] == "masked_adamw" and r["mask_kind"] == 0 and r["param_dtype"] == "float32"}
     dense = [r for r in compiled if r["kernel"] == "masked_adamw" and r["mask_kind"] in (1, 3)]
