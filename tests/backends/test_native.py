@@ -36,7 +36,9 @@ def bucket(dtype, amsgrad, kind, seed=0):
         exp_avgs=[torch.randn(s, generator=gen) * 0.1 for s in SHAPES],
         exp_avg_sqs=[torch.rand(s, generator=gen) for s in SHAPES],
         max_exp_avg_sqs=[torch.rand(s, generator=gen) + 0.5 for s in SHAPES] if amsgrad else None,
-        masks=[torch.rand(s, generator=gen) < 0.3 for s in SHAPES] if kind == MaskKind.DENSE else None,
+        masks={MaskKind.DENSE: [torch.rand(s, generator=gen) < 0.3 for s in SHAPES],
+               MaskKind.IMPORTANCE: [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8) for s in SHAPES]
+               }.get(kind),
     )
 
 

@@ -109,12 +109,9 @@ def test_exact_sampling_keeps_the_exact_count_of_each_scope_every_step(lane):
                       mask=Importance(scores=graded_scores(params), sampling="exact", scope="tensor", refresh_every=1,
                                       temperature=2.0))
     kept = observe_keeps(opt, params, 6)
-    want = masks.apportion(RESERVE_P, [p.numel() for p in params])
-    want = [w for w in want]
-    for step in kept:
+    for step in kept:  # each tensor is a scope: floor or ceil of reserve_p of it, as select_mask keeps
         assert [int(k.sum()) for k in step] == [masks.apportion(RESERVE_P, [p.numel()])[0] for p in params]
     assert not torch.equal(kept[0][0], kept[1][0])  # drawn anew at every refresh
-    assert sum(want) == round(RESERVE_P * sum(p.numel() for p in params))
 
 
 @pytest.mark.parametrize("masked", ["zero_grad", "freeze"])
