@@ -153,23 +153,24 @@ class ImportanceSampler:
         self._steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, random_words: Callable,
-                    rescaled: Callable[[torch.Tensor], bool]) -> None:
+                    rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
-        has no draw.  ``rescaled(param)``: whether its group scales kept gradients by ``1 / p``."""
+        has no draw.  ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``,
+        asked for only when a refresh runs (not on every step)."""
         if self._steps is None:
             self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                               default=0)
         if self._steps % self.config.refresh_every == 0 or any("importance" not in states.get(m.param, {})
                                                                  for m in self.members):
-            self.refresh(states, seed, rng_bases, random_words, self._steps, rescaled)
+            self.refresh(states, seed, rng_bases, random_words, self._steps, rescaled())
         self._steps += 1
 
     def refresh(self, states: dict, seed: int, rng_bases: dict, random_words: Callable, refresh: int,
-                rescaled: Callable[[torch.Tensor], bool]) -> None:
+                rescaled: set) -> None:
         """Write each member's ``state["importance"]`` for the coming steps (``refresh``: the draw's key)."""
         if not self.members:
             return
-        scores = [self._score(m, states, rescaled(m.param)) for m in self.members]
+        scores = [self._score(m, states, m.param in rescaled) for m in self.members]
         if self.config.sampling == "exact":
             self._draw_exact(states, scores, seed, refresh)
             return

@@ -171,6 +171,10 @@ class MaskedAdamW(Optimizer):
                 trained = [p for p in group["params"] if p.requires_grad]
                 init_missing_state(trained, [self.state[p] for p in trained], group["amsgrad"], group["capturable"])
 
+    def _rescaled_params(self) -> set:
+        """The parameters whose kept gradients are scaled by 1 / p (groups under zero-grad)."""
+        return {p for g in self.param_groups if self._masked_mode(g) == "zero_grad" for p in g["params"]}
+
     def _make_sampler(self, config) -> importance_mask.ImportanceSampler:
         def resolve(scores, what):
             return params.resolve_entries(self.param_groups, scores, what, importance_mask.check_scores)
@@ -236,10 +240,9 @@ class MaskedAdamW(Optimizer):
         if self._importance is None and self._importance_config is not None:  # unpickled: rebuild the sampler
             self._importance = self._make_sampler(self._importance_config)
         if self._importance is not None and not self._importance.config.uniform:
-            rescaled = {p for g in self.param_groups if self._masked_mode(g) == "zero_grad" for p in g["params"]}
             self._importance.before_step(self.state, self.seed, self._rng_bases,
                                          self._backend(self.param_groups[0]["params"][0].device).random_words,
-                                         rescaled.__contains__)
+                                         self._rescaled_params)
         for group, stepped, grads in work:
             self._step_group(group, stepped, grads)
         if self._compact is not None:
