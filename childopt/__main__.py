@@ -1,4 +1,4 @@
-"""Command line of childopt: ``python -m childopt {bench,info,doctor,build,clean,finetune,selftest} ...``."""
+"""Command line of childopt: ``python -m childopt {bench,info,doctor,build,clean,finetune,memory,selftest} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ COMMANDS = {
     "clean": "remove stale and unused native-extension builds from the cache (python -m childopt clean --help)",
     "finetune": "fine-tune on GLUE with AdamW and Child-Tuning, then a table and learning curves "
                 "(python -m childopt finetune --help)",
+    "memory": "peak memory per device of each fine-tuning method before training, by term "
+              "(python -m childopt memory --help)",
     "selftest": "build, test, sanitize and benchmark every kernel on this machine, then a verdict per kernel "
                 "(python -m childopt selftest --help)",
 }
@@ -83,6 +85,10 @@ def main(argv=None) -> int:
         from childopt import selftest
 
         return selftest.main(ns.args)
+    if ns.command == "memory":
+        from childopt.memory import cli as memory_cli
+
+        return memory_cli.main(ns.args)
     if ns.command == "finetune":
         from childopt.finetune import cli
 

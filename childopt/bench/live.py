@@ -39,13 +39,15 @@ class LiveMemory:
         return self.held + self.peak_increase
 
 
+def storage_key(tensor: torch.Tensor) -> int:
+    """The identity of ``tensor``'s storage (its C++ object), shared by views and aliases; unlike
+    the data pointer it also tells apart the storages of fake tensors, which hold no data."""
+    return tensor.untyped_storage()._cdata
+
+
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
-    storages = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
+    return sum({storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def held_bytes(params: Iterable[torch.Tensor], opt: torch.optim.Optimizer) -> int:

@@ -306,6 +306,10 @@ class MaskedAdamW(Optimizer):
         return sum(sharding.local(v).nbytes for s in self.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
 
+    def compact_gradients(self) -> dict:
+        """The compact gradients (``grad[indices]``) kept since the last ``zero_grad``, by parameter."""
+        return dict(self._compact.buffers) if self._compact is not None else {}
+
     def sparse_indices(self) -> dict:
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed)."""
         return {name: self.state[p]["indices"] for group in self.param_groups

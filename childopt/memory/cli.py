@@ -1,0 +1,74 @@
+"""The command line of ``python -m childopt memory``: plan each method's peak memory, print a table
+per device, and optionally measure the same step on the CPU, plot the bars and write JSON."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from childopt.arguments import number
+from childopt.memory import report
+from childopt.memory.methods import METHODS
+from childopt.memory.models import HEADS, PRESETS, architecture
+from childopt.memory.planner import AUTOCAST, DTYPES, Setting, plan
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m childopt memory",
+        description="Peak memory per device of one training step of each fine-tuning method, by term, traced on "
+                    "fake tensors (no memory is allocated; seconds even for a 7B model).",
+        epilog="presets: " + "; ".join(f"{name}: {info[2]}" for name, info in PRESETS.items())
+               + ".  Methods: " + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    parser.add_argument("--model", required=True, metavar="PRESET|PATH",
+                        help="a preset, or a local Hugging Face config.json or model directory")
+    parser.add_argument("--head", choices=("auto",) + HEADS, default="auto",
+                        help="auto: classification for encoders (BERT, RoBERTa, ...), causal-lm otherwise")
+    parser.add_argument("--method", nargs="+", choices=tuple(METHODS), default=list(METHODS))
+    parser.add_argument("--reserve-p", type=number(float, 0.0, high=1.0), default=0.3,
+                        help="child-network share: the masks' kept share, the Bernoulli keep probability")
+    parser.add_argument("--mask-scope", choices=("layers", "all"), default="layers",
+                        help="what fixed masks cover: the transformer blocks (as Child-Tuning-D) or every parameter")
+    parser.add_argument("--batch-size", type=number(int, 0), default=8)
+    parser.add_argument("--seq-len", type=number(int, 0), default=128)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype")
+    parser.add_argument("--autocast", choices=tuple(AUTOCAST), default="none")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    parser.add_argument("--world-size", type=number(int, 0), default=1, help="FSDP2 devices sharding the model")
+    parser.add_argument("--lora-rank", type=number(int, 0), default=8)
+    parser.add_argument("--measure", action="store_true",
+                        help="also run each method's step for real on this CPU and print the measured peak "
+                             "(small models only: it allocates everything)")
+    parser.add_argument("--plot", metavar="PATH", help="save a stacked bar chart (PNG, needs matplotlib)")
+    parser.add_argument("--json", metavar="PATH", help="write the plans as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        arch = architecture(args.model, args.head)
+        setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, autocast=args.autocast,
+                          checkpointing=args.checkpointing, world_size=args.world_size, reserve_p=args.reserve_p,
+                          mask_scope=args.mask_scope, lora_rank=args.lora_rank)
+        plans = [plan(arch, name, setting) for name in tqdm(args.method, desc="tracing", unit="method")]
+        measured = {}
+        if args.measure:
+            from childopt.memory.validate import measure
+
+            runnable = [m for m in args.method if not METHODS[m].traced_as or m == "importance"]
+            measured = {m: measure(arch, m, setting) for m in tqdm(runnable, desc="measuring", unit="method")}
+    except (ValueError, RuntimeError) as exc:
+        print(f"python -m childopt memory: error: {exc}", file=sys.stderr)
+        return 2
+    title = report.describe(arch, setting, plans[0].parameters)
+    print(title)
+    print(report.table(plans, measured))
+    if args.plot:
+        report.plot(args.plot, plans, title)
+        print(f"plot: {args.plot}")
+    if args.json:
+        report.write_json(args.json, arch, setting, plans, measured)
+        print(f"json: {args.json}")
+    return 0

@@ -1,0 +1,206 @@
+"""Peak memory per device of one training step, by term, for a model and a fine-tuning method.
+
+The step is traced, not estimated: the model is built at full size on fake tensors, the method's
+real optimizer is made over it, and two training steps (forward with the chosen autocast and
+activation checkpointing, backward, ``step()``, ``zero_grad(set_to_none=True)``) run under
+:class:`childopt.memory.trace.LiveBytes`.  The first creates the optimizer state; the second is
+measured.  Terms, per device:
+
+* weights: parameters and buffers (replicated under FSDP2);  optimizer state: every tensor in ``optimizer.state`` but
+  the masks (what ``MaskedAdamW.state_bytes()`` sums);  masks: ``mask``, ``indices`` and
+  ``importance`` codes;
+* gradients: the bytes held after backward (``.grad``, or the compact gradients);
+* activations: the step's peak increase above what it starts with, minus the gradients
+  (saved activations and temporaries at the peak).
+
+``total = weights + state + masks + gradients + activations`` is the step's peak.  With a world
+size ``W > 1`` (FSDP2, ``fully_shard`` on each block and the root) the weights, gradients, state
+and masks are divided by ``W``, and what FSDP2 holds unsharded is added (:func:`_fsdp_extra`):
+a model of FSDP2, not a trace, checked against ``fully_shard`` on 2 CPU ranks in the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+from childopt.bench.live import storage_bytes
+from childopt.memory import methods
+from childopt.memory.methods import Method
+from childopt.memory.models import Architecture, build, layer_blocks
+from childopt.memory.trace import LiveBytes, fake_mode, to_fake
+
+MASK_KEYS = ("mask", "indices", "importance")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything besides the model and the method that a plan depends on."""
+
+    batch_size: int = 8
+    seq_len: int = 128
+    dtype: str = "fp32"
+    autocast: str = "none"
+    checkpointing: bool = False
+    world_size: int = 1
+    reserve_p: float = 0.3
+    mask_scope: str = "layers"
+    lora_rank: int = 8
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "world_size", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {tuple(AUTOCAST)}, got {self.autocast!r}")
+        if not 0.0 < self.reserve_p <= 1.0:
+            raise ValueError(f"reserve_p must be in (0, 1], got {self.reserve_p!r}")
+        if self.mask_scope not in ("layers", "all"):
+            raise ValueError(f"mask_scope must be 'layers' or 'all', got {self.mask_scope!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes per device of each term of one training step's peak."""
+
+    method: str
+    weights: int
+    gradients: int
+    state: int
+    masks: int
+    activations: int
+    parameters: int  # entries of every parameter (LoRA's adapters included)
+    trainable: int  # entries of the parameters that require a gradient
+    modeled: str  # what is not traced ('' when everything is)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.state + self.masks + self.activations
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def inputs_for(arch: Architecture, setting: Setting) -> dict:
+    """A batch of ``batch_size`` sequences of ``seq_len`` tokens (no padding) with labels for the head."""
+    ids = torch.zeros((setting.batch_size, setting.seq_len), dtype=torch.long)
+    labels = ids.clone() if arch.head == "causal-lm" else torch.zeros(setting.batch_size, dtype=torch.long)
+    return {"input_ids": ids, "labels": labels}
+
+
+def model_for(arch: Architecture, method: Method, setting: Setting, device: str) -> torch.nn.Module:
+    """The model ``method`` trains (LoRA wraps it), with activation checkpointing if asked."""
+    model = build(arch, DTYPES[setting.dtype], device)
+    if setting.checkpointing:
+        _checkpoint_every_block(model)
+    if method.name == "lora":
+        model = methods.wrap_lora(model, arch.head, setting.lora_rank)
+    return model
+
+
+def _checkpoint_every_block(model: torch.nn.Module) -> None:
+    """Activation checkpointing of every block, non-reentrant (transformers >= 5.x renamed the call)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def held_gradients(model: torch.nn.Module, optimizer) -> int:
+    """Bytes of the gradients held after backward: ``.grad`` and compact gradients."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    compact = optimizer.compact_gradients() if hasattr(optimizer, "compact_gradients") else {}
+    return storage_bytes(grads + list(compact.values()))
+
+
+def training_step(model: torch.nn.Module, optimizer, inputs: dict, setting: Setting) -> int:
+    """Forward, backward, ``step()``, ``zero_grad(set_to_none=True)``; the gradients' bytes after backward."""
+    autocast = AUTOCAST[setting.autocast]
+    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        loss = model(**inputs).loss
+    loss.backward()
+    gradients = held_gradients(model, optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gradients
+
+
+def _state_tensors(optimizer, masks: bool) -> list:
+    return [v for s in optimizer.state.values() for k, v in s.items()
+            if isinstance(v, torch.Tensor) and (k in MASK_KEYS) == masks]
+
+
+def _fsdp_extra(model: torch.nn.Module, world_size: int) -> tuple[int, int]:
+    """(weights, gradients) bytes FSDP2 adds per device: the root's own parameters (embeddings, head,
+    final norm: all-gathered for the whole step) and two blocks unsharded (the one computing and the
+    one prefetched); the unsharded gradients of the root and of one block before reduce-scatter."""
+    if world_size == 1:
+        return 0, 0
+    blocks = layer_blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    block = max(blocks, key=lambda b: storage_bytes(b.parameters()))
+
+    def trainable(params) -> list:
+        return [p for p in params if p.requires_grad]
+
+    return (2 * storage_bytes(block.parameters()) + storage_bytes(root),
+            storage_bytes(trainable(block.parameters())) + storage_bytes(trainable(root)))
+
+
+def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *, gradients: int,
+          increase: int, stand_in: bool) -> Plan:
+    """The :class:`Plan` of a step of ``optimizer``: ``gradients`` held after backward, ``increase``
+    its peak above what it started with (the state an earlier step created).  With ``stand_in``,
+    ``optimizer`` is the traced stand-in of ``method`` (:func:`childopt.memory.methods.traced`)
+    and the layout ``method`` differs by is applied."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if stand_in and method.name == "adamw-8bit":
+        state = methods.modeled_state_bytes(method, trainable)
+    else:
+        state = storage_bytes(_state_tensors(optimizer, masks=False))
+    masks = storage_bytes(_state_tensors(optimizer, masks=True))
+    if stand_in:
+        masks += methods.modeled_mask_bytes(method, trainable)
+    extra_weights, extra_gradients = _fsdp_extra(model, setting.world_size)
+    w = setting.world_size
+    weights = storage_bytes(model.parameters()) // w + storage_bytes(model.buffers())  # buffers are replicated
+    return Plan(method=method.name, weights=weights + extra_weights, gradients=gradients // w + extra_gradients,
+                state=state // w, masks=masks // w, activations=max(0, increase - gradients),
+                parameters=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in trainable), modeled=method.modeled if stand_in else "")
+
+
+def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
+    """Trace two training steps of ``method_name`` on ``arch`` on fake tensors; the second's peak, by term."""
+    method = methods.check_method(method_name)
+    if setting.world_size > 1 and method.name in methods.SPARSE_STORAGE:
+        raise ValueError(f"method {method.name!r} uses storage='sparse', which does not take FSDP2 (DTensor) "
+                         "parameters yet: plan it with world_size=1, or plan 'ct-d' (the same trajectory)")
+    model = model_for(arch, method, setting, "meta")
+    mode = fake_mode()
+    to_fake(model, mode)
+    with mode:
+        inputs = inputs_for(arch, setting)
+    tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
+
+    def fake_mask(param: torch.Tensor, count: int) -> torch.Tensor:
+        mask = torch.empty(param.shape, dtype=torch.bool, device=param.device)
+        tracker.declare_kept(mask, count)
+        return mask
+
+    with mode, tracker:
+        optimizer = methods.build_optimizer(methods.traced(method), model, reserve_p=setting.reserve_p,
+                                            mask_scope=setting.mask_scope, make_mask=fake_mask)
+        training_step(model, optimizer, inputs, setting)
+        start = tracker.live
+        tracker.reset_peak()
+        gradients = training_step(model, optimizer, inputs, setting)
+    return terms(method, setting, model, optimizer, gradients=gradients, increase=tracker.peak - start,
+                 stand_in=methods.traced(method) is not method)

@@ -1,0 +1,115 @@
+"""Bytes of live tensors over a training step run on fake tensors: the real ops, no memory.
+
+Under torch's ``FakeTensorMode`` every op of the forward, the backward and the optimizer step
+runs for its shapes and dtypes only, on CPU-typed tensors (so autocast, SDPA's choice of a fused
+attention kernel and activation checkpointing behave as on a CPU), in seconds for a 7B model.
+:class:`LiveBytes` sits above the fake mode and counts each new storage an op returns until
+the storage dies: the running total and its peak are what the CPU allocator would report (the
+tests compare them with torch's profiler on real tensors: equal to the byte).
+
+Why not ``torch.distributed._tools.mem_tracker.MemTracker``: it is private API, and it neither
+counts fake tensors nor lets a planned mask declare how many entries it keeps.
+
+A fake bool mask holds no values, so ``nonzero`` of it (sparse storage turns masks into
+indices) cannot know its length: a mask registered with :meth:`LiveBytes.declare_kept`
+answers with that many entries, and so do its copies (an op's output of the same number of
+elements as a declared first argument inherits the declaration).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from childopt.bench.live import storage_key
+
+NONZERO = torch.ops.aten.nonzero.default
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ops while it is active, and their peak.
+
+    Storages of ``existing`` tensors (parameters, buffers, inputs, optimizer state) are not
+    counted: ops that return views of them allocate nothing.
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._known = {storage_key(t) for t in existing}
+        self._kept: dict = {}
+
+    def declare_kept(self, mask: torch.Tensor, count: int) -> None:
+        """``nonzero`` of ``mask`` (or of any view of it) returns ``count`` rows."""
+        self._kept[storage_key(mask)] = count
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _released(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._known.discard(key)
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._known:
+            return
+        self._known.add(key)
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._released, key, nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        kept = self._kept.get(storage_key(first)) if first is not None else None
+        if func is NONZERO and kept is not None:
+            out = torch.empty((kept, first.dim()), dtype=torch.long, device=first.device)
+        else:
+            out = func(*args, **kwargs)
+            if kept is not None and isinstance(out, torch.Tensor) and out.numel() == first.numel():
+                self._kept[storage_key(out)] = kept
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor)
+        return out
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake mode in which tensors made from scratch are fake CPU tensors."""
+    return FakeTensorMode(allow_non_fake_inputs=False)
+
+
+def to_fake(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+    """Replace every parameter and buffer of ``module`` (typically on the meta device) by a fake
+    CPU tensor of its shape and dtype, in place; ``requires_grad`` and parameter sharing are kept.
+
+    Assigning to ``_parameters`` directly: ``module.to_empty`` would go through ``_apply``,
+    which cannot swap a parameter for a tensor subclass.
+    """
+    replaced: dict = {}  # id -> (original, fake): the original is held so that its id is not reused
+
+    def fake_like(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in replaced:
+            with mode:
+                empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            fake = (torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                    if isinstance(tensor, torch.nn.Parameter) else empty)
+            replaced[id(tensor)] = (tensor, fake)
+        return replaced[id(tensor)][1]
+
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None:
+                submodule._parameters[name] = fake_like(param)
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None:
+                submodule._buffers[name] = fake_like(buffer)
+    return module

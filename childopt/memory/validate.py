@@ -1,0 +1,32 @@
+"""The planner's check: the same training step on real CPU tensors, measured by torch's profiler.
+
+The model is built for real (random weights), the fixed masks keep exactly the planned number
+of entries at random places, one step creates the optimizer state, and the second step's peak
+increase is read from the profiler's allocation events (childopt.bench.live), which see every
+allocation of the CPU allocator: not the process RSS, which holds libraries and freed heap.
+Only for models that fit in memory; the tests compare :func:`measure` with
+:func:`childopt.memory.planner.plan` on small configs.
+"""
+from __future__ import annotations
+
+import torch
+
+from childopt.bench.live import cpu_peak_increase
+from childopt.memory import methods
+from childopt.memory.models import Architecture
+from childopt.memory.planner import Plan, Setting, inputs_for, model_for, terms, training_step
+
+
+def measure(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
+    """Run two real training steps of ``method_name`` on ``arch`` on the CPU; the second's peak, by term."""
+    method = methods.check_method(method_name)
+    if setting.world_size > 1:
+        raise ValueError(f"world_size must be 1 to measure on one CPU process, got {setting.world_size}")
+    torch.manual_seed(0)
+    model = model_for(arch, method, setting, "cpu")
+    inputs = inputs_for(arch, setting)
+    optimizer = methods.build_optimizer(method, model, reserve_p=setting.reserve_p, mask_scope=setting.mask_scope)
+    training_step(model, optimizer, inputs, setting)
+    gradients = []
+    increase = cpu_peak_increase(lambda: gradients.append(training_step(model, optimizer, inputs, setting)))
+    return terms(method, setting, model, optimizer, gradients=gradients[0], increase=increase, stand_in=False)

@@ -1,0 +1,45 @@
+"""``python -m childopt memory`` end to end on a local config, and its errors."""
+import json
+
+import pytest
+
+from childopt.__main__ import main
+
+CONFIG = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}
+
+
+def test_plans_measures_plots_and_writes_json(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    plot, record = tmp_path / "memory.png", tmp_path / "memory.json"
+    code = main(["memory", "--model", str(tmp_path), "--method", "full", "sparse-compact", "lora", "adamw-8bit",
+                 "--batch-size", "2", "--seq-len", "32", "--measure", "--plot", str(plot), "--json", str(record)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "batch 2 x 32 tokens" in out and "planned/measured" in out
+    assert "adamw-8bit *" in out and "bitsandbytes" in out  # modeled, and said so
+    data = json.loads(record.read_text())
+    plans = {p["method"]: p for p in data["plans"]}
+    assert set(plans) == {"full", "sparse-compact", "lora", "adamw-8bit"}
+    assert set(data["measured"]) == {"full", "sparse-compact", "lora"}  # 8-bit needs bitsandbytes on CUDA
+    for name, measured in data["measured"].items():
+        assert plans[name]["total"] == pytest.approx(measured["total"], rel=0.15)
+    assert plans["lora"]["total"] < plans["full"]["total"]
+    assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt-5"], "preset"),
+    (["--model", "llama-7b", "--method", "sparse", "--world-size", "8"], "storage='sparse'"),
+])
+def test_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(["memory", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+
+
+def test_bad_numbers_are_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["memory", "--model", "roberta-base", "--reserve-p", "1.5"])
+    assert exc.value.code == 2
+    assert "--reserve-p" in capsys.readouterr().err
