@@ -38,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=number(int, 0), default=1, help="FSDP2 devices sharding the model")
     parser.add_argument("--lora-rank", type=number(int, 0), default=8)
     parser.add_argument("--measure", action="store_true",
-                        help="also run each method's step for real on this CPU and print the measured peak "
-                             "(small models only: it allocates everything)")
+                        help="also run each method's step for real on this CPU (MaskedAdamW on its native "
+                             "kernels, built once if needed) and print the measured peak (small models only: it "
+                             "allocates everything)")
     parser.add_argument("--plot", metavar="PATH", help="save a stacked bar chart (PNG, needs matplotlib)")
     parser.add_argument("--json", metavar="PATH", help="write the plans as JSON")
     return parser.parse_args(argv)
@@ -47,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.measure and args.world_size > 1:
+        print("python -m childopt memory: error: --measure runs one CPU process; it cannot check --world-size "
+              f"{args.world_size}", file=sys.stderr)
+        return 2
     try:
         arch = architecture(args.model, args.head)
         setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, autocast=args.autocast,
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
         if args.measure:
             from childopt.memory.validate import measure
 
-            runnable = [m for m in args.method if not METHODS[m].traced_as or m == "importance"]
+            runnable = [m for m in args.method if METHODS[m].runs_on_cpu]
             measured = {m: measure(arch, m, setting) for m in tqdm(runnable, desc="measuring", unit="method")}
     except (ValueError, RuntimeError) as exc:
         print(f"python -m childopt memory: error: {exc}", file=sys.stderr)
@@ -69,6 +74,6 @@ def main(argv=None) -> int:
         report.plot(args.plot, plans, title)
         print(f"plot: {args.plot}")
     if args.json:
-        report.write_json(args.json, arch, setting, plans, measured)
+        report.write_json(args.json, args.model, arch, setting, plans, measured)
         print(f"json: {args.json}")
     return 0

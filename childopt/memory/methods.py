@@ -38,6 +38,7 @@ class Method:
     masks: bool = False  # a fixed child network: Child-Tuning-D masks on the blocks
     traced_as: str = ""  # the method whose trace it shares, when it cannot be traced itself
     modeled: str = ""  # what is added to that trace by layout
+    runs_on_cpu: bool = True  # validate.measure can run it here
 
 
 METHODS = {m.name: m for m in (
@@ -48,10 +49,11 @@ METHODS = {m.name: m for m in (
     Method("sparse-compact", "storage='sparse' and compact_grads=True (gradients of the kept entries only)",
            masks=True),
     Method("importance", "MaskedAdamW mask='importance' (running scores)", traced_as="ct-f",
-           modeled="traced as ct-f, plus 1 B of level code per element"),
+           modeled="traced as ct-f, plus 1 B of level code per element; a refresh step (the first, then every "
+                   "refresh_every) holds more, not planned"),
     Method("lora", "peft LoRA on peft's default modules for the model, torch AdamW (fused)"),
     Method("adamw-8bit", "bitsandbytes AdamW8bit", traced_as="full",
-           modeled="traced as full, state from bitsandbytes' 8-bit layout"),
+           modeled="traced as full, state from bitsandbytes' 8-bit layout", runs_on_cpu=False),
 )}
 
 SPARSE_STORAGE = ("sparse", "sparse-compact")
@@ -76,8 +78,6 @@ def kept_count(numel: int, reserve_p: float) -> int:
 def masked_parameters(model: torch.nn.Module, scope: str) -> list:
     """``(name, parameter)`` a fixed mask covers: those of the transformer blocks (``layers``, as
     the published Child-Tuning-D does) or ``all``."""
-    if scope not in ("layers", "all"):
-        raise ValueError(f"mask_scope must be 'layers' or 'all', got {scope!r}")
     in_blocks = {id(p) for p in layer_blocks(model).parameters()}
     return [(name, p) for name, p in model.named_parameters()
             if p.requires_grad and (scope == "all" or id(p) in in_blocks)]
@@ -103,12 +103,12 @@ def random_mask(param: torch.Tensor, count: int) -> torch.Tensor:
     return mask.view(param.shape)
 
 
-def build_optimizer(method: Method, model: torch.nn.Module, *, reserve_p: float, mask_scope: str,
+def build_optimizer(method: Method, model: torch.nn.Module, *, reserve_p: float, mask_scope: str, backend: str,
                     make_mask: Callable[[torch.Tensor, int], torch.Tensor] = random_mask) -> torch.optim.Optimizer:
     """The optimizer of ``method`` over ``model``'s trainable parameters.
 
     ``make_mask(param, count)`` makes the fixed masks (the planner's are fake tensors that
-    declare their count to the trace).
+    declare their count to the trace); ``backend`` is MaskedAdamW's.
     """
     name = method.name
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -118,11 +118,13 @@ def build_optimizer(method: Method, model: torch.nn.Module, *, reserve_p: float,
         return adamw_8bit(trainable)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name in ("ct-f", "importance"):
-        return MaskedAdamW(named, mask="bernoulli" if name == "ct-f" else "importance", reserve_p=reserve_p, seed=0)
+        return MaskedAdamW(named, mask="bernoulli" if name == "ct-f" else "importance", reserve_p=reserve_p, seed=0,
+                           backend=backend)
     masks = {param_name: make_mask(p, kept_count(p.numel(), reserve_p))
              for param_name, p in masked_parameters(model, mask_scope)}
     storage = "sparse" if name in SPARSE_STORAGE else "dense"
-    return MaskedAdamW(named, mask=masks, seed=0, storage=storage, compact_grads=name == "sparse-compact")
+    return MaskedAdamW(named, mask=masks, seed=0, storage=storage, compact_grads=name == "sparse-compact",
+                       backend=backend)
 
 
 def modeled_state_bytes(method: Method, trainable: list) -> int:

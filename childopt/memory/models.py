@@ -45,10 +45,6 @@ class Architecture:
     head: str
     source: str
 
-    @property
-    def model_type(self) -> str:
-        return self.config.model_type
-
 
 def _transformers():
     try:
@@ -82,13 +78,17 @@ def load_config(model: str):
         raise ValueError(f"model: {path} is not valid JSON ({exc})") from exc
     if "model_type" not in fields:
         raise ValueError(f"model: {path} has no 'model_type', so transformers cannot tell which model it describes")
+    model_type = fields.pop("model_type")
     try:
-        config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        config = transformers.AutoConfig.for_model(model_type, **fields)
     except ValueError as exc:
-        raise ValueError(f"model: {path}: {exc}") from exc
-    missing = [name for name in REQUIRED_FIELDS if getattr(config, name, None) is None]
+        raise ValueError(f"model: {path}: unknown model_type {model_type!r} (transformers "
+                         f"{transformers.__version__} has no such model)") from exc
+    # Checked in the file, not the config: transformers fills a missing size with its default.
+    missing = [name for name in REQUIRED_FIELDS if name not in fields and config.attribute_map.get(name) not in fields]
     if missing:
-        raise ValueError(f"model: {path} lacks {', '.join(missing)}, which the planner needs to size the model")
+        raise ValueError(f"model: {path} lacks {', '.join(missing)}, which the planner needs to size the model "
+                         "(transformers would fill in its defaults)")
     return config
 
 
@@ -104,6 +104,9 @@ def architecture(model: str, head: str = "auto") -> Architecture:
     if head != "auto" and head not in HEADS:
         raise ValueError(f"head must be 'auto' or one of {HEADS}, got {head!r}")
     config = load_config(model)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model: {config.model_type} is an encoder-decoder model; the planner sizes encoders "
+                         "(classification) and decoders (causal-lm) only")
     source = PRESETS[model][2] if model in PRESETS else str(_config_file(model))
     return Architecture(config, default_head(config) if head == "auto" else head, source)
 
@@ -116,6 +119,18 @@ def build(arch: Architecture, dtype: torch.dtype, device: str = "meta") -> torch
     with torch.device(device):
         model = auto.from_config(arch.config, dtype=dtype)
     return model.train()
+
+
+def check_length(model: torch.nn.Module, config, seq_len: int) -> None:
+    """Refuse sequences longer than a learned position table: an ``Embedding`` with
+    ``max_position_embeddings`` rows (rotary models have none), less RoBERTa's padding offset."""
+    limit = getattr(config, "max_position_embeddings", None)
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == limit]
+    for table in tables:
+        usable = limit - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+        if seq_len > usable:
+            raise ValueError(f"seq_len {seq_len} is longer than the model's learned position table "
+                             f"({usable} positions)")
 
 
 def layer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -22,18 +22,27 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
+
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                          UnsupportedOperatorException)
 
 from childopt.bench.live import storage_bytes
 from childopt.memory import methods
 from childopt.memory.methods import Method
-from childopt.memory.models import Architecture, build, layer_blocks
+from childopt.memory.models import Architecture, build, check_length, layer_blocks
 from childopt.memory.trace import LiveBytes, fake_mode, to_fake
 
 MASK_KEYS = ("mask", "indices", "importance")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# MaskedAdamW's step as its fused kernels (childopt._C, CUDA, Triton) run it: in place, allocating
+# nothing.  On fake tensors every backend's op runs its fake kernel (childopt.backends.contract),
+# which allocates nothing either, so the plan takes the reference backend: no build needed.  The
+# reference backend's own torch ops would add temporaries; validate.measure runs the native one.
+PLANNED_BACKEND = "reference"
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class Setting:
             raise ValueError(f"mask_scope must be 'layers' or 'all', got {self.mask_scope!r}")
 
 
+
 @dataclass(frozen=True)
 class Plan:
     """Bytes per device of each term of one training step's peak."""
@@ -78,6 +88,7 @@ class Plan:
     parameters: int  # entries of every parameter (LoRA's adapters included)
     trainable: int  # entries of the parameters that require a gradient
     modeled: str  # what is not traced ('' when everything is)
+    peak_phase: str  # where the step's peak fell: forward, backward or step
 
     @property
     def total(self) -> int:
@@ -97,6 +108,7 @@ def inputs_for(arch: Architecture, setting: Setting) -> dict:
 def model_for(arch: Architecture, method: Method, setting: Setting, device: str) -> torch.nn.Module:
     """The model ``method`` trains (LoRA wraps it), with activation checkpointing if asked."""
     model = build(arch, DTYPES[setting.dtype], device)
+    check_length(model, arch.config, setting.seq_len)
     if setting.checkpointing:
         _checkpoint_every_block(model)
     if method.name == "lora":
@@ -120,13 +132,18 @@ def held_gradients(model: torch.nn.Module, optimizer) -> int:
     return storage_bytes(grads + list(compact.values()))
 
 
-def training_step(model: torch.nn.Module, optimizer, inputs: dict, setting: Setting) -> int:
-    """Forward, backward, ``step()``, ``zero_grad(set_to_none=True)``; the gradients' bytes after backward."""
+def training_step(model: torch.nn.Module, optimizer, inputs: dict, setting: Setting,
+                  on_phase: Callable[[str], None] = lambda phase: None) -> int:
+    """Forward, backward, ``step()``, ``zero_grad(set_to_none=True)``; the gradients' bytes after
+    backward.  ``on_phase`` hears "forward", "backward" and "step" as each starts."""
     autocast = AUTOCAST[setting.autocast]
+    on_phase("forward")
     with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
         loss = model(**inputs).loss
+    on_phase("backward")
     loss.backward()
     gradients = held_gradients(model, optimizer)
+    on_phase("step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gradients
@@ -156,9 +173,10 @@ def _fsdp_extra(model: torch.nn.Module, world_size: int) -> tuple[int, int]:
 
 
 def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *, gradients: int,
-          increase: int, stand_in: bool) -> Plan:
+          increase: int, stand_in: bool, peak_phase: str) -> Plan:
     """The :class:`Plan` of a step of ``optimizer``: ``gradients`` held after backward, ``increase``
-    its peak above what it started with (the state an earlier step created).  With ``stand_in``,
+    its peak above what it started with (the state an earlier step created; with FSDP2, counting
+    gradients at their shard's size), in ``peak_phase``.  With ``stand_in``,
     ``optimizer`` is the traced stand-in of ``method`` (:func:`childopt.memory.methods.traced`)
     and the layout ``method`` differs by is applied."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -173,8 +191,20 @@ def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *
     w = setting.world_size
     weights = storage_bytes(model.parameters()) // w + storage_bytes(model.buffers())  # buffers are replicated
     return Plan(method=method.name, weights=weights + extra_weights, gradients=gradients // w + extra_gradients,
-                state=state // w, masks=masks // w, activations=max(0, increase - gradients),
-                parameters=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in trainable), modeled=method.modeled if stand_in else "")
+                state=state // w, masks=masks // w, activations=max(0, increase - gradients // w),
+                parameters=sum(p.numel() for p in model.parameters()),
+                trainable=sum(p.numel() for p in trainable), modeled=method.modeled if stand_in else "",
+                peak_phase=peak_phase)
+
+
+@contextlib.contextmanager
+def _untraceable_ops_named(arch: Architecture):
+    """Turn fake-tensor failures (an op whose output depends on values) into an error naming the op."""
+    try:
+        yield
+    except (DynamicOutputShapeException, DataDependentOutputException, UnsupportedOperatorException) as exc:
+        raise ValueError(f"{arch.config.model_type} cannot be traced on fake tensors: its step runs "
+                         f"{exc.func}, whose output depends on tensor values") from exc
 
 
 def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
@@ -183,24 +213,35 @@ def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> 
     if setting.world_size > 1 and method.name in methods.SPARSE_STORAGE:
         raise ValueError(f"method {method.name!r} uses storage='sparse', which does not take FSDP2 (DTensor) "
                          "parameters yet: plan it with world_size=1, or plan 'ct-d' (the same trajectory)")
+    if setting.world_size > 1 and method.name == "adamw-8bit":
+        raise ValueError("method 'adamw-8bit': bitsandbytes' optimizers do not take FSDP2 (DTensor) parameters "
+                         "(bitsandbytes issues #89, #1633); plan it with world_size=1")
     model = model_for(arch, method, setting, "meta")
     mode = fake_mode()
     to_fake(model, mode)
     with mode:
         inputs = inputs_for(arch, setting)
-    tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
+    tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()),
+                        gradient_share=setting.world_size)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p: tracker.mark_gradient(p.grad))
 
     def fake_mask(param: torch.Tensor, count: int) -> torch.Tensor:
         mask = torch.empty(param.shape, dtype=torch.bool, device=param.device)
         tracker.declare_kept(mask, count)
         return mask
 
-    with mode, tracker:
+    def on_phase(phase: str) -> None:
+        tracker.phase = phase
+
+    with mode, tracker, _untraceable_ops_named(arch):
         optimizer = methods.build_optimizer(methods.traced(method), model, reserve_p=setting.reserve_p,
-                                            mask_scope=setting.mask_scope, make_mask=fake_mask)
+                                            mask_scope=setting.mask_scope, backend=PLANNED_BACKEND,
+                                            make_mask=fake_mask)
         training_step(model, optimizer, inputs, setting)
         start = tracker.live
         tracker.reset_peak()
-        gradients = training_step(model, optimizer, inputs, setting)
+        gradients = training_step(model, optimizer, inputs, setting, on_phase)
     return terms(method, setting, model, optimizer, gradients=gradients, increase=tracker.peak - start,
-                 stand_in=methods.traced(method) is not method)
+                 stand_in=methods.traced(method) is not method, peak_phase=tracker.peak_phase)

@@ -24,8 +24,8 @@ def describe(arch: Architecture, setting: Setting, parameters: int) -> str:
     checkpointing = ", activation checkpointing" if setting.checkpointing else ""
     sharding = f", FSDP2 over {setting.world_size} devices" if setting.world_size > 1 else ", one device"
     return (f"{arch.source} as {arch.head} ({parameters / 1e6:,.1f}M parameters), batch {setting.batch_size} x "
-            f"{setting.seq_len} tokens, {setting.dtype} parameters{autocast}{checkpointing}{sharding}, "
-            f"reserve_p {setting.reserve_p} ({setting.mask_scope})")
+            f"{setting.seq_len} tokens (no padding), {setting.dtype} parameters{autocast}{checkpointing}{sharding}, "
+            f"reserve_p {setting.reserve_p} ({setting.mask_scope}), LoRA rank {setting.lora_rank}")
 
 
 def table(plans: list, measured: dict | None = None) -> str:
@@ -35,7 +35,7 @@ def table(plans: list, measured: dict | None = None) -> str:
     baseline = next((p.total for p in plans if p.method == BASELINE), None)
     columns = [("method", lambda p: p.method + (" *" if p.modeled else ""))]
     columns += [(f"{label} {unit}", lambda p, key=key: f"{getattr(p, key) / scale:,.3f}") for key, label in TERMS]
-    columns += [(f"total {unit}", lambda p: f"{p.total / scale:,.3f}")]
+    columns += [(f"total {unit}", lambda p: f"{p.total / scale:,.3f}"), ("peak in", lambda p: p.peak_phase or "-")]
     if baseline:
         columns += [("vs full", lambda p: f"{p.total / baseline:.2f}x")]
     if measured:
@@ -48,11 +48,29 @@ def table(plans: list, measured: dict | None = None) -> str:
     return "\n".join([text] + notes)
 
 
-def write_json(path: str, arch: Architecture, setting: Setting, plans: list, measured: dict) -> None:
-    record = {"model": arch.source, "head": arch.head, "setting": setting.__dict__,
+def write_json(path: str, model: str, arch: Architecture, setting: Setting, plans: list, measured: dict) -> None:
+    """The plans with what reproduces them: the --model given, the full config, the versions."""
+    record = {"model": model, "source": arch.source, "head": arch.head, "config": arch.config.to_dict(),
+              "setting": setting.__dict__, "versions": versions(),
               "plans": [p.as_dict() for p in plans],
               "measured": {name: p.as_dict() for name, p in measured.items()}}
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def versions() -> dict:
+    import importlib.metadata
+
+    import torch
+
+    import childopt
+
+    found = {"torch": torch.__version__, "childopt": childopt.__version__}
+    for package in ("transformers", "peft"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def plot(path: str, plans: list, title: str) -> None:

@@ -34,13 +34,21 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of storages created by ops while it is active, and their peak.
 
     Storages of ``existing`` tensors (parameters, buffers, inputs, optimizer state) are not
-    counted: ops that return views of them allocate nothing.
+    counted: ops that return views of them allocate nothing.  Storages marked as gradients
+    (:meth:`mark_gradient`) are also counted apart, so that :attr:`peak` can be taken as if each
+    gradient held only ``1 / gradient_share`` of its bytes (FSDP2's sharded gradients); ``phase``
+    names the part of the step running, and :attr:`peak_phase` the part where the peak fell.
     """
 
-    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+    def __init__(self, existing: Iterable[torch.Tensor] = (), gradient_share: int = 1):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.phase = ""
+        self.peak_phase = ""
+        self._gradient_bytes = 0
+        self._gradient_keys: set = set()
+        self._unsharded = 1.0 - 1.0 / gradient_share
         self._known = {storage_key(t) for t in existing}
         self._kept: dict = {}
 
@@ -48,22 +56,42 @@ class LiveBytes(TorchDispatchMode):
         """``nonzero`` of ``mask`` (or of any view of it) returns ``count`` rows."""
         self._kept[storage_key(mask)] = count
 
+    def mark_gradient(self, grad: torch.Tensor) -> None:
+        """``grad``'s storage (counted when an op made it) is a parameter's gradient."""
+        key = storage_key(grad)
+        if key in self._known and key not in self._gradient_keys:
+            self._gradient_keys.add(key)
+            self._gradient_bytes += grad.untyped_storage().nbytes()
+
     def reset_peak(self) -> None:
-        self.peak = self.live
+        self.peak = self._sharded_live()
+        self.peak_phase = self.phase
+
+    def _sharded_live(self) -> int:
+        return self.live - int(self._unsharded * self._gradient_bytes)
+
+    def _update_peak(self) -> None:
+        live = self._sharded_live()
+        if live > self.peak:
+            self.peak, self.peak_phase = live, self.phase
 
     def _released(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
         self._known.discard(key)
+        self._kept.pop(key, None)
+        if key in self._gradient_keys:
+            self._gradient_keys.discard(key)
+            self._gradient_bytes -= nbytes
 
     def _count(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_key(tensor)
         if key in self._known:
             return
         self._known.add(key)
+        storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        self._update_peak()
         weakref.finalize(storage, self._released, key, nbytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -1,6 +1,7 @@
 """The planner's check: the same training step on real CPU tensors, measured by torch's profiler.
 
-The model is built for real (random weights), the fixed masks keep exactly the planned number
+MaskedAdamW runs on its fused kernels (the native backend, built once if needed), as the plan
+assumes.  The model is built for real (random weights), the fixed masks keep exactly the planned number
 of entries at random places, one step creates the optimizer state, and the second step's peak
 increase is read from the profiler's allocation events (childopt.bench.live), which see every
 allocation of the CPU allocator: not the process RSS, which holds libraries and freed heap.
@@ -25,8 +26,10 @@ def measure(arch: Architecture, method_name: str, setting: Setting = Setting()) 
     torch.manual_seed(0)
     model = model_for(arch, method, setting, "cpu")
     inputs = inputs_for(arch, setting)
-    optimizer = methods.build_optimizer(method, model, reserve_p=setting.reserve_p, mask_scope=setting.mask_scope)
+    optimizer = methods.build_optimizer(method, model, reserve_p=setting.reserve_p, mask_scope=setting.mask_scope,
+                                        backend="native")
     training_step(model, optimizer, inputs, setting)
     gradients = []
     increase = cpu_peak_increase(lambda: gradients.append(training_step(model, optimizer, inputs, setting)))
-    return terms(method, setting, model, optimizer, gradients=gradients[0], increase=increase, stand_in=False)
+    return terms(method, setting, model, optimizer, gradients=gradients[0], increase=increase, stand_in=False,
+                 peak_phase="")

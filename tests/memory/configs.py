@@ -27,5 +27,6 @@ def llama(layers: int = 3) -> Architecture:
 
 SMALL = {"bert": bert, "roberta": roberta, "llama": llama}
 
-# The FSDP2 check (tests/memory/fsdp_worker.py): the 4-block LLaMA on 2 ranks.
-FSDP_SETTING = Setting(batch_size=4, seq_len=48, world_size=2)
+# The FSDP2 check (tests/memory/fsdp_worker.py): the 4-block LLaMA on 2 ranks, and on 4 ranks with a
+# batch small enough that the gradients decide where the peak falls.
+FSDP_SETTINGS = {2: Setting(batch_size=4, seq_len=48, world_size=2), 4: Setting(batch_size=1, seq_len=16, world_size=4)}

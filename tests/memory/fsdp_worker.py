@@ -24,20 +24,21 @@ from childopt.memory import methods  # noqa: E402
 from childopt.memory.models import layer_blocks  # noqa: E402
 from childopt.memory.planner import inputs_for, model_for, training_step  # noqa: E402
 from childopt.optim import sharding  # noqa: E402
-from tests.memory.configs import FSDP_SETTING, llama  # noqa: E402
+from tests.memory.configs import FSDP_SETTINGS, llama  # noqa: E402
 
 
 def measure(method_name: str, mesh) -> int:
     """Held bytes at the second step's start plus its peak increase, on this rank."""
     torch.manual_seed(0)
-    arch, setting = llama(layers=4), FSDP_SETTING
+    arch, setting = llama(layers=4), FSDP_SETTINGS[dist.get_world_size()]
     method = methods.check_method(method_name)
     model = model_for(arch, method, setting, "cpu")
     for block in layer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     inputs = inputs_for(arch, setting)
-    optimizer = methods.build_optimizer(method, model, reserve_p=setting.reserve_p, mask_scope=setting.mask_scope)
+    optimizer = methods.build_optimizer(method, model, reserve_p=setting.reserve_p, mask_scope=setting.mask_scope,
+                                        backend="native")
     training_step(model, optimizer, inputs, setting)
     local = [sharding.local(t) for t in list(model.parameters()) + list(model.buffers())]
     local += [sharding.local(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]

@@ -5,6 +5,8 @@ import pytest
 
 from childopt.__main__ import main
 
+pytestmark = pytest.mark.usefixtures("native_kernels")
+
 CONFIG = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}
 
@@ -43,3 +45,8 @@ def test_bad_numbers_are_refused_by_argparse(capsys):
         main(["memory", "--model", "roberta-base", "--reserve-p", "1.5"])
     assert exc.value.code == 2
     assert "--reserve-p" in capsys.readouterr().err
+
+
+def test_measure_with_a_world_size_is_refused_before_any_tracing(capsys):
+    assert main(["memory", "--model", "llama-7b", "--measure", "--world-size", "2"]) == 2
+    assert "--measure runs one CPU process" in capsys.readouterr().err

@@ -58,3 +58,17 @@ def test_unknown_preset_lists_the_presets():
 def test_unknown_head():
     with pytest.raises(ValueError, match="head must be"):
         architecture("roberta-base", head="regression")
+
+
+def test_sizes_missing_from_the_file_are_refused_not_defaulted(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="lacks num_hidden_layers, vocab_size"):
+        architecture(str(path))
+
+
+def test_encoder_decoder_models_are_refused(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "t5", "d_model": 64, "num_layers": 2, "vocab_size": 100}))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        architecture(str(path))
