@@ -13,7 +13,7 @@ adds ``(g * c)^2`` to the parameter's fp32 score with the fused ``fisher_accumul
   instead of a batch-size-1 loop; scores are divided by the number of samples.  Cost: about one
   backward per sample, vectorised, and ``chunk_size`` x the scored parameters' memory.
 
-``fisher_mask`` runs a dataloader through it with a progress bar and selects the child network
+``fisher_scores`` runs a dataloader through it with a progress bar; ``fisher_mask`` selects the child network
 with :func:`childopt.masks.select_mask`, with ChildTuning-D's defaults.
 """
 from __future__ import annotations
@@ -287,23 +287,21 @@ def _to_device(batch, device: torch.device):
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, *,
-                loss_fn: Optional[Callable] = None, include: Include = r"layer", max_batches: Optional[int] = None,
-                estimator: str = "batch", clip_norm: Optional[float] = 1.0, scope: str = "global",
-                layer_of: Optional[Callable] = None, backend: str = "auto", progress: bool = True) -> dict:
-    """Compute Fisher scores over ``dataloader`` and return the child-network masks by name.
+def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Optional[Callable] = None,
+                  include: Include = r"layer", max_batches: Optional[int] = None, estimator: str = "batch",
+                  clip_norm: Optional[float] = 1.0, backend: str = "auto", progress: bool = True) -> dict:
+    """Fisher scores (name -> tensor) of the included parameters over ``dataloader``: the pass
+    :func:`fisher_mask` selects from, for a caller that needs the scores themselves (e.g. a picture
+    of the importance per attention head, :mod:`childopt.analysis`).
 
-    ChildTuning-D defaults: parameters whose name contains ``layer``, per-tensor clip 1.0, the
-    batch estimator and one global threshold; the result is ready for
-    ``MaskedAdamW(model.named_parameters(), mask=...)`` (parameters without a mask train fully).
-    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``.  The model runs in its current
-    mode (ChildTuning computes Fisher in train mode, with dropout).  Existing gradients are
-    cleared first; each is freed as soon as it is scored, and all are zeroed after each batch.
-    With the batch estimator every score is divided by the number of batches run, as in ChildTuning.
+    Defaults and behaviour as :func:`fisher_mask`: parameters whose name contains ``layer``,
+    per-tensor clip 1.0, the batch estimator; the model runs in its current mode; existing
+    gradients are cleared first, each is freed as soon as it is scored, and all are zeroed after
+    each batch.  With the batch estimator every score is divided by the number of batches run.
 
     Raises:
         ValueError: the dataloader yields no batch, or no batch gives the included parameters a
-            gradient (all scores would be 0 and the mask an arbitrary first share of entries).
+            gradient.
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
@@ -326,10 +324,32 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
             model.zero_grad(set_to_none=True)
             n_batches += 1
     if n_batches == 0:
-        raise ValueError(f"fisher_mask: the dataloader yielded no batches (max_batches={max_batches!r}); the "
+        raise ValueError(f"Fisher scores: the dataloader yielded no batches (max_batches={max_batches!r}); the "
                          "Fisher scores need at least one")
     if accumulator.num_seen == 0:
-        raise ValueError(f"fisher_mask: none of the {n_batches} batches gave a gradient to the included "
+        raise ValueError(f"Fisher scores: none of the {n_batches} batches gave a gradient to the included "
                          f"parameters (include={include!r}); check include and loss_fn")
-    scores = accumulator.scores(n_batches if estimator == "batch" else None)
+    return accumulator.scores(n_batches if estimator == "batch" else None)
+
+
+def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, *,
+                loss_fn: Optional[Callable] = None, include: Include = r"layer", max_batches: Optional[int] = None,
+                estimator: str = "batch", clip_norm: Optional[float] = 1.0, scope: str = "global",
+                layer_of: Optional[Callable] = None, backend: str = "auto", progress: bool = True) -> dict:
+    """Compute Fisher scores over ``dataloader`` (:func:`fisher_scores`) and return the child-network masks by name.
+
+    ChildTuning-D defaults: parameters whose name contains ``layer``, per-tensor clip 1.0, the
+    batch estimator and one global threshold; the result is ready for
+    ``MaskedAdamW(model.named_parameters(), mask=...)`` (parameters without a mask train fully).
+    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``.  The model runs in its current
+    mode (ChildTuning computes Fisher in train mode, with dropout).  Existing gradients are
+    cleared first; each is freed as soon as it is scored, and all are zeroed after each batch.
+    With the batch estimator every score is divided by the number of batches run, as in ChildTuning.
+
+    Raises:
+        ValueError: the dataloader yields no batch, or no batch gives the included parameters a
+            gradient (all scores would be 0 and the mask an arbitrary first share of entries).
+    """
+    scores = fisher_scores(model, dataloader, loss_fn=loss_fn, include=include, max_batches=max_batches,
+                           estimator=estimator, clip_norm=clip_norm, backend=backend, progress=progress)
     return select_mask(scores, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

@@ -1,9 +1,10 @@
-"""FisherAccumulator and fisher_mask against naive loops over the same batches."""
+"""FisherAccumulator, fisher_scores and fisher_mask against naive loops over the same batches."""
 import pytest
 import torch
 
 from childopt import backends
-from childopt.fisher import FisherAccumulator, fisher_mask
+from childopt.fisher import FisherAccumulator, fisher_mask, fisher_scores
+from childopt.masks import select_mask
 from tests.helpers import kernel_backend
 
 
@@ -186,6 +187,17 @@ def test_fisher_mask_keeps_the_largest_scores():
     kept = torch.cat([expected[n][masks[n]] for n in masks])
     dropped = torch.cat([expected[n][~masks[n]] for n in masks])
     assert kept.min() >= dropped.max() * (1 - 1e-6)
+
+
+def test_fisher_scores_are_the_naive_loops_and_what_fisher_mask_selects_from():
+    model, batches = _Net(), _batches()
+    expected = _plain_fisher(model, batches, _loss, clip=1.0)
+    scores = fisher_scores(model, batches, loss_fn=_loss, progress=False)
+    assert set(scores) == set(expected)
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-5, atol=1e-8)
+    masks = fisher_mask(model, batches, 0.3, loss_fn=_loss, progress=False)
+    assert all(torch.equal(masks[n], m) for n, m in select_mask(scores, 0.3).items())
 
 
 @pytest.mark.parametrize("make,error,match", [

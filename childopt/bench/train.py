@@ -90,6 +90,15 @@ def _random_masks(model, density: float, keep: Callable[[str], bool]) -> dict:
             for name, p in model.named_parameters() if keep(name)}
 
 
+def lora_model(model):
+    """``model`` wrapped by peft LoRA r=LORA_RANK on the attention query and value projections; the
+    classifier head trains fully (peft's ``modules_to_save`` of a sequence-classification task)."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=["query", "value"],
+                                                      task_type="SEQ_CLS"))
+
+
 def build(kind: str, model, backend: str = "auto"):
     """``(model, optimizer)`` of ``kind`` over ``model`` (LoRA wraps it); ``Unavailable`` if it cannot run."""
     if kind == "adamw-fused":
@@ -107,10 +116,7 @@ def build(kind: str, model, backend: str = "auto"):
     if kind == "lora-r8":
         if importlib.util.find_spec("peft") is None:
             raise Unavailable("peft is not installed (pip install peft)")
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=["query", "value"],
-                                                           task_type="SEQ_CLS"))
+        model = lora_model(model)
         # LoRA is usually trained at ~10x full fine-tuning's lr; the lr does not change a step's cost.
         return model, fused_adamw([p for p in model.parameters() if p.requires_grad], lr=10 * LR)
     if kind == "adamw-8bit":

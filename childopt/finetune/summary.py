@@ -42,7 +42,7 @@ def load_records(output: str) -> list[dict]:
     return records
 
 
-def _groups(records: list[dict]) -> dict:
+def best_lr_groups(records: list[dict]) -> dict:
     """(task, method) -> the records at its best lr, tasks and methods in their canonical order."""
     by_lr: dict = {}
     for record in sorted(records, key=lambda r: (list(glue.TASKS).index(r["task"]), METHODS.index(r["method"]),
@@ -72,7 +72,7 @@ def _delta(runs: list[dict], baseline: Optional[list[dict]]) -> str:
 def summary_table(records: list[dict]) -> str:
     """Markdown: per task and method (at its best lr), each dev metric after the last epoch as mean ±
     std over seeds, the headline metric's difference to adamw, it/s, peak GB and optimizer state GB."""
-    groups = _groups(records)
+    groups = best_lr_groups(records)
     metrics = list(dict.fromkeys(m for task, _ in groups for m in glue.TASKS[task].metrics))
     header = ["task", "method", "lr", "seeds", *metrics, "Δ vs adamw", "it/s", "peak GB", "state GB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -127,7 +127,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError("the learning-curve plot needs matplotlib: pip install 'childopt[plot]'") from exc
-    groups = _groups(records)
+    groups = best_lr_groups(records)
     tasks = list(dict.fromkeys(task for task, _ in groups))
     fig = Figure(figsize=(4.5 * len(tasks), 7), layout="constrained")
     axes = fig.subplots(2, len(tasks), squeeze=False)

@@ -17,6 +17,13 @@ warmup/decay schedule:
   each step each entry is kept with a probability rising with its running Fisher (the optimizer's
   own ``exp_avg_sq``, re-solved every 100 steps, floor ``reserve_p / 10``), kept gradients scaled
   by ``1 / p`` (childopt.optim.importance_mask).
+* ``lora``: peft LoRA r=8 on the attention query and value projections, the classifier head trained
+  fully, ``torch.optim.AdamW(fused=True)`` over the trainable parameters (at the run's ``--lr``: LoRA
+  usually wants about 10x full fine-tuning's, so run it with its own ``--lr``).
+
+``--report-heads`` writes each run's heads report (childopt.finetune.heads): it keeps the base
+model's layer weights and runs the Fisher pass ct-d selects its mask from for every method (for the
+others under a forked RNG, so the run trains bit for bit as it would without the report).
 
 ``--train-size N`` trains on N rows of the training split drawn with the run's seed (the same rows
 for every method and lr of one seed), the low-resource regime Child-Tuning is claimed to help most.
@@ -42,9 +49,11 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from childopt.analysis.quantities import kept_entries
 from childopt.bench import environment
 from childopt.bench.measure import peak_memory_gb, reset_peak_memory, state_gb
-from childopt.finetune import glue
+from childopt.bench.train import lora_model
+from childopt.finetune import glue, heads
 from childopt.finetune.plan import MASK_METHODS, Run
 from childopt.optim import MaskedAdamW
 
@@ -70,21 +79,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(run: Run, model: torch.nn.Module, fisher_loader) -> torch.optim.Optimizer:
-    """The optimizer of ``run.method`` (the Fisher pass of ct-d/sparse runs here, in train mode)."""
+def fisher_pass(run: Run, model: torch.nn.Module, fisher_loader) -> dict:
+    """ChildTuning-D's Fisher scores of the model (names containing ``layer``, clip 1.0, ``--fisher-batches``
+    batches), in train mode: what ct-d/sparse select their mask from, and the heads report's importance."""
+    from childopt.fisher import fisher_scores
+
+    model.train()
+    return fisher_scores(model, fisher_loader, max_batches=run.config.fisher_batches, progress=sys.stderr.isatty())
+
+
+def run_fisher_pass(run: Run, model: torch.nn.Module, fisher_loader) -> Optional[dict]:
+    """The Fisher scores ``run`` needs (ct-d/sparse, or any method with ``--report-heads``), else None.
+
+    For the report alone the pass runs under a forked RNG: its dropout draws leave the generator as
+    it was, so what follows (LoRA's initialisation) is the run without the report, bit for bit.
+    """
+    if run.method in MASK_METHODS:
+        return fisher_pass(run, model, fisher_loader)
+    if run.report_heads:
+        with torch.random.fork_rng():
+            return fisher_pass(run, model, fisher_loader)
+    return None
+
+
+def build_optimizer(run: Run, model: torch.nn.Module, scores: Optional[dict]) -> torch.optim.Optimizer:
+    """The optimizer of ``run.method``; ct-d/sparse select their mask from ``scores`` (:func:`fisher_pass`)."""
     config = run.config
     groups = param_groups(model, config.weight_decay)
     if run.method == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if run.method == "lora":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     if run.method in ("ct-f", "ct-i"):
         return MaskedAdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
                            mask="bernoulli" if run.method == "ct-f" else "importance", reserve_p=config.reserve_p,
                            seed=run.seed)
-    from childopt.fisher import fisher_mask
+    from childopt.masks import select_mask
 
-    model.train()
-    mask = fisher_mask(model, fisher_loader, config.reserve_p, max_batches=config.fisher_batches,
-                       progress=sys.stderr.isatty())
+    mask = select_mask(scores, config.reserve_p)
     sparse = run.method == "sparse"
     return MaskedAdamW(groups, lr=config.lr, weight_decay=config.weight_decay, mask=mask,
                        storage="sparse" if sparse else "dense", compact_grads=sparse)
@@ -151,17 +183,6 @@ def train_epoch(model, optimizer, scheduler, loader, run: Run, device: torch.dev
     bar.close()
     _synchronize(device)
     return steps, float(total_loss) / max(steps, 1), time.perf_counter() - start
-
-
-def kept_entries(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optional[torch.Tensor]:
-    """The bool mask of ``param``'s trained entries under a fixed mask, or None when it has none."""
-    state = optimizer.state.get(param, {})
-    if "mask" in state:
-        return state["mask"]
-    if "indices" in state:
-        flat = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
-        return flat.index_fill_(0, state["indices"].long(), True).view_as(param)
-    return None
 
 
 def mask_check(model, optimizer, model_dir: str, num_labels: int) -> dict:
@@ -249,8 +270,12 @@ def execute(run: Run) -> dict:
     tokenizer, model, train_set, dev_set = load(run)
     batch_size = run.config.batch_size
     start = time.perf_counter()
-    optimizer = build_optimizer(run, model, _loader(train_set, tokenizer, batch_size, seed=run.seed))
-    fisher_seconds = time.perf_counter() - start if run.method in MASK_METHODS else 0.0
+    scores = run_fisher_pass(run, model, _loader(train_set, tokenizer, batch_size, seed=run.seed))
+    before = heads.before_training(model, scores) if run.report_heads else None
+    if run.method == "lora":
+        model = lora_model(model)
+    optimizer = build_optimizer(run, model, scores)
+    fisher_seconds = time.perf_counter() - start if scores is not None else 0.0
     train_loader = _loader(train_set, tokenizer, batch_size, seed=run.seed)
     history = train(run, model, optimizer, train_loader, _loader(dev_set, tokenizer, batch_size, seed=None))
     steps, seconds = history[-1]["step"], sum(h["seconds"] for h in history)
@@ -265,6 +290,8 @@ def execute(run: Run) -> dict:
         record["mask"] = mask_check(model, optimizer, run.model_dir, glue.TASKS[run.task].num_labels)
     record["env"] = {**environment.describe(device, {"model_dir": run.model_dir, "data_dir": run.data_dir}),
                      "transformers": transformers.__version__}
+    if before is not None:  # last: it merges a LoRA model into its base
+        print(f"[{run.name}] heads report in {heads.write_report(run, before, model, optimizer)}", flush=True)
     return record
 
 

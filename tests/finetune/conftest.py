@@ -7,7 +7,7 @@ from tests.finetune.smoke import SMOKE
 
 @pytest.fixture(scope="package")
 def smoke(tmp_path_factory):
-    """The four methods on the RTE slice, through the command (one child process per run)."""
+    """Every method on the RTE slice, with its heads report, through the command (one child process per run)."""
     output = tmp_path_factory.mktemp("finetune")
-    assert cli.main([*SMOKE, "--output", str(output)]) == 0
+    assert cli.main([*SMOKE, "--report-heads", "--output", str(output)]) == 0
     return output

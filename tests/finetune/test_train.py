@@ -1,6 +1,6 @@
 """One run of every method on real GLUE rows: sane JSON fields, fixed masks that leave masked-out
 weights bit-identical to the pretrained ones, sparse storage on ct-d's trajectory with less state,
-and a run that repeats per seed."""
+and a run that repeats per seed, with or without its heads report."""
 import pytest
 
 from childopt import backends
@@ -17,7 +17,7 @@ def test_smoke_run_writes_a_json_with_sane_fields(smoke, method):
     assert [h["step"] for h in record["history"]] == [0, 3]
     assert 0 <= record["dev"]["accuracy"] <= 1 and record["history"][-1]["train_loss"] > 0
     assert record["it_s"] > 0 and 0 < record["peak_gb"] < 64 and record["state_gb"] > 0
-    assert record["backend"] == "torch" if method == "adamw" else record["backend"] in backends.MODULES
+    assert record["backend"] == "torch" if method in ("adamw", "lora") else record["backend"] in backends.MODULES
     assert record["env"]["torch"] and record["env"]["transformers"] and "git_commit" in record["env"]
 
 
@@ -44,9 +44,11 @@ def test_training_subsets_are_drawn_with_the_seed():
     assert train.training_subset(rows, None, seed=1) is rows
 
 
-def test_a_run_is_deterministic_per_seed(smoke, tmp_path):
-    """The same seed in this process (one run is not spawned) repeats the child process's run."""
-    assert cli.main([*SMOKE, "--method", "ct-f", "--output", str(tmp_path)]) == 0
-    again, first = load_record(tmp_path, "ct-f"), load_record(smoke, "ct-f")
+@pytest.mark.parametrize("method", ["ct-f", "lora"])
+def test_a_run_is_deterministic_per_seed(smoke, tmp_path, method):
+    """The same seed in this process (one run is not spawned) repeats the child process's run, which wrote
+    a heads report: the report's Fisher pass changes nothing, not even LoRA's initialisation."""
+    assert cli.main([*SMOKE, "--method", method, "--output", str(tmp_path)]) == 0
+    again, first = load_record(tmp_path, method), load_record(smoke, method)
     assert again["history"][-1]["train_loss"] == first["history"][-1]["train_loss"]
     assert again["dev"] == first["dev"]

@@ -1,0 +1,38 @@
+"""The heads CSV: one row per (layer, head, quantity), read back exactly; malformed files named by line."""
+import pytest
+import torch
+
+from childopt.analysis.quantities import FISHER, UPDATE, HeadValues
+from childopt.analysis.table import read_csv, write_csv
+
+
+def _report() -> dict:
+    return {FISHER: HeadValues(torch.tensor([[1.0, 2.0], [3.0, 0.1 + 0.2]], dtype=torch.float64),
+                               torch.tensor([10.0, 20.0], dtype=torch.float64)),
+            UPDATE: HeadValues(torch.tensor([[0.0, 1e-300], [5.5, 6.25]], dtype=torch.float64),
+                               torch.tensor([0.5, 7.0], dtype=torch.float64))}
+
+
+def test_one_row_per_layer_head_and_quantity_read_back_exactly(tmp_path):
+    path = tmp_path / "heads.csv"
+    write_csv(_report(), path)
+    lines = path.read_text().splitlines()
+    assert lines[:4] == ["layer,head,quantity,value", "0,0,fisher,1.0", "0,1,fisher,2.0", "0,other,fisher,10.0"]
+    assert lines[6] == "1,other,fisher,20.0" and len(lines) == 1 + 2 * 2 * 3
+    back = read_csv(path)
+    assert list(back) == [FISHER, UPDATE]
+    for quantity, values in _report().items():
+        assert torch.equal(back[quantity].heads, values.heads) and torch.equal(back[quantity].other, values.other)
+
+
+def test_malformed_files_are_named_with_the_line(tmp_path):
+    path = tmp_path / "heads.csv"
+    path.write_text("layer,head,value\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: expected the header layer,head,quantity,value"):
+        read_csv(path)
+    path.write_text("layer,head,quantity,value\n0,0,fisher,1.0\n0,x,fisher,2.0\n")
+    with pytest.raises(ValueError, match=rf"{path}:3: expected layer,head,quantity,value"):
+        read_csv(path)
+    path.write_text("layer,head,quantity,value\n0,0,fisher,1.0\n0,1,fisher,2.0\n")
+    with pytest.raises(ValueError, match=r"fisher: no value for \(layer, head\) \(0, 'other'\) of a 1 x 2 grid"):
+        read_csv(path)
