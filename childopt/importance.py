@@ -47,7 +47,7 @@ MANTISSAS = (2147483648, 1969251188, 1805811301, 1655936265, 1518500250, 1392470
 ROUNDING_STREAM = (1 << 62) | 0x5A3E
 # Elements per piece of a refresh's elementwise work: its temporaries then stay in the cache
 # between torch ops (3x faster on a CPU than whole-tensor ops over a large model).
-PIECE = 1 << 20
+PIECE = 1 << 20  # elements a refresh computes at a time; a multiple of 4 (one Philox group)
 _SOLVE_ITERATIONS = 200
 _SOLVE_TOLERANCE = 1e-7  # relative error of the expected kept count the solve stops at (fp32 passes)
 
@@ -206,10 +206,13 @@ def draw_codes(log_r: torch.Tensor, log_c: float, p_min: float, rng_base: int, s
 
     The rounding words are keyed like the Bernoulli draw (counter: the element's group and
     :data:`ROUNDING_STREAM`), with ``refresh`` folded into the key so each refresh draws anew.
+    They are drawn a piece at a time (a piece starts on a 4-element group: its words are the
+    tensor's words from that group on), so a refresh holds one piece's words, not the tensor's.
     """
     key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
-    words = random_words(log_r.numel(), rng_base, key, ROUNDING_STREAM, log_r.device)
     codes = torch.empty(log_r.numel(), dtype=torch.uint8, device=log_r.device)
-    for out, piece, piece_words in zip(codes.split(PIECE), log_r.split(PIECE), words.split(PIECE)):
-        out.copy_(level_codes(probabilities(piece, log_c, p_min), piece_words))
+    for start in range(0, log_r.numel(), PIECE):
+        piece = log_r[start:start + PIECE]
+        words = random_words(piece.numel(), rng_base + start // 4, key, ROUNDING_STREAM, log_r.device)
+        codes[start:start + PIECE].copy_(level_codes(probabilities(piece, log_c, p_min), words))
     return codes

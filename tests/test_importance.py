@@ -124,3 +124,17 @@ def test_log_ratios_follow_the_temperature():
     logs = importance.log_ratios([s], 10.0)[0]
     assert 2.0 ** float(logs[1]) == pytest.approx(1e-1, rel=1e-5)  # (1e-10) ** (1 / 10)
     assert importance.log_ratios([torch.zeros(3)], 1.0)[0].tolist() == [0.0] * 3  # nothing to order by: uniform
+
+
+def test_codes_drawn_piece_by_piece_are_the_codes_of_the_whole_tensor():
+    """draw_codes takes its rounding words a piece at a time: the words of elements from ``start``
+    on are those of Philox group ``rng_base + start // 4``, so the codes equal one draw over the
+    whole tensor (fails if a piece's counter were off by one group)."""
+    n, rng_base, seed, refresh = importance.PIECE + 4 * 3 + 1, 2**33 + 7, 12345, 4
+    gen = torch.Generator().manual_seed(0)
+    log_r = -torch.rand(n, generator=gen) * 6
+    log_c, p_min = 0.5, 0.02
+    codes = importance.draw_codes(log_r, log_c, p_min, rng_base, seed, refresh, philox.random_words)
+    key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
+    words = philox.random_words(n, rng_base, key, importance.ROUNDING_STREAM, "cpu")
+    assert torch.equal(codes, importance.level_codes(importance.probabilities(log_r, log_c, p_min), words))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Union
 
@@ -170,14 +170,17 @@ class ImportanceSampler:
         """Write each member's ``state["importance"]`` for the coming steps (``refresh``: the draw's key)."""
         if not self.members:
             return
-        scores = [self._score(m, states, m.param in rescaled) for m in self.members]
         if self.config.sampling == "exact":
-            self._draw_exact(states, scores, seed, refresh)
+            self._draw_exact(states, [self._score(m, states, m.param in rescaled) for m in self.members], seed,
+                             refresh)
             return
         for scope in sorted(set(self.scopes)):
             where = [i for i, s in enumerate(self.scopes) if s == scope]
             first = self.members[where[0]]
-            logs = importance.log_ratios([scores[i] for i in where], float(self.config.temperature))
+            # Scores are made when read, so one lives at a time: the scope holds its fp32 logs only.
+            scores = _ScoresOnRead([self.members[i] for i in where],
+                                   lambda m: self._score(m, states, m.param in rescaled))
+            logs = importance.log_ratios(scores, float(self.config.temperature))
             p_min = self.config.floor(first.reserve_p)
             c = self._scales.get(scope)
             if c is None:
@@ -202,7 +205,7 @@ class ImportanceSampler:
             return torch.zeros_like(member.param, dtype=torch.float32)
         codes = state.get("importance")
         if rescaled and codes is not None and codes.dtype == torch.uint8:
-            return moment * importance.level_probabilities(moment.device).float()[codes.long()]
+            return moment * importance.level_probabilities(moment.device).float()[codes.int()]
         return moment
 
     def _draw_exact(self, states: dict, scores: list, seed: int, refresh: int) -> None:
@@ -221,6 +224,19 @@ class ImportanceSampler:
             drawn.update(masks.sample_mask({m.name: by_name[m.name]}, m.reserve_p,
                                            temperature=float(self.config.temperature), seed=draw_seed, scope="tensor"))
         return drawn
+
+
+class _ScoresOnRead(Sequence):
+    """A scope's score tensors, each computed when it is read (``score_of(member)``)."""
+
+    def __init__(self, members: list, score_of: Callable):
+        self._members, self._score_of = members, score_of
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getitem__(self, index):
+        return self._score_of(self._members[index])
 
 
 def check_scores(value, param: torch.Tensor, label: str) -> torch.Tensor:
