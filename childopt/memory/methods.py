@@ -5,7 +5,9 @@ childopt.memory.trace); two are sized from a method the trace runs plus a stated
 
 * ``importance``: its sampler solves for the keep probabilities on the host (values that fake
   tensors do not have), so it is traced as Child-Tuning-F, the same step, and its one-byte level
-  code per sampled element (``state["importance"]``, childopt.optim.importance_mask) is added.
+  code per sampled element (``state["importance"]``, childopt.optim.importance_mask) is added, and
+  the fp32 log ratio per sampled element a refresh step holds while it solves (the plan is the
+  peak of a refresh step; validate.measure measures one: it refreshes every step).
 * ``adamw-8bit``: bitsandbytes runs on CUDA only, so it is traced as full fine-tuning with
   torch's state replaced by bitsandbytes' layout (below).
 """
@@ -17,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from childopt import MaskedAdamW
+from childopt import Importance, MaskedAdamW, importance
 from childopt.bench.baselines import adamw_8bit
 from childopt.memory.models import layer_blocks
 
@@ -27,6 +29,9 @@ from childopt.memory.models import layer_blocks
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
 BNB_QMAPS_BYTES = 2 * 256 * 4
+# Bytes per element of one piece's temporaries in an importance refresh (fitted to torch's profiler
+# on BERTs of 0.3-3.8M parameters: extra = 4 B per element + 55 B per element of the largest tensor).
+IMPORTANCE_PIECE_BYTES = 55
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,8 @@ METHODS = {m.name: m for m in (
     Method("sparse-compact", "storage='sparse' and compact_grads=True (gradients of the kept entries only)",
            masks=True),
     Method("importance", "MaskedAdamW mask='importance' (running scores)", traced_as="ct-f",
-           modeled="traced as ct-f, plus 1 B of level code per element; a refresh step (the first, then every "
-                   "refresh_every) holds more, not planned"),
+           modeled="traced as ct-f, plus 1 B of level code per element; a refresh step's logs and temporaries "
+                   "modeled"),
     Method("lora", "peft LoRA on peft's default modules for the model, torch AdamW (fused)"),
     Method("adamw-8bit", "bitsandbytes AdamW8bit", traced_as="full",
            modeled="traced as full, state from bitsandbytes' 8-bit layout", runs_on_cpu=False),
@@ -117,8 +122,10 @@ def build_optimizer(method: Method, model: torch.nn.Module, *, reserve_p: float,
     if name == "adamw-8bit":
         return adamw_8bit(trainable)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if name in ("ct-f", "importance"):
-        return MaskedAdamW(named, mask="bernoulli" if name == "ct-f" else "importance", reserve_p=reserve_p, seed=0,
+    if name == "ct-f":
+        return MaskedAdamW(named, mask="bernoulli", reserve_p=reserve_p, seed=0, backend=backend)
+    if name == "importance":  # a refresh every step: the step measured is the one with the highest peak
+        return MaskedAdamW(named, mask=Importance("running", refresh_every=1), reserve_p=reserve_p, seed=0,
                            backend=backend)
     masks = {param_name: make_mask(p, kept_count(p.numel(), reserve_p))
              for param_name, p in masked_parameters(model, mask_scope)}
@@ -141,3 +148,13 @@ def modeled_state_bytes(method: Method, trainable: list) -> int:
 def modeled_mask_bytes(method: Method, trainable: list) -> int:
     """Mask bytes a method adds to the trace it shares: ``importance``'s uint8 level codes."""
     return sum(p.numel() for p in trainable) if method.name == "importance" else 0
+
+
+def modeled_step_bytes(method: Method, trainable: list) -> int:
+    """Bytes a method's step holds beyond the trace it shares: at an ``importance`` refresh, the fp32
+    log ratio of every sampled element, and the temporaries of one piece (scores, Philox words, level
+    arithmetic: 55 B per element, measured; childopt.importance.PIECE elements at most)."""
+    if method.name != "importance" or not trainable:
+        return 0
+    return 4 * sum(p.numel() for p in trainable) + IMPORTANCE_PIECE_BYTES * min(max(p.numel() for p in trainable),
+                                                                                importance.PIECE)

@@ -173,12 +173,12 @@ def _fsdp_extra(model: torch.nn.Module, world_size: int) -> tuple[int, int]:
 
 
 def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *, gradients: int,
-          increase: int, stand_in: bool, peak_phase: str) -> Plan:
+          increase: int, stand_in: bool, peak_phase: str, step_increase: int = 0) -> Plan:
     """The :class:`Plan` of a step of ``optimizer``: ``gradients`` held after backward, ``increase``
     its peak above what it started with (the state an earlier step created; with FSDP2, counting
-    gradients at their shard's size), in ``peak_phase``.  With ``stand_in``,
-    ``optimizer`` is the traced stand-in of ``method`` (:func:`childopt.memory.methods.traced`)
-    and the layout ``method`` differs by is applied."""
+    gradients at their shard's size), in ``peak_phase``; ``step_increase``: the peak of the
+    ``step()`` part alone.  With ``stand_in``, ``optimizer`` is the traced stand-in of ``method``
+    (:func:`childopt.memory.methods.traced`) and the layout ``method`` differs by is applied."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if stand_in and method.name == "adamw-8bit":
         state = methods.modeled_state_bytes(method, trainable)
@@ -187,6 +187,9 @@ def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *
     masks = storage_bytes(_state_tensors(optimizer, masks=True))
     if stand_in:
         masks += methods.modeled_mask_bytes(method, trainable)
+        held_by_step = step_increase + methods.modeled_step_bytes(method, trainable) // setting.world_size
+        if held_by_step > increase:
+            increase, peak_phase = held_by_step, "step"
     extra_weights, extra_gradients = _fsdp_extra(model, setting.world_size)
     w = setting.world_size
     weights = storage_bytes(model.parameters()) // w + storage_bytes(model.buffers())  # buffers are replicated
@@ -244,4 +247,5 @@ def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> 
         tracker.reset_peak()
         gradients = training_step(model, optimizer, inputs, setting, on_phase)
     return terms(method, setting, model, optimizer, gradients=gradients, increase=tracker.peak - start,
-                 stand_in=methods.traced(method) is not method, peak_phase=tracker.peak_phase)
+                 stand_in=methods.traced(method) is not method, peak_phase=tracker.peak_phase,
+                 step_increase=tracker.phase_peaks.get("step", start) - start)

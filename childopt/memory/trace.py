@@ -46,6 +46,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = ""
         self.peak_phase = ""
+        self.phase_peaks: dict = {}  # phase -> the highest (sharded) live bytes while it ran
         self._gradient_bytes = 0
         self._gradient_keys: set = set()
         self._unsharded = 1.0 - 1.0 / gradient_share
@@ -66,12 +67,14 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self._sharded_live()
         self.peak_phase = self.phase
+        self.phase_peaks = {}
 
     def _sharded_live(self) -> int:
         return self.live - int(self._unsharded * self._gradient_bytes)
 
     def _update_peak(self) -> None:
         live = self._sharded_live()
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, live), live)
         if live > self.peak:
             self.peak, self.peak_phase = live, self.phase
 
