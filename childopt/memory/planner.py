@@ -6,17 +6,19 @@ activation checkpointing, backward, ``step()``, ``zero_grad(set_to_none=True)``)
 :class:`childopt.memory.trace.LiveBytes`.  The first creates the optimizer state; the second is
 measured.  Terms, per device:
 
-* weights: parameters and buffers (replicated under FSDP2);  optimizer state: every tensor in ``optimizer.state`` but
-  the masks (what ``MaskedAdamW.state_bytes()`` sums);  masks: ``mask``, ``indices`` and
-  ``importance`` codes;
+* weights: parameters and buffers (buffers are replicated under FSDP2);  optimizer state: every
+  tensor in ``optimizer.state`` but the masks (what ``MaskedAdamW.state_bytes()`` sums);  masks:
+  ``mask``, ``indices`` and ``importance`` codes;
 * gradients: the bytes held after backward (``.grad``, or the compact gradients);
 * activations: the step's peak increase above what it starts with, minus the gradients
   (saved activations and temporaries at the peak).
 
 ``total = weights + state + masks + gradients + activations`` is the step's peak.  With a world
-size ``W > 1`` (FSDP2, ``fully_shard`` on each block and the root) the weights, gradients, state
-and masks are divided by ``W``, and what FSDP2 holds unsharded is added (:func:`_fsdp_extra`):
-a model of FSDP2, not a trace, checked against ``fully_shard`` on 2 CPU ranks in the tests.
+size ``W > 1`` (FSDP2, ``fully_shard`` on each block and the root) the parameters, state and
+masks are divided by ``W``, gradients count at their shard's size from the moment they are
+accumulated (so the peak falls where activations and sharded gradients together are highest),
+and what FSDP2 holds unsharded is added (:func:`_fsdp_extra`): a model of FSDP2, not a trace,
+checked against ``fully_shard`` on 2 and 4 CPU ranks in the tests.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                           UnsupportedOperatorException)
 
