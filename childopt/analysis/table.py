@@ -8,6 +8,8 @@ head's index, or ``other`` for the layer's parameters outside the heads; values 
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,10 +18,11 @@ from typing import Union
 import torch
 
 from childopt.analysis.layout import OTHER
-from childopt.analysis.quantities import HeadValues
+from childopt.analysis.quantities import FISHER, UPDATE, HeadValues
 
 COLUMNS = ("layer", "head", "quantity", "value")
 Report = Mapping[str, HeadValues]  # quantity name -> values
+REQUIRED = (FISHER, UPDATE)  # every run's report has these; the share only runs with a fixed mask
 
 
 def write_csv(report: Report, path: Union[str, os.PathLike]) -> None:
@@ -38,12 +41,19 @@ def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
     """The report a :func:`write_csv` file holds.
 
     Raises:
-        ValueError: another header, a malformed row, or a quantity whose (layer, head) grid is
-            incomplete; the message names the file and line.
+        ValueError: another header, a malformed row, a value that is negative or not finite, a file
+            cut short (write_csv ends every row with a newline), Fisher or update norms missing, or a
+            quantity whose (layer, head) grid is incomplete; the message names the file and line.
     """
     path = Path(path)
     cells: dict[str, dict] = {}
-    with open(path, newline="") as file:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a heads report (not UTF-8 text: {exc})") from exc
+    if text and not text.endswith("\n"):
+        raise ValueError(f"{path}: the last row is cut short (no final newline): the file is truncated")
+    with io.StringIO(text, newline="") as file:
         rows = csv.reader(file)
         header = next(rows, None)
         if header is None or tuple(header) != COLUMNS:
@@ -52,11 +62,18 @@ def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
             try:
                 layer, head, quantity, value = row
                 key = (int(layer), head if head == OTHER else int(head))
-                cells.setdefault(quantity, {})[key] = float(value)
+                number = float(value)
+                if not math.isfinite(number) or number < 0:
+                    raise ValueError(f"{number} is not a finite value >= 0")
+                cells.setdefault(quantity, {})[key] = number
             except ValueError as exc:
                 raise ValueError(f"{path}:{line}: expected layer,head,quantity,value with an integer layer, "
                                  f"an integer head or {OTHER!r} and a number, got {row} ({exc})") from exc
-    return {quantity: _grid(values, f"{path}: {quantity}") for quantity, values in cells.items()}
+    report = {quantity: _grid(values, f"{path}: {quantity}") for quantity, values in cells.items()}
+    missing = [q for q in REQUIRED if q not in report]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} rows (a heads report has {', '.join(REQUIRED)})")
+    return report
 
 
 def _grid(values: dict, what: str) -> HeadValues:

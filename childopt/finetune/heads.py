@@ -134,6 +134,10 @@ def compare(output: str, task: str, seed: int) -> str:
     if not reports:
         raise FileNotFoundError(f"--output {output}: no run of {task}, seed {seed}, with a method of "
                                 f"{', '.join(COMPARED)}")
+    shapes = {method: tuple(report[FISHER].heads.shape) for method, report in reports.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the heads reports of {task}, seed {seed}, are of different layer x head grids "
+                         f"({shapes}): a report is incomplete or from another model")
     figure = Path(output) / f"heads-{task}.png"
     plot_comparison({f"{m} (lr {chosen[m]['config']['lr']:g})": r for m, r in reports.items()}, figure,
                     f"{task}, seed {seed}: where each method moves the weights")

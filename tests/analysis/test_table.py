@@ -36,3 +36,23 @@ def test_malformed_files_are_named_with_the_line(tmp_path):
     path.write_text("layer,head,quantity,value\n0,0,fisher,1.0\n0,1,fisher,2.0\n")
     with pytest.raises(ValueError, match=r"fisher: no value for \(layer, head\) \(0, 'other'\) of a 1 x 2 grid"):
         read_csv(path)
+
+
+def test_damaged_reports_are_refused_naming_the_file(tmp_path):
+    """A cut last row, a NaN or negative value, or a missing quantity: a ValueError, not a figure."""
+    from childopt.analysis.table import read_csv
+
+    good = ("layer,head,quantity,value\n0,0,fisher,1.0\n0,other,fisher,2.0\n"
+            "0,0,update_norm,0.5\n0,other,update_norm,0.25\n")
+    cases = {"cut": (good[:-3], "truncated"), "nan": (good.replace("0.5", "nan"), "finite"),
+             "negative": (good.replace("0.5", "-0.5"), "finite"),
+             "no-update": ("\n".join(good.splitlines()[:3]) + "\n", "no update_norm")}
+    assert read_csv(_write(tmp_path / "good.csv", good))["update_norm"].heads.tolist() == [[0.5]]
+    for name, (text, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            read_csv(_write(tmp_path / f"{name}.csv", text))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
