@@ -51,6 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous int32 CPU tensor with the Philox words (bit patterns) of its elements, as "
         "childopt.philox.random_words draws them");
+  m.def("_importance_levels", &childopt::cpu::importance_levels_of, pybind11::arg("words"), pybind11::arg("codes"),
+        "test-only: the importance keep decisions (bool) and level scales (float32) of int32 Philox words and "
+        "uint8 level codes, by the level arithmetic of the selected Philox ISA");
   m.def("_inplace_stream", &childopt::cpu::inplace_stream, pybind11::arg("p"), pybind11::arg("g"),
         pybind11::arg("m"), pybind11::arg("v"),
         "benchmark reference: m += g; v += g; p += m over four fp32 CPU tensors, 28 B per element, in parallel");

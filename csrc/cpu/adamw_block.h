@@ -5,7 +5,6 @@
 // target_clones copies (and ifunc resolvers), never a shared inline definition across objects.
 #pragma once
 
-#include "childopt/importance_levels.h"
 #include "cpu_common.h"
 
 namespace childopt {
@@ -15,10 +14,17 @@ namespace {
 enum class Keep { kAll, kZeroGrad, kFreeze };
 
 // The update of one block on raw storage; frozen entries are written back with their old bits.
-template <typename P, typename G, bool AMSGRAD, Keep KEEP>
+// SCALED (the importance mask under zero-grad): each gradient is scaled by its element's entry of
+// `scales` in place of grad_scale, g * grad_sign * scales[i], the product adamw_element forms.
+template <typename P, typename G, bool AMSGRAD, Keep KEEP, bool SCALED>
 CHILDOPT_CPU_CLONES void adamw_block(Raw<P>* __restrict p, const Raw<G>* __restrict g, float* __restrict m,
                                      float* __restrict v, float* __restrict vmax, const uint8_t* __restrict keep,
-                                     int64_t n, StepScalars s) {
+                                     const float* __restrict scales, int64_t n, StepScalars s) {
+  const float grad_sign = s.grad_sign;
+  if constexpr (SCALED) {
+    s.grad_sign = 1.0f;
+    s.grad_scale = 1.0f;
+  }
   for (int64_t i = 0; i < n; ++i) {
     bool dropped = false;
     if constexpr (KEEP != Keep::kAll) dropped = keep[i] == 0;
@@ -26,31 +32,15 @@ CHILDOPT_CPU_CLONES void adamw_block(Raw<P>* __restrict p, const Raw<G>* __restr
     const float m_old = m[i];
     const float v_old = v[i];
     const float vmax_old = AMSGRAD ? vmax[i] : 0.0f;
-    const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_old), Storage<G>::load(g[i]), m_old, v_old,
-                                                  vmax_old, KEEP == Keep::kZeroGrad && dropped, s);
+    float grad = Storage<G>::load(g[i]);
+    if constexpr (SCALED) grad = grad * grad_sign * scales[i];
+    const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_old), grad, m_old, v_old, vmax_old,
+                                                  KEEP == Keep::kZeroGrad && dropped, s);
     const bool frozen = KEEP == Keep::kFreeze && dropped;
     p[i] = frozen ? p_old : Storage<P>::store(e.p);
     m[i] = frozen ? m_old : e.m;
     v[i] = frozen ? v_old : e.v;
     if (AMSGRAD) vmax[i] = frozen ? vmax_old : e.vmax;
-  }
-}
-
-// Keep decisions of a block of importance level codes (importance_levels.h) from their words.
-CHILDOPT_CPU_CLONES inline void importance_keep(const uint32_t* __restrict words, const uint8_t* __restrict codes,
-                                                int64_t n, uint8_t* __restrict keep) {
-  for (int64_t i = 0; i < n; ++i) keep[i] = level_keep(words[i], codes[i]);
-}
-
-// The same, and the zero-grad gradients g * grad_sign * (scale of the level) in fp32 scratch: the
-// product the element update would form (it then runs with grad_sign = grad_scale = 1).
-template <typename G>
-CHILDOPT_CPU_CLONES void importance_keep_and_scale(const uint32_t* __restrict words, const uint8_t* __restrict codes,
-                                                   const Raw<G>* __restrict g, float grad_sign, int64_t n,
-                                                   uint8_t* __restrict keep, float* __restrict scaled) {
-  for (int64_t i = 0; i < n; ++i) {
-    keep[i] = level_keep(words[i], codes[i]);
-    scaled[i] = Storage<G>::load(g[i]) * grad_sign * level_scale(codes[i]);
   }
 }
 

@@ -3,7 +3,8 @@
 //
 // Bytes per element (fp32): p, g, m, v read + p, m, v written = 28 (+1 for a dense mask, +8
 // with amsgrad); the Bernoulli mask is drawn in cache; the importance mask reads one level code
-// per element (+1) and draws against its level's threshold, computed from the code.  Scalars come per tensor (one float64
+// per element (+1) and compares each word with its level's threshold, computed from the code
+// while the words are still in registers (philox_cpu.h).  Scalars come per tensor (one float64
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
 // over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
 // decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
@@ -28,13 +29,13 @@ namespace {
 // fp16's software rounding does not if-convert beside the update.  Those blocks go through fp32
 // scratch in three loops (widen, the fp32 update, narrow) that each vectorise while the scratch
 // (8 KB) stays in L1.  The arithmetic, and so every stored bit, is the same either way.
-template <typename P, typename G, bool AMSGRAD, Keep KEEP>
-void update_block(Raw<P>* p, const Raw<G>* g, float* m, float* v, float* vmax, const uint8_t* keep, int64_t n,
-                  const StepScalars& s) {
+template <typename P, typename G, bool AMSGRAD, Keep KEEP, bool SCALED>
+void update_block(Raw<P>* p, const Raw<G>* g, float* m, float* v, float* vmax, const uint8_t* keep,
+                  const float* scales, int64_t n, const StepScalars& s) {
   constexpr bool kFloat = std::is_same_v<P, float> && std::is_same_v<G, float>;
   constexpr bool kBf16Dense = std::is_same_v<P, c10::BFloat16> && !std::is_same_v<G, c10::Half> && KEEP == Keep::kAll;
   if constexpr (kFloat || kBf16Dense) {
-    adamw_block<P, G, AMSGRAD, KEEP>(p, g, m, v, vmax, keep, n, s);
+    adamw_block<P, G, AMSGRAD, KEEP, SCALED>(p, g, m, v, vmax, keep, scales, n, s);
   } else {
     alignas(64) float p_wide[kBlock];
     alignas(64) float g_wide[kBlock];
@@ -50,7 +51,7 @@ void update_block(Raw<P>* p, const Raw<G>* g, float* m, float* v, float* vmax, c
     } else {
       widen_block<G>(g, g_wide, n);
     }
-    adamw_block<float, float, AMSGRAD, KEEP>(p32, g32, m, v, vmax, keep, n, s);
+    adamw_block<float, float, AMSGRAD, KEEP, SCALED>(p32, g32, m, v, vmax, keep, scales, n, s);
     if constexpr (!std::is_same_v<P, float>) narrow_block<P, KEEP == Keep::kFreeze>(p, p_wide, keep, n);
   }
 }
@@ -77,13 +78,12 @@ inline void prefetch_span(const T* first, int64_t n) {
 }
 
 // Philox draws of elements [begin, begin + n) of a tensor whose groups start at rng_base (begin
-// a multiple of 4): draw_groups(first group, groups, offset in the block) per step.  Drawing is
+// a multiple of 4): draw(first group, elements, offset in the block) per step.  Drawing is
 // pure arithmetic, so each step of it first asks for the lines the update of the same elements
 // will read: the memory system fetches them while the core computes, instead of the update
 // waiting for them afterwards.
-template <typename P, typename G, typename DrawGroups>
-void draw_block(uint64_t rng_base, int64_t begin, int64_t n, const BlockStreams<P, G>& streams,
-                const DrawGroups& draw_groups) {
+template <typename P, typename G, typename Draw>
+void draw_block(uint64_t rng_base, int64_t begin, int64_t n, const BlockStreams<P, G>& streams, const Draw& draw) {
   for (int64_t at = 0; at < n; at += kDrawStep) {
     const int64_t count = std::min(kDrawStep, n - at);
     prefetch_span<1>(streams.p + at, count);
@@ -91,7 +91,7 @@ void draw_block(uint64_t rng_base, int64_t begin, int64_t n, const BlockStreams<
     prefetch_span<1>(streams.m + at, count);
     prefetch_span<1>(streams.v + at, count);
     if (streams.vmax != nullptr) prefetch_span<1>(streams.vmax + at, count);
-    draw_groups(rng_base + static_cast<uint64_t>((begin + at) / 4), (count + 3) / 4, at);
+    draw(rng_base + static_cast<uint64_t>((begin + at) / 4), count, at);
   }
 }
 
@@ -112,11 +112,7 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     float* vmax = AMSGRAD ? max_exp_avg_sqs[c.tensor].data_ptr<float>() : nullptr;
     // 4 spare entries: the last Philox group of a tensor may run past its end.
     uint8_t drawn[kBlock + 4];
-    alignas(64) uint32_t words[kBlock + 4];
-    alignas(64) float scaled_grads[kBlock];
-    StepScalars unit = s;  // the importance gradients come scaled and signed (importance_grads)
-    unit.grad_sign = 1.0f;
-    unit.grad_scale = 1.0f;
+    alignas(64) float level_scales[kBlock];
     for (int64_t b = c.begin; b < c.end; b += kBlock) {
       const int64_t n = std::min(kBlock, c.end - b);
       const BlockStreams<P, G> streams{p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr};
@@ -124,24 +120,26 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
       if (mask_kind == MaskKind::kDense) {
         keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
       } else if (mask_kind == MaskKind::kBernoulli) {
-        draw_block(s.rng_base, b, n, streams,
-                   [&](uint64_t group, int64_t groups, int64_t at) { keep_groups(draw, group, groups, drawn + at); });
+        draw_block(s.rng_base, b, n, streams, [&](uint64_t group, int64_t count, int64_t at) {
+          keep_groups(draw, group, (count + 3) / 4, drawn + at);
+        });
         keep = drawn;
       } else if (mask_kind == MaskKind::kImportance) {
         const uint8_t* codes = masks[c.tensor].data_ptr<uint8_t>() + b;
-        draw_block(s.rng_base, b, n, streams,
-                   [&](uint64_t group, int64_t groups, int64_t at) { philox_words(draw, group, groups, words + at); });
+        float* scales = KEEP == Keep::kZeroGrad ? level_scales : nullptr;
+        draw_block(s.rng_base, b, n, streams, [&](uint64_t group, int64_t count, int64_t at) {
+          importance_draw(draw, group, count, codes + at, drawn + at, scales == nullptr ? nullptr : scales + at);
+        });
         keep = drawn;
         if constexpr (KEEP == Keep::kZeroGrad) {
           // the level's scale replaces grad_scale (contract.py)
-          importance_keep_and_scale<G>(words, codes, g + b, s.grad_sign, n, drawn, scaled_grads);
-          update_block<P, float, AMSGRAD, KEEP>(p + b, scaled_grads, m + b, v + b, AMSGRAD ? vmax + b : nullptr,
-                                                keep, n, unit);
+          update_block<P, G, AMSGRAD, KEEP, true>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep,
+                                                  level_scales, n, s);
           continue;
         }
-        importance_keep(words, codes, n, drawn);
       }
-      update_block<P, G, AMSGRAD, KEEP>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep, n, s);
+      update_block<P, G, AMSGRAD, KEEP, false>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, keep,
+                                               nullptr, n, s);
     }
   });
 }

@@ -6,6 +6,8 @@
 // bits.  Three implementations, picked once per process from what the CPU supports: AVX-512F
 // (32 counters per step), AVX2 (8) and portable scalar code; a test may force a slower one to
 // prove that all three agree.  No memory traffic: 10 rounds of 2 widening multiplies per counter.
+// The importance mask's decisions (importance_levels.h) are drawn the same way and, with
+// AVX-512F, compared with each element's level threshold while the words are still in registers.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,16 @@ void keep_groups(const BernoulliDraw& draw, uint64_t first_group, int64_t groups
 
 // The words themselves: words[4 * q + w], as keep_groups draws them (draw.keep_threshold unused).
 void philox_words(const BernoulliDraw& draw, uint64_t first_group, int64_t groups, uint32_t* words);
+
+// Importance keep decisions (importance_levels.h) of the n elements from element 4 * first_group
+// on, from their level codes (n elements read, not a whole last group); with `scales` non-null,
+// each element's level scale 2**32 / threshold as well (level_scale).
+void importance_draw(const BernoulliDraw& draw, uint64_t first_group, int64_t n, const uint8_t* codes,
+                     uint8_t* keep, float* scales);
+
+// Test-only: the decisions and scales of given words, by the level arithmetic importance_draw
+// runs with the selected ISA (`scales` may be null).
+void importance_levels(const uint32_t* words, const uint8_t* codes, int64_t n, uint8_t* keep, float* scales);
 
 }  // namespace cpu
 }  // namespace childopt

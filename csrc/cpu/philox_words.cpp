@@ -1,6 +1,7 @@
 // The raw Philox words of a tensor's elements on the CPU (childopt.philox.random_words, fast):
 // the Gumbel noise of childopt.masks.sample_mask draws from them.  Bytes: 4 written per element;
 // the words come from the vectorised Philox of philox_cpu.h, split over torch's intra-op threads.
+// Also the test hook of the importance levels: keep decisions and scales of given words.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -29,6 +30,21 @@ void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed
     philox_words(key, rng_base + static_cast<uint64_t>(whole), 1, tail);
     for (int64_t i = 4 * whole; i < numel; ++i) out[i] = tail[i - 4 * whole];
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes) {
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.is_contiguous() && words.dim() == 1,
+              "childopt: words must be a contiguous 1-D int32 CPU tensor, got ", words.scalar_type(), " of shape ",
+              words.sizes(), " on ", words.device());
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.sizes() == words.sizes(),
+              "childopt: codes must be a contiguous uint8 CPU tensor of the words' shape, got ", codes.scalar_type(),
+              " of shape ", codes.sizes(), " on ", codes.device());
+  at::Tensor keep = at::empty(words.sizes(), codes.options().dtype(at::kBool));
+  at::Tensor scales = at::empty(words.sizes(), codes.options().dtype(at::kFloat));
+  importance_levels(reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), codes.data_ptr<uint8_t>(),
+                    words.numel(), reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()), scales.data_ptr<float>());
+  return {keep, scales};
 }
 
 }  // namespace cpu

@@ -61,8 +61,8 @@ void sparse_chunk(Raw<P>* p, const Raw<G>* g, const I* idx, float* m, float* v, 
     } else if constexpr (COMPACT) {
       widen_block<G>(g + b, g_wide, count);
     }
-    adamw_block<float, float, AMSGRAD, Keep::kAll>(p_wide, g32, m + b, v + b, AMSGRAD ? vmax + b : nullptr, nullptr,
-                                                   count, s);
+    adamw_block<float, float, AMSGRAD, Keep::kAll, false>(p_wide, g32, m + b, v + b, AMSGRAD ? vmax + b : nullptr,
+                                                          nullptr, nullptr, count, s);
     scatter_block<P, I>(p, idx + b, p_wide, count);
   }
 }

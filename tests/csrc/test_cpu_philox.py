@@ -1,14 +1,15 @@
 """The vectorised Philox of the CPU kernels (csrc/cpu/philox_cpu.h) draws exactly childopt.philox's
 stream with every ISA this CPU has (AVX-512F, AVX2, scalar code) and at every thread count: the
-raw words behind sample_mask's Gumbel noise, and the Bernoulli masks of a native step, checked
-against the plain-torch definition and the reference backend.
+raw words behind sample_mask's Gumbel noise, the Bernoulli masks of a native step and the
+importance masks' level compare, checked against the plain-torch definition and the reference
+backend.
 """
 import platform
 
 import pytest
 import torch
 
-from childopt import MaskedAdamW, masks, philox
+from childopt import Importance, MaskedAdamW, importance, masks, philox
 from tests.helpers import assert_all_equal, bernoulli_keep_at, make_params, snapshot, train
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512f": 2}
@@ -109,15 +110,18 @@ def test_bernoulli_masks_equal_the_definition(native_module, isa, threads, count
 
 
 @pytest.mark.parametrize("masked", ["freeze", "zero_grad"])
-def test_bernoulli_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, masked):
+@pytest.mark.parametrize("mask", ["bernoulli", "importance"])
+def test_masked_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, mask, masked):
+    """Bernoulli, and importance masks (running scores redrawn every other step, so the level codes
+    change within the run; AVX-512 compares them in registers, the others through words in memory)."""
     def run(isa, count):
         native_module._set_philox_isa(isa)
         threads(count)
         params = make_params(SHAPES)
-        opt = MaskedAdamW(params, mask="bernoulli", reserve_p=0.3, masked=masked, seed=7, lr=1e-2,
-                          weight_decay=0.1, backend="native")
-        train(opt, params, 3)
-        return snapshot(opt, params)
+        opt = MaskedAdamW(params, mask=Importance(refresh_every=2) if mask == "importance" else mask,
+                          reserve_p=0.3, masked=masked, seed=7, lr=1e-2, weight_decay=0.1, backend="native")
+        train(opt, params, 4)
+        return snapshot(opt, params, ("exp_avg", "exp_avg_sq", "importance"))
 
     best = native_module._best_philox_isa()
     try:
@@ -127,6 +131,29 @@ def test_bernoulli_steps_are_bit_identical_on_every_isa_and_thread_count(native_
                 assert_all_equal(run(isa, count), baseline)
     finally:
         native_module._set_philox_isa(best)
+
+
+def test_importance_levels_equal_the_definition(native_module, isa):
+    """Every level code against words at and around its threshold, the extremes and random words:
+    keep is ``word < threshold`` of childopt.importance (code 255 always, code 0 never), and the
+    scale is level_scales' fp32 bits.  1543 words: 96 vectors of 16 and a tail of 7."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    threshold = importance.level_thresholds(codes)
+    near = torch.stack([threshold - 1, threshold, threshold + 1, torch.zeros_like(threshold),
+                        torch.full_like(threshold, philox.MASK32), torch.randint(0, 2**32, (256,))], 1)
+    words = torch.cat([near.clamp(0, philox.MASK32).reshape(-1), torch.randint(0, 2**32, (7,))])
+    codes = torch.cat([codes.repeat_interleave(near.shape[1]), torch.randint(0, 256, (7,), dtype=torch.uint8)])
+    keep, scales = native_module._importance_levels((words - (words >> 31 << 32)).to(torch.int32), codes)
+    assert torch.equal(keep, words < importance.level_thresholds(codes))
+    used = codes != 0  # code 0 is never kept: its scale is never read (the reference gives inf)
+    assert torch.equal(scales[used].view(torch.int32), importance.level_scales(codes)[used].view(torch.int32))
+
+
+def test_importance_levels_need_int32_words_and_uint8_codes_of_one_shape(native_module):
+    with pytest.raises(RuntimeError, match="words must be a contiguous 1-D int32 CPU tensor"):
+        native_module._importance_levels(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="codes must be a contiguous uint8 CPU tensor of the words' shape"):
+        native_module._importance_levels(torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.uint8))
 
 
 def test_sample_mask_draws_the_same_gumbel_noise_natively(native_module, isa):
