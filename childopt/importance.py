@@ -97,19 +97,20 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     levels' truncated thresholds put p in the neighbouring interval), up with probability
     ``(p - P[q]) / (P[q+1] - P[q])``, so ``E[P[code]] = p`` up to fp32 rounding (relative 1e-7) and
     the 2**-24 steps of the uniform draw.  fp32 and in place where it can: a refresh of a large
-    model is a few passes over its parameters.
+    model is a few passes over its parameters.  Level indices are int32 and looked up with
+    index_select (on CPU 6x faster than ``levels[q]``'s advanced indexing, and half the bytes of int64).
     """
     levels = level_probabilities(p.device).float()
     p = p.float()
-    q = torch.log2(p).mul_(LEVELS_PER_OCTAVE).add_(LEVEL_COUNT - 1).floor_().clamp_(0, LEVEL_COUNT - 2).long()
-    q -= (p < levels[q]).long()  # a p just below its level (the thresholds truncate) or p = 0
+    q = torch.log2(p).mul_(LEVELS_PER_OCTAVE).add_(LEVEL_COUNT - 1).floor_().clamp_(0, LEVEL_COUNT - 2).int()
+    q -= (p < levels.index_select(0, q)).int()  # a p just below its level (the thresholds truncate) or p = 0
     q.clamp_(min=0)
-    q += (p >= levels[q + 1]).long() & (q < LEVEL_COUNT - 2).long()
+    q += ((p >= levels.index_select(0, q + 1)) & (q < LEVEL_COUNT - 2)).int()
     # Below FIRST_LEVEL the shifts run out of bits and levels repeat: round between 0 and FIRST_LEVEL.
     below = q < FIRST_LEVEL
     q.masked_fill_(below, 0)
     upper = torch.where(below, FIRST_LEVEL, q + 1)
-    low, high = levels[q], levels[upper]
+    low, high = levels.index_select(0, q), levels.index_select(0, upper)
     up = (p - low) / (high - low)
     uniform = (words >> 8).float().add_(0.5).mul_(2.0**-24)
     return torch.where(uniform < up, upper, q).to(torch.uint8)
