@@ -12,10 +12,10 @@ namespace cuda_kernels {
 namespace {
 
 template <typename G>
-__global__ void __launch_bounds__(kThreads) fisher_accumulate_kernel(TensorListMeta<2> meta, const float* scales) {
-  const BlockWork<2> work(meta);
-  float* f = static_cast<float*>(meta.ptr[0][work.slot]) + work.start;
-  const G* g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
+__device__ __forceinline__ void accumulate_chunk(const TensorListMeta<2>& meta, const ChunkWork<2>& work,
+                                                 const float* __restrict__ scales) {
+  float* __restrict__ f = static_cast<float*>(meta.ptr[0][work.slot]) + work.start;
+  const G* __restrict__ g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
   const float scale = scales[meta.extra[work.slot]];
   const bool vec = vec4_aligned<float>(f) && vec4_aligned<G>(g);
   for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < work.n; i += 4 * kThreads) {
@@ -34,6 +34,12 @@ __global__ void __launch_bounds__(kThreads) fisher_accumulate_kernel(TensorListM
   }
 }
 
+template <typename G>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    fisher_accumulate_kernel(TensorListMeta<2> meta, const float* scales) {
+  for_each_chunk(meta, [&](const ChunkWork<2>& work) { accumulate_chunk<G>(meta, work, scales); });
+}
+
 struct LaunchFisher {
   const std::vector<TensorRefs>& tensors;
   const float* scales;
@@ -42,9 +48,11 @@ struct LaunchFisher {
 
   template <typename G, typename Unused>
   void operator()() const {
-    *result = multi_tensor_apply<2>(tensors, kChunk, [&](const TensorListMeta<2>& meta, int blocks) {
-      fisher_accumulate_kernel<G><<<blocks, kThreads, 0, stream>>>(meta, scales);
-    });
+    const auto kernel = fisher_accumulate_kernel<G>;
+    *result = multi_tensor_apply<2>(tensors, resident_blocks(kernel, kThreads),
+                                    [&](const TensorListMeta<2>& meta, int blocks) {
+                                      kernel<<<blocks, kThreads, 0, stream>>>(meta, scales);
+                                    });
   }
 };
 

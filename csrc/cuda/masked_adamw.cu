@@ -8,7 +8,7 @@
 // where the chunk is aligned; a tensor's last partial group is guarded element by element.
 // Frozen entries are written back with their old bits so accesses stay whole vectors.  Each
 // tensor's scalars (and its Philox base and step) are one float64 row, read once per block.
-// Layout: multi_tensor.cuh (blocks own 64K-element chunks; int64 offsets).
+// Layout: multi_tensor.cuh (a persistent grid; each block steps 64K-element chunks; int64 offsets).
 #include "childopt/importance_levels.h"
 #include "multi_tensor.cuh"
 #include "storage.cuh"
@@ -17,22 +17,23 @@ namespace childopt {
 namespace cuda_kernels {
 namespace {
 
+// One chunk of one tensor.
 template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
-__global__ void __launch_bounds__(kThreads)
-    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw) {
+__device__ __forceinline__ void step_chunk(const TensorListMeta<6>& meta, const ChunkWork<6>& work,
+                                           const double* __restrict__ rows, BernoulliDraw draw) {
   constexpr bool kCoded = KIND == 1 || KIND == 3;  // a byte per element: dense mask or level code
-  const BlockWork<6> work(meta);
   const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
   StepScalars unit = s;  // importance zero-grad gradients arrive signed and scaled
   unit.grad_sign = 1.0f;
   unit.grad_scale = 1.0f;
   draw.step = s.step;
-  P* p = static_cast<P*>(meta.ptr[0][work.slot]) + work.start;
-  const G* g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
-  float* m = static_cast<float*>(meta.ptr[2][work.slot]) + work.start;
-  float* v = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
-  float* vmax = AMSGRAD ? static_cast<float*>(meta.ptr[4][work.slot]) + work.start : nullptr;
-  const uint8_t* mask = kCoded ? static_cast<const uint8_t*>(meta.ptr[5][work.slot]) + work.start : nullptr;
+  P* __restrict__ p = static_cast<P*>(meta.ptr[0][work.slot]) + work.start;
+  const G* __restrict__ g = static_cast<const G*>(meta.ptr[1][work.slot]) + work.start;
+  float* __restrict__ m = static_cast<float*>(meta.ptr[2][work.slot]) + work.start;
+  float* __restrict__ v = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
+  float* __restrict__ vmax = AMSGRAD ? static_cast<float*>(meta.ptr[4][work.slot]) + work.start : nullptr;
+  const uint8_t* __restrict__ mask =
+      kCoded ? static_cast<const uint8_t*>(meta.ptr[5][work.slot]) + work.start : nullptr;
   const bool vec = vec4_aligned<P>(p) && vec4_aligned<G>(g) && vec4_aligned<float>(m) && vec4_aligned<float>(v) &&
                    (!AMSGRAD || vec4_aligned<float>(vmax)) && (!kCoded || vec4_aligned<uint8_t>(mask));
   const uint64_t group0 = s.rng_base + static_cast<uint64_t>(work.start / 4);
@@ -86,6 +87,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    masked_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows, BernoulliDraw draw) {
+  for_each_chunk(meta, [&](const ChunkWork<6>& work) { step_chunk<P, G, AMSGRAD, KIND, FREEZE>(meta, work, rows, draw); });
+}
+
 struct LaunchAdamw {
   const std::vector<TensorRefs>& tensors;
   const AdamwConfig& config;
@@ -94,10 +101,11 @@ struct LaunchAdamw {
 
   template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
   void run() const {
-    *result = multi_tensor_apply<6>(tensors, kChunk, [&](const TensorListMeta<6>& meta, int blocks) {
-      masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE><<<blocks, kThreads, 0, stream>>>(meta, config.scalars,
-                                                                                        config.draw);
-    });
+    const auto kernel = masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE>;
+    *result = multi_tensor_apply<6>(tensors, resident_blocks(kernel, kThreads),
+                                    [&](const TensorListMeta<6>& meta, int blocks) {
+                                      kernel<<<blocks, kThreads, 0, stream>>>(meta, config.scalars, config.draw);
+                                    });
   }
 
   template <typename P, typename G, bool AMSGRAD>

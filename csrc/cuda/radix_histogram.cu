@@ -13,11 +13,11 @@ namespace {
 
 constexpr int kMaxSharedBits = 12;
 
-__global__ void __launch_bounds__(kThreads) radix_histogram_kernel(TensorListMeta<1> meta, int64_t* hist,
-                                                                   const int64_t* prefixes, int shift, int bits) {
-  __shared__ uint32_t local[1 << kMaxSharedBits];
-  const BlockWork<1> work(meta);
-  const float* s = static_cast<const float*>(meta.ptr[0][work.slot]) + work.start;
+// One chunk's counts into the block's shared bins, then its non-zero bins into its scope's row.
+__device__ __forceinline__ void count_chunk(const TensorListMeta<1>& meta, const ChunkWork<1>& work,
+                                            uint32_t* local, int64_t* hist, const int64_t* prefixes, int shift,
+                                            int bits) {
+  const float* __restrict__ s = static_cast<const float*>(meta.ptr[0][work.slot]) + work.start;
   const int64_t scope = meta.extra[work.slot];
   const int bins = 1 << bits;
   const uint32_t bin_mask = static_cast<uint32_t>(bins - 1);
@@ -36,6 +36,13 @@ __global__ void __launch_bounds__(kThreads) radix_histogram_kernel(TensorListMet
   for (int b = threadIdx.x; b < bins; b += kThreads) {
     if (local[b] != 0) atomicAdd(&out[b], static_cast<unsigned long long>(local[b]));
   }
+  __syncthreads();  // the bins are read before the next chunk clears them
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    radix_histogram_kernel(TensorListMeta<1> meta, int64_t* hist, const int64_t* prefixes, int shift, int bits) {
+  __shared__ uint32_t local[1 << kMaxSharedBits];
+  for_each_chunk(meta, [&](const ChunkWork<1>& work) { count_chunk(meta, work, local, hist, prefixes, shift, bits); });
 }
 
 }  // namespace
@@ -43,9 +50,11 @@ __global__ void __launch_bounds__(kThreads) radix_histogram_kernel(TensorListMet
 cudaError_t radix_histogram(const std::vector<TensorRefs>& tensors, int64_t* hist, const int64_t* prefixes,
                             int shift, int bits, cudaStream_t stream) {
   if (bits > kMaxSharedBits) return cudaErrorInvalidValue;
-  return multi_tensor_apply<1>(tensors, kChunk, [&](const TensorListMeta<1>& meta, int blocks) {
-    radix_histogram_kernel<<<blocks, kThreads, 0, stream>>>(meta, hist, prefixes, shift, bits);
-  });
+  return multi_tensor_apply<1>(tensors, resident_blocks(radix_histogram_kernel, kThreads),
+                               [&](const TensorListMeta<1>& meta, int blocks) {
+                                 radix_histogram_kernel<<<blocks, kThreads, 0, stream>>>(meta, hist, prefixes, shift,
+                                                                                         bits);
+                               });
 }
 
 }  // namespace cuda_kernels

@@ -13,16 +13,15 @@ namespace cuda_kernels {
 namespace {
 
 template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
-__global__ void __launch_bounds__(kThreads)
-    sparse_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows) {
-  const BlockWork<6> work(meta);
+__device__ __forceinline__ void step_chunk(const TensorListMeta<6>& meta, const ChunkWork<6>& work,
+                                           const double* __restrict__ rows) {
   const StepScalars s = step_scalars_from_row(rows + meta.extra[work.slot] * kNumStepScalars);
-  P* p = static_cast<P*>(meta.ptr[0][work.slot]);
-  const G* g = static_cast<const G*>(meta.ptr[1][work.slot]);
-  const I* idx = static_cast<const I*>(meta.ptr[2][work.slot]) + work.start;
-  float* m = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
-  float* v = static_cast<float*>(meta.ptr[4][work.slot]) + work.start;
-  float* vmax = AMSGRAD ? static_cast<float*>(meta.ptr[5][work.slot]) + work.start : nullptr;
+  P* __restrict__ p = static_cast<P*>(meta.ptr[0][work.slot]);
+  const G* __restrict__ g = static_cast<const G*>(meta.ptr[1][work.slot]);
+  const I* __restrict__ idx = static_cast<const I*>(meta.ptr[2][work.slot]) + work.start;
+  float* __restrict__ m = static_cast<float*>(meta.ptr[3][work.slot]) + work.start;
+  float* __restrict__ v = static_cast<float*>(meta.ptr[4][work.slot]) + work.start;
+  float* __restrict__ vmax = AMSGRAD ? static_cast<float*>(meta.ptr[5][work.slot]) + work.start : nullptr;
   if (COMPACT) g += work.start;
   for (int64_t k = threadIdx.x; k < work.n; k += kThreads) {
     const int64_t j = static_cast<int64_t>(idx[k]);
@@ -36,6 +35,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    sparse_adamw_kernel(TensorListMeta<6> meta, const double* __restrict__ rows) {
+  for_each_chunk(meta, [&](const ChunkWork<6>& work) { step_chunk<P, G, I, AMSGRAD, COMPACT>(meta, work, rows); });
+}
+
 struct LaunchSparse {
   const std::vector<TensorRefs>& tensors;
   const SparseAdamwConfig& config;
@@ -44,9 +49,11 @@ struct LaunchSparse {
 
   template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
   void run() const {
-    *result = multi_tensor_apply<6>(tensors, kChunk, [&](const TensorListMeta<6>& meta, int blocks) {
-      sparse_adamw_kernel<P, G, I, AMSGRAD, COMPACT><<<blocks, kThreads, 0, stream>>>(meta, config.scalars);
-    });
+    const auto kernel = sparse_adamw_kernel<P, G, I, AMSGRAD, COMPACT>;
+    *result = multi_tensor_apply<6>(tensors, resident_blocks(kernel, kThreads),
+                                    [&](const TensorListMeta<6>& meta, int blocks) {
+                                      kernel<<<blocks, kThreads, 0, stream>>>(meta, config.scalars);
+                                    });
   }
 
   template <typename P, typename G, typename I>
