@@ -2,8 +2,9 @@
 // adamw_element.h at p[idx[k]] with compact state m[k], v[k] (and vmax[k]).
 //
 // Bytes per selected element (fp32, int32 indices): idx 4 + p 4+4 + g 4 + m, v 8+8 = 32.
-// One thread per selected entry; the compact arrays are read coalesced, p and g are gathers
-// (sorted indices keep neighbouring threads on neighbouring lines).  Indices are unique, so
+// Each thread steps 4 consecutive selected entries: their indices and compact state in one vector
+// access each where aligned, then all four gathers of p (and g) before any is used, so the
+// gathers' latencies overlap (sorted indices keep neighbouring threads on neighbouring lines).  Indices are unique, so
 // no two threads write one entry.  Each tensor's scalars are one float64 row.  Layout: multi_tensor.cuh over the index lists.
 #include "multi_tensor.cuh"
 #include "storage.cuh"
@@ -23,15 +24,40 @@ __device__ __forceinline__ void step_chunk(const TensorListMeta<6>& meta, const 
   float* __restrict__ v = static_cast<float*>(meta.ptr[4][work.slot]) + work.start;
   float* __restrict__ vmax = AMSGRAD ? static_cast<float*>(meta.ptr[5][work.slot]) + work.start : nullptr;
   if (COMPACT) g += work.start;
-  for (int64_t k = threadIdx.x; k < work.n; k += kThreads) {
-    const int64_t j = static_cast<int64_t>(idx[k]);
-    const float grad = Storage<G>::load(COMPACT ? g[k] : g[j]);
-    const ElementState e =
-        adamw_element<AMSGRAD>(Storage<P>::load(p[j]), grad, m[k], v[k], AMSGRAD ? vmax[k] : 0.0f, false, s);
-    p[j] = Storage<P>::store(e.p);
-    m[k] = e.m;
-    v[k] = e.v;
-    if (AMSGRAD) vmax[k] = e.vmax;
+  const bool vec = vec4_aligned<I>(idx) && vec4_aligned<float>(m) && vec4_aligned<float>(v) &&
+                   (!AMSGRAD || vec4_aligned<float>(vmax)) && (!COMPACT || vec4_aligned<G>(g));
+  for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < work.n; i += 4 * kThreads) {
+    const bool full = vec && i + 4 <= work.n;
+    I j[4] = {0, 0, 0, 0};
+    load4(idx, i, work.n, full, j);
+    // The four gathers of p (and g) are issued before any is used, so their latencies overlap.
+    P p_raw[4] = {};
+    G g_raw[4] = {};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (i + k < work.n) {
+        p_raw[k] = p[j[k]];
+        if (!COMPACT) g_raw[k] = g[j[k]];
+      }
+    }
+    if (COMPACT) load4(g, i, work.n, full, g_raw);
+    float m_old[4] = {}, v_old[4] = {}, vmax_old[4] = {};
+    load4(m, i, work.n, full, m_old);
+    load4(v, i, work.n, full, v_old);
+    if (AMSGRAD) load4(vmax, i, work.n, full, vmax_old);
+    float m_new[4], v_new[4], vmax_new[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const ElementState e = adamw_element<AMSGRAD>(Storage<P>::load(p_raw[k]), Storage<G>::load(g_raw[k]),
+                                                    m_old[k], v_old[k], vmax_old[k], false, s);
+      if (i + k < work.n) p[j[k]] = Storage<P>::store(e.p);
+      m_new[k] = e.m;
+      v_new[k] = e.v;
+      vmax_new[k] = e.vmax;
+    }
+    store4(m, i, work.n, full, m_new);
+    store4(v, i, work.n, full, v_new);
+    if (AMSGRAD) store4(vmax, i, work.n, full, vmax_new);
   }
 }
 
