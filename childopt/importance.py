@@ -101,7 +101,8 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     index_select (on CPU 6x faster than ``levels[q]``'s advanced indexing, and half the bytes of int64).
     """
     levels = level_probabilities(p.device).float()
-    p = p.float()
+    shape = p.shape
+    p, words = p.float().reshape(-1), words.reshape(-1)  # index_select takes a 1-D index
     q = torch.log2(p).mul_(LEVELS_PER_OCTAVE).add_(LEVEL_COUNT - 1).floor_().clamp_(0, LEVEL_COUNT - 2).int()
     q -= (p < levels.index_select(0, q)).int()  # a p just below its level (the thresholds truncate) or p = 0
     q.clamp_(min=0)
@@ -113,7 +114,7 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     low, high = levels.index_select(0, q), levels.index_select(0, upper)
     up = (p - low) / (high - low)
     uniform = (words >> 8).float().add_(0.5).mul_(2.0**-24)
-    return torch.where(uniform < up, upper, q).to(torch.uint8)
+    return torch.where(uniform < up, upper, q).to(torch.uint8).view(shape)
 
 
 def log_ratios(scores: list, temperature: float) -> list:

@@ -51,6 +51,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous int32 CPU tensor with the Philox words (bit patterns) of its elements, as "
         "childopt.philox.random_words draws them");
+  m.def("_importance_draw", &childopt::cpu::importance_draw_of, pybind11::arg("codes"), pybind11::arg("rng_base"),
+        pybind11::arg("seed"), pybind11::arg("step"),
+        "test-only: the importance keep decisions (bool) and level scales (float32) of a contiguous uint8 CPU "
+        "tensor of level codes, drawn in one call as the masked step draws a block");
   m.def("_importance_levels", &childopt::cpu::importance_levels_of, pybind11::arg("words"), pybind11::arg("codes"),
         "test-only: the importance keep decisions (bool) and level scales (float32) of int32 Philox words and "
         "uint8 level codes, by the level arithmetic of the selected Philox ISA");

@@ -176,9 +176,11 @@ namespace cpu {
 CHILDOPT_DECLARE_OPS()
 
 // CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
-// sample_mask's Gumbel noise (philox_words.cpp), the importance levels' test hook (the same file)
+// sample_mask's Gumbel noise (philox_words.cpp), the importance draw's test hooks (the same file)
 // and the benchmark's roofline reference (inplace_stream.cpp).
 void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
+std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
+                                                      uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);
 void inplace_stream(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v);
 }  // namespace cpu

@@ -1,7 +1,8 @@
 // The raw Philox words of a tensor's elements on the CPU (childopt.philox.random_words, fast):
 // the Gumbel noise of childopt.masks.sample_mask draws from them.  Bytes: 4 written per element;
 // the words come from the vectorised Philox of philox_cpu.h, split over torch's intra-op threads.
-// Also the test hook of the importance levels: keep decisions and scales of given words.
+// Also the test hooks of the importance draw: keep decisions and scales of a whole tensor's codes
+// in one importance_draw call, and of given words.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -30,6 +31,19 @@ void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed
     philox_words(key, rng_base + static_cast<uint64_t>(whole), 1, tail);
     for (int64_t i = 4 * whole; i < numel; ++i) out[i] = tail[i - 4 * whole];
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
+                                                      uint64_t step) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "childopt: codes must be a contiguous uint8 CPU tensor, got ", codes.scalar_type(), " on ",
+              codes.device());
+  at::Tensor keep = at::empty(codes.sizes(), codes.options().dtype(at::kBool));
+  at::Tensor scales = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const BernoulliDraw key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), step, 0};
+  importance_draw(key, rng_base, codes.numel(), codes.data_ptr<uint8_t>(),
+                  reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()), scales.data_ptr<float>());
+  return {keep, scales};
 }
 
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes) {

@@ -49,7 +49,7 @@ struct LaunchFisher {
   template <typename G, typename Unused>
   void operator()() const {
     const auto kernel = fisher_accumulate_kernel<G>;
-    *result = multi_tensor_apply<2>(tensors, resident_blocks(kernel, kThreads),
+    *result = multi_tensor_apply<2>(tensors, resident_blocks<fisher_accumulate_kernel<G>>(),
                                     [&](const TensorListMeta<2>& meta, int blocks) {
                                       kernel<<<blocks, kThreads, 0, stream>>>(meta, scales);
                                     });

@@ -102,7 +102,7 @@ struct LaunchAdamw {
   template <typename P, typename G, bool AMSGRAD, int KIND, bool FREEZE>
   void run() const {
     const auto kernel = masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE>;
-    *result = multi_tensor_apply<6>(tensors, resident_blocks(kernel, kThreads),
+    *result = multi_tensor_apply<6>(tensors, resident_blocks<masked_adamw_kernel<P, G, AMSGRAD, KIND, FREEZE>>(),
                                     [&](const TensorListMeta<6>& meta, int blocks) {
                                       kernel<<<blocks, kThreads, 0, stream>>>(meta, config.scalars, config.draw);
                                     });

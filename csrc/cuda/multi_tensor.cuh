@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -41,6 +42,8 @@ struct TensorListMeta {
   int64_t first_chunk[kMaxTensors + 1];
   int slots;
 };
+// The table plus the kernels' other arguments (at most 64 bytes) stays under the 4 KB limit.
+static_assert(sizeof(TensorListMeta<6>) + 64 <= 4096, "kernel arguments past CUDA's 4 KB limit");
 
 // The tensor slot of chunk `chunk` of a table, and the chunk's element range.
 template <int DEPTH>
@@ -59,13 +62,24 @@ struct ChunkWork {
   }
 };
 
+// body(work) for chunks block, block + grid, ... of the table: a block's share of the persistent
+// grid (for_each_chunk), also run on the host by the plan test with block and grid played by loops.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <int DEPTH, typename Body>
+__host__ __device__ __forceinline__ void for_each_chunk_of(const TensorListMeta<DEPTH>& meta, int64_t block,
+                                                           int64_t grid, const Body& body) {
+  const int64_t chunks = meta.first_chunk[meta.slots];
+  for (int64_t chunk = block; chunk < chunks; chunk += grid) body(ChunkWork<DEPTH>(meta, chunk));
+}
+
 #ifdef __CUDACC__
 // body(work) for every chunk of the table this block owns; uniform across the block, so a body
 // may synchronise its threads.
 template <int DEPTH, typename Body>
 __device__ __forceinline__ void for_each_chunk(const TensorListMeta<DEPTH>& meta, const Body& body) {
-  const int64_t chunks = meta.first_chunk[meta.slots];
-  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) body(ChunkWork<DEPTH>(meta, chunk));
+  for_each_chunk_of(meta, blockIdx.x, gridDim.x, body);
 }
 #endif
 
@@ -92,21 +106,31 @@ void for_each_table(const std::vector<TensorRefs>& tensors, const Emit& emit) {
   if (meta.slots > 0) emit(meta);
 }
 
-// Blocks of `kernel` the current GPU holds at once with `threads` threads each (kFallbackBlocks if
-// the runtime cannot say; its error is cleared so it does not read as the launch's).
-template <typename Kernel>
-int resident_blocks(Kernel kernel, int threads) {
+// Blocks of KERNEL the current GPU holds at once with kThreads threads each, asked once per
+// kernel and device (kFallbackBlocks if the runtime cannot say; that query's error is cleared so
+// it does not read as the launch's).
+template <auto KERNEL>
+int resident_blocks() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
   int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    cudaGetLastError();
+    return kFallbackBlocks;
+  }
+  int blocks = known[device].load(std::memory_order_relaxed);
+  if (blocks > 0) return blocks;
   int sms = 0;
   int per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess || sms <= 0 ||
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, kThreads, 0) != cudaSuccess || sms <= 0 ||
       per_sm <= 0) {
     cudaGetLastError();
     return kFallbackBlocks;
   }
-  return sms * per_sm;
+  blocks = sms * per_sm;
+  known[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
 // The grid of a table's launch: a block per chunk, at most `max_blocks` (then blocks loop).

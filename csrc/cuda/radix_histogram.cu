@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 cudaError_t radix_histogram(const std::vector<TensorRefs>& tensors, int64_t* hist, const int64_t* prefixes,
                             int shift, int bits, cudaStream_t stream) {
   if (bits > kMaxSharedBits) return cudaErrorInvalidValue;
-  return multi_tensor_apply<1>(tensors, resident_blocks(radix_histogram_kernel, kThreads),
+  return multi_tensor_apply<1>(tensors, resident_blocks<radix_histogram_kernel>(),
                                [&](const TensorListMeta<1>& meta, int blocks) {
                                  radix_histogram_kernel<<<blocks, kThreads, 0, stream>>>(meta, hist, prefixes, shift,
                                                                                          bits);

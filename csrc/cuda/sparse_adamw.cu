@@ -76,7 +76,7 @@ struct LaunchSparse {
   template <typename P, typename G, typename I, bool AMSGRAD, bool COMPACT>
   void run() const {
     const auto kernel = sparse_adamw_kernel<P, G, I, AMSGRAD, COMPACT>;
-    *result = multi_tensor_apply<6>(tensors, resident_blocks(kernel, kThreads),
+    *result = multi_tensor_apply<6>(tensors, resident_blocks<sparse_adamw_kernel<P, G, I, AMSGRAD, COMPACT>>(),
                                     [&](const TensorListMeta<6>& meta, int blocks) {
                                       kernel<<<blocks, kThreads, 0, stream>>>(meta, config.scalars);
                                     });

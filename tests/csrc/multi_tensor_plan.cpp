@@ -1,7 +1,7 @@
 // Host driver of csrc/cuda/multi_tensor.cuh for tests/csrc/test_multi_tensor_plan.py: the tables
 // of a tensor list and, for a grid limit, the chunks each block of each launch steps, computed by
-// the header's own host code (for_each_table, launch_blocks, ChunkWork) with blockIdx/gridDim
-// played by loops.  argv: max_blocks numel...; prints one line per launch ("launch T slots S
+// the header's own code (for_each_table, launch_blocks, for_each_chunk_of: the kernels' chunk
+// loop) with blockIdx/gridDim played by a loop.  argv: max_blocks numel...; prints one line per launch ("launch T slots S
 // blocks B") and one per chunk stepped ("chunk T tensor block start n"; tensor = list index).
 #include <cstdio>
 #include <cstdlib>
@@ -25,13 +25,11 @@ int main(int argc, char** argv) {
   mt::for_each_table<6>(tensors, [&](const mt::TensorListMeta<6>& meta) {
     const int blocks = mt::launch_blocks(meta, max_blocks);
     std::printf("launch %d slots %d blocks %d\n", launch, meta.slots, blocks);
-    const int64_t chunks = meta.first_chunk[meta.slots];
     for (int block = 0; block < blocks; ++block) {
-      for (int64_t chunk = block; chunk < chunks; chunk += blocks) {
-        const mt::ChunkWork<6> work(meta, chunk);
+      mt::for_each_chunk_of(meta, block, blocks, [&](const mt::ChunkWork<6>& work) {
         std::printf("chunk %d %lld %d %lld %lld\n", launch, static_cast<long long>(meta.extra[work.slot]), block,
                     static_cast<long long>(work.start), static_cast<long long>(work.n));
-      }
+      });
     }
     ++launch;
   });

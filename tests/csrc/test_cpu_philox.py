@@ -110,14 +110,15 @@ def test_bernoulli_masks_equal_the_definition(native_module, isa, threads, count
 
 
 @pytest.mark.parametrize("masked", ["freeze", "zero_grad"])
-@pytest.mark.parametrize("mask", ["bernoulli", "importance"])
-def test_masked_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, mask, masked):
+@pytest.mark.parametrize("mask, dtype", [("bernoulli", torch.float32), ("importance", torch.float32),
+                                         ("importance", torch.bfloat16)])
+def test_masked_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, mask, dtype, masked):
     """Bernoulli, and importance masks (running scores redrawn every other step, so the level codes
     change within the run; AVX-512 compares them in registers, the others through words in memory)."""
     def run(isa, count):
         native_module._set_philox_isa(isa)
         threads(count)
-        params = make_params(SHAPES)
+        params = make_params(SHAPES, dtype=dtype)
         opt = MaskedAdamW(params, mask=Importance(refresh_every=2) if mask == "importance" else mask,
                           reserve_p=0.3, masked=masked, seed=7, lr=1e-2, weight_decay=0.1, backend="native")
         train(opt, params, 4)
@@ -146,6 +147,19 @@ def test_importance_levels_equal_the_definition(native_module, isa):
     keep, scales = native_module._importance_levels((words - (words >> 31 << 32)).to(torch.int32), codes)
     assert torch.equal(keep, words < importance.level_thresholds(codes))
     used = codes != 0  # code 0 is never kept: its scale is never read (the reference gives inf)
+    assert torch.equal(scales[used].view(torch.int32), importance.level_scales(codes)[used].view(torch.int32))
+
+
+@pytest.mark.parametrize("numel, rng_base, seed, step", WORD_CASES)
+def test_importance_draws_equal_the_definition(native_module, isa, numel, rng_base, seed, step):
+    """A whole run of codes in one draw (register steps of 128, pieces of 256, a partial last
+    group): keep is ``word < threshold`` of childopt.philox's words, code 255 always, 0 never."""
+    codes = torch.randint(0, 256, (numel,), generator=torch.Generator().manual_seed(numel), dtype=torch.uint8)
+    codes[:3] = torch.tensor([0, 255, 128], dtype=torch.uint8)[:numel]
+    keep, scales = native_module._importance_draw(codes, rng_base, seed, step)
+    words = philox.random_words(numel, rng_base, seed, step, "cpu")
+    assert torch.equal(keep, words < importance.level_thresholds(codes))
+    used = codes != 0
     assert torch.equal(scales[used].view(torch.int32), importance.level_scales(codes)[used].view(torch.int32))
 
 

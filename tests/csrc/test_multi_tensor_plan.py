@@ -97,3 +97,8 @@ def test_a_tensor_past_2_31_elements_is_covered_in_int64(plan):
     launches, chunks = plan(264, numels)
     check_plan(launches, chunks, 264, numels)
     assert max(start for _, tensor, _, start, _ in chunks if tensor == 1) == 2**31
+
+
+@pytest.mark.parametrize("numels", [[], [0, 0]], ids=["empty", "only-empty"])
+def test_nothing_to_step_launches_nothing(plan, numels):
+    assert plan(264, numels) == ([], [])
