@@ -62,3 +62,10 @@ def main(out: str, method_names: list) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    # The results are written and the process group is shut down: leave without the interpreter's
+    # teardown.  At exit, a rank of this worker (the one torchrun test that runs torch's profiler)
+    # sometimes aborted with "terminate called without an active exception" (2 of 7 runs here, none
+    # in 12 since), failing the test after its measurements had passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
