@@ -55,7 +55,7 @@ def test_a_regular_install_ships_the_sources(tmp_path):
     pytest.importorskip("setuptools")
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.json", "build", "*.egg-info")
-    for name in ("childopt", "kernels", "csrc"):
+    for name in ("childopt", "csrc"):
         shutil.copytree(REPO / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, source / name)
