@@ -387,22 +387,15 @@ void philox_words(const BernoulliDraw& draw, uint64_t first_group, int64_t group
   CHILDOPT_FOR_SELECTED_ISA(words)(draw, first_group, groups, words);
 }
 
-#undef CHILDOPT_FOR_SELECTED_ISA
-
 void importance_draw(const BernoulliDraw& draw, uint64_t first_group, int64_t n, const uint8_t* codes,
                      uint8_t* keep, float* scales) {
 #ifdef CHILDOPT_X86_PHILOX
-  switch (philox_isa()) {
-    case PhiloxIsa::kAvx512:
-      return avx512_importance(draw, first_group, n, codes, keep, scales);
-    case PhiloxIsa::kAvx2:
-      return portable_importance(avx2_words, draw, first_group, n, codes, keep, scales);
-    case PhiloxIsa::kScalar:
-      break;
-  }
+  if (philox_isa() == PhiloxIsa::kAvx512) return avx512_importance(draw, first_group, n, codes, keep, scales);
 #endif
-  portable_importance(scalar_words, draw, first_group, n, codes, keep, scales);
+  portable_importance(CHILDOPT_FOR_SELECTED_ISA(words), draw, first_group, n, codes, keep, scales);
 }
+
+#undef CHILDOPT_FOR_SELECTED_ISA
 
 void importance_levels(const uint32_t* words, const uint8_t* codes, int64_t n, uint8_t* keep, float* scales) {
 #ifdef CHILDOPT_X86_PHILOX
