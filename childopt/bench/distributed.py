@@ -5,7 +5,7 @@
 Rows, each measured in this one run:
 
 * the optimizer step of the roberta-base-shaped list ``--size`` (fp32, Child-Tuning-D dense
-  mask 0.3 freeze, and Bernoulli 0.3) on FSDP2-placed DTensor shards, every rank at once,
+  mask 0.3 freeze, Bernoulli 0.3, and the 0.3 mask in sparse-index storage) on FSDP2-placed DTensor shards, every rank at once,
   against rank 0 stepping the full list alone while the others wait, at the thread count each
   rank has (torchrun sets 1) and at that times the ranks (the cores the ranks use); with the
   optimizer state held per rank;
@@ -31,7 +31,8 @@ from childopt.bench.shapes import make_params, roberta_base_shapes
 from childopt.bench.step import SIZES
 
 RESERVE_P = 0.3
-MODES = {"dense 0.3 freeze": dict(masked="freeze"), "bernoulli 0.3": dict(mask="bernoulli", reserve_p=RESERVE_P)}
+MODES = {"dense 0.3 freeze": dict(masked="freeze"), "bernoulli 0.3": dict(mask="bernoulli", reserve_p=RESERVE_P),
+         "sparse 0.3": dict(storage="sparse")}
 
 
 def _optimizer(params: list, mode: str, alone: bool = False) -> MaskedAdamW:

@@ -214,9 +214,10 @@ def _untraceable_ops_named(arch: Architecture):
 def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
     """Trace two training steps of ``method_name`` on ``arch`` on fake tensors; the second's peak, by term."""
     method = methods.check_method(method_name)
-    if setting.world_size > 1 and method.name in methods.SPARSE_STORAGE:
-        raise ValueError(f"method {method.name!r} uses storage='sparse', which does not take FSDP2 (DTensor) "
-                         "parameters yet: plan it with world_size=1, or plan 'ct-d' (the same trajectory)")
+    if setting.world_size > 1 and method.name == "sparse-compact":
+        raise ValueError("method 'sparse-compact' uses compact_grads=True, which does not take FSDP2 (DTensor) "
+                         "parameters (FSDP2 sets sharded gradients after its reduce-scatter, outside the hook that "
+                         "keeps the compact entries): plan 'sparse' with world_size > 1, or world_size=1")
     if setting.world_size > 1 and method.name == "adamw-8bit":
         raise ValueError("method 'adamw-8bit': bitsandbytes' optimizers do not take FSDP2 (DTensor) parameters "
                          "(bitsandbytes issues #89, #1633); plan it with world_size=1")

@@ -15,7 +15,7 @@ import torch
 
 from childopt import philox, sparse
 from childopt.backends.contract import MaskKind
-from childopt.optim import params, sharding
+from childopt.optim import params, sharding, sparse_shards
 from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS
 
@@ -102,9 +102,11 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
     for key in MOMENT_KEYS:
         if key in saved:
             value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
-            if "indices" in state and "indices" not in saved and value.shape == p.shape:
-                value = sparse.gather(value, state["indices"])  # dense (torch AdamW) state
-            elif sharding.is_dtensor(p):  # a full (torch.save) moment: this rank keeps its rows
+            if "indices" in state and "indices" not in saved and value.shape == p.shape:  # dense (torch AdamW) state
+                if sharding.is_dtensor(p):
+                    value = sharding.local(sharding.shard_like(value, p, optimizer.describe(p), what=f"saved {key!r}"))
+                value = sparse.gather(value, state["indices"])
+            elif sharding.is_dtensor(p) and "indices" not in saved:  # a full (torch.save) moment: this rank's rows
                 value = sharding.shard_like(value, p, optimizer.describe(p), what=f"saved {key!r}")
             state[key] = value.contiguous()
     if "step" in saved:
@@ -116,6 +118,47 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
         state["mask"] = params.resolve_masks(optimizer.param_groups, {p: saved["mask"]})[p]
     elif foreign and "mask" in kept:
         state["mask"] = kept["mask"]
+
+
+def _sharded_sparse(optimizer) -> list:
+    """(position in the state dict, parameter) of each DTensor parameter under sparse storage."""
+    if optimizer.storage != "sparse" or not optimizer._sharded:
+        return []
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    return [(i, p) for i, p in enumerate(stepped) if sharding.is_dtensor(p)]
+
+
+def global_sparse_state(optimizer, state_dict: dict) -> dict:
+    """``state_dict`` with the sparse state of DTensor parameters in its global form.
+
+    torch numbers the saved parameters in the groups' order; a collective over the
+    parameters' meshes (childopt.optim.sparse_shards), so every rank must call it.
+    """
+    held = [(i, p) for i, p in _sharded_sparse(optimizer) if "indices" in optimizer.state.get(p, {})]
+    forms = sparse_shards.global_states([(p, state_dict["state"][i]) for i, p in held], optimizer.describe)
+    state_dict["state"] = {**state_dict["state"], **{i: form for (i, _), form in zip(held, forms)}}
+    return state_dict
+
+
+def local_sparse_state(optimizer, state_dict):
+    """``state_dict`` with saved global-form sparse state of DTensor parameters cut to this rank's.
+
+    A state dict whose groups do not pair with this optimizer's is returned unchanged:
+    childopt.optim.saved_state explains what is wrong with it.
+    """
+    sharded = _sharded_sparse(optimizer)
+    if not sharded or not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        return state_dict
+    saved_ids = [saved_id for g in state_dict["param_groups"] if isinstance(g, Mapping)
+                 for saved_id in g.get("params", ())]
+    if len(saved_ids) != sum(len(g["params"]) for g in optimizer.param_groups):
+        return state_dict
+    entries = [(saved_ids[i], p, state_dict["state"].get(saved_ids[i])) for i, p in sharded]
+    entries = [(saved_id, p, saved) for saved_id, p, saved in entries if sparse_shards.is_global_form(saved)]
+    forms = sparse_shards.local_states([(p, saved) for _, p, saved in entries], optimizer.describe)
+    return {**state_dict, "state": {**state_dict["state"], **{saved_id: form for (saved_id, _, _), form
+                                                             in zip(entries, forms)}}}
 
 
 def upgrade_pickled(state: dict) -> dict:
@@ -133,6 +176,7 @@ def upgrade_pickled(state: dict) -> dict:
 
 def load(optimizer, state_dict: dict, torch_load) -> None:
     """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
+    state_dict = local_sparse_state(optimizer, state_dict)
     saved_ids = check_state_dict(optimizer, state_dict)
     saved_extras = state_dict.get("childopt")
     if saved_extras is not None and saved_extras["mask_kind"] == MaskKind.IMPORTANCE.label \

@@ -284,10 +284,6 @@ class MaskedAdamW(Optimizer):
         if self._compact is not None:
             self._compact.zero(set_to_none)
 
-    def compact_gradients(self) -> dict:
-        """The compact gradient buffers (parameter -> ``grad[indices]``), e.g. to all-reduce them."""
-        return dict(self._compact.buffers) if self._compact is not None else {}
-
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
         """Clip the gradients the next step uses by the global norm of their child-network entries.
 
@@ -311,17 +307,30 @@ class MaskedAdamW(Optimizer):
         return dict(self._compact.buffers) if self._compact is not None else {}
 
     def sparse_indices(self) -> dict:
-        """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed)."""
-        return {name: self.state[p]["indices"] for group in self.param_groups
+        """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed).
+
+        Of a DTensor (FSDP2) parameter: this rank's entries, as int64 indices of the full parameter.
+        """
+        return {name: self._global_indices(p) for group in self.param_groups
                 for name, p in zip(group.get("param_names", group["params"]), group["params"])
                 if "indices" in self.state.get(p, {})}
+
+    def _global_indices(self, p: torch.Tensor) -> torch.Tensor:
+        indices = self.state[p]["indices"]
+        if not sharding.is_dtensor(p):
+            return indices
+        return indices.to(torch.int64) + sharding.element_offset(p, self.describe)
 
     def state_dict(self) -> dict:
         """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage.
 
         Each saved group carries ``"childopt"`` too, so torch.distributed.checkpoint keeps it.
+        Sparse state of DTensor (FSDP2) parameters is saved in its global form, one DTensor of
+        global indices and one per moment split over the ranks (childopt.optim.sparse_shards):
+        a collective, so every rank calls ``state_dict()``, as torch.distributed.checkpoint does.
         """
-        return checkpoint.attach_extras(super().state_dict(), checkpoint.extras(self))
+        state_dict = checkpoint.global_sparse_state(self, super().state_dict())
+        return checkpoint.attach_extras(state_dict, checkpoint.extras(self))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.

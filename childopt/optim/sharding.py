@@ -85,6 +85,11 @@ def shard_like(value: torch.Tensor, p: torch.Tensor, label: str, what: str = "ma
     row_numel = math.prod(p.shape[1:]) if p.dim() else 1
     piece = value.reshape(-1)[start:start + rows * row_numel].reshape(local(p).shape)
     piece = piece.to(device=local(p).device, copy=True).contiguous()  # not a view that keeps the full mask
+    return wrap_like(piece, p)
+
+
+def wrap_like(piece: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``piece``, a tensor of the shape of ``p``'s local shard, as a DTensor placed like ``p``."""
     return DTensor.from_local(piece, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 

@@ -22,14 +22,16 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def init_state(p: torch.Tensor, state: dict, amsgrad: bool, capturable: bool) -> None:
     """Step 0 and zero fp32 moments, shaped by the parameter or its selected entries.
 
-    A DTensor parameter's moments are DTensors placed alike (so torch.distributed.checkpoint
-    saves and reshards them); its step stays a plain tensor, as torch's AdamW keeps it.
+    A DTensor parameter's dense moments are DTensors placed alike (so torch.distributed.checkpoint
+    saves and reshards them); compact moments are its shard's (childopt.optim.sparse_shards); the
+    step stays a plain tensor, as torch's AdamW keeps it.
     """
-    if sharding.is_dtensor(p):
+    if "indices" in state:  # compact moments of the selected entries (of this rank's shard)
+        zeros = partial(torch.zeros, state["indices"].shape, dtype=torch.float32, device=p.device)
+    elif sharding.is_dtensor(p):
         zeros = partial(torch.zeros_like, p, dtype=torch.float32, memory_format=torch.contiguous_format)
     else:
-        shape = state["indices"].shape if "indices" in state else p.shape
-        zeros = partial(torch.zeros, shape, dtype=torch.float32, device=p.device)
+        zeros = partial(torch.zeros, p.shape, dtype=torch.float32, device=p.device)
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
     state["exp_avg"] = zeros()
     state["exp_avg_sq"] = zeros()
@@ -60,6 +62,10 @@ def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
 def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
     """The entries of ``grad`` the step will use: the child network's, for norms and clipping."""
     if is_dense_grad and "indices" in state:
+        if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks
+            child = torch.zeros(sharding.local(grad).shape, dtype=torch.bool, device=grad.device)
+            child.view(-1)[state["indices"].long()] = True
+            return torch.where(sharding.wrap_like(child, grad), grad, 0.0)
         return sparse.gather(grad, state["indices"])
     if "mask" in state:
         if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
@@ -119,13 +125,11 @@ class SparseLayout:
         zero (or from the dense moments of a parameter that had no mask), and a parameter losing
         its mask gets dense moments that are zero off its old indices.
         """
-        sharded = [p for p in new if sharding.is_dtensor(p)]
-        if sharded:
-            raise NotImplementedError(f"storage='sparse' does not take DTensor (FSDP2) parameters yet, and "
-                                      f"{describe(sharded[0])} is one; use storage='dense' (the same trajectory "
-                                      "as sparse storage under masked='freeze')")
+        for p in new:
+            if sharding.is_dtensor(p):
+                _check_sharded_sparse(p, compact, describe)
         old = {p: s["indices"] for p, s in states.items() if "indices" in s}
-        new_indices = {p: sparse.indices_from_mask(m) for p, m in new.items()}
+        new_indices = {p: sparse.indices_from_mask(sharding.local(m)) for p, m in new.items()}
         changed = [p for p in set(old) | set(new_indices)
                    if p not in old or p not in new_indices or not torch.equal(old[p], new_indices[p])]
         pending = [p for p in changed if compact is not None and p in compact.buffers]
@@ -138,11 +142,12 @@ class SparseLayout:
                 if key not in state:
                     continue
                 if p not in new_indices:
-                    state[key] = sparse.scatter(state[key], old[p], p.shape)
+                    dense = sparse.scatter(state[key], old[p], sharding.local(p).shape)
+                    state[key] = sharding.wrap_like(dense, p) if sharding.is_dtensor(p) else dense
                 elif p in old:
                     state[key] = sparse.remap(state[key], old[p], new_indices[p])
                 else:
-                    state[key] = sparse.gather(state[key], new_indices[p])
+                    state[key] = sparse.gather(sharding.local(state[key]), new_indices[p])
             if p in new_indices:
                 state["indices"] = new_indices[p]
                 if compact is not None:
@@ -152,6 +157,19 @@ class SparseLayout:
                 if compact is not None:
                     compact.unregister(p)
         return changed
+
+
+def _check_sharded_sparse(p: torch.Tensor, compact, describe) -> None:
+    """A DTensor parameter under sparse storage: a 1-D mesh (its state dict's global form is
+    split over one dimension; childopt.optim.sparse_shards), and no compact gradients."""
+    if p.device_mesh.ndim != 1:
+        raise NotImplementedError(f"storage='sparse' takes DTensor parameters on a 1-D device mesh; {describe(p)} is "
+                                  f"on a {p.device_mesh.ndim}-D mesh ({tuple(p.placements)}): use storage='dense'")
+    if compact is not None:
+        raise NotImplementedError(f"compact_grads=True does not take DTensor (FSDP2) parameters, and {describe(p)} is "
+                                  "one: FSDP2 sets each sharded gradient after its reduce-scatter, outside the "
+                                  "autograd accumulation whose hook keeps the compact entries; use "
+                                  "compact_grads=False (the step still reads only the selected entries)")
 
 
 LAYOUTS = {"dense": DenseLayout(), "sparse": SparseLayout()}

@@ -16,7 +16,7 @@ def test_two_ranks_hold_half_the_state_and_the_hook_sends_reserve_p_of_the_bytes
     out = tmp_path / "rows.json"
     stdout = torchrun(2, "-m", "childopt.bench.distributed", "--steps", "1", "--warmup", "0", "--json", str(out))
     report = json.loads(out.read_text())
-    assert {row["mode"] for row in report["rows"]} == {"dense 0.3 freeze", "bernoulli 0.3"}
+    assert {row["mode"] for row in report["rows"]} == {"dense 0.3 freeze", "bernoulli 0.3", "sparse 0.3"}
     for row in report["rows"]:
         assert len(row["state_bytes_per_rank"]) == 2 and row["sharded_step_ms"] > 0
         assert max(row["state_bytes_per_rank"]) <= 1.01 * row["one_process_state_bytes"] / 2  # the goal

@@ -66,8 +66,8 @@ def test_world_size_shards_the_held_terms_and_adds_what_fsdp2_gathers():
     assert four.gradients == one.gradients // 4 + blocks // 4 + root
 
 
-def test_sparse_storage_with_fsdp_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="storage='sparse'.*FSDP2"):
+def test_compact_gradients_with_fsdp_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="compact_grads=True.*FSDP2.*plan 'sparse'"):
         plan(SMALL["bert"](), "sparse-compact", Setting(world_size=2))
 
 
@@ -102,7 +102,7 @@ def test_fsdp2_plan_is_within_20_percent_of_gloo_ranks(tmp_path, world):
 
     from tests.helpers import torchrun
 
-    methods = ["full", "ct-f", "ct-d", "lora"]
+    methods = ["full", "ct-f", "ct-d", "sparse", "lora"]
     torchrun(world, "tests/memory/fsdp_worker.py", str(tmp_path), *methods)
     measured = json.loads((tmp_path / "fsdp.json").read_text())
     for name in methods:

@@ -2,14 +2,15 @@
 
 Each scenario builds the same parameters and feeds the same (already averaged) gradients for a
 few steps, on plain tensors in one process (the oracle) or on DTensors sharded by rows in a
-torchrun worker (tests/optim/sharded_worker.py).  The shapes give uneven shards, shards starting
+torchrun worker, with dense or sparse-index storage (tests/optim/sharded_worker.py).  The shapes give uneven shards, shards starting
 inside a Philox group (row sizes 1, 5 and 6) and, at world sizes 2 and 3, empty ones.
 """
 from __future__ import annotations
 
 import torch
 
-from childopt import ChildTuningAdamW, MaskedAdamW
+from childopt import ChildTuningAdamW, MaskedAdamW, sparse
+from childopt.optim import sharding
 
 SHAPES = {"w1": (7, 5), "b1": (7,), "w2": (3, 6), "b2": (3,), "tiny": (1, 3), "big": (33, 9)}
 STEPS = 3
@@ -57,6 +58,8 @@ SCENARIOS = {
     "bernoulli-capturable": _masked("bernoulli", "zero_grad", reserve_p=0.3, capturable=True),
     "childtuning-F": _childtuning("ChildTuning-F", reserve_p=0.4),
     "childtuning-D": _childtuning("ChildTuning-D"),
+    "sparse": _masked(full_masks, "freeze", storage="sparse"),
+    "sparse-amsgrad": _masked(full_masks, "freeze", storage="sparse", amsgrad=True),
 }
 
 
@@ -84,8 +87,17 @@ def collect(module, opt, to_full) -> dict:
         result[name] = to_full(p.detach())
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in opt.state[p]:
-                result[f"{name}.{key}"] = to_full(opt.state[p][key])
+                result[f"{name}.{key}"] = to_full(dense_moment(opt.state[p], p, key))
     return result
+
+
+def dense_moment(state: dict, p: torch.Tensor, key: str) -> torch.Tensor:
+    """A moment in the parameter's shape (sparse storage keeps it at its indices: zero elsewhere);
+    a DTensor parameter's as a DTensor of its placement."""
+    if "indices" not in state:
+        return state[key]
+    dense = sparse.scatter(state[key], state["indices"], sharding.local(p).shape)
+    return sharding.wrap_like(dense, p) if sharding.is_dtensor(p) else dense
 
 
 def run(scenario: str, backend: str, steps: int = STEPS) -> dict:

@@ -13,7 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from childopt import MaskedAdamW  # noqa: E402
 from tests.optim import sharded_scenarios as scenarios  # noqa: E402
 
-CHECKPOINTED = ("dense-freeze", "bernoulli-freeze-amsgrad", "childtuning-F")
+CHECKPOINTED = ("dense-freeze", "bernoulli-freeze-amsgrad", "childtuning-F", "sparse-amsgrad")
 
 
 def main(out: str, backends: list, phase: str) -> None:
@@ -37,13 +38,16 @@ def main(out: str, backends: list, phase: str) -> None:
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t.clone()
 
-    report = {"results": {}, "resumed": {}, "clipped": {}, "from_plain": {}}
+    report = {"results": {}, "resumed": {}, "clipped": {}, "from_plain": {}, "full_state": {}}
     for backend in backends:
         for name in scenarios.SCENARIOS:
             module, opt = scenarios.build(name, backend, shard)
             scenarios.train(module, opt, shard)
             report["results"][name, backend] = scenarios.collect(module, opt, full)
             report["clipped"][name, backend] = scenarios.clip(*scenarios.build(name, backend, shard), shard, full)
+            if name == "sparse-amsgrad":  # gathered as Accelerate and HF save FSDP2 optimizers
+                report["full_state"][backend] = get_optimizer_state_dict(
+                    module, opt, options=StateDictOptions(full_state_dict=True))["state"]
             if name in CHECKPOINTED and phase == "save":
                 dcp.save(get_optimizer_state_dict(module, opt), checkpoint_id=os.path.join(out, f"{name}-{backend}"))
         for name in CHECKPOINTED:  # a full state dict from one process (torch.save), loaded into shards
@@ -104,21 +108,13 @@ def _ddp_runs() -> dict:
             opt.step()
             opt.zero_grad()
         mine = {name: p.detach().clone() for name, p in model.named_parameters()}
-        mine.update({f"{name}.exp_avg_sq": _dense_moment(opt.state[p], p) for name, p in model.named_parameters()})
+        mine.update({f"{name}.exp_avg_sq": scenarios.dense_moment(opt.state[p], p, "exp_avg_sq").clone()
+                     for name, p in model.named_parameters()})
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         runs[hook] = {"ranks": every, "masks": masks,
                       "bytes": (state.bytes_sent, state.dense_bytes) if state else sent}
     return runs
-
-
-def _dense_moment(state: dict, p: torch.Tensor) -> torch.Tensor:
-    """exp_avg_sq as a dense tensor (sparse storage keeps it at its indices, zero elsewhere)."""
-    from childopt import sparse
-
-    if "indices" not in state:
-        return state["exp_avg_sq"].clone()
-    return sparse.scatter(state["exp_avg_sq"], state["indices"], p.shape)
 
 
 def _agreed_seeds(shard) -> list:
@@ -157,6 +153,9 @@ def _bad_inputs(mesh, shard) -> dict:
                                                            mask="bernoulli", reserve_p=0.5,
                                                            seed=5 + dist.get_rank()),
         "ZeRO-style replaced params": _replaced_params,
+        "compact gradients of a sharded parameter": lambda: _with_param(shard, lambda p: MaskedAdamW(
+            [p], mask={p: torch.ones(6, 2, dtype=torch.bool)}, storage="sparse", compact_grads=True)),
+        "sparse storage on a 2-D mesh": lambda: _sparse_on_2d_mesh(),
         "child-network hook on a Bernoulli mask": _hook_on_bernoulli,
         "child-network hook on masks that differ between ranks": _hook_on_rank_masks,
         "all_reduce_gradients with gradients on other parameters": _gradients_on_rank_params,
@@ -183,6 +182,15 @@ def _step_with(param, grad, **kwargs):
     opt = MaskedAdamW([p], backend="reference", **kwargs)
     p.grad = grad
     opt.step()
+
+
+def _sparse_on_2d_mesh():
+    """HSDP's placement (replicated over one mesh dimension, rows sharded over the other)."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+    p = torch.nn.Parameter(distribute_tensor(torch.zeros(6, 2), mesh, [Replicate(), Shard(0)], src_data_rank=None))
+    MaskedAdamW([p], mask={p: torch.ones(6, 2, dtype=torch.bool)}, storage="sparse")
 
 
 def _hook_on_bernoulli():

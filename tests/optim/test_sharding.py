@@ -85,6 +85,21 @@ def test_a_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(reports, 
         _assert_bit_identical(got, expected, f"{name} on {backend}, saved at 2 ranks, resumed at {world}")
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_gathered_sparse_state_dict_of_shards_is_the_one_process_state_dict(reports, world):
+    """Sparse storage saves global indices and compact moments: gathered, they are one process's."""
+    gathered = reports[world]["full_state"]
+    assert gathered
+    for backend, state in gathered.items():
+        module, opt = scenarios.build("sparse-amsgrad", backend, lambda t: t.clone())
+        scenarios.train(module, opt, lambda g: g)
+        expected = opt.state_dict()["state"]
+        for i, (name, _) in enumerate(module.named_parameters()):
+            for key in ("indices", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                got = state[name][key]
+                assert got.dtype == expected[i][key].dtype and torch.equal(got, expected[i][key]), (backend, name, key)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_layer_and_tensor_selection_of_sharded_scores_is_the_one_process_mask(reports, world):
     """Histograms and tie counts summed over the ranks: the same exact count and tie order."""
@@ -147,6 +162,10 @@ BAD_INPUTS = {
     "replicated gradient on a sharded parameter": ("ValueError", "its gradient as \\(Replicate\\(\\),\\)"),
     "seed differing between ranks": ("ValueError", "seed differs between ranks \\(rank 0: 5, rank 1: 6"),
     "ZeRO-style replaced params": ("RuntimeError", "DeepSpeed ZeRO.*FSDP2"),
+    "compact gradients of a sharded parameter": ("NotImplementedError",
+                                                 "compact_grads=True does not take DTensor .* reduce-scatter"),
+    "sparse storage on a 2-D mesh": ("NotImplementedError", "storage='sparse' takes DTensor parameters on a 1-D "
+                                                            "device mesh; .* 2-D mesh"),
     "child-network hook on a Bernoulli mask": ("ValueError", "needs a fixed mask.*'bernoulli'"),
     "child-network hook on masks that differ between ranks": ("ValueError", "disagree on the child-network .* 'weight'"),
     "all_reduce_gradients with gradients on other parameters": ("ValueError",
