@@ -49,6 +49,22 @@ def _childtuning(mode, **kwargs):
     return build
 
 
+def _remasked(named, backend):
+    """Sparse storage through every change of layout before the scenario's steps: dense moments
+    gathered onto a first mask, remapped onto a second, and scattered back to dense moments for
+    the parameter the second mask leaves out (``b1``).  The warm-up gradient is the parameter
+    itself, halved: a different value at every entry, computed on each rank's own shard."""
+    opt = MaskedAdamW(named, lr=1e-2, weight_decay=0.1, seed=11, backend=backend, storage="sparse")
+    first = full_masks()
+    second = {name: ~mask for name, mask in first.items() if name != "b1"}
+    for mask in (first, second):
+        for _, p in named:
+            p.grad = p.detach() * 0.5
+        opt.step()
+        opt.set_mask(mask)
+    return opt
+
+
 SCENARIOS = {
     "none": _masked(None, None),
     "dense-freeze": _masked(full_masks, "freeze"),
@@ -60,6 +76,7 @@ SCENARIOS = {
     "childtuning-D": _childtuning("ChildTuning-D"),
     "sparse": _masked(full_masks, "freeze", storage="sparse"),
     "sparse-amsgrad": _masked(full_masks, "freeze", storage="sparse", amsgrad=True),
+    "sparse-remasked": _remasked,
 }
 
 
