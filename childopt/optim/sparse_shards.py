@@ -11,12 +11,14 @@ A replicated parameter's global form is its local one.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from childopt import sparse
 from childopt.optim import sharding
+from childopt.optim.saved_state import SQUARED_MOMENTS
 from childopt.optim.state import MOMENT_KEYS
 
 try:
@@ -108,8 +110,9 @@ def local_states(entries: list, describe) -> list:
 
     The saved indices and moments are DTensors split over the parameter's mesh (a distributed
     checkpoint loaded into this optimizer's state dict) or full tensors (one process's state
-    dict; every rank cuts its own rows without communication).  Raises a clear error for
-    indices that are not sorted, unique global indices of the parameter.
+    dict; every rank cuts its own rows without communication).  Indices that are not sorted,
+    unique global indices of the parameter, and moments that are not finite (or negative, for
+    second moments) raise the same clear error on every rank, before anything moves.
     """
     results = [None] * len(entries)
     split = [i for i, (p, saved) in enumerate(entries)
@@ -123,28 +126,74 @@ def local_states(entries: list, describe) -> list:
         group, world, rank = mesh.get_group(0), mesh.size(0), mesh.get_local_rank(0)
         for i in members:
             _check_split(entries[i][1], entries[i][0], describe)
-        # Where each rank's block of rows starts in the global order: entries below each
-        # boundary, counted on every rank's piece and summed.
-        bounds = [_row_blocks(entries[i][0]) for i in members]
-        below = torch.tensor([[int(torch.searchsorted(sharding.local(entries[i][1]["indices"]), b)) for b in bs]
-                              for i, bs in zip(members, bounds)], dtype=torch.int64)
-        dist.all_reduce(below, group=group)
+        # One all-gather tells every rank what each rank's piece holds (its problems, its ends,
+        # and how many of its entries lie below each rank's first row), so every rank reaches the
+        # same verdict before anything moves, and finds where each rank's rows start in the
+        # global order: a bad piece raises on every rank instead of leaving the others waiting.
+        mine = torch.tensor([_piece_summary(*entries[i]) for i in members], dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        for row, i in enumerate(members):
+            _raise_for_bad_pieces(entries[i][0], [piece[row].tolist() for piece in every], describe)
         for row, i in enumerate(members):
             p, saved = entries[i]
             total = saved["indices"].shape[0]
             held = _chunks(total, world)
-            positions = below[row].tolist() + [total]
+            positions = sum(piece[row, _SUMMARY:] for piece in every).tolist() + [total]
             wanted = [(positions[r], positions[r + 1]) for r in range(world)]
-            mine = {key: _exchange(sharding.local(saved[key]), held, wanted, rank, group)
-                    for key in ("indices", *MOMENT_KEYS) if key in saved}
-            rest = {key: value for key, value in saved.items() if key not in mine}
-            results[i] = _localize(p, {**rest, **mine}, describe)
+            moved = {key: _exchange(sharding.local(saved[key]), held, wanted, rank, group)
+                     for key in ("indices", *MOMENT_KEYS) if key in saved}
+            rest = {key: value for key, value in saved.items() if key not in moved}
+            results[i] = _localize(p, {**rest, **moved}, describe)
     return results
+
+
+# A piece's summary: a problem code, its first and last index, then its entries below each
+# rank's first row.  Codes: 1 indices unsorted or out of range; 10 + k moment k not finite;
+# 20 + k moment k (a squared one) negative or NaN (k indexes MOMENT_KEYS).
+_SUMMARY = 3
+_BAD_INDICES, _NOT_FINITE, _NEGATIVE = 1, 10, 20
+
+
+def _piece_summary(p: torch.Tensor, saved: Mapping) -> list:
+    """This rank's piece of a split global-form state, as :data:`_SUMMARY` numbers and counts."""
+    indices = sharding.local(saved["indices"]).to(torch.int64)
+    problem = 0
+    if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= p.numel()
+                            or not bool((indices[1:] > indices[:-1]).all())):
+        problem = _BAD_INDICES
+    for k, key in enumerate(MOMENT_KEYS):
+        value = sharding.local(saved[key]) if key in saved else None
+        if problem or value is None or not value.numel():
+            continue
+        if key in SQUARED_MOMENTS and not bool((value >= 0).all()):
+            problem = _NEGATIVE + k
+        elif not bool(torch.isfinite(value).all()):
+            problem = _NOT_FINITE + k
+    ends = [int(indices[0]), int(indices[-1])] if indices.numel() else [-1, -1]
+    return [problem, *ends, *(int(torch.searchsorted(indices, start)) for start in _row_blocks(p))]
+
+
+def _raise_for_bad_pieces(p: torch.Tensor, pieces: list, describe) -> None:
+    """Every rank's verdict on the pieces of one parameter (the same numbers on every rank)."""
+    label = describe(p)
+    problem = next((piece[0] for piece in pieces if piece[0]), 0)
+    lasts = [piece[2] for piece in pieces if piece[1] >= 0]
+    firsts = [piece[1] for piece in pieces if piece[1] >= 0]
+    if problem == _BAD_INDICES or any(first <= last for first, last in zip(firsts[1:], lasts)):
+        raise ValueError(f"saved 'indices' for {label}: indices must be strictly increasing and inside "
+                         f"[0, {p.numel()})")
+    if problem >= _NEGATIVE:
+        raise ValueError(f"saved {MOMENT_KEYS[problem - _NEGATIVE]!r} for {label} has negative or NaN entries; a "
+                         "second moment is a running mean of squares (>= 0)")
+    if problem >= _NOT_FINITE:
+        raise ValueError(f"saved {MOMENT_KEYS[problem - _NOT_FINITE]!r} for {label} has inf or NaN entries; the "
+                         "next step would make the parameter NaN")
 
 
 def _row_blocks(p: torch.Tensor) -> list:
     """The global flat index at which each rank's rows start, rank by rank."""
-    row_numel = p[0].numel() if p.dim() else 1
+    row_numel = math.prod(p.shape[1:])  # from the shape: indexing a DTensor row would gather it
     return [start * row_numel for start, _ in _chunks(p.shape[0] if p.dim() else 1, p.device_mesh.size(0))]
 
 

@@ -156,6 +156,8 @@ def _bad_inputs(mesh, shard) -> dict:
         "compact gradients of a sharded parameter": lambda: _with_param(shard, lambda p: MaskedAdamW(
             [p], mask={p: torch.ones(6, 2, dtype=torch.bool)}, storage="sparse", compact_grads=True)),
         "sparse storage on a 2-D mesh": lambda: _sparse_on_2d_mesh(),
+        "saved sparse indices bad on the last rank only": lambda: _bad_saved_piece(shard, "indices", 10**6),
+        "a saved second moment negative on the last rank only": lambda: _bad_saved_piece(shard, "exp_avg_sq", -1.0),
         "child-network hook on a Bernoulli mask": _hook_on_bernoulli,
         "child-network hook on masks that differ between ranks": _hook_on_rank_masks,
         "all_reduce_gradients with gradients on other parameters": _gradients_on_rank_params,
@@ -191,6 +193,19 @@ def _sparse_on_2d_mesh():
     mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
     p = torch.nn.Parameter(distribute_tensor(torch.zeros(6, 2), mesh, [Replicate(), Shard(0)], src_data_rank=None))
     MaskedAdamW([p], mask={p: torch.ones(6, 2, dtype=torch.bool)}, storage="sparse")
+
+
+def _bad_saved_piece(shard, key: str, value) -> None:
+    """A sparse state dict whose piece of ``key`` on the last rank alone holds ``value``: every rank must
+    refuse it (a rank that loaded, or waited in the exchange, would leave the replicas apart)."""
+    p = torch.nn.Parameter(shard(torch.zeros(12, 2)))
+    mask = torch.zeros(12, 2, dtype=torch.bool)
+    mask[::2] = True  # entries in every rank's rows and in every rank's piece of the global order
+    opt = MaskedAdamW([p], mask={p: mask}, storage="sparse", backend="reference")
+    saved = opt.state_dict()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        saved["state"][0][key].to_local()[-1] = value
+    opt.load_state_dict(saved)
 
 
 def _hook_on_bernoulli():

@@ -166,6 +166,9 @@ BAD_INPUTS = {
                                                  "compact_grads=True does not take DTensor .* reduce-scatter"),
     "sparse storage on a 2-D mesh": ("NotImplementedError", "storage='sparse' takes DTensor parameters on a 1-D "
                                                             "device mesh; .* 2-D mesh"),
+    "saved sparse indices bad on the last rank only": ("ValueError", "saved 'indices' for .*: indices must be strictly "
+                                                                     "increasing and inside \\[0, 24\\)"),
+    "a saved second moment negative on the last rank only": ("ValueError", "saved 'exp_avg_sq' for .* negative or NaN"),
     "child-network hook on a Bernoulli mask": ("ValueError", "needs a fixed mask.*'bernoulli'"),
     "child-network hook on masks that differ between ranks": ("ValueError", "disagree on the child-network .* 'weight'"),
     "all_reduce_gradients with gradients on other parameters": ("ValueError",
