@@ -69,6 +69,7 @@ def main(out: str, backends: list, phase: str) -> None:
             set_optimizer_state_dict(module, opt, state)
             scenarios.train(module, opt, shard, start=scenarios.STEPS, steps=1)
             report["resumed"][name, backend] = scenarios.collect(module, opt, full)
+    report["sparse_round_trip_collectives"] = _collectives_of_a_sparse_round_trip(shard)
     report["selections"] = scenarios.selections(shard, full)
     report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full)
     report["fisher_passes"] = scenarios.fisher_passes(lambda model: fully_shard(model, mesh=mesh), full)
@@ -79,6 +80,20 @@ def main(out: str, backends: list, phase: str) -> None:
         torch.save(report, os.path.join(out, f"ws{world}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _collectives_of_a_sparse_round_trip(shard) -> dict:
+    """The collectives (by op) while sparse storage saves and loads its global form: its own all-gathers
+    of counts and all_to_all_single of each rank's share, and no DTensor op (which could gather a whole
+    parameter)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    p = torch.nn.Parameter(shard(torch.randn(40, 8)))
+    opt = MaskedAdamW([p], mask={p: torch.rand(40, 8, generator=torch.Generator().manual_seed(0)) < 0.3},
+                      storage="sparse", backend="reference")
+    with CommDebugMode() as comm:
+        opt.load_state_dict(opt.state_dict())
+    return {str(op): count for op, count in comm.get_comm_counts().items()}
 
 
 def _ddp_runs() -> dict:

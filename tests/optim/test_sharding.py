@@ -100,6 +100,12 @@ def test_a_gathered_sparse_state_dict_of_shards_is_the_one_process_state_dict(re
                 assert got.dtype == expected[i][key].dtype and torch.equal(got, expected[i][key]), (backend, name, key)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sparse_state_dicts_move_shares_without_gathering_a_parameter(reports, world):
+    """Only the counts' all-gathers and the shares' all-to-alls run: no DTensor op gathers a tensor."""
+    assert set(reports[world]["sparse_round_trip_collectives"]) == {"c10d.allgather_", "c10d.alltoall_base_"}
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_layer_and_tensor_selection_of_sharded_scores_is_the_one_process_mask(reports, world):
     """Histograms and tie counts summed over the ranks: the same exact count and tie order."""
