@@ -32,7 +32,7 @@ def test_plans_measures_plots_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt-5"], "preset"),
-    (["--model", "llama-7b", "--method", "sparse", "--world-size", "8"], "storage='sparse'"),
+    (["--model", "llama-7b", "--method", "sparse-compact", "--world-size", "8"], "compact_grads=True"),
 ])
 def test_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert main(["memory", *argv]) == 2
