@@ -61,6 +61,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_inplace_stream", &childopt::cpu::inplace_stream, pybind11::arg("p"), pybind11::arg("g"),
         pybind11::arg("m"), pybind11::arg("v"),
         "benchmark reference: m += g; v += g; p += m over four fp32 CPU tensors, 28 B per element, in parallel");
+  m.def("_advance_step_counts", &childopt::cpu::advance_step_counts, pybind11::arg("counts"),
+        "+1 on each of a list of plain 0-dim float32 CPU step counts in one call; returns False, changing nothing, "
+        "if any count is not one");
   // The Philox ISAs of the CPU draws: 0 scalar, 1 AVX2, 2 AVX-512F (philox_cpu.h).
   m.def("_philox_isa", [] { return static_cast<int64_t>(childopt::cpu::philox_isa()); },
         "the ISA the CPU Philox draws use now: 0 scalar, 1 AVX2, 2 AVX-512F");

@@ -13,6 +13,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "childopt/adamw_element.h"
 
@@ -177,12 +178,15 @@ CHILDOPT_DECLARE_OPS()
 
 // CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
 // sample_mask's Gumbel noise (philox_words.cpp), the importance draw's test hooks (the same file)
-// and the benchmark's roofline reference (inplace_stream.cpp).
+// the benchmark's roofline reference (inplace_stream.cpp) and the eager step's count increment.
 void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
                                                       uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);
 void inplace_stream(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v);
+// +1 on each count if all are plain 0-dim float32 CPU tensors (step_counts.cpp); false, and
+// nothing changed, otherwise.
+bool advance_step_counts(const std::vector<at::Tensor>& counts);
 }  // namespace cpu
 
 #ifdef CHILDOPT_WITH_CUDA
