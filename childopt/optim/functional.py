@@ -62,10 +62,14 @@ def advance_steps(steps: list) -> None:
 
     Eager CPU counts take one call into childopt._C when it is loaded: torch's foreach op has no
     CPU fast path and dispatches once per tensor (about 3 us each, a tenth of a 1%-sparse step on
-    roberta-base).  A compiled step, device counts (capturable) and anything the native loop
-    refuses (it changes nothing then) take torch's op.
+    roberta-base).  Whatever must see the add takes torch's op: a compiled step, a
+    ``__torch_function__`` mode, a TorchScript trace, and, refused by the native loop (which
+    then changes nothing), Python dispatch modes (fake tensors, make_fx), tensor subclasses and
+    device (capturable) counts.
     """
-    module = None if torch.compiler.is_compiling() else _native.loaded()[0]
+    observed = (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._get_tracing_state() is not None)
+    module = None if observed else _native.loaded()[0]
     if module is None or not module._advance_step_counts(steps):
         torch._foreach_add_(steps, 1.0)
 

@@ -2,9 +2,13 @@
 // call.  torch._foreach_add_ has no CPU fast path and dispatches once per tensor (about 3 us each,
 // 0.4 ms per step for roberta-base's 139 tensors, a tenth of a 1%-sparse step); this is a plain
 // loop.  Only plain 0-dim float32 CPU tensors outside autograd qualify (the counts childopt
-// creates and loads); for anything else it changes nothing and returns false, and the caller
-// falls back to torch._foreach_add_.  No memory traffic to speak of: 4 B per tensor.
+// creates and loads), and only with no Python dispatch mode active; for anything else it changes
+// nothing and returns false, and the caller falls back to torch._foreach_add_.  (The exact
+// Python type, which a __torch_function__ subclass changes without changing the keys, is checked
+// in bindings.cpp, where the Python objects are.)  No memory traffic to speak of: 4 B per tensor.
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "../ops.h"
 
@@ -12,11 +16,19 @@ namespace childopt {
 namespace cpu {
 namespace {
 
-// The dispatch keys of a plain CPU float32 tensor: anything else (a subclass, a functional or
-// fake tensor, an inference tensor) must take torch's path.
-const c10::DispatchKeySet& plain_cpu_keys() {
-  static const c10::DispatchKeySet keys = at::zeros({}, at::kFloat).key_set();
-  return keys;
+// The dispatch keys of a plain CPU tensor, assembled as TensorImpl assembles them (dense CPU,
+// its autograd and autocast keys) rather than read off a tensor built at run time, which would
+// take the keys of whatever mode (fake, inference) was active at that moment.
+c10::DispatchKeySet plain_cpu_keys() {
+  constexpr auto cpu = c10::BackendComponent::CPUBit;
+  return c10::DispatchKeySet(c10::DispatchKey::CPU) | c10::getAutogradRelatedKeySetFromBackend(cpu) |
+         c10::getAutocastRelatedKeySetFromBackend(cpu);
+}
+
+// A Python dispatch mode (FakeTensorMode, make_fx's tracer, a FlopCounter) is active: it must see the add.
+bool dispatch_mode_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::Python) || included.has(c10::DispatchKey::PythonTLSSnapshot);
 }
 
 bool is_plain_count(const at::Tensor& count) {
@@ -27,6 +39,7 @@ bool is_plain_count(const at::Tensor& count) {
 }  // namespace
 
 bool advance_step_counts(const std::vector<at::Tensor>& counts) {
+  if (dispatch_mode_active()) return false;
   for (const auto& count : counts) {
     if (!is_plain_count(count)) return false;
   }

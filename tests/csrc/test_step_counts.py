@@ -1,11 +1,18 @@
 """childopt._C's step-count increment (csrc/cpu/step_counts.cpp) against torch._foreach_add_,
 the op it stands in for in the eager CPU step: the same values, the same version bumps, and
-nothing changed for a count it does not take."""
+nothing changed for a count it does not take or while something must observe the add."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from childopt import MaskedAdamW
+from childopt.optim.functional import advance_steps
 
 
 @pytest.fixture
@@ -73,3 +80,88 @@ def test_optimizer_steps_count_without_torch_foreach_add(native_module, monkeypa
             p.grad = torch.randn_like(p)
         opt.step()
     assert [opt.state[p]["step"].item() for p in params] == [3.0, 3.0, 3.0]
+
+
+class _Seen(TorchDispatchMode):
+    """Records the aten ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _SeenFunctions(TorchFunctionMode):
+    """Records the torch functions called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class _Overriding(torch.Tensor):
+    """A subclass with the keys of a plain tensor whose __torch_function__ sees every call."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_dispatch_mode_sees_the_add(native_module):
+    counts = _counts([1.0, 2.0])
+    with _Seen() as mode:
+        assert native_module._advance_step_counts(counts) is False
+        advance_steps(counts)
+    assert any("_foreach_add_" in op for op in mode.ops)
+    assert [c.item() for c in counts] == [2.0, 3.0]
+
+
+def test_a_torch_function_mode_sees_the_add(native_module):
+    counts = _counts([1.0])
+    with _SeenFunctions() as mode:
+        advance_steps(counts)
+    assert "_foreach_add_" in mode.names
+    assert counts[0].item() == 2.0
+
+
+def test_a_torch_function_subclass_is_refused(native_module):
+    count = torch.tensor(4.0).as_subclass(_Overriding)
+    assert native_module._advance_step_counts([torch.tensor(1.0), count]) is False
+    _Overriding.calls.clear()
+    advance_steps([count])
+    assert "_foreach_add_" in _Overriding.calls
+    assert count.item() == 5.0
+
+
+def test_a_first_call_under_fake_tensors_leaves_later_steps_native(native_module):
+    """The memory planner steps under FakeTensorMode; neither that step nor a later real one may
+    fail or lose the native path (a key set cached from the first call once did both)."""
+    script = (
+        "import torch, childopt._native as n\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "m = n.load()\n"
+        "with FakeTensorMode() as mode:\n"
+        "    fake = [mode.from_tensor(torch.zeros(()))]\n"
+        "    assert m._advance_step_counts(fake) is False\n"
+        "    assert m._advance_step_counts([torch.zeros(())]) is False\n"
+        "real = [torch.zeros(())]\n"
+        "assert m._advance_step_counts(real) is True and real[0].item() == 1.0\n"
+        "from childopt.memory import Setting, plan\n"
+        "from tests.memory.configs import SMALL\n"
+        "plan(SMALL['bert'](), 'ct-d', Setting(batch_size=1, seq_len=8))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
