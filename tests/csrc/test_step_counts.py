@@ -143,13 +143,18 @@ def test_a_torch_function_subclass_is_refused(native_module):
     assert count.item() == 5.0
 
 
-def test_a_first_call_under_fake_tensors_leaves_later_steps_native(native_module):
-    """The memory planner steps under FakeTensorMode; neither that step nor a later real one may
-    fail or lose the native path (a key set cached from the first call once did both)."""
+@pytest.mark.parametrize("first_call", ["inference_mode", "fake_tensors"])
+def test_a_first_call_under_a_mode_leaves_later_steps_native(native_module, first_call):
+    """The memory planner steps under FakeTensorMode, a user may step under inference_mode; neither
+    that step nor a later real one may fail or lose the native path (a key set cached from the
+    first call once did both)."""
+    first = ("with torch.inference_mode():\n"
+             "    assert m._advance_step_counts([torch.zeros(())]) is False\n") if first_call == "inference_mode" else ""
     script = (
         "import torch, childopt._native as n\n"
         "from torch._subclasses.fake_tensor import FakeTensorMode\n"
         "m = n.load()\n"
+        + first +
         "with FakeTensorMode() as mode:\n"
         "    fake = [mode.from_tensor(torch.zeros(()))]\n"
         "    assert m._advance_step_counts(fake) is False\n"
@@ -165,3 +170,16 @@ def test_a_first_call_under_fake_tensors_leaves_later_steps_native(native_module
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_a_torchscript_trace_records_the_add(native_module):
+    def step_then_double(count):
+        advance_steps([count])
+        return count * 2
+
+    traced = torch.jit.trace(step_then_double, torch.tensor(1.0))
+    graph = str(traced.graph)
+    assert "aten::_foreach_add_" in graph or "aten::add_" in graph  # the trace records foreach per tensor
+    count = torch.tensor(1.0)
+    assert traced(count).item() == 4.0
+    assert count.item() == 2.0
