@@ -54,6 +54,17 @@ def time_calls(fn: Callable[[], object], steps: int, before: Optional[Callable[[
     return times
 
 
+def grad_restorer(params) -> Callable[[], None]:
+    """A callable that puts back the gradients ``params`` have now (for optimizers that scale them)."""
+    saved = [p.grad.clone() for p in params]
+
+    def restore() -> None:
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    return restore
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window; False where the CPU peak RSS cannot be reset.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from childopt import backends
-from childopt.bench import environment, measure, step, sweep, train
+from childopt.bench import ceiling, environment, measure, step, sweep, train
 from childopt.bench.goals import TARGETS, format_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
 from childopt.bench.threads import DEFAULT_CPU, label, parse_threads
@@ -86,6 +86,10 @@ def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int
         "state_gb": "bytes of the tensors in optimizer.state",
         "pct_stream": "the row's GB/s (its byte model over its median time) / the in-place stream reference's "
                       "GB/s, measured at the same thread count",
+        "compute_ms": ("the row's step with memory out of the way: its cost per element measured in cache (two "
+                       f"sizes of a {ceiling.TENSORS}-tensor list within the last-level cache, the slope between "
+                       "them, without fixed per-step costs) times its elements; near ms/step: bound by arithmetic"
+                       if device.type == "cpu" else "not measured on CUDA"),
         "live_gb": "held GB: parameters, gradients and optimizer state live when one extra, untimed training step "
                    "starts (counted from the tensors); live GB: held + the peak of tensor bytes allocated minus "
                    "freed during that step (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
              f"optimizer step tables: sizes {', '.join(sizes)}, dtypes {', '.join(args.dtypes)}, at "
              f"{' and '.join(label(n, all_threads) for n in thread_counts)} (torch.set_num_threads, restored "
              f"after); {measure.WARMUP} warm-up + {steps} timed steps per row",
-             f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}; % of stream: {meta['pct_stream']}"]
+             f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}; % of stream: {meta['pct_stream']}; "
+             f"compute ms: {meta['compute_ms']}"]
     print("\n".join(lines))
 
     tables = sweep.run_tables(sizes, args.dtypes, thread_counts, device, warmup=measure.WARMUP, steps=steps,

@@ -10,7 +10,8 @@ step on CUDA.
 An optimizer step is memory-bound, so each row also carries a byte model (the bytes the step has
 to move per element, from the parameter dtype and the state dtype the optimizer keeps) and turns
 it into achieved GB/s, compared with the in-place stream reference of :mod:`childopt.bench.stream`
-measured in the same run at the same thread count.  The rows of one size, dtype and thread count
+measured in the same run at the same thread count.  On CPU each row also gets its compute ceiling
+(:mod:`childopt.bench.ceiling`): the time of its arithmetic alone, measured in cache.  The rows of one size, dtype and thread count
 form a :class:`Table`.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ from tqdm import tqdm
 
 from childopt import ChildTuningAdamW, Importance, MaskedAdamW
 from childopt.bench.baselines import ChildTuningReferenceAdamW, adamw_8bit, fused_adamw
-from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, state_gb,
-                                    synchronized, time_calls)
+from childopt.bench.ceiling import measure_compute
+from childopt.bench.measure import (Unavailable, grad_restorer, peak_memory_gb, reset_peak_memory, skip_record,
+                                    state_gb, synchronized, time_calls)
 from childopt.bench.shapes import make_params, roberta_base_shapes
 from childopt.bench.stream import StreamReference
 from childopt.bench.table import aligned_table
@@ -167,7 +169,8 @@ ROWS += tuple(_compiled(spec) for spec in ROWS if spec.key in ("adamw-foreach", 
 
 @dataclass(frozen=True)
 class Row:
-    """The measurements of one row (``pct_stream`` and ``x_fused`` are set by :func:`compare`)."""
+    """The measurements of one row (``pct_stream`` and ``x_fused`` are set by :func:`compare`;
+    ``compute_*``, the compute ceiling of :mod:`childopt.bench.ceiling`, on CPU by :func:`run_row`)."""
 
     key: str
     optimizer: str
@@ -185,17 +188,8 @@ class Row:
     threads: int
     pct_stream: Optional[float] = None
     x_fused: Optional[float] = None
-
-
-def _grad_restorer(params) -> Callable[[], None]:
-    """A callable that puts back the gradients ``params`` have now (for optimizers that scale them)."""
-    saved = [p.grad.clone() for p in params]
-
-    def restore() -> None:
-        for p, g in zip(params, saved):
-            p.grad.copy_(g)
-
-    return restore
+    compute_ns_per_element: Optional[float] = None
+    compute_ms: Optional[float] = None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -208,7 +202,7 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
     """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` at the current intra-op
     thread count and apply the byte model of the parameters' dtype."""
     step = synchronized(torch.compile(opt.step) if spec.compiled else opt.step, device)
-    restore = _grad_restorer(params) if spec.scales_grads else None
+    restore = grad_restorer(params) if spec.scales_grads else None
     for _ in range(warmup):
         if restore is not None:
             restore()
@@ -225,11 +219,21 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
 
 
 def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-            dtype: torch.dtype = torch.float32) -> Row:
-    """Build ``spec``'s optimizer over fresh ``dtype`` parameters and measure it; everything is freed on return."""
+            dtype: torch.dtype = torch.float32, llc_bytes: Optional[int] = None) -> Row:
+    """Build ``spec``'s optimizer over fresh ``dtype`` parameters and measure it; everything is freed on return.
+
+    With ``llc_bytes`` (the last-level cache) on CPU, the row also gets its compute ceiling
+    (:mod:`childopt.bench.ceiling`), except compiled rows: their kernels are the eager rows'.
+    """
     params = make_params(shapes, device, dtype=dtype)
     opt = spec.make(params, backend)
-    return measure_row(spec, opt, params, device, warmup=warmup, steps=steps)
+    row = measure_row(spec, opt, params, device, warmup=warmup, steps=steps)
+    del params, opt
+    if llc_bytes is None or device.type != "cpu" or spec.compiled:
+        return row
+    ceiling = measure_compute(lambda ps: spec.make(ps, backend), dtype, llc_bytes, restore_grads=spec.scales_grads)
+    return dataclasses.replace(row, compute_ns_per_element=ceiling.ns_per_element,
+                               compute_ms=ceiling.ms_for(row.numel))
 
 
 def compare(rows: list[Row], stream_gbps: float) -> tuple[list[Row], str]:
@@ -249,19 +253,22 @@ def format_table(rows: list[Row], baseline: str) -> str:
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.2f}"),
         ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("state GB", lambda r: f"{r.state_gb:.3f}"),
         ("GB/s", lambda r: f"{r.gbps:.1f}"), ("% of stream", lambda r: f"{r.pct_stream:.0f}%"),
+        ("compute ms", lambda r: "-" if r.compute_ms is None else f"{r.compute_ms:.2f}"),
         (f"x {baseline}", lambda r: f"{r.x_fused:.2f}x"),
     )
     return aligned_table(columns, rows, numeric=range(3, len(columns)))
 
 
 def run_rows(shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-             dtype: torch.dtype = torch.float32) -> tuple[list[Row], list[dict]]:
-    """Measure every row of ``ROWS`` under a progress bar; rows that cannot run here are skipped with
-    the reason, and so are rows whose optimizer fails on non-fp32 parameters."""
+             dtype: torch.dtype = torch.float32, llc_bytes: Optional[int] = None) -> tuple[list[Row], list[dict]]:
+    """Measure every row of ``ROWS`` under a progress bar (with compute ceilings given ``llc_bytes``,
+    :func:`run_row`); rows that cannot run here are skipped with the reason, and so are rows whose
+    optimizer fails on non-fp32 parameters."""
     rows, skipped = [], []
     for spec in tqdm(ROWS, desc=f"bench {dtype_name(dtype)}, {label(torch.get_num_threads(), 0)}", unit="row"):
         try:
-            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype))
+            rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype,
+                                llc_bytes=llc_bytes))
         except Unavailable as exc:
             skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, str(exc)))
         except (RuntimeError, TypeError, NotImplementedError) as exc:
@@ -293,6 +300,6 @@ def run_table(size: str, dtype: torch.dtype, stream: StreamReference, device: to
     with ``stream``."""
     scale, layers = SIZES[size]
     rows, skipped = run_rows(roberta_base_shapes(scale, layers), device, warmup=warmup, steps=steps,
-                             backend=backend, dtype=dtype)
+                             backend=backend, dtype=dtype, llc_bytes=stream.llc_bytes)
     rows, baseline = compare(rows, stream.gbps)
     return Table(size, dtype_name(dtype), torch.get_num_threads(), stream, rows, skipped, baseline)

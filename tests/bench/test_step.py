@@ -1,10 +1,12 @@
 """The optimizer-step rows: the byte model they are charged by dtype, their comparison with torch
 fused AdamW and the stream reference on made-up timings with the ratios worked out by hand, and
 how rows that fail with bf16 parameters are skipped."""
+import dataclasses
+
 import pytest
 import torch
 
-from childopt.bench import shapes, step
+from childopt.bench import ceiling, shapes, step
 from childopt.bench.measure import Unavailable
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_stream
 
@@ -33,12 +35,13 @@ def test_compare_falls_back_to_foreach_without_a_fused_row():
 def test_table_prints_each_row_s_share_of_the_stream_and_speed_ratio():
     compared, baseline = step.compare([fake_row("adamw-fused", "torch AdamW", "fused", 80.0, 16.0),
                                        fake_row("masked-none", "MaskedAdamW", "mask=None", 100.0, 20.0)], 40.0)
+    compared[1] = dataclasses.replace(compared[1], compute_ms=4.25)
     table = step.format_table(compared, baseline).splitlines()
-    assert table[0].split()[-5:] == ["%", "of", "stream", "x", "torch-fused"]
+    assert table[0].split()[-7:] == ["%", "of", "stream", "compute", "ms", "x", "torch-fused"]
     assert table[2].split() == ["torch", "AdamW", "fused", "b", "80.00", "12.50", "1.000", "0.500", "16.0", "40%",
-                                "1.00x"]
+                                "-", "1.00x"]
     assert table[3].split() == ["MaskedAdamW", "mask=None", "b", "100.00", "10.00", "1.000", "0.500", "20.0", "50%",
-                                "1.25x"]
+                                "4.25", "1.25x"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -95,3 +98,29 @@ def test_run_table_steps_the_named_size_and_dtype_at_the_current_threads(monkeyp
     assert fused.numel == numel and fused.x_fused == 1.0 and masked.x_fused == pytest.approx(masked.it_s / fused.it_s)
     assert masked.pct_stream == pytest.approx(100 * masked.gbps / 50.0)
     assert masked.bytes_per_step == round(22 * numel) and fused.bytes_per_step == 14 * numel
+    # the compute ceiling, measured on CPU with the stream's cache size, scaled to the row's elements
+    for row in table.rows:
+        assert row.compute_ms == pytest.approx(row.compute_ns_per_element * numel / 1e6)
+
+
+def test_run_row_adds_the_compute_ceiling_on_cpu_given_the_cache_size_except_to_compiled_rows(monkeypatch):
+    """The ceiling is measured with the row's own optimizer, dtype and cache size (the published loop
+    with its gradients restored) and scaled to the row's elements; compiled rows (the eager rows'
+    kernels) and runs without a cache size get none."""
+    calls = []
+
+    def fake_compute(make, dtype, llc_bytes, *, restore_grads=False):
+        calls.append((type(make(shapes.make_params([(8,)], CPU))).__name__, dtype, llc_bytes, restore_grads))
+        return ceiling.ComputeCeiling(ns_per_element=0.5, fixed_us=100.0, numel=(4096, 8192))
+
+    monkeypatch.setattr(step, "measure_compute", fake_compute)
+    monkeypatch.setattr(step, "measure_row", lambda spec, opt, params, device, **kw: fake_row(spec.key, "o", "m", 1.0,
+                                                                                              1.0))
+    compiled = next(spec for spec in step.ROWS if spec.compiled)
+    assert step.run_row(compiled, [(64,)], CPU, warmup=1, steps=1, llc_bytes=4000).compute_ms is None
+    assert step.run_row(SPECS["adamw-fused"], [(64,)], CPU, warmup=1, steps=1).compute_ms is None
+    assert calls == []
+    row = step.run_row(SPECS["childtuning-f-loop"], [(64,)], CPU, warmup=1, steps=1, dtype=torch.bfloat16,
+                       llc_bytes=4000)
+    assert calls == [("ChildTuningReferenceAdamW", torch.bfloat16, 4000, True)]
+    assert (row.compute_ns_per_element, row.compute_ms) == (0.5, 0.5 * row.numel / 1e6)
