@@ -88,7 +88,8 @@ def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int
                       "GB/s, measured at the same thread count",
         "compute_ms": ("the row's step with memory out of the way: its cost per element measured in cache (two "
                        f"sizes of a {ceiling.TENSORS}-tensor list within the last-level cache, the slope between "
-                       "them, without fixed per-step costs) times its elements; near ms/step: bound by arithmetic"
+                       "them, without fixed per-step costs) times its elements; near ms/step: bound by arithmetic; "
+                       "'-' where not measured (compiled rows, an unknown cache size)"
                        if device.type == "cpu" else "not measured on CUDA"),
         "live_gb": "held GB: parameters, gradients and optimizer state live when one extra, untimed training step "
                    "starts (counted from the tensors); live GB: held + the peak of tensor bytes allocated minus "

@@ -50,7 +50,8 @@ class StreamKernel:
 @dataclass(frozen=True)
 class StreamReference:
     """The reference's measurement: GB/s of the bytes its kernel moves, on ``numel`` elements per
-    buffer, at ``threads`` intra-op threads, with the cache figure the size was chosen from."""
+    buffer, at ``threads`` intra-op threads, with the cache figure the size was chosen from
+    (``llc_known``: False when no source gave one and a default stood in)."""
 
     gbps: float
     numel: int
@@ -60,6 +61,7 @@ class StreamReference:
     threads: int
     llc_bytes: int
     llc_source: str
+    llc_known: bool = True
 
     @property
     def footprint_bytes(self) -> int:
@@ -125,4 +127,4 @@ def measure_stream(device: torch.device, *, warmup: int, steps: int, min_numel: 
     return StreamReference(gbps=kernel.bytes_per_element * numel / seconds / 1e9, numel=numel,
                            bytes_per_element=kernel.bytes_per_element, kernel=kernel.label,
                            approximate=kernel.approximate, threads=torch.get_num_threads(), llc_bytes=llc.bytes,
-                           llc_source=llc.source)
+                           llc_source=llc.source, llc_known=llc.known)

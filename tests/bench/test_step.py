@@ -103,6 +103,13 @@ def test_run_table_steps_the_named_size_and_dtype_at_the_current_threads(monkeyp
         assert row.compute_ms == pytest.approx(row.compute_ns_per_element * numel / 1e6)
 
 
+def test_no_compute_ceiling_when_the_cache_size_was_assumed(monkeypatch):
+    monkeypatch.setitem(step.SIZES, "24m", (1 / 24, 1))
+    monkeypatch.setattr(step, "ROWS", (SPECS["adamw-fused"],))
+    table = step.run_table("24m", torch.float32, fake_stream(50.0, llc_known=False), CPU, warmup=1, steps=1)
+    assert [r.compute_ms for r in table.rows] == [None]
+
+
 def test_run_row_adds_the_compute_ceiling_on_cpu_given_the_cache_size_except_to_compiled_rows(monkeypatch):
     """The ceiling is measured with the row's own optimizer, dtype and cache size (the published loop
     with its gradients restored) and scaled to the row's elements; compiled rows (the eager rows'
