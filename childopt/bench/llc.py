@@ -28,16 +28,19 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # ASCII digits, one optional decimal point, nothing number-like after it ("1.2.3K" is no size).
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)(?![0-9.])\s*([KMGT]?)(?:i?B)?\b", re.IGNORECASE)
 _LSCPU_LINE = re.compile(r"^L(\d+) cache:\s*(.+)$")
+_INSTANCES = re.compile(r"\((\d+) instances?\)")
 
 
 @dataclass(frozen=True)
 class CacheSize:
     """``bytes`` of last-level cache (all instances together) and ``source``: where the figure
-    came from, or "unknown: ..." with the default used; ``known`` is False for the default."""
+    came from, or "unknown: ..." with the default used; ``known`` is False for the default.
+    ``instance_bytes``: one instance's size (what a core's data can stay in), None when not known."""
 
     bytes: int
     source: str
     known: bool = True
+    instance_bytes: Optional[int] = None
 
 
 def parse_size(text: str) -> Optional[int]:
@@ -72,20 +75,24 @@ def from_sysfs(root: Path = SYSFS_CPU) -> Optional[CacheSize]:
         return None
     level = max(caches)
     size, instances = caches[level]
-    return CacheSize(size * len(instances), f"sysfs {root}/cpu*/cache: L{level}, {len(instances)} x {size} B")
+    return CacheSize(size * len(instances), f"sysfs {root}/cpu*/cache: L{level}, {len(instances)} x {size} B",
+                     instance_bytes=size)
 
 
 def from_lscpu_text(text: str) -> Optional[CacheSize]:
-    """The highest ``L<n> cache:`` line of ``lscpu``'s output ("L1d"/"L1i" lines are skipped)."""
+    """The highest ``L<n> cache:`` line of ``lscpu``'s output ("L1d"/"L1i" lines are skipped): the
+    total, and one instance's share where it says "(N instances)" (older lscpu prints one instance)."""
     found = {}
     for line in text.splitlines():
         match = _LSCPU_LINE.match(line.strip())
         if match and parse_size(match.group(2)) is not None:
-            found[int(match.group(1))] = parse_size(match.group(2))
+            count = _INSTANCES.search(match.group(2))
+            found[int(match.group(1))] = (parse_size(match.group(2)), int(count.group(1)) if count else 1)
     if not found:
         return None
     level = max(found)
-    return CacheSize(found[level], f"lscpu: L{level}")
+    size, instances = found[level]
+    return CacheSize(size, f"lscpu: L{level}", instance_bytes=size // max(instances, 1))
 
 
 def _command(argv: list[str]) -> Optional[str]:
@@ -105,7 +112,7 @@ def cpu_llc(root: Path = SYSFS_CPU) -> CacheSize:
         found = from_lscpu_text(_command(["lscpu"]) or "")
     if found is None:
         size = parse_size(_command(["getconf", "LEVEL3_CACHE_SIZE"]) or "")
-        found = CacheSize(size, "getconf LEVEL3_CACHE_SIZE") if size else None
+        found = CacheSize(size, "getconf LEVEL3_CACHE_SIZE", instance_bytes=size) if size else None
     return found or CacheSize(DEFAULT_BYTES, f"unknown: sysfs, lscpu and getconf gave no size; "
                                              f"assumed {DEFAULT_BYTES // 2**20} MiB", known=False)
 

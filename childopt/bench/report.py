@@ -86,10 +86,11 @@ def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int
         "state_gb": "bytes of the tensors in optimizer.state",
         "pct_stream": "the row's GB/s (its byte model over its median time) / the in-place stream reference's "
                       "GB/s, measured at the same thread count",
-        "compute_ms": ("the row's step with memory out of the way: its cost per element measured in cache (two "
-                       f"sizes of a {ceiling.TENSORS}-tensor list within the last-level cache, the slope between "
-                       "them, without fixed per-step costs) times its elements; near ms/step: bound by arithmetic; "
-                       "'-' where not measured (compiled rows, an unknown cache size)"
+        "compute_ms": ("the row's in-cache time: its step's cost per element with its data in cache (arithmetic "
+                       f"and cache traffic: the slope between two sizes of a {ceiling.TENSORS}-tensor list within "
+                       "one last-level cache instance, without fixed per-step costs) times its elements; near "
+                       "ms/step: bound by the cores, not memory; '-' where not measured (compiled rows) or no "
+                       "slope stood out of the timing noise"
                        if device.type == "cpu" else "not measured on CUDA"),
         "live_gb": "held GB: parameters, gradients and optimizer state live when one extra, untimed training step "
                    "starts (counted from the tensors); live GB: held + the peak of tensor bytes allocated minus "

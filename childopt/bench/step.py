@@ -10,14 +10,16 @@ step on CUDA.
 An optimizer step is memory-bound, so each row also carries a byte model (the bytes the step has
 to move per element, from the parameter dtype and the state dtype the optimizer keeps) and turns
 it into achieved GB/s, compared with the in-place stream reference of :mod:`childopt.bench.stream`
-measured in the same run at the same thread count.  On CPU each row also gets its compute ceiling
-(:mod:`childopt.bench.ceiling`): the time of its arithmetic alone, measured in cache.  The rows of one size, dtype and thread count
+measured in the same run at the same thread count.  On CPU each row also gets its in-cache time
+(:mod:`childopt.bench.ceiling`): what its step costs with its data in cache.  The rows of one
+size, dtype and thread count
 form a :class:`Table`.
 """
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -170,7 +172,7 @@ ROWS += tuple(_compiled(spec) for spec in ROWS if spec.key in ("adamw-foreach", 
 @dataclass(frozen=True)
 class Row:
     """The measurements of one row (``pct_stream`` and ``x_fused`` are set by :func:`compare`;
-    ``compute_*``, the compute ceiling of :mod:`childopt.bench.ceiling`, on CPU by :func:`run_row`)."""
+    ``compute_*``, the in-cache time of :mod:`childopt.bench.ceiling`, on CPU by :func:`run_row`)."""
 
     key: str
     optimizer: str
@@ -219,21 +221,27 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
 
 
 def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-            dtype: torch.dtype = torch.float32, llc_bytes: Optional[int] = None) -> Row:
+            dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None) -> Row:
     """Build ``spec``'s optimizer over fresh ``dtype`` parameters and measure it; everything is freed on return.
 
-    With ``llc_bytes`` (the last-level cache) on CPU, the row also gets its compute ceiling
-    (:mod:`childopt.bench.ceiling`), except compiled rows: their kernels are the eager rows'.
+    With ``cache_bytes`` (one last-level cache instance) on CPU, the row also gets its in-cache time
+    (:mod:`childopt.bench.ceiling`), except compiled rows (two more list shapes would compile the
+    step twice more).  A failure there warns and leaves the measured row without it.
     """
     params = make_params(shapes, device, dtype=dtype)
     opt = spec.make(params, backend)
     row = measure_row(spec, opt, params, device, warmup=warmup, steps=steps)
     del params, opt
-    if llc_bytes is None or device.type != "cpu" or spec.compiled:
+    if cache_bytes is None or device.type != "cpu" or spec.compiled:
         return row
-    ceiling = measure_compute(lambda ps: spec.make(ps, backend), dtype, llc_bytes, restore_grads=spec.scales_grads)
-    return dataclasses.replace(row, compute_ns_per_element=ceiling.ns_per_element,
-                               compute_ms=ceiling.ms_for(row.numel))
+    try:
+        ns_per_element = measure_compute(lambda ps: spec.make(ps, backend), dtype, cache_bytes,
+                                         restore_grads=spec.scales_grads)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:  # Unavailable is a RuntimeError
+        warnings.warn(f"{spec.key}: no in-cache time: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+        return row
+    return dataclasses.replace(row, compute_ns_per_element=ns_per_element,
+                               compute_ms=None if ns_per_element is None else ns_per_element * row.numel / 1e6)
 
 
 def compare(rows: list[Row], stream_gbps: float) -> tuple[list[Row], str]:
@@ -256,19 +264,21 @@ def format_table(rows: list[Row], baseline: str) -> str:
         ("compute ms", lambda r: "-" if r.compute_ms is None else f"{r.compute_ms:.2f}"),
         (f"x {baseline}", lambda r: f"{r.x_fused:.2f}x"),
     )
+    if all(r.compute_ms is None for r in rows):  # CUDA, or no cache size: no column of dashes
+        columns = tuple(c for c in columns if c[0] != "compute ms")
     return aligned_table(columns, rows, numeric=range(3, len(columns)))
 
 
 def run_rows(shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-             dtype: torch.dtype = torch.float32, llc_bytes: Optional[int] = None) -> tuple[list[Row], list[dict]]:
-    """Measure every row of ``ROWS`` under a progress bar (with compute ceilings given ``llc_bytes``,
+             dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None) -> tuple[list[Row], list[dict]]:
+    """Measure every row of ``ROWS`` under a progress bar (with in-cache times given ``cache_bytes``,
     :func:`run_row`); rows that cannot run here are skipped with the reason, and so are rows whose
     optimizer fails on non-fp32 parameters."""
     rows, skipped = [], []
     for spec in tqdm(ROWS, desc=f"bench {dtype_name(dtype)}, {label(torch.get_num_threads(), 0)}", unit="row"):
         try:
             rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype,
-                                llc_bytes=llc_bytes))
+                                cache_bytes=cache_bytes))
         except Unavailable as exc:
             skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, str(exc)))
         except (RuntimeError, TypeError, NotImplementedError) as exc:
@@ -299,8 +309,8 @@ def run_table(size: str, dtype: torch.dtype, stream: StreamReference, device: to
     """Every row over the ``size`` list of ``dtype`` parameters at the current thread count, compared
     with ``stream``."""
     scale, layers = SIZES[size]
-    # an assumed cache size could put the ceiling's lists in memory, not in cache: no ceiling then
-    rows, skipped = run_rows(roberta_base_shapes(scale, layers), device, warmup=warmup, steps=steps,
-                             backend=backend, dtype=dtype, llc_bytes=stream.llc_bytes if stream.llc_known else None)
+    # an assumed cache size could put the in-cache lists in memory: no in-cache time then
+    rows, skipped = run_rows(roberta_base_shapes(scale, layers), device, warmup=warmup, steps=steps, backend=backend,
+                             dtype=dtype, cache_bytes=stream.llc_instance_bytes if stream.llc_known else None)
     rows, baseline = compare(rows, stream.gbps)
     return Table(size, dtype_name(dtype), torch.get_num_threads(), stream, rows, skipped, baseline)

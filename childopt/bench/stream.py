@@ -51,7 +51,8 @@ class StreamKernel:
 class StreamReference:
     """The reference's measurement: GB/s of the bytes its kernel moves, on ``numel`` elements per
     buffer, at ``threads`` intra-op threads, with the cache figure the size was chosen from
-    (``llc_known``: False when no source gave one and a default stood in)."""
+    (``llc_known``: False when no source gave one and a default stood in; ``llc_instance_bytes``:
+    one instance's size, None when not known)."""
 
     gbps: float
     numel: int
@@ -62,6 +63,7 @@ class StreamReference:
     llc_bytes: int
     llc_source: str
     llc_known: bool = True
+    llc_instance_bytes: Optional[int] = None
 
     @property
     def footprint_bytes(self) -> int:
@@ -127,4 +129,5 @@ def measure_stream(device: torch.device, *, warmup: int, steps: int, min_numel: 
     return StreamReference(gbps=kernel.bytes_per_element * numel / seconds / 1e9, numel=numel,
                            bytes_per_element=kernel.bytes_per_element, kernel=kernel.label,
                            approximate=kernel.approximate, threads=torch.get_num_threads(), llc_bytes=llc.bytes,
-                           llc_source=llc.source, llc_known=llc.known)
+                           llc_source=llc.source, llc_known=llc.known,
+                           llc_instance_bytes=llc.instance_bytes)

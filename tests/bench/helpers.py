@@ -24,7 +24,8 @@ def fake_stream(gbps, threads=2, llc_known=True):
     """A stream reference that measured ``gbps`` at ``threads`` threads (its cache size made up, or
     with ``llc_known=False`` a default that stood in for an unknown one)."""
     return StreamReference(gbps=gbps, numel=1000, bytes_per_element=28, kernel="fake", approximate=False,
-                           threads=threads, llc_bytes=4000, llc_source="made up", llc_known=llc_known)
+                           threads=threads, llc_bytes=4000, llc_source="made up", llc_known=llc_known,
+                           llc_instance_bytes=2000)
 
 
 def fake_table(rows, stream_gbps=40.0, dtype="float32", threads=2, size="24m"):

@@ -32,13 +32,15 @@ def test_parse_size_reads_what_sysfs_lscpu_and_getconf_write(text, size):
 def test_sysfs_gives_the_highest_data_or_unified_level_once_per_shared_instance(tmp_path):
     fake_machine(tmp_path, l3_shared=("0-1", "0-1"))
     found = llc.from_sysfs(tmp_path)
-    assert found.bytes == 107520 * 1024 and found.known
+    assert found.bytes == found.instance_bytes == 107520 * 1024 and found.known
     assert "L3, 1 x" in found.source and str(tmp_path) in found.source
 
 
 def test_sysfs_adds_up_distinct_instances(tmp_path):
+    """Two L3 instances: the total is both, what one core's data can stay in is one."""
     fake_machine(tmp_path, l3_shared=("0", "1"))
-    assert llc.from_sysfs(tmp_path).bytes == 2 * 107520 * 1024
+    found = llc.from_sysfs(tmp_path)
+    assert (found.bytes, found.instance_bytes) == (2 * 107520 * 1024, 107520 * 1024)
 
 
 def test_sysfs_skips_instruction_caches_and_unreadable_entries(tmp_path):
@@ -54,19 +56,27 @@ def test_lscpu_text_gives_its_highest_level():
             "L1i cache:                               64 KiB (2 instances)\n"
             "L2 cache:                                4 MiB (2 instances)\n"
             "L3 cache:                                105 MiB (1 instance)\n")
-    assert llc.from_lscpu_text(text) == llc.CacheSize(105 * 2**20, "lscpu: L3")
+    assert llc.from_lscpu_text(text) == llc.CacheSize(105 * 2**20, "lscpu: L3", instance_bytes=105 * 2**20)
     assert llc.from_lscpu_text("Architecture: x86_64\n") is None
+
+
+@pytest.mark.parametrize("line,total,instance", [("L3 cache: 256 MiB (8 instances)", 2**28, 2**25),
+                                                 ("L3 cache: 32768K", 2**25, 2**25)])
+def test_lscpu_splits_its_total_over_the_instances_it_names(line, total, instance):
+    """util-linux >= 2.34 prints the total and the instance count; older lscpu one instance's size."""
+    found = llc.from_lscpu_text(line + "\n")
+    assert (found.bytes, found.instance_bytes) == (total, instance)
 
 
 def test_cpu_llc_falls_back_from_sysfs_to_lscpu_to_getconf_to_the_default(tmp_path, monkeypatch):
     answers = {"lscpu": "L2 cache: 1 MiB\n", "getconf": "8388608\n"}
     monkeypatch.setattr(llc, "_command", lambda argv: answers.get(argv[0]))
-    assert llc.cpu_llc(tmp_path) == llc.CacheSize(2**20, "lscpu: L2")
+    assert llc.cpu_llc(tmp_path) == llc.CacheSize(2**20, "lscpu: L2", instance_bytes=2**20)
     answers["lscpu"] = None
-    assert llc.cpu_llc(tmp_path) == llc.CacheSize(8 * 2**20, "getconf LEVEL3_CACHE_SIZE")
+    assert llc.cpu_llc(tmp_path) == llc.CacheSize(8 * 2**20, "getconf LEVEL3_CACHE_SIZE", instance_bytes=8 * 2**20)
     answers["getconf"] = "0\n"
     unknown = llc.cpu_llc(tmp_path)
-    assert unknown.bytes == llc.DEFAULT_BYTES and not unknown.known
+    assert unknown.bytes == llc.DEFAULT_BYTES and not unknown.known and unknown.instance_bytes is None
     assert unknown.source.startswith("unknown") and "256 MiB" in unknown.source
     fake_machine(tmp_path, l3_shared=("0-1", "0-1"))
     assert llc.cpu_llc(tmp_path).bytes == 107520 * 1024  # sysfs first

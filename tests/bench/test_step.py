@@ -35,6 +35,7 @@ def test_compare_falls_back_to_foreach_without_a_fused_row():
 def test_table_prints_each_row_s_share_of_the_stream_and_speed_ratio():
     compared, baseline = step.compare([fake_row("adamw-fused", "torch AdamW", "fused", 80.0, 16.0),
                                        fake_row("masked-none", "MaskedAdamW", "mask=None", 100.0, 20.0)], 40.0)
+    assert "compute ms" not in step.format_table(compared, baseline)  # no row has one: no column of dashes
     compared[1] = dataclasses.replace(compared[1], compute_ms=4.25)
     table = step.format_table(compared, baseline).splitlines()
     assert table[0].split()[-7:] == ["%", "of", "stream", "compute", "ms", "x", "torch-fused"]
@@ -88,6 +89,9 @@ def test_an_fp32_failure_is_not_hidden(monkeypatch):
 
 
 def test_run_table_steps_the_named_size_and_dtype_at_the_current_threads(monkeypatch):
+    caches = []
+    monkeypatch.setattr(step, "measure_compute", lambda make, dtype, cache_bytes, **kw: caches.append(cache_bytes)
+                        or 0.5)
     monkeypatch.setitem(step.SIZES, "24m", (1 / 24, 1))
     monkeypatch.setattr(step, "ROWS", (SPECS["adamw-fused"], SPECS["masked-none"]))
     table = step.run_table("24m", torch.bfloat16, fake_stream(50.0), CPU, warmup=1, steps=1, backend="reference")
@@ -98,9 +102,9 @@ def test_run_table_steps_the_named_size_and_dtype_at_the_current_threads(monkeyp
     assert fused.numel == numel and fused.x_fused == 1.0 and masked.x_fused == pytest.approx(masked.it_s / fused.it_s)
     assert masked.pct_stream == pytest.approx(100 * masked.gbps / 50.0)
     assert masked.bytes_per_step == round(22 * numel) and fused.bytes_per_step == 14 * numel
-    # the compute ceiling, measured on CPU with the stream's cache size, scaled to the row's elements
-    for row in table.rows:
-        assert row.compute_ms == pytest.approx(row.compute_ns_per_element * numel / 1e6)
+    # the in-cache time, measured with one instance of the stream's cache, scaled to the row's elements
+    assert [r.compute_ms for r in table.rows] == [0.5 * numel / 1e6] * 2
+    assert caches == [2000, 2000]
 
 
 def test_no_compute_ceiling_when_the_cache_size_was_assumed(monkeypatch):
@@ -110,24 +114,32 @@ def test_no_compute_ceiling_when_the_cache_size_was_assumed(monkeypatch):
     assert [r.compute_ms for r in table.rows] == [None]
 
 
-def test_run_row_adds_the_compute_ceiling_on_cpu_given_the_cache_size_except_to_compiled_rows(monkeypatch):
-    """The ceiling is measured with the row's own optimizer, dtype and cache size (the published loop
-    with its gradients restored) and scaled to the row's elements; compiled rows (the eager rows'
-    kernels) and runs without a cache size get none."""
+def test_run_row_adds_the_in_cache_time_on_cpu_given_the_cache_size_except_to_compiled_rows(monkeypatch):
+    """It is measured with the row's own optimizer, dtype and cache size (the published loop with
+    its gradients restored) and scaled to the row's elements; compiled rows and runs without a
+    cache size get none, and a failure warns and keeps the measured row."""
     calls = []
 
-    def fake_compute(make, dtype, llc_bytes, *, restore_grads=False):
-        calls.append((type(make(shapes.make_params([(8,)], CPU))).__name__, dtype, llc_bytes, restore_grads))
-        return ceiling.ComputeCeiling(ns_per_element=0.5, fixed_us=100.0, numel=(4096, 8192))
+    def fake_compute(make, dtype, cache_bytes, *, restore_grads=False):
+        calls.append((type(make(shapes.make_params([(8,)], CPU))).__name__, dtype, cache_bytes, restore_grads))
+        return 0.5
 
     monkeypatch.setattr(step, "measure_compute", fake_compute)
-    monkeypatch.setattr(step, "measure_row", lambda spec, opt, params, device, **kw: fake_row(spec.key, "o", "m", 1.0,
-                                                                                              1.0))
+    monkeypatch.setattr(step, "measure_row",
+                        lambda spec, opt, params, device, **kw: fake_row(spec.key, "o", "m", 1.0, 1.0))
     compiled = next(spec for spec in step.ROWS if spec.compiled)
-    assert step.run_row(compiled, [(64,)], CPU, warmup=1, steps=1, llc_bytes=4000).compute_ms is None
+    assert step.run_row(compiled, [(64,)], CPU, warmup=1, steps=1, cache_bytes=4000).compute_ms is None
     assert step.run_row(SPECS["adamw-fused"], [(64,)], CPU, warmup=1, steps=1).compute_ms is None
     assert calls == []
     row = step.run_row(SPECS["childtuning-f-loop"], [(64,)], CPU, warmup=1, steps=1, dtype=torch.bfloat16,
-                       llc_bytes=4000)
+                       cache_bytes=4000)
     assert calls == [("ChildTuningReferenceAdamW", torch.bfloat16, 4000, True)]
     assert (row.compute_ns_per_element, row.compute_ms) == (0.5, 0.5 * row.numel / 1e6)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no kernel for this list")
+
+    monkeypatch.setattr(step, "measure_compute", failing)
+    with pytest.warns(RuntimeWarning, match="adamw-fused: no in-cache time: RuntimeError: no kernel for this list"):
+        row = step.run_row(SPECS["adamw-fused"], [(64,)], CPU, warmup=1, steps=1, cache_bytes=4000)
+    assert row.key == "adamw-fused" and row.compute_ms is None

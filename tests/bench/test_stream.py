@@ -46,6 +46,16 @@ def test_gb_per_s_counts_the_bytes_the_kernel_moves_over_the_median_pass(monkeyp
     assert reference.gbps == pytest.approx(36 * 262144 / 0.002 / 1e9)
     assert (reference.threads, reference.llc_bytes, reference.llc_source) == (torch.get_num_threads(), 2**20, "made up")
     assert "4.0x the last-level cache of 1 MiB, made up" in reference.describe()
+    assert reference.llc_known and reference.llc_instance_bytes is None
+
+
+def test_the_reference_records_whether_its_cache_size_was_known_and_one_instance_s_size(monkeypatch):
+    monkeypatch.setattr(stream, "time_calls", lambda fn, steps: [0.001])
+    kernel = stream.StreamKernel(stream._torch_pass, 36, "torch", approximate=True)
+    assumed = CacheSize(2**20, "unknown: assumed", known=False)
+    split = CacheSize(2**20, "two instances", instance_bytes=2**19)
+    assert not stream.measure_stream(CPU, warmup=0, steps=1, llc=assumed, kernel=kernel).llc_known
+    assert stream.measure_stream(CPU, warmup=0, steps=1, llc=split, kernel=kernel).llc_instance_bytes == 2**19
 
 
 def test_the_torch_pass_adds_g_to_m_and_v_then_m_to_p():
