@@ -12,8 +12,7 @@ to move per element, from the parameter dtype and the state dtype the optimizer 
 it into achieved GB/s, compared with the in-place stream reference of :mod:`childopt.bench.stream`
 measured in the same run at the same thread count.  On CPU each row also gets its in-cache time
 (:mod:`childopt.bench.ceiling`): what its step costs with its data in cache.  The rows of one
-size, dtype and thread count
-form a :class:`Table`.
+size, dtype and thread count form a :class:`Table`.
 """
 from __future__ import annotations
 
