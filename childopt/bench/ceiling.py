@@ -1,9 +1,9 @@
 """The in-cache time of an optimizer-step row on CPU: what its step costs per element when its data
 stays in cache, the counterpart of the in-place stream reference (the memory ceiling).
 
-The row's optimizer steps a list of :data:`TENSORS` tensors small enough that everything the step
-touches stays in one instance of the last-level cache, at two sizes, n and 2n elements (both lists
-alive, stepped alternately, the fastest of :data:`REPS` steps each): the slope
+The row's optimizer steps a list of :data:`TENSORS` tensor(s) small enough that everything the
+step touches stays in one instance of the last-level cache, at two sizes, n and 2n elements (both
+lists alive, stepped alternately, the fastest of :data:`REPS` steps each): the slope
 ``(t(2n) - t(n)) / n`` is the step's cost per element, its arithmetic and its traffic to the cache,
 without its fixed costs per step and per tensor (Python, dispatch, small torch ops), which cancel
 in the difference.  A row's "compute ms" is that slope times its own elements.  Near the row's
@@ -25,7 +25,9 @@ import torch
 from childopt.bench.measure import grad_restorer, time_calls
 from childopt.bench.shapes import make_params
 
-TENSORS = 4
+# One tensor: a list of several would need TENSORS times the elements for every thread to get
+# whole work items, and fit fewer threads in a cache (4 tensors: none past 2 threads in 32 MiB).
+TENSORS = 1
 # Bytes a step can hold per element, at the most: p, g, m, v, a compact gradient, an index (4 B
 # each) and a mask byte, rounded up.
 HELD_BYTES = 32

@@ -11,12 +11,11 @@ from childopt.bench.threads import intra_op_threads
 
 
 def test_lists_give_every_thread_whole_work_items_and_fill_at_most_the_cache_share():
-    """32 MiB: 0.75 * 33554432 / (3 * 32) = 262144 elements; a unit is 4 tensors x 32768 x threads
-    (131072 at 1 thread, 262144 at 2); at 4 threads one unit (524288) no longer fits."""
-    assert ceiling.ceiling_numel(32 * 2**20, 1) == 262144
-    assert ceiling.ceiling_numel(32 * 2**20, 2) == 262144
-    assert ceiling.ceiling_numel(32 * 2**20, 4) is None
-    assert ceiling.ceiling_numel(105 * 2**20, 2) == 786432  # 0.75 * 110100480 / 96 = 860160, in units of 262144
+    """32 MiB: 0.75 * 33554432 / (3 * 32) = 262144 elements; a unit is 32768 elements per thread, so
+    up to 8 threads get whole work items, 16 do not fit; 105 MiB: 860160, in units of 65536 at 2."""
+    assert ceiling.TENSORS == 1
+    assert [ceiling.ceiling_numel(32 * 2**20, t) for t in (1, 2, 3, 8, 16)] == [262144, 262144, 196608, 262144, None]
+    assert ceiling.ceiling_numel(105 * 2**20, 2) == 851968
     assert ceiling.ceiling_numel(2**20, 1) is None
 
 
