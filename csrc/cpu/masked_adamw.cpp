@@ -26,9 +26,9 @@ namespace {
 // Elements per pass of the fp32-scratch loops of update_block.  A whole 1K block's scratch (two
 // 4 KB fp32 arrays) beside the lines of its p, g, m, v and keep bytes is about 21 KB of a 32 KB
 // L1, and the three loops evicted lines the next one still read: the bf16 dense-freeze step at
-// 2 threads took 14.4 ms in 1K passes against 11.1 ms in 256-element ones (1 thread: 23.7 against
-// 19.0; interleaved A/B in one process on the 24.3M list, 2-core EPYC, README's #20 table);
-// 128 measured alike, 64 slower.
+// 2 threads took 14.3-14.4 ms in 1K passes against 11.1-12.2 ms in 256-element ones (1 thread:
+// 23.0-23.7 against 18.9-19.0; two interleaved A/Bs in one process on the 24.3M list, 2-core
+// EPYC, README's #20 section); 128 measured alike, 64 slower.
 constexpr int64_t kScratchBlock = 256;
 
 // One block of any storage types.  fp32, and bf16 without a mask, run adamw_block on the tensors
