@@ -63,7 +63,7 @@ void portable_importance(void (*words_fn)(const BernoulliDraw&, uint64_t, int64_
 
 #ifdef CHILDOPT_X86_PHILOX
 
-// ---------------------------------------------------------------- AVX-512F: 32 groups per step
+// ---------------------------------------------------------------- AVX-512: 32 groups per step
 
 // 8 counters per vector, one per 64-bit lane with its words in the low halves: vpmuludq then
 // yields each full 64-bit product, the high word is one dword swap away and the low word is the
@@ -99,9 +99,14 @@ __attribute__((target("avx512f"))) inline Words512 transpose_512(const __m512i (
            _mm512_shuffle_i32x4(v2, v3, 0x88), _mm512_shuffle_i32x4(v2, v3, 0xDD)}};
 }
 
-// The words of groups first .. first + 31, as two 16-group sets in element order.
-__attribute__((target("avx512f"))) inline void philox_512(const BernoulliDraw& draw, uint64_t first,
-                                                          Words512 (&out)[kChains512 / 2]) {
+// The state of groups first .. first + 31 after the 10 rounds, in Philox layout: c[w][v] holds
+// word w of groups first + 8v .. first + 8v + 7, one per qword lane, in the low dword (the high
+// dword is garbage).
+struct Lanes512 {
+  __m512i c[4][kChains512];
+};
+
+__attribute__((target("avx512f"))) inline Lanes512 rounds_512(const BernoulliDraw& draw, uint64_t first) {
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low_word = _mm512_set1_epi64(0xFFFFFFFFll);
   const __m512i step_lo = _mm512_set1_epi64(static_cast<uint32_t>(draw.step));
@@ -126,7 +131,8 @@ __attribute__((target("avx512f"))) inline void philox_512(const BernoulliDraw& d
       const __m512i p0 = _mm512_mul_epu32(c0[v], mul_a);
       const __m512i p2 = _mm512_mul_epu32(c2[v], mul_b);
       // The high word to the low half by a dword swap (vpshufd, off the multiplier's port; the
-      // low word it moves up is garbage like the rest of the high half), then a ^ b ^ c.
+      // low word it moves up is garbage like the rest of the high half), then a ^ b ^ c.  A
+      // 32-bit shift instead measured 6% slower on Zen 4.
       c0[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p2, _MM_PERM_CDAB), c1[v], key0, 0x96);
       c2[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), c3[v], key1, 0x96);
       c1[v] = p2;
@@ -135,9 +141,24 @@ __attribute__((target("avx512f"))) inline void philox_512(const BernoulliDraw& d
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+  Lanes512 lanes;
+  for (int v = 0; v < kChains512; ++v) {
+    lanes.c[0][v] = c0[v];
+    lanes.c[1][v] = c1[v];
+    lanes.c[2][v] = c2[v];
+    lanes.c[3][v] = c3[v];
+  }
+  return lanes;
+}
+
+// The words of groups first .. first + 31, as two 16-group sets in element order.
+__attribute__((target("avx512f"))) inline void philox_512(const BernoulliDraw& draw, uint64_t first,
+                                                          Words512 (&out)[kChains512 / 2]) {
+  const Lanes512 lanes = rounds_512(draw, first);
   for (int half = 0; half < kChains512 / 2; ++half) {
-    const __m512i lo[4] = {c0[2 * half], c1[2 * half], c2[2 * half], c3[2 * half]};
-    const __m512i hi[4] = {c0[2 * half + 1], c1[2 * half + 1], c2[2 * half + 1], c3[2 * half + 1]};
+    const __m512i lo[4] = {lanes.c[0][2 * half], lanes.c[1][2 * half], lanes.c[2][2 * half], lanes.c[3][2 * half]};
+    const __m512i hi[4] = {lanes.c[0][2 * half + 1], lanes.c[1][2 * half + 1], lanes.c[2][2 * half + 1],
+                           lanes.c[3][2 * half + 1]};
     out[half] = transpose_512(lo, hi);
   }
 }
@@ -156,21 +177,33 @@ __attribute__((target("avx512f"))) void avx512_words(const BernoulliDraw& draw, 
   scalar_words(draw, first + static_cast<uint64_t>(q), groups - q, words + 4 * q);
 }
 
-__attribute__((target("avx512f"))) void avx512_keep(const BernoulliDraw& draw, uint64_t first, int64_t groups,
-                                                    uint8_t* keep) {
+// Keep decisions compared in the Philox layout, so no transpose: per vector of 8 groups, one
+// compare per word (a 16-bit mask, its even bits valid), the four masks interleaved into the
+// 32 element bits by two bit deposits (BMI2), and 64 decisions at a time expanded to bytes by
+// one masked move (AVX-512BW).  The transpose and the byte narrowing cost as many shuffles as
+// the rounds themselves: this draws 24.3M decisions in 8.6-8.9 ms on one Zen 4 core, against
+// 11.4-11.5 ms through words in element order.
+__attribute__((target("avx512f,avx512bw,bmi2"))) void avx512_keep(const BernoulliDraw& draw, uint64_t first,
+                                                                  int64_t groups, uint8_t* keep) {
   // keep_threshold < 2**32 (check_draw), so `word < threshold` is an unsigned 32-bit compare.
   const __m512i threshold = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(draw.keep_threshold)));
-  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i one = _mm512_set1_epi8(1);
+  constexpr __mmask16 kLowWords = 0x5555;
   constexpr int64_t kGroups = 8 * kChains512;
   int64_t q = 0;
   for (; q + kGroups <= groups; q += kGroups) {
-    Words512 out[kChains512 / 2];
-    philox_512(draw, first + static_cast<uint64_t>(q), out);
+    const Lanes512 lanes = rounds_512(draw, first + static_cast<uint64_t>(q));
+    uint64_t bits[kChains512];
+    for (int v = 0; v < kChains512; ++v) {
+      uint32_t word_bits[4];  // bit 2g: word w of the vector's group g kept
+      for (int w = 0; w < 4; ++w) word_bits[w] = _mm512_mask_cmplt_epu32_mask(kLowWords, lanes.c[w][v], threshold);
+      // bits 2g, 2g + 1 of words 0, 1 (then 2, 3) -> element bits 4g, 4g + 1 (4g + 2, 4g + 3)
+      bits[v] = _pdep_u32(word_bits[0] | (word_bits[1] << 1), 0x33333333u) |
+                _pdep_u32(word_bits[2] | (word_bits[3] << 1), 0xCCCCCCCCu);
+    }
     for (int half = 0; half < kChains512 / 2; ++half) {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i kept = _mm512_maskz_mov_epi32(_mm512_cmplt_epu32_mask(out[half].w[j], threshold), one);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + 4 * q + 64 * half + 16 * j), _mm512_cvtepi32_epi8(kept));
-      }
+      const __mmask64 kept = bits[2 * half] | (bits[2 * half + 1] << 32);
+      _mm512_storeu_si512(keep + 4 * q + 64 * half, _mm512_maskz_mov_epi8(kept, one));
     }
   }
   scalar_keep(draw, first + static_cast<uint64_t>(q), groups - q, keep + 4 * q);
@@ -316,7 +349,11 @@ __attribute__((target("avx2"))) void avx2_keep(const BernoulliDraw& draw, uint64
 }
 
 bool cpu_has(PhiloxIsa isa) {
-  if (isa == PhiloxIsa::kAvx512) return __builtin_cpu_supports("avx512f");
+  // BW and BMI2 for the keep decisions' byte expansion and bit deposits (every AVX-512 CPU but
+  // Xeon Phi, which runs the AVX2 path).
+  if (isa == PhiloxIsa::kAvx512) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("bmi2");
+  }
   if (isa == PhiloxIsa::kAvx2) return __builtin_cpu_supports("avx2");
   return true;
 }
