@@ -6,11 +6,11 @@
 // per element (+1) and compares each word with its level's threshold, computed from the code
 // while the words are still in registers (philox_cpu.h).  Scalars come per tensor (one float64
 // row each, step_scalars.h), read once per chunk.  Work is split into 32K-element chunks
-// over torch's thread pool; each chunk runs blocks: first the block's keep decisions if the mask
-// is drawn (vectorised Philox, philox_cpu.h), then the element update, a loop the compiler
-// vectorises per ISA clone (bf16/fp16 params or grads go through fp32 scratch where a single loop
-// would stay scalar: update_block).  Frozen entries are written back with their old bits (a
-// select), so the update loop has no branches.
+// over torch's thread pool; each chunk runs 1K-element blocks: first the block's keep
+// decisions (vectorised Philox, philox_cpu.h, prefetching the block meanwhile), then the
+// element update, a loop the compiler vectorises per ISA clone (bf16/fp16 params or grads go
+// through fp32 scratch where a single loop would stay scalar: update_block).  Frozen entries are
+// written back with their old bits (a select), so the update loop has no branches.
 #include <type_traits>
 
 #include "../ops.h"
@@ -80,20 +80,10 @@ struct BlockStreams {
   float* vmax;
 };
 
-// Elements of a Bernoulli block: its decisions are drawn, then its elements updated, so the
-// streams of the update never pause for long and the hardware prefetchers keep them flowing
-// while the core computes Philox.  Drawing a 1K block's decisions first with software prefetches
-// of its lines (the importance blocks' way, below) left the memory idle during each update: in
-// one process on the 24.3M list (2-core EPYC, 2 threads, each variant on its own optimizer,
-// rotated, medians of 15-21 steps) the step took 20.7-22.2 ms that way against 17.1-18.5 in
-// 256- or 512-element blocks (two runs; 1K-element blocks 19.8; software prefetches in the
-// small blocks made them slower, 17.8-24.6 against 16.8).
-constexpr int64_t kBernoulliBlock = 256;
-
-// Elements whose importance decisions are drawn between two rounds of prefetches: 32 Philox
-// groups, one AVX-512 step of philox_cpu.h.  The importance draw costs more than the Bernoulli
-// one (the level compare per element): in 256- to 1K-element blocks without prefetches it
-// measured 4-9% slower at 2 threads.
+// Elements whose keep decisions are drawn between two rounds of prefetches: 32 Philox groups,
+// one AVX-512 step of philox_cpu.h.  Drawing and updating 256 elements at a time without
+// software prefetches measured the same, within the timing spread, on a Zen 5 core, in cache
+// and streaming (the same tensors stepped alternately both ways), so both draws share this path.
 constexpr int64_t kDrawStep = 128;
 
 // Prefetch the lines of n elements; WRITE asks for them in a writable state.
@@ -103,8 +93,8 @@ inline void prefetch_span(const T* first, int64_t n) {
   for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(first + i, WRITE, 3);
 }
 
-// Importance draws of elements [begin, begin + n) of a tensor whose groups start at rng_base
-// (begin a multiple of 4): draw(first group, elements, offset in the block) per step.  Drawing is
+// Philox draws of elements [begin, begin + n) of a tensor whose groups start at rng_base (begin
+// a multiple of 4): draw(first group, elements, offset in the block) per step.  Drawing is
 // pure arithmetic, so each step of it first asks for the lines the update of the same elements
 // will read: the memory system fetches them while the core computes, instead of the update
 // waiting for them afterwards.
@@ -139,21 +129,17 @@ void adamw_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     // 4 spare entries: the last Philox group of a tensor may run past its end.
     uint8_t drawn[kBlock + 4];
     alignas(64) float level_scales[kBlock];
-    if (mask_kind == MaskKind::kBernoulli) {
-      for (int64_t b = c.begin; b < c.end; b += kBernoulliBlock) {
-        const int64_t n = std::min(kBernoulliBlock, c.end - b);
-        keep_groups(draw, s.rng_base + static_cast<uint64_t>(b / 4), (n + 3) / 4, drawn);
-        update_block<P, G, AMSGRAD, KEEP, false>(p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr, drawn,
-                                                 nullptr, n, s);
-      }
-      return;
-    }
     for (int64_t b = c.begin; b < c.end; b += kBlock) {
       const int64_t n = std::min(kBlock, c.end - b);
       const BlockStreams<P, G> streams{p + b, g + b, m + b, v + b, AMSGRAD ? vmax + b : nullptr};
       const uint8_t* keep = nullptr;
       if (mask_kind == MaskKind::kDense) {
         keep = reinterpret_cast<const uint8_t*>(masks[c.tensor].data_ptr<bool>()) + b;
+      } else if (mask_kind == MaskKind::kBernoulli) {
+        draw_block(s.rng_base, b, n, streams, [&](uint64_t group, int64_t count, int64_t at) {
+          keep_groups(draw, group, (count + 3) / 4, drawn + at);
+        });
+        keep = drawn;
       } else if (mask_kind == MaskKind::kImportance) {
         const uint8_t* codes = masks[c.tensor].data_ptr<uint8_t>() + b;
         float* scales = KEEP == Keep::kZeroGrad ? level_scales : nullptr;
