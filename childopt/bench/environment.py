@@ -25,15 +25,25 @@ def triton_version() -> Optional[str]:
     return triton.__version__
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model from /proc/cpuinfo (Linux) with its vendor, family, model and stepping, else
+    what ``platform`` knows.  A VM's model name can hide the core generation ("AMD EPYC" is given
+    for Zen 4 and Zen 5 alike, whose AVX-512 units differ), and the CPU figures depend on it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        fields = {}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    identity = [fields.get("vendor_id")] + [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
+                                            if key in fields]
+    identity = ", ".join(part for part in identity if part)
+    return f"{fields['model name']} ({identity})" if identity else fields["model name"]
 
 
 def _command_output(argv: list[str], cwd: Optional[Path] = None) -> Optional[str]:

@@ -1,0 +1,33 @@
+"""The environment a report records: the CPU's identity beside its model name."""
+import platform
+
+from childopt.bench.environment import cpu_name
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 1
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model name\t: Another CPU
+"""
+
+
+def test_cpu_name_gives_the_first_processors_vendor_family_model_and_stepping(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert cpu_name(path) == "AMD EPYC (AuthenticAMD, cpu family 26, model 2, stepping 1)"
+
+
+def test_cpu_name_without_the_identity_fields_is_the_model_name(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Some ARM core\n")
+    assert cpu_name(path) == "Some ARM core"
+
+
+def test_cpu_name_without_cpuinfo_falls_back_to_platform(tmp_path):
+    assert cpu_name(tmp_path / "missing") == (platform.processor() or platform.machine() or "unknown CPU")
