@@ -20,14 +20,16 @@ the stream reference, ChildTuningAdamW >= 10x the ChildTuning loop, the 5% spars
 steps at >= 0.97x fused full fine-tuning, and the peak live tensor bytes of sparse storage with
 compact gradients at <= 1.1x peft LoRA r=8's.  On other machines the same ratios are reported;
 whether they are met there says nothing about the targets.  A goal whose rows were not measured
-reports why instead of a ratio.
+reports why instead of a ratio.  The speed goals whose two rows are both stepped in the paired
+tables (:mod:`childopt.bench.paired`) are also given on those, where neither run-to-run nor
+placement spread enters the ratio.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from childopt.bench import step, train
+from childopt.bench import paired, step, train
 from childopt.bench.table import aligned_table
 from childopt.bench.threads import label
 
@@ -139,6 +141,34 @@ def step_goals(tables: list[step.Table], device_type: str, all_threads: int) -> 
     specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
     sizes = list(dict.fromkeys(t.size for t in tables))
     return [evaluate(spec, [t for t in tables if t.size == size], all_threads) for size in sizes for spec in specs]
+
+
+def paired_goals(tables: list[paired.PairedTable], device_type: str, all_threads: int) -> list[Goal]:
+    """The device's speed goals between two rows of the paired tables, evaluated on those tables
+    (sizes in their order); goals whose table was not measured are left to the step tables' lines."""
+    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
+    stepped = {paired.BASELINE, *paired.KEYS}
+    goals = []
+    for size in dict.fromkeys(t.size for t in tables):
+        for spec in specs:
+            if spec.kind != "speed" or not {spec.top, spec.bottom} <= stepped:
+                continue
+            threads = all_threads if spec.threads == ALL else 1
+            table = next((t for t in tables if (t.size, t.dtype, t.threads) == (size, spec.dtype, threads)), None)
+            if table is None:
+                continue
+            rows = {r.key: r for r in table.rows}
+            what = f"{rows[spec.top].optimizer} {rows[spec.top].mode}" if spec.top in rows else spec.top
+            name = (f"{size} {spec.dtype}, {label(threads, all_threads)}, paired: {what}: speed vs "
+                    f"{BOTTOM_NAMES.get(spec.bottom, spec.bottom)}")
+            ms = {key: r.ms_per_step for key, r in rows.items()} | {paired.BASELINE: table.baseline_ms}
+            missing = [key for key in (spec.top, spec.bottom) if key not in ms]
+            if missing:
+                goals.append(Goal(name, None, spec.target, False, "x", f"not measured: {', '.join(missing)}"))
+                continue
+            goals.append(Goal(name, ms[spec.bottom] / ms[spec.top], spec.target, False, "x",
+                              f"median ms of {spec.bottom} / {spec.top}, same parameters, {table.rounds} rounds"))
+    return goals
 
 
 def training_goals(rows) -> list[Goal]:

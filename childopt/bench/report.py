@@ -1,8 +1,9 @@
 """``python -m childopt bench``: the optimizer-step tables, the training-step table and the goals.
 
 It runs on whatever device is present: the step tables of :mod:`childopt.bench.sweep` (on CPU at
-one intra-op thread and at all of them, each beside its in-place stream reference), the
-end-to-end training rows of :mod:`childopt.bench.train`, then the goal ratios of
+one intra-op thread and at all of them, each beside its in-place stream reference), the paired
+ratios of :mod:`childopt.bench.paired` (the main rows and torch fused AdamW on the same
+parameters, in rotation), the end-to-end training rows of :mod:`childopt.bench.train`, then the goal ratios of
 :mod:`childopt.bench.goals`, all measured in this one run; ``--json`` keeps every number with the
 environment, ``--markdown`` writes the summary that goes beside it in bench/results, ``--plot``
 draws speed and memory.
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 from childopt import backends
-from childopt.bench import ceiling, environment, measure, step, sweep, train
-from childopt.bench.goals import TARGETS, format_goals, step_goals, training_goals
+from childopt.bench import ceiling, environment, measure, paired, step, sweep, train
+from childopt.bench.goals import TARGETS, format_goals, paired_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
 from childopt.bench.threads import DEFAULT_CPU, label, parse_threads
 
@@ -205,14 +206,20 @@ def main(argv=None) -> int:
 
     tables = sweep.run_tables(sizes, args.dtypes, thread_counts, device, warmup=measure.WARMUP, steps=steps,
                               backend=args.backend)
+    paired_tables = paired.run_tables(sizes, args.dtypes, thread_counts, device, rounds=2 * steps + 1,
+                                      warmup=measure.WARMUP, backend=args.backend)
     setup, train_rows, train_skipped = train.optional_rows(device, warmup=measure.WARMUP, steps=train_steps,
                                                            backend=args.backend)
-    goals = step_goals(tables, device.type, all_threads) + training_goals(train_rows)
+    goals = (step_goals(tables, device.type, all_threads) + paired_goals(paired_tables, device.type, all_threads)
+             + training_goals(train_rows))
 
     results = []
     for table in tables:
         results += ["\n" + table_heading(table, meta["params"][table.size], all_threads),
                     step.format_table(table.rows, table.baseline)]
+        results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in table.skipped]
+    for table in paired_tables:
+        results += ["\n" + paired.heading(table, all_threads), paired.format_table(table)]
         results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in table.skipped]
     if train_rows:
         results += [f"\ntraining step (forward, backward, step, zero_grad): {setup.description}; "
@@ -227,6 +234,7 @@ def main(argv=None) -> int:
                   "tables": [{"size": t.size, "dtype": t.dtype, "threads": t.threads, "baseline": t.baseline,
                               "stream": dataclasses.asdict(t.stream), "rows": [dataclasses.asdict(r) for r in t.rows],
                               "skipped": t.skipped} for t in tables],
+                  "paired": [dataclasses.asdict(t) for t in paired_tables],
                   "training": {"setup": setup.description if setup else None,
                                "steps": train_steps,
                                "rows": [dataclasses.asdict(r) for r in train_rows],

@@ -2,7 +2,8 @@
 import pytest
 
 from childopt.bench import goals
-from childopt.bench.goals import format_goals, step_goals, training_goals
+from childopt.bench.goals import format_goals, paired_goals, step_goals, training_goals
+from childopt.bench.paired import PairedRow, PairedTable
 from childopt.bench.train import TrainRow
 from tests.bench.helpers import fake_row, fake_table
 
@@ -98,6 +99,34 @@ def test_cuda_goals_keep_the_h100_targets():
     assert _goal(found, "the ChildTuning loop").value == pytest.approx(9.0) and not _goal(found, "ChildTuning loop").met
     sparse = _goal(found, "masked-sparse-0.05")  # 2.5 ms against mask=None's 20 ms
     assert sparse.value == pytest.approx(0.125) and sparse.target == 0.15 and sparse.met
+
+
+def _paired(ms: dict, baseline_ms: float, dtype="float32", threads=2, skipped=()):
+    rows = [PairedRow(key, "opt", key, "b", value, baseline_ms / value) for key, value in ms.items()]
+    return PairedTable("24m", dtype, threads, 21, baseline_ms, rows, [{"key": key} for key in skipped])
+
+
+def test_paired_goals_are_the_speed_goals_between_two_paired_rows():
+    """fp32 at 2 threads, torch fused 10 ms: mask=None 9.5 ms (1.0526x), Bernoulli 11 ms (0.909x),
+    ChildTuning-F 12.5 (0.8x), importance 12.1 ms (0.909x the Bernoulli step); at 1 thread fused 20,
+    freeze 25 (0.8x); bf16 not measured.  Share, time and loop goals have no paired form."""
+    tables = [_paired({"masked-none": 9.5, "masked-dense-freeze": 10.0, "masked-dense-zero_grad": 10.0,
+                       "masked-bernoulli": 11.0, "masked-importance": 12.1, "childtuning-f": 12.5}, 10.0),
+              _paired({"masked-none": 20.0, "masked-dense-freeze": 25.0}, 20.0, threads=1,
+                      skipped=["masked-dense-zero_grad"])]
+    found = paired_goals(tables, "cpu", all_threads=2)
+    assert all(", paired: " in g.goal for g in found)
+    assert _goal(found, "2 threads", "masked-none:").value == pytest.approx(10 / 9.5)
+    assert _goal(found, "2 threads", "masked-none:").met
+    assert _goal(found, "2 threads", "masked-bernoulli: speed vs torch").value == pytest.approx(10 / 11)
+    assert _goal(found, "2 threads", "masked-bernoulli: speed vs torch").met
+    assert not _goal(found, "childtuning-f").met
+    assert _goal(found, "masked-importance").value == pytest.approx(11 / 12.1)
+    assert _goal(found, "1 thread", "masked-dense-freeze").value == pytest.approx(0.8)
+    assert _goal(found, "1 thread", "masked-dense-zero_grad").value is None  # skipped: says what is missing
+    assert not any("bfloat16" in g.goal or "loop" in g.goal or "share" in g.goal or "step time" in g.goal
+                   for g in found)
+    assert len(found) == 3 + 3 + 2 + 1  # speed vs fused at all threads and 1 thread, Bernoulli keys, importance
 
 
 def test_training_goals_compare_it_s_and_live_tensor_memory():

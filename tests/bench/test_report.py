@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from childopt.bench import measure, step, sweep, train
+from childopt.bench import measure, paired, step, sweep, train
 from childopt.bench.llc import CacheSize
 from childopt.bench.report import main, parse_args
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_table
@@ -22,8 +22,11 @@ def run_main(tmp_path, capsys, *options):
 
 
 def goal(report, *texts):
-    """(value, met) of the one goal of ``report`` whose name contains every text."""
-    (found,) = [g for g in report["goals"] if all(text in g["goal"] for text in texts)]
+    """(value, met) of the one goal of ``report`` whose name contains every text (the paired goals
+    only when a text asks for them)."""
+    paired = any("paired" in text for text in texts)
+    (found,) = [g for g in report["goals"]
+                if all(text in g["goal"] for text in texts) and (paired or ", paired: " not in g["goal"])]
     return found["value"], found["met"]
 
 
@@ -64,6 +67,14 @@ def test_quick_bench_runs_every_row_and_writes_every_output(tmp_path, capsys, ti
     assert goal(report, "MaskedAdamW mask=None:", "share")[0] == pytest.approx(by_key["masked-none"]["pct_stream"])
     if threads > 1:
         assert goal(report, "1 thread", "masked-none") == (None, None)  # no 1-thread table in this run
+    (pairs,) = report["paired"]
+    assert (pairs["size"], pairs["dtype"], pairs["threads"], pairs["rounds"]) == ("24m", "float32", threads, 3)
+    assert [r["key"] for r in pairs["rows"]] + [r["key"] for r in pairs["skipped"]] == list(paired.KEYS)
+    for row in pairs["rows"]:
+        assert row["x_fused"] == pytest.approx(pairs["baseline_ms"] / row["ms_per_step"]) and row["x_fused"] > 0
+    paired_bernoulli = goal(report, "paired", "MaskedAdamW bernoulli", "torch fused")[0]
+    assert paired_bernoulli == pytest.approx(next(r["x_fused"] for r in pairs["rows"] if r["key"] == "masked-bernoulli"))
+    assert "paired ratios, 24m list, float32" in printed
     assert "x torch-fused" in printed and "% of stream" in printed and "training step" in printed
     assert "a made-up cache" in printed and "live GB" in printed and "goals" in printed
     assert png.stat().st_size > 10_000
@@ -113,6 +124,10 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
     one.skipped.append(measure.skip_record("x", "X", "m", "why"))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(sweep, "run_tables", lambda *args, **kwargs: [one, two])
+    pairs = paired.PairedTable("24m", "float32", 2, 21, 10.0,
+                               [paired.PairedRow("masked-dense-freeze", "MaskedAdamW", "dense freeze", "b", 12.5, 0.8)],
+                               [measure.skip_record("masked-none", "MaskedAdamW", "mask=None", "made up")])
+    monkeypatch.setattr(paired, "run_tables", lambda *args, **kwargs: [pairs])
     monkeypatch.setattr(train, "optional_rows",
                         lambda *args, **kwargs: (train.Setup(None, 8, 64, "a made-up model"), trained, []))
     report, summary, printed = run_main(tmp_path, capsys, "--device", "cpu")
@@ -138,6 +153,12 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
     assert goal(report, "Child-Tuning-D") == (pytest.approx(0.98), True)
     assert goal(report, "Child-Tuning-F") == (None, None)
     assert goal(report, "live GB") == (pytest.approx(3.2 / 3.0), True)
+    assert goal(report, "paired", "2 threads", "dense freeze:") == (pytest.approx(0.8), False)
+    assert goal(report, "paired", "2 threads", "masked-none:") == (None, None)  # skipped
+    assert "skipped MaskedAdamW mask=None: made up" in lines
+    (paired_freeze,) = [line for line in lines if line.split()[:3] == ["MaskedAdamW", "dense", "freeze"]
+                        and line.split()[-1] == "0.80x"]
+    assert paired_freeze.split()[-2] == "12.50"
     assert "issue #20" in printed
     assert all(line in summary for line in lines if not line.startswith("wrote "))
 
