@@ -106,23 +106,31 @@ def _ratio(goal: str, rows: dict, top: str, bottom: str, field: str, target: flo
     return Goal(goal, value, target, at_most, unit, f"{field} of {top} / {bottom}")
 
 
-def _name(spec: StepGoal, table: Optional[step.Table], threads: int, all_threads: int, size: str) -> str:
-    """"24m float32, 2 threads (all): MaskedAdamW dense 0.3 freeze: speed vs torch fused AdamW"."""
+def _name(spec: StepGoal, table, threads: int, all_threads: int, size: str, where: str = "") -> str:
+    """"24m float32, 2 threads (all): MaskedAdamW dense 0.3 freeze: speed vs torch fused AdamW"
+    (``where`` after the thread count: ", paired")."""
     row = next((r for r in table.rows if r.key == spec.top), None) if table else None
     what = f"{row.optimizer} {row.mode}" if row else spec.top
     bottom = BOTTOM_NAMES.get(spec.bottom, spec.bottom)
     versus = {"speed": f"speed vs {bottom}", "time": f"step time vs {bottom}",
               "share": "share of the in-place stream"}[spec.kind]
-    return f"{size} {spec.dtype}, {label(threads, all_threads)}: {what}: {versus}"
+    return f"{size} {spec.dtype}, {label(threads, all_threads)}{where}: {what}: {versus}"
 
 
-def evaluate(spec: StepGoal, tables: list[step.Table], all_threads: int) -> Goal:
-    """``spec`` on the table of its dtype and thread count among ``tables`` (one size's), or a goal
-    saying that table was not measured."""
+def _table_of(spec: StepGoal, tables: list, all_threads: int):
+    """The table of ``spec``'s dtype and thread count among ``tables``, or None."""
+    threads = all_threads if spec.threads == ALL else 1
+    return next((t for t in tables if t.dtype == spec.dtype and t.threads == threads), None)
+
+
+def evaluate(spec: StepGoal, tables: list, all_threads: int, where: str = "") -> Goal:
+    """``spec`` on the table of its dtype and thread count among ``tables`` (one size's step tables,
+    or for speed goals its paired tables, ``where`` naming which), or a goal saying that table was
+    not measured."""
     threads = all_threads if spec.threads == ALL else 1
     size = tables[0].size if tables else "?"
-    table = next((t for t in tables if t.dtype == spec.dtype and t.threads == threads), None)
-    name = _name(spec, table, threads, all_threads, size)
+    table = _table_of(spec, tables, all_threads)
+    name = _name(spec, table, threads, all_threads, size, where)
     if table is None:
         return Goal(name, None, spec.target, spec.kind == "time", "%" if spec.kind == "share" else "x",
                     f"not measured: no {spec.dtype} table at {label(threads, all_threads)}")
@@ -146,28 +154,14 @@ def step_goals(tables: list[step.Table], device_type: str, all_threads: int) -> 
 def paired_goals(tables: list[paired.PairedTable], device_type: str, all_threads: int) -> list[Goal]:
     """The device's speed goals between two rows of the paired tables, evaluated on those tables
     (sizes in their order); goals whose table was not measured are left to the step tables' lines."""
-    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
-    stepped = {paired.BASELINE, *paired.KEYS}
+    stepped = {*paired.BASELINES, *paired.KEYS}
+    specs = [spec for spec in (CUDA_GOALS if device_type == "cuda" else CPU_GOALS)
+             if spec.kind == "speed" and {spec.top, spec.bottom} <= stepped]
     goals = []
     for size in dict.fromkeys(t.size for t in tables):
-        for spec in specs:
-            if spec.kind != "speed" or not {spec.top, spec.bottom} <= stepped:
-                continue
-            threads = all_threads if spec.threads == ALL else 1
-            table = next((t for t in tables if (t.size, t.dtype, t.threads) == (size, spec.dtype, threads)), None)
-            if table is None:
-                continue
-            rows = {r.key: r for r in table.rows}
-            what = f"{rows[spec.top].optimizer} {rows[spec.top].mode}" if spec.top in rows else spec.top
-            name = (f"{size} {spec.dtype}, {label(threads, all_threads)}, paired: {what}: speed vs "
-                    f"{BOTTOM_NAMES.get(spec.bottom, spec.bottom)}")
-            ms = {key: r.ms_per_step for key, r in rows.items()} | {paired.BASELINE: table.baseline_ms}
-            missing = [key for key in (spec.top, spec.bottom) if key not in ms]
-            if missing:
-                goals.append(Goal(name, None, spec.target, False, "x", f"not measured: {', '.join(missing)}"))
-                continue
-            goals.append(Goal(name, ms[spec.bottom] / ms[spec.top], spec.target, False, "x",
-                              f"median ms of {spec.bottom} / {spec.top}, same parameters, {table.rounds} rounds"))
+        sized = [t for t in tables if t.size == size]
+        goals += [evaluate(spec, sized, all_threads, where=", paired") for spec in specs
+                  if _table_of(spec, sized, all_threads) is not None]
     return goals
 
 

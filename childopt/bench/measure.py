@@ -65,6 +65,15 @@ def grad_restorer(params) -> Callable[[], None]:
     return restore
 
 
+def release_memory(device: torch.device) -> None:
+    """Free what earlier measurements left: objects in reference cycles, and on CUDA the
+    allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window; False where the CPU peak RSS cannot be reset.
 
@@ -74,10 +83,8 @@ def reset_peak_memory(device: torch.device) -> bool:
     current RSS, which still holds heap the allocator kept from earlier rows; elsewhere the CPU
     peak counts from process start.  CPU peaks are therefore upper bounds.
     """
-    gc.collect()
+    release_memory(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return True
     try:

@@ -3,12 +3,15 @@
 The step tables give every row its own copy of the parameter list, one row after another, so a
 ratio of two rows carries two spreads besides the code: what else the machine ran meanwhile, and
 where in memory each copy landed (on the 2-core EPYC VM, four identical optimizers on their own
-tensors, stepped in rotation, differed by 4% at 2 threads and 20% at 1).  Here every optimizer
-of :data:`KEYS` and the baseline are built over one parameter list and its fixed gradients, each
-with its own state, and stepped in rotation: round r starts at the r-th optimizer, so none always
-follows the same one.  A ratio is the baseline's median step over the row's; only the placement
-of the optimizer state still differs.  The rows step the parameters in turn, which changes their
-values a little each time (lr 1e-3 of :data:`childopt.bench.step.HYPER`) but not what a step costs.
+tensors, stepped in rotation, differed by 4% at 2 threads and 20% at 1).  Here the baseline and
+every optimizer of :data:`KEYS` are built over one parameter list and its fixed gradients, each
+with its own state, and stepped in rotation: round r starts at the r-th optimizer, so each takes
+every place in a round equally often.  A ratio is the baseline's median step over the row's; only
+the placement of the optimizer state still differs.  The rows step the parameters in turn, which
+changes their values a little each time (lr 1e-3 of :data:`childopt.bench.step.HYPER`) but not
+what a step costs.  All the optimizers are alive at once: parameters, gradients, seven pairs of
+fp32 moments and three byte masks, 67 B per fp32 parameter (1.6 GB for the 24m list, 8.4 GB for
+125m).
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ import torch
 from tqdm import tqdm
 
 from childopt.bench import step
-from childopt.bench.measure import Unavailable, skip_record, synchronized
+from childopt.bench.measure import Unavailable, release_memory, synchronized
 from childopt.bench.shapes import make_params, roberta_base_shapes
 from childopt.bench.table import aligned_table
 from childopt.bench.threads import intra_op_threads, label
 
-BASELINE = "adamw-fused"
+# torch fused AdamW, else foreach where this torch has no fused kernel for the device (as the step
+# tables compare).
+BASELINES = ("adamw-fused", "adamw-foreach")
 # Rows that neither scale the gradients in place nor hook them, so they can share them.
 KEYS = ("masked-none", "masked-dense-freeze", "masked-dense-zero_grad", "masked-bernoulli", "masked-importance",
         "childtuning-f")
@@ -43,17 +48,22 @@ class PairedRow:
     ms_per_step: float
     x_fused: float
 
+    @property
+    def it_s(self) -> float:
+        """Steps per second, as the step rows give it (the goals divide these)."""
+        return 1e3 / self.ms_per_step
+
 
 @dataclass(frozen=True)
 class PairedTable:
-    """The paired rows of one parameter list, dtype and thread count (``baseline_ms``: torch fused
-    AdamW's median step in the same rotation)."""
+    """The paired rows of one parameter list, dtype and thread count, the baseline's first
+    (``baseline``: its key, one of :data:`BASELINES`)."""
 
     size: str
     dtype: str
     threads: int
     rounds: int
-    baseline_ms: float
+    baseline: str
     rows: list[PairedRow]
     skipped: list[dict]
 
@@ -73,35 +83,43 @@ def step_in_rotation(steps: dict[str, Callable[[], object]], rounds: int,
     return times
 
 
+def _stepped(spec: step.RowSpec, params, backend: str, device: torch.device) -> tuple[str, Callable[[], None]]:
+    """``spec``'s optimizer over ``params``: its backend label and its synchronized step, stepped once
+    (a first warm-up step), so a row that builds but cannot step fails here, before the rotation."""
+    opt = spec.make(params, backend)
+    call = synchronized(opt.step, device)
+    call()
+    return spec.backend or opt.backend_name(), call
+
+
 def run_paired(size: str, dtype: torch.dtype, device: torch.device, *, rounds: int, warmup: int,
                backend: str = "auto") -> PairedTable:
-    """The rows of :data:`KEYS` (those :data:`childopt.bench.step.ROWS` has) and the baseline over one
-    ``size`` list of ``dtype`` parameters at the current thread count; a row that cannot run here (or
-    with these parameters) is skipped with the reason."""
+    """The baseline and the rows of :data:`KEYS` (those :data:`childopt.bench.step.ROWS` has) over one
+    ``size`` list of ``dtype`` parameters at the current thread count; rows are skipped, or their
+    failure raised, as the step tables do (:func:`childopt.bench.step.skip_for`)."""
     specs = {spec.key: spec for spec in step.ROWS}
     params = make_params(roberta_base_shapes(*step.SIZES[size]), device, dtype=dtype)
-    optimizers, skipped = {BASELINE: specs[BASELINE].make(params, backend)}, []
-    for key in (key for key in KEYS if key in specs):
-        spec = specs[key]
+    labels, steps, skipped = {}, {}, []
+    for key in BASELINES:
         try:
-            optimizers[key] = spec.make(params, backend)
-        except (Unavailable, RuntimeError, TypeError, NotImplementedError) as exc:
-            skipped.append(skip_record(key, spec.optimizer, spec.mode, f"{type(exc).__name__}: {exc}"))
-    steps = {key: synchronized(opt.step, device) for key, opt in optimizers.items()}
-    for _ in range(warmup):
+            labels[key], steps[key] = _stepped(specs[key], params, backend, device)
+            break
+        except Unavailable:
+            if key == BASELINES[-1]:
+                raise
+    baseline = next(iter(steps))
+    for key in (key for key in KEYS if key in specs):
+        try:
+            labels[key], steps[key] = _stepped(specs[key], params, backend, device)
+        except step.ROW_FAILURES as exc:
+            skipped.append(step.skip_for(specs[key], dtype, exc))
+    for _ in range(warmup - 1):
         for call in steps.values():
             call()
-    times = step_in_rotation(steps, rounds)
-    baseline = statistics.median(times[BASELINE])
-    rows = []
-    for key, opt in optimizers.items():
-        if key == BASELINE:
-            continue
-        median = statistics.median(times[key])
-        spec = specs[key]
-        rows.append(PairedRow(key, spec.optimizer, spec.mode, spec.backend or opt.backend_name(), median * 1e3,
-                              baseline / median))
-    return PairedTable(size, step.dtype_name(dtype), torch.get_num_threads(), rounds, baseline * 1e3, rows, skipped)
+    times = {key: statistics.median(seconds) for key, seconds in step_in_rotation(steps, rounds).items()}
+    rows = [PairedRow(key, specs[key].optimizer, specs[key].mode, labels[key], times[key] * 1e3,
+                      times[baseline] / times[key]) for key in steps]
+    return PairedTable(size, step.dtype_name(dtype), torch.get_num_threads(), rounds, baseline, rows, skipped)
 
 
 def run_tables(sizes: list[str], dtypes: list[str], thread_counts: list[int], device: torch.device, *, rounds: int,
@@ -111,20 +129,23 @@ def run_tables(sizes: list[str], dtypes: list[str], thread_counts: list[int], de
     for size in sizes:
         for count in thread_counts:
             with intra_op_threads(count):
-                tables += [run_paired(size, step.DTYPES[dtype], device, rounds=rounds, warmup=warmup,
-                                      backend=backend) for dtype in dtypes]
+                for dtype in dtypes:
+                    tables.append(run_paired(size, step.DTYPES[dtype], device, rounds=rounds, warmup=warmup,
+                                             backend=backend))
+                    release_memory(device)
     return tables
 
 
 def heading(table: PairedTable, all_threads: int) -> str:
     """What a paired table stepped, and how."""
     return (f"paired ratios, {table.size} list, {table.dtype}, {label(table.threads, all_threads)}: these optimizers "
-            f"and torch fused AdamW step the same parameters and gradients (each its own state) in rotation, "
-            f"{table.rounds} rounds; torch fused's median step {table.baseline_ms:.2f} ms")
+            f"step the same parameters and gradients (each its own state) in rotation, {table.rounds} rounds; "
+            f"the ratio is {table.rows[0].optimizer} {table.rows[0].mode}'s median step over the row's")
 
 
 def format_table(table: PairedTable) -> str:
     """The paired rows as an aligned text table."""
     columns = (("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
-               ("ms/step", lambda r: f"{r.ms_per_step:.2f}"), ("x torch-fused", lambda r: f"{r.x_fused:.2f}x"))
+               ("ms/step", lambda r: f"{r.ms_per_step:.2f}"),
+               (f"x {table.baseline.replace('adamw', 'torch')}", lambda r: f"{r.x_fused:.2f}x"))
     return aligned_table(columns, table.rows, numeric=range(3, len(columns)))

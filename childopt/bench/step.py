@@ -278,14 +278,26 @@ def run_rows(shapes, device: torch.device, *, warmup: int, steps: int, backend: 
         try:
             rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype,
                                 cache_bytes=cache_bytes))
-        except Unavailable as exc:
-            skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, str(exc)))
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
-            if dtype == torch.float32:
-                raise
-            skipped.append(skip_record(spec.key, spec.optimizer, spec.mode, f"fails with {dtype_name(dtype)} "
-                                                                            f"parameters: {type(exc).__name__}: {exc}"))
+        except ROW_FAILURES as exc:
+            skipped.append(skip_for(spec, dtype, exc))
     return rows, skipped
+
+
+# What building or stepping a row may raise: Unavailable (a RuntimeError) and the errors of an
+# optimizer that does not take these parameters.
+ROW_FAILURES = (RuntimeError, TypeError, NotImplementedError)
+
+
+def skip_for(spec: RowSpec, dtype: torch.dtype, exc: Exception) -> dict:
+    """The skip record of a row that raised ``exc`` (one of :data:`ROW_FAILURES`): a row that cannot
+    run here is skipped with the reason, and so is one whose optimizer fails on non-fp32 parameters;
+    any other fp32 failure is a bug and is raised again."""
+    if isinstance(exc, Unavailable):
+        return skip_record(spec.key, spec.optimizer, spec.mode, str(exc))
+    if dtype == torch.float32:
+        raise exc
+    return skip_record(spec.key, spec.optimizer, spec.mode,
+                       f"fails with {dtype_name(dtype)} parameters: {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)

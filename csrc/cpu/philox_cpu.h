@@ -5,7 +5,8 @@
 // (seed lo, seed hi), word w of the group -> element 4g + w); every path here returns exactly its
 // bits.  Three implementations, picked once per process from what the CPU supports: AVX-512
 // (F, BW and BMI2; 32 counters per step), AVX2 (8) and portable scalar code; a test may force a
-// slower one to prove that all three agree.  No memory traffic: 10 rounds of 2 widening multiplies per counter.
+// slower one to prove that all three agree.  No memory traffic: 10 rounds of 2 widening
+// multiplies per counter.
 // The importance mask's decisions (importance_levels.h) are drawn the same way and, with
 // AVX-512, compared with each element's level threshold while the words are still in registers.
 #pragma once

@@ -69,11 +69,10 @@ def test_quick_bench_runs_every_row_and_writes_every_output(tmp_path, capsys, ti
         assert goal(report, "1 thread", "masked-none") == (None, None)  # no 1-thread table in this run
     (pairs,) = report["paired"]
     assert (pairs["size"], pairs["dtype"], pairs["threads"], pairs["rounds"]) == ("24m", "float32", threads, 3)
-    assert [r["key"] for r in pairs["rows"]] + [r["key"] for r in pairs["skipped"]] == list(paired.KEYS)
-    for row in pairs["rows"]:
-        assert row["x_fused"] == pytest.approx(pairs["baseline_ms"] / row["ms_per_step"]) and row["x_fused"] > 0
-    paired_bernoulli = goal(report, "paired", "MaskedAdamW bernoulli", "torch fused")[0]
-    assert paired_bernoulli == pytest.approx(next(r["x_fused"] for r in pairs["rows"] if r["key"] == "masked-bernoulli"))
+    assert [r["key"] for r in pairs["rows"]] + [r["key"] for r in pairs["skipped"]] == ["adamw-fused", *paired.KEYS]
+    assert pairs["baseline"] == "adamw-fused" and all(r["ms_per_step"] > 0 for r in pairs["rows"])
+    bernoulli = next(r for r in pairs["rows"] if r["key"] == "masked-bernoulli")
+    assert goal(report, "paired", "MaskedAdamW bernoulli", "torch fused")[0] == pytest.approx(bernoulli["x_fused"])
     assert "paired ratios, 24m list, float32" in printed
     assert "x torch-fused" in printed and "% of stream" in printed and "training step" in printed
     assert "a made-up cache" in printed and "live GB" in printed and "goals" in printed
@@ -124,8 +123,9 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
     one.skipped.append(measure.skip_record("x", "X", "m", "why"))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(sweep, "run_tables", lambda *args, **kwargs: [one, two])
-    pairs = paired.PairedTable("24m", "float32", 2, 21, 10.0,
-                               [paired.PairedRow("masked-dense-freeze", "MaskedAdamW", "dense freeze", "b", 12.5, 0.8)],
+    pairs = paired.PairedTable("24m", "float32", 2, 21, "adamw-fused",
+                               [paired.PairedRow("adamw-fused", "torch AdamW", "fused", "torch", 10.0, 1.0),
+                                paired.PairedRow("masked-dense-freeze", "MaskedAdamW", "dense freeze", "b", 12.5, 0.8)],
                                [measure.skip_record("masked-none", "MaskedAdamW", "mask=None", "made up")])
     monkeypatch.setattr(paired, "run_tables", lambda *args, **kwargs: [pairs])
     monkeypatch.setattr(train, "optional_rows",
