@@ -130,21 +130,44 @@ def _labels(rows) -> list[str]:
     return [f"{r.optimizer}\n{r.mode} [{r.backend}]" for r in rows]
 
 
-def plot(tables: list[step.Table], train_rows: list[train.TrainRow], path: str, title: str,
-         titles: list[str]) -> None:
-    """Save horizontal bar charts of it/s and GB: one row of charts per step table, the training
-    steps below (``titles``: the subtitle of each)."""
+def _paired_bars(fig_row, title: str, table: paired.PairedTable) -> None:
+    """One row of the figure for a paired table: the ratios to the baseline on the left (a line at
+    1), the median ms per step on the right."""
+    ratio_ax, ms_ax = fig_row
+    ratio_ax.set_title(title, loc="left")
+    ticks = list(range(len(table.rows)))
+    bars = ratio_ax.barh(ticks, [r.x_fused for r in table.rows], color="tab:purple")
+    ratio_ax.bar_label(bars, fmt="%.2fx", padding=3)
+    ratio_ax.axvline(1.0, color="black", linewidth=0.8)
+    ratio_ax.set_yticks(ticks, _labels(table.rows))
+    ratio_ax.invert_yaxis()
+    ratio_ax.set_xlabel(f"speed vs {table.rows[0].optimizer} {table.rows[0].mode}, same parameters (higher is better)")
+    ratio_ax.margins(x=0.15)
+    bars = ms_ax.barh(ticks, [r.ms_per_step for r in table.rows], color="tab:gray")
+    ms_ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
+    ms_ax.set_xlabel("median ms per step in the rotation (lower is better)")
+    ms_ax.margins(x=0.15)
+
+
+def plot(tables: list[step.Table], paired_tables: list[paired.PairedTable], train_rows: list[train.TrainRow],
+         path: str, title: str, titles: list[str]) -> None:
+    """Save horizontal bar charts: it/s and GB, one row of charts per step table; ratios and ms per
+    step, one row per paired table; the training steps below (``titles``: the subtitle of each
+    row, in that order)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
-    heights = [len(t.rows) for t in tables] + ([len(train_rows)] if train_rows else [])
+    heights = ([len(t.rows) for t in tables] + [len(t.rows) for t in paired_tables]
+               + ([len(train_rows)] if train_rows else []))
     fig = Figure(figsize=(13, 1.5 + 0.6 * sum(heights)), layout="constrained")
     axes = fig.subplots(len(heights), 2, sharey="row", squeeze=False, gridspec_kw={"height_ratios": heights})
     for axes_row, table, subtitle in zip(axes, tables, titles):
         _bars(axes_row, subtitle, _labels(table.rows), [r.it_s for r in table.rows],
               {"peak GB": [r.peak_gb for r in table.rows], "state GB": [r.state_gb for r in table.rows]},
               "optimizer steps")
+    for axes_row, table, subtitle in zip(axes[len(tables):], paired_tables, titles[len(tables):]):
+        _paired_bars(axes_row, subtitle, table)
     if train_rows:
         _bars(axes[-1], titles[-1], _labels(train_rows), [r.it_s for r in train_rows],
               {"peak GB": [r.peak_gb for r in train_rows], "live GB": [r.live_gb for r in train_rows]},
@@ -246,8 +269,9 @@ def main(argv=None) -> int:
         Path(args.markdown).write_text(markdown(meta, "\n".join(lines + results)))
         print(f"wrote {args.markdown}")
     if args.plot:
-        plot(tables, train_rows, args.plot, f"childopt bench: {meta['device_name']}",
+        plot(tables, paired_tables, train_rows, args.plot, f"childopt bench: {meta['device_name']}",
              [f"optimizer step, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in tables]
+             + [f"paired ratios, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in paired_tables]
              + [f"training step, {setup.description if setup else ''}"])
         print(f"wrote {args.plot}")
     return 0

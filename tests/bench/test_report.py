@@ -8,6 +8,7 @@ import torch
 
 from childopt.bench import measure, paired, step, sweep, train
 from childopt.bench.llc import CacheSize
+from childopt.bench import report
 from childopt.bench.report import main, parse_args
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_table
 
@@ -181,3 +182,23 @@ def test_options_parse_into_lists():
     assert args.thread_counts == list(dict.fromkeys([torch.get_num_threads(), 1]))
     defaults = parse_args([])
     assert (defaults.sizes, defaults.dtypes, defaults.thread_counts) == (None, ["float32"], None)
+
+
+def test_the_plot_draws_each_paired_table_as_ratios_with_a_line_at_one(tmp_path, monkeypatch):
+    """A step table, then a paired table whose bars are its ratios (1.0 for the baseline, 0.8 for a
+    row at 12.5 ms against 10) and whose right-hand bars are the median ms."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: saved.append(fig))
+    table = fake_table([fake_row("adamw-fused", "torch AdamW", "fused", 100.0, 20.0)])
+    pairs = paired.PairedTable("24m", "float32", 2, 21, "adamw-fused",
+                               [paired.PairedRow("adamw-fused", "torch AdamW", "fused", "torch", 10.0, 1.0),
+                                paired.PairedRow("masked-bernoulli", "MaskedAdamW", "bernoulli", "b", 12.5, 0.8)], [])
+    report.plot([table], [pairs], [], str(tmp_path / "bench.png"), "title", ["step", "paired"])
+    (fig,) = saved
+    ratio_ax, ms_ax = fig.axes[2:4]
+    assert ratio_ax.get_title(loc="left") == "paired"
+    assert [bar.get_width() for bar in ratio_ax.patches] == [1.0, 0.8]
+    assert [bar.get_width() for bar in ms_ax.patches] == [10.0, 12.5]
+    assert [line.get_xdata()[0] for line in ratio_ax.get_lines()] == [1.0]
