@@ -40,9 +40,9 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         fields = {}
     if "model name" not in fields:
         return platform.processor() or platform.machine() or "unknown CPU"
-    identity = [fields.get("vendor_id")] + [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
-                                            if key in fields]
-    identity = ", ".join(part for part in identity if part)
+    parts = [fields.get("vendor_id"), *(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
+                                        if key in fields)]
+    identity = ", ".join(part for part in parts if part)
     return f"{fields['model name']} ({identity})" if identity else fields["model name"]
 
 

@@ -21,8 +21,8 @@ steps at >= 0.97x fused full fine-tuning, and the peak live tensor bytes of spar
 compact gradients at <= 1.1x peft LoRA r=8's.  On other machines the same ratios are reported;
 whether they are met there says nothing about the targets.  A goal whose rows were not measured
 reports why instead of a ratio.  The speed goals whose two rows are both stepped in the paired
-tables (:mod:`childopt.bench.paired`) are also given on those, where neither run-to-run nor
-placement spread enters the ratio.
+tables (:mod:`childopt.bench.paired`) are also given on those, where the placement spread of
+separate parameter copies does not enter the ratio.
 """
 from __future__ import annotations
 

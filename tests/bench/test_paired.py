@@ -41,9 +41,8 @@ def tiny_list(monkeypatch):
 
 
 def test_every_row_shares_the_parameters_and_gradients_and_leaves_the_gradients_alone(tiny_list, monkeypatch):
-    """Each optimizer is built over the one list (so they share it), the gradients are the same
-    after all the steps (no row may scale or zero them in place), and each ratio is the baseline's
-    median over the row's."""
+    """Each optimizer is built over the one list (so they share it), and the gradients are the same
+    after all the steps (no row may scale or zero them in place)."""
     built, made = [], step.make_params
 
     def make_params(*args, **kwargs):

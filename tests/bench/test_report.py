@@ -8,8 +8,7 @@ import torch
 
 from childopt.bench import measure, paired, step, sweep, train
 from childopt.bench.llc import CacheSize
-from childopt.bench import report
-from childopt.bench.report import main, parse_args
+from childopt.bench.report import main, parse_args, plot
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_table
 
 TINY = (1 / 24, 1)  # roberta_base_shapes(1/24, 1): ~0.2M parameters, a smoke run
@@ -195,7 +194,7 @@ def test_the_plot_draws_each_paired_table_as_ratios_with_a_line_at_one(tmp_path,
     pairs = paired.PairedTable("24m", "float32", 2, 21, "adamw-fused",
                                [paired.PairedRow("adamw-fused", "torch AdamW", "fused", "torch", 10.0, 1.0),
                                 paired.PairedRow("masked-bernoulli", "MaskedAdamW", "bernoulli", "b", 12.5, 0.8)], [])
-    report.plot([table], [pairs], [], str(tmp_path / "bench.png"), "title", ["step", "paired"])
+    plot([table], [pairs], [], str(tmp_path / "bench.png"), "title", ["step", "paired"])
     (fig,) = saved
     ratio_ax, ms_ax = fig.axes[2:4]
     assert ratio_ax.get_title(loc="left") == "paired"
