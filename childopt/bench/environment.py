@@ -31,14 +31,17 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     for Zen 4 and Zen 5 alike, whose AVX-512 units differ), and the CPU figures depend on it."""
     try:
         fields = {}
-        for line in cpuinfo.read_text().splitlines():
+        # errors="replace": a VM may put any bytes in its model name; a name is still wanted
+        for line in cpuinfo.read_text(errors="replace").splitlines():
             if not line.strip():
-                break  # the first processor's block is enough
+                if fields:
+                    break  # the first processor's block is enough
+                continue
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
     except OSError:
         fields = {}
-    if "model name" not in fields:
+    if not fields.get("model name"):
         return platform.processor() or platform.machine() or "unknown CPU"
     parts = [fields.get("vendor_id"), *(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
                                         if key in fields)]

@@ -5,8 +5,9 @@ ratio of two rows carries two spreads besides the code: what else the machine ra
 where in memory each copy landed (on the 2-core EPYC VM, four identical optimizers on their own
 tensors, stepped in rotation, differed by 4% at 2 threads and 20% at 1).  Here the baseline and
 every optimizer of :data:`KEYS` are built over one parameter list and its fixed gradients, each
-with its own state, and stepped in rotation: round r starts at the r-th optimizer, so each takes
-every place in a round equally often.  A ratio is the baseline's median step over the row's; only
+with its own state, and stepped in rotation: round r starts at the r-th optimizer, so no
+optimizer always goes first (over a multiple of their number of rounds, each takes every place
+equally often).  A ratio is the baseline's median step over the row's; only
 the placement of the optimizer state still differs.  The rows step the parameters in turn, which
 changes their values a little each time (lr 1e-3 of :data:`childopt.bench.step.HYPER`) but not
 what a step costs.  All the optimizers are alive at once: parameters, gradients, seven pairs of
@@ -104,9 +105,10 @@ def run_paired(size: str, dtype: torch.dtype, device: torch.device, *, rounds: i
         try:
             labels[key], steps[key] = _stepped(specs[key], params, backend, device)
             break
-        except Unavailable:
-            if key == BASELINES[-1]:
-                raise
+        except step.ROW_FAILURES as exc:
+            skipped.append(step.skip_for(specs[key], dtype, exc))
+    else:
+        raise Unavailable("no baseline: " + "; ".join(f"{s['key']}: {s['reason']}" for s in skipped))
     baseline = next(iter(steps))
     for key in (key for key in KEYS if key in specs):
         try:

@@ -33,3 +33,17 @@ def test_cpu_name_without_cpuinfo_falls_back_to_platform(tmp_path, monkeypatch):
     monkeypatch.setattr(platform, "processor", lambda: "")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert cpu_name(tmp_path / "missing") == "x86_64"
+
+
+def test_cpu_name_survives_bytes_that_are_not_utf8_and_a_leading_blank_line(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_bytes(b"\nprocessor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: EPYC \xe9\xff\n")
+    assert cpu_name(path) == "EPYC \ufffd\ufffd (AuthenticAMD)"
+
+
+def test_an_empty_model_name_falls_back_to_platform(tmp_path, monkeypatch):
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t:\n")
+    assert cpu_name(path) == "x86_64"

@@ -125,3 +125,37 @@ def test_the_table_prints_each_row_with_its_ratio():
     heading = paired.heading(table, all_threads=2)
     assert "24m list, float32, 2 threads (all)" in heading and "21 rounds" in heading
     assert "torch AdamW fused's median step" in heading
+
+
+def _failing_step(key, error):
+    """step.ROWS with the row ``key``'s optimizer raising ``error`` from ``step()`` (it builds)."""
+    def failing(spec):
+        def make(params, backend):
+            opt = spec.make(params, backend)
+
+            def fail(*args, **kwargs):
+                raise error
+
+            opt.step = fail
+            return opt
+        return dataclasses.replace(spec, make=make)
+    return tuple(failing(spec) if spec.key == key else spec for spec in step.ROWS)
+
+
+def test_a_fused_baseline_failing_on_bf16_gives_way_to_foreach_and_on_fp32_is_raised(tiny_list, monkeypatch):
+    """As the step tables do: torch fused failing on bf16 parameters is skipped with the reason and
+    foreach is the baseline; the same failure on fp32 is a bug and is raised."""
+    monkeypatch.setattr(step, "ROWS", _failing_step("adamw-fused", RuntimeError("made-up bf16 failure")))
+    table = paired.run_paired("24m", torch.bfloat16, torch.device("cpu"), rounds=2, warmup=1, backend="auto")
+    assert table.baseline == "adamw-foreach" and table.rows[0].key == "adamw-foreach"
+    assert [s["key"] for s in table.skipped] == ["adamw-fused"]
+    assert "made-up bf16 failure" in table.skipped[0]["reason"]
+    with pytest.raises(RuntimeError, match="made-up bf16 failure"):
+        paired.run_paired("24m", torch.float32, torch.device("cpu"), rounds=2, warmup=1, backend="auto")
+
+
+def test_without_any_baseline_the_table_says_why(tiny_list, monkeypatch):
+    monkeypatch.setattr(step, "ROWS", _failing("adamw-fused", Unavailable("no fused kernel")))
+    monkeypatch.setattr(step, "ROWS", _failing("adamw-foreach", Unavailable("no foreach either")))
+    with pytest.raises(Unavailable, match="adamw-fused: no fused kernel; adamw-foreach: no foreach either"):
+        paired.run_paired("24m", torch.float32, torch.device("cpu"), rounds=2, warmup=1, backend="auto")
