@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
@@ -25,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from childopt import MaskedAdamW
+from childopt.arguments import check_output_files, writable_path
 from childopt.bench.environment import cpu_name
 from childopt.bench.measure import time_calls
 from childopt.bench.shapes import make_params, roberta_base_shapes
@@ -126,8 +126,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
-        parser.error(f"--json {args.json}: its folder does not exist or cannot be written")
+    check_output_files(parser, {"--json": args.json})
     dist.init_process_group("gloo")
     rows = step_rows(args.size, args.warmup, args.steps)
     ddp = ddp_bytes_row(args.size)
@@ -136,8 +135,7 @@ def main(argv=None) -> int:
                   "steps": args.steps, "rows": rows, "ddp": ddp}
         _print(report)
         if args.json:
-            with open(args.json, "w") as out:
-                json.dump(report, out, indent=2)
+            writable_path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     dist.destroy_process_group()
     return 0
 

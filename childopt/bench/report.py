@@ -14,11 +14,11 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from childopt import backends
+from childopt.arguments import check_output_files, writable_path
 from childopt.bench import ceiling, environment, measure, paired, step, sweep, train
 from childopt.bench.goals import TARGETS, format_goals, paired_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
@@ -44,10 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "training step of a RoBERTa with each (with live tensor memory), and report childopt's goals "
                     "as ratios measured in this run.")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps per row")
-    parser.add_argument("--json", metavar="PATH", help="write the environment, every row and the goals as JSON")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the environment, every row and the goals as JSON (missing folders are made)")
     parser.add_argument("--markdown", metavar="PATH",
                         help="write a markdown summary (environment, command, the tables and goals)")
-    parser.add_argument("--plot", metavar="PATH", help="save a PNG bar chart (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="save bar charts, as PNG or any format matplotlib writes, by the suffix "
+                             "(needs matplotlib)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where the tensors live (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, metavar="N",
@@ -74,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.thread_counts = parse_threads(args.threads, torch.get_num_threads()) if args.threads else None
     except ValueError as exc:
         parser.error(f"--threads: {exc}")
+    check_output_files(parser, {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot},
+                       plots=("--plot",))
     return args
 
 
@@ -263,13 +268,13 @@ def main(argv=None) -> int:
                                "rows": [dataclasses.asdict(r) for r in train_rows],
                                "skipped": train_skipped},
                   "goals": [{**dataclasses.asdict(g), "met": g.met} for g in goals]}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        writable_path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(meta, "\n".join(lines + results)))
+        writable_path(args.markdown).write_text(markdown(meta, "\n".join(lines + results)))
         print(f"wrote {args.markdown}")
     if args.plot:
-        plot(tables, paired_tables, train_rows, args.plot, f"childopt bench: {meta['device_name']}",
+        plot(tables, paired_tables, train_rows, str(writable_path(args.plot)), f"childopt bench: {meta['device_name']}",
              [f"optimizer step, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in tables]
              + [f"paired ratios, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in paired_tables]
              + [f"training step, {setup.description if setup else ''}"])

@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from childopt.arguments import number
+from childopt.arguments import check_output_files, number, writable_path
 from childopt.memory import report
 from childopt.memory.methods import METHODS
 from childopt.memory.models import HEADS, PRESETS, architecture
@@ -41,9 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run each method's step for real on this CPU (MaskedAdamW on its native "
                              "kernels, built once if needed) and print the measured peak (small models only: it "
                              "allocates everything)")
-    parser.add_argument("--plot", metavar="PATH", help="save a stacked bar chart (PNG, needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="save a stacked bar chart, as PNG or any format matplotlib writes, by the suffix "
+                             "(needs matplotlib; missing folders are made)")
     parser.add_argument("--json", metavar="PATH", help="write the plans as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_output_files(parser, {"--plot": args.plot, "--json": args.json}, plots=("--plot",))
+    return args
 
 
 def main(argv=None) -> int:
@@ -71,9 +75,9 @@ def main(argv=None) -> int:
     print(title)
     print(report.table(plans, measured))
     if args.plot:
-        report.plot(args.plot, plans, title)
+        report.plot(str(writable_path(args.plot)), plans, title)
         print(f"plot: {args.plot}")
     if args.json:
-        report.write_json(args.json, args.model, arch, setting, plans, measured)
+        report.write_json(str(writable_path(args.json)), args.model, arch, setting, plans, measured)
         print(f"json: {args.json}")
     return 0

@@ -175,6 +175,25 @@ def test_bad_options_are_refused_with_the_option_named(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_output_it_could_not_write_stops_the_bench_before_it_measures(tmp_path, capsys, monkeypatch):
+    """The output paths are checked when the options are parsed (childopt.arguments), not after the tables."""
+    monkeypatch.setattr(sweep, "run_tables", lambda *a, **k: pytest.fail("measured before refusing --plot"))
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--json", str(tmp_path / "run.json"), "--plot", str(tmp_path)])
+    assert "--plot: " in capsys.readouterr().err and not (tmp_path / "run.json").exists()
+
+
+def test_missing_output_folders_are_made(tmp_path, capsys, monkeypatch):
+    """Outputs in folders that do not exist yet are written there (the measurements made up)."""
+    monkeypatch.setattr(sweep, "run_tables", lambda *a, **k: [])
+    monkeypatch.setattr(paired, "run_tables", lambda *a, **k: [])
+    monkeypatch.setattr(train, "optional_rows", lambda *a, **k: (None, [], []))
+    out = tmp_path / "results" / "deep" / "run.json"
+    md = tmp_path / "results" / "other" / "run.md"
+    assert main(["--quick", "--steps", "1", "--device", "cpu", "--json", str(out), "--markdown", str(md)]) == 0
+    assert json.loads(out.read_text())["tables"] == [] and md.read_text().startswith("#")
+
+
 def test_options_parse_into_lists():
     args = parse_args(["--size", "24m,125m", "--dtype", "bfloat16", "--threads", "all,1"])
     assert args.sizes == ["24m", "125m"] and args.dtypes == ["bfloat16"]

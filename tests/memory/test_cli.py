@@ -13,7 +13,7 @@ CONFIG = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_
 
 def test_plans_measures_plots_and_writes_json(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-    plot, record = tmp_path / "memory.png", tmp_path / "memory.json"
+    plot, record = tmp_path / "memory.png", tmp_path / "new" / "memory.json"  # its folder is made
     code = main(["memory", "--model", str(tmp_path), "--method", "full", "sparse-compact", "lora", "adamw-8bit",
                  "--batch-size", "2", "--seq-len", "32", "--measure", "--plot", str(plot), "--json", str(record)])
     out = capsys.readouterr().out
@@ -50,3 +50,12 @@ def test_bad_numbers_are_refused_by_argparse(capsys):
 def test_measure_with_a_world_size_is_refused_before_any_tracing(capsys):
     assert main(["memory", "--model", "llama-7b", "--measure", "--world-size", "2"]) == 2
     assert "--measure runs one CPU process" in capsys.readouterr().err
+
+
+def test_an_output_it_could_not_write_is_refused_before_any_tracing(tmp_path, capsys, monkeypatch):
+    from childopt.memory import cli
+
+    monkeypatch.setattr(cli, "plan", lambda *a, **k: pytest.fail("traced before refusing --json"))
+    with pytest.raises(SystemExit) as exc:
+        main(["memory", "--model", "roberta-base", "--json", str(tmp_path)])
+    assert exc.value.code == 2 and "--json: " in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""The argparse types and output checks shared by childopt's command lines."""
+import argparse
+import sys
+
+import pytest
+
+from childopt.arguments import check_output_files, number, writable_path
+
+
+def refused(outputs: dict, capsys, plots=()) -> str:
+    """The usage error of ``check_output_files`` on ``outputs`` (it must exit with code 2)."""
+    with pytest.raises(SystemExit) as exited:
+        check_output_files(argparse.ArgumentParser(prog="prog"), outputs, plots)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_folder_or_a_path_under_a_file_is_refused_naming_the_option(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert "--json: " in refused({"--json": str(tmp_path)}, capsys)
+    assert "is a folder" in refused({"--out": str(tmp_path)}, capsys)
+    err = refused({"--markdown": str(tmp_path / "a_file" / "run.md")}, capsys)
+    assert "--markdown: " in err and "its folder cannot be made or written" in err
+
+
+def test_two_options_naming_one_file_are_refused(tmp_path, capsys):
+    same = tmp_path / "run.txt"
+    err = refused({"--json": str(same), "--markdown": str(tmp_path / "." / "run.txt")}, capsys)
+    assert "--markdown: " in err and "also the file of --json" in err
+
+
+def test_a_plot_needs_a_suffix_matplotlib_writes(tmp_path, capsys):
+    assert "does not end in a format matplotlib writes" in refused({"--plot": str(tmp_path / "chart")}, capsys,
+                                                                   plots=("--plot",))
+    assert ".png" in refused({"--plot": str(tmp_path / "chart.jsonl")}, capsys, plots=("--plot",))
+    check_output_files(argparse.ArgumentParser(), {"--plot": str(tmp_path / "chart.SVG")}, plots=("--plot",))
+    check_output_files(argparse.ArgumentParser(), {"--json": str(tmp_path / "chart")})  # not a plot: any name
+
+
+def test_a_plot_without_matplotlib_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it raises ImportError
+    err = refused({"--plot": str(tmp_path / "chart.png")}, capsys, plots=("--plot",))
+    assert "--plot needs matplotlib: pip install matplotlib" in err
+
+
+def test_paths_in_folders_still_to_be_made_pass_and_get_their_folders(tmp_path):
+    nested = tmp_path / "results" / "deep" / "run.json"
+    check_output_files(argparse.ArgumentParser(), {"--json": str(nested), "--plot": None})
+    assert not nested.parent.exists()  # checking makes nothing
+    assert writable_path(str(nested)) == nested and nested.parent.is_dir()
+
+
+def test_number_names_its_range():
+    parse = number(int, 0)
+    assert parse("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a value in \(0, inf\], got 0"):
+        parse("0")
