@@ -144,9 +144,20 @@ def evaluate(spec: StepGoal, tables: list, all_threads: int, where: str = "") ->
     return _ratio(name, by_key, spec.top, spec.bottom, field, spec.target, at_most=spec.kind == "time")
 
 
+def _specs(device_type: str, all_threads: int) -> tuple[StepGoal, ...]:
+    """The device's goals.  On a machine with one intra-op thread "all" is that one thread, so a goal
+    at all threads that has a twin at one thread (the same rows, dtype and kind) would be the same
+    ratio listed twice: the one-thread goal, whose target is set per core, stands for both."""
+    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
+    if all_threads != 1:
+        return specs
+    per_core = {(s.kind, s.top, s.bottom, s.dtype) for s in specs if s.threads == ONE}
+    return tuple(s for s in specs if s.threads == ONE or (s.kind, s.top, s.bottom, s.dtype) not in per_core)
+
+
 def step_goals(tables: list[step.Table], device_type: str, all_threads: int) -> list[Goal]:
     """The device's goals on the step tables of each size in ``tables``, sizes in their order."""
-    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
+    specs = _specs(device_type, all_threads)
     sizes = list(dict.fromkeys(t.size for t in tables))
     return [evaluate(spec, [t for t in tables if t.size == size], all_threads) for size in sizes for spec in specs]
 
@@ -155,7 +166,7 @@ def paired_goals(tables: list[paired.PairedTable], device_type: str, all_threads
     """The device's speed goals between two rows of the paired tables, evaluated on those tables
     (sizes in their order); goals whose table was not measured are left to the step tables' lines."""
     stepped = {*paired.BASELINES, *paired.KEYS}
-    specs = [spec for spec in (CUDA_GOALS if device_type == "cuda" else CPU_GOALS)
+    specs = [spec for spec in _specs(device_type, all_threads)
              if spec.kind == "speed" and {spec.top, spec.bottom} <= stepped]
     goals = []
     for size in dict.fromkeys(t.size for t in tables):
