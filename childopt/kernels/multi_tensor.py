@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from childopt.transfer import to_device
+
 # No multiply-add contraction: the rounding of every step is then the same on every Triton
 # version (3.9 contracts by default, 3.10 will not) and closer to torch's separate ops.
 FP_FUSION = False
@@ -62,12 +64,12 @@ def make_plan(lists: dict, extra_columns: list, sizes: list, align_groups: list,
         raise ValueError(f"block must be a power of two >= 4, got {block}")
     columns = [element_offsets(tensors, name) for name, tensors in lists.items()] + list(extra_columns)
     device = next(iter(lists.values()))[0].device
-    table = torch.tensor(columns, dtype=torch.int64).t().contiguous().to(device)
+    table = to_device(torch.tensor(columns, dtype=torch.int64).t().contiguous(), device)
     chunk = block * iters
     counts = torch.tensor([(k + chunk - 1) // chunk for k in sizes], dtype=torch.int64)
     first_chunk = torch.cumsum(counts, 0) - counts
     chunk_tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), counts)
     chunk_ids = torch.arange(int(counts.sum()), dtype=torch.int64)
     chunk_start = (chunk_ids - first_chunk.repeat_interleave(counts)) * chunk
-    return Plan(table=table, chunk_tensor=chunk_tensor.to(device), chunk_start=chunk_start.to(device),
+    return Plan(table=table, chunk_tensor=to_device(chunk_tensor, device), chunk_start=to_device(chunk_start, device),
                 aligns=tuple(vector_align(group) for group in align_groups), block=block, iters=iters)

@@ -17,6 +17,7 @@ from childopt import _native, backends, philox
 from childopt.backends import Backend, SparseTensorLists, TensorLists
 from childopt.backends.contract import STEP_SCALAR_FIELDS, MaskKind, MaskSpec
 from childopt.optim import philox_lanes
+from childopt.transfer import to_device
 
 # How bias corrections and weight decay enter the update: torch's AdamW, or ChildTuning's
 # published optimizer (corrections folded into the step size, decay after the update; its
@@ -136,7 +137,8 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
                                 weight_decay=weight_decay, maximize=maximize,
                                 grad_scale=1.0 / reserve_p if kind == MaskKind.BERNOULLI and not freeze else 1.0,
                                 rule=rule,
-                                device=device if capturable else "cpu").to(device)
+                                device=device if capturable else "cpu")
+        rows = to_device(rows, device)  # queued, not waited for (childopt.transfer)
         work = [params[i] if params[i].is_contiguous() else params[i].contiguous() for i in members]
         bucket_grads = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in members]
         moments = dict(exp_avgs=[exp_avgs[i] for i in members], exp_avg_sqs=[exp_avg_sqs[i] for i in members],

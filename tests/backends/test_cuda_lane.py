@@ -443,3 +443,33 @@ def test_a_compiled_step_matches_eager(cuda_backend, kernel):
     for i, (p, q) in enumerate(zip(params, eager_params)):
         assert_same_bits(opt.state[p]["exp_avg"], eager.state[q]["exp_avg"], f"compiled vs eager: exp_avg[{i}]")
         torch.testing.assert_close(p.detach(), q.detach(), **VALUE_TOLERANCE[F32])
+
+
+@pytest.mark.parametrize("kernel", ["adamw_step/none", "adamw_step/dense", "adamw_step/bernoulli",
+                                    "sparse_adamw_step"])
+def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel):
+    """``torch.cuda.set_sync_debug_mode("error")`` through three eager steps (after one that builds
+    the state), each with gradients at new addresses (as after ``zero_grad()`` and backward), so
+    the Triton tables are built again: no blocking copy or synchronisation, as torch's fused step
+    (childopt.transfer)."""
+    kind = kernel.split("/")[1] if "/" in kernel else "dense"
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    sizes = [1, 65537, 3 * 65536 + 5]
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen, device="cuda")) for n in sizes]
+    storage = dict(storage="sparse") if kernel == "sparse_adamw_step" else {}
+    opt = masked_optimizer(params, kind, None, cuda_backend, gen, **storage)
+    padding = []
+    for step in range(1, 5):
+        padding.append(torch.empty(step * 4099, device="cuda"))  # shifts the next gradients' addresses
+        for p, g in zip(params, lane_grads(sizes, step, gen, "cuda")):
+            p.grad = g
+        if step == 1:
+            opt.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(int(opt.state[p]["step"]) == 4 for p in params)

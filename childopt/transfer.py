@@ -1,0 +1,30 @@
+"""Small host tensors to a CUDA device without making the host wait for the GPU.
+
+A copy from pageable host memory to a CUDA device makes the host wait until every kernel queued
+before it has run (torch synchronises the stream after such a copy).  In an optimizer step that
+is the whole backward pass: the host cannot queue the step and the next forward while the GPU
+works, which torch's fused AdamW never costs.  Staged through pinned memory, the copy is queued
+like a kernel and returns at once; torch's caching host allocator keeps the pinned block until
+the copy has run, so the source may be freed right away.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def stages_through_pinned(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether :func:`to_device` copies ``tensor`` through pinned memory: a plain CPU tensor going
+    to a CUDA device, outside a compiled graph (which places its own copies) and outside fake or
+    other tensor subclasses (whose ``pin_memory`` need not exist)."""
+    return (not torch.compiler.is_compiling() and device.type == "cuda" and tensor.device.type == "cpu"
+            and type(tensor) is torch.Tensor)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor.to(device)``, without blocking the host when it goes from the CPU to a CUDA device."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if stages_through_pinned(tensor, device):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

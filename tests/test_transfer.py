@@ -1,0 +1,57 @@
+"""Host tensors to a CUDA device through pinned memory (childopt.transfer): the routing, checked
+here on the host; tests/backends/test_cuda_lane.py proves on a GPU that an eager step never waits."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from childopt import transfer
+
+CUDA = torch.device("cuda")
+
+
+def test_a_plain_cpu_tensor_bound_for_cuda_goes_through_pinned_memory():
+    assert transfer.stages_through_pinned(torch.ones(3), CUDA)
+    assert not transfer.stages_through_pinned(torch.ones(3), torch.device("cpu"))
+    assert not transfer.stages_through_pinned(torch.ones(3), torch.device("meta"))
+    assert not transfer.stages_through_pinned(torch.ones(3, device="meta"), CUDA)
+
+
+def test_fake_tensors_and_compiled_graphs_keep_a_plain_copy():
+    """A fake tensor (the memory planner traces the step under FakeTensorMode) has no pinned
+    memory, and a compiled graph places its own copies."""
+    with FakeTensorMode():
+        assert not transfer.stages_through_pinned(torch.ones(3), CUDA)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def staged(t):
+        return t + 1 if transfer.stages_through_pinned(t, CUDA) else t - 1
+
+    torch._dynamo.reset()
+    assert torch.equal(staged(torch.ones(2)), torch.zeros(2))
+
+
+def test_the_same_device_returns_the_tensor_and_others_copy():
+    t = torch.arange(4.0)
+    assert transfer.to_device(t, "cpu") is t
+    moved = transfer.to_device(t, "meta")
+    assert moved.device.type == "meta" and moved.shape == t.shape
+
+
+def test_a_copy_to_cuda_is_pinned_then_queued_without_blocking(monkeypatch):
+    """The CPU-side calls a CUDA copy makes (recorded, since this machine may have no GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((a, k)) or self)
+    transfer.to_device(torch.ones(2), "cuda")
+    assert calls == ["pin", ((CUDA,), {"non_blocking": True})]
+
+
+@pytest.mark.cuda
+def test_a_pinned_copy_arrives_intact_without_a_host_sync():
+    t = torch.arange(1000, dtype=torch.float64)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moved = transfer.to_device(t, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(moved.cpu(), t)
