@@ -59,8 +59,14 @@ def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
     return stepped, grads
 
 
-def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
-    """The entries of ``grad`` the step will use: the child network's, for norms and clipping."""
+def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm_type: float = 2.0) -> torch.Tensor:
+    """The entries of ``grad`` the step will use: the child network's, for a ``norm_type`` norm.
+
+    A fixed mask's dropped entries are zeros in place (no boolean indexing, whose ``nonzero``
+    makes the host wait for the GPU at every masked tensor of every clipped step): zeros add
+    nothing to a norm of order >= 0, nor to the count of order 0.  A negative order would count
+    them, so it indexes.
+    """
     if is_dense_grad and "indices" in state:
         if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks
             child = torch.zeros(sharding.local(grad).shape, dtype=torch.bool, device=grad.device)
@@ -68,7 +74,7 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> t
             return torch.where(sharding.wrap_like(child, grad), grad, 0.0)
         return sparse.gather(grad, state["indices"])
     if "mask" in state:
-        if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
+        if sharding.is_dtensor(grad) or norm_type >= 0:  # a shard cannot be boolean-indexed
             return torch.where(state["mask"], grad, 0.0)
         return grad[state["mask"]]
     return grad

@@ -7,6 +7,7 @@ vectorised CPU kernels fuse a multiply-add (one rounding instead of two), which 
 at <= 2.4e-7 absolute on parameters of magnitude ~1-3 after 100 steps.
 """
 import copy
+import math
 import io
 
 import pytest
@@ -444,3 +445,37 @@ def test_a_group_whose_backend_cannot_run_is_not_added():
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run on meta"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.empty(3, device="meta"))]})
     assert len(opt.param_groups) == 1 and opt._rng_groups == numbered
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 0.5, 0.0, math.inf, -1.0])
+def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries_without_indexing(norm_type):
+    """The norm is torch's ``get_total_norm`` of the kept entries; every gradient entry is scaled
+    (as ChildTuning's trainer does).  For orders >= 0 nothing is boolean-indexed (its ``nonzero``
+    would make the host wait for a GPU at every masked tensor); a negative order, which zeros
+    would change, indexes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    params = make_params([(6, 5), (7,), (4, 3)], seed=3)
+    masks = masks_for(params[:2], density=0.4)
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 3
+    kept = [p.grad[masks[p]] if p in masks else p.grad for p in params]
+    expected = torch.nn.utils.get_total_norm(kept, norm_type)
+    coef = torch.clamp(0.5 / (expected + 1e-6), max=1.0)
+    expected_grads = [p.grad * coef for p in params]
+    opt = MaskedAdamW(params, lr=1e-3, mask=masks)
+    with OpLog() as log:
+        norm = opt.clip_grad_norm_(max_norm=0.5, norm_type=norm_type)
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    for p, g in zip(params, expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=0)
+    assert ("index" in log.ops) == (norm_type < 0), log.ops  # boolean indexing: aten.index, nonzero inside
