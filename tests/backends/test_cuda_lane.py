@@ -448,10 +448,10 @@ def test_a_compiled_step_matches_eager(cuda_backend, kernel):
 @pytest.mark.parametrize("kernel", ["adamw_step/none", "adamw_step/dense", "adamw_step/bernoulli",
                                     "sparse_adamw_step"])
 def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel):
-    """``torch.cuda.set_sync_debug_mode("error")`` through three eager steps (after one that builds
-    the state), each with gradients at new addresses (as after ``zero_grad()`` and backward), so
-    the Triton tables are built again: no blocking copy or synchronisation, as torch's fused step
-    (childopt.transfer)."""
+    """``torch.cuda.set_sync_debug_mode("error")`` through three clipped eager steps (after one that
+    builds the state), each with gradients at new addresses (as after ``zero_grad()`` and
+    backward), so the Triton tables are built again: no blocking copy or synchronisation, as
+    torch's fused step and clip (childopt.transfer; clipping a fixed mask indexes nothing)."""
     kind = kernel.split("/")[1] if "/" in kernel else "dense"
     gen = torch.Generator(device="cuda").manual_seed(8)
     sizes = [1, 65537, 3 * 65536 + 5]
@@ -468,6 +468,7 @@ def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel):
             continue
         torch.cuda.set_sync_debug_mode("error")
         try:
+            opt.clip_grad_norm_(1.0)
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
