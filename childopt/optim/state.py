@@ -60,12 +60,16 @@ def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
 
 
 def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm_type: float = 2.0) -> torch.Tensor:
-    """The entries of ``grad`` the step will use: the child network's, for a ``norm_type`` norm.
+    """What ``torch.nn.utils.get_total_norm`` measures of ``grad`` for the ``norm_type`` norm of
+    the entries the step will use (the child network's).
 
-    A fixed mask's dropped entries are zeros in place (no boolean indexing, whose ``nonzero``
-    makes the host wait for the GPU at every masked tensor of every clipped step): zeros add
-    nothing to a norm of order >= 0, nor to the count of order 0.  A negative order would count
-    them, so it indexes.
+    A fixed mask with an order >= 0 gives the norm of its kept entries at once, a one-element
+    tensor, computed with the dropped entries as zeros (they add nothing to such a norm, nor to
+    order 0's count): boolean indexing would run ``nonzero``, which makes the host wait for a GPU
+    at every masked tensor of every clipped step, and the zeroed copy is freed before the next
+    tensor's is made.  A one-element tensor's norm is its value (exactly for orders 0, 1, 2 and
+    inf; within rounding for others), so the total is torch's.  A negative order would count the
+    zeros, so it indexes.
     """
     if is_dense_grad and "indices" in state:
         if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks
@@ -74,8 +78,10 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm
             return torch.where(sharding.wrap_like(child, grad), grad, 0.0)
         return sparse.gather(grad, state["indices"])
     if "mask" in state:
-        if sharding.is_dtensor(grad) or norm_type >= 0:  # a shard cannot be boolean-indexed
+        if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
             return torch.where(state["mask"], grad, 0.0)
+        if norm_type >= 0:
+            return torch.linalg.vector_norm(torch.where(state["mask"], grad, 0.0), norm_type).reshape(1)
         return grad[state["mask"]]
     return grad
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from childopt import MaskedAdamW
+from childopt.optim.state import measured_gradient
 from tests.helpers import (MIXED_SHAPES, assert_all_equal, clone_params, grads_at, make_params, masks_for,
                            snapshot, train)
 
@@ -451,8 +452,8 @@ def test_a_group_whose_backend_cannot_run_is_not_added():
 def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries_without_indexing(norm_type):
     """The norm is torch's ``get_total_norm`` of the kept entries; every gradient entry is scaled
     (as ChildTuning's trainer does).  For orders >= 0 nothing is boolean-indexed (its ``nonzero``
-    would make the host wait for a GPU at every masked tensor); a negative order, which zeros
-    would change, indexes."""
+    would make the host wait for a GPU at every masked tensor) and no zeroed copy outlives its
+    tensor's norm; a negative order, which zeros would change, indexes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class OpLog(TorchDispatchMode):
@@ -479,3 +480,5 @@ def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries_without_i
     for p, g in zip(params, expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=0)
     assert ("index" in log.ops) == (norm_type < 0), log.ops  # boolean indexing: aten.index, nonzero inside
+    if norm_type >= 0:  # each masked tensor's zeroed copy is reduced at once, not held for the total
+        assert all(measured_gradient(p.grad, True, opt.state[p], norm_type).numel() == 1 for p in masks)
