@@ -216,8 +216,12 @@ class MaskedAdamW(Optimizer):
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss.
 
         Atomic as far as inputs go: every group is checked (hyper-parameters edited since
-        construction, gradients, parameter memory) before the first tensor is written.
+        construction, gradients, parameter memory) before the first tensor is written.  As in
+        torch's optimizers, a CUDA graph capture of a step without ``capturable`` is refused: its
+        step counts and rows live on the host, so every replay would repeat the captured step.
         """
+        if not torch.compiler.is_compiling():  # a compiled graph leaves the check to inductor, as in torch
+            self._cuda_graph_capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():

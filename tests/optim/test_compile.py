@@ -136,3 +136,36 @@ def test_a_cuda_graph_captures_and_replays_the_step(backend):
         ref.step()
     torch.cuda.synchronize()
     assert_all_equal([p.detach() for p in params], [p.detach() for p in twins])
+
+
+def test_step_runs_torch_s_capture_health_check_before_touching_a_tensor(monkeypatch):
+    """The check that refuses a CUDA graph capture without ``capturable`` (on a GPU, below) runs
+    first: when it raises, nothing has changed."""
+    params = [torch.nn.Parameter(torch.randn(7))]
+    params[0].grad = torch.randn(7)
+    before = params[0].detach().clone()
+    opt = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3)
+
+    def refuse():
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(opt, "_cuda_graph_capture_health_check", refuse)
+    with pytest.raises(RuntimeError, match="capture refused"):
+        opt.step()
+    assert torch.equal(params[0].detach(), before) and opt.state[params[0]] == {}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_capturing_a_step_without_capturable_is_refused(backend):
+    """Its step counts and rows live on the host: every replay would repeat the captured step."""
+    from childopt import backends
+
+    ok, why = backends.MODULES[backend].available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    params = [torch.nn.Parameter(torch.randn(4099, device="cuda"))]
+    params[0].grad = torch.randn_like(params[0])
+    opt = MaskedAdamW(params, lr=1e-2, backend=backend)
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        capture_step(opt)
