@@ -14,10 +14,17 @@ import torch
 
 def stages_through_pinned(tensor: torch.Tensor, device: torch.device) -> bool:
     """Whether :func:`to_device` copies ``tensor`` through pinned memory: a plain CPU tensor going
-    to a CUDA device, outside a compiled graph (which places its own copies) and outside fake or
-    other tensor subclasses (whose ``pin_memory`` need not exist)."""
+    to a CUDA device, outside a compiled graph (which places its own copies), outside fake or
+    other tensor subclasses (whose ``pin_memory`` need not exist), and outside a CUDA graph
+    capture: a captured copy would read the pinned block at every replay, after it was freed, so
+    there the plain copy fails the capture loudly instead."""
     return (not torch.compiler.is_compiling() and device.type == "cuda" and tensor.device.type == "cpu"
-            and type(tensor) is torch.Tensor)
+            and type(tensor) is torch.Tensor and not _capturing())
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never, where CUDA is not available)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:

@@ -9,8 +9,11 @@ from childopt import transfer
 CUDA = torch.device("cuda")
 
 
-def test_a_plain_cpu_tensor_bound_for_cuda_goes_through_pinned_memory():
+def test_a_plain_cpu_tensor_bound_for_cuda_goes_through_pinned_memory(monkeypatch):
     assert transfer.stages_through_pinned(torch.ones(3), CUDA)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not transfer.stages_through_pinned(torch.ones(3), CUDA)  # a captured copy would outlive its source
     assert not transfer.stages_through_pinned(torch.ones(3), torch.device("cpu"))
     assert not transfer.stages_through_pinned(torch.ones(3), torch.device("meta"))
     assert not transfer.stages_through_pinned(torch.ones(3, device="meta"), CUDA)
