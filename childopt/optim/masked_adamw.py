@@ -220,8 +220,8 @@ class MaskedAdamW(Optimizer):
         torch's optimizers, a CUDA graph capture of a step without ``capturable`` is refused: its
         step counts and rows live on the host, so every replay would repeat the captured step.
         """
-        if not torch.compiler.is_compiling():  # a compiled graph leaves the check to inductor, as in torch
-            self._cuda_graph_capture_health_check()
+        if not torch.compiler.is_compiling():  # torch skips it there too; calling it would break the graph
+            self._capture_health_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -252,6 +252,12 @@ class MaskedAdamW(Optimizer):
         if self._compact is not None:
             self._compact.mark_stepped()
         return loss
+
+    def _capture_health_check(self) -> None:
+        """torch.optim.Optimizer's check of a graph capture: its accelerator-wide name in recent
+        torch (where the CUDA name is a deprecated alias that warns), the CUDA name before."""
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        check()
 
     def _gradient(self, p: torch.Tensor):
         """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""

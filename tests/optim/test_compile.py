@@ -6,6 +6,8 @@ Compiled and eager steps are compared bit for bit: the step scalars are float64 
 arithmetic in both (inductor may fuse it, which changes no float64 result that is then
 rounded to fp32 here; if a torch release made them differ, the test would show it).
 """
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -149,10 +151,21 @@ def test_step_runs_torch_s_capture_health_check_before_touching_a_tensor(monkeyp
     def refuse():
         raise RuntimeError("capture refused")
 
-    monkeypatch.setattr(opt, "_cuda_graph_capture_health_check", refuse)
+    monkeypatch.setattr(opt, "_capture_health_check", refuse)
     with pytest.raises(RuntimeError, match="capture refused"):
         opt.step()
     assert torch.equal(params[0].detach(), before) and opt.state[params[0]] == {}
+
+
+def test_the_capture_check_warns_about_nothing_on_every_step():
+    """torch's check under its current name: no deprecation warning per step."""
+    params = [torch.nn.Parameter(torch.randn(7))]
+    params[0].grad = torch.randn(7)
+    opt = MaskedAdamW(params, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.step()
 
 
 @pytest.mark.cuda
