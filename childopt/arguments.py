@@ -22,45 +22,77 @@ def number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
     return parse
 
 
-def _folder_can_take(path: Path) -> bool:
-    """Whether ``path``'s folder exists and takes new files, or can be made (its nearest existing
-    ancestor is a folder that takes new entries)."""
-    folder = path.parent.absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+# Formats matplotlib lists but writes only through an outside program (pgf: a LaTeX install).
+_PLOT_FORMATS_NEEDING_PROGRAMS = frozenset({"pgf"})
+
+
+def output_path(value: str) -> Path:
+    """An output path as given on the command line, ``~`` expanded (argparse leaves ``--json=~/x`` as is)."""
+    return Path(value).expanduser()
+
+
+def _why_not_writable(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be written as an output file, or None: an existing file must be
+    writable; a new one needs its nearest existing ancestor to be a folder that takes new entries
+    (its missing folders are made), with no broken symbolic link on the way."""
+    try:
+        if path.is_dir():
+            return "it is a folder; give the path of a file in it"
+        if path.exists():
+            return None if os.access(path, os.W_OK) else "the file cannot be written"
+        folder = path.parent.absolute()
+        while not folder.exists():
+            if folder.is_symlink():
+                return f"{str(folder)!r} is a broken symbolic link"
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            return "its folder cannot be made or written"
+    except (OSError, RuntimeError) as exc:  # a name too long, a folder we may not search, a symlink loop
+        return str(exc)
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths name one file: the same resolved path, or (for existing files) one
+    file under two names (hard links, a case-insensitive file system)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except (OSError, RuntimeError):
+        return False
 
 
 def check_output_files(parser: argparse.ArgumentParser, outputs: dict[str, Optional[str]], plots=()) -> None:
     """Refuse, before anything runs, output paths a command could only fail to write at its end
-    (after minutes of measuring): a folder given as the file, a read-only file, a folder that
-    cannot be made, two options naming one file; for the options in ``plots``, a missing matplotlib
-    or a suffix that is not a format it writes.  ``outputs``: option -> path given (None: not given)."""
-    given = {option: Path(value) for option, value in outputs.items() if value}
-    seen: dict = {}
+    (after minutes of measuring): an empty path, a folder given as the file, a file or folder that
+    cannot be written or made, two options naming one file; for the options in ``plots``, a
+    missing matplotlib or a suffix that is not a format it writes by itself.  ``outputs``: option
+    -> the path given (None: not given)."""
+    given = {option: output_path(value) for option, value in outputs.items() if value is not None}
+    checked: dict = {}
     for option, path in given.items():
-        if path.is_dir():
-            parser.error(f"{option}: {str(path)!r} is a folder; give the path of a file in it")
-        if path.exists() and not os.access(path, os.W_OK):
-            parser.error(f"{option}: cannot write {str(path)!r}: the file is read-only")
-        if not _folder_can_take(path):
-            parser.error(f"{option}: cannot write {str(path)!r}: its folder cannot be made or written")
-        other = seen.setdefault(path.resolve(), option)
-        if other != option:
+        if not str(outputs[option]).strip():
+            parser.error(f"{option}: the path is empty")
+        why = _why_not_writable(path)
+        if why:
+            parser.error(f"{option}: cannot write {str(path)!r}: {why}")
+        other = next((name for name, seen in checked.items() if _same_file(path, seen)), None)
+        if other:
             parser.error(f"{option}: {str(path)!r} is also the file of {other}; give each output its own path")
+        checked[option] = path
     for option in (option for option in plots if option in given):
         try:
             from matplotlib.figure import Figure
         except ImportError:
             parser.error(f"{option} needs matplotlib: pip install matplotlib")
-        formats = Figure().canvas.get_supported_filetypes()
+        formats = set(Figure().canvas.get_supported_filetypes()) - _PLOT_FORMATS_NEEDING_PROGRAMS
         if given[option].suffix.lstrip(".").lower() not in formats:
             parser.error(f"{option}: {str(given[option])!r} does not end in a format matplotlib writes "
                          f"({', '.join('.' + f for f in sorted(formats))})")
 
 
-def writable_path(path: str) -> Path:
-    """``path`` with its folder made if missing, for an output :func:`check_output_files` passed."""
-    made = Path(path)
-    made.parent.mkdir(parents=True, exist_ok=True)
-    return made
+def writable_path(value: str) -> Path:
+    """The output path ``value`` (``~`` expanded) with its folder made if missing, for an output
+    :func:`check_output_files` passed."""
+    path = output_path(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -50,6 +50,33 @@ def test_paths_in_folders_still_to_be_made_pass_and_get_their_folders(tmp_path):
     assert writable_path(str(nested)) == nested and nested.parent.is_dir()
 
 
+def test_a_home_path_is_expanded_and_its_folders_made_there(tmp_path, monkeypatch):
+    """``--json=~/runs/x.json`` reaches argparse unexpanded: it goes to the home folder, not ./~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check_output_files(argparse.ArgumentParser(), {"--json": "~/runs/x.json"})
+    assert writable_path("~/runs/x.json") == tmp_path / "runs" / "x.json" and (tmp_path / "runs").is_dir()
+
+
+def test_empty_paths_broken_links_and_link_loops_are_refused_not_raised(tmp_path, capsys):
+    assert "--json: the path is empty" in refused({"--json": ""}, capsys)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert "broken symbolic link" in refused({"--json": str(tmp_path / "gone" / "x.json")}, capsys)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert "--markdown: cannot write" in refused({"--markdown": str(tmp_path / "loop" / "x.md")}, capsys)
+    assert "--json: cannot write" in refused({"--json": str(tmp_path / ("x" * 300))}, capsys)
+
+
+def test_one_file_under_two_names_is_refused(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("")
+    (tmp_path / "linked.json").hardlink_to(tmp_path / "run.json")
+    err = refused({"--json": str(tmp_path / "run.json"), "--markdown": str(tmp_path / "linked.json")}, capsys)
+    assert "also the file of --json" in err
+
+
+def test_a_plot_format_that_needs_latex_is_refused(tmp_path, capsys):
+    assert "does not end in a format" in refused({"--plot": str(tmp_path / "chart.pgf")}, capsys, plots=("--plot",))
+
+
 def test_number_names_its_range():
     parse = number(int, 0)
     assert parse("3") == 3

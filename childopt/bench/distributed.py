@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="24m", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (rank 0)")
+    parser.add_argument("--json", default=None,
+                        help="also write the rows to this JSON file (rank 0; checked first, missing folders made)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")

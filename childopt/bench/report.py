@@ -44,13 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "training step of a RoBERTa with each (with live tensor memory), and report childopt's goals "
                     "as ratios measured in this run.")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps per row")
-    parser.add_argument("--json", metavar="PATH",
-                        help="write the environment, every row and the goals as JSON (missing folders are made)")
+    parser.add_argument("--json", metavar="PATH", help="write the environment, every row and the goals as JSON")
     parser.add_argument("--markdown", metavar="PATH",
                         help="write a markdown summary (environment, command, the tables and goals)")
     parser.add_argument("--plot", metavar="PATH",
                         help="save bar charts, as PNG or any format matplotlib writes, by the suffix "
                              "(needs matplotlib)")
+    parser.epilog = "Output paths are checked before anything is measured; missing folders are made."
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where the tensors live (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, metavar="N",

@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "allocates everything)")
     parser.add_argument("--plot", metavar="PATH",
                         help="save a stacked bar chart, as PNG or any format matplotlib writes, by the suffix "
-                             "(needs matplotlib; missing folders are made)")
+                             "(needs matplotlib)")
     parser.add_argument("--json", metavar="PATH", help="write the plans as JSON")
+    parser.epilog += ". Output paths are checked before anything is traced; missing folders are made."
     args = parser.parse_args(argv)
     check_output_files(parser, {"--plot": args.plot, "--json": args.json}, plots=("--plot",))
     return args
