@@ -447,25 +447,30 @@ def test_a_compiled_step_matches_eager(cuda_backend, kernel):
 
 @pytest.mark.parametrize("kernel", ["adamw_step/none", "adamw_step/dense", "adamw_step/bernoulli",
                                     "sparse_adamw_step"])
-def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel):
+def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel, monkeypatch):
     """``torch.cuda.set_sync_debug_mode("error")`` through three clipped eager steps (after one that
-    builds the state), each with gradients at new addresses (as after ``zero_grad()`` and
-    backward), so the Triton tables are built again: no blocking copy or synchronisation, as
-    torch's fused step and clip (childopt.transfer; clipping a fixed mask indexes nothing)."""
+    builds the state), with new gradients each time and, on Triton, the launch tables built again
+    every step (the plan cache emptied; counted): no blocking copy or synchronisation, as torch's
+    fused step and clip (childopt.transfer; clipping a fixed mask indexes nothing)."""
+    from childopt.backends import triton as triton_backend
+    from childopt.kernels import multi_tensor
+
+    built = []
+    make_plan = multi_tensor.make_plan
+    monkeypatch.setattr(multi_tensor, "make_plan", lambda *a, **k: (built.append(1), make_plan(*a, **k))[1])
     kind = kernel.split("/")[1] if "/" in kernel else "dense"
     gen = torch.Generator(device="cuda").manual_seed(8)
     sizes = [1, 65537, 3 * 65536 + 5]
     params = [torch.nn.Parameter(torch.randn(n, generator=gen, device="cuda")) for n in sizes]
-    storage = dict(storage="sparse") if kernel == "sparse_adamw_step" else {}
+    storage = {"storage": "sparse"} if kernel == "sparse_adamw_step" else {}
     opt = masked_optimizer(params, kind, None, cuda_backend, gen, **storage)
-    padding = []
     for step in range(1, 5):
-        padding.append(torch.empty(step * 4099, device="cuda"))  # shifts the next gradients' addresses
         for p, g in zip(params, lane_grads(sizes, step, gen, "cuda")):
             p.grad = g
         if step == 1:
             opt.step()
             continue
+        triton_backend._plans.clear()
         torch.cuda.set_sync_debug_mode("error")
         try:
             opt.clip_grad_norm_(1.0)
@@ -474,3 +479,4 @@ def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel):
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert all(int(opt.state[p]["step"]) == 4 for p in params)
+    assert len(built) >= (4 if cuda_backend == "triton" else 0)
