@@ -106,7 +106,15 @@ def _ratio(goal: str, rows: dict, top: str, bottom: str, field: str, target: flo
     return Goal(goal, value, target, at_most, unit, f"{field} of {top} / {bottom}")
 
 
-def _name(spec: StepGoal, table, threads: int, all_threads: int, size: str, where: str = "") -> str:
+def _threads_label(spec: StepGoal, all_threads: int) -> str:
+    """"2 threads (all)" or "1 thread"; a one-thread goal never says "(all)", so on a machine with
+    one intra-op thread, where both goals read the same table, the per-core goal and the
+    all-threads goal (a stricter target, set on two cores) keep their own names."""
+    threads = all_threads if spec.threads == ALL else 1
+    return label(threads, all_threads if spec.threads == ALL else 0)
+
+
+def _name(spec: StepGoal, table, all_threads: int, size: str, where: str = "") -> str:
     """"24m float32, 2 threads (all): MaskedAdamW dense 0.3 freeze: speed vs torch fused AdamW"
     (``where`` after the thread count: ", paired")."""
     row = next((r for r in table.rows if r.key == spec.top), None) if table else None
@@ -114,7 +122,7 @@ def _name(spec: StepGoal, table, threads: int, all_threads: int, size: str, wher
     bottom = BOTTOM_NAMES.get(spec.bottom, spec.bottom)
     versus = {"speed": f"speed vs {bottom}", "time": f"step time vs {bottom}",
               "share": "share of the in-place stream"}[spec.kind]
-    return f"{size} {spec.dtype}, {label(threads, all_threads)}{where}: {what}: {versus}"
+    return f"{size} {spec.dtype}, {_threads_label(spec, all_threads)}{where}: {what}: {versus}"
 
 
 def _table_of(spec: StepGoal, tables: list, all_threads: int):
@@ -127,13 +135,12 @@ def evaluate(spec: StepGoal, tables: list, all_threads: int, where: str = "") ->
     """``spec`` on the table of its dtype and thread count among ``tables`` (one size's step tables,
     or for speed goals its paired tables, ``where`` naming which), or a goal saying that table was
     not measured."""
-    threads = all_threads if spec.threads == ALL else 1
     size = tables[0].size if tables else "?"
     table = _table_of(spec, tables, all_threads)
-    name = _name(spec, table, threads, all_threads, size, where)
+    name = _name(spec, table, all_threads, size, where)
     if table is None:
         return Goal(name, None, spec.target, spec.kind == "time", "%" if spec.kind == "share" else "x",
-                    f"not measured: no {spec.dtype} table at {label(threads, all_threads)}")
+                    f"not measured: no {spec.dtype} table at {_threads_label(spec, all_threads)}")
     by_key = {r.key: r for r in table.rows}
     if spec.kind == "share":
         if spec.top not in by_key:
@@ -144,20 +151,9 @@ def evaluate(spec: StepGoal, tables: list, all_threads: int, where: str = "") ->
     return _ratio(name, by_key, spec.top, spec.bottom, field, spec.target, at_most=spec.kind == "time")
 
 
-def _specs(device_type: str, all_threads: int) -> tuple[StepGoal, ...]:
-    """The device's goals.  On a machine with one intra-op thread "all" is that one thread, so a goal
-    at all threads that has a twin at one thread (the same rows, dtype and kind) would be the same
-    ratio listed twice: the one-thread goal, whose target is set per core, stands for both."""
-    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
-    if all_threads != 1:
-        return specs
-    per_core = {(s.kind, s.top, s.bottom, s.dtype) for s in specs if s.threads == ONE}
-    return tuple(s for s in specs if s.threads == ONE or (s.kind, s.top, s.bottom, s.dtype) not in per_core)
-
-
 def step_goals(tables: list[step.Table], device_type: str, all_threads: int) -> list[Goal]:
     """The device's goals on the step tables of each size in ``tables``, sizes in their order."""
-    specs = _specs(device_type, all_threads)
+    specs = CUDA_GOALS if device_type == "cuda" else CPU_GOALS
     sizes = list(dict.fromkeys(t.size for t in tables))
     return [evaluate(spec, [t for t in tables if t.size == size], all_threads) for size in sizes for spec in specs]
 
@@ -166,7 +162,7 @@ def paired_goals(tables: list[paired.PairedTable], device_type: str, all_threads
     """The device's speed goals between two rows of the paired tables, evaluated on those tables
     (sizes in their order); goals whose table was not measured are left to the step tables' lines."""
     stepped = {*paired.BASELINES, *paired.KEYS}
-    specs = [spec for spec in _specs(device_type, all_threads)
+    specs = [spec for spec in (CUDA_GOALS if device_type == "cuda" else CPU_GOALS)
              if spec.kind == "speed" and {spec.top, spec.bottom} <= stepped]
     goals = []
     for size in dict.fromkeys(t.size for t in tables):
