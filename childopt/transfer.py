@@ -5,7 +5,7 @@ before it has run (torch synchronises the stream after such a copy).  In an opti
 is the whole backward pass: the host cannot queue the step and the next forward while the GPU
 works, which torch's fused AdamW never costs.  Staged through pinned memory, the copy is queued
 like a kernel and returns at once; torch's caching host allocator keeps the pinned block until
-the copy has run, so the source may be freed right away.
+the copy has run.
 """
 from __future__ import annotations
 
@@ -28,10 +28,16 @@ def _capturing() -> bool:
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """``tensor.to(device)``, without blocking the host when it goes from the CPU to a CUDA device."""
+    """``tensor.to(device)``, without blocking the host when it goes from the CPU to a CUDA device.
+
+    The copy is staged in a pinned block of its own (never ``tensor`` itself, even when pinned),
+    so the caller may write or free ``tensor`` at once; the copy is queued on the current stream,
+    which is where the result may be used without waiting.
+    """
     device = torch.device(device)
     if tensor.device == device:
         return tensor
     if stages_through_pinned(tensor, device):
-        return tensor.pin_memory().to(device, non_blocking=True)
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+        return staged.to(device, non_blocking=True)
     return tensor.to(device)

@@ -40,21 +40,37 @@ def test_the_same_device_returns_the_tensor_and_others_copy():
     assert moved.device.type == "meta" and moved.shape == t.shape
 
 
-def test_a_copy_to_cuda_is_pinned_then_queued_without_blocking(monkeypatch):
-    """The CPU-side calls a CUDA copy makes (recorded, since this machine may have no GPU)."""
-    calls = []
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
-    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((a, k)) or self)
-    transfer.to_device(torch.ones(2), "cuda")
-    assert calls == ["pin", ((CUDA,), {"non_blocking": True})]
+def test_a_copy_to_cuda_is_staged_in_its_own_pinned_block_then_queued(monkeypatch):
+    """The CPU-side calls a CUDA copy makes (recorded, since this machine may have no GPU): a new
+    pinned block holding the values (a strided source made dense), then a non-blocking copy."""
+    calls, empty = [], torch.empty
+
+    def unpinned_empty(*args, **kwargs):  # a CPU-only torch cannot pin
+        calls.append(("empty", kwargs))
+        return empty(*args, **{**kwargs, "pin_memory": False})
+
+    monkeypatch.setattr(torch, "empty", unpinned_empty)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((self.clone(), a, k)) or self)
+    source = torch.arange(6.0)[::2]
+    transfer.to_device(source, "cuda")
+    (made, kwargs), (staged, args, to_kwargs) = calls
+    assert made == "empty" and kwargs == {"dtype": torch.float32, "pin_memory": True}
+    assert torch.equal(staged, source) and staged.is_contiguous()
+    assert (args, to_kwargs) == ((CUDA,), {"non_blocking": True})
 
 
 @pytest.mark.cuda
-def test_a_pinned_copy_arrives_intact_without_a_host_sync():
-    t = torch.arange(1000, dtype=torch.float64)
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_pinned_copy_arrives_intact_without_a_host_sync(pinned):
+    """No sync, and the source is free to change at once (even a pinned one is not read later)."""
+    t = torch.arange(1 << 20, dtype=torch.float64)
+    t = t.pin_memory() if pinned else t
+    expected = t.clone()
+    torch.cuda._sleep(10**7)  # keep the stream busy, so a late read of the source would see the write below
     torch.cuda.set_sync_debug_mode("error")
     try:
         moved = transfer.to_device(t, "cuda")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(moved.cpu(), t)
+    t.add_(1)
+    assert torch.equal(moved.cpu(), expected)

@@ -100,7 +100,9 @@ def _plan(family, lists: dict, *extra):
 
     Keyed by what the plan holds (relative offsets, alignment, sizes), not by absolute
     addresses: a one-tensor launch (a Fisher hook per parameter) hits whatever address its
-    gradient got, and a bucket whose tensors all moved together hits too.
+    gradient got, and a bucket whose tensors all moved together hits too.  A new plan's tables
+    are copied to the device without blocking (childopt.transfer), queued on the current
+    stream: a launch on another stream that reuses the plan must be ordered after that one.
     """
     from childopt.kernels import multi_tensor
 
