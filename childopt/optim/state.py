@@ -67,9 +67,11 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm
     tensor, computed with the dropped entries as zeros (they add nothing to such a norm, nor to
     order 0's count): boolean indexing would run ``nonzero``, which makes the host wait for a GPU
     at every masked tensor of every clipped step, and the zeroed copy is freed before the next
-    tensor's is made.  A one-element tensor's norm is its value (exactly for orders 0, 1, 2 and
-    inf; within rounding for others), so the total is torch's.  A negative order would count the
-    zeros, so it indexes.
+    tensor's is made.  Its norm of the same order is itself (exactly for orders 1, 2 and inf,
+    within a few ulps for other positive orders); of order 0 it is 1 when the count is not zero,
+    which is all torch's total of order 0 counts (tensors with a non-zero entry).  So the total is
+    torch's ``get_total_norm`` of the kept entries.  A negative order would count the zeros, so
+    it indexes.
     """
     if is_dense_grad and "indices" in state:
         if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks

@@ -476,9 +476,14 @@ def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries_without_i
     opt = MaskedAdamW(params, lr=1e-3, mask=masks)
     with OpLog() as log:
         norm = opt.clip_grad_norm_(max_norm=0.5, norm_type=norm_type)
-    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    # Orders 0, 1, 2, inf: each tensor's norm passes through the total unchanged, and a negative
+    # order indexes as torch's reference does, so the result is torch's bit for bit; another
+    # positive order rounds each tensor's norm once more (a few ulps of fp32).
+    exact = norm_type in (0.0, 1.0, 2.0, math.inf) or norm_type < 0
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(norm, expected, **tolerance)
     for p, g in zip(params, expected_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=0)
+        torch.testing.assert_close(p.grad, g, **tolerance)
     assert ("index" in log.ops) == (norm_type < 0), log.ops  # boolean indexing: aten.index, nonzero inside
     if norm_type >= 0:  # each masked tensor's zeroed copy is reduced at once, not held for the total
         assert all(measured_gradient(p.grad, True, opt.state[p], norm_type).numel() == 1 for p in masks)
