@@ -301,8 +301,7 @@ class MaskedAdamW(Optimizer):
         drawn inside the step, so it clips the full gradient, as ChildTuning's trainer does).
         """
         stepped, grads = with_gradients([p for group in self.param_groups for p in group["params"]], self._gradient)
-        measured = [measured_gradient(g, g is p.grad, self.state.get(p, {}), float(norm_type))
-                    for p, g in zip(stepped, grads)]
+        measured = [measured_gradient(g, g is p.grad, self.state.get(p, {})) for p, g in zip(stepped, grads)]
         return clip_by_norm_(grads, measured, max_norm, norm_type, error_if_nonfinite)
 
     def state_bytes(self) -> int:

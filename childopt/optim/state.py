@@ -59,19 +59,13 @@ def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
     return stepped, grads
 
 
-def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm_type: float = 2.0) -> torch.Tensor:
-    """What ``torch.nn.utils.get_total_norm`` measures of ``grad`` for the ``norm_type`` norm of
-    the entries the step will use (the child network's).
+def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
+    """The entries of ``grad`` the step will use: the child network's, for norms and clipping.
 
-    A fixed mask with an order >= 0 gives the norm of its kept entries at once, a one-element
-    tensor, computed with the dropped entries as zeros (they add nothing to such a norm, nor to
-    order 0's count): boolean indexing would run ``nonzero``, which makes the host wait for a GPU
-    at every masked tensor of every clipped step, and the zeroed copy is freed before the next
-    tensor's is made.  Its norm of the same order is itself (exactly for orders 1, 2 and inf,
-    within a few ulps for other positive orders); of order 0 it is 1 when the count is not zero,
-    which is all torch's total of order 0 counts (tensors with a non-zero entry).  So the total is
-    torch's ``get_total_norm`` of the kept entries.  A negative order would count the zeros, so
-    it indexes.
+    A fixed mask's kept entries are gathered at its indices (``sparse.kept_indices``), in the
+    order of ``grad[mask]`` and of sparse storage's compact gradients, so a norm is the same bits
+    in both storages; boolean indexing would run ``nonzero``, which makes the host wait for a GPU
+    at every masked tensor of every clipped step.
     """
     if is_dense_grad and "indices" in state:
         if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks
@@ -82,9 +76,7 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict, norm
     if "mask" in state:
         if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
             return torch.where(state["mask"], grad, 0.0)
-        if norm_type >= 0:
-            return torch.linalg.vector_norm(torch.where(state["mask"], grad, 0.0), norm_type).reshape(1)
-        return grad[state["mask"]]
+        return sparse.gather(grad, sparse.kept_indices(state["mask"]))
     return grad
 
 
