@@ -451,7 +451,8 @@ def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel, monkeypat
     """``torch.cuda.set_sync_debug_mode("error")`` through three clipped eager steps (after one that
     builds the state), with new gradients each time and, on Triton, the launch tables built again
     every step (the plan cache emptied; counted): no blocking copy or synchronisation, as torch's
-    fused step and clip (childopt.transfer; clipping a fixed mask indexes nothing)."""
+    fused step and clip (childopt.transfer; a fixed mask's kept entries gathered at a count read
+    once, sparse.kept_indices)."""
     from childopt.backends import triton as triton_backend
     from childopt.kernels import multi_tensor
 
@@ -467,7 +468,8 @@ def test_an_eager_step_never_makes_the_host_wait(cuda_backend, kernel, monkeypat
     for step in range(1, 5):
         for p, g in zip(params, lane_grads(sizes, step, gen, "cuda")):
             p.grad = g
-        if step == 1:
+        if step == 1:  # builds the state, and counts each fixed mask's kept entries once (sparse.kept_indices)
+            opt.clip_grad_norm_(1.0)
             opt.step()
             continue
         triton_backend._plans.clear()
