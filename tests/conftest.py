@@ -70,6 +70,15 @@ def triton_device(request):
     return request.param
 
 
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.cuda) for name in KERNEL_BACKENDS])
+def cuda_backend(request):
+    """A kernel backend (Triton, native) on CUDA, for checks that have no CPU counterpart."""
+    ok, why = backends.MODULES[request.param].available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    return request.param
+
+
 @pytest.fixture
 def lane_on_cpu():
     """``lane_on_cpu(backend)`` skips the test (or fails it, for native under CI) when ``backend``

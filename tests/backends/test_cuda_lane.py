@@ -61,15 +61,6 @@ def bucket_sizes(backend: str, device: str) -> list[int]:
     return list(head) + [2 + 7 * i for i in range(count - len(head))]
 
 
-@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.cuda) for name in ("triton", "native")])
-def cuda_backend(request):
-    """A kernel backend on CUDA (the checks that have no CPU counterpart)."""
-    ok, why = backends.MODULES[request.param].available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def verdict_cell(request):
     """Name this test's cell of the selftest verdict in the JUnit XML: its kernel, backend, device.

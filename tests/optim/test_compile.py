@@ -114,15 +114,9 @@ def test_capturable_keeps_step_counts_on_the_parameters_device():
     assert opt.param_groups[0]["lr"].dtype == torch.float64
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "native"])
-def test_a_cuda_graph_captures_and_replays_the_step(backend):
+def test_a_cuda_graph_captures_and_replays_the_step(cuda_backend):
     """Capture one step after warm-up; each replay equals an eager step on a twin model."""
-    from childopt import backends
-
-    ok, why = backends.MODULES[backend].available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
+    backend = cuda_backend
     params = [torch.nn.Parameter(torch.randn(4099, device="cuda")) for _ in range(3)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     grads = [torch.randn_like(p) for p in params]
@@ -168,17 +162,10 @@ def test_the_capture_check_warns_about_nothing_on_every_step():
         opt.step()
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "native"])
-def test_capturing_a_step_without_capturable_is_refused(backend):
+def test_capturing_a_step_without_capturable_is_refused(cuda_backend):
     """Its step counts and rows live on the host: every replay would repeat the captured step."""
-    from childopt import backends
-
-    ok, why = backends.MODULES[backend].available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
     params = [torch.nn.Parameter(torch.randn(4099, device="cuda"))]
     params[0].grad = torch.randn_like(params[0])
-    opt = MaskedAdamW(params, lr=1e-2, backend=backend)
+    opt = MaskedAdamW(params, lr=1e-2, backend=cuda_backend)
     with pytest.raises(RuntimeError, match="capturable is False"):
         capture_step(opt)
