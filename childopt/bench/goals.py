@@ -110,8 +110,7 @@ def _threads_label(spec: StepGoal, all_threads: int) -> str:
     """"2 threads (all)" or "1 thread"; a one-thread goal never says "(all)", so on a machine with
     one intra-op thread, where both goals read the same table, the per-core goal and the
     all-threads goal (a stricter target, set on two cores) keep their own names."""
-    threads = all_threads if spec.threads == ALL else 1
-    return label(threads, all_threads if spec.threads == ALL else 0)
+    return label(all_threads, all_threads) if spec.threads == ALL else label(1, all_threads=0)
 
 
 def _name(spec: StepGoal, table, all_threads: int, size: str, where: str = "") -> str:

@@ -253,11 +253,10 @@ class MaskedAdamW(Optimizer):
             self._compact.mark_stepped()
         return loss
 
-    def _capture_health_check(self) -> None:
-        """torch.optim.Optimizer's check of a graph capture: its accelerator-wide name in recent
-        torch (where the CUDA name is a deprecated alias that warns), the CUDA name before."""
-        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
-        check()
+    # torch.optim.Optimizer's check of a graph capture: its accelerator-wide name in recent torch
+    # (where the CUDA name is a deprecated alias that warns), the CUDA name before.
+    _capture_health_check = (getattr(Optimizer, "_accelerator_graph_capture_health_check", None)
+                             or Optimizer._cuda_graph_capture_health_check)
 
     def _gradient(self, p: torch.Tensor):
         """The gradient the step uses: the compact buffer of a hooked parameter, else ``p.grad``."""
