@@ -12,7 +12,6 @@ import weakref
 from typing import Callable
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 INT32_LIMIT = 2**31
 
@@ -25,22 +24,6 @@ def index_dtype(numel: int) -> torch.dtype:
 def indices_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Sorted flat indices of the True entries of a bool mask, in the narrowest safe dtype."""
     return torch.nonzero(mask.reshape(-1)).reshape(-1).to(index_dtype(mask.numel()))
-
-
-# A fixed mask -> (its version counter, its True count) when last counted.  Keyed by identity
-# (torch's weak dictionary: tensors compare element-wise, so a plain WeakKeyDictionary cannot).
-_KEPT_COUNTS = WeakIdKeyDictionary()
-
-
-def kept_indices(mask: torch.Tensor) -> torch.Tensor:
-    """``indices_from_mask(mask)`` as int64, without making the host wait for a GPU once the mask
-    was counted: ``torch.nonzero_static`` with the True count, read on the host once per mask and
-    per in-place edit of it (its version counter), where ``nonzero`` reads it at every call."""
-    known = _KEPT_COUNTS.get(mask)
-    if known is None or known[0] != mask._version:
-        known = (mask._version, int(mask.sum()))
-        _KEPT_COUNTS[mask] = known
-    return torch.nonzero_static(mask.reshape(-1), size=known[1]).reshape(-1)
 
 
 def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:

@@ -62,10 +62,10 @@ def with_gradients(candidates: list, gradient_of) -> tuple[list, list]:
 def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> torch.Tensor:
     """The entries of ``grad`` the step will use: the child network's, for norms and clipping.
 
-    A fixed mask's kept entries are gathered at its indices (``sparse.kept_indices``), in the
-    order of ``grad[mask]`` and of sparse storage's compact gradients, so a norm is the same bits
-    in both storages; boolean indexing would run ``nonzero``, which makes the host wait for a GPU
-    at every masked tensor of every clipped step.
+    A fixed mask's entries are ``grad[mask]``: the order of sparse storage's compact gradients,
+    so a norm is the same bits in both storages.  On a GPU its ``nonzero`` makes the host wait at
+    each masked tensor; a count cached to avoid that went stale under mask edits torch does not
+    version (``.data``, numpy views) and failed on inference-mode masks, so it was not kept.
     """
     if is_dense_grad and "indices" in state:
         if sharding.is_dtensor(grad):  # zeros off the child network: the norm is reduced over the ranks
@@ -76,7 +76,7 @@ def measured_gradient(grad: torch.Tensor, is_dense_grad: bool, state: dict) -> t
     if "mask" in state:
         if sharding.is_dtensor(grad):  # a shard cannot be boolean-indexed; zeros add nothing to a norm
             return torch.where(state["mask"], grad, 0.0)
-        return sparse.gather(grad, sparse.kept_indices(state["mask"]))
+        return grad[state["mask"]]
     return grad
 
 
