@@ -34,19 +34,25 @@ def output_path(value: str) -> Path:
 def _why_not_writable(path: Path) -> Optional[str]:
     """Why ``path`` cannot be written as an output file, or None: an existing file must be
     writable; a new one needs its nearest existing ancestor to be a folder that takes new entries
-    (its missing folders are made), with no broken symbolic link on the way."""
+    (its missing folders are made), with no broken symbolic link (the file itself included) and
+    no name too long for the file system on the way."""
+    if "\0" in str(path):
+        return "it holds a NUL character"
     try:
         if path.is_dir():
             return "it is a folder; give the path of a file in it"
         if path.exists():
             return None if os.access(path, os.W_OK) else "the file cannot be written"
-        folder = path.parent.absolute()
+        folder = path.absolute()
         while not folder.exists():
-            if folder.is_symlink():
+            if folder.is_symlink():  # dangling, or a loop
                 return f"{str(folder)!r} is a broken symbolic link"
             folder = folder.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             return "its folder cannot be made or written"
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+        if any(len(os.fsencode(part)) > longest for part in path.absolute().relative_to(folder).parts):
+            return f"a name in it is longer than {longest} bytes"
     except (OSError, RuntimeError) as exc:  # a name too long, a folder we may not search, a symlink loop
         return str(exc)
     return None

@@ -64,6 +64,11 @@ def test_empty_paths_broken_links_and_link_loops_are_refused_not_raised(tmp_path
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     assert "--markdown: cannot write" in refused({"--markdown": str(tmp_path / "loop" / "x.md")}, capsys)
     assert "--json: cannot write" in refused({"--json": str(tmp_path / ("x" * 300))}, capsys)
+    assert "longer than" in refused({"--json": str(tmp_path / "a" / ("x" * 300) / "b.json")}, capsys)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "x.json")
+    assert "broken symbolic link" in refused({"--json": str(tmp_path / "dangling.json")}, capsys)
+    assert "NUL" in refused({"--json": str(tmp_path / "x\0.json")}, capsys)
 
 
 def test_one_file_under_two_names_is_refused(tmp_path, capsys):
