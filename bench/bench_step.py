@@ -8,8 +8,9 @@ native backends; ``cuda`` cases step roberta-base (fp32 and bf16), a 1.26B decod
 tensors on the backend ``auto`` picks.  The smoke run keeps one case per row, dtype and device:
 roberta-tiny (childopt rows on native) and roberta-base.  Every case records
 :func:`childopt.bench.step.measure_row`'s measurements and its share of the in-place stream
-reference (:mod:`childopt.bench.stream`, same thread count) in ``benchmark.extra_info``, then
-checks what the steps did.
+reference (:mod:`childopt.bench.stream`, same thread count) in ``benchmark.extra_info``, times
+each call after an untimed eviction of the last-level cache as the report does, then checks what
+the steps did.
 """
 from typing import Optional
 
@@ -28,6 +29,8 @@ CPU_SHAPES = {"roberta-tiny": (roberta_base_shapes(scale=1 / 12, layers=1), ("fl
               "many-tiny": (many_tiny_shapes(200), ("float32",), ()),
               "roberta-24m": (roberta_base_shapes(*step.SIZES["24m"]), ("float32", "bfloat16"), ()),
               "roberta-125m": (roberta_base_shapes(*step.SIZES["125m"]), ("float32", "bfloat16"), (pytest.mark.slow,))}
+# Timed calls per case (pytest-benchmark's own calibration has no untimed setup between calls).
+ROUNDS = {"cpu": 10, "cuda": 50}
 # An AdamW step of lr 1e-3 moves a bf16 entry only where that exceeds half its ulp: surely below
 # |p| = 0.25 (ulp 2^-10).  Bernoulli rows leave an entry unmoved until it is first drawn (0.7^7
 # of them after the 7 steps of a smoke case), so at least 80% of those entries must move.
@@ -70,10 +73,11 @@ def assert_stepped(opt, params, before) -> None:
         assert moved_small >= BF16_MOVED_SHARE * small, (moved_small, small)
 
 
-def _bench_step(benchmark, stream_reference, key: str, shapes, device: torch.device, backend: Optional[str],
-                steps: int, dtype: str = "float32") -> None:
-    """Measure the row's step with the bench helpers, record it, hand the step to pytest-benchmark,
-    then check the parameters the steps left."""
+def _bench_step(benchmark, stream_reference, cache_evictor, key: str, shapes, device: torch.device,
+                backend: Optional[str], steps: int, dtype: str = "float32") -> None:
+    """Measure the row's step with the bench helpers, record it, hand the step to pytest-benchmark
+    (``ROUNDS`` timed calls, each after the report's untimed setup: the gradients put back where the
+    row scales them, the last-level cache evicted), then check the parameters the steps left."""
     spec = SPECS[key]
     params = make_params(shapes, device, dtype=step.DTYPES[dtype])
     before = [p.detach().clone() for p in params]
@@ -81,13 +85,16 @@ def _bench_step(benchmark, stream_reference, key: str, shapes, device: torch.dev
         opt = spec.make(params, backend)
     except measure.Unavailable as exc:
         pytest.skip(str(exc))
-    row = step.measure_row(spec, opt, params, device, warmup=measure.WARMUP, steps=steps)
+    evictor = cache_evictor(device)
+    row = step.measure_row(spec, opt, params, device, warmup=measure.WARMUP, steps=steps, evictor=evictor)
     reference = stream_reference(row.numel, device)
     benchmark.extra_info.update(backend=row.backend, dtype=row.dtype, threads=row.threads, it_s=row.it_s,
                                 peak_gb=row.peak_gb, bytes_per_step=row.bytes_per_step, gbps=row.gbps,
                                 stream_gbps=reference.gbps, stream_kernel=reference.kernel,
                                 pct_stream=100.0 * row.gbps / reference.gbps)
-    benchmark(measure.synchronized(opt.step, device))
+    restore = measure.grad_restorer(params) if spec.scales_grads else None
+    benchmark.pedantic(measure.synchronized(opt.step, device), setup=step.before_timed(restore, evictor),
+                       rounds=ROUNDS[device.type])
     assert_stepped(opt, params, before)
 
 
@@ -108,12 +115,13 @@ def _cpu_cases():
 
 
 @pytest.mark.parametrize("key,shapes,backend,dtype", _cpu_cases())
-def bench_step_cpu(benchmark, stream_reference, key, shapes, backend, dtype):
+def bench_step_cpu(benchmark, stream_reference, cache_evictor, key, shapes, backend, dtype):
     if backend is not None:
         ok, why = backends.MODULES[backend].available(torch.device("cpu"))
         if not ok:
             pytest.skip(why)
-    _bench_step(benchmark, stream_reference, key, shapes, torch.device("cpu"), backend=backend, steps=3, dtype=dtype)
+    _bench_step(benchmark, stream_reference, cache_evictor, key, shapes, torch.device("cpu"), backend=backend, steps=3,
+                dtype=dtype)
 
 
 @pytest.mark.cuda
@@ -123,5 +131,6 @@ def bench_step_cpu(benchmark, stream_reference, key, shapes, backend, dtype):
     pytest.param(roberta_base_shapes(), "bfloat16", id="roberta-base-bfloat16"),
     pytest.param(decoder_1b_shapes(), "float32", id="decoder-1b", marks=pytest.mark.timing),
     pytest.param(many_tiny_shapes(), "float32", id="many-tiny", marks=pytest.mark.timing)])
-def bench_step_cuda(benchmark, stream_reference, key, shapes, dtype):
-    _bench_step(benchmark, stream_reference, key, shapes, torch.device("cuda"), backend="auto", steps=20, dtype=dtype)
+def bench_step_cuda(benchmark, stream_reference, cache_evictor, key, shapes, dtype):
+    _bench_step(benchmark, stream_reference, cache_evictor, key, shapes, torch.device("cuda"), backend="auto", steps=20,
+                dtype=dtype)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from childopt.bench import measure, stream
+from childopt.bench.evict import CacheEvictor
 from childopt.bench.llc import last_level_cache
 
 HERE = Path(__file__).parent
@@ -53,3 +54,17 @@ def stream_reference():
         return cache[key]
 
     return reference
+
+
+@pytest.fixture(scope="session")
+def cache_evictor():
+    """``cache_evictor(device)``: one :class:`childopt.bench.evict.CacheEvictor` per device per run, so
+    each timed step starts with the last-level cache evicted, as in the report."""
+    evictors = {}
+
+    def evictor(device: torch.device) -> CacheEvictor:
+        if str(device) not in evictors:
+            evictors[str(device)] = CacheEvictor(device)
+        return evictors[str(device)]
+
+    return evictor

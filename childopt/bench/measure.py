@@ -3,7 +3,8 @@ cannot run here is reported.
 
 A row is warmed up with a few untimed calls (the first Triton step compiles); then each timed
 call is wall time, with a device synchronize after it on CUDA so the time covers its kernels,
-and the rows report the median.  The yardstick of the memory-bound steps is the in-place stream
+and the rows report the median; the step rows evict the last-level cache, untimed, ahead of each
+timed call (:mod:`childopt.bench.evict`).  The yardstick of the memory-bound steps is the in-place stream
 of :mod:`childopt.bench.stream`; the live tensor bytes of a step are :mod:`childopt.bench.live`'s.
 """
 from __future__ import annotations

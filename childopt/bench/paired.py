@@ -7,7 +7,8 @@ tensors, stepped in rotation, differed by 4% at 2 threads and 20% at 1).  Here t
 every optimizer of :data:`KEYS` are built over one parameter list and its fixed gradients, each
 with its own state, and stepped in rotation: round r starts at the r-th optimizer, so no
 optimizer always goes first (over a multiple of their number of rounds, each takes every place
-equally often).  A ratio is the baseline's median step over the row's; only
+equally often), each after an untimed pass evicting the last-level cache, as the step tables
+time theirs (:mod:`childopt.bench.evict`).  A ratio is the baseline's median step over the row's; only
 the placement of the optimizer state still differs.  The rows step the parameters in turn, which
 changes their values a little each time (lr 1e-3 of :data:`childopt.bench.step.HYPER`) but not
 what a step costs.  All the optimizers are alive at once: parameters, gradients, seven pairs of
@@ -19,12 +20,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
 from childopt.bench import step
+from childopt.bench.evict import CacheEvictor
 from childopt.bench.measure import Unavailable, release_memory, synchronized
 from childopt.bench.shapes import make_params, roberta_base_shapes
 from childopt.bench.table import aligned_table
@@ -70,14 +72,17 @@ class PairedTable:
 
 
 def step_in_rotation(steps: dict[str, Callable[[], object]], rounds: int,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     before: Optional[Callable[[], object]] = None) -> dict[str, list[float]]:
     """Seconds of each call of every ``steps`` entry over ``rounds`` rounds; round r calls them in
-    their order rotated left by r."""
+    their order rotated left by r, each after an untimed call of ``before``, if given."""
     keys = list(steps)
     times = {key: [] for key in keys}
     for r in tqdm(range(rounds), desc="paired steps", unit="round", leave=False):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
+            if before is not None:
+                before()
             start = clock()
             steps[key]()
             times[key].append(clock() - start)
@@ -118,7 +123,8 @@ def run_paired(size: str, dtype: torch.dtype, device: torch.device, *, rounds: i
     for _ in range(warmup - 1):
         for call in steps.values():
             call()
-    times = {key: statistics.median(seconds) for key, seconds in step_in_rotation(steps, rounds).items()}
+    rotation = step_in_rotation(steps, rounds, before=CacheEvictor(device))
+    times = {key: statistics.median(seconds) for key, seconds in rotation.items()}
     rows = [PairedRow(key, specs[key].optimizer, specs[key].mode, labels[key], times[key] * 1e3,
                       times[baseline] / times[key]) for key in steps]
     return PairedTable(size, step.dtype_name(dtype), torch.get_num_threads(), rounds, baseline, rows, skipped)

@@ -19,7 +19,7 @@ import torch
 
 from childopt import backends
 from childopt.arguments import check_output_files, writable_path
-from childopt.bench import ceiling, environment, measure, paired, step, sweep, train
+from childopt.bench import ceiling, environment, evict, measure, paired, step, sweep, train
 from childopt.bench.goals import TARGETS, format_goals, paired_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
 from childopt.bench.threads import DEFAULT_CPU, label, parse_threads
@@ -88,7 +88,7 @@ def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int
     return {
         "peak_gb": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
                     else f"process peak RSS since {rss_window} (an upper bound: it starts from the RSS "
-                         "then, heap kept from earlier rows included)"),
+                         "then, heap kept from earlier rows included)") + ", less the cache-eviction buffer",
         "state_gb": "bytes of the tensors in optimizer.state",
         "pct_stream": "the row's GB/s (its byte model over its median time) / the in-place stream reference's "
                       "GB/s, measured at the same thread count",
@@ -227,7 +227,8 @@ def main(argv=None) -> int:
              f"load average {_shown_load(meta['load_average'])} on {meta['cpu_count']} CPUs at the start",
              f"optimizer step tables: sizes {', '.join(sizes)}, dtypes {', '.join(args.dtypes)}, at "
              f"{' and '.join(label(n, all_threads) for n in thread_counts)} (torch.set_num_threads, restored "
-             f"after); {measure.WARMUP} warm-up + {steps} timed steps per row",
+             f"after); {measure.WARMUP} warm-up + {steps} timed steps per row, each after an untimed pass over "
+             f"{evict.CACHES}x the last-level cache that evicts it, as a training step's forward and backward do",
              f"peak GB: {meta['peak_gb']}; state GB: {meta['state_gb']}; % of stream: {meta['pct_stream']}; "
              f"compute ms: {meta['compute_ms']}"]
     print("\n".join(lines))

@@ -5,7 +5,9 @@ Every row steps a fresh copy of the same parameter list (roberta-base shapes: 24
 elements, fp32 or bf16 parameters and gradients) whose gradients are fixed random tensors set
 once, so only ``opt.step()`` is timed: a few untimed warm-up steps (the first Triton step
 compiles), then the median wall time of the timed steps, with a device synchronize after each
-step on CUDA.
+step on CUDA.  Each timed step starts with the last-level cache evicted, untimed, as training's
+forward and backward leave it (:mod:`childopt.bench.evict`): back to back, a step whose data fits
+the cache (sparse storage at 1%) would be timed warm.
 
 An optimizer step is memory-bound, so each row also carries a byte model (the bytes the step has
 to move per element, from the parameter dtype and the state dtype the optimizer keeps) and turns
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from childopt import ChildTuningAdamW, Importance, MaskedAdamW
 from childopt.bench.baselines import ChildTuningReferenceAdamW, adamw_8bit, fused_adamw
 from childopt.bench.ceiling import measure_compute
+from childopt.bench.evict import CacheEvictor
 from childopt.bench.measure import (Unavailable, grad_restorer, peak_memory_gb, reset_peak_memory, skip_record,
                                     state_gb, synchronized, time_calls)
 from childopt.bench.shapes import make_params, roberta_base_shapes
@@ -198,10 +201,25 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def before_timed(restore: Optional[Callable[[], None]], evictor: Optional[CacheEvictor]) -> Callable[[], None]:
+    """What runs, untimed, ahead of each timed step: put back the gradients a row scales in place
+    (``restore``), then evict the last-level cache (``evictor``; last, as restoring the gradients
+    brings them into the cache).  Either may be None."""
+    def before() -> None:
+        if restore is not None:
+            restore()
+        if evictor is not None:
+            evictor()
+
+    return before
+
+
 def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch.device, *,
-                warmup: int, steps: int) -> Row:
+                warmup: int, steps: int, evictor: Optional[CacheEvictor] = None) -> Row:
     """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` at the current intra-op
-    thread count and apply the byte model of the parameters' dtype."""
+    thread count and apply the byte model of the parameters' dtype.  With ``evictor``, each timed
+    step starts with the last-level cache evicted, as in training (:mod:`childopt.bench.evict`);
+    the peak memory then leaves out the evictor's buffer, live through the whole window."""
     step = synchronized(torch.compile(opt.step) if spec.compiled else opt.step, device)
     restore = grad_restorer(params) if spec.scales_grads else None
     for _ in range(warmup):
@@ -209,18 +227,20 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
             restore()
         step()
     reset_peak_memory(device)
-    seconds = statistics.median(time_calls(step, steps, before=restore))
+    seconds = statistics.median(time_calls(step, steps, before=before_timed(restore, evictor)))
+    peak_gb = peak_memory_gb(device) - (evictor.nbytes / 1e9 if evictor is not None else 0.0)
     numel = sum(p.numel() for p in params)
     bytes_per_step = round(spec.bytes_per_element(params[0].element_size()) * numel)
     backend = spec.backend or opt.backend_name()
     return Row(key=spec.key, optimizer=spec.optimizer, mode=spec.mode, backend=backend, it_s=1.0 / seconds,
-               ms_per_step=seconds * 1e3, peak_gb=peak_memory_gb(device), state_gb=state_gb(opt),
+               ms_per_step=seconds * 1e3, peak_gb=peak_gb, state_gb=state_gb(opt),
                bytes_per_step=bytes_per_step, gbps=bytes_per_step / seconds / 1e9, numel=numel, steps=steps,
                dtype=dtype_name(params[0].dtype), threads=torch.get_num_threads())
 
 
 def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-            dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None) -> Row:
+            dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None,
+            evictor: Optional[CacheEvictor] = None) -> Row:
     """Build ``spec``'s optimizer over fresh ``dtype`` parameters and measure it; everything is freed on return.
 
     With ``cache_bytes`` (one last-level cache instance) on CPU, the row also gets its in-cache time
@@ -229,7 +249,7 @@ def run_row(spec: RowSpec, shapes, device: torch.device, *, warmup: int, steps: 
     """
     params = make_params(shapes, device, dtype=dtype)
     opt = spec.make(params, backend)
-    row = measure_row(spec, opt, params, device, warmup=warmup, steps=steps)
+    row = measure_row(spec, opt, params, device, warmup=warmup, steps=steps, evictor=evictor)
     del params, opt
     if cache_bytes is None or device.type != "cpu" or spec.compiled:
         return row
@@ -269,15 +289,17 @@ def format_table(rows: list[Row], baseline: str) -> str:
 
 
 def run_rows(shapes, device: torch.device, *, warmup: int, steps: int, backend: str = "auto",
-             dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None) -> tuple[list[Row], list[dict]]:
-    """Measure every row of ``ROWS`` under a progress bar (with in-cache times given ``cache_bytes``,
-    :func:`run_row`); rows that cannot run here are skipped with the reason, and so are rows whose
-    optimizer fails on non-fp32 parameters."""
+             dtype: torch.dtype = torch.float32, cache_bytes: Optional[int] = None,
+             evictor: Optional[CacheEvictor] = None) -> tuple[list[Row], list[dict]]:
+    """Measure every row of ``ROWS`` under a progress bar (with in-cache times given ``cache_bytes``
+    and the cache evicted ahead of each timed step given ``evictor``, :func:`run_row`); rows that
+    cannot run here are skipped with the reason, and so are rows whose optimizer fails on non-fp32
+    parameters."""
     rows, skipped = [], []
     for spec in tqdm(ROWS, desc=f"bench {dtype_name(dtype)}, {label(torch.get_num_threads(), 0)}", unit="row"):
         try:
             rows.append(run_row(spec, shapes, device, warmup=warmup, steps=steps, backend=backend, dtype=dtype,
-                                cache_bytes=cache_bytes))
+                                cache_bytes=cache_bytes, evictor=evictor))
         except ROW_FAILURES as exc:
             skipped.append(skip_for(spec, dtype, exc))
     return rows, skipped
@@ -317,11 +339,13 @@ class Table:
 
 def run_table(size: str, dtype: torch.dtype, stream: StreamReference, device: torch.device, *, warmup: int,
               steps: int, backend: str = "auto") -> Table:
-    """Every row over the ``size`` list of ``dtype`` parameters at the current thread count, compared
+    """Every row over the ``size`` list of ``dtype`` parameters at the current thread count, each timed
+    step starting with the last-level cache (the size ``stream`` was chosen from) evicted, compared
     with ``stream``."""
     scale, layers = SIZES[size]
     # an assumed cache size could put the in-cache lists in memory: no in-cache time then
     rows, skipped = run_rows(roberta_base_shapes(scale, layers), device, warmup=warmup, steps=steps, backend=backend,
-                             dtype=dtype, cache_bytes=stream.llc_instance_bytes if stream.llc_known else None)
+                             dtype=dtype, cache_bytes=stream.llc_instance_bytes if stream.llc_known else None,
+                             evictor=CacheEvictor(device, stream.llc_bytes))
     rows, baseline = compare(rows, stream.gbps)
     return Table(size, dtype_name(dtype), torch.get_num_threads(), stream, rows, skipped, baseline)

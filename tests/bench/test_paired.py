@@ -33,6 +33,10 @@ def test_rotation_starts_each_round_one_optimizer_later_and_times_each_call():
     times = step_in_rotation({"a": stepper("a", 1.0), "b": stepper("b", 2.0), "c": stepper("c", 4.0)}, 4, clock)
     assert calls == list("abc" "bca" "cab" "abc")
     assert times == {"a": [1.0] * 4, "b": [2.0] * 4, "c": [4.0] * 4}
+    calls.clear()
+    times = step_in_rotation({"a": stepper("a", 1.0), "b": stepper("b", 2.0)}, 2, clock, before=stepper("e", 8.0))
+    assert calls == list("eaeb" "ebea")
+    assert times == {"a": [1.0] * 2, "b": [2.0] * 2}  # the untimed call is in no step's time
 
 
 @pytest.fixture
@@ -72,7 +76,8 @@ def test_a_ratio_is_the_baselines_median_step_over_the_rows(tiny_list, monkeypat
     and every other row 25 ms: mask=None 4x, the others 0.8x, the baseline 1x."""
     made_up = {"adamw-fused": [0.010, 0.030, 0.020], "masked-none": [0.005, 0.005, 0.040]}
 
-    def rotation(steps, rounds):
+    def rotation(steps, rounds, before):
+        assert isinstance(before, paired.CacheEvictor)
         return {key: made_up.get(key, [0.025] * rounds) for key in steps}
 
     monkeypatch.setattr(paired, "step_in_rotation", rotation)

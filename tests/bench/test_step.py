@@ -143,3 +143,51 @@ def test_run_row_adds_the_in_cache_time_on_cpu_given_the_cache_size_except_to_co
     with pytest.warns(RuntimeWarning, match="adamw-fused: no in-cache time: RuntimeError: no kernel for this list"):
         row = step.run_row(SPECS["adamw-fused"], [(64,)], CPU, warmup=1, steps=1, cache_bytes=4000)
     assert row.key == "adamw-fused" and row.compute_ms is None
+
+
+class CountingEvictor:
+    """Stands in for :class:`childopt.bench.evict.CacheEvictor`: records its calls in ``log``."""
+
+    def __init__(self, log, nbytes=250_000_000):
+        self.log, self.nbytes = log, nbytes
+
+    def __call__(self):
+        self.log.append("evict")
+
+
+def test_each_timed_step_follows_an_eviction_after_the_gradients_are_put_back(monkeypatch):
+    """The published loop scales its gradients, so they are restored first, then the cache is
+    evicted, once per timed step (never in the warm-up); the peak leaves out the evictor's buffer."""
+    log = []
+    real_restorer = step.grad_restorer
+
+    def logged_restorer(params):
+        restore = real_restorer(params)
+        return lambda: log.append("restore") or restore()
+
+    monkeypatch.setattr(step, "grad_restorer", logged_restorer)
+    monkeypatch.setattr(step, "peak_memory_gb", lambda device: 1.75)
+    spec = SPECS["childtuning-f-loop"]
+    params = shapes.make_params([(1000,)], CPU)
+    opt = spec.make(params, "reference")
+    original = opt.step
+    monkeypatch.setattr(opt, "step", lambda: log.append("step") or original())
+    row = step.measure_row(spec, opt, params, CPU, warmup=2, steps=3, evictor=CountingEvictor(log))
+    assert log == ["restore", "step"] * 2 + ["restore", "evict", "step"] * 3
+    assert row.peak_gb == pytest.approx(1.5)
+
+
+def test_run_table_evicts_twice_the_cache_its_stream_reference_was_sized_by(monkeypatch):
+    evictors = []
+    real_measure_row = step.measure_row
+
+    def recording(*args, evictor=None, **kwargs):
+        evictors.append(evictor)
+        return real_measure_row(*args, evictor=evictor, **kwargs)
+
+    monkeypatch.setattr(step, "measure_row", recording)
+    monkeypatch.setitem(step.SIZES, "24m", (1 / 24, 1))
+    monkeypatch.setattr(step, "ROWS", (SPECS["adamw-fused"], SPECS["masked-none"]))
+    step.run_table("24m", torch.float32, fake_stream(50.0, llc_known=False), CPU, warmup=1, steps=1)
+    assert len(evictors) == 2 and evictors[0] is evictors[1]
+    assert isinstance(evictors[0], step.CacheEvictor) and evictors[0].nbytes == 2 * 4000
