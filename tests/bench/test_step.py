@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from childopt.bench import ceiling, shapes, step
+from childopt.bench import shapes, step
 from childopt.bench.measure import Unavailable
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_stream
 
