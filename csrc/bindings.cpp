@@ -8,6 +8,10 @@
 // name and compose with torch's tooling; the pybind11 module exists so the build is an
 // importable Python extension (torch.utils.cpp_extension's contract), and exports the field
 // order of StepScalars and the MaskKind values for the contract's drift test.
+#include <optional>
+#include <vector>
+
+#include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -22,6 +26,22 @@ TORCH_LIBRARY_IMPL(childopt, CPU, m) {
   m.impl("fisher_accumulate", &childopt::cpu::fisher_accumulate);
   m.impl("radix_histogram", &childopt::cpu::radix_histogram);
 }
+
+namespace {
+
+// The tensors of a list whose items are all exactly torch.Tensor (or Parameter), else nullopt: a
+// subclass may override an op in __torch_function__ with the keys of a plain tensor.
+std::optional<std::vector<at::Tensor>> exact_tensors(const pybind11::list& items) {
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(items.size());
+  for (const auto& item : items) {
+    if (!THPVariable_CheckExact(item.ptr())) return std::nullopt;
+    tensors.push_back(THPVariable_Unpack(item.ptr()));
+  }
+  return tensors;
+}
+
+}  // namespace
 
 #ifdef CHILDOPT_WITH_CUDA
 TORCH_LIBRARY_IMPL(childopt, CUDA, m) {
@@ -62,22 +82,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_inplace_stream", &childopt::cpu::inplace_stream, pybind11::arg("p"), pybind11::arg("g"),
         pybind11::arg("m"), pybind11::arg("v"),
         "benchmark reference: m += g; v += g; p += m over four fp32 CPU tensors, 28 B per element, in parallel");
-  // Exactly torch.Tensor (or Parameter): a subclass may override the add in __torch_function__
-  // with the keys of a plain tensor.
   m.def(
       "_advance_step_counts",
       [](const pybind11::list& counts) {
-        std::vector<at::Tensor> tensors;
-        tensors.reserve(counts.size());
-        for (const auto& count : counts) {
-          if (!THPVariable_CheckExact(count.ptr())) return false;
-          tensors.push_back(THPVariable_Unpack(count.ptr()));
-        }
-        return childopt::cpu::advance_step_counts(tensors);
+        const auto tensors = exact_tensors(counts);
+        return tensors.has_value() && childopt::cpu::advance_step_counts(*tensors);
       },
       pybind11::arg("counts"),
       "+1 on each of a list of plain 0-dim float32 CPU step counts in one call; returns False, changing nothing, "
       "if any count is not one or a Python dispatch mode is active");
+  m.def(
+      "_step_counts",
+      [](const pybind11::list& counts) -> std::optional<std::vector<double>> {
+        const auto tensors = exact_tensors(counts);
+        if (!tensors.has_value()) return std::nullopt;
+        return childopt::cpu::read_step_counts(*tensors);
+      },
+      pybind11::arg("counts"),
+      "the values of a list of plain 0-dim float32 CPU step counts, as floats, in one call; None if any count "
+      "is not one or a Python dispatch mode is active");
   // The Philox ISAs of the CPU draws: 0 scalar, 1 AVX2, 2 AVX-512F (philox_cpu.h).
   m.def("_philox_isa", [] { return static_cast<int64_t>(childopt::cpu::philox_isa()); },
         "the ISA the CPU Philox draws use now: 0 scalar, 1 AVX2, 2 AVX-512F");

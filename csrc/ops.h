@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -185,8 +186,9 @@ std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, u
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);
 void inplace_stream(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v);
 // +1 on each count if all are plain 0-dim float32 CPU tensors (step_counts.cpp); false, and
-// nothing changed, otherwise.
+// nothing changed, otherwise.  read_step_counts: their values, or nullopt on the same condition.
 bool advance_step_counts(const std::vector<at::Tensor>& counts);
+std::optional<std::vector<double>> read_step_counts(const std::vector<at::Tensor>& counts);
 }  // namespace cpu
 
 #ifdef CHILDOPT_WITH_CUDA

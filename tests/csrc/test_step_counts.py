@@ -1,6 +1,7 @@
-"""childopt._C's step-count increment (csrc/cpu/step_counts.cpp) against torch._foreach_add_,
-the op it stands in for in the eager CPU step: the same values, the same version bumps, and
-nothing changed for a count it does not take or while something must observe the add."""
+"""childopt._C's step-count increment and read (csrc/cpu/step_counts.cpp) against
+torch._foreach_add_ and ``.item()``, what they stand in for in the eager CPU step: the same values,
+the same version bumps, and nothing read or changed for a count they do not take or while
+something must observe the ops."""
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,15 @@ def test_advance_matches_foreach_add(native_module):
 
 def test_empty_list_is_done(native_module):
     assert native_module._advance_step_counts([]) is True
+    assert native_module._step_counts([]) == []
+
+
+def test_read_gives_what_item_gives(native_module):
+    values = [0.0, 1.0, 41.0, 2.0**24, 3.0e9]
+    counts = _counts(values)
+    versions = [c._version for c in counts]
+    assert native_module._step_counts(counts) == [c.item() for c in counts] == values
+    assert [c._version for c in counts] == versions  # a read bumps nothing
 
 
 @pytest.mark.parametrize("odd_one", ["float64", "one-dim", "requires_grad", "inference", "fake"])
@@ -59,6 +69,7 @@ def test_refuses_what_it_does_not_take_and_changes_nothing(native_module, odd_on
         odd = FakeTensorMode().from_tensor(torch.tensor(5.0))
     mixed = counts[:1] + [odd] + counts[1:]
 
+    assert native_module._step_counts(mixed) is None
     assert native_module._advance_step_counts(mixed) is False
     assert [c.item() for c in counts] == [3.0, 4.0]
     if odd_one != "fake":
@@ -120,6 +131,7 @@ class _Overriding(torch.Tensor):
 def test_a_dispatch_mode_sees_the_add(native_module):
     counts = _counts([1.0, 2.0])
     with _Seen() as mode:
+        assert native_module._step_counts(counts) is None
         assert native_module._advance_step_counts(counts) is False
         advance_steps(counts)
     assert any("_foreach_add_" in op for op in mode.ops)
@@ -136,6 +148,7 @@ def test_a_torch_function_mode_sees_the_add(native_module):
 
 def test_a_torch_function_subclass_is_refused(native_module):
     count = torch.tensor(4.0).as_subclass(_Overriding)
+    assert native_module._step_counts([torch.tensor(1.0), count]) is None
     assert native_module._advance_step_counts([torch.tensor(1.0), count]) is False
     _Overriding.calls.clear()
     advance_steps([count])
