@@ -1,11 +1,12 @@
 """The masked AdamW step as a pure function over tensor lists, as ``torch.optim.adamw.adamw`` is.
 
 :func:`masked_adamw` sorts the tensors into buckets that share (device, dtypes, mask kind,
-storage, backend, 16-byte alignment), computes each tensor's row of step scalars (childopt.backends.contract)
-with tensor ops, and makes one op call per bucket.  Nothing here reads a tensor on the host:
-the step counts, and a tensor ``lr``, stay tensors, so ``torch.compile`` traces the step
-without a graph break and, with ``capturable``, the rows are computed on the parameters'
-device (CUDA-graph safe; an LR scheduler writing a tensor lr causes no recompile).
+storage, backend, 16-byte alignment), computes each tensor's row of step scalars
+(childopt.backends.contract), and makes one op call per bucket.  Only the eager step with plain
+CPU step counts reads them on the host (Python float arithmetic is faster there); a compiled
+step keeps them tensors, so ``torch.compile`` traces it without a graph break, and with
+``capturable`` the rows are computed on the parameters' device (CUDA-graph safe; an LR
+scheduler writing a tensor lr causes no recompile).
 """
 from __future__ import annotations
 
@@ -115,10 +116,10 @@ def advance_steps(steps: list) -> None:
 
     Eager CPU counts take one call into childopt._C when it is loaded: torch's foreach op has no
     CPU fast path and dispatches once per tensor (about 1 ms of a step over roberta-base's 139
-    tensors on a 2-core EPYC, a fifth of a 1%-sparse step).  Whatever must see the add takes torch's op: a compiled step, a
-    ``__torch_function__`` mode, a TorchScript trace, and, refused by the native loop (which
-    then changes nothing), Python dispatch modes (fake tensors, make_fx), tensor subclasses and
-    device (capturable) counts.
+    tensors on a 2-core EPYC, a fifth of a 1%-sparse step).  Whatever must see the add takes
+    torch's op: a compiled step, a ``__torch_function__`` mode, a TorchScript trace, and, refused
+    by the native loop (which then changes nothing), Python dispatch modes (fake tensors,
+    make_fx), tensor subclasses and device (capturable) counts.
     """
     module = _native.loaded()[0] if _host_eager() else None
     if module is None or not module._advance_step_counts(steps):
