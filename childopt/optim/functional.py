@@ -33,15 +33,15 @@ def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: floa
 
     Every backend rounds the same rows to fp32.  ``rng_bases`` are ints, or float64 scalars on
     ``device`` (capturable: no host copy, so a CUDA graph can capture this).  Eager on the host
-    (plain CPU step counts, a float lr, int rng bases, rows built on the CPU) the arithmetic runs
+    (plain CPU step counts, number hyper-parameters, int rng bases, rows built on the CPU) the arithmetic runs
     on Python floats once per distinct count, as torch.optim.AdamW's own step computes its bias
-    corrections: about 25 us for roberta-base's 139 tensors where the tensor ops take 90
-    (2-core EPYC).  Anywhere else (compiled, capturable, a tensor lr, a dispatch or
+    corrections: about 40 us for roberta-base's 139 tensors where the tensor ops take 90-100
+    (2-core EPYC).  Anywhere else (compiled, capturable, a tensor hyper-parameter, a dispatch or
     __torch_function__ mode) it is float64 tensor ops, which read nothing on the host.  The two
     differ only where torch's vectorised pow and the C library's differ in the last float64 bit
     (31 of 2 * 10**5 counts for beta 0.999, none after the rounding to fp32 there).
     """
-    counts = _host_counts(state_steps, lr, rng_bases, device)
+    counts = _host_counts(state_steps, rng_bases, device, hyper=(lr, *betas, eps, weight_decay, grad_scale))
     if counts is not None:
         return _host_rows(counts, rng_bases, lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                           grad_scale=grad_scale, rule=rule)
@@ -77,9 +77,10 @@ def _columns(t, lr, *, betas, eps: float, weight_decay: float, maximize: bool, g
     }
 
 
-def _host_counts(state_steps: list, lr, rng_bases: list, device) -> Optional[list]:
-    """The step counts as floats when the rows can be host arithmetic (see step_scalar_rows), else None."""
-    if isinstance(lr, torch.Tensor) or isinstance(rng_bases[0], torch.Tensor) or torch.device(device).type != "cpu":
+def _host_counts(state_steps: list, rng_bases: list, device, hyper: tuple) -> Optional[list]:
+    """The step counts as floats when the rows can be host arithmetic (see step_scalar_rows): rows
+    built on the CPU, no tensor among the ``hyper``-parameters or rng bases; else None."""
+    if torch.device(device).type != "cpu" or any(isinstance(x, torch.Tensor) for x in (*hyper, rng_bases[0])):
         return None
     module = _native.loaded()[0] if _host_eager() else None
     return None if module is None else module._step_counts(state_steps)
@@ -89,17 +90,14 @@ def _host_rows(counts: list, rng_bases: list, lr: float, **formula) -> torch.Ten
     """The rows of step_scalar_rows from host counts: one row of Python floats per distinct count
     (the formula's other arguments in ``formula``), spread over the bucket's tensors, then each
     tensor's rng base."""
-    distinct = list(dict.fromkeys(counts))
+    row_of: dict = {}  # count -> its row's index (a NaN count, never equal to itself, gets a row per tensor)
+    index = [row_of.setdefault(count, len(row_of)) for count in counts]
     rows = []
-    for count in distinct:
+    for count in row_of:
         columns = dict(_columns(count + 1, lr, sqrt=math.sqrt, **formula), rng_base=0.0)
         rows.append([columns[name] for name in STEP_SCALAR_FIELDS])
     block = torch.tensor(rows, dtype=torch.float64)
-    if len(distinct) == 1:
-        block = block.expand(len(counts), -1).clone()
-    else:
-        where = {count: k for k, count in enumerate(distinct)}
-        block = block[torch.tensor([where[count] for count in counts])]
+    block = block.expand(len(counts), -1).clone() if len(rows) == 1 else block[torch.tensor(index)]
     block[:, COLUMN["rng_base"]] = torch.tensor(rng_bases, dtype=torch.float64)
     return block
 

@@ -1,6 +1,8 @@
 """The step-scalar rows of childopt.optim.functional: the host arithmetic of the eager CPU step
 against the float64 tensor ops every other step takes (the oracle: the same formula on tensors,
 as compiled and capturable steps run it), and where the host path may run at all."""
+import math
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -27,7 +29,7 @@ def _rows(counts, rng_bases, host: bool, monkeypatch, **hyper):
     real_host_rows = functional._host_rows
     monkeypatch.setattr(functional, "_host_rows", lambda *a, **k: taken.append(True) or real_host_rows(*a, **k))
     if not host:
-        monkeypatch.setattr(functional, "_host_counts", lambda *a: None)
+        monkeypatch.setattr(functional, "_host_counts", lambda *a, **k: None)
     steps = [torch.tensor(c, dtype=torch.float32) for c in counts]
     rows = functional.step_scalar_rows(steps, rng_bases, device="cpu", **hyper)
     monkeypatch.undo()
@@ -67,12 +69,18 @@ class _Watching(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["tensor lr", "tensor rng bases", "device cuda", "torch function mode",
-                                  "fake counts", "float64 count"])
+HYPER = (1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0)  # lr, beta1, beta2, eps, weight_decay, grad_scale
+
+
+@pytest.mark.parametrize("case", ["tensor lr", "tensor beta2", "tensor eps", "tensor weight_decay",
+                                  "tensor rng bases", "device cuda", "torch function mode", "fake counts",
+                                  "float64 count"])
 def test_the_host_path_is_not_taken_where_something_must_see_the_ops(native_loaded, case):
-    steps, lr, bases, device = [torch.tensor(2.0), torch.tensor(2.0)], 1e-3, [0, 64], "cpu"
-    if case == "tensor lr":
-        lr = torch.tensor(1e-3)
+    steps, bases, device = [torch.tensor(2.0), torch.tensor(2.0)], [0, 64], "cpu"
+    hyper = list(HYPER)
+    if case.startswith("tensor") and case != "tensor rng bases":
+        where = ["lr", "beta1", "beta2", "eps", "weight_decay"].index(case.split()[1])
+        hyper[where] = torch.tensor(hyper[where])
     elif case == "tensor rng bases":
         bases = [torch.tensor(0.0, dtype=torch.float64), torch.tensor(64.0, dtype=torch.float64)]
     elif case == "device cuda":
@@ -81,16 +89,40 @@ def test_the_host_path_is_not_taken_where_something_must_see_the_ops(native_load
         steps[1] = torch.tensor(2.0, dtype=torch.float64)
     if case == "torch function mode":
         with _Watching():
-            assert functional._host_counts(steps, lr, bases, device) is None
+            assert functional._host_counts(steps, bases, device, tuple(hyper)) is None
     elif case == "fake counts":
         with FakeTensorMode() as mode:
             fake = [mode.from_tensor(s) for s in steps]
-            assert functional._host_counts(fake, lr, bases, device) is None
+            assert functional._host_counts(fake, bases, device, tuple(hyper)) is None
     else:
-        assert functional._host_counts(steps, lr, bases, device) is None
-    assert functional._host_counts([torch.tensor(2.0)] * 2, 1e-3, [0, 64], "cpu") == [2.0, 2.0]
+        assert functional._host_counts(steps, bases, device, tuple(hyper)) is None
+    assert functional._host_counts([torch.tensor(2.0)] * 2, [0, 64], "cpu", HYPER) == [2.0, 2.0]
+
+
+def test_tensor_hyper_parameters_give_the_rows_numbers_give(native_loaded, monkeypatch):
+    """A one-element tensor beta, eps or weight decay (torch.optim.AdamW takes them) keeps the
+    tensor path, whose rows equal those of the same values as numbers."""
+    numbers = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=1.0,
+                   rule="adamw")
+    tensors = dict(numbers, betas=(0.9, torch.tensor(0.999, dtype=torch.float64)),
+                   eps=torch.tensor(1e-8, dtype=torch.float64), weight_decay=torch.tensor(0.01, dtype=torch.float64))
+    by_numbers = _rows([3.0, 3.0], [0, 64], False, monkeypatch, **numbers)
+    monkeypatch.setattr(functional, "_host_rows", lambda *a, **k: pytest.fail("host rows for tensor hyper-parameters"))
+    by_tensors = functional.step_scalar_rows([torch.tensor(3.0)] * 2, [0, 64], device="cpu", **tensors)
+    assert torch.equal(by_numbers, by_tensors)
 
 
 def test_without_the_native_module_the_rows_are_tensor_ops(monkeypatch):
     monkeypatch.setattr(functional._native, "loaded", lambda: (None, "not built"))
-    assert functional._host_counts([torch.tensor(2.0)], 1e-3, [0], "cpu") is None
+    assert functional._host_counts([torch.tensor(2.0)], [0], "cpu", HYPER) is None
+
+
+def test_a_nan_count_gives_nan_rows_as_the_tensor_ops_do(native_loaded, monkeypatch):
+    """A corrupted count must not crash the host path: its rows are NaN where the formula uses it."""
+    hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=1.0,
+                 rule="adamw")
+    counts = [math.nan, 4.0, math.nan]
+    host = _rows(counts, [0, 64, 128], True, monkeypatch, **hyper)
+    tensor = _rows(counts, [0, 64, 128], False, monkeypatch, **hyper)
+    assert torch.equal(host.isnan(), tensor.isnan()) and host.isnan()[:, COLUMN["step"]].tolist() == [True, False, True]
+    assert torch.equal(host[1].float(), tensor[1].float())
