@@ -7,7 +7,7 @@ from pathlib import Path
 
 from childopt.bench.table import aligned_table
 from childopt.memory.models import Architecture
-from childopt.memory.planner import Plan, Setting
+from childopt.memory.planner import Setting
 
 TERMS = (("weights", "weights"), ("gradients", "gradients"), ("state", "optimizer state"),
          ("masks", "masks/indices"), ("activations", "activations & temps"))

@@ -3,7 +3,6 @@ honoured or mapped onto backends as the docstring says, refused with the reason 
 import pickle
 
 import pytest
-import torch
 
 from childopt import ChildTuningAdamW, MaskedAdamW, backends
 from tests.helpers import assert_all_equal, make_params, snapshot, train
