@@ -86,13 +86,13 @@ def _bench_step(benchmark, stream_reference, cache_evictor, key: str, shapes, de
     except measure.Unavailable as exc:
         pytest.skip(str(exc))
     evictor = cache_evictor(device)
+    restore = measure.grad_restorer(params) if spec.scales_grads else None  # the gradients as set, before any step
     row = step.measure_row(spec, opt, params, device, warmup=measure.WARMUP, steps=steps, evictor=evictor)
     reference = stream_reference(row.numel, device)
     benchmark.extra_info.update(backend=row.backend, dtype=row.dtype, threads=row.threads, it_s=row.it_s,
                                 peak_gb=row.peak_gb, bytes_per_step=row.bytes_per_step, gbps=row.gbps,
                                 stream_gbps=reference.gbps, stream_kernel=reference.kernel,
                                 pct_stream=100.0 * row.gbps / reference.gbps)
-    restore = measure.grad_restorer(params) if spec.scales_grads else None
     benchmark.pedantic(measure.synchronized(opt.step, device), setup=step.before_timed(restore, evictor),
                        rounds=ROUNDS[device.type])
     assert_stepped(opt, params, before)

@@ -219,16 +219,18 @@ def measure_row(spec: RowSpec, opt: torch.optim.Optimizer, params, device: torch
     """Warm up, then time ``steps`` calls of ``opt.step()`` over ``params`` at the current intra-op
     thread count and apply the byte model of the parameters' dtype.  With ``evictor``, each timed
     step starts with the last-level cache evicted, as in training (:mod:`childopt.bench.evict`);
-    the peak memory then leaves out the evictor's buffer, live through the whole window."""
+    the peak memory then leaves out the evictor's buffer, live through the whole window (where
+    the window could be started)."""
     step = synchronized(torch.compile(opt.step) if spec.compiled else opt.step, device)
     restore = grad_restorer(params) if spec.scales_grads else None
     for _ in range(warmup):
         if restore is not None:
             restore()
         step()
-    reset_peak_memory(device)
+    windowed = reset_peak_memory(device)
     seconds = statistics.median(time_calls(step, steps, before=before_timed(restore, evictor)))
-    peak_gb = peak_memory_gb(device) - (evictor.nbytes / 1e9 if evictor is not None else 0.0)
+    # a peak counted from process start may predate the buffer: left whole, it stays an upper bound
+    peak_gb = peak_memory_gb(device) - (evictor.nbytes / 1e9 if evictor is not None and windowed else 0.0)
     numel = sum(p.numel() for p in params)
     bytes_per_step = round(spec.bytes_per_element(params[0].element_size()) * numel)
     backend = spec.backend or opt.backend_name()

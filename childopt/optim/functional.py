@@ -32,27 +32,37 @@ def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: floa
     """The float64 [n, len(STEP_SCALAR_FIELDS)] rows of one bucket, for its next step.
 
     Every backend rounds the same rows to fp32.  ``rng_bases`` are ints, or float64 scalars on
-    ``device`` (capturable: no host copy, so a CUDA graph can capture this).  Eager on the host
-    (plain CPU step counts, number hyper-parameters, int rng bases, rows built on the CPU) the arithmetic runs
-    on Python floats once per distinct count, as torch.optim.AdamW's own step computes its bias
-    corrections: about 40 us for roberta-base's 139 tensors where the tensor ops take 90-100
-    (2-core EPYC).  Anywhere else (compiled, capturable, a tensor hyper-parameter, a dispatch or
-    __torch_function__ mode) it is float64 tensor ops, which read nothing on the host.  The two
-    differ only where torch's vectorised pow and the C library's differ in the last float64 bit
-    (31 of 2 * 10**5 counts for beta 0.999, none after the rounding to fp32 there).
+    ``device`` (capturable: no host copy, so a CUDA graph can capture this).  Hyper-parameters are
+    numbers (numpy's included: taken as Python floats, so a float32 one computes in float64 like
+    the rest) or one-element tensors.  Eager on the host (plain CPU step counts, number
+    hyper-parameters, int rng bases, rows built on the CPU) the arithmetic runs on Python floats
+    once per distinct count, as torch.optim.AdamW's own step computes its bias corrections: about
+    40 us for roberta-base's 139 tensors where the tensor ops take 90-100 (2-core EPYC).  Anywhere
+    else (compiled, capturable, a tensor hyper-parameter, a dispatch or __torch_function__ mode) it
+    is float64 tensor ops, which read nothing on the host.  The two differ only where torch's
+    vectorised pow and the C library's differ in the last float64 bit (25 of the counts up to
+    2 * 10**6 for beta 0.999), and none of those survives the rounding to fp32 (checked for every
+    count up to 2 * 10**6 with betas (0.9, 0.999), (0.9, 0.98), (0.95, 0.999)).
     """
-    counts = _host_counts(state_steps, rng_bases, device, hyper=(lr, *betas, eps, weight_decay, grad_scale))
+    lr, beta1, beta2, eps, weight_decay, grad_scale = map(_number_as_float, (lr, *betas, eps, weight_decay, grad_scale))
+    formula = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+                   rule=rule)
+    counts = _host_counts(state_steps, rng_bases, device, hyper=(lr, beta1, beta2, eps, weight_decay, grad_scale))
     if counts is not None:
-        return _host_rows(counts, rng_bases, lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                          grad_scale=grad_scale, rule=rule)
+        return _host_rows(counts, rng_bases, lr, **formula)
     t = torch.stack(state_steps).to(device=device, dtype=torch.float64) + 1
     ones = torch.ones_like(t)
-    columns = _columns(t, torch.as_tensor(lr, dtype=torch.float64, device=device), betas=betas, eps=eps,
-                       weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, rule=rule, sqrt=torch.sqrt)
+    columns = _columns(t, torch.as_tensor(lr, dtype=torch.float64, device=device), sqrt=torch.sqrt, **formula)
     columns["rng_base"] = (torch.stack(rng_bases) if isinstance(rng_bases[0], torch.Tensor)
                            else torch.tensor(rng_bases, dtype=torch.float64, device=device))
-    return torch.stack([c if isinstance(c, torch.Tensor) and c.dim() == 1 else ones * c
+    # a number or a one-element tensor (0-dim or [1]: torch takes both) is spread over the bucket
+    return torch.stack([c if isinstance(c, torch.Tensor) and c.shape == t.shape else ones * c
                         for c in map(columns.get, STEP_SCALAR_FIELDS)], dim=1)
+
+
+def _number_as_float(value):
+    """A Python float for a number (a numpy float32 would keep float32 arithmetic); tensors as they are."""
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def _columns(t, lr, *, betas, eps: float, weight_decay: float, maximize: bool, grad_scale: float, rule: str,

@@ -3,8 +3,10 @@ AdamW takes in the same step, the same parameters as eager, and with ``capturabl
 recompile while an LR scheduler changes the learning rate.
 
 Compiled and eager steps are compared bit for bit: the step scalars are float64 tensor
-arithmetic in both (inductor may fuse it, which changes no float64 result that is then
-rounded to fp32 here; if a torch release made them differ, the test would show it).
+arithmetic in the compiled step and Python float arithmetic in the eager one (one formula,
+childopt.optim.functional._columns); inductor's fused kernels and the C library's pow may differ
+from torch's eager pow in the last float64 bit, which the rounding to fp32 here removes (if a
+torch release made them differ after it, the test would show it).
 """
 import warnings
 

@@ -126,3 +126,36 @@ def test_a_nan_count_gives_nan_rows_as_the_tensor_ops_do(native_loaded, monkeypa
     tensor = _rows(counts, [0, 64, 128], False, monkeypatch, **hyper)
     assert torch.equal(host.isnan(), tensor.isnan()) and host.isnan()[:, COLUMN["step"]].tolist() == [True, False, True]
     assert torch.equal(host[1].float(), tensor[1].float())
+
+
+def test_numpy_float32_hyper_parameters_compute_in_float64_on_both_paths(native_loaded, monkeypatch):
+    """An LR scheduler's lambda may return np.float32; numpy keeps float32 arithmetic for it, which
+    made the host rows differ from the tensor ops (and so eager from compiled steps)."""
+    np = pytest.importorskip("numpy")
+    for rule in functional.RULES:
+        hyper = dict(lr=np.float32(1e-3), betas=(np.float32(0.9), 0.999), eps=np.float32(1e-8),
+                     weight_decay=np.float16(0.01), maximize=False, grad_scale=1.0, rule=rule)
+        counts = [float(c) for c in range(0, 200, 3)]
+        host = _rows(counts, list(range(len(counts))), True, monkeypatch, **hyper)
+        tensor = _rows(counts, list(range(len(counts))), False, monkeypatch, **hyper)
+        assert torch.equal(host.float(), tensor.float()), rule
+        as_floats = _rows(counts, list(range(len(counts))), True, monkeypatch,
+                          **{**hyper, "lr": float(hyper["lr"]), "betas": (float(np.float32(0.9)), 0.999),
+                             "eps": float(hyper["eps"]), "weight_decay": float(hyper["weight_decay"])})
+        assert torch.equal(host, as_floats)
+
+
+@pytest.mark.parametrize("capturable_rows", [False, True], ids=["host counts", "tensor ops"])
+def test_a_one_element_1d_lr_is_spread_over_the_bucket(native_loaded, monkeypatch, capturable_rows):
+    """torch.optim.AdamW takes lr=torch.tensor([1e-3]); its [1]-shaped columns (decay, and the
+    uncorrected rule's step size) must spread over the bucket, not fail the stack."""
+    for rule in functional.RULES:
+        hyper = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=1.0, rule=rule)
+        steps = [torch.tensor(2.0)] * 3
+        if capturable_rows:
+            rows = functional.step_scalar_rows(steps, [torch.tensor(float(b), dtype=torch.float64) for b in (0, 8, 16)],
+                                               lr=torch.tensor([1e-3]), device="cpu", **hyper)
+        else:
+            rows = functional.step_scalar_rows(steps, [0, 8, 16], lr=torch.tensor([1e-3]), device="cpu", **hyper)
+        by_number = _rows([2.0] * 3, [0, 8, 16], False, monkeypatch, lr=torch.tensor([1e-3]).item(), **hyper)
+        assert rows.shape == (3, len(COLUMN)) and torch.equal(rows.float(), by_number.float()), rule
