@@ -4,7 +4,8 @@ The in-place stream reference (:mod:`childopt.bench.stream`) must run on buffers
 larger than the last-level cache, or part of its traffic never leaves the cache and the
 reference overstates what memory streams.  Sources, in order: Linux sysfs
 (``/sys/devices/system/cpu/cpu*/cache/index*/{level,type,size,shared_cpu_list}``: the highest
-data or unified level, its size times the number of distinct instances the CPUs share), then
+data or unified level, its size times the number of distinct instances shared by the CPUs this
+process may run on: a container pinned to two cores of a many-CCD host reaches one L3), then
 ``lscpu`` (util-linux >= 2.34 prints the total over instances), then ``getconf
 LEVEL3_CACHE_SIZE``.  When none answers the size is "unknown" and :data:`DEFAULT_BYTES` stands
 in, large enough for most server CPUs.  On CUDA the last-level cache is the GPU's L2, from
@@ -13,12 +14,13 @@ in, large enough for most server CPUs.  On CUDA the last-level cache is the GPU'
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -55,11 +57,15 @@ def parse_size(text: str) -> Optional[int]:
     return round(value) or None
 
 
-def from_sysfs(root: Path = SYSFS_CPU) -> Optional[CacheSize]:
+def from_sysfs(root: Path = SYSFS_CPU, cpus: Optional[Collection[int]] = None) -> Optional[CacheSize]:
     """The highest-level data or unified cache in ``root/cpu*/cache/index*``: one instance's size times
-    the number of distinct ``shared_cpu_list`` sets it has among the CPUs; None when sysfs has none."""
+    the number of distinct ``shared_cpu_list`` sets it has among the CPUs (those in ``cpus``, when
+    given: a process pinned to a few cores of a many-CCD host reaches only their instances); None
+    when sysfs has none."""
     caches = {}  # level -> (size of one instance, the distinct CPU sets sharing an instance)
     for index in sorted(root.glob("cpu[0-9]*/cache/index[0-9]*")):
+        if cpus is not None and int(index.parent.parent.name[3:]) not in cpus:
+            continue
         try:
             if (index / "type").read_text().strip() == "Instruction":
                 continue
@@ -75,7 +81,8 @@ def from_sysfs(root: Path = SYSFS_CPU) -> Optional[CacheSize]:
         return None
     level = max(caches)
     size, instances = caches[level]
-    return CacheSize(size * len(instances), f"sysfs {root}/cpu*/cache: L{level}, {len(instances)} x {size} B",
+    of_cpus = "" if cpus is None else f" (of the {len(cpus)} CPUs this process may run on)"
+    return CacheSize(size * len(instances), f"sysfs {root}/cpu*/cache: L{level}, {len(instances)} x {size} B{of_cpus}",
                      instance_bytes=size)
 
 
@@ -105,9 +112,19 @@ def _command(argv: list[str]) -> Optional[str]:
         return None
 
 
-def cpu_llc(root: Path = SYSFS_CPU) -> CacheSize:
-    """The CPU's last-level cache from sysfs, else lscpu, else getconf, else the stated default."""
-    found = from_sysfs(root)
+def allowed_cpus() -> Optional[frozenset]:
+    """The CPUs this process may run on (its affinity), None where the OS does not say."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return None
+
+
+def cpu_llc(root: Path = SYSFS_CPU, cpus: Optional[Collection[int]] = None) -> CacheSize:
+    """The CPU's last-level cache from sysfs (counting the instances of ``cpus``, by default the
+    CPUs this process may run on), else lscpu, else getconf (which count every instance), else
+    the stated default."""
+    found = from_sysfs(root, allowed_cpus() if cpus is None else cpus)
     if found is None:
         found = from_lscpu_text(_command(["lscpu"]) or "")
     if found is None:

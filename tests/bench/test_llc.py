@@ -71,7 +71,7 @@ def test_lscpu_splits_its_total_over_the_instances_it_names(line, total, instanc
 def test_cpu_llc_falls_back_from_sysfs_to_lscpu_to_getconf_to_the_default(tmp_path, monkeypatch):
     answers = {"lscpu": "L2 cache: 1 MiB\n", "getconf": "8388608\n"}
     monkeypatch.setattr(llc, "_command", lambda argv: answers.get(argv[0]))
-    assert llc.cpu_llc(tmp_path) == llc.CacheSize(2**20, "lscpu: L2", instance_bytes=2**20)
+    assert llc.cpu_llc(tmp_path) == llc.CacheSize(2**20, "lscpu: L2", instance_bytes=2**20)  # no sysfs entries
     answers["lscpu"] = None
     assert llc.cpu_llc(tmp_path) == llc.CacheSize(8 * 2**20, "getconf LEVEL3_CACHE_SIZE", instance_bytes=8 * 2**20)
     answers["getconf"] = "0\n"
@@ -79,7 +79,26 @@ def test_cpu_llc_falls_back_from_sysfs_to_lscpu_to_getconf_to_the_default(tmp_pa
     assert unknown.bytes == llc.DEFAULT_BYTES and not unknown.known and unknown.instance_bytes is None
     assert unknown.source.startswith("unknown") and "256 MiB" in unknown.source
     fake_machine(tmp_path, l3_shared=("0-1", "0-1"))
-    assert llc.cpu_llc(tmp_path).bytes == 107520 * 1024  # sysfs first
+    assert llc.cpu_llc(tmp_path, cpus={0, 1}).bytes == 107520 * 1024  # sysfs first
+
+
+def test_only_the_instances_of_the_cpus_this_process_may_run_on_count(tmp_path, monkeypatch):
+    """Two L3 instances, one per CPU: a process that may run on CPU 1 only reaches one of them."""
+    fake_machine(tmp_path, l3_shared=("0", "1"))
+    assert llc.from_sysfs(tmp_path, cpus={0, 1}).bytes == 2 * 107520 * 1024
+    one = llc.from_sysfs(tmp_path, cpus={1})
+    assert (one.bytes, one.instance_bytes) == (107520 * 1024, 107520 * 1024)
+    assert "1 x" in one.source and "of the 1 CPUs this process may run on" in one.source
+    assert llc.from_sysfs(tmp_path, cpus={7}) is None  # none of its CPUs listed: the next source answers
+    monkeypatch.setattr(llc.os, "sched_getaffinity", lambda pid: {1}, raising=False)
+    assert llc.cpu_llc(tmp_path).bytes == 107520 * 1024  # by default, the process's affinity
+
+
+def test_without_an_affinity_every_listed_cpu_counts(tmp_path, monkeypatch):
+    fake_machine(tmp_path, l3_shared=("0", "1"))
+    monkeypatch.delattr(llc.os, "sched_getaffinity", raising=False)
+    assert llc.allowed_cpus() is None
+    assert llc.cpu_llc(tmp_path).bytes == 2 * 107520 * 1024
 
 
 @pytest.mark.skipif(not (llc.SYSFS_CPU / "cpu0" / "cache").is_dir(), reason="no sysfs cache information here")
