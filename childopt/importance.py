@@ -212,18 +212,19 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
 
 
 def draw_codes(log_r: torch.Tensor, log_c: float, p_min: float, rng_base: int, seed: int, refresh: int,
-               random_words) -> torch.Tensor:
+               codes_of) -> torch.Tensor:
     """Level codes of one tensor's keep probabilities (:func:`probabilities`), rounded by Philox.
 
     The rounding words are keyed like the Bernoulli draw (counter: the element's group and
     :data:`ROUNDING_STREAM`), with ``refresh`` folded into the key so each refresh draws anew.
-    They are drawn a piece at a time (a piece starts on a 4-element group: its words are the
-    tensor's words from that group on), so a refresh holds one piece's words, not the tensor's.
+    ``codes_of(p, first_group, key, stream)`` rounds (a backend's ``level_codes``: this module's
+    :func:`level_codes` on its words, or childopt._C's on CPU).  A piece at a time (a piece starts
+    on a 4-element group: its words are the tensor's words from that group on), so a refresh holds
+    one piece's probabilities and words, not the tensor's.
     """
     key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
     codes = torch.empty(log_r.numel(), dtype=torch.uint8, device=log_r.device)
     for start in range(0, log_r.numel(), PIECE):
-        piece = log_r[start:start + PIECE]
-        words = random_words(piece.numel(), rng_base + start // 4, key, ROUNDING_STREAM, log_r.device)
-        codes[start:start + PIECE].copy_(level_codes(probabilities(piece, log_c, p_min), words))
+        p = probabilities(log_r[start:start + PIECE], log_c, p_min)
+        codes[start:start + PIECE].copy_(codes_of(p, rng_base + start // 4, key, ROUNDING_STREAM))
     return codes

@@ -72,6 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous int32 CPU tensor with the Philox words (bit patterns) of its elements, as "
         "childopt.philox.random_words draws them");
+  m.def("_level_codes", &childopt::cpu::level_codes_into, pybind11::arg("p"), pybind11::arg("codes"),
+        pybind11::arg("rng_base"), pybind11::arg("seed"), pybind11::arg("step"),
+        "fill a contiguous uint8 CPU tensor with the importance level codes of the contiguous float32 keep "
+        "probabilities p, rounded by their Philox words, as childopt.importance.level_codes draws them");
   m.def("_importance_draw", &childopt::cpu::importance_draw_of, pybind11::arg("codes"), pybind11::arg("rng_base"),
         pybind11::arg("seed"), pybind11::arg("step"),
         "test-only: the importance keep decisions (bool) and level scales (float32) of a contiguous uint8 CPU "

@@ -179,8 +179,10 @@ CHILDOPT_DECLARE_OPS()
 
 // CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
 // sample_mask's Gumbel noise (philox_words.cpp), the importance draw's test hooks (the same file)
-// the benchmark's roofline reference (inplace_stream.cpp) and the eager step's count increment.
+// the benchmark's roofline reference (inplace_stream.cpp), the eager step's count increment and
+// the level codes of an importance refresh (level_codes.cpp).
 void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
+void level_codes_into(const at::Tensor& p, const at::Tensor& codes, uint64_t rng_base, uint64_t seed, uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
                                                       uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);

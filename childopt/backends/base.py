@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from childopt import philox
+from childopt import importance, philox
 from childopt.backends import contract
 from childopt.backends.contract import MaskKind, MaskSpec
 
@@ -96,3 +96,8 @@ class Backend:
     def random_words(self, numel: int, rng_base: int, seed: int, step: int, device) -> torch.Tensor:
         """The uint32 Philox words (int64) of ``numel`` elements: :func:`childopt.philox.random_words`."""
         return philox.random_words(numel, rng_base, seed, step, device)
+
+    def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:
+        """uint8 importance level codes of fp32 keep probabilities ``p`` (1-D), rounded by the Philox words
+        of its elements from group ``rng_base`` on: :func:`childopt.importance.level_codes`."""
+        return importance.level_codes(p, self.random_words(p.numel(), rng_base, seed, step, p.device))

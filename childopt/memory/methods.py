@@ -29,9 +29,11 @@ from childopt.memory.models import layer_blocks
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
 BNB_QMAPS_BYTES = 2 * 256 * 4
-# Bytes per element of one piece's temporaries in an importance refresh (fitted to torch's profiler
-# on BERTs of 0.3-3.8M parameters: extra = 4 B per element + 55 B per element of the largest tensor).
-IMPORTANCE_PIECE_BYTES = 55
+# Bytes per element of one piece's temporaries in an importance refresh with childopt._C's CPU level
+# codes (fitted to torch's profiler on the three small test models: extra = 4 B per element + 13 B
+# per element of the largest tensor).  The torch level codes (CUDA, or a CPU without childopt._C)
+# hold about 47 B: up to 36 MB more at a 2**20-element piece, which the plan leaves out.
+IMPORTANCE_PIECE_BYTES = 13
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def modeled_mask_bytes(method: Method, trainable: list) -> int:
 def modeled_step_bytes(method: Method, trainable: list) -> int:
     """Bytes a method's step holds beyond the trace it shares: at an ``importance`` refresh, the fp32
     log ratio of every sampled element, and the temporaries of one piece (scores, Philox words, level
-    arithmetic: 55 B per element, measured; childopt.importance.PIECE elements at most)."""
+    arithmetic: IMPORTANCE_PIECE_BYTES per element, measured; childopt.importance.PIECE elements at most)."""
     if method.name != "importance" or not trainable:
         return 0
     return 4 * sum(p.numel() for p in trainable) + IMPORTANCE_PIECE_BYTES * min(max(p.numel() for p in trainable),

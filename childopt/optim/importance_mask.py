@@ -152,20 +152,21 @@ class ImportanceSampler:
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
         self._steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
 
-    def before_step(self, states: dict, seed: int, rng_bases: dict, random_words: Callable,
+    def before_step(self, states: dict, seed: int, rng_bases: dict, level_codes: Callable,
                     rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
-        has no draw.  ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``,
-        asked for only when a refresh runs (not on every step)."""
+        has no draw.  ``level_codes``: the backend's (childopt.backends.base.Backend.level_codes);
+        ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``, asked for only
+        when a refresh runs (not on every step)."""
         if self._steps is None:
             self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                               default=0)
         if self._steps % self.config.refresh_every == 0 or any("importance" not in states.get(m.param, {})
                                                                  for m in self.members):
-            self.refresh(states, seed, rng_bases, random_words, self._steps, rescaled())
+            self.refresh(states, seed, rng_bases, level_codes, self._steps, rescaled())
         self._steps += 1
 
-    def refresh(self, states: dict, seed: int, rng_bases: dict, random_words: Callable, refresh: int,
+    def refresh(self, states: dict, seed: int, rng_bases: dict, level_codes: Callable, refresh: int,
                 rescaled: set) -> None:
         """Write each member's ``state["importance"]`` for the coming steps (``refresh``: the draw's key)."""
         if not self.members:
@@ -192,7 +193,7 @@ class ImportanceSampler:
                     self._scales[scope] = c
             for i, log_r in zip(where, logs):
                 param = self.members[i].param
-                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, random_words)
+                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, level_codes)
                 states[param]["importance"] = codes.view(param.shape)
 
     def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from childopt import Importance, MaskedAdamW, importance, masks, philox
+from tests.csrc.conftest import ISAS
 from tests.helpers import assert_all_equal, bernoulli_keep_at, make_params, snapshot, train
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 THREADS = (1, 2, 3)
 # (numel, rng_base, seed, step): a lone element, a partial group at the top of the counter's low
 # word, a vector step that carries into the high word, long runs split over the threads.
@@ -24,33 +24,6 @@ WORD_CASES = [
     (300_001, 5, 2**33 + 1, 1),
 ]
 SHAPES = [(1,), (3,), (5,), (129,), (1031,), (64 * 1024 + 5,), (7, 13)]
-
-
-@pytest.fixture
-def native_module(lane_on_cpu):
-    lane_on_cpu("native")
-    from childopt import _native
-
-    return _native.load()
-
-
-@pytest.fixture(params=list(ISAS))
-def isa(request, native_module):
-    """Draws with one ISA for the test (skipped where this CPU lacks it), then restores the default."""
-    before = native_module._philox_isa()
-    try:
-        native_module._set_philox_isa(ISAS[request.param])
-    except RuntimeError:
-        pytest.skip(f"this CPU cannot run {request.param}")
-    yield request.param
-    native_module._set_philox_isa(before)
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 def _cpu_flags() -> set:

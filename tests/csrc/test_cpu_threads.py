@@ -18,22 +18,6 @@ SHAPES = [(64 * 1024,)] * 6 + [(1031,), (3, 5)]  # 14 chunks of 32K elements and
 MASKS = ["none", "dense", "bernoulli", "sparse"]
 
 
-@pytest.fixture
-def native_module(lane_on_cpu):
-    lane_on_cpu("native")
-    from childopt import _native
-
-    return _native.load()
-
-
-@pytest.fixture
-def threads():
-    """Sets torch's intra-op thread count for the test; restores it afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def _optimizer(params, mask):
     kwargs = dict(lr=1e-2, weight_decay=0.1, seed=5, backend="native")
     if mask == "bernoulli":
@@ -93,9 +77,11 @@ def test_the_build_uses_torchs_openmp_runtime_when_aten_does():
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_philox_words_and_the_stream_reference_run_on_every_intra_op_thread(native_module, threads, count):
+def test_philox_words_level_codes_and_the_stream_reference_run_on_every_intra_op_thread(native_module, threads,
+                                                                                       count):
     threads(count)
     for run in (lambda: native_module._philox_words(torch.empty(1 << 20, dtype=torch.int32), 0, 1, 2),
+                lambda: native_module._level_codes(torch.rand(1 << 20), torch.empty(1 << 20, dtype=torch.uint8), 0, 1, 2),
                 lambda: native_module._inplace_stream(*(torch.zeros(1 << 20) for _ in range(4)))):
         native_module._record_chunk_threads(True)
         try:

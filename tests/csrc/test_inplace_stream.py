@@ -5,14 +5,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def native_module(lane_on_cpu):
-    lane_on_cpu("native")
-    from childopt import _native
-
-    return _native.load()
-
-
 @pytest.mark.parametrize("numel", [1, 1031, 3 * 32768 + 5])
 def test_the_stream_reads_every_input_and_writes_p_m_v(native_module, numel):
     torch.manual_seed(0)

@@ -16,14 +16,6 @@ from childopt import MaskedAdamW
 from childopt.optim.functional import advance_steps
 
 
-@pytest.fixture
-def native_module(lane_on_cpu):
-    lane_on_cpu("native")
-    from childopt import _native
-
-    return _native.load()
-
-
 def _counts(values):
     return [torch.tensor(v, dtype=torch.float32) for v in values]
 
