@@ -151,22 +151,27 @@ def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tens
     return torch.add(log_r, whole).exp2_().mul_(2.0 ** (log_c - whole)).clamp_(p_min, 1.0)
 
 
-def _expected_kept(logs: list, log_c: float, p_min: float) -> tuple[float, float]:
+def probability_sums(p: torch.Tensor, floor: float) -> tuple[float, int, int]:
+    """(float64 sum, entries equal to 1, entries equal to ``floor``) of probabilities clamped to
+    ``[floor, 1]``: what a pass of the solve needs (the unclamped sum is ``sum - ones - floor *
+    floors``; two counts are 5x faster on a CPU than a sum over a ``torch.where`` of the interior).
+    childopt._C computes the same on CPU in one read (a backend's ``probability_sums``)."""
+    return float(p.sum(dtype=torch.float64)), int(torch.count_nonzero(p == 1.0)), int(torch.count_nonzero(p == floor))
+
+
+def _expected_kept(logs: list, log_c: float, p_min: float, sums=probability_sums) -> tuple[float, float]:
     """``sum(p)`` over the scope and its slope in ``log_c`` (``ln 2`` times the sum of unclamped p)."""
     total, unclamped = 0.0, 0.0
     floor = float(torch.tensor(p_min, dtype=torch.float32))  # the fp32 value clamp_ writes
     for log_r in logs:
         for piece in log_r.split(PIECE):
-            p = probabilities(piece, log_c, p_min)
-            piece_sum = float(p.sum(dtype=torch.float64))
-            # unclamped sum = sum - (entries at 1) - floor * (entries at the floor): two counts, 5x
-            # faster on a CPU than summing a torch.where of the interior
-            unclamped += piece_sum - int(torch.count_nonzero(p == 1.0)) - floor * int(torch.count_nonzero(p == floor))
+            piece_sum, ones, floors = sums(probabilities(piece, log_c, p_min), floor)
+            unclamped += piece_sum - ones - floor * floors
             total += piece_sum
     return total, unclamped * math.log(2.0)
 
 
-def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
+def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability_sums) -> float:
     """``log2 c`` with ``sum(clamp(c * r, p_min, 1)) = reserve_p * N`` over one scope's log ratios.
 
     The sum is non-decreasing in ``log2 c``; Newton's step from the current point is taken when it
@@ -175,7 +180,7 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
     ratios, with float64 sums: the kept count is hit to ``1e-7`` relative.  Returns ``-inf`` when
     ``p_min`` alone keeps ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf``
     keeps too few (more zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to
-    make up for them).
+    make up for them).  ``sums``: :func:`probability_sums` or a backend's (the same values).
     """
     n = sum(r.numel() for r in logs)
     target = reserve_p * n
@@ -188,7 +193,7 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float) -> float:
     # the root when nothing is clamped; from the data alone, so a resumed run solves alike
     x = math.log2(target) - math.log2(sum(float(torch.exp2(r).sum(dtype=torch.float64)) for r in logs))
     for _ in range(_SOLVE_ITERATIONS):
-        kept, slope = _expected_kept(logs, x, p_min)
+        kept, slope = _expected_kept(logs, x, p_min, sums)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:
             return x
         if kept < target:

@@ -76,6 +76,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rng_base"), pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous uint8 CPU tensor with the importance level codes of the contiguous float32 keep "
         "probabilities p, rounded by their Philox words, as childopt.importance.level_codes draws them");
+  m.def("_probability_sums", &childopt::cpu::probability_sums, pybind11::arg("p"), pybind11::arg("floor"),
+        "(float64 sum, entries equal to 1, entries equal to float32(floor)) of a contiguous float32 CPU tensor "
+        "of keep probabilities, as childopt.importance.probability_sums computes them, independent of the "
+        "thread count");
   m.def("_importance_draw", &childopt::cpu::importance_draw_of, pybind11::arg("codes"), pybind11::arg("rng_base"),
         pybind11::arg("seed"), pybind11::arg("step"),
         "test-only: the importance keep decisions (bool) and level scales (float32) of a contiguous uint8 CPU "

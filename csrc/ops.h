@@ -180,9 +180,10 @@ CHILDOPT_DECLARE_OPS()
 // CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
 // sample_mask's Gumbel noise (philox_words.cpp), the importance draw's test hooks (the same file)
 // the benchmark's roofline reference (inplace_stream.cpp), the eager step's count increment and
-// the level codes of an importance refresh (level_codes.cpp).
+// the level codes and the solve's sums of an importance refresh (level_codes.cpp, probability_sums.cpp).
 void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
 void level_codes_into(const at::Tensor& p, const at::Tensor& codes, uint64_t rng_base, uint64_t seed, uint64_t step);
+std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& p, double floor);
 std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
                                                       uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);

@@ -97,6 +97,10 @@ class Backend:
         """The uint32 Philox words (int64) of ``numel`` elements: :func:`childopt.philox.random_words`."""
         return philox.random_words(numel, rng_base, seed, step, device)
 
+    def probability_sums(self, p: torch.Tensor, floor: float) -> tuple[float, int, int]:
+        """A pass of the importance solve over clamped keep probabilities: :func:`childopt.importance.probability_sums`."""
+        return importance.probability_sums(p, floor)
+
     def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:
         """uint8 importance level codes of fp32 keep probabilities ``p`` (1-D), rounded by the Philox words
         of its elements from group ``rng_base`` on: :func:`childopt.importance.level_codes`."""

@@ -60,6 +60,12 @@ class Backend(base.Backend):
         self._module._philox_words(words, rng_base, seed, step)
         return words.to(torch.int64) & philox.MASK32
 
+    def probability_sums(self, p: torch.Tensor, floor: float) -> tuple[float, int, int]:
+        """On CPU, childopt._C's one-read pass (the same sums in a fixed order; counts equal)."""
+        if p.device.type != "cpu":
+            return super().probability_sums(p, floor)
+        return self._module._probability_sums(p.float().contiguous(), floor)
+
     def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:
         """On CPU, childopt._C's level codes (the same bits; the words never stored): 10x the torch ops."""
         if p.device.type != "cpu":

@@ -152,21 +152,20 @@ class ImportanceSampler:
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
         self._steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
 
-    def before_step(self, states: dict, seed: int, rng_bases: dict, level_codes: Callable,
-                    rescaled: Callable[[], set]) -> None:
+    def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
-        has no draw.  ``level_codes``: the backend's (childopt.backends.base.Backend.level_codes);
-        ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``, asked for only
+        has no draw.  ``kernels``: the parameters' backend (its ``probability_sums`` and
+        ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``, asked for only
         when a refresh runs (not on every step)."""
         if self._steps is None:
             self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                               default=0)
         if self._steps % self.config.refresh_every == 0 or any("importance" not in states.get(m.param, {})
                                                                  for m in self.members):
-            self.refresh(states, seed, rng_bases, level_codes, self._steps, rescaled())
+            self.refresh(states, seed, rng_bases, kernels, self._steps, rescaled())
         self._steps += 1
 
-    def refresh(self, states: dict, seed: int, rng_bases: dict, level_codes: Callable, refresh: int,
+    def refresh(self, states: dict, seed: int, rng_bases: dict, kernels, refresh: int,
                 rescaled: set) -> None:
         """Write each member's ``state["importance"]`` for the coming steps (``refresh``: the draw's key)."""
         if not self.members:
@@ -185,7 +184,7 @@ class ImportanceSampler:
             p_min = self.config.floor(first.reserve_p)
             c = self._scales.get(scope)
             if c is None:
-                c = importance.solve_log_scale(logs, first.reserve_p, p_min)
+                c = importance.solve_log_scale(logs, first.reserve_p, p_min, kernels.probability_sums)
                 if c == math.inf:  # user code <- optimizer wrappers (2) <- step <- before_step <- refresh
                     warnings.warn(f"importance scope {scope} ({first.name}, ...) has too few non-zero scores to keep "
                                   "reserve_p of it in expectation; all non-zero ones are kept", stacklevel=6)
@@ -193,7 +192,7 @@ class ImportanceSampler:
                     self._scales[scope] = c
             for i, log_r in zip(where, logs):
                 param = self.members[i].param
-                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, level_codes)
+                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, kernels.level_codes)
                 states[param]["importance"] = codes.view(param.shape)
 
     def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:

@@ -245,7 +245,7 @@ class MaskedAdamW(Optimizer):
             self._importance = self._make_sampler(self._importance_config)
         if self._importance is not None and not self._importance.config.uniform:
             self._importance.before_step(self.state, self.seed, self._rng_bases,
-                                         self._backend(self.param_groups[0]["params"][0].device).level_codes,
+                                         self._backend(self.param_groups[0]["params"][0].device),
                                          self._rescaled_params)
         for group, stepped, grads in work:
             self._step_group(group, stepped, grads)
