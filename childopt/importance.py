@@ -126,14 +126,12 @@ def log_ratios(scores: list, temperature: float) -> list:
     ``T -> 0`` sends every ratio but the largest towards ``-inf``, and the solve still separates
     them.  An all-zero scope has no order: every entry gets 0 (ratio 1, a uniform draw).
     """
-    logs = [torch.log2(s.reshape(-1).float()) for s in scores]  # each score read once
+    # each score read once; float64 scores in float64 until scaled (fp32 cannot hold 1e-50 or 1e39)
+    logs = [torch.log2(s.reshape(-1) if s.dtype == torch.float64 else s.reshape(-1).float()) for s in scores]
     top = max((float(log.max()) for log in logs if log.numel()), default=-math.inf)  # log2 of the peak
-    for log in logs:
-        if top == -math.inf:
-            log.zero_()
-        else:
-            log.sub_(top).div_(temperature)
-    return logs
+    if top == -math.inf:
+        return [torch.zeros(log.numel(), dtype=torch.float32, device=log.device) for log in logs]
+    return [log.sub_(top).div_(temperature).float() for log in logs]
 
 
 def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
@@ -147,8 +145,8 @@ def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tens
         if log_c < 0:
             return torch.full_like(log_r, p_min)
         return torch.full_like(log_r, p_min).masked_fill_(torch.isfinite(log_r), 1.0)
-    whole = math.floor(log_c)
-    return torch.add(log_r, whole).exp2_().mul_(2.0 ** (log_c - whole)).clamp_(p_min, 1.0)
+    whole = math.floor(log_c)  # added as a float: an int past int64 (T -> 0) would not convert
+    return torch.add(log_r, float(whole)).exp2_().mul_(2.0 ** (log_c - whole)).clamp_(p_min, 1.0)
 
 
 def probability_sums(p: torch.Tensor, floor: float) -> tuple[float, int, int]:
@@ -186,12 +184,13 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability
     target = reserve_p * n
     if p_min * n >= target:
         return -math.inf
-    positive = sum(int(torch.isfinite(r).sum()) for r in logs)
+    pieces = [piece for r in logs for piece in r.split(PIECE)]  # a piece's temporaries at a time
+    positive = sum(int(torch.count_nonzero(torch.isfinite(piece))) for piece in pieces)
     if positive + p_min * (n - positive) < target * (1 - _SOLVE_TOLERANCE):
         return math.inf
     low, high, widen = -math.inf, math.inf, 1.0
     # the root when nothing is clamped; from the data alone, so a resumed run solves alike
-    x = math.log2(target) - math.log2(sum(float(torch.exp2(r).sum(dtype=torch.float64)) for r in logs))
+    x = math.log2(target) - math.log2(sum(sums(torch.exp2(piece), 0.0)[0] for piece in pieces))
     for _ in range(_SOLVE_ITERATIONS):
         kept, slope = _expected_kept(logs, x, p_min, sums)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:

@@ -80,12 +80,22 @@ def test_scale_is_infinite_when_too_few_scores_are_positive():
     assert importance.probabilities(logs[0], -math.inf, 0.5).tolist() == [0.5] * 4
 
 
-def test_a_tiny_temperature_still_solves_in_the_log_domain():
-    """T = 1e-4 puts the ratios far below float64's range; the solve must still hit reserve_p."""
-    logs = importance.log_ratios([torch.linspace(1.0, 2.0, 1000)], 1e-4)
+@pytest.mark.parametrize("temperature", [1e-4, 1e-30])
+def test_a_tiny_temperature_still_solves_in_the_log_domain(temperature):
+    """T = 1e-4 puts the ratios far below float64's range, T = 1e-30 puts log2 c past int64; the
+    solve must still hit reserve_p."""
+    logs = importance.log_ratios([torch.linspace(1.0, 2.0, 1000)], temperature)
     assert float(logs[0].min()) < -5000
     log_c = importance.solve_log_scale(logs, 0.3, 0.0)
     assert kept_share(logs, log_c, 0.0) == pytest.approx(0.3, rel=1e-6)
+
+
+def test_float64_scores_beyond_fp32_range_keep_their_order():
+    """log_ratios takes float64 logs before scaling them into fp32, so 1e-50 and 1e39 keep their ratios."""
+    tiny = importance.log_ratios([torch.tensor([1e-50, 2e-50], dtype=torch.float64)], 1.0)[0]
+    assert tiny.dtype == torch.float32 and tiny.tolist() == [-1.0, 0.0]
+    huge = importance.log_ratios([torch.tensor([1e39, 1.0, 0.0], dtype=torch.float64)], 2.0)[0]
+    assert huge.tolist() == pytest.approx([0.0, -math.log2(1e39) / 2, -math.inf])
 
 
 def test_levels_are_eight_per_octave_and_their_scale_is_one_over_p():

@@ -39,7 +39,8 @@ constexpr uint32_t kOctaveSteps[7] = {759234, 1587185, 2490071, 3474676, 4548395
   return static_cast<float>(threshold) * 0x1p-32f + static_cast<float>(code == kLevelAlways);  // 255: 1
 }
 
-// floor(8 log2 p) + 255 clamped to [0, 254], exactly, from p's bits (zero and subnormals: 0).
+// floor(8 log2 p) + 255 clamped to [0, 254], exactly, from p's bits (zero, -0.0, subnormals and
+// negative p: 0, as torch's log2 gives -inf for -0.0).
 [[gnu::always_inline]] inline uint32_t level_estimate(float p) {
   const uint32_t bits = std::bit_cast<uint32_t>(p);
   const int32_t octave = static_cast<int32_t>(bits >> 23) - 127;
@@ -48,7 +49,7 @@ constexpr uint32_t kOctaveSteps[7] = {759234, 1587185, 2490071, 3474676, 4548395
                        (mantissa >= kOctaveSteps[3]) + (mantissa >= kOctaveSteps[4]) + (mantissa >= kOctaveSteps[5]) +
                        (mantissa >= kOctaveSteps[6]);
   const int32_t estimate = 8 * octave + step + 255;
-  return static_cast<uint32_t>(std::min(std::max(estimate, 0), 254));
+  return static_cast<uint32_t>(std::min(std::max(estimate, 0), 254)) & ~all_ones_if(bits >> 31);
 }
 
 [[gnu::always_inline]] inline uint8_t level_code(float p, uint32_t word) {

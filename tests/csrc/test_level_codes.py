@@ -20,7 +20,7 @@ def probabilities(numel: int) -> torch.Tensor:
     levels = importance.level_probabilities().float()
     edges = torch.cat([levels, torch.nextafter(levels, torch.tensor(2.0)),
                        torch.nextafter(levels, torch.tensor(-1.0)).clamp_min(0.0),
-                       torch.tensor([0.0, 1.0, 1e-45, 1e-39, 2.0**-126, 2.0**-32, 0.03, 0.5])])
+                       torch.tensor([0.0, -0.0, 1.0, 1e-45, 1e-39, 2.0**-126, 2.0**-32, 0.03, 0.5])])
     p = torch.rand(numel, generator=torch.Generator().manual_seed(numel)).pow_(12)
     p[:min(numel, edges.numel())] = edges[:numel]
     return p
