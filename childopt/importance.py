@@ -153,8 +153,11 @@ def probability_sums(p: torch.Tensor, floor: float) -> tuple[float, int, int]:
     """(float64 sum, entries equal to 1, entries equal to ``floor``) of probabilities clamped to
     ``[floor, 1]``: what a pass of the solve needs (the unclamped sum is ``sum - ones - floor *
     floors``; two counts are 5x faster on a CPU than a sum over a ``torch.where`` of the interior).
-    childopt._C computes the same on CPU in one read (a backend's ``probability_sums``)."""
-    return float(p.sum(dtype=torch.float64)), int(torch.count_nonzero(p == 1.0)), int(torch.count_nonzero(p == floor))
+    childopt._C computes the same on CPU in one read (a backend's ``probability_sums``).  One
+    host transfer for the three (on CUDA, one sync per piece)."""
+    total, ones, floors = torch.stack([p.sum(dtype=torch.float64), torch.count_nonzero(p == 1.0).double(),
+                                       torch.count_nonzero(p == floor).double()]).tolist()  # counts exact below 2**53
+    return total, int(ones), int(floors)
 
 
 def _expected_kept(logs: list, log_c: float, p_min: float, sums=probability_sums) -> tuple[float, float]:

@@ -98,7 +98,7 @@ class Backend:
         return philox.random_words(numel, rng_base, seed, step, device)
 
     def probability_sums(self, p: torch.Tensor, floor: float) -> tuple[float, int, int]:
-        """A pass of the importance solve over clamped keep probabilities: :func:`childopt.importance.probability_sums`."""
+        """A pass of the importance solve over clamped probabilities: :func:`childopt.importance.probability_sums`."""
         return importance.probability_sums(p, floor)
 
     def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:

@@ -155,8 +155,8 @@ class ImportanceSampler:
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
         has no draw.  ``kernels``: the parameters' backend (its ``probability_sums`` and
-        ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the parameters whose groups scale kept gradients by ``1 / p``, asked for only
-        when a refresh runs (not on every step)."""
+        ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the parameters whose groups
+        scale kept gradients by ``1 / p``, asked for only when a refresh runs (not on every step)."""
         if self._steps is None:
             self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                               default=0)

@@ -51,7 +51,8 @@ def test_the_native_backend_draws_the_reference_backends_codes(native_module):
 @pytest.mark.parametrize("p, codes, message", [
     (torch.rand(8, dtype=torch.float64), torch.empty(8, dtype=torch.uint8), "p must be a contiguous float32 CPU"),
     (torch.rand(8, 2)[:, 0], torch.empty(8, dtype=torch.uint8), "p must be a contiguous float32 CPU"),
-    (torch.rand(8), torch.empty(9, dtype=torch.uint8), r"codes must be a contiguous uint8 CPU tensor of p's numel \(8\)"),
+    (torch.rand(8), torch.empty(9, dtype=torch.uint8), r"codes must be a contiguous uint8 CPU tensor of p's "
+                                                        r"numel \(8\)"),
     (torch.rand(8), torch.empty(8, dtype=torch.int32), "codes must be a contiguous uint8 CPU tensor"),
 ])
 def test_bad_tensors_are_named(native_module, p, codes, message):
