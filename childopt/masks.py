@@ -254,8 +254,9 @@ def _sample_keys(score: torch.Tensor, gumbel: torch.Tensor, temperature: float, 
     log_s = torch.log(s)
     keys = log_s.div_(temperature).add_(noise) if temperature >= 1 else log_s.add_(noise * temperature)
     # Only zero and infinite scores give infinite keys (every other key is within ~800 of 0), so a
-    # finite sum says there are none: one reduction where two torch.where cost 8x as much on a CPU.
-    if math.isfinite(float(keys.sum())):
+    # finite sum says there are none: on a CPU one reduction where two torch.where cost 8x as much.
+    # Not on a GPU, where the where ops are cheap and reading the sum would sync once per piece.
+    if keys.device.type == "cpu" and math.isfinite(float(keys.sum())):
         return keys
     info = torch.finfo(dtype)
     floor = math.log(info.tiny * info.eps) - _KEY_MARGIN  # info.tiny * info.eps: the smallest subnormal
