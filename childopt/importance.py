@@ -38,6 +38,8 @@ import math
 
 import torch
 
+from childopt import portable_math
+
 LEVEL_COUNT = 256
 LEVELS_PER_OCTAVE = 8
 # round(2 ** (31 - j / 8)): the keep thresholds of one octave of levels (csrc: kLevelMantissas).
@@ -119,19 +121,27 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return q.add_(upper.sub_(q).mul_(uniform < up)).to(torch.uint8).view(shape)  # upper where drawn up, else q
 
 
-def log_ratios(scores: list, temperature: float) -> list:
+def log_ratios(scores: list, temperature: float, log2=portable_math.log2) -> list:
     """``log2((s / max s) ** (1 / T))`` of a scope's score tensors, flat fp32 (``-inf`` for zeros).
 
     In the log domain, so neither a large score nor a small temperature overflows or underflows:
     ``T -> 0`` sends every ratio but the largest towards ``-inf``, and the solve still separates
     them.  An all-zero scope has no order: every entry gets 0 (ratio 1, a uniform draw).
+    ``log2``: :func:`childopt.portable_math.log2` or a backend's ``score_logs`` (the same bits).
     """
     # each score read once; float64 scores in float64 until scaled (fp32 cannot hold 1e-50 or 1e39)
-    logs = [torch.log2(s.reshape(-1) if s.dtype == torch.float64 else s.reshape(-1).float()) for s in scores]
+    logs = [log2(s.reshape(-1)) for s in scores]
     top = max((float(log.max()) for log in logs if log.numel()), default=-math.inf)  # log2 of the peak
     if top == -math.inf:
         return [torch.zeros(log.numel(), dtype=torch.float32, device=log.device) for log in logs]
     return [log.sub_(top).div_(temperature).float() for log in logs]
+
+
+def scale_parts(log_c: float) -> tuple[float, float]:
+    """``2 ** log_c`` as (``floor(log_c)``, ``2 ** frac(log_c)``): the part added to a log ratio exactly and
+    the factor (a float: an int past int64, as ``T -> 0`` gives, would not convert)."""
+    whole = math.floor(log_c)
+    return float(whole), 2.0 ** (log_c - whole)
 
 
 def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
@@ -139,40 +149,52 @@ def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tens
 
     ``2 ** (log r + floor(log_c)) * 2 ** frac(log_c)``: the integer part is added exactly where it
     matters (where ``p`` is not clamped to 0 or 1 the sum is small), the fraction is a factor with
-    fp32's relative precision, so ``log_c`` is not rounded to fp32 as a whole.
+    fp32's relative precision, so ``log_c`` is not rounded to fp32 as a whole.  ``2 **`` is
+    :func:`childopt.portable_math.exp2`: ``p`` depends on its element only, not on the thread count,
+    the piece or the device.
     """
     if math.isinf(log_c):
         if log_c < 0:
             return torch.full_like(log_r, p_min)
         return torch.full_like(log_r, p_min).masked_fill_(torch.isfinite(log_r), 1.0)
-    whole = math.floor(log_c)  # added as a float: an int past int64 (T -> 0) would not convert
-    return torch.add(log_r, float(whole)).exp2_().mul_(2.0 ** (log_c - whole)).clamp_(p_min, 1.0)
+    whole, factor = scale_parts(log_c)
+    return portable_math.exp2(torch.add(log_r, whole)).mul_(factor).clamp_(p_min, 1.0)
 
 
 def probability_sums(p: torch.Tensor, floor: float) -> tuple[float, int, int]:
     """(float64 sum, entries equal to 1, entries equal to ``floor``) of probabilities clamped to
     ``[floor, 1]``: what a pass of the solve needs (the unclamped sum is ``sum - ones - floor *
     floors``; two counts are 5x faster on a CPU than a sum over a ``torch.where`` of the interior).
-    childopt._C computes the same on CPU in one read (a backend's ``probability_sums``).  One
-    host transfer for the three (on CUDA, one sync per piece)."""
+    One host transfer for the three (on CUDA, one sync per piece)."""
     total, ones, floors = torch.stack([p.sum(dtype=torch.float64), torch.count_nonzero(p == 1.0).double(),
                                        torch.count_nonzero(p == floor).double()]).tolist()  # counts exact below 2**53
     return total, int(ones), int(floors)
 
 
-def _expected_kept(logs: list, log_c: float, p_min: float, sums=probability_sums) -> tuple[float, float]:
+def fp32_floor(p_min: float) -> float:
+    """The fp32 value ``clamp_(p_min, 1)`` writes at the floor."""
+    return float(torch.tensor(p_min, dtype=torch.float32))
+
+
+def kept_sums(log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
+    """:func:`probability_sums` of :func:`probabilities`: one pass of the solve over a piece of log ratios.
+    childopt._C computes the same on CPU in one read, without writing ``p`` (a backend's ``kept_sums``)."""
+    return probability_sums(probabilities(log_r, log_c, p_min), fp32_floor(p_min))
+
+
+def _expected_kept(logs: list, log_c: float, p_min: float, sums=kept_sums) -> tuple[float, float]:
     """``sum(p)`` over the scope and its slope in ``log_c`` (``ln 2`` times the sum of unclamped p)."""
     total, unclamped = 0.0, 0.0
-    floor = float(torch.tensor(p_min, dtype=torch.float32))  # the fp32 value clamp_ writes
+    floor = fp32_floor(p_min)
     for log_r in logs:
         for piece in log_r.split(PIECE):
-            piece_sum, ones, floors = sums(probabilities(piece, log_c, p_min), floor)
+            piece_sum, ones, floors = sums(piece, log_c, p_min)
             unclamped += piece_sum - ones - floor * floors
             total += piece_sum
     return total, unclamped * math.log(2.0)
 
 
-def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability_sums) -> float:
+def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=kept_sums) -> float:
     """``log2 c`` with ``sum(clamp(c * r, p_min, 1)) = reserve_p * N`` over one scope's log ratios.
 
     The sum is non-decreasing in ``log2 c``; Newton's step from the current point is taken when it
@@ -181,7 +203,7 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability
     ratios, with float64 sums: the kept count is hit to ``1e-7`` relative.  Returns ``-inf`` when
     ``p_min`` alone keeps ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf``
     keeps too few (more zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to
-    make up for them).  ``sums``: :func:`probability_sums` or a backend's (the same values).
+    make up for them).  ``sums``: :func:`kept_sums` or a backend's (the same values).
     """
     n = sum(r.numel() for r in logs)
     target = reserve_p * n
@@ -193,7 +215,7 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability
         return math.inf
     low, high, widen = -math.inf, math.inf, 1.0
     # the root when nothing is clamped; from the data alone, so a resumed run solves alike
-    x = math.log2(target) - math.log2(sum(sums(torch.exp2(piece), 0.0)[0] for piece in pieces))
+    x = math.log2(target) - math.log2(sum(sums(piece, 0.0, 0.0)[0] for piece in pieces))  # sum of 2 ** log r
     for _ in range(_SOLVE_ITERATIONS):
         kept, slope = _expected_kept(logs, x, p_min, sums)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:
@@ -219,19 +241,20 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=probability
 
 
 def draw_codes(log_r: torch.Tensor, log_c: float, p_min: float, rng_base: int, seed: int, refresh: int,
-               codes_of) -> torch.Tensor:
+               codes_of, probabilities_of=probabilities) -> torch.Tensor:
     """Level codes of one tensor's keep probabilities (:func:`probabilities`), rounded by Philox.
 
     The rounding words are keyed like the Bernoulli draw (counter: the element's group and
     :data:`ROUNDING_STREAM`), with ``refresh`` folded into the key so each refresh draws anew.
     ``codes_of(p, first_group, key, stream)`` rounds (a backend's ``level_codes``: this module's
-    :func:`level_codes` on its words, or childopt._C's on CPU).  A piece at a time (a piece starts
+    :func:`level_codes` on its words, or childopt._C's on CPU) the probabilities ``probabilities_of``
+    gives (:func:`probabilities` or a backend's, the same bits).  A piece at a time (a piece starts
     on a 4-element group: its words are the tensor's words from that group on), so a refresh holds
     one piece's probabilities and words, not the tensor's.
     """
     key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
     codes = torch.empty(log_r.numel(), dtype=torch.uint8, device=log_r.device)
     for start in range(0, log_r.numel(), PIECE):
-        p = probabilities(log_r[start:start + PIECE], log_c, p_min)
+        p = probabilities_of(log_r[start:start + PIECE], log_c, p_min)
         codes[start:start + PIECE].copy_(codes_of(p, rng_base + start // 4, key, ROUNDING_STREAM))
     return codes

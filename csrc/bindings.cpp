@@ -76,10 +76,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rng_base"), pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous uint8 CPU tensor with the importance level codes of the contiguous float32 keep "
         "probabilities p, rounded by their Philox words, as childopt.importance.level_codes draws them");
-  m.def("_probability_sums", &childopt::cpu::probability_sums, pybind11::arg("p"), pybind11::arg("floor"),
-        "(float64 sum, entries equal to 1, entries equal to float32(floor)) of a contiguous float32 CPU tensor "
-        "of keep probabilities, as childopt.importance.probability_sums computes them, independent of the "
-        "thread count");
+  m.def("_portable_log2", &childopt::cpu::portable_log2_into, pybind11::arg("x"), pybind11::arg("out"),
+        "fill a contiguous float32 CPU tensor with the log2 of the contiguous float32 CPU tensor x, as "
+        "childopt.portable_math.log2 computes it");
+  m.def("_keep_probabilities", &childopt::cpu::keep_probabilities_into, pybind11::arg("log_r"), pybind11::arg("p"),
+        pybind11::arg("whole"), pybind11::arg("factor"), pybind11::arg("floor"),
+        "fill a contiguous float32 CPU tensor with clamp(exp2(log_r + whole) * factor, floor, 1), as "
+        "childopt.importance.probabilities computes them (exp2: childopt.portable_math's)");
+  m.def("_probability_sums", &childopt::cpu::probability_sums, pybind11::arg("log_r"), pybind11::arg("whole"),
+        pybind11::arg("factor"), pybind11::arg("floor"),
+        "(float64 sum, entries equal to 1, entries equal to float32(floor)) of the keep probabilities "
+        "_keep_probabilities would write, without writing them, independent of the thread count");
   m.def("_importance_draw", &childopt::cpu::importance_draw_of, pybind11::arg("codes"), pybind11::arg("rng_base"),
         pybind11::arg("seed"), pybind11::arg("step"),
         "test-only: the importance keep decisions (bool) and level scales (float32) of a contiguous uint8 CPU "

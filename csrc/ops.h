@@ -180,10 +180,14 @@ CHILDOPT_DECLARE_OPS()
 // CPU-only functions of the pybind11 module (not dispatcher ops): the Philox words behind
 // sample_mask's Gumbel noise (philox_words.cpp), the importance draw's test hooks (the same file)
 // the benchmark's roofline reference (inplace_stream.cpp), the eager step's count increment and
-// the level codes and the solve's sums of an importance refresh (level_codes.cpp, probability_sums.cpp).
+// the passes of an importance refresh: its score logs (score_logs.cpp), keep probabilities and the
+// solve's sums of them (keep_probabilities.cpp), and level codes (level_codes.cpp).
 void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed, uint64_t step);
 void level_codes_into(const at::Tensor& p, const at::Tensor& codes, uint64_t rng_base, uint64_t seed, uint64_t step);
-std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& p, double floor);
+void portable_log2_into(const at::Tensor& x, const at::Tensor& out);
+void keep_probabilities_into(const at::Tensor& log_r, const at::Tensor& p, double whole, double factor, double floor);
+std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& log_r, double whole, double factor,
+                                                      double floor);
 std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
                                                       uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);

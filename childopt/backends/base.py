@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from childopt import importance, philox
+from childopt import importance, philox, portable_math
 from childopt.backends import contract
 from childopt.backends.contract import MaskKind, MaskSpec
 
@@ -97,9 +97,17 @@ class Backend:
         """The uint32 Philox words (int64) of ``numel`` elements: :func:`childopt.philox.random_words`."""
         return philox.random_words(numel, rng_base, seed, step, device)
 
-    def probability_sums(self, p: torch.Tensor, floor: float) -> tuple[float, int, int]:
-        """A pass of the importance solve over clamped probabilities: :func:`childopt.importance.probability_sums`."""
-        return importance.probability_sums(p, floor)
+    def score_logs(self, score: torch.Tensor) -> torch.Tensor:
+        """The flat log2 of one importance score tensor: :func:`childopt.portable_math.log2`."""
+        return portable_math.log2(score.reshape(-1))
+
+    def probabilities(self, log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
+        """Keep probabilities of a piece of log ratios: :func:`childopt.importance.probabilities`."""
+        return importance.probabilities(log_r, log_c, p_min)
+
+    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
+        """A pass of the importance solve over a piece of log ratios: :func:`childopt.importance.kept_sums`."""
+        return importance.kept_sums(log_r, log_c, p_min)
 
     def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:
         """uint8 importance level codes of fp32 keep probabilities ``p`` (1-D), rounded by the Philox words

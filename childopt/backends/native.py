@@ -7,9 +7,11 @@ reference backend while bucketing (``Backend.covers``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from childopt import philox
+from childopt import importance, philox
 from childopt.backends import base
 
 NAME = "native"
@@ -60,11 +62,31 @@ class Backend(base.Backend):
         self._module._philox_words(words, rng_base, seed, step)
         return words.to(torch.int64) & philox.MASK32
 
-    def probability_sums(self, p: torch.Tensor, floor: float) -> tuple[float, int, int]:
-        """On CPU, childopt._C's one-read pass (the same sums in a fixed order; counts equal)."""
-        if p.device.type != "cpu":
-            return super().probability_sums(p, floor)
-        return self._module._probability_sums(p.float().contiguous(), floor)
+    def score_logs(self, score: torch.Tensor) -> torch.Tensor:
+        """On CPU, childopt._C's log2 (the same bits, any input at the same speed: torch.log2 is 8x slower
+        on zeros); float64 scores keep the torch definition (their range)."""
+        if score.device.type != "cpu" or score.dtype == torch.float64:
+            return super().score_logs(score)
+        score = score.reshape(-1).float().contiguous()
+        logs = torch.empty_like(score)
+        self._module._portable_log2(score, logs)
+        return logs
+
+    def probabilities(self, log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
+        """On CPU, childopt._C's one pass (the same bits) for a finite ``log_c``."""
+        if log_r.device.type != "cpu" or math.isinf(log_c):
+            return super().probabilities(log_r, log_c, p_min)
+        log_r = log_r.float().contiguous()
+        p = torch.empty_like(log_r)
+        self._module._keep_probabilities(log_r, p, *importance.scale_parts(log_c), p_min)
+        return p
+
+    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
+        """On CPU, childopt._C's one read for a finite ``log_c``: the probabilities are never written (the same
+        counts, the sum in fixed blocks)."""
+        if log_r.device.type != "cpu" or math.isinf(log_c):
+            return super().kept_sums(log_r, log_c, p_min)
+        return self._module._probability_sums(log_r.float().contiguous(), *importance.scale_parts(log_c), p_min)
 
     def level_codes(self, p: torch.Tensor, rng_base: int, seed: int, step: int) -> torch.Tensor:
         """On CPU, childopt._C's level codes (the same bits; the words never stored): 10x the torch ops."""

@@ -154,9 +154,10 @@ class ImportanceSampler:
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
-        has no draw.  ``kernels``: the parameters' backend (its ``probability_sums`` and
-        ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the parameters whose groups
-        scale kept gradients by ``1 / p``, asked for only when a refresh runs (not on every step)."""
+        has no draw.  ``kernels``: the parameters' backend (its ``score_logs``, ``kept_sums``,
+        ``probabilities`` and ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the
+        parameters whose groups scale kept gradients by ``1 / p``, asked for only when a refresh runs
+        (not on every step)."""
         if self._steps is None:
             self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                               default=0)
@@ -180,11 +181,11 @@ class ImportanceSampler:
             # Scores are made when read, so one lives at a time: the scope holds its fp32 logs only.
             scores = _ScoresOnRead([self.members[i] for i in where],
                                    lambda m: self._score(m, states, m.param in rescaled))
-            logs = importance.log_ratios(scores, float(self.config.temperature))
+            logs = importance.log_ratios(scores, float(self.config.temperature), kernels.score_logs)
             p_min = self.config.floor(first.reserve_p)
             c = self._scales.get(scope)
             if c is None:
-                c = importance.solve_log_scale(logs, first.reserve_p, p_min, kernels.probability_sums)
+                c = importance.solve_log_scale(logs, first.reserve_p, p_min, kernels.kept_sums)
                 if c == math.inf:  # user code <- optimizer wrappers (2) <- step <- before_step <- refresh
                     warnings.warn(f"importance scope {scope} ({first.name}, ...) has too few non-zero scores to keep "
                                   "reserve_p of it in expectation; all non-zero ones are kept", stacklevel=6)
@@ -192,7 +193,8 @@ class ImportanceSampler:
                     self._scales[scope] = c
             for i, log_r in zip(where, logs):
                 param = self.members[i].param
-                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, kernels.level_codes)
+                codes = importance.draw_codes(log_r, c, p_min, rng_bases[param], seed, refresh, kernels.level_codes,
+                                              kernels.probabilities)
                 states[param]["importance"] = codes.view(param.shape)
 
     def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:

@@ -81,7 +81,9 @@ def test_the_host_helpers_and_the_stream_reference_run_on_every_intra_op_thread(
     threads(count)
     for run in (lambda: native_module._philox_words(torch.empty(1 << 20, dtype=torch.int32), 0, 1, 2),
                 lambda: native_module._level_codes(torch.rand(1 << 20), torch.zeros(1 << 20).byte(), 0, 1, 2),
-                lambda: native_module._probability_sums(torch.rand(1 << 20), 0.1),
+                lambda: native_module._probability_sums(-torch.rand(1 << 20), 0.0, 1.0, 0.1),
+                lambda: native_module._keep_probabilities(-torch.rand(1 << 20), torch.empty(1 << 20), 0.0, 1.0, 0.1),
+                lambda: native_module._portable_log2(torch.rand(1 << 20), torch.empty(1 << 20)),
                 lambda: native_module._inplace_stream(*(torch.zeros(1 << 20) for _ in range(4)))):
         native_module._record_chunk_threads(True)
         try:

@@ -1,0 +1,48 @@
+"""The log2 of importance scores in C++ (csrc/cpu/score_logs.cpp) against its torch definition,
+childopt.portable_math.log2: the same bits on every kind of fp32 input, at 1, 2 and 3 threads."""
+import pytest
+import torch
+
+from childopt import portable_math
+from tests.helpers import kernel_backend
+
+
+def scores(numel: int) -> torch.Tensor:
+    """Random fp32 bit patterns (subnormals, infinities, NaNs and negatives among them), zeros, and
+    the range of real scores."""
+    gen = torch.Generator().manual_seed(numel)
+    x = torch.randint(-2**31, 2**31 - 1, (numel,), generator=gen, dtype=torch.int64).int().view(torch.float32)
+    x[1::3] = torch.rand(len(x[1::3]), generator=gen) * 1e-6
+    x[::5] = 0.0
+    return x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("numel", [0, 1, 15, 32768 * 3 + 5, (1 << 20) + 3])
+def test_native_log2_is_the_torch_definition_at_every_thread_count(native_module, threads, numel):
+    x = scores(numel)
+    expected = portable_math.log2(x)
+    for count in (1, 2, 3):
+        threads(count)
+        out = torch.empty_like(x)
+        native_module._portable_log2(x, out)
+        assert same_bits(out, expected), count
+
+
+def test_the_native_backend_keeps_float64_scores_in_float64(native_module):
+    score = torch.tensor([1e-300, 0.0, 3.0, 1e300], dtype=torch.float64)
+    logs = kernel_backend("native").score_logs(score)
+    assert logs.dtype == torch.float64 and torch.equal(logs, portable_math.log2(score))
+    assert same_bits(kernel_backend("native").score_logs(score.float().view(2, 2)), portable_math.log2(score.float()))
+
+
+def test_bad_tensors_are_named(native_module):
+    for x in (torch.rand(8, dtype=torch.float64), torch.rand(8, 2)[:, 0]):
+        with pytest.raises(RuntimeError, match="x must be a contiguous float32 CPU tensor"):
+            native_module._portable_log2(x, torch.empty(8))
+    for out in (torch.empty(7), torch.empty(8, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="out must be a contiguous float32 CPU tensor of x's 8 elements"):
+            native_module._portable_log2(torch.rand(8), out)
