@@ -121,16 +121,32 @@ def level_codes(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return q.add_(upper.sub_(q).mul_(uniform < up)).to(torch.uint8).view(shape)  # upper where drawn up, else q
 
 
-def log_ratios(scores: list, temperature: float, log2=portable_math.log2) -> list:
+def scores_at_levels(score: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``score`` times each entry's level probability (fp32): a zero-grad group's running scores, whose
+    kept gradients were scaled by ``1 / level``.  Looked up with index_select (6x ``levels[codes]`` on CPU)."""
+    levels = level_probabilities(score.device).float()
+    return score * levels.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+
+
+def score_logs(score: torch.Tensor, codes=None) -> torch.Tensor:
+    """The flat log2 of a score tensor (:func:`childopt.portable_math.log2`), of :func:`scores_at_levels`
+    when level ``codes`` are given."""
+    if codes is not None:
+        score = scores_at_levels(score, codes)
+    return portable_math.log2(score.reshape(-1))
+
+
+def log_ratios(scores: list, temperature: float, logs_of=score_logs) -> list:
     """``log2((s / max s) ** (1 / T))`` of a scope's score tensors, flat fp32 (``-inf`` for zeros).
 
     In the log domain, so neither a large score nor a small temperature overflows or underflows:
     ``T -> 0`` sends every ratio but the largest towards ``-inf``, and the solve still separates
     them.  An all-zero scope has no order: every entry gets 0 (ratio 1, a uniform draw).
-    ``log2``: :func:`childopt.portable_math.log2` or a backend's ``score_logs`` (the same bits).
+    ``logs_of(score)``: the flat log2 of one of ``scores`` (:func:`score_logs`, or a backend's on what
+    its caller reads, the same bits).
     """
     # each score read once; float64 scores in float64 until scaled (fp32 cannot hold 1e-50 or 1e39)
-    logs = [log2(s.reshape(-1)) for s in scores]
+    logs = [logs_of(s) for s in scores]
     top = max((float(log.max()) for log in logs if log.numel()), default=-math.inf)  # log2 of the peak
     if top == -math.inf:
         return [torch.zeros(log.numel(), dtype=torch.float32, device=log.device) for log in logs]

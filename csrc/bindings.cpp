@@ -77,8 +77,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fill a contiguous uint8 CPU tensor with the importance level codes of the contiguous float32 keep "
         "probabilities p, rounded by their Philox words, as childopt.importance.level_codes draws them");
   m.def("_portable_log2", &childopt::cpu::portable_log2_into, pybind11::arg("x"), pybind11::arg("out"),
-        "fill a contiguous float32 CPU tensor with the log2 of the contiguous float32 CPU tensor x, as "
-        "childopt.portable_math.log2 computes it");
+        pybind11::arg("codes") = pybind11::none(),
+        "fill a contiguous float32 CPU tensor with the log2 of the contiguous float32 CPU tensor x (times the "
+        "level probability of each uint8 code when codes are given), as childopt.portable_math.log2 computes it");
   m.def("_keep_probabilities", &childopt::cpu::keep_probabilities_into, pybind11::arg("log_r"), pybind11::arg("p"),
         pybind11::arg("whole"), pybind11::arg("factor"), pybind11::arg("floor"),
         "fill a contiguous float32 CPU tensor with clamp(exp2(log_r + whole) * factor, floor, 1), as "

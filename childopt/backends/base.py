@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from childopt import importance, philox, portable_math
+from childopt import importance, philox
 from childopt.backends import contract
 from childopt.backends.contract import MaskKind, MaskSpec
 
@@ -97,9 +97,10 @@ class Backend:
         """The uint32 Philox words (int64) of ``numel`` elements: :func:`childopt.philox.random_words`."""
         return philox.random_words(numel, rng_base, seed, step, device)
 
-    def score_logs(self, score: torch.Tensor) -> torch.Tensor:
-        """The flat log2 of one importance score tensor: :func:`childopt.portable_math.log2`."""
-        return portable_math.log2(score.reshape(-1))
+    def score_logs(self, score: torch.Tensor, codes=None) -> torch.Tensor:
+        """The flat log2 of one importance score tensor (at its level ``codes``' probabilities when given):
+        :func:`childopt.importance.score_logs`."""
+        return importance.score_logs(score, codes)
 
     def probabilities(self, log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tensor:
         """Keep probabilities of a piece of log ratios: :func:`childopt.importance.probabilities`."""

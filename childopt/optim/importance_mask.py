@@ -180,8 +180,9 @@ class ImportanceSampler:
             first = self.members[where[0]]
             # Scores are made when read, so one lives at a time: the scope holds its fp32 logs only.
             scores = _ScoresOnRead([self.members[i] for i in where],
-                                   lambda m: self._score(m, states, m.param in rescaled))
-            logs = importance.log_ratios(scores, float(self.config.temperature), kernels.score_logs)
+                                   lambda m: self._score_parts(m, states, m.param in rescaled))
+            logs = importance.log_ratios(scores, float(self.config.temperature),
+                                         lambda parts: kernels.score_logs(*parts))
             p_min = self.config.floor(first.reserve_p)
             c = self._scales.get(scope)
             if c is None:
@@ -197,19 +198,25 @@ class ImportanceSampler:
                                               kernels.probabilities)
                 states[param]["importance"] = codes.view(param.shape)
 
-    def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:
-        """Given scores, or the running estimate of the mean squared gradient (see ``Importance.scores``)."""
+    def _score_parts(self, member: _Member, states: dict, rescaled: bool) -> tuple:
+        """(scores, level codes or None): given scores, or the running estimate of the mean squared
+        gradient (see ``Importance.scores``), which a zero-grad group multiplies by each entry's level
+        probability (the codes, :func:`childopt.importance.scores_at_levels`)."""
         if member.score is not None:
-            return member.score
+            return member.score, None
         state = states.get(member.param, {})
         moment = state.get("exp_avg_sq")
         if moment is None:
-            return torch.zeros_like(member.param, dtype=torch.float32)
+            return torch.zeros_like(member.param, dtype=torch.float32), None
         codes = state.get("importance")
         if rescaled and codes is not None and codes.dtype == torch.uint8:
-            levels = importance.level_probabilities(moment.device).float()
-            return moment * levels.index_select(0, codes.reshape(-1).int()).view(codes.shape)  # 6x levels[codes] on CPU
-        return moment
+            return moment, codes
+        return moment, None
+
+    def _score(self, member: _Member, states: dict, rescaled: bool) -> torch.Tensor:
+        """The scores of :meth:`_score_parts` as one tensor."""
+        score, codes = self._score_parts(member, states, rescaled)
+        return score if codes is None else importance.scores_at_levels(score, codes)
 
     def _draw_exact(self, states: dict, scores: list, seed: int, refresh: int) -> None:
         draw_seed = (seed + (refresh + 1) * _EXACT_SEED_STRIDE) % 2**64

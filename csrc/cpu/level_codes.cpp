@@ -33,11 +33,8 @@ constexpr uint32_t kFirstDistinct = 25;
 // boundaries of floor(8 log2 p) (no mantissa equals an irrational power of two).
 constexpr uint32_t kOctaveSteps[7] = {759234, 1587185, 2490071, 3474676, 4548395, 5719293, 6996167};
 
-// level(code): the keep probability of a code, as childopt.importance.level_probabilities().float().
-[[gnu::always_inline]] inline float level_value(uint32_t code) {
-  const uint32_t threshold = level_threshold32(code) & all_ones_if(code != kLevelNever);  // code 0: 0
-  return static_cast<float>(threshold) * 0x1p-32f + static_cast<float>(code == kLevelAlways);  // 255: 1
-}
+// level(code): the keep probability of a code (importance_levels.h), forced inline into the clones.
+[[gnu::always_inline]] inline float level_value(uint32_t code) { return level_probability(code); }
 
 // floor(8 log2 p) + 255 clamped to [0, 254], exactly, from p's bits (zero, -0.0, subnormals and
 // negative p: 0, as torch's log2 gives -inf for -0.0).

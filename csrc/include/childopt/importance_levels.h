@@ -52,6 +52,13 @@ CHILDOPT_HD bool level_keep(uint32_t word, uint32_t code) {
   return (code == kLevelAlways) | ((code != kLevelNever) & (word < level_threshold32(code)));
 }
 
+// The keep probability of a code in fp32, float(threshold) / 2**32 (code 0: 0, code 255: 1):
+// childopt.importance.level_probabilities().float().
+CHILDOPT_HD float level_probability(uint32_t code) {
+  const uint32_t threshold = level_threshold32(code) & all_ones_if(code != kLevelNever);
+  return static_cast<float>(threshold) * 0x1p-32f + static_cast<float>(code == kLevelAlways);
+}
+
 // 2**32 / float(threshold) in fp32; code 255's wrapped 0 becomes 2**32 by an exact add, so its scale is 1.
 CHILDOPT_HD float level_scale(uint32_t code) {
   const float divisor = static_cast<float>(level_threshold32(code)) +
