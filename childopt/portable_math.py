@@ -7,9 +7,10 @@ probabilities, and with them importance codes, changed with the thread count and
 pieces.  torch's ``log2`` agreed between its two paths on every input tried, but nothing promises
 that, and CUDA's functions round differently again.  These are built from IEEE basic operations
 only (add, multiply, divide, round to integer, exponent bits), each rounded once in a fixed order,
-so every device, thread count, ISA and position gives the same bits: the torch ops here on any
-device, and childopt._C's one-pass CPU kernels (``csrc/cpu/portable_math.h``, the same constants
-and order; the build has ``-ffp-contract=off``).  Accuracy (tests/test_portable_math.py against
+so every thread count, ISA and position gives the same bits (and CUDA, whose basic operations
+round alike; not yet run on a GPU): the torch ops here on any device, and childopt._C's one-pass
+CPU kernels (``csrc/cpu/portable_math.h``, the same constants and order; the build has
+``-ffp-contract=off``).  Accuracy (tests/test_portable_math.py against
 float64): ``exp2`` within 1.5 fp32 ulp, ``log2`` within 3.5 ulp (1.5e-7 absolute near 1).
 """
 from __future__ import annotations
