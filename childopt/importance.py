@@ -166,8 +166,8 @@ def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tens
     ``2 ** (log r + floor(log_c)) * 2 ** frac(log_c)``: the integer part is added exactly where it
     matters (where ``p`` is not clamped to 0 or 1 the sum is small), the fraction is a factor with
     fp32's relative precision, so ``log_c`` is not rounded to fp32 as a whole.  ``2 **`` is
-    :func:`childopt.portable_math.exp2`: ``p`` depends on its element only, not on the thread count,
-    the piece or the device.
+    :func:`childopt.portable_math.exp2`: ``p`` depends on its element only, not on the thread count
+    or the piece.
     """
     if math.isinf(log_c):
         if log_c < 0:

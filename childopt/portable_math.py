@@ -10,8 +10,8 @@ only (add, multiply, divide, round to integer, exponent bits), each rounded once
 so every thread count, ISA and position gives the same bits (and CUDA, whose basic operations
 round alike; not yet run on a GPU): the torch ops here on any device, and childopt._C's one-pass
 CPU kernels (``csrc/cpu/portable_math.h``, the same constants and order; the build has
-``-ffp-contract=off``).  Accuracy (tests/test_portable_math.py against
-float64): ``exp2`` within 1.5 fp32 ulp, ``log2`` within 3.5 ulp (1.5e-7 absolute near 1).
+``-ffp-contract=off``).  Accuracy against float64 (tests/test_portable_math.py): ``exp2`` within
+1.5 fp32 ulp, ``log2`` within 3.5 ulp (1.5e-7 absolute near 1).
 """
 from __future__ import annotations
 
