@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
@@ -78,6 +80,8 @@ def check_output_files(parser: argparse.ArgumentParser, outputs: dict[str, Optio
     for option, path in given.items():
         if not str(outputs[option]).strip():
             parser.error(f"{option}: the path is empty")
+        if str(outputs[option]).endswith(("/", os.sep)):  # pathlib drops the slash: it would write a file
+            parser.error(f"{option}: {outputs[option]!r} ends in a slash, so names a folder; give the path of a file")
         why = _why_not_writable(path)
         if why:
             parser.error(f"{option}: cannot write {str(path)!r}: {why}")
@@ -102,3 +106,29 @@ def writable_path(value: str) -> Path:
     path = output_path(value)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def replacing(value: str) -> Iterator[Path]:
+    """A temporary path beside the output ``value`` (its folder made; the same suffix, so matplotlib
+    picks the format) that replaces the output when the block ends without an error: a run stopped
+    while writing leaves the earlier file whole instead of a truncated one.  The new file gets the
+    permissions a plain ``open`` would give it (mkstemp's are owner-only)."""
+    path = writable_path(value)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_output(value: str, text: str) -> None:
+    """Write ``text`` to the output file ``value`` through :func:`replacing`."""
+    with replacing(value) as temporary:
+        temporary.write_text(text)

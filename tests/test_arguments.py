@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from childopt.arguments import check_output_files, number, writable_path
+from childopt.arguments import check_output_files, number, replacing, writable_path, write_output
 
 
 def refused(outputs: dict, capsys, plots=()) -> str:
@@ -21,6 +21,31 @@ def test_a_folder_or_a_path_under_a_file_is_refused_naming_the_option(tmp_path, 
     assert "is a folder" in refused({"--out": str(tmp_path)}, capsys)
     err = refused({"--markdown": str(tmp_path / "a_file" / "run.md")}, capsys)
     assert "--markdown: " in err and "its folder cannot be made or written" in err
+
+
+def test_a_path_ending_in_a_slash_is_refused_as_a_folder_to_be(tmp_path, capsys):
+    """pathlib drops a trailing slash: ``--json out/`` would otherwise write a file named ``out``."""
+    err = refused({"--json": str(tmp_path / "out") + "/"}, capsys)
+    assert "--json: " in err and "ends in a slash" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_is_replaced_whole_or_left_as_it_was(tmp_path):
+    target = tmp_path / "new" / "run.json"
+    write_output(str(target), "first\n")
+    assert target.read_text() == "first\n" and list(target.parent.iterdir()) == [target]
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's owner-only mode
+    with pytest.raises(RuntimeError, match="stopped while writing"):
+        with replacing(str(target)) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("stopped while writing")
+    assert target.read_text() == "first\n" and list(target.parent.iterdir()) == [target]  # no temporary left
+    with replacing(str(target)) as temporary:
+        assert temporary.parent == target.parent and temporary.suffix == ".json"
+        temporary.write_text("second\n")
+    assert target.read_text() == "second\n"
 
 
 def test_two_options_naming_one_file_are_refused(tmp_path, capsys):

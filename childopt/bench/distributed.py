@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from childopt import MaskedAdamW
-from childopt.arguments import check_output_files, writable_path
+from childopt.arguments import check_output_files, write_output
 from childopt.bench.environment import cpu_name
 from childopt.bench.measure import time_calls
 from childopt.bench.shapes import make_params, roberta_base_shapes
@@ -118,7 +118,8 @@ def ddp_bytes_row(size: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="FSDP2 and DDP rows of MaskedAdamW (run under torchrun)")
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m childopt.bench.distributed",
+                                     description="FSDP2 and DDP rows of MaskedAdamW (run under torchrun)")
     parser.add_argument("--size", default="24m", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
                   "steps": args.steps, "rows": rows, "ddp": ddp}
         _print(report)
         if args.json:
-            writable_path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            write_output(args.json, json.dumps(report, indent=2) + "\n")
     dist.destroy_process_group()
     return 0
 

@@ -81,7 +81,8 @@ def from_sysfs(root: Path = SYSFS_CPU, cpus: Optional[Collection[int]] = None) -
         return None
     level = max(caches)
     size, instances = caches[level]
-    of_cpus = "" if cpus is None else f" (of the {len(cpus)} CPUs this process may run on)"
+    of_cpus = "" if cpus is None else \
+        f" (of the {len(cpus)} CPU{'' if len(cpus) == 1 else 's'} this process may run on)"
     return CacheSize(size * len(instances), f"sysfs {root}/cpu*/cache: L{level}, {len(instances)} x {size} B{of_cpus}",
                      instance_bytes=size)
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from childopt import backends
-from childopt.arguments import check_output_files, writable_path
+from childopt.arguments import check_output_files, replacing, write_output
 from childopt.bench import ceiling, environment, evict, measure, paired, step, sweep, train
 from childopt.bench.goals import TARGETS, format_goals, paired_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
@@ -269,15 +269,16 @@ def main(argv=None) -> int:
                                "rows": [dataclasses.asdict(r) for r in train_rows],
                                "skipped": train_skipped},
                   "goals": [{**dataclasses.asdict(g), "met": g.met} for g in goals]}
-        writable_path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_output(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.markdown:
-        writable_path(args.markdown).write_text(markdown(meta, "\n".join(lines + results)))
+        write_output(args.markdown, markdown(meta, "\n".join(lines + results)))
         print(f"wrote {args.markdown}")
     if args.plot:
-        plot(tables, paired_tables, train_rows, str(writable_path(args.plot)), f"childopt bench: {meta['device_name']}",
-             [f"optimizer step, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in tables]
-             + [f"paired ratios, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in paired_tables]
-             + [f"training step, {setup.description if setup else ''}"])
+        with replacing(args.plot) as image:
+            plot(tables, paired_tables, train_rows, str(image), f"childopt bench: {meta['device_name']}",
+                 [f"optimizer step, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in tables]
+                 + [f"paired ratios, {t.size} {t.dtype}, {label(t.threads, all_threads)}" for t in paired_tables]
+                 + [f"training step, {setup.description if setup else ''}"])
         print(f"wrote {args.plot}")
     return 0

@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from childopt.arguments import check_output_files, number, writable_path
+from childopt.arguments import check_output_files, number, replacing
 from childopt.memory import report
 from childopt.memory.methods import METHODS
 from childopt.memory.models import HEADS, PRESETS, architecture
@@ -76,9 +76,11 @@ def main(argv=None) -> int:
     print(title)
     print(report.table(plans, measured))
     if args.plot:
-        report.plot(str(writable_path(args.plot)), plans, title)
+        with replacing(args.plot) as image:
+            report.plot(str(image), plans, title)
         print(f"plot: {args.plot}")
     if args.json:
-        report.write_json(str(writable_path(args.json)), args.model, arch, setting, plans, measured)
+        with replacing(args.json) as record:
+            report.write_json(str(record), args.model, arch, setting, plans, measured)
         print(f"json: {args.json}")
     return 0

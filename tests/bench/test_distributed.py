@@ -24,3 +24,15 @@ def test_two_ranks_hold_half_the_state_and_the_hook_sends_reserve_p_of_the_bytes
     ddp = report["ddp"]
     assert ddp["ratio"] <= ddp["reserve_p"] * 1.01 and ddp["child_hook_bytes"] > 0
     assert "| dense 0.3 freeze | 2 |" in stdout
+
+
+def test_bad_arguments_are_refused_before_a_process_group_naming_the_command(tmp_path, capsys):
+    from childopt.bench import distributed
+
+    for argv, expected in ((["--steps", "0"], "--steps must be >= 1"),
+                           (["--json", str(tmp_path) + "/"], "ends in a slash")):
+        with pytest.raises(SystemExit) as exited:
+            distributed.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and expected in err
+        assert err.startswith("usage: torchrun --nproc_per_node N -m childopt.bench.distributed")

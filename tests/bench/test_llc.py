@@ -88,7 +88,7 @@ def test_only_the_instances_of_the_cpus_this_process_may_run_on_count(tmp_path, 
     assert llc.from_sysfs(tmp_path, cpus={0, 1}).bytes == 2 * 107520 * 1024
     one = llc.from_sysfs(tmp_path, cpus={1})
     assert (one.bytes, one.instance_bytes) == (107520 * 1024, 107520 * 1024)
-    assert "1 x" in one.source and "of the 1 CPUs this process may run on" in one.source
+    assert "1 x" in one.source and "of the 1 CPU this process may run on" in one.source
     assert llc.from_sysfs(tmp_path, cpus={7}) is None  # none of its CPUs listed: the next source answers
     monkeypatch.setattr(llc.os, "sched_getaffinity", lambda pid: {1}, raising=False)
     assert llc.cpu_llc(tmp_path).bytes == 107520 * 1024  # by default, the process's affinity
