@@ -75,3 +75,16 @@ def test_an_elements_bits_do_not_depend_on_its_position_or_the_thread_count(func
     # of them and differs from its vector results on about 1 in 16 of these inputs (fails here)
     alone = torch.cat([function(x[start:start + 31].clone()) for start in range(0, 31 * 65, 31)])
     assert torch.equal(alone, results[0][:31 * 65])
+
+
+@pytest.mark.cuda
+def test_cuda_gives_the_cpu_bits():
+    """CUDA's basic operations round as the CPU's do, so the same definition gives the same bits there
+    (what lets an importance refresh on a GPU draw the CPU's codes); torch.exp2 itself does not promise it."""
+    x = random_floats(1 << 22, 7)
+    y = torch.cat([x[x.isfinite() & (x.abs() <= 200)], torch.rand(1 << 20) * 400 - 200, torch.tensor([-torch.inf])])
+    assert torch.equal(portable_math.exp2(y.cuda()).cpu().view(torch.int32), portable_math.exp2(y).view(torch.int32))
+    z = torch.cat([x[x >= 0], torch.tensor([0.0, torch.inf])])
+    assert torch.equal(portable_math.log2(z.cuda()).cpu().view(torch.int32), portable_math.log2(z).view(torch.int32))
+    wide = torch.tensor([2.0**-1074, 1e-300, 3.0, 1e300], dtype=torch.float64)
+    assert torch.equal(portable_math.log2(wide.cuda()).cpu(), portable_math.log2(wide))
