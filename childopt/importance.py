@@ -50,6 +50,10 @@ ROUNDING_STREAM = (1 << 62) | 0x5A3E
 # Elements per piece of a refresh's elementwise work: its temporaries then stay in the cache
 # between torch ops (3x faster on a CPU than whole-tensor ops over a large model).
 PIECE = 1 << 20  # elements a refresh computes at a time; a multiple of 4 (one Philox group)
+# The solve sums probabilities as integers in units of 2**-30 (each p truncated; an int32, at most
+# 2**30): exact, so the same in any order, thread count or device.  Truncation moves a sum by less
+# than one unit per element: below 1e-9 of an element each, far under the solve's tolerance.
+SUM_UNITS = 2**30
 _SOLVE_ITERATIONS = 200
 _SOLVE_TOLERANCE = 1e-7  # relative error of the expected kept count the solve stops at (fp32 passes)
 
@@ -130,10 +134,17 @@ def scores_at_levels(score: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def score_logs(score: torch.Tensor, codes=None) -> torch.Tensor:
     """The flat log2 of a score tensor (:func:`childopt.portable_math.log2`), of :func:`scores_at_levels`
-    when level ``codes`` are given."""
-    if codes is not None:
-        score = scores_at_levels(score, codes)
-    return portable_math.log2(score.reshape(-1))
+    when level ``codes`` are given; a piece at a time, so its temporaries stay the size of a piece."""
+    flat = score.reshape(-1)
+    levels = None if codes is None else codes.reshape(-1)
+    logs = torch.empty(flat.numel(), dtype=torch.float64 if score.dtype == torch.float64 else torch.float32,
+                       device=score.device)
+    for start in range(0, flat.numel(), PIECE):
+        piece = flat[start:start + PIECE]
+        if levels is not None:
+            piece = scores_at_levels(piece, levels[start:start + PIECE])
+        logs[start:start + PIECE] = portable_math.log2(piece)
+    return logs
 
 
 def log_ratios(scores: list, temperature: float, logs_of=score_logs) -> list:
@@ -150,7 +161,9 @@ def log_ratios(scores: list, temperature: float, logs_of=score_logs) -> list:
     top = max((float(log.max()) for log in logs if log.numel()), default=-math.inf)  # log2 of the peak
     if top == -math.inf:
         return [torch.zeros(log.numel(), dtype=torch.float32, device=log.device) for log in logs]
-    return [log.sub_(top).div_(temperature).float() for log in logs]
+    # a 0-dim tensor, not a Python number: CUDA multiplies by the reciprocal of a host scalar, which
+    # rounds differently from the division the CPU does
+    return [log.sub_(top).div_(torch.tensor(temperature, dtype=log.dtype, device=log.device)).float() for log in logs]
 
 
 def scale_parts(log_c: float) -> tuple[float, float]:
@@ -177,14 +190,15 @@ def probabilities(log_r: torch.Tensor, log_c: float, p_min: float) -> torch.Tens
     return portable_math.exp2(torch.add(log_r, whole)).mul_(factor).clamp_(p_min, 1.0)
 
 
-def probability_sums(p: torch.Tensor, floor: float) -> tuple[float, int, int]:
-    """(float64 sum, entries equal to 1, entries equal to ``floor``) of probabilities clamped to
-    ``[floor, 1]``: what a pass of the solve needs (the unclamped sum is ``sum - ones - floor *
+def probability_sums(p: torch.Tensor, floor: float) -> tuple[int, int, int]:
+    """(sum in :data:`SUM_UNITS`, entries equal to 1, entries equal to ``floor``) of probabilities clamped
+    to ``[floor, 1]``: what a pass of the solve needs (the unclamped sum is ``sum - ones - floor *
     floors``; two counts are 5x faster on a CPU than a sum over a ``torch.where`` of the interior).
-    One host transfer for the three (on CUDA, one sync per piece)."""
-    total, ones, floors = torch.stack([p.sum(dtype=torch.float64), torch.count_nonzero(p == 1.0).double(),
-                                       torch.count_nonzero(p == floor).double()]).tolist()  # counts exact below 2**53
-    return total, int(ones), int(floors)
+    Integers, so exact whatever the order of the additions.  One host transfer for the three (on
+    CUDA, one sync per piece)."""
+    units = (p * SUM_UNITS).int().sum(dtype=torch.int64)
+    total, ones, floors = torch.stack([units, torch.count_nonzero(p == 1.0), torch.count_nonzero(p == floor)]).tolist()
+    return total, ones, floors
 
 
 def fp32_floor(p_min: float) -> float:
@@ -192,7 +206,7 @@ def fp32_floor(p_min: float) -> float:
     return float(torch.tensor(p_min, dtype=torch.float32))
 
 
-def kept_sums(log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
+def kept_sums(log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[int, int, int]:
     """:func:`probability_sums` of :func:`probabilities`: one pass of the solve over a piece of log ratios.
     childopt._C computes the same on CPU in one read, without writing ``p`` (a backend's ``kept_sums``)."""
     return probability_sums(probabilities(log_r, log_c, p_min), fp32_floor(p_min))
@@ -200,14 +214,13 @@ def kept_sums(log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, i
 
 def _expected_kept(logs: list, log_c: float, p_min: float, sums=kept_sums) -> tuple[float, float]:
     """``sum(p)`` over the scope and its slope in ``log_c`` (``ln 2`` times the sum of unclamped p)."""
-    total, unclamped = 0.0, 0.0
-    floor = fp32_floor(p_min)
+    units, ones, floors = 0, 0, 0
     for log_r in logs:
         for piece in log_r.split(PIECE):
-            piece_sum, ones, floors = sums(piece, log_c, p_min)
-            unclamped += piece_sum - ones - floor * floors
-            total += piece_sum
-    return total, unclamped * math.log(2.0)
+            piece_units, piece_ones, piece_floors = sums(piece, log_c, p_min)
+            units, ones, floors = units + piece_units, ones + piece_ones, floors + piece_floors
+    total = units / SUM_UNITS
+    return total, (total - ones - fp32_floor(p_min) * floors) * math.log(2.0)
 
 
 def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=kept_sums) -> float:
@@ -216,7 +229,8 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=kept_sums) 
     The sum is non-decreasing in ``log2 c``; Newton's step from the current point is taken when it
     stays inside the bracket of the root found so far, else the bracket is halved, or, while it is
     open on one side, widened by steps that double.  Each step is one fp32 pass over the
-    ratios, with float64 sums: the kept count is hit to ``1e-7`` relative.  Returns ``-inf`` when
+    ratios, with exact integer sums: the kept count is hit to ``1e-7`` relative, and every backend,
+    thread count and device takes the same steps.  Returns ``-inf`` when
     ``p_min`` alone keeps ``reserve_p`` (every p is ``p_min``) and ``inf`` when even ``c = inf``
     keeps too few (more zero scores than ``1 - reserve_p`` of the scope, and ``p_min`` too small to
     make up for them).  ``sums``: :func:`kept_sums` or a backend's (the same values).
@@ -231,7 +245,8 @@ def solve_log_scale(logs: list, reserve_p: float, p_min: float, sums=kept_sums) 
         return math.inf
     low, high, widen = -math.inf, math.inf, 1.0
     # the root when nothing is clamped; from the data alone, so a resumed run solves alike
-    x = math.log2(target) - math.log2(sum(sums(piece, 0.0, 0.0)[0] for piece in pieces))  # sum of 2 ** log r
+    ratio_sum = sum(sums(piece, 0.0, 0.0)[0] for piece in pieces) / SUM_UNITS  # of 2 ** log r; the top's is 1
+    x = math.log2(target) - math.log2(ratio_sum)
     for _ in range(_SOLVE_ITERATIONS):
         kept, slope = _expected_kept(logs, x, p_min, sums)
         if abs(kept - target) <= _SOLVE_TOLERANCE * target:

@@ -43,6 +43,17 @@ def _power_of_two(k: torch.Tensor) -> torch.Tensor:
     return ((k + 127) << 23).view(torch.float32)
 
 
+def _frexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.frexp`` of positive finite fp32 values from their bits (other values: any pair), as the
+    C++ takes it; torch.frexp is missing on some devices (MPS).  A subnormal ``x`` is ``M * 2**-149``
+    with ``M`` its mantissa bits, and ``float(M)`` is exact and normal."""
+    subnormal = x < 2.0**-126
+    normal = torch.where(subnormal, (x.view(torch.int32) & 0x7FFFFF).float(), x)
+    bits = normal.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 126 - subnormal.int() * 149
+    return ((bits & 0x7FFFFF) | 0x3F000000).view(torch.float32), exponent
+
+
 def exp2(y: torch.Tensor) -> torch.Tensor:
     """fp32 ``2**y`` of an fp32 tensor (a new tensor): ``2**round(y) * 2**f``, ``f`` in [-1/2, 1/2].
 
@@ -71,7 +82,7 @@ def log2(x: torch.Tensor) -> torch.Tensor:
         mantissa, exponent = torch.frexp(x)
         return log2(mantissa.float()).double().add_(exponent.double())
     x = x.float()
-    mantissa, exponent = torch.frexp(x)  # mantissa in [1/2, 1)
+    mantissa, exponent = _frexp(x)  # mantissa in [1/2, 1)
     low = (mantissa < SQRT_HALF).int()
     mantissa = mantissa * (low + 1).float()  # doubled below sqrt(1/2): exact
     exponent = exponent - low

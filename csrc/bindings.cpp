@@ -86,8 +86,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "childopt.importance.probabilities computes them (exp2: childopt.portable_math's)");
   m.def("_probability_sums", &childopt::cpu::probability_sums, pybind11::arg("log_r"), pybind11::arg("whole"),
         pybind11::arg("factor"), pybind11::arg("floor"),
-        "(float64 sum, entries equal to 1, entries equal to float32(floor)) of the keep probabilities "
-        "_keep_probabilities would write, without writing them, independent of the thread count");
+        "(sum in units of 2**-30, entries equal to 1, entries equal to float32(floor)) of the keep probabilities "
+        "_keep_probabilities would write, without writing them, as childopt.importance.probability_sums sums them");
   m.def("_importance_draw", &childopt::cpu::importance_draw_of, pybind11::arg("codes"), pybind11::arg("rng_base"),
         pybind11::arg("seed"), pybind11::arg("step"),
         "test-only: the importance keep decisions (bool) and level scales (float32) of a contiguous uint8 CPU "

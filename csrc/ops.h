@@ -186,8 +186,8 @@ void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed
 void level_codes_into(const at::Tensor& p, const at::Tensor& codes, uint64_t rng_base, uint64_t seed, uint64_t step);
 void portable_log2_into(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& codes);
 void keep_probabilities_into(const at::Tensor& log_r, const at::Tensor& p, double whole, double factor, double floor);
-std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& log_r, double whole, double factor,
-                                                      double floor);
+std::tuple<int64_t, int64_t, int64_t> probability_sums(const at::Tensor& log_r, double whole, double factor,
+                                                       double floor);
 std::tuple<at::Tensor, at::Tensor> importance_draw_of(const at::Tensor& codes, uint64_t rng_base, uint64_t seed,
                                                       uint64_t step);
 std::tuple<at::Tensor, at::Tensor> importance_levels_of(const at::Tensor& words, const at::Tensor& codes);

@@ -165,3 +165,39 @@ def test_codes_drawn_piece_by_piece_are_the_codes_of_the_whole_tensor():
     key = (seed + refresh * 0x9E3779B97F4A7C15) % 2**64
     words = philox.random_words(n, rng_base, key, importance.ROUNDING_STREAM, "cpu")
     assert torch.equal(codes, importance.level_codes(importance.probabilities(log_r, log_c, p_min), words))
+
+
+def _refresh_codes(scores: list, device: str, temperature: float) -> tuple[float, list]:
+    """The scale and codes of a refresh's torch definitions (the reference backend's) on ``device``."""
+    logs = importance.log_ratios([s.to(device) for s in scores], temperature)
+    log_c = importance.solve_log_scale(logs, 0.3, 0.01)
+    return log_c, [importance.draw_codes(log_r, log_c, 0.01, 4 * i, 7, 1, kernel_backend("reference").level_codes)
+                   .cpu() for i, log_r in enumerate(logs)]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_refresh_draws_the_same_codes_at_every_thread_count(count):
+    """Log ratios, the solve and the rounding at 1 thread and at ``count``: torch's own exp2 differed
+    between 1 and 3 threads on elements at the ends of the threads' chunks, and its float64 sums with
+    the reduction's order."""
+    gen = torch.Generator().manual_seed(3)
+    scores = [torch.rand(n, generator=gen) ** 6 * (torch.rand(n, generator=gen) < 0.6) for n in ((1 << 20) + 77, 5000)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _refresh_codes(scores, "cpu", 0.3)
+        torch.set_num_threads(count)
+        several = _refresh_codes(scores, "cpu", 0.3)
+    finally:
+        torch.set_num_threads(before)
+    assert single[0] == several[0] and all(torch.equal(a, b) for a, b in zip(single[1], several[1]))
+
+
+@pytest.mark.cuda
+def test_a_refresh_on_a_gpu_draws_the_cpu_codes():
+    """The same scale and codes from the same scores on CUDA: portable exp2 / log2, the division by T
+    (not CUDA's multiply by a host scalar's reciprocal) and the solve's integer sums round alike."""
+    gen = torch.Generator().manual_seed(4)
+    scores = [torch.rand(n, generator=gen) ** 6 * (torch.rand(n, generator=gen) < 0.6) for n in ((1 << 20) + 77, 5000)]
+    on_cpu, on_gpu = _refresh_codes(scores, "cpu", 0.3), _refresh_codes(scores, "cuda", 0.3)
+    assert on_cpu[0] == on_gpu[0] and all(torch.equal(a, b) for a, b in zip(on_cpu[1], on_gpu[1]))

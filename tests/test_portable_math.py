@@ -80,7 +80,7 @@ def test_an_elements_bits_do_not_depend_on_its_position_or_the_thread_count(func
 @pytest.mark.cuda
 def test_cuda_gives_the_cpu_bits():
     """CUDA's basic operations round as the CPU's do, so the same definition gives the same bits there
-    (what lets an importance refresh on a GPU draw the CPU's codes); torch.exp2 itself does not promise it."""
+    (part of what lets a refresh on a GPU draw the CPU's codes: test_importance checks the whole of it)."""
     x = random_floats(1 << 22, 7)
     y = torch.cat([x[x.isfinite() & (x.abs() <= 200)], torch.rand(1 << 20) * 400 - 200, torch.tensor([-torch.inf])])
     assert torch.equal(portable_math.exp2(y.cuda()).cpu().view(torch.int32), portable_math.exp2(y).view(torch.int32))

@@ -5,10 +5,11 @@
 //
 // Two ops: the probabilities written out (4 B read, 4 B written per element; the draw rounds them
 // to level codes), and the sums one pass of the scale solve needs (4 B read, nothing written):
-// the float64 sum of p and the counts at 1 and at the floor, from which the solve's slope follows
-// (sum - ones - floor * floors).  The pass replaces six torch ops over a piece (add, exp2, multiply,
-// clamp, a float64 sum and two counts).  The sum is taken in fixed blocks of kChunk elements, each
-// in 16 float64 lanes, and the blocks are added in order, so it does not depend on the thread count.
+// the sum of p and the counts at 1 and at the floor, from which the solve's slope follows (sum -
+// ones - floor * floors).  The pass replaces six torch ops over a piece (add, exp2, multiply,
+// clamp, a sum and two counts).  The sum is childopt.importance.probability_sums's: each p in
+// whole units of 2**-30 (truncated, an int32), added as int64, so exact in any order: the same
+// integer at every thread count and on every device.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -34,8 +35,11 @@ struct KeepScale {
   return std::min(std::max(p, scale.floor), 1.0f);
 }
 
+// childopt.importance.SUM_UNITS: p * 2**30 is exact in fp32 and at most 2**30, so an int32.
+constexpr float kSumUnits = 0x1p30f;
+
 struct BlockSums {
-  double sum = 0.0;
+  int64_t units = 0;
   int64_t ones = 0;
   int64_t floors = 0;
 };
@@ -43,13 +47,13 @@ struct BlockSums {
 CHILDOPT_CPU_CLONES
 BlockSums block_sums(const float* log_r, int64_t n, KeepScale scale) {
   constexpr int kLanes = 16;
-  double sum[kLanes] = {};
+  int64_t units[kLanes] = {};
   int32_t ones[kLanes] = {}, floors[kLanes] = {};  // a block holds at most kChunk < 2**31 entries
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       const float p = keep_probability(log_r[i + j], scale);
-      sum[j] += static_cast<double>(p);
+      units[j] += static_cast<int32_t>(p * kSumUnits);
       ones[j] += static_cast<int32_t>(p == 1.0f);
       floors[j] += static_cast<int32_t>(p == scale.floor);
     }
@@ -57,12 +61,12 @@ BlockSums block_sums(const float* log_r, int64_t n, KeepScale scale) {
   BlockSums out;
   for (; i < n; ++i) {
     const float p = keep_probability(log_r[i], scale);
-    out.sum += static_cast<double>(p);
+    out.units += static_cast<int32_t>(p * kSumUnits);
     out.ones += static_cast<int64_t>(p == 1.0f);
     out.floors += static_cast<int64_t>(p == scale.floor);
   }
   for (int j = 0; j < kLanes; ++j) {
-    out.sum += sum[j];
+    out.units += units[j];
     out.ones += ones[j];
     out.floors += floors[j];
   }
@@ -83,8 +87,8 @@ KeepScale checked_scale(const at::Tensor& log_r, double whole, double factor, do
 
 }  // namespace
 
-std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& log_r, double whole, double factor,
-                                                      double floor) {
+std::tuple<int64_t, int64_t, int64_t> probability_sums(const at::Tensor& log_r, double whole, double factor,
+                                                       double floor) {
   const KeepScale scale = checked_scale(log_r, whole, factor, floor);
   const int64_t numel = log_r.numel();
   const float* data = log_r.data_ptr<float>();
@@ -98,11 +102,11 @@ std::tuple<double, int64_t, int64_t> probability_sums(const at::Tensor& log_r, d
   });
   BlockSums total;
   for (const BlockSums& block : blocks) {
-    total.sum += block.sum;
+    total.units += block.units;
     total.ones += block.ones;
     total.floors += block.floors;
   }
-  return {total.sum, total.ones, total.floors};
+  return {total.units, total.ones, total.floors};
 }
 
 void keep_probabilities_into(const at::Tensor& log_r, const at::Tensor& p, double whole, double factor,

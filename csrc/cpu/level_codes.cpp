@@ -16,8 +16,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 
+#include "bit_cast.h"
 #include "childopt/importance_levels.h"
 #include "cpu_common.h"
 #include "philox_cpu.h"
@@ -39,7 +39,7 @@ constexpr uint32_t kOctaveSteps[7] = {759234, 1587185, 2490071, 3474676, 4548395
 // floor(8 log2 p) + 255 clamped to [0, 254], exactly, from p's bits (zero, -0.0, subnormals and
 // negative p: 0, as torch's log2 gives -inf for -0.0).
 [[gnu::always_inline]] inline uint32_t level_estimate(float p) {
-  const uint32_t bits = std::bit_cast<uint32_t>(p);
+  const uint32_t bits = bit_cast<uint32_t>(p);
   const int32_t octave = static_cast<int32_t>(bits >> 23) - 127;
   const uint32_t mantissa = bits & 0x7FFFFFu;
   const int32_t step = (mantissa >= kOctaveSteps[0]) + (mantissa >= kOctaveSteps[1]) + (mantissa >= kOctaveSteps[2]) +

@@ -6,9 +6,10 @@
 #pragma once
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <limits>
+
+#include "bit_cast.h"
 
 namespace childopt {
 namespace cpu {
@@ -30,7 +31,7 @@ constexpr float kRoundingShift = 0x1.8p23f;
 
 // fp32 2**k for int32 k in [-126, 127], from its exponent bits.
 [[gnu::always_inline]] inline float power_of_two(int32_t k) {
-  return std::bit_cast<float>(static_cast<uint32_t>(k + 127) << 23);
+  return bit_cast<float>(static_cast<uint32_t>(k + 127) << 23);
 }
 
 // childopt.portable_math.exp2 of one element.
@@ -56,12 +57,12 @@ constexpr float kRoundingShift = 0x1.8p23f;
   constexpr float kInf = std::numeric_limits<float>::infinity();
   // A subnormal x is M * 2**-149 with M its mantissa bits: float(M) is exact and normal, so frexp
   // needs no arithmetic on a subnormal (which takes a microcode assist).
-  const uint32_t x_bits = std::bit_cast<uint32_t>(x);
+  const uint32_t x_bits = bit_cast<uint32_t>(x);
   const bool subnormal = x < 0x1p-126f;  // zero and negatives too: replaced at the end
   const float normal = subnormal ? static_cast<float>(static_cast<int32_t>(x_bits & 0x7FFFFFu)) : x;
-  const uint32_t bits = std::bit_cast<uint32_t>(normal);
+  const uint32_t bits = bit_cast<uint32_t>(normal);
   int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126 - (subnormal ? 149 : 0);
-  float mantissa = std::bit_cast<float>((bits & 0x7FFFFFu) | 0x3F000000u);  // frexp's, in [1/2, 1)
+  float mantissa = bit_cast<float>((bits & 0x7FFFFFu) | 0x3F000000u);  // frexp's, in [1/2, 1)
   const bool low = mantissa < kSqrtHalf;
   mantissa = low ? mantissa * 2.0f : mantissa;
   exponent -= static_cast<int32_t>(low);

@@ -52,6 +52,8 @@ def test_the_native_backend_keeps_float64_scores_in_float64(native_module):
     logs = kernel_backend("native").score_logs(score)
     assert logs.dtype == torch.float64 and torch.equal(logs, portable_math.log2(score))
     assert same_bits(kernel_backend("native").score_logs(score.float().view(2, 2)), portable_math.log2(score.float()))
+    half = score.to(torch.bfloat16)  # another dtype takes the torch definition, on fp32 values
+    assert same_bits(kernel_backend("native").score_logs(half), portable_math.log2(half.float()))
 
 
 def test_bad_tensors_are_named(native_module):
