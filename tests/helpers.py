@@ -104,3 +104,8 @@ def torchrun(world: int, *args: str) -> str:
         pytest.fail(f"{world} ranks hung for {TORCHRUN_TIMEOUT_S} s:\n{(timeout.stderr or b'')[-4000:]}")
     assert done.returncode == 0, f"{world} ranks failed:\n{done.stderr[-6000:]}"
     return done.stdout
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp32 tensors equal bit for bit, any NaN equal to any NaN."""
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from childopt import importance
-from tests.helpers import kernel_backend
+from tests.helpers import kernel_backend, same_bits
 
 SCALES = [(3.25, 0.05), (-7.7, 0.0), (0.0, 1e-3), (41.3, 0.02), (1e30, 0.1), (-1e30, 0.0), (-140.4, 0.0)]
 
@@ -19,10 +19,6 @@ def log_ratios(numel: int) -> torch.Tensor:
     log_r[::97] = -torch.inf
     log_r[5::1009] = torch.nan  # never made by a refresh; both definitions keep it NaN
     return log_r
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
 
 
 @pytest.mark.parametrize("numel", [0, 1, 17, 32768 * 3 + 5, (1 << 20) + 3])

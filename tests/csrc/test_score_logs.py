@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from childopt import importance, portable_math
-from tests.helpers import kernel_backend
+from tests.helpers import kernel_backend, same_bits
 
 
 def scores(numel: int) -> torch.Tensor:
@@ -15,10 +15,6 @@ def scores(numel: int) -> torch.Tensor:
     x[1::3] = torch.rand(len(x[1::3]), generator=gen) * 1e-6
     x[::5] = 0.0
     return x
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
 
 
 @pytest.mark.parametrize("numel", [0, 1, 15, 32768 * 3 + 5, (1 << 20) + 3])
