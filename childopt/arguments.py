@@ -112,17 +112,24 @@ def writable_path(value: str) -> Path:
 def replacing(value: str) -> Iterator[Path]:
     """A temporary path beside the output ``value`` (its folder made; the same suffix, so matplotlib
     picks the format) that replaces the output when the block ends without an error: a run stopped
-    while writing leaves the earlier file whole instead of a truncated one.  The new file gets the
-    permissions a plain ``open`` would give it (mkstemp's are owner-only)."""
+    while writing leaves the earlier file whole instead of a truncated one.  An output that is a
+    symbolic link has the file it names replaced (the link stays); the new file keeps the earlier
+    one's permissions, or gets those a plain ``open`` would give (mkstemp's are owner-only)."""
     path = writable_path(value)
+    if path.is_symlink():
+        path = path.resolve()
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        if path.exists():
+            mode = path.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -48,6 +48,17 @@ def test_an_output_is_replaced_whole_or_left_as_it_was(tmp_path):
     assert target.read_text() == "second\n"
 
 
+def test_a_linked_output_replaces_the_file_it_names_and_keeps_its_permissions(tmp_path):
+    target, link = tmp_path / "runs" / "run5.json", tmp_path / "latest.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    write_output(str(link), "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
 def test_two_options_naming_one_file_are_refused(tmp_path, capsys):
     same = tmp_path / "run.txt"
     err = refused({"--json": str(same), "--markdown": str(tmp_path / "." / "run.txt")}, capsys)

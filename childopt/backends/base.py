@@ -106,7 +106,7 @@ class Backend:
         """Keep probabilities of a piece of log ratios: :func:`childopt.importance.probabilities`."""
         return importance.probabilities(log_r, log_c, p_min)
 
-    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
+    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[int, int, int]:
         """A pass of the importance solve over a piece of log ratios: :func:`childopt.importance.kept_sums`."""
         return importance.kept_sums(log_r, log_c, p_min)
 

@@ -82,9 +82,9 @@ class Backend(base.Backend):
         self._module._keep_probabilities(log_r, p, *importance.scale_parts(log_c), p_min)
         return p
 
-    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[float, int, int]:
-        """On CPU, childopt._C's one read for a finite ``log_c``: the probabilities are never written (the same
-        counts, the sum in fixed blocks)."""
+    def kept_sums(self, log_r: torch.Tensor, log_c: float, p_min: float) -> tuple[int, int, int]:
+        """On CPU, childopt._C's one read for a finite ``log_c``: the probabilities are never written (the
+        same integers)."""
         if log_r.device.type != "cpu" or math.isinf(log_c):
             return super().kept_sums(log_r, log_c, p_min)
         return self._module._probability_sums(log_r.float().contiguous(), *importance.scale_parts(log_c), p_min)
