@@ -114,11 +114,20 @@ def replacing(value: str) -> Iterator[Path]:
     picks the format) that replaces the output when the block ends without an error: a run stopped
     while writing leaves the earlier file whole instead of a truncated one.  An output that is a
     symbolic link has the file it names replaced (the link stays); the new file keeps the earlier
-    one's permissions, or gets those a plain ``open`` would give (mkstemp's are owner-only)."""
+    one's permissions, or gets those a plain ``open`` would give (mkstemp's are owner-only), but not
+    its owner, hard links or extended attributes.  Written in place instead: what is not a regular
+    file (``/dev/null``, ``/dev/stdout``, a FIFO) and a file in a folder that takes no new entries.
+    A run killed by a signal Python does not handle (SIGTERM, SIGKILL) can leave a hidden
+    ``.childopt-*`` file beside the output."""
     path = writable_path(value)
-    if path.is_symlink():
+    special = path.exists() and (not path.is_file() or path.absolute().parts[1:2] in (("dev",), ("proc",)))
+    if path.is_symlink() and not special:
         path = path.resolve()
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    if special or (path.exists() and not os.access(path.parent, os.W_OK | os.X_OK)):
+        yield path
+        return
+    # a short name: the output's own may be near the file system's limit
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=".childopt-", suffix=path.suffix)
     os.close(handle)
     temporary = Path(name)
     try:

@@ -1,6 +1,8 @@
 """The argparse types and output checks shared by childopt's command lines."""
 import argparse
+import os
 import sys
+import threading
 
 import pytest
 
@@ -57,6 +59,19 @@ def test_a_linked_output_replaces_the_file_it_names_and_keeps_its_permissions(tm
     write_output(str(link), "new\n")
     assert link.is_symlink() and target.read_text() == "new\n"
     assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_fifo_is_written_in_place_and_a_long_name_fits(tmp_path):
+    fifo, received = tmp_path / "out.json", []
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    write_output(str(fifo), "through\n")
+    reader.join(timeout=30)
+    assert received == ["through\n"] and fifo.is_fifo()
+    long_name = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json")
+    write_output(str(long_name), "long\n")
+    assert long_name.read_text() == "long\n"
 
 
 def test_two_options_naming_one_file_are_refused(tmp_path, capsys):
