@@ -19,6 +19,7 @@ import torch
 
 from childopt.analysis.layout import OTHER
 from childopt.analysis.quantities import FISHER, UPDATE, HeadValues
+from childopt.arguments import replacing
 
 COLUMNS = ("layer", "head", "quantity", "value")
 Report = Mapping[str, HeadValues]  # quantity name -> values
@@ -27,7 +28,7 @@ REQUIRED = (FISHER, UPDATE)  # every run's report has these; the share only runs
 
 def write_csv(report: Report, path: Union[str, os.PathLike]) -> None:
     """Write ``report`` (quantity -> HeadValues) to ``path``, quantities in the order given."""
-    with open(path, "w", newline="") as file:
+    with replacing(os.fspath(path)) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(COLUMNS)
         for quantity, values in report.items():

@@ -20,6 +20,7 @@ update over the heads, and the heads that moved most).
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from childopt.analysis.plots import plot_comparison, plot_heatmaps, plot_scatter
 from childopt.analysis.quantities import (FISHER, SHARE, UPDATE, HeadValues, child_share, fisher_importance,
                                           total_norm, update_norms)
 from childopt.analysis.table import read_csv, write_csv
+from childopt.arguments import write_output
 from childopt.finetune import glue
 from childopt.finetune.plan import MASK_METHODS, Run, run_name
 from childopt.finetune.summary import best_lr_groups, load_records
@@ -142,6 +144,6 @@ def compare(output: str, task: str, seed: int) -> str:
     plot_comparison({f"{m} (lr {chosen[m]['config']['lr']:g})": r for m, r in reports.items()}, figure,
                     f"{task}, seed {seed}: where each method moves the weights")
     table = comparison_table(reports, chosen)
-    (Path(output) / f"heads-{task}.md").write_text(table + "\n")
+    write_output(os.fspath(figure.with_suffix(".md")), table + "\n")
     print(f"{table}\nwrote {figure} and {figure.with_suffix('.md')}")
     return table

@@ -9,6 +9,7 @@ estimate for every method alike).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from childopt.arguments import replacing, write_output
 from childopt.finetune import glue
 from childopt.finetune.plan import METHODS, run_name
 
@@ -142,7 +144,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
         axes[1][column].set_title(f"{task}: train loss (epoch mean)")
         axes[1][column].set_xlabel("epoch")
         axes[0][column].legend()
-    fig.savefig(path, dpi=110)
+    with replacing(os.fspath(path)) as image:
+        fig.savefig(image, dpi=110)
 
 
 def _curve(ax, runs: list[dict], value, label: str, *, start: int) -> None:
@@ -161,7 +164,7 @@ def summarize(output: str) -> str:
     """Write ``table.md`` (and ``curves.png`` when matplotlib is there) into ``output``; return the table."""
     records = load_records(output)
     text = f"{summary_table(records)}\n\n{describe(records)}\n"
-    (Path(output) / TABLE_NAME).write_text(text)
+    write_output(os.fspath(Path(output) / TABLE_NAME), text)
     print(text + f"wrote {Path(output) / TABLE_NAME}")
     try:
         plot_curves(records, Path(output) / PLOT_NAME)

@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import sys
 import time
 from typing import Optional
@@ -50,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from childopt.analysis.quantities import kept_entries
+from childopt.arguments import write_output
 from childopt.bench import environment
 from childopt.bench.measure import peak_memory_gb, reset_peak_memory, state_gb
 from childopt.bench.train import lora_model
@@ -304,10 +306,7 @@ def _print_epoch(run: Run, entry: dict, peak_gb: float) -> None:
 def execute_and_save(run: Run) -> None:
     """Train ``run`` and write its JSON atomically (a killed run leaves no JSON, so it reruns)."""
     record = execute(run)
-    run.path.parent.mkdir(parents=True, exist_ok=True)
-    partial = run.path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(run.path)
+    write_output(os.fspath(run.path), json.dumps(record, indent=2) + "\n")
     print(f"[{run.name}] {record['it_s']:.2f} it/s, peak {record['peak_gb']:.2f} GB; wrote {run.path}", flush=True)
 
 

@@ -1,7 +1,10 @@
 """The figures: PNGs from a report and from several runs side by side (a run without a fixed mask
 leaves its share panel blank), and the rank correlation their titles name."""
+from pathlib import Path
+
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from childopt.analysis.plots import plot_comparison, plot_heatmaps, plot_scatter, rank_correlation
 from childopt.analysis.quantities import FISHER, SHARE, UPDATE, HeadValues
@@ -34,3 +37,20 @@ def test_each_figure_is_written_as_a_png(tmp_path):
     plot_comparison({"adamw": _report(False), "ct-d": _report(True)}, tmp_path / "compare.png", "RTE")
     for name in ("heatmaps.png", "scatter.png", "compare.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+
+def test_a_save_that_fails_part_way_leaves_the_earlier_figure_whole(tmp_path, monkeypatch):
+    path = tmp_path / "heatmaps.png"
+    plot_heatmaps(_report(True), path, "run")
+    before = path.read_bytes()
+
+    def cut_short(fig, target, **kwargs):
+        Path(target).write_bytes(PNG)  # a few bytes, then the save fails (a full disk, an interrupt)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="no space"):
+        plot_heatmaps(_report(False), path, "run")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["heatmaps.png"]  # no temporary left beside it

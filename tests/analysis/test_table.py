@@ -1,4 +1,6 @@
 """The heads CSV: one row per (layer, head, quantity), read back exactly; malformed files named by line."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -56,3 +58,15 @@ def test_damaged_reports_are_refused_naming_the_file(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_a_write_that_fails_part_way_leaves_the_earlier_file_whole(tmp_path):
+    path = tmp_path / "heads.csv"
+    write_csv(_report(), path)
+    before = path.read_bytes()
+    broken = dict(_report())
+    broken[UPDATE] = SimpleNamespace(heads=torch.ones(2, 2, dtype=torch.float64), other=None)  # no per-layer rest
+    with pytest.raises(TypeError):
+        write_csv(broken, path)  # fails after the Fisher rows are written
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.csv"]  # no temporary left beside it
