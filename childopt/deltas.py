@@ -5,7 +5,7 @@ its difference from the base weights at the changed entries only::
 
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ...  # fine-tune
-    delta = SparseDelta.extract(base, model.state_dict())   # or indices=opt.sparse_indices()
+    delta = SparseDelta.extract(base, model.state_dict())   # or indices=opt.sparse_indices(), outside="store"
     delta.save("delta.safetensors", metadata={"base_model": "bert-base-cased"})
 
     model = load_base_model()
@@ -54,6 +54,7 @@ WIDE_DTYPES = {
     torch.float64: torch.float64,
 }
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in WIDE_DTYPES}  # as files record them
+_OUTSIDE_CHOICES = ("raise", "store", "drop")  # SparseDelta.extract's changes off its indices
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNITS = ("B", "kB", "MB", "GB", "TB")
 
@@ -129,7 +130,7 @@ class SparseDelta:
     @classmethod
     @torch.no_grad()
     def extract(cls, base: NamedTensors, tuned: NamedTensors,
-                indices: Optional[Mapping[str, torch.Tensor]] = None) -> "SparseDelta":
+                indices: Optional[Mapping[str, torch.Tensor]] = None, *, outside: str = "raise") -> "SparseDelta":
         """The delta that turns ``base`` into ``tuned``.
 
         Args:
@@ -137,9 +138,14 @@ class SparseDelta:
                 ``state_dict()``, ``dict(model.named_parameters())``), or modules.  ``base`` may
                 live on another device (e.g. a CPU snapshot); work happens on ``tuned``'s device.
             indices: optional name -> 1-D flat indices to store (e.g. the child network's
-                selected entries; :func:`indices_from_mask` turns a bool mask into them).  Only
-                the named tensors are stored, at exactly those entries (duplicates dropped).
-                Without it, every tensor is stored where ``tuned`` differs bitwise from ``base``.
+                selected entries, ``opt.sparse_indices()``; :func:`indices_from_mask` turns a bool
+                mask into them), duplicates dropped.  Without it, every tensor is stored where
+                ``tuned`` differs bitwise from ``base``.
+            outside: what to do with changes ``indices`` does not cover (a tensor it does not
+                name, as the dense-trained head or embeddings beside a masked encoder, or an entry
+                it leaves out): ``"raise"`` (ValueError naming them: the delta would not rebuild
+                ``tuned``), ``"store"`` (stored too, where they differ bitwise, so the delta is
+                exact) or ``"drop"`` (left out on purpose).  Ignored without ``indices``.
 
         Tensors without entries are omitted.  Tied tensors (one tensor under several names, as
         ``state_dict()`` lists shared embeddings) are stored once, under their first name, so
@@ -149,24 +155,40 @@ class SparseDelta:
 
         Raises:
             ValueError: names, shapes or dtypes of ``base`` and ``tuned`` differ, ``indices``
-                names an unknown tensor or an index out of range, or an entry cannot round-trip
-                exactly (see :data:`WIDE_DTYPES`).
+                names an unknown tensor or an index out of range, ``outside="raise"`` and
+                ``tuned`` changed outside ``indices``, or an entry cannot round-trip exactly (see
+                :data:`WIDE_DTYPES`).
         """
+        if outside not in _OUTSIDE_CHOICES:
+            raise ValueError(f"outside must be one of {', '.join(map(repr, _OUTSIDE_CHOICES))}, got {outside!r}")
         base, tuned = _named_tensors(base), _named_tensors(tuned)
         _check_same_tensors(base, tuned)
         if indices is not None and (unknown := [n for n in indices if n not in tuned]):
             raise ValueError(f"indices given for tensors that base and tuned lack: {short_list(unknown)}")
-        names = [n for n in tuned if indices is None or n in indices]
-        tied = _tied_duplicates(tuned, names)
-        entries = {}
+        listed = [n for n in tuned if indices is None or n in indices]
+        names = listed if outside == "drop" else listed + [n for n in tuned if n not in listed]
+        tied = _tied_duplicates(tuned, names)  # a listed name is kept before an unlisted one
+        entries, missed = {}, {}
         for name in names:
             if name in tied:
                 continue
             t = tuned[name]
             b = base[name].to(t.device)
-            idx = _changed_indices(b, t) if indices is None else _given_indices(name, indices[name], t)
+            if indices is None:
+                idx = _changed_indices(b, t)
+            else:
+                idx = _given_indices(name, indices[name], t) if name in indices else \
+                    torch.empty(0, dtype=index_dtype(t.numel()), device=t.device)
+                if outside != "drop":
+                    idx, missed[name] = _cover_changes(b, t, idx, store=outside == "store")
             if idx.numel():
                 entries[name] = _difference(name, b, t, idx)
+        if missing := {name: count for name, count in missed.items() if count}:
+            shown = ", ".join(f"{name!r} ({count} entries)" for name, count in list(missing.items())[:5])
+            more = f", ... ({len(missing)} tensors in all)" if len(missing) > 5 else ""
+            raise ValueError(f"tuned differs from base outside the given indices: {shown}{more}; the delta would "
+                             "not rebuild tuned.  Pass outside='store' to store those changes too (exact), or "
+                             "outside='drop' to leave them out")
         return cls(entries)
 
     @torch.no_grad()
@@ -376,6 +398,17 @@ def _changed_indices(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     if base.is_floating_point():
         base, tuned = base.view(_BITS[base.element_size()]), tuned.view(_BITS[tuned.element_size()])
     return indices_from_mask(base != tuned)
+
+
+def _cover_changes(base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor, store: bool) -> tuple:
+    """(``idx``, plus where ``tuned`` changed off it when ``store``; how many changed entries ``idx`` misses)."""
+    changed = _changed_indices(base, tuned)
+    off = changed[~torch.isin(changed, idx.to(changed.dtype))]
+    if not store:
+        return idx, off.numel()
+    if off.numel():
+        idx = torch.cat([idx.to(off.dtype), off]).sort().values.to(index_dtype(tuned.numel()))
+    return idx, 0
 
 
 def _given_indices(name: str, idx: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:

@@ -98,13 +98,50 @@ def test_explicit_indices_are_sorted_and_deduplicated():
     base = make_base(torch.float32)
     tuned, *_ = tune(base, seed=2)
     given = torch.tensor([7, 3, 3, 0, 7], dtype=torch.int64)
-    delta = SparseDelta.extract(base, tuned, indices={"embed.weight": given})
+    delta = SparseDelta.extract(base, tuned, indices={"embed.weight": given}, outside="drop")
     entry = delta.entries["embed.weight"]
     assert list(delta.entries) == ["embed.weight"]
     assert entry.indices.tolist() == [0, 3, 7] and entry.indices.dtype == torch.int32
     flat_b, flat_t = base["embed.weight"].view(-1).double(), tuned["embed.weight"].view(-1).double()
     assert entry.values.tolist() == (flat_t - flat_b)[[0, 3, 7]].tolist()
 
+
+
+def test_changes_outside_the_indices_raise_by_default_naming_them():
+    base = make_base(torch.float32)
+    tuned, chosen, _ = tune(base, seed=3)
+    part = {"embed.weight": chosen["embed.weight"][:-2], "gain": chosen["gain"]}  # two changed entries left out
+    with pytest.raises(ValueError, match=r"outside the given indices: 'embed.weight' \(2 entries\), "
+                                         r"'block.0.weight' \(\d+ entries\), 'block.0.bias'.*outside='store'"):
+        SparseDelta.extract(base, tuned, indices=part)
+    with pytest.raises(ValueError, match="outside must be one of 'raise', 'store', 'drop', got 'keep'"):
+        SparseDelta.extract(base, tuned, indices=part, outside="keep")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_outside_store_rebuilds_tuned_and_drop_keeps_only_the_indices(dtype):
+    base = make_base(dtype)
+    tuned, chosen, _ = tune(base, seed=4)
+    part = {"embed.weight": chosen["embed.weight"][::2]}
+    stored = SparseDelta.extract(base, tuned, indices=part, outside="store")
+    target = clone(base)
+    stored.apply_to(target)
+    assert_bitwise_equal(target, tuned)
+    assert stored.entries.keys() == SparseDelta.extract(base, tuned).entries.keys()
+    changed = torch.nonzero((bits(tuned["embed.weight"]) != bits(base["embed.weight"])).reshape(-1)).reshape(-1)
+    given_or_changed = torch.unique(torch.cat([chosen["embed.weight"][::2], changed]))  # bf16 drops some steps
+    assert torch.equal(stored.entries["embed.weight"].indices.long(), given_or_changed)
+    dropped = SparseDelta.extract(base, tuned, indices=part, outside="drop")
+    assert list(dropped.entries) == ["embed.weight"]
+    assert torch.equal(dropped.entries["embed.weight"].indices.long(), chosen["embed.weight"][::2])
+
+
+def test_indices_that_cover_every_change_need_no_outside():
+    base = make_base(torch.float32)
+    tuned, chosen, _ = tune(base, seed=5)
+    unchanged = {n: t for n, t in tuned.items() if n != "gain"} | {"gain": base["gain"].clone()}
+    delta = SparseDelta.extract(base, unchanged, indices={n: i for n, i in chosen.items() if n != "gain"})
+    assert "gain" not in delta.entries
 
 def test_nan_and_signed_zero():
     """Selection is bitwise, so an unchanged NaN is no entry; addition cannot restore a zero's sign."""

@@ -235,6 +235,32 @@ def test_sparse_training_exports_a_delta_that_reproduces_the_model_exactly(tmp_p
     assert delta.num_entries == sum(int(m.sum()) for m in masks.values())
 
 
+
+def test_a_delta_of_a_partly_masked_model_names_the_dense_tensors_or_stores_them():
+    """As fisher_mask's defaults leave the head unmasked: the dense-trained tensors are outside the
+    sparse indices; extract refuses to lose them, and outside='store' rebuilds the model exactly."""
+    from childopt import SparseDelta
+
+    model = _Net()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    named = list(model.named_parameters())
+    masked, dense = named[:2], named[2:]
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.2
+             for i, (n, p) in enumerate(masked)}
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask=masks, storage="sparse", seed=0)
+    for x in _batches(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(ValueError, match=f"outside the given indices: {dense[0][0]!r}"):
+        SparseDelta.extract(base, model.state_dict(), indices=opt.sparse_indices())
+    delta = SparseDelta.extract(base, model.state_dict(), indices=opt.sparse_indices(), outside="store")
+    fresh = _Net()
+    delta.apply_to(fresh)
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert {n for n, _ in dense} <= set(delta.entries)
+
 def test_compact_gradients_left_from_a_step_warn_when_added_to():
     net = _Net()
     opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2]), storage="sparse",
