@@ -19,13 +19,14 @@ with :func:`childopt.masks.select_mask`, with ChildTuning-D's defaults.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import islice
 from typing import Optional, Union
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from childopt import backends
@@ -124,6 +125,7 @@ class FisherAccumulator:
         self._backend_request = backends.check_name(backend)
         self._backends: dict = {}
         self._handles: list = []
+        self._loop_samples = False  # the sample estimator's model failed under vmap: one sample at a time
 
     def __enter__(self) -> "FisherAccumulator":
         if self.estimator == "batch":
@@ -211,19 +213,39 @@ class FisherAccumulator:
 
         ``batch`` is a tensor or a pytree of tensors whose leading dimension is the sample;
         ``loss_fn`` sees each sample with a batch dimension of 1.  Dropout draws differ per sample.
+        A model that cannot run under vmap (data-dependent control flow: ``.item()``, ``if
+        tensor``, as Hugging Face's attention-mask code) is run one sample at a time, with a warning.
         """
         if self.estimator != "sample":
             raise RuntimeError("accumulate_samples needs estimator='sample'; with 'batch', call loss.backward()")
         wrapper = _LossModule(self.model, loss_fn)
-        names = list(self._params)
-        detached = {n: self._params[n].detach() for n in names}
+        detached = {n: p.detach() for n, p in self._params.items()}
 
         def sample_loss(params, sample):
             one = tree_map(lambda x: x.unsqueeze(0), sample)
             return torch.func.functional_call(wrapper, {f"model.{n}": v for n, v in params.items()}, (one,))
 
-        per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), randomness="different",
-                                     chunk_size=self.chunk_size)(detached, batch)
+        if not self._loop_samples:
+            try:
+                self._add_squares(torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0),
+                                                  randomness="different", chunk_size=self.chunk_size)(detached, batch))
+                return
+            except RuntimeError as error:  # data-dependent control flow the model cannot run under vmap
+                if not str(error).startswith("vmap:"):
+                    raise
+                warnings.warn(f"estimator='sample': the model cannot run under torch.func.vmap ({str(error)[:160]}...); "
+                              "taking one sample at a time instead (the same scores, about a backward per sample "
+                              "unvectorised).  Hugging Face models do this when the batch has an attention_mask.",
+                              stacklevel=2)
+                self._loop_samples = True
+        samples = tree_leaves(batch)[0].shape[0]
+        for i in range(samples):
+            one = tree_map(lambda x: x[i], batch)
+            self._add_squares({n: g.unsqueeze(0) for n, g in torch.func.grad(sample_loss)(detached, one).items()})
+
+    def _add_squares(self, per_sample: dict) -> None:
+        """Add the clipped squares of per-sample gradients (name -> [samples, *shape]) to the scores."""
+        names = list(self._params)
         n_samples = per_sample[names[0]].shape[0]
         for n in names:
             grads = per_sample[n].reshape(n_samples, -1).float()

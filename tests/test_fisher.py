@@ -102,6 +102,36 @@ def test_sample_estimator_equals_a_batch_size_one_loop(clip):
     assert acc.counts == dict.fromkeys(expected, 10)
 
 
+
+class _BranchingNet(_Net):
+    """Data-dependent control flow, as Hugging Face's attention-mask check: vmap cannot run it."""
+
+    def forward(self, x):
+        if bool((x > 0).all()):
+            x = x * 2
+        return super().forward(x)
+
+
+def test_sample_estimator_of_a_model_vmap_cannot_run_takes_one_sample_at_a_time():
+    model = _BranchingNet()
+    batches = _batches(n=2, size=4)
+    batches[0][0][1] = torch.rand(5) + 0.1  # one sample takes the branch
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            model.zero_grad()
+            _loss(model, (x[i:i + 1], y[i:i + 1])).backward()
+            for n, p in model.named_parameters():
+                expected[n] += p.grad * p.grad
+    acc = FisherAccumulator(model, estimator="sample", chunk_size=2)
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap") as caught, acc:
+        for batch in batches:
+            acc.accumulate_samples(_loss, batch)
+    assert len([w for w in caught if "vmap" in str(w.message)]) == 1  # once, then the loop is remembered
+    for n, score in acc.scores().items():
+        torch.testing.assert_close(score, expected[n] / 8, rtol=1e-5, atol=1e-8)
+    assert acc.num_seen == 8
+
 def test_grad_scaler_scores_come_from_unscaled_gradients_and_overflows_are_skipped():
     model = _Net()
     batches = _batches(n=3)
