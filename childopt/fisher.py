@@ -233,8 +233,8 @@ class FisherAccumulator:
             except RuntimeError as error:  # data-dependent control flow the model cannot run under vmap
                 if not str(error).startswith("vmap:"):
                     raise
-                warnings.warn(f"estimator='sample': the model cannot run under torch.func.vmap ({str(error)[:160]}...); "
-                              "taking one sample at a time instead (the same scores, about a backward per sample "
+                warnings.warn(f"estimator='sample': the model cannot run under torch.func.vmap "
+                              f"({str(error)[:160]}...); taking one sample at a time instead (the same scores, about a backward per sample "
                               "unvectorised).  Hugging Face models do this when the batch has an attention_mask.",
                               stacklevel=2)
                 self._loop_samples = True
