@@ -50,13 +50,27 @@ def _why_not_writable(path: Path) -> Optional[str]:
             if folder.is_symlink():  # dangling, or a loop
                 return f"{str(folder)!r} is a broken symbolic link"
             folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        if not folder.is_dir():
             return "its folder cannot be made or written"
+        if why := _why_no_new_file(folder):
+            return f"its folder cannot be made or written ({why})"
         longest = os.pathconf(folder, "PC_NAME_MAX")
         if any(len(os.fsencode(part)) > longest for part in path.absolute().relative_to(folder).parts):
             return f"a name in it is longer than {longest} bytes"
     except (OSError, RuntimeError) as exc:  # a name too long, a folder we may not search, a symlink loop
         return str(exc)
+    return None
+
+
+def _why_no_new_file(folder: Path) -> Optional[str]:
+    """Why no file can be made in ``folder``, or None, by making (and removing) one: permission bits
+    do not tell for root, a read-only mount or /proc."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".childopt-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(handle)
+    os.unlink(name)
     return None
 
 

@@ -25,6 +25,18 @@ def test_a_folder_or_a_path_under_a_file_is_refused_naming_the_option(tmp_path, 
     assert "--markdown: " in err and "its folder cannot be made or written" in err
 
 
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_files_is_refused_whatever_its_permission_bits_say(capsys):
+    """/proc looks writable to root by its bits (os.access), yet takes no new file: the check makes one."""
+    err = refused({"--json": "/proc/childopt-no-such/run.json"}, capsys)
+    assert "--json: " in err and "its folder cannot be made or written" in err
+
+
+def test_the_folder_check_leaves_no_file_behind(tmp_path):
+    check_output_files(argparse.ArgumentParser(prog="prog"), {"--json": str(tmp_path / "run.json")})
+    assert list(tmp_path.iterdir()) == []
+
 def test_a_path_ending_in_a_slash_is_refused_as_a_folder_to_be(tmp_path, capsys):
     """pathlib drops a trailing slash: ``--json out/`` would otherwise write a file named ``out``."""
     err = refused({"--json": str(tmp_path / "out") + "/"}, capsys)
