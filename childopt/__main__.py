@@ -97,8 +97,10 @@ def main(argv=None) -> int:
         from childopt import _native
 
         return getattr(_native, f"{ns.command}_main")(ns.args)
-    if ns.args:
-        parser.error(f"info takes no arguments, got {' '.join(ns.args)}")
+    info_parser = argparse.ArgumentParser(prog="python -m childopt info", description=COMMANDS["info"] + ".")
+    _, extra = info_parser.parse_known_args(ns.args)  # --help answers; anything else is refused
+    if extra:
+        info_parser.error(f"info takes no arguments, got {' '.join(extra)}")
     return info()
 
 

@@ -24,6 +24,9 @@ def test_unknown_command_and_stray_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["info", "--fast"])
     assert exit_info.value.code == 2 and "info takes no arguments, got --fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--help"])
+    assert exit_info.value.code == 0 and "the backend auto picks per device" in capsys.readouterr().out
 
 
 def test_module_entry_point_runs():
