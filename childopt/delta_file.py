@@ -128,7 +128,14 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
                for name, (shape, dtype) in layout.items()}
     meta = {**check_user_metadata(metadata), FORMAT_KEY: FORMAT, VERSION_KEY: FORMAT_VERSION,
             ENTRIES_KEY: json.dumps(entries)}
-    save_file(dict(tensors), path, metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
+    where = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(where))
+    if not os.path.isdir(folder):  # safetensors would name the temporary file it writes first
+        raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} does not exist")
+    try:
+        save_file(dict(tensors), where, metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
+    except SafetensorError as err:
+        raise OSError(f"cannot save the delta to {where!r}: {err}") from err
 
 
 def read(path: Path, dtypes: Mapping[str, torch.dtype]) -> RawDelta:

@@ -7,6 +7,7 @@ so that -0.0 != 0.0 and NaN payloads count.
 """
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -163,6 +164,17 @@ def test_indices_from_mask_gives_the_true_entries():
     idx = indices_from_mask(mask)
     assert idx.dtype == torch.int32 and idx.tolist() == [1, 4, 11]
 
+
+
+def test_saving_into_a_missing_or_unwritable_folder_names_the_path_given(tmp_path):
+    base = make_base(torch.float32)
+    delta = SparseDelta.extract(base, tune(base, seed=6)[0])
+    target = tmp_path / "nodir" / "delta.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"cannot save the delta to {str(target)!r}: its folder .*nodir"):
+        delta.save(target)
+    if os.path.isdir("/proc/self"):  # takes no new files, whatever its permission bits say to root
+        with pytest.raises(OSError, match="cannot save the delta to '/proc/delta.safetensors'"):
+            delta.save("/proc/delta.safetensors")
 
 def test_save_load_apply_is_exact_and_a_plain_safetensors_file(tmp_path):
     base = make_base(torch.bfloat16)
