@@ -333,7 +333,9 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     accumulator = FisherAccumulator(model, include=include, estimator=estimator, clip_norm=clip_norm,
                                     free_grads=True, backend=backend)
     batches = dataloader if max_batches is None else islice(dataloader, max_batches)
-    total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+    total = _length(dataloader)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
     model.zero_grad(set_to_none=True)  # gradients left from earlier work would be scored as this batch's
     n_batches = 0
     with accumulator:
@@ -352,6 +354,15 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
         raise ValueError(f"Fisher scores: none of the {n_batches} batches gave a gradient to the included "
                          f"parameters (include={include!r}); check include and loss_fn")
     return accumulator.scores(n_batches if estimator == "batch" else None)
+
+
+def _length(dataloader: Iterable) -> Optional[int]:
+    """The batches ``dataloader`` says it yields, or None (an iterable without a length, or a
+    DataLoader over an IterableDataset without one, whose ``len`` raises TypeError)."""
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
 
 
 def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, *,

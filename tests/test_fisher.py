@@ -360,3 +360,16 @@ def test_an_empty_dataloader_or_no_gradient_is_an_error():
     sample = FisherAccumulator(model, estimator="sample")
     with pytest.raises(ValueError, match="num_batches is for estimator='batch'"):
         sample.scores(num_batches=2)
+
+
+@pytest.mark.parametrize("max_batches,expected", [(None, 3), (256, 3), (2, 2)])
+def test_the_progress_bar_counts_the_batches_that_will_run(monkeypatch, max_batches, expected):
+    import childopt.fisher
+
+    totals = []
+    real_tqdm = childopt.fisher.tqdm
+    monkeypatch.setattr(childopt.fisher, "tqdm", lambda *a, **k: totals.append(k["total"]) or real_tqdm(*a, **k))
+    fisher_scores(_Net(), _batches(n=3), loss_fn=_loss, max_batches=max_batches, progress=False)
+    assert totals == [expected]
+    fisher_scores(_Net(), iter(_batches(n=3)), loss_fn=_loss, max_batches=max_batches, progress=False)
+    assert totals[1] == max_batches  # an iterator says no length: the bar counts to max_batches, if given

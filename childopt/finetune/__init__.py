@@ -1,6 +1,6 @@
 """``python -m childopt finetune``: fine-tune a pretrained model on GLUE tasks with each optimizer.
 
-Every (task, method, seed) is one run that writes ``<output>/<TASK>-<method>-seed<seed>.json``:
+Every (task, method, lr, seed) is one run that writes ``<output>/<TASK>-<method>-lr<lr>-seed<seed>.json``:
 the configuration, the dev metrics after each epoch, it/s, peak GB and versions.  A run whose JSON
 exists is skipped when its configuration matches (an error when it does not), so a long table can
 be built over several sessions; ``--summarize`` turns the JSONs of a directory into a markdown

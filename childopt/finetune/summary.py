@@ -33,7 +33,8 @@ def load_records(output: str) -> list[dict]:
     """The run JSONs of ``output``, all of one configuration but the lr (else an error naming the field)."""
     records = [json.loads(path.read_text()) for path in sorted(Path(output).glob("*-seed*.json"))]
     if not records:
-        raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-seed<N>.json) to summarize")
+        raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-lr<lr>-seed<seed>.json) "
+                                "to summarize")
     first = records[0]
     for record in records[1:]:
         for key, value in first["config"].items():
