@@ -6,6 +6,8 @@ one backend op per bucket (childopt.backends.contract defines the update).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
@@ -71,6 +73,10 @@ class MaskedAdamW(Optimizer):
                         differentiable=differentiable)
         self._setup(params, defaults, mask=mask, seed=seed, backend=backend, storage=storage,
                     compact_grads=compact_grads, sync_seed=sync_seed)
+        if mask is None and (shares := sorted({float(g["reserve_p"]) for g in self.param_groups} - {1.0})):
+            warnings.warn(f"reserve_p={shares[0]:g} has no effect without a mask (until set_mask gives one): every "
+                          "entry is trained.  For Child-Tuning-F pass mask='bernoulli'; for importance sampling, "
+                          "mask='importance'", stacklevel=2)
 
     def _setup(self, params, defaults: dict, *, mask, seed, backend: str, storage: str = "dense",
                compact_grads: bool = False, sync_seed: bool = True) -> None:
@@ -148,6 +154,8 @@ class MaskedAdamW(Optimizer):
         state, so once one is held the state of every parameter that requires grad is initialised:
         torch.distributed.checkpoint takes an optimizer with any state for one with all of it.
         """
+        if not isinstance(reset_state, bool):
+            raise TypeError(f"reset_state must be a bool, got {reset_state!r}")
         kind, new = params.parse_mask(self.param_groups, mask)
         if self.storage == "sparse" and kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE):
             raise ValueError(f"storage='sparse' needs a fixed mask (a dict); a {kind.label} mask changes every step")

@@ -16,21 +16,27 @@ def parse_mask(param_groups: list, mask) -> tuple[MaskKind, dict]:
     if mask is None:
         return MaskKind.NONE, {}
     if isinstance(mask, Importance):
+        _warn_if_every_entry_kept(param_groups, "mask=Importance(...)")
         return MaskKind.IMPORTANCE, mask
     if isinstance(mask, str):
-        if mask == MaskKind.IMPORTANCE.label:
-            return MaskKind.IMPORTANCE, Importance()
-        if mask != MaskKind.BERNOULLI.label:
+        if mask not in (MaskKind.IMPORTANCE.label, MaskKind.BERNOULLI.label):
             raise ValueError(f"mask must be None, 'bernoulli', 'importance', an Importance or a dict of bool tensors, "
                              f"got {mask!r}")
-        if all(g["reserve_p"] == 1.0 for g in param_groups):
-            warnings.warn("mask='bernoulli' with reserve_p=1.0 in every group keeps every entry: "
-                          "this trains like plain AdamW; pass reserve_p < 1", stacklevel=4)
+        _warn_if_every_entry_kept(param_groups, f"mask={mask!r}")
+        if mask == MaskKind.IMPORTANCE.label:
+            return MaskKind.IMPORTANCE, Importance()
         return MaskKind.BERNOULLI, {}
     if isinstance(mask, Mapping):
         return MaskKind.DENSE, resolve_masks(param_groups, mask)
     raise TypeError(f"mask must be None, 'bernoulli', 'importance', an Importance or a dict of bool tensors, "
                     f"got {type(mask).__name__}")
+
+
+def _warn_if_every_entry_kept(param_groups: list, given: str) -> None:
+    """A drawn mask keeps ``reserve_p`` of the entries: at 1.0 in every group it keeps them all."""
+    if all(g["reserve_p"] == 1.0 for g in param_groups):
+        warnings.warn(f"{given} with reserve_p=1.0 in every group keeps every entry: this trains like plain "
+                      "AdamW; pass reserve_p < 1", stacklevel=6)
 
 
 def describe(param_groups: list, param: torch.Tensor) -> str:

@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 
-from childopt import MaskedAdamW
+from childopt import Importance, MaskedAdamW
 from tests.helpers import (MIXED_SHAPES, assert_all_equal, clone_params, grads_at, make_params, masks_for,
                            snapshot, train)
 
@@ -176,7 +176,8 @@ def test_state_dict_round_trip_continues_the_same_trajectory(lane, kind):
     backend, device = lane
     params = make_params(MIXED_SHAPES, device)
     mask = {"none": None, "dense": masks_for(params), "bernoulli": "bernoulli"}[kind]
-    opt = MaskedAdamW(params, lr=1e-2, mask=mask, reserve_p=0.5, amsgrad=True, seed=11, backend=backend)
+    opt = MaskedAdamW(params, lr=1e-2, mask=mask, reserve_p=0.5 if kind == "bernoulli" else 1.0, amsgrad=True,
+                      seed=11, backend=backend)
     train(opt, params, 10)
     saved = _round_trip(copy.deepcopy(opt.state_dict()))
     resumed_params = clone_params(params)
@@ -382,9 +383,28 @@ def test_a_zero3_partitioned_parameter_is_refused():
         MaskedAdamW([param])
 
 
-def test_bernoulli_mask_that_keeps_everything_warns():
-    with pytest.warns(UserWarning, match="reserve_p=1.0 in every group"):
-        MaskedAdamW(make_params([(3,)]), mask="bernoulli", seed=0)
+@pytest.mark.parametrize("mask", ["bernoulli", "importance", Importance(temperature=0.5)], ids=str)
+def test_a_drawn_mask_that_keeps_everything_warns_where_it_is_made(mask):
+    with pytest.warns(UserWarning, match="reserve_p=1.0 in every group keeps every entry") as caught:
+        MaskedAdamW(make_params([(3,)]), mask=mask, seed=0)
+    assert caught[0].filename == __file__
+    opt = MaskedAdamW(make_params([(3,)]), seed=0)
+    with pytest.warns(UserWarning, match="keeps every entry"):
+        opt.set_mask(mask)
+
+
+def test_reserve_p_without_a_mask_warns_that_it_does_nothing():
+    params = make_params([(3,), (2,)])
+    with pytest.warns(UserWarning, match="reserve_p=0.3 has no effect without a mask.*mask='bernoulli'") as caught:
+        MaskedAdamW([{"params": params[:1]}, {"params": params[1:], "reserve_p": 0.3}], seed=0)
+    assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("kwargs", [dict(mask="bernoulli", reserve_p=0.3), dict(mask="importance", reserve_p=0.3),
+                                    dict(mask=None), dict(mask={}, reserve_p=1.0)], ids=str)
+def test_settings_that_do_what_they_say_do_not_warn(kwargs, recwarn):
+    MaskedAdamW(make_params([(3,)]), seed=0, **kwargs)
+    assert not [w for w in recwarn if "reserve_p" in str(w.message)]
 
 
 
@@ -476,3 +496,9 @@ def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries(norm_type
     with torch.inference_mode():
         opt.state[params[1]]["mask"] = torch.rand(7, generator=torch.Generator().manual_seed(9)) < 0.5
     clip_against_torch()
+
+
+def test_set_mask_takes_reset_state_as_a_bool_only():
+    opt = MaskedAdamW(make_params([(3,)]), seed=0)
+    with pytest.raises(TypeError, match="reset_state must be a bool, got 'yes'"):
+        opt.set_mask(None, reset_state="yes")

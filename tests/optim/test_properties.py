@@ -58,7 +58,8 @@ def _build(config, backend):
             "dense": {p: torch.rand(p.shape, generator=gen) < 0.5 for p in params[::2]}}[config["kind"]]
     opt = MaskedAdamW(groups, lr=config["lr"], betas=config["betas"], weight_decay=config["weight_decay"],
                       amsgrad=config["amsgrad"], maximize=config["maximize"], mask=mask,
-                      reserve_p=config["reserve_p"], masked=config["masked"], seed=config["seed"],
+                      reserve_p=1.0 if mask is None else config["reserve_p"],  # without a mask it would warn
+                      masked=config["masked"], seed=config["seed"],
                       storage=config["storage"], backend=backend)
     grads = [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params] for _ in range(config["steps"])]
     return params, opt, grads, mask
