@@ -17,6 +17,7 @@ fp32 moments and three byte masks, 67 B per fp32 parameter (1.6 GB for the 24m l
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from childopt.bench import step
+from childopt.bench import contention, step
+from childopt.bench.contention import OtherLoad
 from childopt.bench.evict import CacheEvictor
 from childopt.bench.measure import Unavailable, release_memory, synchronized
 from childopt.bench.shapes import make_params, roberta_base_shapes
@@ -69,6 +71,7 @@ class PairedTable:
     baseline: str
     rows: list[PairedRow]
     skipped: list[dict]
+    other_cpu: Optional[float] = None  # CPU share other processes took meanwhile (childopt.bench.contention)
 
 
 def step_in_rotation(steps: dict[str, Callable[[], object]], rounds: int,
@@ -138,8 +141,10 @@ def run_tables(sizes: list[str], dtypes: list[str], thread_counts: list[int], de
         for count in thread_counts:
             with intra_op_threads(count):
                 for dtype in dtypes:
-                    tables.append(run_paired(size, step.DTYPES[dtype], device, rounds=rounds, warmup=warmup,
-                                             backend=backend))
+                    with OtherLoad() as load:
+                        table = run_paired(size, step.DTYPES[dtype], device, rounds=rounds, warmup=warmup,
+                                           backend=backend)
+                    tables.append(dataclasses.replace(table, other_cpu=load.share))
                     release_memory(device)
     return tables
 
@@ -148,7 +153,8 @@ def heading(table: PairedTable, all_threads: int) -> str:
     """What a paired table stepped, and how."""
     return (f"paired ratios, {table.size} list, {table.dtype}, {label(table.threads, all_threads)}: these optimizers "
             f"step the same parameters and gradients (each its own state) in rotation, {table.rounds} rounds; "
-            f"the ratio is {table.rows[0].optimizer} {table.rows[0].mode}'s median step over the row's")
+            f"the ratio is {table.rows[0].optimizer} {table.rows[0].mode}'s median step over the row's\n"
+            f"  {contention.describe(table.other_cpu)}")
 
 
 def format_table(table: PairedTable) -> str:

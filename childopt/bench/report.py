@@ -19,7 +19,8 @@ import torch
 
 from childopt import backends
 from childopt.arguments import check_output_files, replacing, write_output
-from childopt.bench import ceiling, environment, evict, measure, paired, step, sweep, train
+from childopt.bench import ceiling, contention, environment, evict, measure, paired, step, sweep, train
+from childopt.bench.contention import OtherLoad
 from childopt.bench.goals import TARGETS, format_goals, paired_goals, step_goals, training_goals
 from childopt.bench.shapes import roberta_base_shapes
 from childopt.bench.threads import DEFAULT_CPU, label, parse_threads
@@ -208,7 +209,8 @@ def _shown_load(load) -> str:
 def table_heading(table: step.Table, params: dict, all_threads: int) -> str:
     """What a step table stepped, at how many threads, and its stream reference."""
     return (f"optimizer step, {table.size} list: {params['numel'] / 1e6:.1f}M {table.dtype} parameters in "
-            f"{params['tensors']} tensors, {label(table.threads, all_threads)}\n  {table.stream.describe()}")
+            f"{params['tensors']} tensors, {label(table.threads, all_threads)}\n  {table.stream.describe()}\n"
+            f"  {contention.describe(table.other_cpu)}")
 
 
 def main(argv=None) -> int:
@@ -237,8 +239,9 @@ def main(argv=None) -> int:
                               backend=args.backend)
     paired_tables = paired.run_tables(sizes, args.dtypes, thread_counts, device, rounds=2 * steps + 1,
                                       warmup=measure.WARMUP, backend=args.backend)
-    setup, train_rows, train_skipped = train.optional_rows(device, warmup=measure.WARMUP, steps=train_steps,
-                                                           backend=args.backend)
+    with OtherLoad() as train_load:
+        setup, train_rows, train_skipped = train.optional_rows(device, warmup=measure.WARMUP, steps=train_steps,
+                                                               backend=args.backend)
     goals = (step_goals(tables, device.type, all_threads) + paired_goals(paired_tables, device.type, all_threads)
              + training_goals(train_rows))
 
@@ -253,21 +256,28 @@ def main(argv=None) -> int:
     if train_rows:
         results += [f"\ntraining step (forward, backward, step, zero_grad): {setup.description}; "
                     f"{label(all_threads, all_threads)}; {measure.WARMUP} warm-up + {train_steps} timed steps "
-                    f"per row\n  {meta['live_gb']}", train.format_table(train_rows)]
+                    f"per row\n  {meta['live_gb']}\n  {contention.describe(train_load.share)}",
+                    train.format_table(train_rows)]
     results += [f"skipped {skip['optimizer']} {skip['mode']}: {skip['reason']}" for skip in train_skipped]
     results += ["\n" + _goals_heading(meta), format_goals(goals)]
+    shares = [t.other_cpu for t in tables + paired_tables] + ([train_load.share] if train_rows else [])
+    if loaded := sum(1 for share in shares if share is not None and share > contention.LOADED_SHARE):
+        results.append(f"WARNING: {loaded} of the {len(shares)} tables ran while other processes took more than "
+                       f"{contention.LOADED_SHARE:.0%} of the CPUs (LOADED above): their figures and goal lines "
+                       "measure the machine's load, not this code; rerun on a quiet machine")
     print("\n".join(results))
 
     if args.json:
         report = {"meta": meta,
                   "tables": [{"size": t.size, "dtype": t.dtype, "threads": t.threads, "baseline": t.baseline,
                               "stream": dataclasses.asdict(t.stream), "rows": [dataclasses.asdict(r) for r in t.rows],
-                              "skipped": t.skipped} for t in tables],
+                              "skipped": t.skipped, "other_cpu": t.other_cpu} for t in tables],
                   "paired": [dataclasses.asdict(t) for t in paired_tables],
                   "training": {"setup": setup.description if setup else None,
                                "steps": train_steps,
                                "rows": [dataclasses.asdict(r) for r in train_rows],
-                               "skipped": train_skipped},
+                               "skipped": train_skipped,
+                               "other_cpu": train_load.share},
                   "goals": [{**dataclasses.asdict(g), "met": g.met} for g in goals]}
         write_output(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

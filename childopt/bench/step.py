@@ -337,6 +337,7 @@ class Table:
     rows: list[Row]
     skipped: list[dict]
     baseline: str
+    other_cpu: Optional[float] = None  # CPU share other processes took meanwhile (childopt.bench.contention)
 
 
 def run_table(size: str, dtype: torch.dtype, stream: StreamReference, device: torch.device, *, warmup: int,

@@ -8,9 +8,12 @@ The intra-op thread count in force before the run is restored after every table.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from childopt.bench import step
+from childopt.bench.contention import OtherLoad
 from childopt.bench.llc import last_level_cache
 from childopt.bench.shapes import roberta_base_shapes
 from childopt.bench.stream import measure_stream, stream_kernel
@@ -38,6 +41,9 @@ def run_tables(sizes: list[str], dtypes: list[str], thread_counts: list[int], de
             with intra_op_threads(count):
                 stream = measure_stream(device, warmup=warmup, steps=max(steps, STREAM_MIN_STEPS),
                                         min_numel=size_numel(size), llc=llc, kernel=kernel)
-                tables += [step.run_table(size, step.DTYPES[dtype], stream, device, warmup=warmup, steps=steps,
-                                          backend=backend) for dtype in dtypes]
+                for dtype in dtypes:
+                    with OtherLoad() as load:
+                        table = step.run_table(size, step.DTYPES[dtype], stream, device, warmup=warmup, steps=steps,
+                                               backend=backend)
+                    tables.append(dataclasses.replace(table, other_cpu=load.share))
     return tables

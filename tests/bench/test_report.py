@@ -1,12 +1,14 @@
 """``python -m childopt bench``: end to end at a tiny size (so the main job cannot rot), over
 several dtypes and thread counts, and on made-up measurements whose ratios, table cells and goals
 are worked out by hand."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from childopt.bench import measure, paired, step, sweep, train
+from childopt.bench import report as report_module
 from childopt.bench.llc import CacheSize
 from childopt.bench.report import main, parse_args, plot
 from tests.bench.helpers import BYTES_PER_ELEMENT, fake_row, fake_table
@@ -121,13 +123,16 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
                for k, it_s, gb in (("adamw-fused", 10.0, 4.0), ("child-tuning-d", 9.8, 4.1),
                                    ("sparse-compact", 8.0, 3.2), ("lora-r8", 11.0, 3.0))]
     one.skipped.append(measure.skip_record("x", "X", "m", "why"))
+    two = dataclasses.replace(two, other_cpu=0.01)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(sweep, "run_tables", lambda *args, **kwargs: [one, two])
     pairs = paired.PairedTable("24m", "float32", 2, 21, "adamw-fused",
                                [paired.PairedRow("adamw-fused", "torch AdamW", "fused", "torch", 10.0, 1.0),
                                 paired.PairedRow("masked-dense-freeze", "MaskedAdamW", "dense freeze", "b", 12.5, 0.8)],
-                               [measure.skip_record("masked-none", "MaskedAdamW", "mask=None", "made up")])
+                               [measure.skip_record("masked-none", "MaskedAdamW", "mask=None", "made up")],
+                               other_cpu=0.3)
     monkeypatch.setattr(paired, "run_tables", lambda *args, **kwargs: [pairs])
+    monkeypatch.setattr(report_module, "OtherLoad", _QuietLoad)
     monkeypatch.setattr(train, "optional_rows",
                         lambda *args, **kwargs: (train.Setup(None, 8, 64, "a made-up model"), trained, []))
     report, summary, printed = run_main(tmp_path, capsys, "--device", "cpu")
@@ -161,6 +166,28 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
     assert paired_freeze.split()[-2] == "12.50"
     assert "issue #20" in printed
     assert all(line in summary for line in lines if not line.startswith("wrote "))
+    assert [line.strip() for line in lines if line.startswith("  other processes")] == [
+        "other processes' CPU use unknown (no /proc/stat, or under a second to count it in)",
+        "other processes took 1% of the CPUs meanwhile",
+        "other processes took 30% of the CPUs meanwhile: LOADED, these times are not this code's; rerun on a "
+        "quiet machine",
+        "other processes took 0% of the CPUs meanwhile"]  # the step tables, the paired table, training
+    (warning,) = [line for line in lines if line.startswith("WARNING")]
+    assert warning.startswith("WARNING: 1 of the 4 tables ran while other processes took more than 5% of the CPUs")
+    assert [t["other_cpu"] for t in report["tables"]] == [None, 0.01] and report["paired"][0]["other_cpu"] == 0.3
+    assert report["training"]["other_cpu"] == 0.0
+
+
+class _QuietLoad:
+    """OtherLoad on a machine with nothing else running."""
+
+    share = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 @pytest.mark.parametrize("argv,message", [

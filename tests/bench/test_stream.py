@@ -95,7 +95,8 @@ def test_a_native_run_builds_childopt_c_before_its_stream_reference_and_auto_nev
     asked = []
     monkeypatch.setattr(stream, "_native_module", lambda build=False: asked.append(build) or (None, "not built"))
     monkeypatch.setattr(sweep, "measure_stream", lambda *a, **k: None)
-    monkeypatch.setattr(sweep.step, "run_table", lambda *a, **k: None)
+    empty = sweep.step.Table("24m", "float32", 1, None, [], [], "")
+    monkeypatch.setattr(sweep.step, "run_table", lambda *a, **k: empty)
     for backend in ("native", "auto"):
         sweep.run_tables(["24m"], ["float32"], [1], CPU, warmup=1, steps=1, backend=backend)
     assert asked == [True, False]
