@@ -131,7 +131,8 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
     where = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(where))
     if not os.path.isdir(folder):  # safetensors would name the temporary file it writes first
-        raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} does not exist")
+        why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} {why}")
     try:
         save_file(dict(tensors), where, metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
     except SafetensorError as err:

@@ -19,7 +19,6 @@ with :func:`childopt.masks.select_mask`, with ChildTuning-D's defaults.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import islice
@@ -29,7 +28,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
-from childopt import backends
+from childopt import backends, user_warning
 from childopt.masks import select_mask
 from childopt.optim import sharding
 
@@ -233,10 +232,10 @@ class FisherAccumulator:
             except RuntimeError as error:  # data-dependent control flow the model cannot run under vmap
                 if not str(error).startswith("vmap:"):
                     raise
-                warnings.warn(f"estimator='sample': the model cannot run under torch.func.vmap "
-                              f"({str(error)[:160]}...); taking one sample at a time instead (the same scores, about a backward per sample "
-                              "unvectorised).  Hugging Face models do this when the batch has an attention_mask.",
-                              stacklevel=2)
+                user_warning.warn(f"estimator='sample': the model cannot run under torch.func.vmap "
+                                  f"({str(error)[:160]}...); taking one sample at a time instead (the same scores, "
+                                  "about a backward per sample, unvectorised).  Hugging Face models do this when "
+                                  "the batch has an attention_mask.")
                 self._loop_samples = True
         samples = tree_leaves(batch)[0].shape[0]
         for i in range(samples):

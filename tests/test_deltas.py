@@ -172,6 +172,9 @@ def test_saving_into_a_missing_or_unwritable_folder_names_the_path_given(tmp_pat
     target = tmp_path / "nodir" / "delta.safetensors"
     with pytest.raises(FileNotFoundError, match=f"cannot save the delta to {str(target)!r}: its folder .*nodir"):
         delta.save(target)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileNotFoundError, match="its folder .*a_file' is a file, not a folder"):
+        delta.save(tmp_path / "a_file" / "delta.safetensors")
     if os.path.isdir("/proc/self"):  # takes no new files, whatever its permission bits say to root
         with pytest.raises(OSError, match="cannot save the delta to '/proc/delta.safetensors'"):
             delta.save("/proc/delta.safetensors")

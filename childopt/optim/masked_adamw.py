@@ -6,13 +6,11 @@ one backend op per bucket (childopt.backends.contract defines the update).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from childopt import backends, philox, sparse
+from childopt import backends, philox, sparse, user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import checkpoint, importance_mask, params, sharding, validation
 from childopt.optim.functional import masked_adamw
@@ -74,9 +72,9 @@ class MaskedAdamW(Optimizer):
         self._setup(params, defaults, mask=mask, seed=seed, backend=backend, storage=storage,
                     compact_grads=compact_grads, sync_seed=sync_seed)
         if mask is None and (shares := sorted({float(g["reserve_p"]) for g in self.param_groups} - {1.0})):
-            warnings.warn(f"reserve_p={shares[0]:g} has no effect without a mask (until set_mask gives one): every "
-                          "entry is trained.  For Child-Tuning-F pass mask='bernoulli'; for importance sampling, "
-                          "mask='importance'", stacklevel=2)
+            user_warning.warn(f"reserve_p={shares[0]:g} has no effect without a mask (until set_mask gives one): "
+                              "every entry is trained.  For Child-Tuning-F pass mask='bernoulli'; for importance "
+                              "sampling, mask='importance'")
 
     def _setup(self, params, defaults: dict, *, mask, seed, backend: str, storage: str = "dense",
                compact_grads: bool = False, sync_seed: bool = True) -> None:

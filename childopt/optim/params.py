@@ -1,11 +1,11 @@
 """Naming parameters in messages and resolving user masks onto the optimizer's parameters."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
 
+from childopt import user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import sharding
 from childopt.optim.importance_mask import Importance
@@ -35,8 +35,8 @@ def parse_mask(param_groups: list, mask) -> tuple[MaskKind, dict]:
 def _warn_if_every_entry_kept(param_groups: list, given: str) -> None:
     """A drawn mask keeps ``reserve_p`` of the entries: at 1.0 in every group it keeps them all."""
     if all(g["reserve_p"] == 1.0 for g in param_groups):
-        warnings.warn(f"{given} with reserve_p=1.0 in every group keeps every entry: this trains like plain "
-                      "AdamW; pass reserve_p < 1", stacklevel=6)
+        user_warning.warn(f"{given} with reserve_p=1.0 in every group keeps every entry: this trains like plain "
+                          "AdamW; pass reserve_p < 1")
 
 
 def describe(param_groups: list, param: torch.Tensor) -> str:

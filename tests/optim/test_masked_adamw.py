@@ -9,6 +9,7 @@ at <= 2.4e-7 absolute on parameters of magnitude ~1-3 after 100 steps.
 import copy
 import math
 import io
+import sys
 
 import pytest
 import torch
@@ -389,8 +390,9 @@ def test_a_drawn_mask_that_keeps_everything_warns_where_it_is_made(mask):
         MaskedAdamW(make_params([(3,)]), mask=mask, seed=0)
     assert caught[0].filename == __file__
     opt = MaskedAdamW(make_params([(3,)]), seed=0)
-    with pytest.warns(UserWarning, match="keeps every entry"):
+    with pytest.warns(UserWarning, match="keeps every entry") as caught:
         opt.set_mask(mask)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)  # the set_mask line
 
 
 def test_reserve_p_without_a_mask_warns_that_it_does_nothing():
