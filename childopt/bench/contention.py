@@ -1,10 +1,12 @@
 """CPU time other processes took while the bench measured: a loaded machine's times are not this code's.
 
-Why it matters: torch's fused CPU AdamW opens one parallel region per tensor, and on a machine
-whose cores are all in use each region's join can wait for a descheduled thread.  On the 2-core
-EPYC VM, with one busy Python loop beside it, torch fused AdamW's step over the 24m list (139
-tensors, 2 threads) went from 13.4 to 231 ms while MaskedAdamW's (one region per step) went from
-12.6 to 22.8 ms: a paired ratio of 60x came out of a bench run that shared the machine.
+Why it matters: on the 2-core EPYC VM a ``--quick`` run that shared the machine with a test run
+printed torch fused AdamW at 1096 ms per step in its paired table (13-16 ms
+alone), a paired ratio of 60x, and marked the goal met.  torch's CPU fused Adam steps tensor by
+tensor (aten/src/ATen/native/FusedAdam.cpp), a parallel region each (139 on the 24m list), so a
+descheduled thread can hold up every one of them; MaskedAdamW's step is one region.  A plain busy
+loop beside the step costs far less (torch fused 11-13 -> 18-24 ms, MaskedAdamW 11-12 -> 16-17 ms):
+how much the load distorts a ratio depends on what else runs.
 
 Linux only (``/proc/stat``); elsewhere the share is unknown (None).  Counted on the CPUs this
 process may run on (its affinity): their busy time (user, nice, system, irq, softirq and steal:
