@@ -80,10 +80,8 @@ def test_the_hook_reads_each_gradient_once_without_clipping(clip, monkeypatch):
     assert len(norms) == (0 if clip is None else 2 * scored)
 
 
-@pytest.mark.parametrize("clip", [None, 0.5])
-def test_sample_estimator_equals_a_batch_size_one_loop(clip):
-    model = _Net()
-    batches = _batches(n=2, size=5)
+def _per_sample_fisher_sums(model, batches, clip=None):
+    """sum over samples of (clipped grad)^2, each sample's own backward (a batch-size-one loop)."""
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for x, y in batches:
         for i in range(x.shape[0]):
@@ -92,6 +90,14 @@ def test_sample_estimator_equals_a_batch_size_one_loop(clip):
             for n, p in model.named_parameters():
                 g = p.grad if clip is None else p.grad * min(1.0, clip / (p.grad.norm().item() + 1e-6))
                 expected[n] += g * g
+    return expected
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_sample_estimator_equals_a_batch_size_one_loop(clip):
+    model = _Net()
+    batches = _batches(n=2, size=5)
+    expected = _per_sample_fisher_sums(model, batches, clip)
     acc = FisherAccumulator(model, estimator="sample", clip_norm=clip, chunk_size=2)
     with acc:
         for batch in batches:
@@ -116,13 +122,7 @@ def test_sample_estimator_of_a_model_vmap_cannot_run_takes_one_sample_at_a_time(
     model = _BranchingNet()
     batches = _batches(n=2, size=4)
     batches[0][0][1] = torch.rand(5) + 0.1  # one sample takes the branch
-    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for x, y in batches:
-        for i in range(x.shape[0]):
-            model.zero_grad()
-            _loss(model, (x[i:i + 1], y[i:i + 1])).backward()
-            for n, p in model.named_parameters():
-                expected[n] += p.grad * p.grad
+    expected = _per_sample_fisher_sums(model, batches)
     acc = FisherAccumulator(model, estimator="sample", chunk_size=2)
     with pytest.warns(UserWarning, match="cannot run under torch.func.vmap") as caught, acc:
         for batch in batches:
