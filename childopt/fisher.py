@@ -210,13 +210,17 @@ class FisherAccumulator:
     def accumulate_samples(self, loss_fn: Callable, batch) -> None:
         """Add the squared per-sample gradients of ``loss_fn(model, batch)`` (``estimator="sample"``).
 
-        ``batch`` is a tensor or a pytree of tensors whose leading dimension is the sample;
-        ``loss_fn`` sees each sample with a batch dimension of 1.  Dropout draws differ per sample.
-        A model that cannot run under vmap (data-dependent control flow: ``.item()``, ``if
-        tensor``, as Hugging Face's attention-mask code) is run one sample at a time, with a warning.
+        ``batch`` is a tensor or a pytree of tensors whose leading dimension is the sample (a
+        mapping that is not a dict, as Hugging Face's ``BatchEncoding``, is taken as a dict: vmap
+        sees no tensors inside it); ``loss_fn`` sees each sample with a batch dimension of 1.
+        Dropout draws differ per sample.  A model that cannot run under vmap (data-dependent control
+        flow: ``.item()``, ``if tensor``, as Hugging Face's attention-mask code) is run one sample
+        at a time, with a warning.
         """
         if self.estimator != "sample":
             raise RuntimeError("accumulate_samples needs estimator='sample'; with 'batch', call loss.backward()")
+        if isinstance(batch, Mapping) and not isinstance(batch, dict):
+            batch = dict(batch)
         wrapper = _LossModule(self.model, loss_fn)
         detached = {n: p.detach() for n, p in self._params.items()}
 

@@ -133,6 +133,21 @@ def test_sample_estimator_of_a_model_vmap_cannot_run_takes_one_sample_at_a_time(
         torch.testing.assert_close(score, expected[n] / 8, rtol=1e-5, atol=1e-8)
     assert acc.num_seen == 8
 
+
+def test_a_mapping_batch_that_is_not_a_dict_is_scored_per_sample():
+    """Hugging Face's collators yield BatchEncoding, a UserDict: vmap would find no tensors in it."""
+    from collections import UserDict
+
+    model = _Net()
+    batches = _batches(n=2, size=3)
+    expected = _per_sample_fisher_sums(model, batches)
+    acc = FisherAccumulator(model, estimator="sample")
+    with acc:
+        for x, y in batches:
+            acc.accumulate_samples(lambda m, b: _loss(m, (b["x"], b["y"])), UserDict(x=x, y=y))
+    for n, score in acc.scores().items():
+        torch.testing.assert_close(score, expected[n] / 6, rtol=1e-5, atol=1e-8)
+
 def test_grad_scaler_scores_come_from_unscaled_gradients_and_overflows_are_skipped():
     model = _Net()
     batches = _batches(n=3)
