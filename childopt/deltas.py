@@ -145,7 +145,8 @@ class SparseDelta:
                 name, as the dense-trained head or embeddings beside a masked encoder, or an entry
                 it leaves out): ``"raise"`` (ValueError naming them: the delta would not rebuild
                 ``tuned``), ``"store"`` (stored too, where they differ bitwise, so the delta is
-                exact) or ``"drop"`` (left out on purpose).  Ignored without ``indices``.
+                exact) or ``"drop"`` (left out on purpose).  Ignored without ``indices``.  Except
+                with ``"drop"``, every tensor is compared whole with its base, as without ``indices``.
 
         Tensors without entries are omitted.  Tied tensors (one tensor under several names, as
         ``state_dict()`` lists shared embeddings) are stored once, under their first name, so
