@@ -287,6 +287,32 @@ class FisherAccumulator:
         """Counted batches in which ``name``'s gradient overflowed (GradScaler) and was left out."""
         return sum(1 for p in self._overflowed[name] if p in self._counted_passes)
 
+    def sum_over_ranks(self, group=None) -> None:
+        """Sum the scores, counts and batches seen over the ranks of ``group`` (default: the world).
+
+        For replicated parameters (DDP), where each rank scored its own batches: every rank then
+        holds the Fisher of all ranks' batches, the same bits everywhere (reduced on the group's
+        first rank, then broadcast from it), so a mask selected from it is the same on every rank.
+        Sharded (DTensor) scores are left alone: FSDP2 hands each rank gradients already reduced
+        over the ranks.  Every rank of ``group`` must call it.
+        """
+        if self.grad_scaler is not None:
+            raise NotImplementedError("sum_over_ranks with a grad_scaler: the ranks' overflowed passes differ")
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("sum_over_ranks needs an initialized torch.distributed process group")
+        first = dist.get_global_rank(group, 0) if group is not None else 0
+        names = [n for n, p in self._params.items() if not sharding.is_dtensor(p)]
+        for name in names:
+            dist.reduce(self._fisher[name], dst=first, group=group)
+            dist.broadcast(self._fisher[name], src=first, group=group)
+        totals = torch.tensor([self._seen] + [self._counts[n] for n in names], dtype=torch.int64,
+                              device=self._fisher[names[0]].device if names else "cpu")
+        dist.all_reduce(totals, group=group)
+        self._seen, *counts = totals.tolist()
+        self._counts.update(zip(names, counts))
+
     @property
     def num_seen(self) -> int:
         """Batches (sample estimator: samples) seen, the divisor of every score."""
@@ -314,7 +340,8 @@ def _to_device(batch, device: torch.device):
 
 def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Optional[Callable] = None,
                   include: Include = r"layer", max_batches: Optional[int] = None, estimator: str = "batch",
-                  clip_norm: Optional[float] = 1.0, backend: str = "auto", progress: bool = True) -> dict:
+                  clip_norm: Optional[float] = 1.0, backend: str = "auto", progress: bool = True,
+                  across_ranks: Optional[bool] = None) -> dict:
     """Fisher scores (name -> tensor) of the included parameters over ``dataloader``: the pass
     :func:`fisher_mask` selects from, for a caller that needs the scores themselves (e.g. a picture
     of the importance per attention head, :mod:`childopt.analysis`).
@@ -324,10 +351,21 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     gradients are cleared first, each is freed as soon as it is scored, and all are zeroed after
     each batch.  With the batch estimator every score is divided by the number of batches run.
 
+    ``across_ranks``: sum the scores over the ranks (:meth:`FisherAccumulator.sum_over_ranks`), so
+    every rank gets the Fisher of all ranks' batches and the same mask.  Under DDP each rank sees
+    its own share of the data, and masks selected from per-rank scores differ: the replicas would
+    drift apart.  Default: on for a ``DistributedDataParallel`` model (every rank runs it), off
+    otherwise; every rank must call with it on.
+
     Raises:
-        ValueError: the dataloader yields no batch, or no batch gives the included parameters a
-            gradient.
+        ValueError: the dataloader yields no batch (on any rank, with ``across_ranks``: on all), or
+            no batch gives the included parameters a gradient, or ``across_ranks`` without an
+            initialized process group.
     """
+    if across_ranks is None:
+        across_ranks = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if across_ranks and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("across_ranks=True needs an initialized torch.distributed process group")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
@@ -350,6 +388,12 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
                 accumulator.accumulate_samples(loss_fn, batch)
             model.zero_grad(set_to_none=True)
             n_batches += 1
+    if across_ranks:
+        group = getattr(model, "process_group", None)  # a DDP model's group, else the world
+        accumulator.sum_over_ranks(group)
+        ran = torch.tensor([n_batches], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(ran, group=group)
+        n_batches = int(ran)
     if n_batches == 0:
         raise ValueError(f"Fisher scores: the dataloader yielded no batches (max_batches={max_batches!r}); the "
                          "Fisher scores need at least one")
@@ -371,7 +415,8 @@ def _length(dataloader: Iterable) -> Optional[int]:
 def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, *,
                 loss_fn: Optional[Callable] = None, include: Include = r"layer", max_batches: Optional[int] = None,
                 estimator: str = "batch", clip_norm: Optional[float] = 1.0, scope: str = "global",
-                layer_of: Optional[Callable] = None, backend: str = "auto", progress: bool = True) -> dict:
+                layer_of: Optional[Callable] = None, backend: str = "auto", progress: bool = True,
+                across_ranks: Optional[bool] = None) -> dict:
     """Compute Fisher scores over ``dataloader`` (:func:`fisher_scores`) and return the child-network masks by name.
 
     ChildTuning-D defaults: parameters whose name contains ``layer``, per-tensor clip 1.0, the
@@ -381,11 +426,14 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
     mode (ChildTuning computes Fisher in train mode, with dropout).  Existing gradients are
     cleared first; each is freed as soon as it is scored, and all are zeroed after each batch.
     With the batch estimator every score is divided by the number of batches run, as in ChildTuning.
+    Under DDP the scores are summed over the ranks (``across_ranks``, on by default for a
+    ``DistributedDataParallel`` model; see :func:`fisher_scores`), so every rank gets the same mask.
 
     Raises:
         ValueError: the dataloader yields no batch, or no batch gives the included parameters a
             gradient (all scores would be 0 and the mask an arbitrary first share of entries).
     """
     scores = fisher_scores(model, dataloader, loss_fn=loss_fn, include=include, max_batches=max_batches,
-                           estimator=estimator, clip_norm=clip_norm, backend=backend, progress=progress)
+                           estimator=estimator, clip_norm=clip_norm, backend=backend, progress=progress,
+                           across_ranks=across_ranks)
     return select_mask(scores, reserve_p, scope=scope, layer_of=layer_of, backend=backend)

@@ -1,11 +1,14 @@
 """FisherAccumulator, fisher_scores and fisher_mask against naive loops over the same batches."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from childopt import backends
 from childopt.fisher import FisherAccumulator, fisher_mask, fisher_scores
 from childopt.masks import select_mask
-from tests.helpers import kernel_backend
+from tests.helpers import kernel_backend, torchrun
 
 
 class _Net(torch.nn.Module):
@@ -389,3 +392,18 @@ def test_the_progress_bar_counts_the_batches_that_will_run(monkeypatch, max_batc
     assert totals == [expected]
     fisher_scores(_Net(), iter(_batches(n=3)), loss_fn=_loss, max_batches=max_batches, progress=False)
     assert totals[1] == max_batches  # an iterator says no length: the bar counts to max_batches, if given
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_ddp_ranks_sum_their_scores_and_select_one_mask():
+    """Each rank scores its own batches: summed over the ranks, the scores are one process's over all
+    of them (up to fp32 summation order, 1e-6 relative) and every rank selects the same mask."""
+    out = torchrun(2, str(Path(__file__).with_name("fisher_ranks_worker.py")))
+    worst = float(re.search(r"max relative difference (\S+)", out).group(1))
+    assert worst <= 1e-6, out
+    assert "masks equal on all 2 ranks: True" in out and "kept 17 of 58" in out
+
+
+def test_across_ranks_needs_a_process_group():
+    with pytest.raises(ValueError, match="across_ranks=True needs an initialized torch.distributed process group"):
+        fisher_scores(_Net(), _batches(n=1), loss_fn=_loss, progress=False, across_ranks=True)

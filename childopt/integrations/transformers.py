@@ -109,6 +109,8 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
     else:
         was_training = model.training
         model.train()  # dropout on, as ChildTuning's Fisher pass (from_pretrained returns eval mode)
+        # several processes each score their share of the data: sum over the ranks, one mask on all
+        fisher_kwargs.setdefault("across_ranks", args.world_size > 1)
         try:
             mask = fisher_mask(model, train_dataloader, reserve_p, max_batches=max_batches, **fisher_kwargs)
         finally:

@@ -187,3 +187,17 @@ def test_bad_input(tmp_path):
         ChildTuningTrainer(model=model, args=training_args(tmp_path, fp16=True), train_dataset=RandomPairs(),
                            child_tuning_mode="ChildTuning-D", reserve_p=RESERVE_P, storage="sparse",
                            compact_grads=True).create_optimizer()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_childtuning_d_sums_the_fisher_scores_over_the_ranks_of_a_distributed_run(tmp_path, monkeypatch, world_size):
+    """Each rank's Trainer scores its own share of the data: several ranks sum their scores, so every
+    rank selects one mask (tests/fisher_ranks_worker.py checks the sum itself on two ranks)."""
+    import childopt.integrations.transformers as integration
+
+    asked = []
+    monkeypatch.setattr(integration, "fisher_mask", lambda *a, **k: asked.append(k) or {})
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: world_size))
+    child_tuning_optimizer(tiny_bert(), training_args(tmp_path), mode="ChildTuning-D", reserve_p=0.3,
+                           train_dataloader=DataLoader(RandomPairs(4), batch_size=2))
+    assert asked[0]["across_ranks"] is (world_size > 1)
