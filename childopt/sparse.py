@@ -67,7 +67,9 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     buffer = compact.buffers.get(param) if compact is not None else None
     if buffer is not None and param.grad is not None:
         raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
-                           "compact_grads=True gradients come from backward (set .grad only without it)")
+                           "compact_grads=True gradients come from backward (set .grad only without it).  "
+                           "Under DDP, which writes the dense .grad after its all-reduce: leave the model "
+                           "unwrapped and call childopt.ddp.all_reduce_gradients(opt) between backward and step")
     if param.grad is not None and param.grad.is_sparse:
         raise RuntimeError(f"childopt does not support sparse gradients ({describe(param)}); use dense "
                            "gradients, e.g. nn.Embedding(sparse=False)")

@@ -346,3 +346,15 @@ def test_a_dropped_compact_gradient_optimizer_is_freed_without_the_cycle_collect
         gc.enable()
     net(_batches(1)[0]).sum().backward()  # the parameters' hooks outlive it harmlessly
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_a_dense_grad_beside_a_compact_one_is_refused_naming_the_ddp_way():
+    """What DDP does to a compact_grads model: it writes the dense .grad after backward freed it."""
+    net = _Net()
+    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())), storage="sparse",
+                      compact_grads=True, seed=0)
+    net(_batches(1)[0]).sum().backward()
+    first = next(net.parameters())
+    first.grad = torch.zeros_like(first)
+    with pytest.raises(RuntimeError, match="both a dense .grad and a compact gradient.*all_reduce_gradients"):
+        opt.step()
