@@ -364,6 +364,12 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     """
     if across_ranks is None:
         across_ranks = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if not across_ranks and _replicated_on_ranks(model):
+            world = torch.distributed.get_world_size()
+            user_warning.warn(f"Fisher scores on one of {world} ranks: each scores its own batches, and masks "
+                              "selected from them differ across DDP replicas.  Pass across_ranks=True (on every "
+                              "rank) to sum the scores over the ranks, or across_ranks=False if this rank alone "
+                              "scores on purpose")
     if across_ranks and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("across_ranks=True needs an initialized torch.distributed process group")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
@@ -401,6 +407,14 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
         raise ValueError(f"Fisher scores: none of the {n_batches} batches gave a gradient to the included "
                          f"parameters (include={include!r}); check include and loss_fn")
     return accumulator.scores(n_batches if estimator == "batch" else None)
+
+
+def _replicated_on_ranks(model: torch.nn.Module) -> bool:
+    """Several ranks are running and ``model`` holds whole (not DTensor-sharded) parameters: a model
+    each rank may score with its own data, as before DDP wraps it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size() > 1 and not any(sharding.is_dtensor(p) for p in model.parameters())
 
 
 def _length(dataloader: Iterable) -> Optional[int]:

@@ -402,6 +402,8 @@ def test_ddp_ranks_sum_their_scores_and_select_one_mask():
     worst = float(re.search(r"max relative difference (\S+)", out).group(1))
     assert worst <= 1e-6, out
     assert "masks equal on all 2 ranks: True" in out and "kept 17 of 58" in out
+    assert "an unwrapped model with across_ranks=True scores alike: True" in out
+    assert "an unwrapped model scored per rank warns: True" in out
 
 
 def test_across_ranks_needs_a_process_group():
