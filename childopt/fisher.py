@@ -300,7 +300,7 @@ class FisherAccumulator:
             raise NotImplementedError("sum_over_ranks with a grad_scaler: the ranks' overflowed passes differ")
         import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized():
+        if not _process_group_running():
             raise RuntimeError("sum_over_ranks needs an initialized torch.distributed process group")
         first = dist.get_global_rank(group, 0) if group is not None else 0
         names = [n for n, p in self._params.items() if not sharding.is_dtensor(p)]
@@ -370,7 +370,7 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
                               "selected from them differ across DDP replicas.  Pass across_ranks=True (on every "
                               "rank) to sum the scores over the ranks, or across_ranks=False if this rank alone "
                               "scores on purpose")
-    if across_ranks and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if across_ranks and not _process_group_running():
         raise ValueError("across_ranks=True needs an initialized torch.distributed process group")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
@@ -412,9 +412,12 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
 def _replicated_on_ranks(model: torch.nn.Module) -> bool:
     """Several ranks are running and ``model`` holds whole (not DTensor-sharded) parameters: a model
     each rank may score with its own data, as before DDP wraps it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    return torch.distributed.get_world_size() > 1 and not any(sharding.is_dtensor(p) for p in model.parameters())
+    return (_process_group_running() and torch.distributed.get_world_size() > 1
+            and not any(sharding.is_dtensor(p) for p in model.parameters()))
+
+
+def _process_group_running() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _length(dataloader: Iterable) -> Optional[int]:
