@@ -7,7 +7,9 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]
 
 
 def number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
@@ -28,7 +30,7 @@ def number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
 _PLOT_FORMATS_NEEDING_PROGRAMS = frozenset({"pgf"})
 
 
-def output_path(value: str) -> Path:
+def output_path(value: PathLike) -> Path:
     """An output path as given on the command line, ``~`` expanded (argparse leaves ``--json=~/x`` as is)."""
     return Path(value).expanduser()
 
@@ -114,7 +116,7 @@ def check_output_files(parser: argparse.ArgumentParser, outputs: dict[str, Optio
                          f"({', '.join('.' + f for f in sorted(formats))})")
 
 
-def writable_path(value: str) -> Path:
+def writable_path(value: PathLike) -> Path:
     """The output path ``value`` (``~`` expanded) with its folder made if missing, for an output
     :func:`check_output_files` passed."""
     path = output_path(value)
@@ -123,7 +125,7 @@ def writable_path(value: str) -> Path:
 
 
 @contextlib.contextmanager
-def replacing(value: str) -> Iterator[Path]:
+def replacing(value: PathLike) -> Iterator[Path]:
     """A temporary path beside the output ``value`` (its folder made; the same suffix, so matplotlib
     picks the format) that replaces the output when the block ends without an error: a run stopped
     while writing leaves the earlier file whole instead of a truncated one.  An output that is a
@@ -158,7 +160,13 @@ def replacing(value: str) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def write_output(value: str, text: str) -> None:
+def write_output(value: PathLike, text: str) -> None:
     """Write ``text`` to the output file ``value`` through :func:`replacing`."""
     with replacing(value) as temporary:
         temporary.write_text(text)
+
+
+def save_figure(fig, value: PathLike, dpi: int) -> None:
+    """A matplotlib figure into the output file ``value`` through :func:`replacing` (the format from its suffix)."""
+    with replacing(value) as image:
+        fig.savefig(image, dpi=dpi)

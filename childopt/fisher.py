@@ -298,18 +298,16 @@ class FisherAccumulator:
         """
         if self.grad_scaler is not None:
             raise NotImplementedError("sum_over_ranks with a grad_scaler: the ranks' overflowed passes differ")
-        import torch.distributed as dist
-
         if not _process_group_running():
             raise RuntimeError("sum_over_ranks needs an initialized torch.distributed process group")
-        first = dist.get_global_rank(group, 0) if group is not None else 0
+        first = torch.distributed.get_global_rank(group, 0) if group is not None else 0
         names = [n for n, p in self._params.items() if not sharding.is_dtensor(p)]
         for name in names:
-            dist.reduce(self._fisher[name], dst=first, group=group)
-            dist.broadcast(self._fisher[name], src=first, group=group)
+            torch.distributed.reduce(self._fisher[name], dst=first, group=group)
+            torch.distributed.broadcast(self._fisher[name], src=first, group=group)
         totals = torch.tensor([self._seen] + [self._counts[n] for n in names], dtype=torch.int64,
                               device=self._fisher[names[0]].device if names else "cpu")
-        dist.all_reduce(totals, group=group)
+        torch.distributed.all_reduce(totals, group=group)
         self._seen, *counts = totals.tolist()
         self._counts.update(zip(names, counts))
 

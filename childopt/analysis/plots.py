@@ -17,7 +17,7 @@ import torch
 
 from childopt.analysis.quantities import FISHER, QUANTITIES, SHARE, UPDATE, HeadValues, total_norm
 from childopt.analysis.table import Report
-from childopt.arguments import replacing
+from childopt.arguments import save_figure
 from childopt.finetune.glue import spearman
 
 PathLike = Union[str, os.PathLike]
@@ -93,12 +93,6 @@ def layer_bars(ax, values: HeadValues, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def _save(fig, path: PathLike, dpi: int) -> None:
-    """``fig`` into ``path`` through childopt.arguments.replacing: an interrupted save leaves the earlier file whole."""
-    with replacing(os.fspath(path)) as image:
-        fig.savefig(image, dpi=dpi)
-
-
 def plot_heatmaps(report: Report, path: PathLike, title: str) -> None:
     """One layer x head heatmap per quantity of ``report``, side by side, into ``path``."""
     quantities = [q for q in QUANTITIES if q in report]
@@ -106,14 +100,14 @@ def plot_heatmaps(report: Report, path: PathLike, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     for ax, quantity in zip(fig.subplots(1, len(quantities), squeeze=False)[0], quantities):
         heatmap(fig, ax, quantity, report[quantity], QUANTITIES[quantity])
-    _save(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_scatter(report: Report, path: PathLike, title: str) -> None:
     """Fisher importance against update norm, one point per head, into ``path``."""
     fig = _figure(figsize=(5.2, 4.2))
     scatter(fig, fig.subplots(), report, title)
-    _save(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_comparison(reports: Mapping[str, Report], path: PathLike, title: str) -> None:
@@ -138,4 +132,4 @@ def plot_comparison(reports: Mapping[str, Report], path: PathLike, title: str) -
                 ax.text(0.5, 0.5, f"{label}: no fixed mask", ha="center", va="center", transform=ax.transAxes)
         scatter(fig, panels["scatter"], report, label)
         layer_bars(panels["layers"], report[UPDATE], f"{label}: update norm per layer")
-    _save(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)

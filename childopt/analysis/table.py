@@ -28,7 +28,7 @@ REQUIRED = (FISHER, UPDATE)  # every run's report has these; the share only runs
 
 def write_csv(report: Report, path: Union[str, os.PathLike]) -> None:
     """Write ``report`` (quantity -> HeadValues) to ``path``, quantities in the order given."""
-    with replacing(os.fspath(path)) as temporary, open(temporary, "w", newline="") as file:
+    with replacing(path) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(COLUMNS)
         for quantity, values in report.items():

@@ -20,7 +20,6 @@ update over the heads, and the heads that moved most).
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +143,6 @@ def compare(output: str, task: str, seed: int) -> str:
     plot_comparison({f"{m} (lr {chosen[m]['config']['lr']:g})": r for m, r in reports.items()}, figure,
                     f"{task}, seed {seed}: where each method moves the weights")
     table = comparison_table(reports, chosen)
-    write_output(os.fspath(figure.with_suffix(".md")), table + "\n")
+    write_output(figure.with_suffix(".md"), table + "\n")
     print(f"{table}\nwrote {figure} and {figure.with_suffix('.md')}")
     return table

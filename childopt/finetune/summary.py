@@ -9,7 +9,6 @@ estimate for every method alike).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from childopt.arguments import replacing, write_output
+from childopt.arguments import save_figure, write_output
 from childopt.finetune import glue
 from childopt.finetune.plan import METHODS, run_name
 
@@ -145,8 +144,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         axes[1][column].set_title(f"{task}: train loss (epoch mean)")
         axes[1][column].set_xlabel("epoch")
         axes[0][column].legend()
-    with replacing(os.fspath(path)) as image:
-        fig.savefig(image, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _curve(ax, runs: list[dict], value, label: str, *, start: int) -> None:
@@ -165,7 +163,7 @@ def summarize(output: str) -> str:
     """Write ``table.md`` (and ``curves.png`` when matplotlib is there) into ``output``; return the table."""
     records = load_records(output)
     text = f"{summary_table(records)}\n\n{describe(records)}\n"
-    write_output(os.fspath(Path(output) / TABLE_NAME), text)
+    write_output(Path(output) / TABLE_NAME, text)
     print(text + f"wrote {Path(output) / TABLE_NAME}")
     try:
         plot_curves(records, Path(output) / PLOT_NAME)

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 from typing import Optional
@@ -306,7 +305,7 @@ def _print_epoch(run: Run, entry: dict, peak_gb: float) -> None:
 def execute_and_save(run: Run) -> None:
     """Train ``run`` and write its JSON atomically (a killed run leaves no JSON, so it reruns)."""
     record = execute(run)
-    write_output(os.fspath(run.path), json.dumps(record, indent=2) + "\n")
+    write_output(run.path, json.dumps(record, indent=2) + "\n")
     print(f"[{run.name}] {record['it_s']:.2f} it/s, peak {record['peak_gb']:.2f} GB; wrote {run.path}", flush=True)
 
 
