@@ -360,6 +360,8 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
             no batch gives the included parameters a gradient, or ``across_ranks`` without an
             initialized process group.
     """
+    if across_ranks is not None and not isinstance(across_ranks, bool):
+        raise TypeError(f"across_ranks must be None, True or False, got {across_ranks!r}")
     if across_ranks is None:
         across_ranks = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         if not across_ranks and _replicated_on_ranks(model):
