@@ -353,7 +353,10 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     every rank gets the Fisher of all ranks' batches and the same mask.  Under DDP each rank sees
     its own share of the data, and masks selected from per-rank scores differ: the replicas would
     drift apart.  Default: on for a ``DistributedDataParallel`` model (every rank runs it), off
-    otherwise; every rank must call with it on.
+    otherwise; every rank must call with it on.  A ``DistributedDataParallel`` model is scored
+    through its ``module`` (``loss_fn`` receives the module), outside DDP's reducer: no all-reduce
+    in each backward, so the ranks may run different numbers of batches, and training through the
+    wrapper afterwards (``static_graph`` included) is unaffected; the scores keep the DDP names.
 
     Raises:
         ValueError: the dataloader yields no batch (on any rank, with ``across_ranks``: on all), or
@@ -377,22 +380,23 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
         raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
     loss_fn = loss_fn or _hf_loss
     device = next(model.parameters()).device
-    accumulator = FisherAccumulator(model, include=include, estimator=estimator, clip_norm=clip_norm,
-                                    free_grads=True, backend=backend)
+    scored, prefix = _outside_ddp(model, estimator)
+    accumulator = FisherAccumulator(scored, include=_Prefixed(include, prefix) if prefix else include,
+                                    estimator=estimator, clip_norm=clip_norm, free_grads=True, backend=backend)
     batches = dataloader if max_batches is None else islice(dataloader, max_batches)
     total = _length(dataloader)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
-    model.zero_grad(set_to_none=True)  # gradients left from earlier work would be scored as this batch's
+    scored.zero_grad(set_to_none=True)  # gradients left from earlier work would be scored as this batch's
     n_batches = 0
     with accumulator:
         for batch in tqdm(batches, total=total, desc="fisher", unit="batch", disable=not progress):
             batch = _to_device(batch, device)
             if estimator == "batch":
-                loss_fn(model, batch).backward()
+                loss_fn(scored, batch).backward()
             else:
                 accumulator.accumulate_samples(loss_fn, batch)
-            model.zero_grad(set_to_none=True)
+            scored.zero_grad(set_to_none=True)
             n_batches += 1
     if across_ranks:
         group = getattr(model, "process_group", None)  # a DDP model's group, else the world
@@ -406,7 +410,48 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     if accumulator.num_seen == 0:
         raise ValueError(f"Fisher scores: none of the {n_batches} batches gave a gradient to the included "
                          f"parameters (include={include!r}); check include and loss_fn")
-    return accumulator.scores(n_batches if estimator == "batch" else None)
+    scores = accumulator.scores(n_batches if estimator == "batch" else None)
+    return {prefix + name: score for name, score in scores.items()}
+
+
+def _outside_ddp(model: torch.nn.Module, estimator: str) -> tuple:
+    """The module to run the Fisher pass on, and the prefix its parameter names lack.
+
+    A ``DistributedDataParallel`` model is scored through its ``module``: its reducer would
+    all-reduce every backward, a collective that hangs when the ranks run different numbers of
+    batches, leaves a ``static_graph`` reducer out of step, and syncs buffers inside vmap; the
+    pass needs none of it (each rank scores its own gradients; :meth:`FisherAccumulator.sum_over_ranks`
+    sums them once).  The scores keep the DDP model's names (``module.``).
+
+    Raises:
+        ValueError: ``static_graph=True`` before the first step, with the batch estimator (its
+            backward passes would corrupt the reducer's record of the graph).
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # torch's private flag, set by the first step's backward; without it, assume not yet recorded
+        recorded = getattr(model, "_static_graph_delay_allreduce_enqueued", False)
+        if estimator == "batch" and model.static_graph and not recorded:
+            raise ValueError("fisher_scores on a DistributedDataParallel model with static_graph=True before its first "
+                             "training step: torch's reducer records which gradients one step produces from every "
+                             "backward through the parameters until that step, so the Fisher pass would leave it "
+                             "skipping all-reduces and the replicas drifting apart.  Score the model before wrapping "
+                             "it (fisher_mask(model, loader, reserve_p, across_ranks=True)), after the first "
+                             "training step, or with estimator='sample'")
+        return model.module, "module."
+    return model, ""
+
+
+class _Prefixed:
+    """``include`` as seen by the DDP model's names: tests ``prefix + name`` (prints as ``include``)."""
+
+    def __init__(self, include: Include, prefix: str):
+        self.include, self.prefix, self._matches = include, prefix, _matcher(include)
+
+    def __call__(self, name: str) -> bool:
+        return self._matches(self.prefix + name)
+
+    def __repr__(self) -> str:
+        return repr(self.include)
 
 
 def _replicated_on_ranks(model: torch.nn.Module) -> bool:

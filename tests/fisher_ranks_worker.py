@@ -1,13 +1,17 @@
 """A torchrun worker (gloo, CPU) for tests/test_fisher.py: Fisher scores summed over DDP ranks.
 
 Usage: ``torchrun --nproc_per_node N tests/fisher_ranks_worker.py``.  Each rank scores its own
-batches through a DistributedDataParallel model (fisher_scores' across_ranks defaults on there)
-and selects a mask; rank 0 checks the scores against one process scoring every rank's batches
-and that every rank selected the same mask, that an unwrapped model with across_ranks=True scores
-alike, and that one scored per rank warns; it prints what it found.
+batches, a different number on each rank, through a DistributedDataParallel model (fisher_scores'
+across_ranks defaults on there) and selects a mask; rank 0 checks the scores against one process
+scoring every rank's batches and that every rank selected the same mask, that an unwrapped model
+with across_ranks=True scores alike, and that one scored per rank warns.  It also checks that the
+sample estimator runs through DDP on a model with a buffer, that training through the wrapper
+after a Fisher pass keeps the replicas equal (static_graph included), and that a static graph
+before its first step is refused; it prints what it found.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import warnings
@@ -26,8 +30,9 @@ def _model() -> torch.nn.Module:
 
 
 def _batches(rank: int) -> list:
+    """Rank r's own batches: 3 + r of them (uneven counts: a per-batch collective would hang)."""
     gen = torch.Generator().manual_seed(100 + rank)
-    return [(torch.randn(4, 5, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(3)]
+    return [(torch.randn(4, 5, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(3 + rank)]
 
 
 def _loss(model, batch):
@@ -35,8 +40,36 @@ def _loss(model, batch):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+def _replicas_equal_after_training(ddp: torch.nn.parallel.DistributedDataParallel, rank: int) -> bool:
+    """Two SGD steps through the wrapper on each rank's own batches leave every replica the same."""
+    sgd = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for batch in _batches(rank)[:2]:
+        _loss(ddp, batch).backward()
+        sgd.step()
+        sgd.zero_grad()
+    flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _static_graph_checks(rank: int, options: dict) -> tuple:
+    """A static-graph DDP model: refused before its first step (batch estimator), scored after it
+    and by the sample estimator, its replicas equal after training on."""
+    fresh = torch.nn.parallel.DistributedDataParallel(_model(), static_graph=True)
+    try:
+        fisher_scores(fresh, _batches(rank), **options)
+        refused = False
+    except ValueError as error:
+        refused = "static_graph=True before its first training step" in str(error)
+    fisher_scores(fresh, _batches(rank), estimator="sample", **options)
+    sample_ok = _replicas_equal_after_training(fresh, rank)  # its first steps, after a sample pass
+    fisher_scores(fresh, _batches(rank), **options)  # the graph is recorded now
+    return refused, sample_ok and _replicas_equal_after_training(fresh, rank)
+
+
 def main() -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     ddp = torch.nn.parallel.DistributedDataParallel(_model())
     options = dict(loss_fn=_loss, include=None, progress=False)
@@ -48,6 +81,14 @@ def main() -> None:
         warnings.simplefilter("always")
         fisher_scores(_model(), _batches(rank), **options)  # per rank, as before DDP wraps the model
     warned = any("Pass across_ranks=True" in str(w.message) for w in caught)
+    in_step = _replicas_equal_after_training(ddp, rank)
+    buffered = _model()
+    buffered.register_buffer("scale", torch.ones(1))  # DDP syncs buffers in forward: not inside vmap
+    sampled = fisher_scores(torch.nn.parallel.DistributedDataParallel(buffered), _batches(rank),
+                            estimator="sample", **options)
+    sampled_alike = fisher_scores(_model(), _batches(rank), estimator="sample", across_ranks=True, **options)
+    same_sampled = all(torch.equal(sampled_alike[n], sampled[f"module.{n}"]) for n in sampled_alike)
+    static_refused, static_in_step = _static_graph_checks(rank, options)
     flat = torch.cat([masks[n].reshape(-1) for n in sorted(masks)]).to(torch.uint8)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
@@ -60,6 +101,10 @@ def main() -> None:
         print(f"kept {int(flat.sum())} of {flat.numel()}")
         print(f"an unwrapped model with across_ranks=True scores alike: {same_unwrapped}")
         print(f"an unwrapped model scored per rank warns: {warned}")
+        print(f"replicas equal after training through the wrapper: {in_step}")
+        print(f"the sample estimator through DDP, with a buffer, scores alike: {same_sampled}")
+        print(f"static_graph before its first step refused: {static_refused}")
+        print(f"static_graph replicas equal after sample and recorded-graph passes: {static_in_step}")
     dist.destroy_process_group()
 
 

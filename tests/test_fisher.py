@@ -396,14 +396,21 @@ def test_the_progress_bar_counts_the_batches_that_will_run(monkeypatch, max_batc
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_ddp_ranks_sum_their_scores_and_select_one_mask():
-    """Each rank scores its own batches: summed over the ranks, the scores are one process's over all
-    of them (up to fp32 summation order, 1e-6 relative) and every rank selects the same mask."""
+    """Each rank scores its own batches (3 and 4 of them): summed over the ranks, the scores are one
+    process's over all of them (up to fp32 summation order, 1e-6 relative) and every rank selects
+    the same mask.  The pass leaves DDP's reducer alone: training through the wrapper afterwards
+    keeps the replicas equal, the sample estimator runs on a model with a buffer, and a static
+    graph not yet recorded is refused rather than corrupted."""
     out = torchrun(2, str(Path(__file__).with_name("fisher_ranks_worker.py")))
     worst = float(re.search(r"max relative difference (\S+)", out).group(1))
     assert worst <= 1e-6, out
     assert "masks equal on all 2 ranks: True" in out and "kept 17 of 58" in out
     assert "an unwrapped model with across_ranks=True scores alike: True" in out
     assert "an unwrapped model scored per rank warns: True" in out
+    assert "replicas equal after training through the wrapper: True" in out
+    assert "the sample estimator through DDP, with a buffer, scores alike: True" in out
+    assert "static_graph before its first step refused: True" in out
+    assert "static_graph replicas equal after sample and recorded-graph passes: True" in out
 
 
 def test_across_ranks_needs_a_process_group():
