@@ -149,8 +149,9 @@ class SparseDelta:
                 with ``"drop"``, every tensor is compared whole with its base, as without ``indices``.
 
         Tensors without entries are omitted.  Tied tensors (one tensor under several names, as
-        ``state_dict()`` lists shared embeddings) are stored once, under their first name, so
-        that applying the delta to the model changes them once.  Only floating-point tensors
+        ``state_dict()`` lists shared embeddings) are stored once, under their first name (the
+        indices given under any of the names joined), so that applying the delta to the model
+        changes them once.  Only floating-point tensors
         can hold entries: a changed integer buffer (e.g. BatchNorm's ``num_batches_tracked``)
         raises TypeError; leave it out of ``base``/``tuned``.
 
@@ -169,6 +170,7 @@ class SparseDelta:
         listed = [n for n in tuned if indices is None or n in indices]
         names = listed if outside == "drop" else listed + [n for n in tuned if n not in listed]
         tied = _tied_duplicates(tuned, names)  # a listed name is kept before an unlisted one
+        aliases = {name: [name] + [other for other, kept in tied.items() if kept == name] for name in names}
         entries, missed = {}, {}
         for name in names:
             if name in tied:
@@ -177,11 +179,14 @@ class SparseDelta:
             b = base[name].to(t.device)
             if indices is None:
                 idx = _changed_indices(b, t)
-            else:
-                idx = _given_indices(name, indices[name], t) if name in indices else \
+            else:  # a tied tensor stores the indices given under any of its names
+                given = [_given_indices(alias, indices[alias], t) for alias in aliases[name] if alias in indices]
+                idx = torch.unique(torch.cat(given)) if given else \
                     torch.empty(0, dtype=index_dtype(t.numel()), device=t.device)
                 if outside != "drop":
                     idx, missed[name] = _cover_changes(b, t, idx, store=outside == "store")
+            if missed.get(name):
+                _wide_dtype(name, t.dtype)  # a changed integer buffer: no outside= choice could store it
             if idx.numel():
                 entries[name] = _difference(name, b, t, idx)
         if missing := {name: count for name, count in missed.items() if count}:
@@ -320,7 +325,7 @@ def _wide_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype delta values of a ``dtype`` tensor are kept in (:data:`WIDE_DTYPES`)."""
     if dtype not in WIDE_DTYPES:
         raise TypeError(f"{name!r}: sparse deltas hold floating-point tensors "
-                        f"({', '.join(map(str, WIDE_DTYPES))}), got {dtype}")
+                        f"({', '.join(map(str, WIDE_DTYPES))}), got {dtype}; leave it out of base and tuned")
     return WIDE_DTYPES[dtype]
 
 

@@ -344,6 +344,24 @@ def test_tied_weights_are_stored_once_and_changed_once():
     assert_bitwise_equal(target.state_dict(), before)
 
 
+@pytest.mark.parametrize("outside", ["raise", "store", "drop"])
+def test_indices_given_under_each_tied_name_are_joined(outside):
+    """Indices listed under both names of a tied tensor are stored together, under its first name."""
+    torch.manual_seed(0)
+    base_model = Tied()
+    base = clone(base_model.state_dict())
+    tuned_model = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned_model.embed.weight.view(-1)[[1, 7, 13]] += 1.0
+    indices = {"embed.weight": torch.tensor([1, 7]), "head.weight": torch.tensor([13, 7], dtype=torch.int32)}
+    delta = SparseDelta.extract(base, tuned_model.state_dict(), indices, outside=outside)
+    assert list(delta.entries) == ["embed.weight"]
+    assert delta.entries["embed.weight"].indices.tolist() == [1, 7, 13]
+    target = copy.deepcopy(base_model)
+    delta.apply_to(target)
+    assert_bitwise_equal(target.state_dict(), tuned_model.state_dict())
+
+
 def test_non_contiguous_tensors_are_written_in_place():
     base = {"w": torch.randn(5, 7).t()}
     tuned = clone(base)
@@ -428,11 +446,18 @@ def test_extract_rejects_changes_it_cannot_store_exactly():
         SparseDelta.extract(base, tuned, indices={"inf": torch.tensor([0])})
 
 
-def test_integer_buffers_must_be_unchanged():
+@pytest.mark.parametrize("outside", [None, "raise", "store"])
+def test_integer_buffers_must_be_unchanged(outside):
+    """A changed integer tensor raises the same TypeError with or without indices, whatever
+    ``outside`` says (no choice of it could store one); ``"drop"`` leaves it alone, on purpose."""
     base = {"w": torch.zeros(3), "steps": torch.tensor(4)}
-    assert list(SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(4)}).entries) == ["w"]
-    with pytest.raises(TypeError, match="'steps': sparse deltas hold floating-point tensors"):
-        SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(5)})
+    options = {} if outside is None else {"indices": {"w": torch.arange(3)}, "outside": outside}
+    assert list(SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(4)}, **options).entries) == ["w"]
+    with pytest.raises(TypeError, match="'steps': sparse deltas hold floating-point tensors .* leave it out of base"):
+        SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(5)}, **options)
+    kept = SparseDelta.extract(base, {"w": torch.ones(3), "steps": torch.tensor(5)}, indices={"w": torch.arange(3)},
+                               outside="drop")
+    assert list(kept.entries) == ["w"]
 
 
 def test_load_rejects_files_that_are_not_childopt_deltas(tmp_path):
