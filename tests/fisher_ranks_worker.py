@@ -12,6 +12,7 @@ before its first step is refused; it prints what it found.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import warnings
@@ -70,7 +71,15 @@ def _static_graph_checks(rank: int, options: dict) -> tuple:
 
 def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    _check(dist.get_rank(), dist.get_world_size())
+    # Free the DDP models (their reference cycles need the collector) before the group goes: one
+    # alive at destroy_process_group aborted a rank at exit ("terminate called without an active
+    # exception") in 5 of 16 runs of a plain DDP script on this CPU, and in none of 12 once collected.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _check(rank: int, world: int) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(_model())
     options = dict(loss_fn=_loss, include=None, progress=False)
     scores = fisher_scores(ddp, _batches(rank), **options)
@@ -105,7 +114,6 @@ def main() -> None:
         print(f"the sample estimator through DDP, with a buffer, scores alike: {same_sampled}")
         print(f"static_graph before its first step refused: {static_refused}")
         print(f"static_graph replicas equal after sample and recorded-graph passes: {static_in_step}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
