@@ -7,11 +7,12 @@ dense and compact layouts, and the gradient hooks that keep only compact gradien
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Callable
 
 import torch
+
+from childopt import user_warning
 
 INT32_LIMIT = 2**31
 
@@ -116,9 +117,8 @@ class CompactGradients:
         else:
             if self._stepped and not self._warned:
                 self._warned = True
-                warnings.warn("compact gradients are adding onto those of an earlier step: call "
-                              "optimizer.zero_grad() between steps (model.zero_grad() does not clear them)",
-                              stacklevel=2)
+                user_warning.warn("compact gradients are adding onto those of an earlier step: call "
+                                  "optimizer.zero_grad() between steps (model.zero_grad() does not clear them)")
             buffer.add_(selected)
         param.grad = None
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Union
 
 import torch
 
-from childopt import importance, masks
+from childopt import importance, masks, user_warning
 from childopt.optim import sharding
 
 SAMPLINGS = ("poisson", "exact")
@@ -187,9 +186,9 @@ class ImportanceSampler:
             c = self._scales.get(scope)
             if c is None:
                 c = importance.solve_log_scale(logs, first.reserve_p, p_min, kernels.kept_sums)
-                if c == math.inf:  # user code <- optimizer wrappers (2) <- step <- before_step <- refresh
-                    warnings.warn(f"importance scope {scope} ({first.name}, ...) has too few non-zero scores to keep "
-                                  "reserve_p of it in expectation; all non-zero ones are kept", stacklevel=6)
+                if c == math.inf:
+                    user_warning.warn(f"importance scope {scope} ({first.name}, ...) has too few non-zero scores to "
+                                      "keep reserve_p of it in expectation; all non-zero ones are kept")
                 if first.score is not None:
                     self._scales[scope] = c
             for i, log_r in zip(where, logs):

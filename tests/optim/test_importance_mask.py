@@ -7,6 +7,7 @@ deviations: they fail for a wrong threshold, a wrong scale or a wrong level, not
 """
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -262,6 +263,22 @@ def test_parameters_without_scores_train_fully():
     kept = observe_keeps(opt, params, 2)
     assert all(bool(k[1].all()) and bool(k[2].all()) for k in kept)
     assert float(kept[0][0].double().mean()) < 0.5
+
+
+def test_too_few_non_zero_scores_warn_at_the_users_step_and_keep_every_non_zero_one():
+    """2 of 10 scores non-zero cannot keep reserve_p=0.5 with p_min=0: it warns once, at the line
+    that steps, through an LR scheduler's wrapper of ``step`` too, and keeps exactly those 2."""
+    weight = torch.nn.Parameter(torch.zeros(10))
+    score = torch.zeros(10)
+    score[[3, 8]] = 1.0
+    opt = MaskedAdamW([("w", weight)], lr=0.1, reserve_p=0.5, masked="freeze", backend="reference",
+                      mask=Importance(scores={"w": score}))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # wraps opt.step in a frame of torch's
+    weight.grad = torch.ones(10)
+    with pytest.warns(UserWarning, match="too few non-zero scores to keep reserve_p") as caught:
+        opt.step()
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
+    assert weight.detach().ne(0).nonzero().flatten().tolist() == [3, 8]
 
 
 @pytest.mark.parametrize("change,message", [

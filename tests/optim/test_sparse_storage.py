@@ -6,6 +6,7 @@ be bit-identical on one backend.
 """
 import copy
 import io
+import sys
 
 import pytest
 import torch
@@ -269,8 +270,9 @@ def test_compact_gradients_left_from_a_step_warn_when_added_to():
     net(x).sum().backward()
     opt.step()
     net.zero_grad()  # clears .grad only, not the compact buffers
-    with pytest.warns(UserWarning, match="call optimizer.zero_grad\\(\\) between steps"):
+    with pytest.warns(UserWarning, match="call optimizer.zero_grad\\(\\) between steps") as caught:
         net(x).sum().backward()
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)  # not torch's
     opt.zero_grad()
     import warnings
     with warnings.catch_warnings():
