@@ -79,6 +79,10 @@ class FisherAccumulator:
     ones under ``grad_scaler`` not counted); reentrant activation checkpointing runs a nested
     backward per segment, so there pass the number of batches to :meth:`scores` yourself.
 
+    Under DDP, run the passes through the wrapped module (``ddp.module``), not the wrapper, whose
+    reducer would all-reduce every backward, and call :meth:`sum_over_ranks` (as
+    :func:`fisher_scores` does); with ``static_graph=True`` only after the first training step.
+
     Under FSDP2 (DTensor parameters) each rank accumulates its shard's scores, as DTensors; the
     clip norms are those of whole tensors (reduced over the shards).  FSDP2 calls the hooks after
     its reduce-scatter, so the scores are those of the gradient averaged over the ranks' batches.
