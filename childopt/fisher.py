@@ -79,9 +79,9 @@ class FisherAccumulator:
     ones under ``grad_scaler`` not counted); reentrant activation checkpointing runs a nested
     backward per segment, so there pass the number of batches to :meth:`scores` yourself.
 
-    Under DDP, run the passes through the wrapped module (``ddp.module``), not the wrapper, whose
-    reducer would all-reduce every backward, and call :meth:`sum_over_ranks` (as
-    :func:`fisher_scores` does); with ``static_graph=True`` only after the first training step.
+    Under DDP, score each batch with :meth:`accumulate_loss` on a loss computed through the
+    wrapped module (``ddp.module``), which leaves DDP's reducer out of the pass, then call
+    :meth:`sum_over_ranks` (as :func:`fisher_scores` does).
 
     Under FSDP2 (DTensor parameters) each rank accumulates its shard's scores, as DTensors; the
     clip norms are those of whole tensors (reduced over the shards).  FSDP2 calls the hooks after
@@ -186,18 +186,23 @@ class FisherAccumulator:
             if task != self._graph_task:
                 self._graph_task = task
                 self._on_pass(None)
-        grad = param.grad.detach()
+        self._add_gradient(name, param.grad.detach())
+        if self.free_grads:
+            param.grad = None
+
+    def _add_gradient(self, name: str, grad: torch.Tensor) -> None:
+        """Add the clipped, unscaled square of one tensor's gradient of the current pass to its score."""
         if self.clip_norm is None and self.grad_scaler is None:
             norms = torch.empty(1, device=sharding.local(grad).device)  # no norm pass: 12 B per element, not 16
-        else:
-            norms = torch.linalg.vector_norm(grad, dtype=torch.float32).reshape(1)
+        else:  # fp32 or wider: a float64 gradient's norm is not narrowed before it is taken
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            norms = torch.linalg.vector_norm(grad, dtype=wide).float().reshape(1)
             if sharding.is_dtensor(norms):  # the whole tensor's norm, reduced over the shards
                 norms = norms.full_tensor()
-        # GradScaler: one sync per hook, to leave an overflowed gradient out of its tensor's score
+        # GradScaler: one sync per tensor, to leave an overflowed gradient out of its tensor's score
         # and divisor (other tensors of the batch may be finite and already accumulated).
         if self.grad_scaler is not None and not bool(torch.isfinite(norms).all()):
             self._overflowed[name].append(self._pass)
-            param.grad = None if self.free_grads else param.grad
             return
         # A gradient dtype the kernels do not take (float64) goes to the reference backend.
         grad = sharding.local(grad)
@@ -208,8 +213,33 @@ class FisherAccumulator:
             self._seen += 1
             self._counted_passes.add(self._pass)
             self._new_pass = False
-        if self.free_grads:
-            param.grad = None
+
+    def accumulate_loss(self, loss: torch.Tensor) -> None:
+        """Score the gradients of one batch's ``loss`` without a backward into ``.grad`` (``estimator="batch"``).
+
+        The gradients of the scored parameters come from ``torch.autograd.grad``, so no ``.grad``
+        and no gradient-accumulator hook is touched: under DDP its reducer (which would all-reduce,
+        and counts the backward passes of a static graph) stays out of the pass.  Each gradient is
+        freed as soon as it is scored.
+
+        Raises:
+            RuntimeError: the estimator is not ``"batch"``, or ``loss``'s graph holds a reentrant
+                activation checkpoint, whose parameters ``torch.autograd.grad`` cannot reach (it
+                would return no gradient for them).
+        """
+        if self.estimator != "batch":
+            raise RuntimeError("accumulate_loss needs estimator='batch'; with 'sample', call accumulate_samples")
+        if _holds_reentrant_checkpoint(loss):
+            raise RuntimeError("the Fisher pass's loss goes through reentrant activation checkpointing "
+                               "(use_reentrant=True), whose parameters torch.autograd.grad cannot reach: score the "
+                               "model before wrapping it in DDP, or checkpoint with use_reentrant=False")
+        names, params = list(self._params), list(self._params.values())
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        self._on_pass(None)
+        for i, name in enumerate(names):
+            if grads[i] is not None:
+                self._add_gradient(name, grads[i])
+                grads[i] = None
 
     def accumulate_samples(self, loss_fn: Callable, batch) -> None:
         """Add the squared per-sample gradients of ``loss_fn(model, batch)`` (``estimator="sample"``).
@@ -327,6 +357,22 @@ class FisherAccumulator:
         return dict(self._counts)
 
 
+def _holds_reentrant_checkpoint(loss: torch.Tensor) -> bool:
+    """``loss``'s autograd graph holds a node of ``torch.utils.checkpoint``'s reentrant function: its
+    backward runs a backward of its own into ``.grad``, which ``torch.autograd.grad`` never starts.
+    A walk over the graph's nodes (a few thousand for a BERT): no autograd API says this."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
 def _hf_loss(model: torch.nn.Module, batch):
     """Hugging Face convention: the model returns ``.loss`` when the batch carries labels."""
     output = model(**batch) if isinstance(batch, Mapping) else model(batch)
@@ -357,10 +403,11 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     every rank gets the Fisher of all ranks' batches and the same mask.  Under DDP each rank sees
     its own share of the data, and masks selected from per-rank scores differ: the replicas would
     drift apart.  Default: on for a ``DistributedDataParallel`` model (every rank runs it), off
-    otherwise; every rank must call with it on.  A ``DistributedDataParallel`` model is scored
-    through its ``module`` (``loss_fn`` receives the module), outside DDP's reducer: no all-reduce
-    in each backward, so the ranks may run different numbers of batches, and training through the
-    wrapper afterwards (``static_graph`` included) is unaffected; the scores keep the DDP names.
+    otherwise; every rank must call with it on.  A ``DistributedDataParallel`` model (compiled or
+    not) is scored through its ``module`` (``loss_fn`` receives the module), its gradients taken
+    with ``torch.autograd.grad``, outside DDP's reducer: no all-reduce in each backward, so the
+    ranks may run different numbers of batches, and training through the wrapper afterwards
+    (``static_graph`` included) is unaffected; the scores keep the DDP names.
 
     Raises:
         ValueError: the dataloader yields no batch (on any rank, with ``across_ranks``: on all), or
@@ -369,8 +416,9 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     """
     if across_ranks is not None and not isinstance(across_ranks, bool):
         raise TypeError(f"across_ranks must be None, True or False, got {across_ranks!r}")
+    scored, prefix, ddp = _outside_ddp(model)
     if across_ranks is None:
-        across_ranks = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        across_ranks = ddp is not None
         if not across_ranks and _replicated_on_ranks(model):
             world = torch.distributed.get_world_size()
             user_warning.warn(f"Fisher scores on one of {world} ranks: each scores its own batches, and masks "
@@ -384,7 +432,6 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
         raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
     loss_fn = loss_fn or _hf_loss
     device = next(model.parameters()).device
-    scored, prefix = _outside_ddp(model, estimator)
     accumulator = FisherAccumulator(scored, include=_Prefixed(include, prefix) if prefix else include,
                                     estimator=estimator, clip_norm=clip_norm, free_grads=True, backend=backend)
     batches = dataloader if max_batches is None else islice(dataloader, max_batches)
@@ -396,14 +443,16 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     with accumulator:
         for batch in tqdm(batches, total=total, desc="fisher", unit="batch", disable=not progress):
             batch = _to_device(batch, device)
-            if estimator == "batch":
-                loss_fn(scored, batch).backward()
-            else:
+            if estimator == "sample":
                 accumulator.accumulate_samples(loss_fn, batch)
+            elif ddp is not None:
+                accumulator.accumulate_loss(loss_fn(scored, batch))
+            else:
+                loss_fn(scored, batch).backward()
             scored.zero_grad(set_to_none=True)
             n_batches += 1
     if across_ranks:
-        group = getattr(model, "process_group", None)  # a DDP model's group, else the world
+        group = None if ddp is None else ddp.process_group  # else the world
         accumulator.sum_over_ranks(group)
         ran = torch.tensor([n_batches], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(ran, group=group)
@@ -418,31 +467,23 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     return {prefix + name: score for name, score in scores.items()}
 
 
-def _outside_ddp(model: torch.nn.Module, estimator: str) -> tuple:
-    """The module to run the Fisher pass on, and the prefix its parameter names lack.
+def _outside_ddp(model: torch.nn.Module) -> tuple:
+    """(the module to run the Fisher pass on, the prefix its parameter names lack, the DDP wrapper or None).
 
-    A ``DistributedDataParallel`` model is scored through its ``module``: its reducer would
-    all-reduce every backward, a collective that hangs when the ranks run different numbers of
-    batches, leaves a ``static_graph`` reducer out of step, and syncs buffers inside vmap; the
-    pass needs none of it (each rank scores its own gradients; :meth:`FisherAccumulator.sum_over_ranks`
-    sums them once).  The scores keep the DDP model's names (``module.``).
-
-    Raises:
-        ValueError: ``static_graph=True`` before the first step, with the batch estimator (its
-            backward passes would corrupt the reducer's record of the graph).
+    A ``DistributedDataParallel`` model, compiled or not, is run through its ``module``, and its
+    batches are scored with :meth:`FisherAccumulator.accumulate_loss`: DDP's reducer would
+    all-reduce every backward (a collective that hangs when the ranks run different numbers of
+    batches, or when one rank left a forward without its backward), count the passes into a
+    static graph, and sync buffers inside vmap; the pass needs none of it (each rank scores its
+    own gradients; :meth:`FisherAccumulator.sum_over_ranks` sums them once).  The scores keep the
+    model's names (``module.``, ``_orig_mod.`` for ``torch.compile``).
     """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        # torch's private flag, set by the first step's backward; without it, assume not yet recorded
-        recorded = getattr(model, "_static_graph_delay_allreduce_enqueued", False)
-        if estimator == "batch" and model.static_graph and not recorded:
-            raise ValueError("fisher_scores on a DistributedDataParallel model with static_graph=True before its first "
-                             "training step: torch's reducer records which gradients one step produces from every "
-                             "backward through the parameters until that step, so the Fisher pass would leave it "
-                             "skipping all-reduces and the replicas drifting apart.  Score the model before wrapping "
-                             "it (fisher_mask(model, loader, reserve_p, across_ranks=True)), after the first "
-                             "training step, or with estimator='sample'")
-        return model.module, "module."
-    return model, ""
+    inner, prefix = model, ""
+    while isinstance(getattr(inner, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+        inner, prefix = inner._orig_mod, prefix + "_orig_mod."
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.module, prefix + "module.", inner
+    return model, "", None
 
 
 class _Prefixed:

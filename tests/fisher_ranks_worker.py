@@ -5,9 +5,10 @@ batches, a different number on each rank, through a DistributedDataParallel mode
 across_ranks defaults on there) and selects a mask; rank 0 checks the scores against one process
 scoring every rank's batches and that every rank selected the same mask, that an unwrapped model
 with across_ranks=True scores alike, and that one scored per rank warns.  It also checks that the
-sample estimator runs through DDP on a model with a buffer, that training through the wrapper
-after a Fisher pass keeps the replicas equal (static_graph included), and that a static graph
-before its first step is refused; it prints what it found.
+sample estimator runs through DDP on a model with a buffer, that a compiled DDP model scores
+alike, and that training through the wrapper after a Fisher pass keeps the replicas equal, for a
+static graph scored before its first step and after a forward one rank left without backward
+too; it prints what it found.
 """
 from __future__ import annotations
 
@@ -54,19 +55,19 @@ def _replicas_equal_after_training(ddp: torch.nn.parallel.DistributedDataParalle
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _static_graph_checks(rank: int, options: dict) -> tuple:
-    """A static-graph DDP model: refused before its first step (batch estimator), scored after it
-    and by the sample estimator, its replicas equal after training on."""
-    fresh = torch.nn.parallel.DistributedDataParallel(_model(), static_graph=True)
-    try:
-        fisher_scores(fresh, _batches(rank), **options)
-        refused = False
-    except ValueError as error:
-        refused = "static_graph=True before its first training step" in str(error)
-    fisher_scores(fresh, _batches(rank), estimator="sample", **options)
-    sample_ok = _replicas_equal_after_training(fresh, rank)  # its first steps, after a sample pass
-    fisher_scores(fresh, _batches(rank), **options)  # the graph is recorded now
-    return refused, sample_ok and _replicas_equal_after_training(fresh, rank)
+def _reducer_left_alone(rank: int, options: dict) -> tuple:
+    """Models whose reducer a Fisher pass through the wrapper must not touch: a static graph scored
+    before its first step (the reducer records that step's gradients from every backward), and a
+    model through which rank 0 alone ran a forward without its backward (a logged loss: the
+    reducer waits for that backward's hooks).  Both train on with equal replicas afterwards."""
+    static = torch.nn.parallel.DistributedDataParallel(_model(), static_graph=True)
+    fisher_scores(static, _batches(rank), **options)
+    fisher_scores(static, _batches(rank), estimator="sample", **options)
+    dangling = torch.nn.parallel.DistributedDataParallel(_model())
+    if rank == 0:
+        _loss(dangling, _batches(rank)[0])
+    fisher_scores(dangling, _batches(rank), **options)
+    return _replicas_equal_after_training(static, rank), _replicas_equal_after_training(dangling, rank)
 
 
 def main() -> None:
@@ -97,7 +98,10 @@ def _check(rank: int, world: int) -> None:
                             estimator="sample", **options)
     sampled_alike = fisher_scores(_model(), _batches(rank), estimator="sample", across_ranks=True, **options)
     same_sampled = all(torch.equal(sampled_alike[n], sampled[f"module.{n}"]) for n in sampled_alike)
-    static_refused, static_in_step = _static_graph_checks(rank, options)
+    static_in_step, dangling_in_step = _reducer_left_alone(rank, options)
+    compiled = fisher_scores(torch.compile(torch.nn.parallel.DistributedDataParallel(_model()), backend="eager"),
+                             _batches(rank), **options)
+    same_compiled = all(torch.equal(compiled[f"_orig_mod.{n}"], s) for n, s in scores.items())
     flat = torch.cat([masks[n].reshape(-1) for n in sorted(masks)]).to(torch.uint8)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
@@ -112,8 +116,9 @@ def _check(rank: int, world: int) -> None:
         print(f"an unwrapped model scored per rank warns: {warned}")
         print(f"replicas equal after training through the wrapper: {in_step}")
         print(f"the sample estimator through DDP, with a buffer, scores alike: {same_sampled}")
-        print(f"static_graph before its first step refused: {static_refused}")
-        print(f"static_graph replicas equal after sample and recorded-graph passes: {static_in_step}")
+        print(f"static_graph scored before its first step, replicas equal after training: {static_in_step}")
+        print(f"a forward left without backward on one rank, replicas equal after training: {dangling_in_step}")
+        print(f"a compiled DDP model sums over the ranks and scores alike: {same_compiled}")
 
 
 if __name__ == "__main__":

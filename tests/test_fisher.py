@@ -279,6 +279,48 @@ def test_float64_gradients_are_accumulated_by_the_reference_on_a_kernel_backend(
         assert torch.equal(scores["native"][key], value)
 
 
+def test_float64_gradients_are_clipped_by_their_own_norm():
+    """clip_norm on a float64 model (the norm was taken with dtype=float32, which torch refuses for
+    float64): scores equal a float64 loop of clipped squares, to fp32 rounding of the stored scores."""
+    torch.manual_seed(0)
+    model = _Net().double()
+    batches = [(x.double(), y) for x, y in _batches(n=3)]
+    expected = _plain_fisher(model, batches, _loss, clip=0.5)
+    scores = fisher_scores(model, batches, loss_fn=_loss, clip_norm=0.5, progress=False)
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n].float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_accumulate_loss_scores_what_backward_scores_without_touching_grad(clip):
+    """Gradients taken with torch.autograd.grad (the path that keeps DDP's reducer out) score the
+    same bits as the backward hooks, and no .grad is written."""
+    model, batches = _Net(), _batches(n=3)
+    with FisherAccumulator(model, include="layer", clip_norm=clip, free_grads=True) as hooked:
+        for batch in batches:
+            _loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)  # the head's, which the hooks did not score or free
+    taken = FisherAccumulator(model, include="layer", clip_norm=clip)
+    for batch in batches:
+        taken.accumulate_loss(_loss(model, batch))
+    assert all(p.grad is None for p in model.parameters())
+    assert taken.num_seen == hooked.num_seen == 3
+    for n, score in hooked.scores().items():
+        assert torch.equal(taken.scores()[n], score), n
+
+
+def test_accumulate_loss_refuses_what_it_cannot_take_apart():
+    from torch.utils.checkpoint import checkpoint
+
+    model, (x, y) = _Net(), _batches(n=1)[0]
+    hidden = checkpoint(lambda t: torch.tanh(model.layer1(t)), x.requires_grad_(), use_reentrant=True)
+    loss = torch.nn.functional.cross_entropy(model.head(torch.tanh(model.layer2(hidden))), y)
+    with pytest.raises(RuntimeError, match="reentrant activation checkpointing.*use_reentrant=False"):
+        FisherAccumulator(model, include="layer").accumulate_loss(loss)
+    with pytest.raises(RuntimeError, match="accumulate_loss needs estimator='batch'"):
+        FisherAccumulator(model, estimator="sample").accumulate_loss(_loss(model, (x, y)))
+
+
 # --- one divisor for every tensor: the number of batches ----------------------------------------
 
 class _Routed(torch.nn.Module):
@@ -399,8 +441,9 @@ def test_ddp_ranks_sum_their_scores_and_select_one_mask():
     """Each rank scores its own batches (3 and 4 of them): summed over the ranks, the scores are one
     process's over all of them (up to fp32 summation order, 1e-6 relative) and every rank selects
     the same mask.  The pass leaves DDP's reducer alone: training through the wrapper afterwards
-    keeps the replicas equal, the sample estimator runs on a model with a buffer, and a static
-    graph not yet recorded is refused rather than corrupted."""
+    keeps the replicas equal (a static graph scored before its first step, a forward left without
+    backward on one rank), the sample estimator runs on a model with a buffer, and a compiled DDP
+    model is recognised."""
     out = torchrun(2, str(Path(__file__).with_name("fisher_ranks_worker.py")))
     worst = float(re.search(r"max relative difference (\S+)", out).group(1))
     assert worst <= 1e-6, out
@@ -409,8 +452,9 @@ def test_ddp_ranks_sum_their_scores_and_select_one_mask():
     assert "an unwrapped model scored per rank warns: True" in out
     assert "replicas equal after training through the wrapper: True" in out
     assert "the sample estimator through DDP, with a buffer, scores alike: True" in out
-    assert "static_graph before its first step refused: True" in out
-    assert "static_graph replicas equal after sample and recorded-graph passes: True" in out
+    assert "static_graph scored before its first step, replicas equal after training: True" in out
+    assert "a forward left without backward on one rank, replicas equal after training: True" in out
+    assert "a compiled DDP model sums over the ranks and scores alike: True" in out
 
 
 def test_across_ranks_needs_a_process_group():
