@@ -177,7 +177,8 @@ class FisherAccumulator:
         if param.grad is None:
             raise RuntimeError(f"the gradient of {name!r} was freed by an earlier hook (e.g. MaskedAdamW with "
                                "compact_grads=True) before the Fisher hook could read it: compute the Fisher "
-                               "scores before building a compact-gradient optimizer")
+                               "scores before building a compact-gradient optimizer, or call its "
+                               "release_gradients()")
         if self._sharded:
             # FSDP2's sharded parameters are outside the autograd graph, so no multi-grad hook
             # sees a pass start; their hooks run inside the backward's graph task, whose id tells

@@ -11,6 +11,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from childopt import user_warning
 
@@ -65,6 +66,10 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     Refuses a sparse gradient, or a dense ``.grad`` beside a compact one (``describe(param)``
     names the parameter in the message).
     """
+    if compact is not None and param in compact.taken:
+        raise RuntimeError(f"the gradients of {describe(param)} go to a newer optimizer built with "
+                           "compact_grads=True on the same parameter, which took its gradient hook from this "
+                           "one: step that optimizer (this one would find no gradient and skip it)")
     buffer = compact.buffers.get(param) if compact is not None else None
     if buffer is not None and param.grad is not None:
         raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
@@ -77,6 +82,11 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     return buffer if buffer is not None else param.grad
 
 
+# parameter -> weak reference to the CompactGradients whose hook takes its gradients.  Keyed by
+# identity, weakly (torch.utils.weak: a WeakKeyDictionary would compare tensors with ==).
+_OWNERS = WeakIdKeyDictionary()
+
+
 class CompactGradients:
     """Keeps only ``grad[indices]`` of the registered parameters, freeing each dense gradient.
 
@@ -86,11 +96,17 @@ class CompactGradients:
     hook holds this object weakly and this object holds ``indices_of`` (the optimizer's bound
     method) weakly: parameters do not keep an optimizer alive, and a dropped optimizer is freed
     at once, without waiting for the cycle collector.
+
+    One live owner per parameter: registering a parameter another live instance hooks takes the
+    hook from it (a rebuilt optimizer while the old one is still referenced, e.g. by a Trainer);
+    the old one then refuses to step that parameter instead of finding no gradient and skipping
+    it, and never takes the new optimizer's gradients.
     """
 
     def __init__(self, indices_of: Callable[[torch.Tensor], torch.Tensor]):
         self._indices_of = weakref.WeakMethod(indices_of)
         self.buffers: dict = {}
+        self.taken: set = set()  # parameters whose hook a newer instance took
         self._handles: dict = {}
         self._stepped = False  # buffers were consumed by a step and not zeroed since
         self._warned = False
@@ -98,13 +114,27 @@ class CompactGradients:
     def register(self, param: torch.Tensor) -> None:
         """Hook ``param`` (a frozen parameter never gets a gradient: nothing to hook)."""
         if param.requires_grad and param not in self._handles:
+            owner = _OWNERS.get(param)
+            previous = owner() if owner is not None else None
+            if previous is not None and previous is not self:
+                previous.unregister(param)
+                previous.taken.add(param)
+            self.taken.discard(param)
             self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
+            _OWNERS[param] = weakref.ref(self)
 
     def unregister(self, param: torch.Tensor) -> None:
         handle = self._handles.pop(param, None)
         if handle is not None:
             handle.remove()
+            owner = _OWNERS.get(param)
+            if owner is not None and owner() is self:
+                del _OWNERS[param]
         self.buffers.pop(param, None)
+
+    def unregister_all(self) -> None:
+        for param in self.registered():
+            self.unregister(param)
 
     def registered(self) -> list:
         return list(self._handles)

@@ -321,6 +321,25 @@ class MaskedAdamW(Optimizer):
         """The compact gradients (``grad[indices]``) kept since the last ``zero_grad``, by parameter."""
         return dict(self._compact.buffers) if self._compact is not None else {}
 
+    def release_gradients(self) -> None:
+        """Stop taking compact gradients: remove the gradient hooks, so that backward leaves a dense
+        ``.grad`` on the parameters again, for another optimizer on the same model.
+
+        The hooks live as long as this optimizer, and a Trainer, an LR scheduler or a wrapper may
+        keep it alive: until then another optimizer finds ``.grad`` None and skips the parameter.
+        This optimizer then steps from ``.grad``, as with ``compact_grads=False``.
+
+        Raises:
+            RuntimeError: compact gradients are waiting for a step (call it after ``zero_grad``).
+        """
+        if self._compact is not None:
+            if self._compact.buffers:
+                raise RuntimeError("release_gradients() would drop the compact gradients of "
+                                   f"{len(self._compact.buffers)} parameters not yet stepped: call it after step() "
+                                   "and zero_grad()")
+            self._compact.unregister_all()
+        self._compact, self.compact_grads, self._step_supports_amp_scaling = None, False, False
+
     def sparse_indices(self) -> dict:
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed).
 

@@ -262,6 +262,63 @@ def test_a_delta_of_a_partly_masked_model_names_the_dense_tensors_or_stores_them
         assert torch.equal(a, b), name
     assert {n for n, _ in dense} <= set(delta.entries)
 
+def _compact_optimizer(net: torch.nn.Module) -> MaskedAdamW:
+    masks = masks_for(list(net.parameters())[:2], density=0.25)  # layer a only
+    return MaskedAdamW(net.parameters(), lr=1e-2, mask=masks, storage="sparse", compact_grads=True, seed=0)
+
+
+def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    net(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_a_rebuilt_compact_optimizer_takes_the_gradients_from_one_still_alive():
+    """Rebuilt and loaded while the old one is still referenced (a Trainer holds it): the new one
+    steps as a rebuilt optimizer on a model the old never hooked, and the old refuses to step."""
+    net, ref = _Net(), _Net()
+    x, y = _batches(2)
+    old, ref_old = _compact_optimizer(net), _compact_optimizer(ref)
+    _step(net, old, x)
+    _step(ref, ref_old, x)
+    saved = old.state_dict()
+    new, ref_new = _compact_optimizer(net), _compact_optimizer(ref)
+    new.load_state_dict(saved)
+    ref_new.load_state_dict(ref_old.state_dict())
+    del ref_old  # the oracle's old optimizer is gone, so nothing could interfere
+    _step(net, new, y)
+    _step(ref, ref_new, y)
+    assert_all_equal(list(net.parameters()), list(ref.parameters()))
+    net(x).sum().backward()
+    with pytest.raises(RuntimeError, match="gradients of .* go to a newer optimizer built with compact_grads=True"):
+        old.step()
+
+
+def test_released_gradients_reach_another_optimizer_and_the_step_reads_dense_grads():
+    """After release_gradients, torch's AdamW on the same model steps every parameter (the hooks took
+    the masked layer's gradients before), and the released optimizer steps from .grad exactly as one
+    built with compact_grads=False."""
+    net, ref = _Net(), _Net()
+    x, y = _batches(2)
+    opt = _compact_optimizer(net)
+    net(x).sum().backward()
+    with pytest.raises(RuntimeError, match="would drop the compact gradients of 2 parameters not yet stepped"):
+        opt.release_gradients()
+    opt.step()
+    opt.zero_grad()
+    opt.release_gradients()
+    ref_opt = MaskedAdamW(ref.parameters(), lr=1e-2, mask=masks_for(list(ref.parameters())[:2], density=0.25),
+                          storage="sparse", seed=0)
+    _step(ref, ref_opt, x)
+    _step(net, opt, y)
+    _step(ref, ref_opt, y)
+    assert_all_equal(list(net.parameters()), list(ref.parameters()))
+    torch_adamw, ref_adamw = torch.optim.AdamW(net.parameters()), torch.optim.AdamW(ref.parameters())
+    _step(net, torch_adamw, x)
+    _step(ref, ref_adamw, x)
+    assert_all_equal(list(net.parameters()), list(ref.parameters()))
+
+
 def test_compact_gradients_left_from_a_step_warn_when_added_to():
     net = _Net()
     opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2]), storage="sparse",
