@@ -24,10 +24,14 @@ def extras(optimizer) -> dict:
     """The ``"childopt"`` entry of ``optimizer.state_dict()``.
 
     ``seed_drawn``: the seed came from ``seed=None``, so ranks that load different ones still
-    agree on rank 0's (childopt.optim.sharding.agree_seed).
+    agree on rank 0's (childopt.optim.sharding.agree_seed).  ``importance_steps``: the steps the
+    importance sampler counted, its refresh schedule (None before its first step: then read from
+    the parameters' step counts at the next step, as for state dicts saved before it existed).
     """
+    sampler = optimizer._importance
     return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
-            "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn}
+            "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn,
+            "importance_steps": sampler.steps if sampler is not None else None}
 
 
 def _steps_total(state: Mapping) -> float:

@@ -6,8 +6,11 @@ each sampled parameter, ``state["importance"]``: the uint8 level codes of its ke
 with ``sampling="exact"``, a bool mask of exactly ``reserve_p`` of each scope drawn without
 replacement (Gumbel top-k, childopt.masks.sample_mask), stepped as a fixed mask until the next
 refresh.  The state entry is saved with the optimizer, and the refresh schedule and keys follow
-the step count (after a load: the largest saved step of the sampled parameters), so a resumed
-run draws what the uninterrupted one would have.
+the sampler's step count (saved in the state dict's ``"childopt"`` entry; for one saved before
+it, the largest saved step of the sampled parameters), so a resumed run draws what the
+uninterrupted one would have.  A loaded draw of the other ``sampling`` (an exact mask where level
+codes are expected, or the reverse) is redrawn at the next step; other configuration changes
+take effect at the next refresh.
 """
 from __future__ import annotations
 
@@ -149,21 +152,27 @@ class ImportanceSampler:
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
-        self._steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
+        self.steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member
-        has no draw.  ``kernels``: the parameters' backend (its ``score_logs``, ``kept_sums``,
+        has no draw of this sampling.  ``kernels``: the parameters' backend (its ``score_logs``, ``kept_sums``,
         ``probabilities`` and ``level_codes``, childopt.backends.base.Backend); ``rescaled()``: the
         parameters whose groups scale kept gradients by ``1 / p``, asked for only when a refresh runs
         (not on every step)."""
-        if self._steps is None:
-            self._steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
-                              default=0)
-        if self._steps % self.config.refresh_every == 0 or any("importance" not in states.get(m.param, {})
-                                                                 for m in self.members):
-            self.refresh(states, seed, rng_bases, kernels, self._steps, rescaled())
-        self._steps += 1
+        if self.steps is None:
+            self.steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
+                             default=0)
+        if self.steps % self.config.refresh_every == 0 or any(self._needs_draw(states.get(m.param, {}))
+                                                                for m in self.members):
+            self.refresh(states, seed, rng_bases, kernels, self.steps, rescaled())
+        self.steps += 1
+
+    def _needs_draw(self, state: dict) -> bool:
+        """No draw yet, or one of the other sampling (a loaded state): a fixed bool mask for
+        ``"exact"``, uint8 level codes for ``"poisson"``."""
+        draw = state.get("importance")
+        return draw is None or draw.dtype != (torch.bool if self.config.sampling == "exact" else torch.uint8)
 
     def refresh(self, states: dict, seed: int, rng_bases: dict, kernels, refresh: int,
                 rescaled: set) -> None:

@@ -372,9 +372,11 @@ class MaskedAdamW(Optimizer):
         A childopt state dict also restores the mask kind and seed (the Bernoulli stream
         continues where it was saved); a foreign one keeps this optimizer's masks.
         """
-        checkpoint.load(self, checkpoint.lift_extras(state_dict), super().load_state_dict)
-        if self._importance is not None:  # its step count is read from the loaded state at the next step
+        state_dict = checkpoint.lift_extras(state_dict)
+        checkpoint.load(self, state_dict, super().load_state_dict)
+        if self._importance_config is not None:  # its saved step count (None: read from the state at the next step)
             self._importance = self._make_sampler(self._importance_config)
+            self._importance.steps = (state_dict.get("childopt") or {}).get("importance_steps")
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and groups; add what defines the mask stream."""

@@ -35,6 +35,9 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
     if not isinstance(saved.get("seed_drawn", False), bool):
         raise TypeError(f"state_dict['childopt']['seed_drawn'] must be a bool, got {saved['seed_drawn']!r}")
+    steps = saved.get("importance_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise TypeError(f"state_dict['childopt']['importance_steps'] must be None or an int >= 0, got {steps!r}")
     saved_storage = saved.get("storage", "dense")
     if saved_storage != storage:
         raise ValueError(f"this state_dict was saved with storage={saved_storage!r}; construct the "

@@ -166,11 +166,16 @@ def test_running_scores_floor_at_a_tenth_of_reserve_p_by_default():
     assert float(levels.mean()) == pytest.approx(RESERVE_P, rel=0.05)
 
 
-def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane):
+@pytest.mark.parametrize("empty_step", [False, True], ids=["", "after-a-step-without-gradients"])
+def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane, empty_step):
+    """The refresh schedule resumes where it was, also when a step() without gradients (a skipped
+    batch) made the sampler's count differ from the parameters' step counts."""
     params = make_params(SHAPES)
     resumed = clone_params(params)
     config = Importance(refresh_every=3)
     opt = MaskedAdamW(params, lr=1e-2, reserve_p=RESERVE_P, seed=8, backend=lane, mask=config)
+    if empty_step:
+        opt.step()
     train(opt, params, 4)
     saved = copy.deepcopy(opt.state_dict())  # torch's state dict holds the live tensors
     for p, q in zip(params, resumed):
@@ -182,6 +187,29 @@ def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane):
     for a, b in zip(snapshot(opt, params, ("exp_avg", "exp_avg_sq", "importance")),
                     snapshot(again, resumed, ("exp_avg", "exp_avg_sq", "importance")), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("saved,loaded", [("exact", "poisson"), ("poisson", "exact")])
+def test_a_draw_of_the_other_sampling_is_redrawn_at_the_next_step(saved, loaded):
+    """Loaded into another sampling, the saved draw (a fixed mask, or level codes) is not stepped
+    as the other kind: the next step draws anew, here between two refreshes."""
+    params = make_params(SHAPES)
+    named = [(f"layer.{i}.weight", p) for i, p in enumerate(params)]
+
+    def build(sampling):
+        return MaskedAdamW(named, lr=1e-3, reserve_p=RESERVE_P, masked="freeze", seed=2, backend="reference",
+                           mask=Importance(scores=graded_scores(params), sampling=sampling, scope="tensor",
+                                           refresh_every=100))
+
+    opt = build(saved)
+    train(opt, params, 2)
+    other = build(loaded)
+    other.load_state_dict(opt.state_dict())
+    kept = observe_keeps(other, params, 1)[0]
+    drawn = torch.bool if loaded == "exact" else torch.uint8
+    assert all(other.state[p]["importance"].dtype == drawn for p in params)
+    if loaded == "exact":
+        assert [int(k.sum()) for k in kept] == [masks.apportion(RESERVE_P, [p.numel()])[0] for p in params]
 
 
 def test_a_state_dict_of_importance_needs_an_importance_optimizer():

@@ -87,6 +87,8 @@ CORRUPTIONS = [
      "saved state for param_groups\\[0\\]\\['params'\\]\\[1\\] \\(shape \\(9,\\)\\) must be a dict"),
     ("dense", _extras("mask_kind", "none"), ValueError, "mask_kind is 'none', but its state for .* holds a mask"),
     ("dense", _extras("seed", -1), ValueError, "state_dict\\['childopt'\\]\\['seed'\\]: seed must be an int"),
+    ("dense", _extras("importance_steps", -2), TypeError,
+     "state_dict\\['childopt'\\]\\['importance_steps'\\] must be None or an int >= 0, got -2"),
     ("dense", lambda sd: sd["param_groups"][0].__setitem__("lr", math.inf), ValueError,
      "lr \\(loaded param group 0\\) must be in \\[0.0, inf\\), got inf"),
     ("dense", lambda sd: sd["param_groups"][0]["params"].pop(), ValueError, "loaded param group 0 has 1 parameters"),
