@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from childopt import philox, sparse
+from childopt import philox, sparse, user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import params, sharding, sparse_shards
 from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
@@ -188,6 +188,7 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
         raise ValueError("this state_dict was saved with mask='importance'; construct the optimizer with the same "
                          "mask (its Importance configuration is not saved) to load it")
     kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
+    built = optimizer._mask_kind
     torch_load(state_dict)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}
@@ -206,3 +207,32 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
         optimizer.seed = philox.check_seed(saved_extras["seed"])
         optimizer._seed_drawn = bool(saved_extras.get("seed_drawn", False))
         optimizer._seed_agreed = not optimizer.sync_seed  # ranks must hold the same seed again
+        _warn_replaced_mask(optimizer, built, kept)
+
+
+def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
+    """Warn when the loaded state replaced the mask the optimizer was built with (the saved one wins).
+
+    An optimizer built without a mask takes the saved one silently: that is how to resume a mask
+    that is expensive to make (a Fisher pass).  ``kept``: its masks or indices before the load.
+    """
+    if built == MaskKind.NONE:
+        return
+    loaded = optimizer._mask_kind
+    if loaded != built:
+        user_warning.warn(f"load_state_dict: this optimizer was built with a {built.label!r} mask and the state_dict "
+                          f"holds a {loaded.label!r} one, which it now uses (and the saved param groups' reserve_p); "
+                          "build it with the saved mask, or with mask=None to take it without this warning")
+        return
+    changed = [p for p, before in kept.items() for key, value in before.items()
+               if not _same_tensor(value, optimizer.state[p].get(key))]
+    if changed:
+        first = optimizer.describe(changed[0])
+        user_warning.warn(f"load_state_dict: the saved masks of {len(changed)} parameters ({first}"
+                          f"{', ...' if len(changed) > 1 else ''}) differ from those this optimizer was built with, "
+                          "and replace them; build it with mask=None to take the saved masks without this warning")
+
+
+def _same_tensor(a: torch.Tensor, b) -> bool:
+    a, b = sharding.local(a), sharding.local(b) if isinstance(b, torch.Tensor) else b
+    return isinstance(b, torch.Tensor) and a.shape == b.shape and a.device == b.device and torch.equal(a, b)

@@ -370,7 +370,9 @@ class MaskedAdamW(Optimizer):
         """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.
 
         A childopt state dict also restores the mask kind and seed (the Bernoulli stream
-        continues where it was saved); a foreign one keeps this optimizer's masks.
+        continues where it was saved); a foreign one keeps this optimizer's masks.  A saved mask
+        replaces the one this optimizer was built with, with a warning when they differ, and
+        silently into one built with ``mask=None`` (resuming a mask without making it again).
         """
         state_dict = checkpoint.lift_extras(state_dict)
         checkpoint.load(self, state_dict, super().load_state_dict)

@@ -198,3 +198,29 @@ def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
     loaded = MaskedAdamW(make_params(SHAPES), seed=5, backend="reference")
     loaded.load_state_dict(opt.state_dict())
     assert loaded._seed_drawn and loaded.seed == opt.seed
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_a_loaded_mask_that_replaces_the_built_one_warns_and_none_takes_it_silently(storage, recwarn):
+    """The saved mask wins: over another kind, or other masks of the same kind, with a warning at
+    the user's line; an optimizer built with mask=None takes it without one (the resume path)."""
+    source, _ = _trained(storage)
+    saved = source.state_dict()
+    params = make_params(SHAPES)
+    if storage == "dense":
+        drawn = MaskedAdamW(params, reserve_p=0.5, mask="bernoulli", seed=3)
+        with pytest.warns(UserWarning, match="built with a 'bernoulli' mask and the state_dict holds a 'dense' one"):
+            drawn.load_state_dict(saved)
+        assert drawn.mask_kind == "dense"
+    other = MaskedAdamW(params, mask=masks_for(params[:1], seed=9), storage=storage, seed=3)
+    with pytest.warns(UserWarning, match="saved masks of 1 parameters .* differ from those") as caught:
+        other.load_state_dict(saved)
+    assert caught[0].filename == __file__
+    same = MaskedAdamW(params, mask=masks_for(params[:1]), storage=storage, seed=3)
+    unmasked = MaskedAdamW(params, storage=storage, seed=3)
+    recwarn.clear()
+    same.load_state_dict(saved)
+    unmasked.load_state_dict(saved)
+    assert not [w for w in recwarn if "load_state_dict" in str(w.message)]
+    key = "mask" if storage == "dense" else "indices"
+    assert torch.equal(unmasked.state[params[0]][key], source.state[source.param_groups[0]["params"][0]][key])
