@@ -27,17 +27,30 @@ callback calls ``optimizer.zero_grad()`` after every step.  Without compact grad
 Trainer's own clipping runs: the norm of the full gradients, as ChildTuning does.  Compact
 gradients are refused with fp16 (the GradScaler unscales and checks only ``.grad``) and on
 several processes (the hook frees gradients before the all-reduce reads them).
+
+Resuming (``train(resume_from_checkpoint=...)``): the Trainer builds the optimizer before it loads
+the checkpoint's optimizer state.  When that state is a ChildTuning-D MaskedAdamW's, its mask is
+restored by the load, so ChildTuningTrainer skips the Fisher pass, which would only score the
+trained weights for a mask the load replaces (and, in train mode, move BatchNorm statistics, so
+the resumed run would no longer end where the uninterrupted one does).  Without optimizer state
+(``save_only_model=True``) the Fisher pass runs as on a fresh start.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Optional
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_sagemaker_mp_enabled
 
 from childopt.fisher import fisher_mask
 from childopt.optim import MaskedAdamW
+from childopt.optim.checkpoint import lift_extras
 
 MODES = ("ChildTuning-D", "ChildTuning-F")
 
@@ -83,12 +96,16 @@ def child_tuning_optimizer(model, args: TrainingArguments, *, mode: str, reserve
 def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: float, train_dataloader=None,
                      max_batches: Optional[int] = None, storage: str = "dense", compact_grads: bool = False,
                      seed: Optional[int] = None, decay_parameters: Optional[Iterable[str]] = None,
-                     **fisher_kwargs) -> MaskedAdamW:
-    """:func:`child_tuning_optimizer` with compact gradients allowed (ChildTuningTrainer handles them)."""
+                     mask_from_state: bool = False, **fisher_kwargs) -> MaskedAdamW:
+    """:func:`child_tuning_optimizer` with compact gradients allowed (ChildTuningTrainer handles them).
+
+    ``mask_from_state=True`` (ChildTuning-D): no Fisher pass; the fixed mask starts as an empty dict
+    (``mask=None`` would warn that ``reserve_p`` has no effect) and the state dict loaded next restores it.
+    """
     _check(mode, reserve_p)
     if mode == "ChildTuning-F" and fisher_kwargs:
         raise TypeError(f"unexpected keyword arguments {sorted(fisher_kwargs)} (Fisher options apply to ChildTuning-D)")
-    if mode == "ChildTuning-D" and train_dataloader is None:
+    if mode == "ChildTuning-D" and train_dataloader is None and not mask_from_state:
         raise ValueError("mode='ChildTuning-D' needs train_dataloader= to compute the Fisher mask")
     if compact_grads and args.fp16:
         raise ValueError("compact_grads=True does not work with fp16: the GradScaler unscales and checks only "
@@ -106,6 +123,8 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
               {"params": [(n, p) for n, p in named if n not in decay_parameters], "weight_decay": 0.0}]
     if mode == "ChildTuning-F":
         mask = "bernoulli"
+    elif mask_from_state:
+        mask = {}
     else:
         was_training = model.training
         model.train()  # dropout on, as ChildTuning's Fisher pass (from_pretrained returns eval mode)
@@ -120,6 +139,45 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                        weight_decay=args.weight_decay, mask=mask, reserve_p=reserve_p, seed=seed,
                        storage=storage, compact_grads=compact_grads)
+
+
+def _saved_child_network(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` holds a ChildTuning-D MaskedAdamW state that the Trainer will load.
+
+    The Trainer loads ``optimizer.pt`` only next to ``scheduler.pt``.  The file is memory-mapped,
+    so only its small ``"childopt"`` entry is read; one that cannot be read answers no (the
+    Fisher pass runs, and the Trainer's own load then reports the file).
+    """
+    path = os.path.join(checkpoint, OPTIMIZER_NAME)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))):
+        return False
+    try:
+        saved = lift_extras(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - any unreadable file takes the path that reports it
+        return False
+    extras = saved.get("childopt") if isinstance(saved, Mapping) else None
+    return isinstance(extras, Mapping) and extras.get("mask_kind") == "dense"
+
+
+class _CheckLoadedMask(TrainerCallback):
+    """Refuses to train an optimizer built for a checkpoint's mask that the checkpoint did not give.
+
+    ``awaiting``: the checkpoint whose optimizer state should have restored the mask, set by
+    :meth:`ChildTuningTrainer.create_optimizer`; checked once the Trainer has loaded it.
+    """
+
+    def __init__(self):
+        self.awaiting: Optional[str] = None
+
+    def on_train_begin(self, args, state, control, *, optimizer, **kwargs):
+        if self.awaiting is None:
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        if optimizer.mask_kind != "dense" or not any("mask" in s or "indices" in s for s in optimizer.state.values()):
+            raise RuntimeError(f"ChildTuning-D skipped its Fisher pass to take the mask from the optimizer state in "
+                               f"{self.awaiting!r}, but the Trainer's load left the optimizer without one (mask kind "
+                               f"{optimizer.mask_kind!r}); it is dropped, and train() builds it anew")
+        self.awaiting = None
 
 
 class _ZeroGradAfterStep(TrainerCallback):
@@ -139,7 +197,8 @@ class ChildTuningTrainer(Trainer):
     progress bar follows ``args.disable_tqdm``).  Weight-decay groups follow
     :meth:`get_decay_parameter_names`, overrides included.  With ``compact_grads=True`` gradients
     are clipped by :meth:`MaskedAdamW.clip_grad_norm_` and the compact buffers cleared after every
-    step (module docstring).  The Fisher pass runs inside ``train()``, before the first step.
+    step (module docstring).  The Fisher pass runs inside ``train()``, before the first step, except
+    when ``train()`` resumes from a checkpoint whose optimizer state holds the mask (module docstring).
     """
 
     def __init__(self, *args, child_tuning_mode: str, reserve_p: float, storage: str = "dense",
@@ -153,14 +212,55 @@ class ChildTuningTrainer(Trainer):
         self.child_tuning = dict(mode=child_tuning_mode, reserve_p=reserve_p, storage=storage,
                                  compact_grads=compact_grads, **(fisher_kwargs or {}))
         self.max_fisher_batches = max_fisher_batches
+        self._resume_from: Optional[str] = None
+        self._mask_check = _CheckLoadedMask()
         self.add_callback(_ZeroGradAfterStep())
+        self.add_callback(self._mask_check)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, telling :meth:`create_optimizer` which checkpoint it resumes from.
+
+        An optimizer whose mask the checkpoint was to give but did not (the load failed or left
+        none) is dropped, so that no later ``train()`` steps it without a mask.
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True and os.path.isdir(self.args.output_dir):  # as the Trainer resolves it
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_from = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._resume_from = None
+            if self._mask_check.awaiting is not None:
+                self._mask_check.awaiting = self.optimizer = None
+
+    def _resumes_child_network(self) -> Optional[str]:
+        """The checkpoint ``train()`` resumes from when the Trainer will load its ChildTuning-D mask, else None.
+
+        DeepSpeed, FSDP and SageMaker model parallelism load optimizer state their own way: there
+        the Fisher pass runs as before.
+        """
+        if self._resume_from is None or is_sagemaker_mp_enabled() or any(
+                getattr(self, flag, False) for flag in ("is_deepspeed_enabled", "is_fsdp_enabled",
+                                                         "is_fsdp_xla_v1_enabled")):
+            return None
+        return self._resume_from if _saved_child_network(self._resume_from) else None
 
     def create_optimizer(self, model=None):
-        """Build the Child-Tuning MaskedAdamW (Fisher pass first, for ChildTuning-D) unless one was given."""
+        """Build the Child-Tuning MaskedAdamW unless one was given.
+
+        ChildTuning-D runs the Fisher pass first, unless ``train()`` resumes from a checkpoint
+        holding a ChildTuning-D optimizer state: the Trainer loads that next, mask included, so
+        the optimizer starts with an empty mask and the pass is skipped.
+        """
         if self.optimizer is None:
             model = self.model if model is None else model
             options = dict(self.child_tuning)
-            if options["mode"] == "ChildTuning-D":
+            checkpoint = self._resumes_child_network() if options["mode"] == "ChildTuning-D" else None
+            if checkpoint is not None:
+                options["mask_from_state"] = True
+                self._mask_check.awaiting = checkpoint
+            elif options["mode"] == "ChildTuning-D":
                 options.setdefault("loss_fn", self.compute_loss)
                 options.setdefault("progress", not self.args.disable_tqdm)
                 options.update(train_dataloader=self.get_train_dataloader(), max_batches=self.max_fisher_batches)

@@ -5,8 +5,10 @@ TrainingArguments; ChildTuning-D keeps exactly round(reserve_p * n) entries of t
 parameters and leaves the others bit-identical while everything else trains; ChildTuning-F
 trains; the stock ``Trainer(optimizers=(opt, None))`` path; compact gradients through
 ChildTuningTrainer follow the dense run bit for bit (so their buffers are cleared every step) and
-are clipped by the optimizer; and bad input (compact gradients outside ChildTuningTrainer
-included) fails with clear errors.
+are clipped by the optimizer; a resumed ChildTuning-D run takes its mask from the checkpoint's
+optimizer state, without a Fisher pass, and ends bit for bit where the uninterrupted run does
+(a checkpoint without optimizer state runs the pass); and bad input (compact gradients outside
+ChildTuningTrainer included) fails with clear errors.
 """
 import pytest
 import torch
@@ -201,3 +203,111 @@ def test_childtuning_d_sums_the_fisher_scores_over_the_ranks_of_a_distributed_ru
     child_tuning_optimizer(tiny_bert(), training_args(tmp_path), mode="ChildTuning-D", reserve_p=0.3,
                            train_dataloader=DataLoader(RandomPairs(4), batch_size=2))
     assert asked[0]["across_ranks"] is (world_size > 1)
+
+
+class BatchNormClassifier(nn.Module):
+    """Embedding, BatchNorm and a head: running statistics that any extra train-mode forward moves."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embeddings = nn.EmbeddingBag(100, 16)
+        self.layer = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(self.layer(self.embeddings(input_ids)))
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def assert_bitwise_equal(a, b, where="state"):
+    """Nested dicts, lists and tuples of tensors and plain values, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        assert same, f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def count_fisher_passes(monkeypatch) -> list:
+    """Make the integration record each Fisher pass it runs; returns the (growing) record."""
+    import childopt.integrations.transformers as integration
+
+    calls = []
+    fisher_mask = integration.fisher_mask
+    monkeypatch.setattr(integration, "fisher_mask", lambda *a, **k: calls.append(1) or fisher_mask(*a, **k))
+    return calls
+
+
+def checkpointed_trainer(output_dir, model=None, save_only_model=False, **options) -> ChildTuningTrainer:
+    """ChildTuning-D for 4 steps, saving a checkpoint every 2 (with optimizer state unless save_only_model)."""
+    args = training_args(output_dir, max_steps=4, save_strategy="steps", save_steps=2, seed=5,
+                         save_only_model=save_only_model)
+    return ChildTuningTrainer(model=tiny_bert() if model is None else model, args=args,
+                              train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-D", reserve_p=RESERVE_P,
+                              **options)
+
+
+@pytest.mark.parametrize("storage, compact_grads, make_model", [("dense", False, tiny_bert),
+                                                                ("sparse", True, tiny_bert),
+                                                                ("dense", False, BatchNormClassifier)],
+                         ids=["dense", "sparse-compact", "batchnorm"])
+def test_resumed_childtuning_d_takes_its_mask_from_the_checkpoint(tmp_path, monkeypatch, recwarn, storage,
+                                                                  compact_grads, make_model):
+    """The Trainer builds the optimizer before loading the checkpoint: a Fisher pass there would be
+    wasted (the load replaces its mask) and its train-mode forwards would move BatchNorm statistics."""
+    passes = count_fisher_passes(monkeypatch)
+    options = dict(storage=storage, compact_grads=compact_grads)
+    whole = checkpointed_trainer(tmp_path / "whole", make_model(), **options)
+    whole.train()
+    assert len(passes) == 1
+    resumed = checkpointed_trainer(tmp_path / "resumed", make_model(), **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert len(passes) == 1  # no second pass
+    assert not [w for w in recwarn if "has no effect without a mask" in str(w.message)]
+    optimizer = unwrap(resumed.optimizer)
+    assert optimizer.mask_kind == "dense" and optimizer.compact_grads is compact_grads
+    assert_bitwise_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()), "model")
+    assert_bitwise_equal(optimizer.state_dict(), unwrap(whole.optimizer).state_dict(), "optimizer")
+
+
+def test_resume_without_optimizer_state_runs_the_fisher_pass(tmp_path, monkeypatch):
+    """save_only_model=True saves no optimizer state: the mask comes from a Fisher pass again.
+    resume_from_checkpoint=True (the last checkpoint) with optimizer state skips it."""
+    passes = count_fisher_passes(monkeypatch)
+    checkpointed_trainer(tmp_path / "model_only", save_only_model=True).train()
+    resumed = checkpointed_trainer(tmp_path / "model_only", save_only_model=True)
+    resumed.train(resume_from_checkpoint=True)
+    assert len(passes) == 2
+    assert any("mask" in s for s in unwrap(resumed.optimizer).state.values())
+    checkpointed_trainer(tmp_path / "full").train()
+    checkpointed_trainer(tmp_path / "full").train(resume_from_checkpoint=True)
+    assert len(passes) == 3
+
+
+def test_resume_fails_before_any_fisher_pass_or_step_without_the_saved_mask(tmp_path, monkeypatch):
+    """A storage mismatch is reported without a wasted pass; a load that leaves no mask refuses to
+    train, and the maskless optimizer is dropped (the next train() runs the Fisher pass)."""
+    passes = count_fisher_passes(monkeypatch)
+    checkpointed_trainer(tmp_path).train()
+    checkpoint = str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="saved with storage='dense'"):
+        checkpointed_trainer(tmp_path / "sparse", storage="sparse").train(resume_from_checkpoint=checkpoint)
+    assert len(passes) == 1
+
+    monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", lambda self, checkpoint: None)
+    trainer = checkpointed_trainer(tmp_path / "unloaded")
+    with pytest.raises(RuntimeError, match="left the optimizer without one"):
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.optimizer is None and len(passes) == 1
+    trainer.train()
+    states = unwrap(trainer.optimizer).state.values()
+    assert len(passes) == 2 and any("mask" in s for s in states) and all(float(s["step"]) == 4 for s in states)
