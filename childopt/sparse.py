@@ -66,11 +66,13 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     Refuses a sparse gradient, or a dense ``.grad`` beside a compact one (``describe(param)``
     names the parameter in the message).
     """
-    if compact is not None and param in compact.taken:
-        raise RuntimeError(f"the gradients of {describe(param)} go to a newer optimizer built with "
-                           "compact_grads=True on the same parameter, which took its gradient hook from this "
-                           "one: step that optimizer (this one would find no gradient and skip it)")
     buffer = compact.buffers.get(param) if compact is not None else None
+    if buffer is None and param.grad is None and param.requires_grad:  # skipped, unless another optimizer took it
+        owner = _OWNERS.get(param)
+        if owner is not None and owner() not in (None, compact):
+            raise RuntimeError(f"the gradients of {describe(param)} go to another optimizer built with "
+                               "compact_grads=True, which hooks this parameter (the one built or loaded last takes "
+                               "the hook): step that one, or call its release_gradients() to step this one")
     if buffer is not None and param.grad is not None:
         raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
                            "compact_grads=True gradients come from backward (set .grad only without it).  "
@@ -98,15 +100,14 @@ class CompactGradients:
     at once, without waiting for the cycle collector.
 
     One live owner per parameter: registering a parameter another live instance hooks takes the
-    hook from it (a rebuilt optimizer while the old one is still referenced, e.g. by a Trainer);
-    the old one then refuses to step that parameter instead of finding no gradient and skipping
-    it, and never takes the new optimizer's gradients.
+    hook from it (a rebuilt optimizer while the old one is still referenced, e.g. by a Trainer).
+    While it holds the hook, any other MaskedAdamW refuses to step that parameter
+    (:func:`gradient_of`) instead of finding no gradient and skipping it.
     """
 
     def __init__(self, indices_of: Callable[[torch.Tensor], torch.Tensor]):
         self._indices_of = weakref.WeakMethod(indices_of)
         self.buffers: dict = {}
-        self.taken: set = set()  # parameters whose hook a newer instance took
         self._handles: dict = {}
         self._stepped = False  # buffers were consumed by a step and not zeroed since
         self._warned = False
@@ -118,8 +119,6 @@ class CompactGradients:
             previous = owner() if owner is not None else None
             if previous is not None and previous is not self:
                 previous.unregister(param)
-                previous.taken.add(param)
-            self.taken.discard(param)
             self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
             _OWNERS[param] = weakref.ref(self)
 

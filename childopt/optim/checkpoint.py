@@ -189,6 +189,8 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
                          "mask (its Importance configuration is not saved) to load it")
     kept = {p: {k: s[k] for k in ("mask", "indices") if k in s} for p, s in optimizer.state.items()}
     built = optimizer._mask_kind
+    if optimizer._compact is not None:  # torch's load builds a new one (__setstate__): no dead hooks left behind
+        optimizer._compact.unregister_all()
     torch_load(state_dict)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}

@@ -290,8 +290,31 @@ def test_a_rebuilt_compact_optimizer_takes_the_gradients_from_one_still_alive():
     _step(ref, ref_new, y)
     assert_all_equal(list(net.parameters()), list(ref.parameters()))
     net(x).sum().backward()
-    with pytest.raises(RuntimeError, match="gradients of .* go to a newer optimizer built with compact_grads=True"):
+    with pytest.raises(RuntimeError, match="gradients of .* go to another optimizer built with compact_grads=True"):
         old.step()
+    new.zero_grad()
+    released = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2], density=0.25),
+                           storage="sparse", seed=0)  # steps from .grad, which new's hook takes
+    net(x).sum().backward()
+    with pytest.raises(RuntimeError, match="call its release_gradients\\(\\) to step this one"):
+        released.step()
+    new.zero_grad()
+    new.release_gradients()  # the hook is gone: the old optimizer steps from dense .grad again
+    _step(net, old, x)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_loading_leaves_one_gradient_hook_per_parameter():
+    """torch's load_state_dict rebuilds the compact buffers' owner: the old hooks are removed, not
+    left behind doing nothing (torch's private hook dict is read: no public API counts them)."""
+    net = _Net()
+    opt = _compact_optimizer(net)
+    _step(net, opt, _batches(1)[0])
+    for _ in range(3):
+        opt.load_state_dict(opt.state_dict())
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [1, 1, 0, 0]
+    opt.release_gradients()
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [0, 0, 0, 0]
 
 
 def test_released_gradients_reach_another_optimizer_and_the_step_reads_dense_grads():
