@@ -28,10 +28,9 @@ def extras(optimizer) -> dict:
     importance sampler counted, its refresh schedule (None before its first step: then read from
     the parameters' step counts at the next step, as for state dicts saved before it existed).
     """
-    sampler = optimizer._importance
+    steps = optimizer._sampler_steps() if optimizer._importance_config is not None else None
     return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
-            "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn,
-            "importance_steps": sampler.steps if sampler is not None else None}
+            "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn, "importance_steps": steps}
 
 
 def _steps_total(state: Mapping) -> float:

@@ -117,7 +117,8 @@ class _Member:
 class ImportanceSampler:
     """The sampled parameters of one optimizer, their scopes, and the refresh of their draws."""
 
-    def __init__(self, config: Importance, param_groups: list, describe: Callable, resolve_scores: Callable):
+    def __init__(self, config: Importance, param_groups: list, describe: Callable, resolve_scores: Callable,
+                 steps: Optional[int] = None):
         self.config = config
         given = None if isinstance(config.scores, str) else resolve_scores(config.scores, "Importance.scores")
         self.members: list[_Member] = []
@@ -152,7 +153,7 @@ class ImportanceSampler:
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
-        self.steps: Optional[int] = None  # optimizer steps so far; None: read from the state at the next step
+        self.steps = steps  # optimizer steps so far; None: read from the state at the next step
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member

@@ -6,6 +6,8 @@ one backend op per bucket (childopt.backends.contract defines the update).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
@@ -119,7 +121,7 @@ class MaskedAdamW(Optimizer):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
         self._number(group)
         if self._importance_config is not None:  # the sampled parameters and their scopes include the new group
-            self._importance = self._make_sampler(self._importance_config)
+            self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
 
     def _number(self, group: dict) -> None:
         """Give each parameter the next Philox index range; capturable: as a device scalar too.
@@ -181,11 +183,16 @@ class MaskedAdamW(Optimizer):
         """The parameters whose kept gradients are scaled by 1 / p (groups under zero-grad)."""
         return {p for g in self.param_groups if self._masked_mode(g) == "zero_grad" for p in g["params"]}
 
-    def _make_sampler(self, config) -> importance_mask.ImportanceSampler:
+    def _make_sampler(self, config, steps: Optional[int] = None) -> importance_mask.ImportanceSampler:
         def resolve(scores, what):
             return params.resolve_entries(self.param_groups, scores, what, importance_mask.check_scores)
 
-        return importance_mask.ImportanceSampler(config, self.param_groups, self.describe, resolve)
+        return importance_mask.ImportanceSampler(config, self.param_groups, self.describe, resolve, steps)
+
+    def _sampler_steps(self) -> Optional[int]:
+        """The importance sampler's step count (its refresh schedule): the live sampler's, or the one
+        kept for the sampler rebuilt at the next step (after a copy, pickling or a load)."""
+        return self._importance.steps if self._importance is not None else self.__dict__.get("_importance_steps")
 
     @property
     def mask_kind(self) -> str:
@@ -247,8 +254,8 @@ class MaskedAdamW(Optimizer):
             stepped, grads = with_gradients(group["params"], self._gradient)
             validation.check_steppable(stepped, grads, self.describe, self._sharded)
             work.append((group, stepped, grads))
-        if self._importance is None and self._importance_config is not None:  # unpickled: rebuild the sampler
-            self._importance = self._make_sampler(self._importance_config)
+        if self._importance is None and self._importance_config is not None:  # unpickled or loaded: rebuild it
+            self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
         if self._importance is not None and not self._importance.config.uniform:
             self._importance.before_step(self.state, self.seed, self._rng_bases,
                                          self._backend(self.param_groups[0]["params"][0].device),
@@ -275,18 +282,19 @@ class MaskedAdamW(Optimizer):
         init_missing_state(stepped, states, group["amsgrad"], group["capturable"])
         beta1, beta2 = group["betas"]
         unwrap = sharding.locals_of if self._sharded else list  # the kernels step each rank's shard
+        uniform = self._importance is not None and self._importance.config.uniform  # Bernoulli: no draw is read
+        drawn = None if uniform else "importance" if self._importance is not None else "mask"
         masked_adamw(
             unwrap(stepped), unwrap(grads), unwrap([s["exp_avg"] for s in states]),
             unwrap([s["exp_avg_sq"] for s in states]),
             unwrap([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else None, [s["step"] for s in states],
-            masks=unwrap([s.get("importance" if self._importance is not None else "mask") for s in states]),
+            masks=unwrap([s.get(drawn) for s in states]),
             indices=[s.get("indices") for s in states],
             compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
             rng_bases=[self._rng_bases[p] for p in stepped],
             rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
             backend=self._backend,
-            mask_kind=MaskKind.BERNOULLI if self._importance is not None and self._importance.config.uniform
-            else self._mask_kind,
+            mask_kind=MaskKind.BERNOULLI if uniform else self._mask_kind,
             freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
@@ -376,14 +384,15 @@ class MaskedAdamW(Optimizer):
         """
         state_dict = checkpoint.lift_extras(state_dict)
         checkpoint.load(self, state_dict, super().load_state_dict)
-        if self._importance_config is not None:  # its saved step count (None: read from the state at the next step)
-            self._importance = self._make_sampler(self._importance_config)
-            self._importance.steps = (state_dict.get("childopt") or {}).get("importance_steps")
+        # the sampler (dropped by __setstate__) is rebuilt at the next step with the saved step
+        # count; None (saved before it existed): read from the loaded state then
+        self._importance_steps = (state_dict.get("childopt") or {}).get("importance_steps")
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and groups; add what defines the mask stream."""
         state = super().__getstate__()
         state.update({key: getattr(self, key) for key in self._PICKLED})
+        state["_importance_steps"] = self._sampler_steps()  # the sampler itself is rebuilt, not pickled
         return state
 
     def __setstate__(self, state: dict) -> None:

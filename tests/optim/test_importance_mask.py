@@ -189,6 +189,45 @@ def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane, empty_st
         assert torch.equal(a, b)
 
 
+def test_a_copy_and_a_new_group_keep_the_refresh_schedule():
+    """The sampler is rebuilt, not copied, by deepcopy and pickling, and anew by add_param_group:
+    its step count goes along, so after a step() without gradients a copy draws as the original."""
+    params = make_params(SHAPES)
+    opt = MaskedAdamW(params, lr=1e-2, reserve_p=RESERVE_P, seed=8, backend="reference",
+                      mask=Importance(refresh_every=3))
+    opt.step()  # no gradients: counted by the sampler, not by any parameter's step
+    train(opt, params, 4)
+    copied = copy.deepcopy(opt)
+    assert copied.state_dict()["childopt"]["importance_steps"] == 5  # before the copy's first step too
+    twin = copied.param_groups[0]["params"]
+    train(opt, params, 4, start=4)
+    train(copied, twin, 4, start=4)
+    for a, b in zip(snapshot(opt, params, ("exp_avg", "importance")), snapshot(copied, twin, ("exp_avg", "importance")),
+                    strict=True):
+        assert torch.equal(a, b)
+    opt.add_param_group({"params": make_params([(4,)])})
+    assert opt.state_dict()["childopt"]["importance_steps"] == 9
+
+
+def test_infinite_temperature_ignores_a_loaded_draw():
+    """A state saved with a draw (exact sampling) and loaded at temperature=inf steps the Bernoulli
+    mask of the same seed and steps, not the saved fixed mask."""
+    def build(params=None, **config):
+        params = make_params(SHAPES) if params is None else params
+        return MaskedAdamW(params, lr=1e-3, reserve_p=RESERVE_P, masked="freeze", seed=2, backend="reference",
+                           mask=Importance(**config))
+
+    params = make_params(SHAPES)
+    exact = build(params, scores=graded_scores(params), sampling="exact", refresh_every=100)
+    train(exact, params, 2)
+    uniform, loaded = build(temperature=math.inf), build(temperature=math.inf)
+    train(uniform, uniform.param_groups[0]["params"], 2)
+    loaded.load_state_dict(exact.state_dict())
+    for step in range(3):
+        assert [k.tolist() for k in observe_keeps(loaded, loaded.param_groups[0]["params"], 1)[0]] == \
+            [k.tolist() for k in observe_keeps(uniform, uniform.param_groups[0]["params"], 1)[0]]
+
+
 @pytest.mark.parametrize("saved,loaded", [("exact", "poisson"), ("poisson", "exact")])
 def test_a_draw_of_the_other_sampling_is_redrawn_at_the_next_step(saved, loaded):
     """Loaded into another sampling, the saved draw (a fixed mask, or level codes) is not stepped
