@@ -214,10 +214,11 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
 def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
     """Warn when the loaded state replaced the mask the optimizer was built with (the saved one wins).
 
-    An optimizer built without a mask takes the saved one silently: that is how to resume a mask
-    that is expensive to make (a Fisher pass).  ``kept``: its masks or indices before the load.
+    An optimizer built without a mask (``mask=None``, or an empty dict) takes the saved one
+    silently: that is how to resume a mask that is expensive to make (a Fisher pass).  ``kept``:
+    its masks or indices before the load.
     """
-    if built == MaskKind.NONE:
+    if built == MaskKind.NONE or (built == MaskKind.DENSE and not any(kept.values())):
         return
     loaded = optimizer._mask_kind
     if loaded != built:
@@ -225,8 +226,8 @@ def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
                           f"holds a {loaded.label!r} one, which it now uses (and the saved param groups' reserve_p); "
                           "build it with the saved mask, or with mask=None to take it without this warning")
         return
-    changed = [p for p, before in kept.items() for key, value in before.items()
-               if not _same_tensor(value, optimizer.state[p].get(key))]
+    changed = [p for p, state in optimizer.state.items()
+               if any(not _same_tensor(kept.get(p, {}).get(key), state.get(key)) for key in ("mask", "indices"))]
     if changed:
         first = optimizer.describe(changed[0])
         user_warning.warn(f"load_state_dict: the saved masks of {len(changed)} parameters ({first}"
@@ -234,6 +235,9 @@ def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
                           "and replace them; build it with mask=None to take the saved masks without this warning")
 
 
-def _same_tensor(a: torch.Tensor, b) -> bool:
-    a, b = sharding.local(a), sharding.local(b) if isinstance(b, torch.Tensor) else b
-    return isinstance(b, torch.Tensor) and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+def _same_tensor(a, b) -> bool:
+    """Both None, or tensors of the same shape, device and values (a DTensor's local shard)."""
+    if a is None or b is None:
+        return a is b
+    a, b = sharding.local(a), sharding.local(b)
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)

@@ -202,8 +202,9 @@ def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
 
 @pytest.mark.parametrize("storage", ["dense", "sparse"])
 def test_a_loaded_mask_that_replaces_the_built_one_warns_and_none_takes_it_silently(storage, recwarn):
-    """The saved mask wins: over another kind, or other masks of the same kind, with a warning at
-    the user's line; an optimizer built with mask=None takes it without one (the resume path)."""
+    """The saved mask wins: over another kind, other masks of the same kind, or a mask on a parameter
+    built to train fully, with a warning at the user's line; an optimizer built with mask=None or
+    an empty dict takes it without one (the resume path)."""
     source, _ = _trained(storage)
     saved = source.state_dict()
     params = make_params(SHAPES)
@@ -216,11 +217,19 @@ def test_a_loaded_mask_that_replaces_the_built_one_warns_and_none_takes_it_silen
     with pytest.warns(UserWarning, match="saved masks of 1 parameters .* differ from those") as caught:
         other.load_state_dict(saved)
     assert caught[0].filename == __file__
+    both = make_params(SHAPES)
+    masks_both = MaskedAdamW(both, lr=1e-2, mask=masks_for(both), storage=storage, seed=11)  # params[0]'s mask too
+    train(masks_both, both, 1)
+    with pytest.warns(UserWarning, match=r"saved masks of 1 parameters \(param_groups\[0\]\['params'\]\[1\]"):
+        MaskedAdamW(params, mask=masks_for(params[:1]), storage=storage, seed=3).load_state_dict(
+            masks_both.state_dict())  # a parameter built to train fully comes back masked
     same = MaskedAdamW(params, mask=masks_for(params[:1]), storage=storage, seed=3)
     unmasked = MaskedAdamW(params, storage=storage, seed=3)
+    empty = MaskedAdamW(params, mask={}, storage=storage, seed=3)
     recwarn.clear()
     same.load_state_dict(saved)
     unmasked.load_state_dict(saved)
+    empty.load_state_dict(saved)
     assert not [w for w in recwarn if "load_state_dict" in str(w.message)]
     key = "mask" if storage == "dense" else "indices"
     assert torch.equal(unmasked.state[params[0]][key], source.state[source.param_groups[0]["params"][0]][key])
