@@ -220,16 +220,21 @@ class FisherAccumulator:
 
         The gradients of the scored parameters come from ``torch.autograd.grad``, so no ``.grad``
         and no gradient-accumulator hook is touched: under DDP its reducer (which would all-reduce,
-        and counts the backward passes of a static graph) stays out of the pass.  Each gradient is
-        freed as soon as it is scored.
+        and counts the backward passes of a static graph) stays out of the pass.  They arrive
+        together, as a training backward holds them (the hooks of ``loss.backward()`` free each as
+        it comes), and each is freed once scored.
 
         Raises:
-            RuntimeError: the estimator is not ``"batch"``, or ``loss``'s graph holds a reentrant
-                activation checkpoint, whose parameters ``torch.autograd.grad`` cannot reach (it
-                would return no gradient for them).
+            RuntimeError: the estimator is not ``"batch"``, a scored parameter is an FSDP2 DTensor
+                (its gradient reaches it outside the graph: use ``loss.backward()``), or ``loss``'s
+                graph holds a reentrant activation checkpoint, whose parameters
+                ``torch.autograd.grad`` cannot reach (it would return no gradient for them).
         """
         if self.estimator != "batch":
             raise RuntimeError("accumulate_loss needs estimator='batch'; with 'sample', call accumulate_samples")
+        if self._sharded:
+            raise RuntimeError("accumulate_loss does not take FSDP2 (DTensor) parameters: torch.autograd.grad gets no "
+                               "gradient for them; call loss.backward() inside the with-block")
         if _holds_reentrant_checkpoint(loss):
             raise RuntimeError("the Fisher pass's loss goes through reentrant activation checkpointing "
                                "(use_reentrant=True), whose parameters torch.autograd.grad cannot reach: score the "

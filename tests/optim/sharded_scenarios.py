@@ -210,4 +210,10 @@ def fisher_passes(wrap, to_full) -> dict:
         for head in ("a", "a", "b"):
             model(torch.randn(4, 6, generator=gen), head).backward()
             model.zero_grad()
-    return {"num_seen": fisher.num_seen, **{name: to_full(score) for name, score in fisher.scores().items()}}
+    report = {"num_seen": fisher.num_seen, **{name: to_full(score) for name, score in fisher.scores().items()}}
+    try:  # torch.autograd.grad gets no gradient for sharded parameters: refused, not scored as zeros
+        fisher.accumulate_loss(model(torch.randn(4, 6, generator=gen), "a"))
+        report["accumulate_loss_refused"] = False
+    except RuntimeError as error:
+        report["accumulate_loss_refused"] = "FSDP2 (DTensor)" in str(error)
+    return report

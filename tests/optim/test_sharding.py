@@ -123,10 +123,12 @@ def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_fisher_under_fsdp2_counts_passes_that_skip_a_scored_head(reports, world):
-    """Passes are told apart by their backward, not by which parameters they reach."""
+    """Passes are told apart by their backward, not by which parameters they reach; accumulate_loss,
+    whose torch.autograd.grad gets no gradient for sharded parameters, refuses them."""
     expected = scenarios.fisher_passes(lambda model: None, lambda t: t.clone())
     got = reports[world]["fisher_passes"]
     assert got.pop("num_seen") == expected.pop("num_seen") == 3
+    assert got.pop("accumulate_loss_refused") and not expected.pop("accumulate_loss_refused")
     _assert_bit_identical(got, expected, f"Fisher scores at world size {world}")
 
 
