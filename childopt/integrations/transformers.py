@@ -48,6 +48,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_sagemaker_mp_enabled
 
+from childopt import user_warning
 from childopt.fisher import fisher_mask
 from childopt.optim import MaskedAdamW
 from childopt.optim.checkpoint import lift_extras
@@ -141,22 +142,25 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
                        storage=storage, compact_grads=compact_grads)
 
 
-def _saved_child_network(checkpoint: str) -> bool:
-    """Whether ``checkpoint`` holds a ChildTuning-D MaskedAdamW state that the Trainer will load.
+def _saved_child_network(checkpoint: str) -> Optional[set]:
+    """The ``reserve_p`` values (of its param groups) of the ChildTuning-D MaskedAdamW state in
+    ``checkpoint`` that the Trainer will load, or None when it holds none.
 
     The Trainer loads ``optimizer.pt`` only next to ``scheduler.pt``.  The file is memory-mapped,
-    so only its small ``"childopt"`` entry is read; one that cannot be read answers no (the
-    Fisher pass runs, and the Trainer's own load then reports the file).
+    so only its small ``"childopt"`` entry and groups are read; one that cannot be read answers
+    None (the Fisher pass runs, and the Trainer's own load then reports the file).
     """
     path = os.path.join(checkpoint, OPTIMIZER_NAME)
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))):
-        return False
+        return None
     try:
         saved = lift_extras(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # noqa: BLE001 - any unreadable file takes the path that reports it
-        return False
+        return None
     extras = saved.get("childopt") if isinstance(saved, Mapping) else None
-    return isinstance(extras, Mapping) and extras.get("mask_kind") == "dense"
+    if not (isinstance(extras, Mapping) and extras.get("mask_kind") == "dense"):
+        return None
+    return {group.get("reserve_p") for group in saved.get("param_groups", []) if isinstance(group, Mapping)}
 
 
 class _CheckLoadedMask(TrainerCallback):
@@ -226,7 +230,10 @@ class ChildTuningTrainer(Trainer):
         checkpoint = resume_from_checkpoint
         if checkpoint is True and os.path.isdir(self.args.output_dir):  # as the Trainer resolves it
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        self._resume_from = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        checkpoint = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        # decided here, not in create_optimizer, so that a warning names the user's train() line
+        wanted = self.optimizer is None and self.child_tuning["mode"] == "ChildTuning-D"
+        self._resume_from = self._resumes_child_network(checkpoint) if wanted else None
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -234,17 +241,26 @@ class ChildTuningTrainer(Trainer):
             if self._mask_check.awaiting is not None:
                 self._mask_check.awaiting = self.optimizer = None
 
-    def _resumes_child_network(self) -> Optional[str]:
-        """The checkpoint ``train()`` resumes from when the Trainer will load its ChildTuning-D mask, else None.
+    def _resumes_child_network(self, checkpoint: Optional[str]) -> Optional[str]:
+        """``checkpoint`` when the Trainer will load its ChildTuning-D mask from it, else None.
 
         DeepSpeed, FSDP and SageMaker model parallelism load optimizer state their own way: there
-        the Fisher pass runs as before.
+        the Fisher pass runs as before.  A ``reserve_p`` other than the checkpoint's warns: the
+        resumed run keeps the checkpoint's mask.
         """
-        if self._resume_from is None or is_sagemaker_mp_enabled() or any(
+        if checkpoint is None or is_sagemaker_mp_enabled() or any(
                 getattr(self, flag, False) for flag in ("is_deepspeed_enabled", "is_fsdp_enabled",
                                                          "is_fsdp_xla_v1_enabled")):
             return None
-        return self._resume_from if _saved_child_network(self._resume_from) else None
+        saved = _saved_child_network(checkpoint)
+        if saved is None:
+            return None
+        wanted = self.child_tuning["reserve_p"]
+        if saved != {wanted}:
+            user_warning.warn(f"resuming ChildTuning-D from {checkpoint!r} keeps its mask, selected at "
+                              f"reserve_p={', '.join(map(str, sorted(saved, key=str)))}, not reserve_p={wanted}: a new "
+                              "reserve_p needs a new run (a new Fisher pass), not a resume")
+        return checkpoint
 
     def create_optimizer(self, model=None):
         """Build the Child-Tuning MaskedAdamW unless one was given.
@@ -256,7 +272,7 @@ class ChildTuningTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             options = dict(self.child_tuning)
-            checkpoint = self._resumes_child_network() if options["mode"] == "ChildTuning-D" else None
+            checkpoint = self._resume_from if options["mode"] == "ChildTuning-D" else None
             if checkpoint is not None:
                 options["mask_from_state"] = True
                 self._mask_check.awaiting = checkpoint

@@ -10,6 +10,8 @@ optimizer state, without a Fisher pass, and ends bit for bit where the uninterru
 (a checkpoint without optimizer state runs the pass); and bad input (compact gradients outside
 ChildTuningTrainer included) fails with clear errors.
 """
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -247,12 +249,13 @@ def count_fisher_passes(monkeypatch) -> list:
     return calls
 
 
-def checkpointed_trainer(output_dir, model=None, save_only_model=False, **options) -> ChildTuningTrainer:
+def checkpointed_trainer(output_dir, model=None, save_only_model=False, reserve_p=RESERVE_P,
+                         **options) -> ChildTuningTrainer:
     """ChildTuning-D for 4 steps, saving a checkpoint every 2 (with optimizer state unless save_only_model)."""
     args = training_args(output_dir, max_steps=4, save_strategy="steps", save_steps=2, seed=5,
                          save_only_model=save_only_model)
     return ChildTuningTrainer(model=tiny_bert() if model is None else model, args=args,
-                              train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-D", reserve_p=RESERVE_P,
+                              train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-D", reserve_p=reserve_p,
                               **options)
 
 
@@ -311,3 +314,15 @@ def test_resume_fails_before_any_fisher_pass_or_step_without_the_saved_mask(tmp_
     trainer.train()
     states = unwrap(trainer.optimizer).state.values()
     assert len(passes) == 2 and any("mask" in s for s in states) and all(float(s["step"]) == 4 for s in states)
+
+
+def test_resuming_with_another_reserve_p_warns_that_the_checkpoint_mask_is_kept(tmp_path, monkeypatch):
+    """The resumed run keeps the checkpoint's mask (selected at 0.3): asking for 0.05 says so, at the
+    line that calls train()."""
+    passes = count_fisher_passes(monkeypatch)
+    checkpointed_trainer(tmp_path).train()
+    resumed = checkpointed_trainer(tmp_path / "resumed", reserve_p=0.05)
+    with pytest.warns(UserWarning, match=r"keeps its mask, selected at reserve_p=0.3, not reserve_p=0.05") as caught:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
+    assert len(passes) == 1
