@@ -83,6 +83,12 @@ def _dense_mask(params, density: float = DENSITY) -> dict:
     return {p: torch.rand(p.shape, device=p.device) < density for p in params}
 
 
+def _positive_scores(params) -> dict:
+    """Random importance scores in [1, 2): every entry can be drawn.  (Running scores under an
+    exact draw are zero for the entries never kept, so every draw would repeat the first.)"""
+    return {p: torch.rand(p.shape, device=p.device).add_(1.0) for p in params}
+
+
 def _sparse_compact(params, density: float, backend: str) -> MaskedAdamW:
     """MaskedAdamW with sparse-index storage of a random child network of ``density`` and compact
     gradients.  The parameters' gradients pass once through backward, so the optimizer's hooks
@@ -155,9 +161,10 @@ ROWS = (
             adamw_traffic(FP32, MASK_BYTES),
             lambda ps, backend: MaskedAdamW(ps, mask=Importance(refresh_every=1), reserve_p=RESERVE_P, seed=0,
                                             backend=backend, **HYPER)),
-    RowSpec("masked-importance-exact", "MaskedAdamW", f"importance p={RESERVE_P}, exact, redrawn every step",
-            adamw_traffic(FP32, MASK_BYTES),
-            lambda ps, backend: MaskedAdamW(ps, mask=Importance(sampling="exact", refresh_every=1),
+    RowSpec("masked-importance-exact", "MaskedAdamW", f"importance p={RESERVE_P}, exact, given scores, redrawn "
+            "every step", adamw_traffic(FP32, MASK_BYTES),
+            lambda ps, backend: MaskedAdamW(ps, mask=Importance(scores=_positive_scores(ps), sampling="exact",
+                                                                refresh_every=1),
                                             reserve_p=RESERVE_P, seed=0, backend=backend, **HYPER)),
     RowSpec("childtuning-f", "ChildTuningAdamW", f"ChildTuning-F p={RESERVE_P}", adamw_traffic(FP32),
             lambda ps, backend: ChildTuningAdamW(ps, mode="ChildTuning-F", reserve_p=RESERVE_P, seed=0,

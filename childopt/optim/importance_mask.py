@@ -153,6 +153,7 @@ class ImportanceSampler:
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
+        self._warned_fixed_draw = False
         self.steps = steps  # optimizer steps so far; None: read from the state at the next step
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
@@ -235,6 +236,26 @@ class ImportanceSampler:
             if len({m.reserve_p for m in self.members}) == 1 else self._draw_exact_per_tensor(by_name, draw_seed)
         for m in self.members:
             states[m.param]["importance"] = drawn[m.name]
+        self._warn_if_fixed(scores, drawn)
+
+    def _warn_if_fixed(self, scores: list, drawn: dict) -> None:
+        """Warn once when an exact draw keeps every entry of non-zero score: then it is no draw.
+
+        With running scores that is the rule, not the exception: the entries never kept keep a
+        zero ``exp_avg_sq``, so after the first (uniform) draw the kept ones are the only non-zero
+        scores, and every later draw repeats it.  One sync per refresh, for the two counts.
+        """
+        if self._warned_fixed_draw:
+            return
+        nonzero = sum(int(torch.count_nonzero(s)) for s in scores)
+        kept = sum(int(d.sum()) for d in drawn.values())
+        if 0 < nonzero <= kept:
+            self._warned_fixed_draw = True
+            user_warning.warn(f"Importance(sampling='exact'): only {nonzero} entries have a non-zero score, no more "
+                              f"than the {kept} each draw keeps, so the draw keeps all of them and is not random.  "
+                              "With scores='running' the entries never kept keep a zero score, and every draw repeats "
+                              "the first: use sampling='poisson' (its p_min keeps every entry reachable), or start "
+                              "from non-zero scores (given ones, or a dense optimizer state)")
 
     def _draw_exact_per_tensor(self, by_name: dict, draw_seed: int) -> dict:
         """Groups with different reserve_p (scope='tensor'): one draw per tensor at its own share."""

@@ -209,6 +209,23 @@ def test_a_copy_and_a_new_group_keep_the_refresh_schedule():
     assert opt.state_dict()["childopt"]["importance_steps"] == 9
 
 
+def test_an_exact_draw_that_cannot_vary_warns_once(recwarn):
+    """Running scores under exact sampling: after the first (uniform) draw only the kept entries have
+    a non-zero exp_avg_sq, so every draw repeats it, which warns; given positive scores draw anew."""
+    params = make_params(SHAPES)
+    running = MaskedAdamW(params, lr=1e-3, reserve_p=RESERVE_P, seed=2, backend="reference",
+                          mask=Importance(sampling="exact", refresh_every=1))
+    train(running, params, 4)
+    fixed = [w for w in recwarn if "the draw keeps all of them and is not random" in str(w.message)]
+    assert len(fixed) == 1 and fixed[0].filename == train.__code__.co_filename  # its opt.step() line
+    recwarn.clear()
+    given = make_params(SHAPES)
+    opt = MaskedAdamW(given, lr=1e-3, reserve_p=RESERVE_P, seed=2, backend="reference",
+                      mask=Importance(scores=graded_scores(given), sampling="exact", refresh_every=1))
+    train(opt, given, 4)
+    assert not [w for w in recwarn if "is not random" in str(w.message)]
+
+
 def test_infinite_temperature_ignores_a_loaded_draw():
     """A state saved with a draw (exact sampling) and loaded at temperature=inf steps the Bernoulli
     mask of the same seed and steps, not the saved fixed mask."""
