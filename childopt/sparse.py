@@ -11,6 +11,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from childopt import user_warning
@@ -87,6 +88,22 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
 # parameter -> weak reference to the CompactGradients whose hook takes its gradients.  Keyed by
 # identity, weakly (torch.utils.weak: a WeakKeyDictionary would compare tensors with ==).
 _OWNERS = WeakIdKeyDictionary()
+_GUARD: list = []  # the handle of the global optimizer hook below, once registered
+
+
+def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step pre-hook of every torch optimizer: one that is not a MaskedAdamW (which checks in
+    :func:`gradient_of`) and would step a parameter whose ``.grad`` a live compact-gradient hook
+    takes would skip it without a word; it raises instead.  Costs nothing while no hook lives."""
+    if not _OWNERS or hasattr(optimizer, "release_gradients"):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            owner = _OWNERS.get(param) if param.grad is None else None
+            if owner is not None and owner() is not None:
+                raise RuntimeError(f"{type(optimizer).__name__} would skip a parameter of shape {tuple(param.shape)}: "
+                                   "a MaskedAdamW with compact_grads=True takes its gradients (its hook frees "
+                                   ".grad in backward).  Call that optimizer's release_gradients() first")
 
 
 class CompactGradients:
@@ -121,6 +138,8 @@ class CompactGradients:
                 previous.unregister(param)
             self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
             _OWNERS[param] = weakref.ref(self)
+            if not _GUARD:
+                _GUARD.append(register_optimizer_step_pre_hook(_refuse_hooked_parameters))
 
     def unregister(self, param: torch.Tensor) -> None:
         handle = self._handles.pop(param, None)

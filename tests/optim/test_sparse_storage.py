@@ -342,6 +342,23 @@ def test_released_gradients_reach_another_optimizer_and_the_step_reads_dense_gra
     assert_all_equal(list(net.parameters()), list(ref.parameters()))
 
 
+def test_a_torch_optimizer_refuses_parameters_whose_gradients_a_hook_takes():
+    """torch's optimizers skip a parameter whose .grad is None: one that a live compact-gradient
+    hook frees in backward is refused instead; parameters no hook takes step as usual."""
+    net = _Net()
+    opt = _compact_optimizer(net)  # hooks layer a
+    net(_batches(1)[0]).sum().backward()
+    head = net.b.weight.detach().clone()
+    torch.optim.SGD(net.b.parameters(), lr=0.1).step()
+    assert not torch.equal(head, net.b.weight)
+    with pytest.raises(RuntimeError, match=r"AdamW would skip a parameter of shape \(16, 6\).*release_gradients"):
+        torch.optim.AdamW(net.parameters()).step()
+    opt.zero_grad()
+    opt.release_gradients()
+    net(_batches(1)[0]).sum().backward()
+    torch.optim.AdamW(net.parameters()).step()  # dense .grad everywhere again
+
+
 def test_compact_gradients_left_from_a_step_warn_when_added_to():
     net = _Net()
     opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())[:2]), storage="sparse",
