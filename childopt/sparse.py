@@ -69,8 +69,7 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     """
     buffer = compact.buffers.get(param) if compact is not None else None
     if buffer is None and param.grad is None and param.requires_grad:  # skipped, unless another optimizer took it
-        owner = _OWNERS.get(param)
-        if owner is not None and owner() not in (None, compact):
+        if _live_owner(param) not in (None, compact):
             raise RuntimeError(f"the gradients of {describe(param)} go to another optimizer built with "
                                "compact_grads=True, which hooks this parameter (the one built or loaded last takes "
                                "the hook): step that one, or call its release_gradients() to step this one")
@@ -91,6 +90,12 @@ _OWNERS = WeakIdKeyDictionary()
 _GUARD: list = []  # the handle of the global optimizer hook below, once registered
 
 
+def _live_owner(param: torch.Tensor) -> "CompactGradients | None":
+    """The live CompactGradients whose hook takes ``param``'s gradients, or None."""
+    owner = _OWNERS.get(param)
+    return owner() if owner is not None else None
+
+
 def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """A step pre-hook of every torch optimizer: one that is not a MaskedAdamW (which checks in
     :func:`gradient_of`) and would step a parameter whose ``.grad`` a live compact-gradient hook
@@ -99,8 +104,7 @@ def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) ->
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
-            owner = _OWNERS.get(param) if param.grad is None else None
-            if owner is not None and owner() is not None:
+            if param.grad is None and _live_owner(param) is not None:
                 raise RuntimeError(f"{type(optimizer).__name__} would skip a parameter of shape {tuple(param.shape)}: "
                                    "a MaskedAdamW with compact_grads=True takes its gradients (its hook frees "
                                    ".grad in backward).  Call that optimizer's release_gradients() first")
@@ -132,8 +136,7 @@ class CompactGradients:
     def register(self, param: torch.Tensor) -> None:
         """Hook ``param`` (a frozen parameter never gets a gradient: nothing to hook)."""
         if param.requires_grad and param not in self._handles:
-            owner = _OWNERS.get(param)
-            previous = owner() if owner is not None else None
+            previous = _live_owner(param)
             if previous is not None and previous is not self:
                 previous.unregister(param)
             self._handles[param] = param.register_post_accumulate_grad_hook(_hook(weakref.ref(self)))
@@ -145,8 +148,7 @@ class CompactGradients:
         handle = self._handles.pop(param, None)
         if handle is not None:
             handle.remove()
-            owner = _OWNERS.get(param)
-            if owner is not None and owner() is self:
+            if _live_owner(param) is self:
                 del _OWNERS[param]
         self.buffers.pop(param, None)
 

@@ -272,10 +272,9 @@ class ChildTuningTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             options = dict(self.child_tuning)
-            checkpoint = self._resume_from if options["mode"] == "ChildTuning-D" else None
-            if checkpoint is not None:
+            if self._resume_from is not None:  # set by train() for ChildTuning-D only
                 options["mask_from_state"] = True
-                self._mask_check.awaiting = checkpoint
+                self._mask_check.awaiting = self._resume_from
             elif options["mode"] == "ChildTuning-D":
                 options.setdefault("loss_fn", self.compute_loss)
                 options.setdefault("progress", not self.args.disable_tqdm)
