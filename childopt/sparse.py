@@ -104,7 +104,7 @@ def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) ->
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param.grad is None and _live_owner(param) is not None:
+            if param.grad is None and param.requires_grad and _live_owner(param) is not None:
                 raise RuntimeError(f"{type(optimizer).__name__} would skip a parameter of shape {tuple(param.shape)}: "
                                    "a MaskedAdamW with compact_grads=True takes its gradients (its hook frees "
                                    ".grad in backward).  Call that optimizer's release_gradients() first")

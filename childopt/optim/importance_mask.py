@@ -239,7 +239,8 @@ class ImportanceSampler:
         self._warn_if_fixed(scores, drawn)
 
     def _warn_if_fixed(self, scores: list, drawn: dict) -> None:
-        """Warn once when an exact draw keeps every entry of non-zero score: then it is no draw.
+        """Warn once when an exact draw keeps exactly the entries of non-zero score: then it is no
+        draw (fewer non-zero ones leave the rest to a uniform draw among the zeros).
 
         With running scores that is the rule, not the exception: the entries never kept keep a
         zero ``exp_avg_sq``, so after the first (uniform) draw the kept ones are the only non-zero
@@ -249,10 +250,10 @@ class ImportanceSampler:
             return
         nonzero = sum(int(torch.count_nonzero(s)) for s in scores)
         kept = sum(int(d.sum()) for d in drawn.values())
-        if 0 < nonzero <= kept:
+        if 0 < nonzero == kept:
             self._warned_fixed_draw = True
-            user_warning.warn(f"Importance(sampling='exact'): only {nonzero} entries have a non-zero score, no more "
-                              f"than the {kept} each draw keeps, so the draw keeps all of them and is not random.  "
+            user_warning.warn(f"Importance(sampling='exact'): only {nonzero} entries have a non-zero score, as many "
+                              f"as each draw keeps, so the draw keeps all of them and is not random.  "
                               "With scores='running' the entries never kept keep a zero score, and every draw repeats "
                               "the first: use sampling='poisson' (its p_min keeps every entry reachable), or start "
                               "from non-zero scores (given ones, or a dense optimizer state)")

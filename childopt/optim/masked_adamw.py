@@ -341,10 +341,11 @@ class MaskedAdamW(Optimizer):
             RuntimeError: compact gradients are waiting for a step (call it after ``zero_grad``).
         """
         if self._compact is not None:
-            if self._compact.buffers:
-                raise RuntimeError("release_gradients() would drop the compact gradients of "
-                                   f"{len(self._compact.buffers)} parameters not yet stepped: call it after step() "
-                                   "and zero_grad()")
+            # zero_grad(set_to_none=False) keeps the buffers, zeroed: nothing to lose there
+            pending = [g for g in self._compact.buffers.values() if bool(g.any())]
+            if pending:
+                raise RuntimeError(f"release_gradients() would drop the compact gradients of {len(pending)} parameters "
+                                   "not yet stepped: call it after step() and zero_grad()")
             self._compact.unregister_all()
         self._compact, self.compact_grads, self._step_supports_amp_scaling = None, False, False
 

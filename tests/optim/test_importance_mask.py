@@ -211,7 +211,8 @@ def test_a_copy_and_a_new_group_keep_the_refresh_schedule():
 
 def test_an_exact_draw_that_cannot_vary_warns_once(recwarn):
     """Running scores under exact sampling: after the first (uniform) draw only the kept entries have
-    a non-zero exp_avg_sq, so every draw repeats it, which warns; given positive scores draw anew."""
+    a non-zero exp_avg_sq, so every draw repeats it, which warns; given positive scores draw anew,
+    and so do given scores with fewer non-zero entries than a draw keeps (the rest are drawn)."""
     params = make_params(SHAPES)
     running = MaskedAdamW(params, lr=1e-3, reserve_p=RESERVE_P, seed=2, backend="reference",
                           mask=Importance(sampling="exact", refresh_every=1))
@@ -223,6 +224,10 @@ def test_an_exact_draw_that_cannot_vary_warns_once(recwarn):
     opt = MaskedAdamW(given, lr=1e-3, reserve_p=RESERVE_P, seed=2, backend="reference",
                       mask=Importance(scores=graded_scores(given), sampling="exact", refresh_every=1))
     train(opt, given, 4)
+    sparse_scores = {p: graded_scores(given)[p] * (torch.rand(p.shape) < 0.1) for p in given}
+    few = MaskedAdamW(given, lr=1e-3, reserve_p=RESERVE_P, seed=2, backend="reference",
+                      mask=Importance(scores=sparse_scores, sampling="exact", refresh_every=1))
+    train(few, given, 4)
     assert not [w for w in recwarn if "is not random" in str(w.message)]
 
 

@@ -328,7 +328,7 @@ def test_released_gradients_reach_another_optimizer_and_the_step_reads_dense_gra
     with pytest.raises(RuntimeError, match="would drop the compact gradients of 2 parameters not yet stepped"):
         opt.release_gradients()
     opt.step()
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)  # zeroed buffers hold nothing to lose
     opt.release_gradients()
     ref_opt = MaskedAdamW(ref.parameters(), lr=1e-2, mask=masks_for(list(ref.parameters())[:2], density=0.25),
                           storage="sparse", seed=0)
@@ -354,6 +354,9 @@ def test_a_torch_optimizer_refuses_parameters_whose_gradients_a_hook_takes():
     with pytest.raises(RuntimeError, match=r"AdamW would skip a parameter of shape \(16, 6\).*release_gradients"):
         torch.optim.AdamW(net.parameters()).step()
     opt.zero_grad()
+    net.a.weight.requires_grad_(False)  # frozen after it was hooked: no gradient to skip
+    torch.optim.SGD([net.a.weight], lr=0.1).step()
+    net.a.weight.requires_grad_(True)
     opt.release_gradients()
     net(_batches(1)[0]).sum().backward()
     torch.optim.AdamW(net.parameters()).step()  # dense .grad everywhere again
