@@ -1,7 +1,7 @@
 """The reference backend: plain torch, one tensor at a time.  The oracle of the kernels.
 
 It follows the element update of childopt.backends.contract literally, with torch ops on flat
-fp32 views, and writes frozen entries back with ``torch.where`` so they stay bit-identical.
+views in the moments' dtype (fp32; float64 for the float64 parameters only this backend steps), and writes frozen entries back with ``torch.where`` so they stay bit-identical.
 The histogram and Fisher ops are plain torch too (``bincount``; foreach multiply-add).  Its
 implementations are registered for every device (CompositeExplicitAutograd) under
 ``childopt_reference::``.
@@ -35,7 +35,7 @@ def _rows(scalars: torch.Tensor) -> list[dict]:
 
 
 def adamw_math(p, g, m, v, vmax, s: dict):
-    """The element update on flat fp32 tensors; returns new (p, m, v, vmax) without writing."""
+    """The element update on flat tensors of the moments' dtype; returns new (p, m, v, vmax) without writing."""
     p = p * s["decay_before"]
     m = torch.lerp(m, g, s["one_minus_beta1"])  # the kernels' lerp_from_start picks torch's formula
     v = v * s["beta2"] + s["one_minus_beta2"] * g * g
@@ -66,7 +66,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
         m = exp_avgs[i].view(-1)
         v = exp_avg_sqs[i].view(-1)
         vmax = max_exp_avg_sqs[i].view(-1) if amsgrad else None
-        g = grads[i].reshape(-1).float() * s["grad_sign"]
+        g = grads[i].reshape(-1).to(m.dtype) * s["grad_sign"]
         if mask_kind == MaskKind.IMPORTANCE and not freeze:  # the level's scale replaces grad_scale
             g = g * importance.level_scales(masks[i].reshape(-1))
         else:
@@ -74,7 +74,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, sca
         keep = _keep_mask(i, masks, mask_kind, p_flat.numel(), s, keep_threshold, seed, p_flat.device)
         if keep is not None and not freeze:
             g = torch.where(keep, g, 0.0)
-        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.float(), g, m, v, vmax, s)
+        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.to(m.dtype), g, m, v, vmax, s)
         p_new = p_new.to(param.dtype)
         if keep is not None and freeze:
             p_new = torch.where(keep, p_new, p_flat)
@@ -96,9 +96,10 @@ def sparse_adamw_step(params, grads, indices, exp_avgs, exp_avg_sqs, max_exp_avg
         idx = indices[i]
         p_flat = param.view(-1)
         grad = grads[i].reshape(-1)
-        g = (grad if compact_grads else grad.index_select(0, idx)).float() * s["grad_sign"] * s["grad_scale"]
+        dtype = exp_avgs[i].dtype
+        g = (grad if compact_grads else grad.index_select(0, idx)).to(dtype) * s["grad_sign"] * s["grad_scale"]
         vmax = max_exp_avg_sqs[i] if amsgrad else None
-        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.index_select(0, idx).float(), g, exp_avgs[i],
+        p_new, m_new, v_new, vmax_new = adamw_math(p_flat.index_select(0, idx).to(dtype), g, exp_avgs[i],
                                                    exp_avg_sqs[i], vmax, s)
         p_flat.index_copy_(0, idx.long(), p_new.to(param.dtype))
         exp_avgs[i].copy_(m_new)

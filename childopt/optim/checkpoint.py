@@ -17,7 +17,7 @@ from childopt import philox, sparse, user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import params, sharding, sparse_shards
 from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
-from childopt.optim.state import MOMENT_KEYS
+from childopt.optim.state import MOMENT_KEYS, moment_dtype
 
 
 def extras(optimizer) -> dict:
@@ -94,7 +94,8 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
     """Rebuild the state of ``p`` from its saved entry after torch's ``load_state_dict``.
 
     The entry was checked (childopt.optim.saved_state).  torch casts floating state to the
-    parameter's dtype; here moments stay fp32, masks bool and importance draws as saved; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
+    parameter's dtype; here moments take :func:`moment_dtype`, masks stay bool and importance
+    draws as saved; a foreign (torch AdamW) state dict keeps this optimizer's mask or indices
     (``kept``), and its dense moments are gathered onto them.
     """
     state = optimizer.state[p]
@@ -104,7 +105,7 @@ def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: 
         state["indices"] = kept["indices"]
     for key in MOMENT_KEYS:
         if key in saved:
-            value = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+            value = saved[key].detach().to(device=p.device, dtype=moment_dtype(p.dtype), copy=True)
             if "indices" in state and "indices" not in saved and value.shape == p.shape:  # dense (torch AdamW) state
                 if sharding.is_dtensor(p):
                     value = sharding.local(sharding.shard_like(value, p, optimizer.describe(p), what=f"saved {key!r}"))

@@ -1,6 +1,6 @@
 """The two state layouts of MaskedAdamW: dense moments with a bool mask, or sparse indices.
 
-Dense storage keeps fp32 moments of every element and, for a parameter with a fixed mask, the
+Dense storage keeps moments (fp32; float64 for a float64 parameter, as torch's AdamW) of every element and, for a parameter with a fixed mask, the
 bool ``mask``.  Sparse storage keeps, for such a parameter, sorted flat ``indices`` of the
 selected entries and compact moments of the same length (childopt.sparse); parameters without
 a mask keep dense moments.  A layout knows how to store a new mask (keeping what state it
@@ -19,19 +19,26 @@ from childopt.optim import sharding
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """fp32 moments for fp32/bf16/fp16 parameters, float64 for float64 ones (torch's AdamW keeps
+    them in the parameter's dtype; a float64 user asked for float64 arithmetic)."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
 def init_state(p: torch.Tensor, state: dict, amsgrad: bool, capturable: bool) -> None:
-    """Step 0 and zero fp32 moments, shaped by the parameter or its selected entries.
+    """Step 0 and zero moments (:func:`moment_dtype`), shaped by the parameter or its selected entries.
 
     A DTensor parameter's dense moments are DTensors placed alike (so torch.distributed.checkpoint
     saves and reshards them); compact moments are its shard's (childopt.optim.sparse_shards); the
     step stays a plain tensor, as torch's AdamW keeps it.
     """
+    dtype = moment_dtype(p.dtype)
     if "indices" in state:  # compact moments of the selected entries (of this rank's shard)
-        zeros = partial(torch.zeros, state["indices"].shape, dtype=torch.float32, device=p.device)
+        zeros = partial(torch.zeros, state["indices"].shape, dtype=dtype, device=p.device)
     elif sharding.is_dtensor(p):
-        zeros = partial(torch.zeros_like, p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        zeros = partial(torch.zeros_like, p, dtype=dtype, memory_format=torch.contiguous_format)
     else:
-        zeros = partial(torch.zeros, p.shape, dtype=torch.float32, device=p.device)
+        zeros = partial(torch.zeros, p.shape, dtype=dtype, device=p.device)
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
     state["exp_avg"] = zeros()
     state["exp_avg_sq"] = zeros()

@@ -153,6 +153,42 @@ def test_half_params_keep_fp32_state_and_follow_fp32_adamw_rounded_each_step(lan
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], **TOL)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_float64_params_keep_float64_state_and_follow_float64_adamw(amsgrad):
+    """Oracle: torch AdamW in float64, which keeps float64 moments.  Tolerance: 1e-14 relative
+    (a few float64 ulps: the two sides order the same float64 operations differently); a step
+    through fp32 weights or moments is about 1e-8 off."""
+    ours = make_params(MIXED_SHAPES, "cpu", dtype=torch.float64)
+    theirs = clone_params(ours)
+    opt = MaskedAdamW(ours, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, seed=0)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+    train(opt, ours, 20)
+    train(ref, theirs, 20)
+    for a, b in zip(ours, theirs):
+        assert opt.state[a]["exp_avg"].dtype == opt.state[a]["exp_avg_sq"].dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(opt.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_a_zero_update_leaves_float64_weights_bit_identical(storage):
+    """lr 0, and entries outside a zero_grad mask with no weight decay, do not move float64
+    weights that fp32 cannot hold (1 + 1e-12 rounds to 1 in fp32)."""
+    idle = torch.nn.Parameter(torch.full((6,), 1 + 1e-12, dtype=torch.float64))
+    masked = torch.nn.Parameter(torch.full((6,), math.pi, dtype=torch.float64))
+    before = [idle.detach().clone(), masked.detach().clone()]
+    keep = torch.tensor([True, False, True, False, False, False])
+    masked_mode = "freeze" if storage == "sparse" else "zero_grad"
+    idle.grad = torch.ones_like(idle)
+    MaskedAdamW([idle], lr=0.0, weight_decay=0.0).step()
+    opt = MaskedAdamW([masked], lr=1e-3, weight_decay=0.0, mask={masked: keep}, masked=masked_mode, storage=storage)
+    masked.grad = torch.ones_like(masked)
+    opt.step()
+    assert torch.equal(idle.detach(), before[0])
+    assert torch.equal(masked.detach()[~keep], before[1][~keep])
+    assert (masked.detach()[keep] < math.pi).all()
+
+
 def test_non_contiguous_parameter_matches_adamw():
     ours = [torch.nn.Parameter(torch.randn(5, 7).t()), torch.nn.Parameter(torch.randn(4, 6)[:, ::2])]
     assert not any(p.is_contiguous() for p in ours)
