@@ -42,13 +42,13 @@ def _backend_lines(device) -> list[str]:
 
 
 def info() -> int:
-    """Print versions, CUDA availability and the backend choice per device."""
+    """Print versions, CUDA availability and the backend choice per device; problems are lines of it (exit 0)."""
     import torch
 
     import childopt
     from childopt.bench.environment import triton_version
 
-    from childopt import _native
+    from childopt import _native, backends
 
     cuda = torch.cuda.is_available()
     record = _native.prebuilt_record() or {}
@@ -60,6 +60,12 @@ def info() -> int:
 
     print("native   childopt._C %s: %s" % _native.status())
     override = os.environ.get("CHILDOPT_BACKEND", "").strip()
+    try:
+        backends.requested("auto")
+    except ValueError as exc:  # reported like a device no backend runs on: a line of the report, exit 0
+        print(f"backend=auto picks nothing: {exc}; every optimizer left at backend='auto' raises this when built "
+              "(unset it or set one of those; a backend passed by name, e.g. backend='reference', is unaffected)")
+        return 0
     print("backend=auto picks" + (f" (CHILDOPT_BACKEND={override} overrides it)" if override else ""))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     for device in devices:

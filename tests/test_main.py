@@ -17,6 +17,24 @@ def test_info_names_the_backend_auto_picks_and_why(capsys, monkeypatch):
     assert "cpu: reference (plain torch)" in out
 
 
+def test_info_reports_a_bad_childopt_backend_in_one_line(capsys, monkeypatch):
+    """No traceback: one line names the value and what it does; info reports problems and exits 0."""
+    monkeypatch.setenv("CHILDOPT_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if "bogus" in line]
+    assert line.startswith("backend=auto picks nothing: CHILDOPT_BACKEND must be one of ('auto', 'reference', "
+                           "'triton', 'native'), got 'bogus'; every optimizer left at backend='auto' raises this")
+    assert "  cpu:" not in out  # no per-device choice: there is none
+
+
+def test_info_follows_a_valid_childopt_backend(capsys, monkeypatch):
+    monkeypatch.setenv("CHILDOPT_BACKEND", "reference")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=auto picks (CHILDOPT_BACKEND=reference overrides it)\n  cpu: reference (plain torch)" in out
+
+
 def test_unknown_command_and_stray_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])

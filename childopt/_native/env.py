@@ -61,6 +61,11 @@ def setting_problems() -> list[str]:
             setting()
         except ExtensionUnavailable as exc:
             problems.append(str(exc))
+    from childopt import backends  # here: childopt.backends imports childopt._native
+    try:
+        backends.requested("auto")
+    except ValueError as exc:
+        problems.append(f"{exc}; every optimizer left at backend='auto' raises this when built")
     return problems
 
 

@@ -8,7 +8,8 @@ returns :class:`HeadValues`, one number per (layer, head) and one per layer for 
   :class:`childopt.fisher.FisherAccumulator` or :func:`childopt.fisher.fisher_scores`);
 * :func:`child_share`: the kept fraction of a fixed mask (a bool mask dict, or a
   :class:`childopt.MaskedAdamW`'s masks or sparse indices); entries without a mask count as kept,
-  as MaskedAdamW trains them fully;
+  as MaskedAdamW trains them fully, except that an optimizer's share counts the parameters it does not
+  train (not held, or frozen) as not kept;
 * :func:`update_norms` / :func:`delta_norms`: the L2 norm of ``tuned - base`` over each head's entries,
   from two state dicts or from a :class:`childopt.deltas.SparseDelta`.
 
@@ -80,8 +81,8 @@ def kept_entries(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optio
     return None
 
 
-def optimizer_masks(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
-    """name -> bool mask of every parameter a MaskedAdamW with a fixed mask holds one for.
+def _named_parameters(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
+    """name -> parameter of every parameter a MaskedAdamW with a fixed mask holds.
 
     Raises:
         ValueError: the optimizer's mask is not fixed (Bernoulli and importance masks change every
@@ -92,30 +93,52 @@ def optimizer_masks(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
     if optimizer.mask_kind != "dense":
         raise ValueError(f"the optimizer's mask is {optimizer.mask_kind!r}; a child-network share needs a fixed "
                          "mask (a dict, as Child-Tuning-D's), since a Bernoulli or importance mask changes every step")
-    masks = {}
+    named = {}
     for group in optimizer.param_groups:
         if "param_names" not in group:
             raise ValueError("the optimizer's parameters have no names: build it from model.named_parameters()")
-        for name, param in zip(group["param_names"], group["params"]):
-            keep = kept_entries(optimizer, param)
-            if keep is not None:
-                masks[name] = keep
-    return masks
+        named.update(zip(group["param_names"], group["params"]))
+    return named
+
+
+def optimizer_masks(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
+    """name -> bool mask of every parameter a MaskedAdamW with a fixed mask holds one for.
+
+    Raises:
+        ValueError: the optimizer's mask is not fixed, or it was built without parameter names.
+    """
+    named = _named_parameters(optimizer)
+    return {name: keep for name, param in named.items() if (keep := kept_entries(optimizer, param)) is not None}
+
+
+def _trained_entries(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
+    """name -> bool mask of the entries a MaskedAdamW with a fixed mask trains, for each parameter it holds:
+    its mask; every entry when it has none; no entry when the parameter does not require grad (it never
+    gets a gradient, so the optimizer never steps it)."""
+    trained = {}
+    for name, param in _named_parameters(optimizer).items():
+        keep = kept_entries(optimizer, param) if param.requires_grad else None
+        trained[name] = keep if keep is not None else torch.full(param.shape, param.requires_grad)
+    return trained
 
 
 def child_share(layout: HeadLayout, masks: Union[Mapping[str, torch.Tensor], MaskedAdamW]) -> HeadValues:
     """Kept fraction of each head's and each layer's other entries under a fixed mask.
 
-    ``masks`` is name -> bool tensor of the parameter's shape, or a MaskedAdamW with a fixed mask.
-    Parameters without a mask count as fully kept (MaskedAdamW trains them fully).
+    ``masks`` is name -> bool tensor of the parameter's shape, where parameters without a mask count as
+    fully kept (MaskedAdamW trains them fully); or a MaskedAdamW with a fixed mask, whose parameters
+    without a mask count as fully kept too, but whose untrained ones (not held by it, e.g. frozen and left
+    out, or not requiring grad) count as not kept: the share is what the optimizer actually trains.
     """
-    if not isinstance(masks, Mapping):
-        masks = optimizer_masks(masks)
+    absent_kept = isinstance(masks, Mapping)  # an optimizer's dict names every parameter it trains
+    if not absent_kept:
+        masks = _trained_entries(masks)
     for name, mask in _checked(layout, masks, "the mask").items():
         if mask.dtype != torch.bool:
             raise ValueError(f"{name!r}: the mask must be a bool tensor, got {mask.dtype}")
     names = layout.layer_parameters()
-    kept, kept_other = layout.reduce((n, masks[n] if n in masks else torch.ones(layout.shapes[n])) for n in names)
+    kept, kept_other = layout.reduce((n, masks[n] if n in masks else torch.full(layout.shapes[n], absent_kept))
+                                     for n in names)
     total, total_other = layout.reduce((n, torch.ones(layout.shapes[n])) for n in names)
     return HeadValues(kept / total, kept_other / total_other)
 

@@ -42,12 +42,15 @@ def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
     """The report a :func:`write_csv` file holds.
 
     Raises:
-        ValueError: another header, a malformed row, a value that is negative or not finite, a file
-            cut short (write_csv ends every row with a newline), Fisher or update norms missing, or a
-            quantity whose (layer, head) grid is incomplete; the message names the file and line.
+        ValueError: another header, a malformed row, a second row for one (layer, head, quantity), a
+            value that is negative or not finite, a file cut short (write_csv ends every row with a
+            newline), Fisher or update norms missing, a quantity whose (layer, head) grid is incomplete,
+            or quantities on grids of different sizes (one report describes one model); the message
+            names the file, and the line where there is one.
     """
     path = Path(path)
     cells: dict[str, dict] = {}
+    first_line: dict[tuple, int] = {}  # (quantity, (layer, head)) -> the line that gave it
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -66,11 +69,21 @@ def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
                 number = float(value)
                 if not math.isfinite(number) or number < 0:
                     raise ValueError(f"{number} is not a finite value >= 0")
-                cells.setdefault(quantity, {})[key] = number
             except ValueError as exc:
                 raise ValueError(f"{path}:{line}: expected layer,head,quantity,value with an integer layer, "
                                  f"an integer head or {OTHER!r} and a number, got {row} ({exc})") from exc
+            if (quantity, key) in first_line:  # a silent "last row wins" would hide a botched merge
+                raise ValueError(f"{path}:{line}: a second {quantity} row for (layer, head) {key} (the first is "
+                                 f"line {first_line[(quantity, key)]}), got {row}")
+            first_line[(quantity, key)] = line
+            cells.setdefault(quantity, {})[key] = number
     report = {quantity: _grid(values, f"{path}: {quantity}") for quantity, values in cells.items()}
+    grids = [(quantity, tuple(values.heads.shape)) for quantity, values in report.items()]
+    for quantity, grid in grids[1:]:
+        if grid != grids[0][1]:  # one model's report: rank_correlation and the scatter plot pair them cell by cell
+            raise ValueError(f"{path}: {grids[0][0]} has a {' x '.join(map(str, grids[0][1]))} (layer x head) grid "
+                             f"but {quantity} a {' x '.join(map(str, grid))} one; a report's quantities describe "
+                             "one model")
     missing = [q for q in REQUIRED if q not in report]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} rows (a heads report has {', '.join(REQUIRED)})")

@@ -70,9 +70,10 @@ def test_doctor_says_where_builds_go_when_the_cache_path_is_a_file(tmp_path):
 def test_doctor_reports_invalid_settings_instead_of_crashing(tmp_path):
     cache_dir = tmp_path / "cache"
     (cache_dir / f".tmp-{'3' * 16}-otherhost-1-abcd1234").mkdir(parents=True)  # judged by CHILDOPT_LOCK_TIMEOUT
-    env = env_for(cache_dir, CHILDOPT_LOCK_TIMEOUT="soon", CHILDOPT_BUILD_TIMEOUT="nan")
+    env = env_for(cache_dir, CHILDOPT_LOCK_TIMEOUT="soon", CHILDOPT_BUILD_TIMEOUT="nan", CHILDOPT_BACKEND="bogus")
     report = run(["-m", "childopt", "doctor"], env, timeout=120)
     assert report.returncode == 1 and "Traceback" not in report.stderr, report.stdout + report.stderr
     assert "INVALID: CHILDOPT_LOCK_TIMEOUT must be a finite number of seconds >= 0, got 'soon'" in report.stdout
     assert "INVALID: CHILDOPT_BUILD_TIMEOUT must be a finite number of seconds >= 0, got 'nan'" in report.stdout
+    assert "INVALID: CHILDOPT_BACKEND must be one of" in report.stdout and "got 'bogus'" in report.stdout
     assert "otherhost" in report.stdout, "the cache is still reported"

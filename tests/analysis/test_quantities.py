@@ -97,6 +97,22 @@ def test_the_share_of_a_masked_adamw_is_that_of_its_masks(model, layout, storage
     assert child_share(layout, opt).heads.tolist() == [[0.0, 0.0], [1.0, 0.0]]
 
 
+@pytest.mark.parametrize("frozen", ["left out of the optimizer", "held but not requiring grad"])
+def test_an_optimizer_s_share_counts_only_what_it_trains(frozen):
+    """Layer 0 frozen: share 0 there, not 1; a held parameter without a mask still counts as fully kept."""
+    model = tiny_bert()
+    layout = HeadLayout.from_model(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".layer.0." not in name)
+    masks = {name: mask for name, mask in one_head(model, layer=1, head=0).items() if ".layer.1." in name}
+    del masks[bert_name(1, "output.LayerNorm.weight")]  # held without a mask: its 8 entries train fully
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or frozen.startswith("held")]
+    share = child_share(layout, MaskedAdamW(named, lr=1e-3, mask=masks))
+    other_entries = 8 + 8 + 8 + 16 * 8 + 16 + 8 * 16 + 8 + 8 + 8  # layer 1 outside the heads (hand-counted)
+    assert share.heads.tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    assert share.other.tolist() == [0.0, 8 / other_entries]
+
+
 def test_a_mask_that_changes_every_step_has_no_share(model, layout):
     opt = MaskedAdamW(model.named_parameters(), lr=1e-3, mask="bernoulli", reserve_p=0.3)
     with pytest.raises(ValueError, match="mask is 'bernoulli'; a child-network share needs a fixed mask"):

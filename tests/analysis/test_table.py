@@ -1,4 +1,5 @@
 """The heads CSV: one row per (layer, head, quantity), read back exactly; malformed files named by line."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -38,6 +39,32 @@ def test_malformed_files_are_named_with_the_line(tmp_path):
     path.write_text("layer,head,quantity,value\n0,0,fisher,1.0\n0,1,fisher,2.0\n")
     with pytest.raises(ValueError, match=r"fisher: no value for \(layer, head\) \(0, 'other'\) of a 1 x 2 grid"):
         read_csv(path)
+
+
+def test_a_duplicated_row_is_refused_naming_both_lines(tmp_path):
+    """0,0,fisher twice (even with one value) is a botched file, not 'the last one wins'."""
+    start = "layer,head,quantity,value\n0,0,fisher,1\n"
+    tail = "0,other,fisher,1\n0,0,update_norm,1\n0,other,update_norm,1\n"
+    for second in ("2", "1"):
+        path = _write(tmp_path / f"dup{second}.csv", f"{start}0,0,fisher,{second}\n{tail}")
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:3: a second fisher row for \(layer, head\) "
+                                             r"\(0, 0\) \(the first is line 2\)"):
+            read_csv(path)
+    path = _write(tmp_path / "dup-other.csv", f"{start}{tail}0,other,update_norm,3\n")
+    with pytest.raises(ValueError, match=r":6: a second update_norm row for \(layer, head\) \(0, 'other'\) "
+                                         r"\(the first is line 5\)"):
+        read_csv(path)
+
+
+def test_quantities_on_different_grids_are_refused_naming_both(tmp_path):
+    """Fisher on 2 layers x 2 heads, update norms on 1 x 2 (or 2 x 1): one report describes one model."""
+    fisher = "".join(f"{layer},{head},fisher,1\n" for layer in (0, 1) for head in (0, 1, "other"))
+    for layers, heads, grid in (((0,), (0, 1), "1 x 2"), ((0, 1), (0,), "2 x 1")):
+        update = "".join(f"{layer},{head},update_norm,1\n" for layer in layers for head in (*heads, "other"))
+        path = _write(tmp_path / f"{grid}.csv", "layer,head,quantity,value\n" + fisher + update)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: fisher has a 2 x 2 \(layer x head\) grid "
+                                             rf"but update_norm a {grid} one"):
+            read_csv(path)
 
 
 def test_damaged_reports_are_refused_naming_the_file(tmp_path):
