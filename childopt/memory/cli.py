@@ -10,7 +10,7 @@ from tqdm import tqdm
 from childopt.arguments import check_output_files, number, replacing
 from childopt.memory import report
 from childopt.memory.methods import METHODS
-from childopt.memory.models import HEADS, PRESETS, architecture
+from childopt.memory.models import HEADS, PRESETS, architecture, build, check_length
 from childopt.memory.planner import AUTOCAST, DTYPES, Setting, plan
 
 
@@ -25,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a preset, or a local Hugging Face config.json or model directory")
     parser.add_argument("--head", choices=("auto",) + HEADS, default="auto",
                         help="auto: classification for encoders (BERT, RoBERTa, ...), causal-lm otherwise")
-    parser.add_argument("--method", nargs="+", choices=tuple(METHODS), default=list(METHODS))
+    parser.add_argument("--method", nargs="+", choices=tuple(METHODS),
+                        help="default: every method; with --world-size > 1, every method FSDP2 can run (not "
+                             + ", ".join(m.name for m in METHODS.values() if m.fsdp2_refusal) + ")")
     parser.add_argument("--reserve-p", type=number(float, 0.0, high=1.0), default=0.3,
                         help="child-network share: the masks' kept share, the Bernoulli keep probability")
     parser.add_argument("--mask-scope", choices=("layers", "all"), default="layers",
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the plans as JSON")
     parser.epilog += ". Output paths are checked before anything is traced; missing folders are made."
     args = parser.parse_args(argv)
+    if args.method is None:
+        args.method = [m.name for m in METHODS.values() if args.world_size == 1 or not m.fsdp2_refusal]
     check_output_files(parser, {"--plot": args.plot, "--json": args.json}, plots=("--plot",))
     return args
 
@@ -57,11 +61,18 @@ def main(argv=None) -> int:
         print("python -m childopt memory: error: --measure runs one CPU process; it cannot check --world-size "
               f"{args.world_size}", file=sys.stderr)
         return 2
+    refused = [METHODS[m] for m in args.method if METHODS[m].fsdp2_refusal] if args.world_size > 1 else []
+    if refused:
+        reasons = "; ".join(f"--method {m.name} cannot be planned with --world-size {args.world_size} (FSDP2): "
+                            f"{m.fsdp2_refusal}" for m in refused)
+        print(f"python -m childopt memory: error: {reasons}", file=sys.stderr)
+        return 2
     try:
         arch = architecture(args.model, args.head)
         setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, autocast=args.autocast,
                           checkpointing=args.checkpointing, world_size=args.world_size, reserve_p=args.reserve_p,
                           mask_scope=args.mask_scope, lora_rank=args.lora_rank)
+        check_length(build(arch, DTYPES[args.dtype]), arch.config, args.seq_len, name="--seq-len")
         plans = [plan(arch, name, setting) for name in tqdm(args.method, desc="tracing", unit="method")]
         measured = {}
         if args.measure:
@@ -72,7 +83,7 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"python -m childopt memory: error: {exc}", file=sys.stderr)
         return 2
-    title = report.describe(arch, setting, plans[0].parameters)
+    title = report.describe(arch, setting, plans[0].parameters, args.method)
     print(title)
     print(report.table(plans, measured))
     if args.plot:

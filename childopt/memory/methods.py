@@ -46,6 +46,7 @@ class Method:
     traced_as: str = ""  # the method whose trace it shares, when it cannot be traced itself
     modeled: str = ""  # what is added to that trace by layout
     runs_on_cpu: bool = True  # validate.measure can run it here
+    fsdp2_refusal: str = ""  # why FSDP2 (world_size > 1) cannot run it; '' when it can
 
 
 METHODS = {m.name: m for m in (
@@ -54,13 +55,18 @@ METHODS = {m.name: m for m in (
     Method("ct-d", "Child-Tuning-D: MaskedAdamW, fixed mask of reserve_p on the blocks, dense storage", masks=True),
     Method("sparse", "Child-Tuning-D with storage='sparse' (moments of the kept entries only)", masks=True),
     Method("sparse-compact", "storage='sparse' and compact_grads=True (gradients of the kept entries only)",
-           masks=True),
+           masks=True,
+           fsdp2_refusal="compact_grads=True does not take FSDP2 (DTensor) parameters (FSDP2 sets sharded gradients "
+                         "after its reduce-scatter, outside the hook that keeps the compact entries); 'sparse' is "
+                         "the same method with dense gradients"),
     Method("importance", "MaskedAdamW mask='importance' (running scores)", traced_as="ct-f",
            modeled="traced as ct-f, plus 1 B of level code per element; a refresh step's logs and temporaries "
                    "modeled"),
     Method("lora", "peft LoRA on peft's default modules for the model, torch AdamW (fused)"),
     Method("adamw-8bit", "bitsandbytes AdamW8bit", traced_as="full",
-           modeled="traced as full, state from bitsandbytes' 8-bit layout", runs_on_cpu=False),
+           modeled="traced as full, state from bitsandbytes' 8-bit layout", runs_on_cpu=False,
+           fsdp2_refusal="bitsandbytes' optimizers do not take FSDP2 (DTensor) parameters (bitsandbytes issues #89, "
+                         "#1633)"),
 )}
 
 SPARSE_STORAGE = ("sparse", "sparse-compact")

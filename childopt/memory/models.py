@@ -121,15 +121,16 @@ def build(arch: Architecture, dtype: torch.dtype, device: str = "meta") -> torch
     return model.train()
 
 
-def check_length(model: torch.nn.Module, config, seq_len: int) -> None:
+def check_length(model: torch.nn.Module, config, seq_len: int, name: str = "seq_len") -> None:
     """Refuse sequences longer than a learned position table: an ``Embedding`` with
-    ``max_position_embeddings`` rows (rotary models have none), less RoBERTa's padding offset."""
+    ``max_position_embeddings`` rows (rotary models have none), less RoBERTa's padding offset;
+    the error names the length ``name`` (``--seq-len`` on the command line)."""
     limit = getattr(config, "max_position_embeddings", None)
     tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == limit]
     for table in tables:
         usable = limit - (table.padding_idx + 1 if table.padding_idx is not None else 0)
         if seq_len > usable:
-            raise ValueError(f"seq_len {seq_len} is longer than the model's learned position table "
+            raise ValueError(f"{name} {seq_len} is longer than the model's learned position table "
                              f"({usable} positions)")
 
 

@@ -9,9 +9,11 @@ measured.  Terms, per device:
 * weights: parameters and buffers (buffers are replicated under FSDP2);  optimizer state: every
   tensor in ``optimizer.state`` but the masks (what ``MaskedAdamW.state_bytes()`` sums);  masks:
   ``mask``, ``indices`` and ``importance`` codes;
-* gradients: the bytes held after backward (``.grad``, or the compact gradients);
-* activations: the step's peak increase above what it starts with, minus the gradients
-  (saved activations and temporaries at the peak).
+* gradients: the bytes of gradients (``.grad``, or the compact gradients) live at the step's peak,
+  as the peak counts them: none when it falls in the forward, those made so far in the backward,
+  all of them in ``step()`` (the dense gradient a compact-gradient hook gathers from is a temporary);
+* activations: the rest of the step's peak increase above what it starts with (saved
+  activations and temporaries live at the peak).
 
 ``total = weights + state + masks + gradients + activations`` is the step's peak.  With a world
 size ``W > 1`` (FSDP2, ``fully_shard`` on each block and the root) the parameters, state and
@@ -133,6 +135,19 @@ def held_gradients(model: torch.nn.Module, optimizer) -> int:
     return storage_bytes(grads + list(compact.values()))
 
 
+def gradient_of(param: torch.Tensor, optimizer) -> torch.Tensor:
+    """What holds ``param``'s gradient once every hook has run: ``.grad``, or its compact gradient."""
+    if param.grad is not None or not hasattr(optimizer, "compact_gradients"):
+        return param.grad
+    return optimizer.compact_gradients()[param]
+
+
+def mark_gradients(model: torch.nn.Module, optimizer, mark: Callable[[torch.Tensor], None]) -> list:
+    """Hooks (after the optimizer's own) calling ``mark`` on each gradient as backward makes it; their handles."""
+    return [p.register_post_accumulate_grad_hook(lambda p: mark(gradient_of(p, optimizer)))
+            for p in model.parameters() if p.requires_grad]
+
+
 def training_step(model: torch.nn.Module, optimizer, inputs: dict, setting: Setting,
                   on_phase: Callable[[str], None] = lambda phase: None) -> int:
     """Forward, backward, ``step()``, ``zero_grad(set_to_none=True)``; the gradients' bytes after
@@ -174,12 +189,13 @@ def _fsdp_extra(model: torch.nn.Module, world_size: int) -> tuple[int, int]:
 
 
 def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *, gradients: int,
-          increase: int, stand_in: bool, peak_phase: str, step_increase: int = 0) -> Plan:
-    """The :class:`Plan` of a step of ``optimizer``: ``gradients`` held after backward, ``increase``
-    its peak above what it started with (the state an earlier step created; with FSDP2, counting
-    gradients at their shard's size), in ``peak_phase``; ``step_increase``: the peak of the
-    ``step()`` part alone.  With ``stand_in``, ``optimizer`` is the traced stand-in of ``method``
-    (:func:`childopt.memory.methods.traced`) and the layout ``method`` differs by is applied."""
+          held: int, increase: int, stand_in: bool, peak_phase: str, step_increase: int = 0) -> Plan:
+    """The :class:`Plan` of a step of ``optimizer``: ``increase`` its peak above what it started with
+    (the state an earlier step created; with FSDP2, counting gradients at their shard's size), in
+    ``peak_phase``, of which ``gradients`` are gradients; ``held``: the gradients held after backward
+    (unsharded); ``step_increase``: the peak of the ``step()`` part alone.  With ``stand_in``,
+    ``optimizer`` is the traced stand-in of ``method`` (:func:`childopt.memory.methods.traced`) and
+    the layout ``method`` differs by is applied."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if stand_in and method.name == "adamw-8bit":
         state = methods.modeled_state_bytes(method, trainable)
@@ -189,13 +205,13 @@ def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *
     if stand_in:
         masks += methods.modeled_mask_bytes(method, trainable)
         held_by_step = step_increase + methods.modeled_step_bytes(method, trainable) // setting.world_size
-        if held_by_step > increase:
-            increase, peak_phase = held_by_step, "step"
+        if held_by_step > increase:  # every gradient is live during step()
+            increase, peak_phase, gradients = held_by_step, "step", held // setting.world_size
     extra_weights, extra_gradients = _fsdp_extra(model, setting.world_size)
     w = setting.world_size
     weights = storage_bytes(model.parameters()) // w + storage_bytes(model.buffers())  # buffers are replicated
-    return Plan(method=method.name, weights=weights + extra_weights, gradients=gradients // w + extra_gradients,
-                state=state // w, masks=masks // w, activations=max(0, increase - gradients // w),
+    return Plan(method=method.name, weights=weights + extra_weights, gradients=gradients + extra_gradients,
+                state=state // w, masks=masks // w, activations=max(0, increase - gradients),
                 parameters=sum(p.numel() for p in model.parameters()),
                 trainable=sum(p.numel() for p in trainable), modeled=method.modeled if stand_in else "",
                 peak_phase=peak_phase)
@@ -214,13 +230,9 @@ def _untraceable_ops_named(arch: Architecture):
 def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
     """Trace two training steps of ``method_name`` on ``arch`` on fake tensors; the second's peak, by term."""
     method = methods.check_method(method_name)
-    if setting.world_size > 1 and method.name == "sparse-compact":
-        raise ValueError("method 'sparse-compact' uses compact_grads=True, which does not take FSDP2 (DTensor) "
-                         "parameters (FSDP2 sets sharded gradients after its reduce-scatter, outside the hook that "
-                         "keeps the compact entries): plan 'sparse' with world_size > 1, or world_size=1")
-    if setting.world_size > 1 and method.name == "adamw-8bit":
-        raise ValueError("method 'adamw-8bit': bitsandbytes' optimizers do not take FSDP2 (DTensor) parameters "
-                         "(bitsandbytes issues #89, #1633); plan it with world_size=1")
+    if setting.world_size > 1 and method.fsdp2_refusal:
+        raise ValueError(f"method {method.name!r} cannot be planned with world_size {setting.world_size} (FSDP2): "
+                         f"{method.fsdp2_refusal}")
     model = model_for(arch, method, setting, "meta")
     mode = fake_mode()
     to_fake(model, mode)
@@ -228,9 +240,6 @@ def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> 
         inputs = inputs_for(arch, setting)
     tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()),
                         gradient_share=setting.world_size)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(lambda p: tracker.mark_gradient(p.grad))
 
     def fake_mask(param: torch.Tensor, count: int) -> torch.Tensor:
         mask = torch.empty(param.shape, dtype=torch.bool, device=param.device)
@@ -244,10 +253,12 @@ def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> 
         optimizer = methods.build_optimizer(methods.traced(method), model, reserve_p=setting.reserve_p,
                                             mask_scope=setting.mask_scope, backend=PLANNED_BACKEND,
                                             make_mask=fake_mask)
+        mark_gradients(model, optimizer, tracker.mark_gradient)
         training_step(model, optimizer, inputs, setting)
         start = tracker.live
         tracker.reset_peak()
-        gradients = training_step(model, optimizer, inputs, setting, on_phase)
-    return terms(method, setting, model, optimizer, gradients=gradients, increase=tracker.peak - start,
+        held = training_step(model, optimizer, inputs, setting, on_phase)
+    return terms(method, setting, model, optimizer, gradients=tracker.peak_gradients, held=held,
+                 increase=tracker.peak - start,
                  stand_in=methods.traced(method) is not method, peak_phase=tracker.peak_phase,
                  step_increase=tracker.phase_peaks.get("step", start) - start)

@@ -18,14 +18,23 @@ def _unit(plans: list) -> tuple[float, str]:
     return (1e9, "GB") if max(p.total for p in plans) >= 1e9 else (1e6, "MB")
 
 
-def describe(arch: Architecture, setting: Setting, parameters: int) -> str:
-    """One line on what was planned: the model, the batch, the dtypes and the sharding."""
+def count(n: int) -> str:
+    """``n`` in millions from 1M up (``3,426.5M``), in thousands from 1K (``12.3K``), else as is."""
+    if n >= 1e6:
+        return f"{n / 1e6:,.1f}M"
+    return f"{n / 1e3:,.1f}K" if n >= 1e3 else f"{n:,}"
+
+
+def describe(arch: Architecture, setting: Setting, parameters: int, methods: list) -> str:
+    """One line on what was planned: the model, the batch, the dtypes, the sharding, and the LoRA
+    rank where ``methods`` has LoRA."""
     autocast = "" if setting.autocast == "none" else f", {setting.autocast} autocast"
     checkpointing = ", activation checkpointing" if setting.checkpointing else ""
     sharding = f", FSDP2 over {setting.world_size} devices" if setting.world_size > 1 else ", one device"
-    return (f"{arch.source} as {arch.head} ({parameters / 1e6:,.1f}M parameters), batch {setting.batch_size} x "
+    lora = f", LoRA rank {setting.lora_rank}" if "lora" in methods else ""
+    return (f"{arch.source} as {arch.head} ({count(parameters)} parameters), batch {setting.batch_size} x "
             f"{setting.seq_len} tokens (no padding), {setting.dtype} parameters{autocast}{checkpointing}{sharding}, "
-            f"reserve_p {setting.reserve_p} ({setting.mask_scope}), LoRA rank {setting.lora_rank}")
+            f"reserve_p {setting.reserve_p} ({setting.mask_scope}){lora}")
 
 
 def table(plans: list, measured: dict | None = None) -> str:

@@ -37,7 +37,9 @@ class LiveBytes(TorchDispatchMode):
     counted: ops that return views of them allocate nothing.  Storages marked as gradients
     (:meth:`mark_gradient`) are also counted apart, so that :attr:`peak` can be taken as if each
     gradient held only ``1 / gradient_share`` of its bytes (FSDP2's sharded gradients); ``phase``
-    names the part of the step running, and :attr:`peak_phase` the part where the peak fell.
+    names the part of the step running, :attr:`peak_phase` the part where the peak fell, and
+    :attr:`peak_gradients` the bytes of gradients the peak counts: those live at the peak (as
+    counted there: sharded if marked by then) that are or later become marked gradients.
     """
 
     def __init__(self, existing: Iterable[torch.Tensor] = (), gradient_share: int = 1):
@@ -46,9 +48,13 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = ""
         self.peak_phase = ""
+        self.peak_gradients = 0
         self.phase_peaks: dict = {}  # phase -> the highest (sharded) live bytes while it ran
         self._gradient_bytes = 0
         self._gradient_keys: set = set()
+        self._born: dict = {}  # key -> the count of storages created up to and including it
+        self._created = 0
+        self._peak_created = 0  # storages created when the peak was reached
         self._unsharded = 1.0 - 1.0 / gradient_share
         self._known = {storage_key(t) for t in existing}
         self._kept: dict = {}
@@ -61,13 +67,21 @@ class LiveBytes(TorchDispatchMode):
         """``grad``'s storage (counted when an op made it) is a parameter's gradient."""
         key = storage_key(grad)
         if key in self._known and key not in self._gradient_keys:
+            nbytes = grad.untyped_storage().nbytes()
             self._gradient_keys.add(key)
-            self._gradient_bytes += grad.untyped_storage().nbytes()
+            self._gradient_bytes += nbytes
+            if self._born.get(key, self._created + 1) <= self._peak_created:  # live at the peak, a gradient now
+                self.peak_gradients += nbytes
 
     def reset_peak(self) -> None:
         self.peak = self._sharded_live()
         self.peak_phase = self.phase
+        self.peak_gradients = self._peak_share()
+        self._peak_created = self._created
         self.phase_peaks = {}
+
+    def _peak_share(self) -> int:
+        return self._gradient_bytes - int(self._unsharded * self._gradient_bytes)
 
     def _sharded_live(self) -> int:
         return self.live - int(self._unsharded * self._gradient_bytes)
@@ -76,12 +90,14 @@ class LiveBytes(TorchDispatchMode):
         live = self._sharded_live()
         self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, live), live)
         if live > self.peak:
-            self.peak, self.peak_phase = live, self.phase
+            self.peak, self.peak_phase, self.peak_gradients = live, self.phase, self._peak_share()
+            self._peak_created = self._created
 
     def _released(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
         self._known.discard(key)
         self._kept.pop(key, None)
+        self._born.pop(key, None)
         if key in self._gradient_keys:
             self._gradient_keys.discard(key)
             self._gradient_bytes -= nbytes
@@ -94,6 +110,8 @@ class LiveBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         self.live += nbytes
+        self._created += 1
+        self._born[key] = self._created
         self._update_peak()
         weakref.finalize(storage, self._released, key, nbytes)
 

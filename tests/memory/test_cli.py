@@ -32,7 +32,8 @@ def test_plans_measures_plots_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt-5"], "preset"),
-    (["--model", "llama-7b", "--method", "sparse-compact", "--world-size", "8"], "compact_grads=True"),
+    (["--model", "llama-7b", "--method", "sparse-compact", "--world-size", "8"],
+     "--method sparse-compact cannot be planned with --world-size 8 (FSDP2): compact_grads=True"),
 ])
 def test_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert main(["memory", *argv]) == 2
@@ -59,3 +60,45 @@ def test_an_output_it_could_not_write_is_refused_before_any_tracing(tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         main(["memory", "--model", "roberta-base", "--json", str(tmp_path)])
     assert exc.value.code == 2 and "--json: " in capsys.readouterr().err
+
+
+def test_world_size_plans_by_default_every_method_fsdp2_runs(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    assert main(["memory", "--model", str(tmp_path), "--batch-size", "2", "--seq-len", "16", "--world-size", "2"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:] if not line.startswith(" ")]
+    assert rows == ["full", "ct-f", "ct-d", "sparse", "importance", "lora"]
+
+
+def test_methods_fsdp2_refuses_are_refused_before_any_tracing(capsys, monkeypatch):
+    from childopt.memory import cli
+
+    monkeypatch.setattr(cli, "plan", lambda *a, **k: pytest.fail("traced before refusing the method"))
+    assert main(["memory", "--model", "llama-7b", "--method", "full", "adamw-8bit", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--method adamw-8bit cannot be planned with --world-size 2 (FSDP2): bitsandbytes" in err
+
+
+def test_a_sequence_longer_than_the_position_table_names_the_flag(tmp_path, capsys, monkeypatch):
+    from childopt.memory import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    monkeypatch.setattr(cli, "plan", lambda *a, **k: pytest.fail("traced before refusing --seq-len"))
+    assert main(["memory", "--model", str(tmp_path), "--seq-len", "65"]) == 2
+    assert "error: --seq-len 65 is longer than the model's learned position table (64 positions)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods, lora", [(["full"], False), (["full", "lora"], True)])
+def test_title_counts_small_models_in_thousands_and_names_the_lora_rank_only_for_lora(tmp_path, capsys, methods,
+                                                                                      lora):
+    import torch
+
+    from childopt.memory.models import architecture, build
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    n = sum(p.numel() for p in build(architecture(str(tmp_path)), torch.float32).parameters())
+    assert main(["memory", "--model", str(tmp_path), "--method", *methods, "--batch-size", "1", "--seq-len", "8",
+                 "--lora-rank", "4"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert f"({n / 1000:,.1f}K parameters)" in title
+    assert ("LoRA rank 4" in title) == lora

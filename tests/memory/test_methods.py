@@ -36,7 +36,6 @@ def test_lora_trains_the_adapters_and_the_head_only():
     adapters = layers * 2 * (rank * hidden + hidden * rank)  # query and value: A (r x h) and B (h x r)
     classifier = hidden * 2 + 2
     assert lora.trainable == adapters + classifier
-    assert lora.gradients == 4 * lora.trainable
 
 
 def test_random_mask_keeps_exactly_the_count():
@@ -47,7 +46,8 @@ def test_random_mask_keeps_exactly_the_count():
 @pytest.mark.cuda
 def test_8bit_layout_matches_bitsandbytes_on_a_gpu():
     bnb = pytest.importorskip("bitsandbytes")
-    params = [torch.nn.Parameter(torch.randn(64, 100, device="cuda")), torch.nn.Parameter(torch.randn(64, device="cuda"))]
+    params = [torch.nn.Parameter(torch.randn(64, 100, device="cuda")),
+              torch.nn.Parameter(torch.randn(64, device="cuda"))]
     opt = bnb.optim.AdamW8bit(params)
     for p in params:
         p.grad = torch.randn_like(p)

@@ -63,11 +63,31 @@ def test_world_size_shards_the_held_terms_and_adds_what_fsdp2_gathers():
     assert four.state == one.state // 4
     buffers = one.weights - 4 * sum(_numels(arch))  # the rotary inv_freq, replicated on every rank
     assert four.weights == (one.weights - buffers) // 4 + buffers + 2 * blocks // 4 + root
-    assert four.gradients == one.gradients // 4 + blocks // 4 + root
+    # Both peak as the last gradient, the embeddings' (2000 x 64 fp32), is made: sharded gradients but that
+    # one, whole until its reduce-scatter.
+    embedding = 4 * 2000 * 64
+    assert one.gradients == 4 * sum(_numels(arch))
+    assert four.gradients == one.gradients // 4 + embedding - embedding // 4 + blocks // 4 + root
 
 
-def test_compact_gradients_with_fsdp_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="compact_grads=True.*FSDP2.*plan 'sparse'"):
+def test_gradients_are_those_live_at_the_peak():
+    """The forward holds no gradient; a peak in the backward holds those computed so far, counted apart
+    by the profiler's allocation log on real tensors (a gradient hook names each one's address); a
+    peak after the backward holds every one (4 B per trainable entry)."""
+    arch = SMALL["bert"]()
+    forward = plan(arch, "lora", Setting(batch_size=4, seq_len=48))
+    assert forward.peak_phase == "forward" and forward.trainable > 0 and forward.gradients == 0
+    setting = Setting(batch_size=4, seq_len=48)
+    middle, measured = plan(arch, "full", setting), measure(arch, "full", setting)
+    assert middle.peak_phase == "backward" and 0 < middle.gradients < 4 * middle.trainable
+    assert (middle.gradients, middle.activations) == (measured.gradients, measured.activations)
+    end = plan(arch, "full", Setting(batch_size=1, seq_len=8))
+    assert end.gradients == 4 * end.trainable
+
+
+def test_methods_fsdp2_cannot_run_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="'sparse-compact' cannot be planned with world_size 2.*compact_grads=True"
+                                         ".*'sparse' is the same method"):
         plan(SMALL["bert"](), "sparse-compact", Setting(world_size=2))
 
 

@@ -59,6 +59,24 @@ def test_views_of_existing_tensors_allocate_nothing_and_frees_are_counted():
     assert transposed.shape == (256, 256)
 
 
+def test_peak_gradients_are_the_marked_storages_live_at_the_peak():
+    """Marked before the peak or after it (a backward op makes a gradient before its hook marks it),
+    a gradient counts if it was live at the peak; one freed before it or made after it does not."""
+    mode = fake_mode()
+    with mode, LiveBytes() as tracker:
+        early = torch.empty(10)  # 40 B, a gradient freed before the peak
+        tracker.mark_gradient(early)
+        del early
+        kept = torch.empty(20)  # 80 B, marked before the peak
+        tracker.mark_gradient(kept)
+        made = torch.empty(30)  # 120 B, live at the peak, marked after it
+        temporary = torch.empty(1000)  # the peak: 80 + 120 + 4000
+        del temporary
+        tracker.mark_gradient(made)
+        tracker.mark_gradient(torch.empty(5))  # made after the peak
+    assert tracker.peak == 4200 and tracker.peak_gradients == 200
+
+
 def test_nonzero_of_a_declared_mask_and_of_its_copies_has_the_declared_length():
     mode = fake_mode()
     with mode, LiveBytes() as tracker:
