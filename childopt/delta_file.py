@@ -4,11 +4,14 @@ A delta file holds tensors ``"{name}.indices"`` and ``"{name}.values"`` per entr
 the user's metadata, the reserved keys::
 
     childopt.format          "childopt.sparse_delta"
-    childopt.format_version  "2"
-    childopt.entries         JSON {name: {"shape": [non-negative ints], "dtype": "bfloat16"}}
+    childopt.format_version  "3"
+    childopt.entries         JSON {name: {"shape": [non-negative ints], "dtype": "bfloat16",
+                                          "aliases": [names], "base_sha256": hex}}
     childopt.sha256          SHA-256 of the metadata and tensors (see :func:`checksum`)
 
-Version 1 files (no checksum) are still read.  :func:`read` checks the safetensors container,
+``aliases`` (other names of a tied tensor) and ``base_sha256`` (:func:`digest` of the base values
+at the stored indices) are optional, and new in version 3.  Version 1 (no checksum) and version 2
+files are still read.  :func:`read` checks the safetensors container,
 the reserved keys, the layout and the tensor names, each with a message naming the file and the
 key; :func:`verify` compares the checksum, so a flipped byte in the data is an error rather than
 a silently different delta.  Every problem raises :class:`DeltaFormatError`.
@@ -23,26 +26,40 @@ import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "childopt.sparse_delta"
-FORMAT_VERSION = "2"
-READ_VERSIONS = ("1", "2")
+FORMAT_VERSION = "3"
+READ_VERSIONS = ("1", "2", "3")
 META_PREFIX = "childopt."  # metadata keys the format reserves
 FORMAT_KEY = "childopt.format"
 VERSION_KEY = "childopt.format_version"
 ENTRIES_KEY = "childopt.entries"
 CHECKSUM_KEY = "childopt.sha256"
-RESERVED_KEYS = {"1": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY), "2": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY, CHECKSUM_KEY)}
+RESERVED_KEYS = {"1": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY), "2": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY, CHECKSUM_KEY),
+                 "3": (FORMAT_KEY, VERSION_KEY, ENTRIES_KEY, CHECKSUM_KEY)}
+SPEC_KEYS = ("shape", "dtype")  # every entry of the layout metadata
+OPTIONAL_SPEC_KEYS = {"1": (), "2": (), "3": ("aliases", "base_sha256")}
 PARTS = ("indices", "values")
 NUMEL_LIMIT = 2**63  # flat indices are int64
 
 Path = Union[str, os.PathLike]
-Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class EntryLayout(NamedTuple):
+    """What the layout metadata says of one entry."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    aliases: tuple[str, ...] = ()
+    base_sha256: Optional[str] = None
+
+
+Layout = dict[str, EntryLayout]
 
 
 class DeltaFormatError(ValueError):
@@ -89,6 +106,28 @@ def _is_int(value) -> bool:
     return True
 
 
+def check_aliases(aliases, what: str) -> tuple[str, ...]:
+    """``aliases`` as a tuple, after checking it is a list or tuple of distinct non-empty strings."""
+    if (not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and a for a in aliases)
+            or len(set(aliases)) != len(aliases)):
+        raise TypeError(f"{what} must be a list of distinct non-empty names, got {_clip(aliases)}")
+    return tuple(aliases)
+
+
+def check_digest(value, what: str) -> Optional[str]:
+    """``value`` after checking it is None or a SHA-256 in lowercase hex (as :func:`digest` gives)."""
+    if value is not None and not (isinstance(value, str) and len(value) == 64
+                                  and all(c in "0123456789abcdef" for c in value)):
+        raise TypeError(f"{what} must be None or a SHA-256 as 64 lowercase hex digits, got {_clip(value)}")
+    return value
+
+
+def digest(values: torch.Tensor) -> str:
+    """SHA-256 (hex) of the bytes of ``values`` (a 1-D tensor, on any device): the fingerprint of a
+    delta's base values at its stored indices."""
+    return hashlib.sha256(_tensor_bytes(values.contiguous().cpu())).hexdigest()
+
+
 def check_user_metadata(metadata: Mapping) -> dict[str, str]:
     """The user's metadata, checked: string keys and values, none under the reserved prefix."""
     if bad := [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]:
@@ -124,8 +163,13 @@ def checksum(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -
 
 def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Save ``tensors`` (contiguous, CPU) with the user's ``metadata`` and the reserved keys."""
-    entries = {name: {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
-               for name, (shape, dtype) in layout.items()}
+    entries = {}
+    for name, (shape, dtype, aliases, base_sha256) in layout.items():
+        spec = entries[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+        if aliases:
+            spec["aliases"] = list(aliases)
+        if base_sha256 is not None:
+            spec["base_sha256"] = base_sha256
     meta = {**check_user_metadata(metadata), FORMAT_KEY: FORMAT, VERSION_KEY: FORMAT_VERSION,
             ENTRIES_KEY: json.dumps(entries)}
     where = os.fspath(path)
@@ -193,25 +237,29 @@ def _read_layout(where: str, meta: Mapping[str, str], dtypes: Mapping[str, torch
         raise DeltaFormatError(f"{where}: {ENTRIES_KEY!r} metadata must be a JSON object "
                                f"{{name: {{\"shape\": [...], \"dtype\": ...}}}}, got {type(entries).__name__} "
                                f"{_clip(entries)}")
-    return {name: _entry_layout(where, name, spec, dtypes) for name, spec in entries.items()}
+    optional = OPTIONAL_SPEC_KEYS[version]
+    return {name: _entry_layout(where, name, spec, dtypes, optional) for name, spec in entries.items()}
 
 
-def _entry_layout(where: str, name: str, spec, dtypes: Mapping[str, torch.dtype]) -> tuple:
-    """(shape, dtype) of one entry of the layout metadata."""
+def _entry_layout(where: str, name: str, spec, dtypes: Mapping[str, torch.dtype], optional: tuple) -> EntryLayout:
+    """One entry of the layout metadata; ``optional``: the keys beside shape and dtype its version allows."""
     what = f"{where}: {ENTRIES_KEY!r} entry {name!r}"
-    if not isinstance(spec, dict) or set(spec) != {"shape", "dtype"}:
-        raise DeltaFormatError(f"{what} must be an object with exactly the keys 'shape' and 'dtype', got {_clip(spec)}")
+    if not isinstance(spec, dict) or not set(SPEC_KEYS) <= set(spec) <= set(SPEC_KEYS + optional):
+        also = f" (and optionally {' and '.join(map(repr, optional))})" if optional else ""
+        raise DeltaFormatError(f"{what} must be an object with exactly the keys 'shape' and 'dtype'{also}, "
+                               f"got {_clip(spec)}")
     if not isinstance(spec["dtype"], str) or spec["dtype"] not in dtypes:
         raise DeltaFormatError(f"{what} has dtype {_clip(spec['dtype'])}; expected one of "
                                f"{', '.join(map(repr, dtypes))}")
     try:
-        shape = check_shape(spec["shape"], f"{what}: shape")
+        return EntryLayout(check_shape(spec["shape"], f"{what}: shape"), dtypes[spec["dtype"]],
+                           check_aliases(spec.get("aliases", []), f"{what}: aliases"),
+                           check_digest(spec.get("base_sha256"), f"{what}: base_sha256"))
     except (TypeError, ValueError) as err:
         raise DeltaFormatError(str(err)) from err
-    return shape, dtypes[spec["dtype"]]
 
 
 def _clip(value, limit: int = 80) -> str:
     """``repr(value)``, shortened for an error message."""
-    text = json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+    text = json.dumps(value, default=repr) if isinstance(value, (dict, list)) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,8 +14,8 @@ its difference from the base weights at the changed entries only::
 Each :class:`DeltaEntry` holds sorted flat (row-major) indices and the differences
 ``tuned - base`` there, in a float type wider than the parameter's, so that applying the delta
 to the base reproduces the tuned weights exactly (see :data:`WIDE_DTYPES`).  Files are plain
-safetensors: tensors ``"{name}.indices"`` and ``"{name}.values"``, with the shapes, dtypes,
-format version and a checksum in the string metadata (:mod:`childopt.delta_file`); a file that
+safetensors: tensors ``"{name}.indices"`` and ``"{name}.values"``, with the shapes, dtypes, tied
+names, base fingerprints, format version and a checksum in the string metadata; a file that
 is damaged or not a delta raises :class:`DeltaFormatError` naming the file and the problem.
 """
 from __future__ import annotations
@@ -71,15 +71,22 @@ class DeltaEntry:
         indices: 1-D strictly increasing flat indices: int32 below 2**31 elements, else int64
             (what extract, merge and load produce; int64 is accepted for any size).
         values: 1-D differences in ``WIDE_DTYPES[dtype]``, one per index.
+        aliases: the tensor's other names, when it was tied (one tensor under several names).
+        base_sha256: :func:`~childopt.delta_file.digest` of the base values at ``indices``, which
+            ``apply_to`` compares with its target's (None: unknown, as in files before version 3).
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     indices: torch.Tensor
     values: torch.Tensor
+    aliases: tuple[str, ...] = ()
+    base_sha256: Optional[str] = None
 
     def __post_init__(self):
         self.shape = delta_file.check_shape(self.shape, "DeltaEntry shape")
+        self.aliases = delta_file.check_aliases(self.aliases, "DeltaEntry aliases")
+        self.base_sha256 = delta_file.check_digest(self.base_sha256, "DeltaEntry base_sha256")
 
     @property
     def numel(self) -> int:
@@ -101,6 +108,11 @@ class DeltaEntry:
 
     def _check(self, name: str) -> None:
         """Raise unless the entry is well formed (an entry built by hand or read from a file)."""
+        self.shape = delta_file.check_shape(self.shape, f"{name!r}: shape")  # fields may be reassigned
+        self.aliases = delta_file.check_aliases(self.aliases, f"{name!r}: aliases")
+        delta_file.check_digest(self.base_sha256, f"{name!r}: base_sha256")
+        if name in self.aliases:
+            raise ValueError(f"{name!r}: aliases must name the tensor's other names, not {name!r} itself")
         wide = _wide_dtype(name, self.dtype)
         check_indices(self.indices, self.numel, repr(name))
         if self.values.shape != self.indices.shape or self.values.dtype != wide:
@@ -124,8 +136,20 @@ class SparseDelta:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check()
+
+    def _check(self) -> None:
+        """Raise unless every entry is well formed and every tensor name belongs to one entry."""
+        owner = {}
         for name, entry in self.entries.items():
+            if not isinstance(entry, DeltaEntry):
+                raise TypeError(f"entries[{name!r}] must be a DeltaEntry, got {type(entry).__name__}")
             entry._check(name)
+            for alias in entry.aliases:
+                if alias in self.entries or alias in owner:
+                    also = "an entry of its own" if alias in self.entries else f"an alias of {owner[alias]!r}"
+                    raise ValueError(f"{alias!r} is an alias of {name!r} and {also}: the tensor would change twice")
+                owner[alias] = name
 
     @classmethod
     @torch.no_grad()
@@ -150,12 +174,16 @@ class SparseDelta:
 
         Tensors without entries are omitted.  Tied tensors (one tensor under several names, as
         ``state_dict()`` lists shared embeddings) are stored once, under their first name (the
-        indices given under any of the names joined), so that applying the delta to the model
-        changes them once.  Only floating-point tensors
-        can hold entries: a changed integer buffer (e.g. BatchNorm's ``num_batches_tracked``)
-        raises TypeError; leave it out of ``base``/``tuned``.
+        indices given under any of the names joined), with the other names as its ``aliases``,
+        so that applying the delta changes the model's tensor once and each copy in a state dict.
+        Each entry records ``base_sha256``, the fingerprint of ``base`` at its indices, which
+        ``apply_to`` checks.  Only floating-point tensors can hold entries: a changed integer
+        buffer (e.g. BatchNorm's ``num_batches_tracked``) raises TypeError; leave it out of
+        ``base``/``tuned``.
 
         Raises:
+            TypeError: ``indices`` is keyed by tensors rather than names (``sparse_indices()`` of
+                an optimizer built on ``model.parameters()``).
             ValueError: names, shapes or dtypes of ``base`` and ``tuned`` differ, ``indices``
                 names an unknown tensor or an index out of range, ``outside="raise"`` and
                 ``tuned`` changed outside ``indices``, or an entry cannot round-trip exactly (see
@@ -165,11 +193,12 @@ class SparseDelta:
             raise ValueError(f"outside must be one of {', '.join(map(repr, _OUTSIDE_CHOICES))}, got {outside!r}")
         base, tuned = _named_tensors(base), _named_tensors(tuned)
         _check_same_tensors(base, tuned)
-        if indices is not None and (unknown := [n for n in indices if n not in tuned]):
-            raise ValueError(f"indices given for tensors that base and tuned lack: {short_list(unknown)}")
+        if indices is not None:
+            _check_index_names(indices, tuned)
         listed = [n for n in tuned if indices is None or n in indices]
-        names = listed if outside == "drop" else listed + [n for n in tuned if n not in listed]
-        tied = _tied_duplicates(tuned, names)  # a listed name is kept before an unlisted one
+        unlisted = [n for n in tuned if n not in listed]
+        names = listed if outside == "drop" else listed + unlisted
+        tied = _tied_duplicates(tuned, listed + unlisted)  # a listed name is kept before an unlisted one
         aliases = {name: [name] + [other for other, kept in tied.items() if kept == name] for name in names}
         entries, missed = {}, {}
         for name in names:
@@ -188,7 +217,7 @@ class SparseDelta:
             if missed.get(name):
                 _wide_dtype(name, t.dtype)  # a changed integer buffer: no outside= choice could store it
             if idx.numel():
-                entries[name] = _difference(name, b, t, idx)
+                entries[name] = _difference(name, b, t, idx, aliases[name][1:])
         if missing := {name: count for name, count in missed.items() if count}:
             shown = ", ".join(f"{name!r} ({count} entries)" for name, count in list(missing.items())[:5])
             more = f", ... ({len(missing)} tensors in all)" if len(missing) > 5 else ""
@@ -198,36 +227,51 @@ class SparseDelta:
         return cls(entries)
 
     @torch.no_grad()
-    def apply_to(self, target: NamedTensors, scale: float = 1.0) -> NamedTensors:
+    def apply_to(self, target: NamedTensors, scale: float = 1.0, *, check_base: bool = True) -> NamedTensors:
         """Add ``scale`` times the delta to ``target`` in place and return ``target``.
 
         ``target`` is a module (its parameters and buffers, by ``state_dict()`` names) or a name
         -> tensor mapping, on any devices.  Each entry computes, in the wide dtype,
         ``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, so with
         ``scale=1`` the base becomes the tuned weights bit for bit (up to the sign of zeros and
-        NaN payloads, see :data:`WIDE_DTYPES`).  Every entry is checked
-        against ``target`` before anything is written.
+        NaN payloads, see :data:`WIDE_DTYPES`).  An entry of a tied tensor changes every one of
+        its names that ``target`` holds once per distinct tensor (a state-dict copy or an untied
+        model holds separate copies, which must agree at the stored entries).  With
+        ``check_base``, each tensor's values at the stored entries must match the fingerprint of
+        the base recorded by ``extract`` (``base_sha256``; deltas from files before format
+        version 3, and merged entries whose deltas do not share one, have none and are not
+        checked).  Pass ``check_base=False`` to apply on purpose to another base, e.g. a
+        second delta on top of a first.  Everything is checked before anything is written.
 
         Raises:
-            TypeError: ``scale`` is not a real number (e.g. the string ``'2'``).
-            ValueError: ``scale`` is NaN or infinite, ``target`` lacks a tensor of the delta, or
-                one has another shape or dtype (a delta for another model), or two entries name
-                the same (tied) tensor.
+            TypeError: ``scale`` is not a real number (e.g. the string ``'2'``), or an entry is malformed.
+            ValueError: ``scale`` is NaN or infinite, an entry is malformed (indices out of range,
+                ...), ``target`` lacks a tensor of the delta, or one has another shape or dtype (a
+                delta for another model), two entries name the same (tied) tensor, copies of a
+                tied tensor differ, or a tensor's values differ from the base the delta was
+                extracted from (the message names them).
         """
         scale = _finite_number(scale, "scale")
+        self._check()
         tensors = _named_tensors(target)
-        if missing := [n for n in self.entries if n not in tensors]:
+        found = {name: [n for n in (name, *e.aliases) if n in tensors] for name, e in self.entries.items()}
+        if missing := [name for name, names in found.items() if not names]:
             raise ValueError(f"target lacks tensors the delta changes: {short_list(missing)} "
                              "(is the delta for another model?)")
-        for name, e in self.entries.items():
-            p = tensors[name]
-            _check_same_layout(name, ("the delta", e.shape, e.dtype), ("the target", p.shape, p.dtype))
-        if tied := _tied_duplicates(tensors, self.entries):
-            name, first = next(iter(tied.items()))
+        owner = {n: name for name, names in found.items() for n in names}
+        for n, name in owner.items():
+            e, p = self.entries[name], tensors[n]
+            _check_same_layout(n, ("the delta", e.shape, e.dtype), ("the target", p.shape, p.dtype))
+        tied = _tied_duplicates(tensors, owner)
+        if shared := [(n, first) for n, first in tied.items() if owner[n] != owner[first]]:
+            name, first = shared[0]
             raise ValueError(f"{name!r} and {first!r} are the same tensor in target (tied weights); "
                              f"applying both entries would add the change twice: drop one from entries")
+        distinct = {name: [n for n in names if n not in tied] for name, names in found.items()}
+        _check_targets(self.entries, distinct, tensors, check_base)
         for name, e in self.entries.items():
-            _add_at(tensors[name], e, scale)
+            for n in distinct[name]:
+                _add_at(tensors[n], e, scale)
         return target
 
     @classmethod
@@ -236,12 +280,14 @@ class SparseDelta:
 
         Per tensor, entries live on the union of the deltas' indices, and the (weighted) values
         are summed in the wide dtype where indices coincide; a tensor in only some of the deltas
-        keeps their entries.  In exact arithmetic applying the
-        merged delta equals applying each delta in turn (with its weight as ``scale``); in the
+        keeps their entries.  In exact arithmetic applying the merged delta equals applying each
+        delta in turn (with its weight as ``scale``, and ``check_base=False`` after the first); in the
         wide dtype the sums are exact unless the values are extremely far apart in magnitude, so
         the two agree up to the rounding to the parameter dtype that applying in turn does after
         every delta.  Sums are folded left to right, two operands per entry at a time, so the
-        result is deterministic on every device.
+        result is deterministic on every device.  A merged entry keeps the aliases of all its
+        parts, and their base fingerprint only where all parts have the same indices and the same
+        fingerprint (else ``apply_to`` cannot check its base).
 
         Raises:
             TypeError: a weight is not a real number.
@@ -255,6 +301,7 @@ class SparseDelta:
                              f"{len(deltas)} deltas and {len(weights)} weights")
         parts: dict[str, list[tuple[DeltaEntry, float]]] = {}
         for delta, weight in zip(deltas, weights):
+            delta._check()
             for name, entry in delta.entries.items():
                 parts.setdefault(name, []).append((entry, weight))
         return cls({name: _merge_entries(name, entry_weights) for name, entry_weights in parts.items()})
@@ -264,20 +311,26 @@ class SparseDelta:
 
         Tensors are ``"{name}.indices"`` and ``"{name}.values"`` (moved to CPU); the string
         metadata holds the user's keys plus ``childopt.*`` keys: format, format version, a JSON
-        object ``{name: {"shape": [...], "dtype": "bfloat16"}}`` and a SHA-256 checksum of the
-        metadata and tensors (:mod:`childopt.delta_file`).
+        object ``{name: {"shape": [...], "dtype": "bfloat16", "aliases": [...], "base_sha256": ...}}``
+        and a SHA-256 checksum of the metadata and tensors (:mod:`childopt.delta_file`).  Every
+        entry is checked first (as ``load`` will), so a malformed delta raises and writes nothing.
         """
+        self._check()
         user = {**self.metadata, **(metadata or {})}
         tensors = {}
         for name, e in self.entries.items():
             tensors[f"{name}.indices"] = e.indices.contiguous().cpu()
             tensors[f"{name}.values"] = e.values.contiguous().cpu()
-        layout = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
+        layout = {name: delta_file.EntryLayout(e.shape, e.dtype, e.aliases, e.base_sha256)
+                  for name, e in self.entries.items()}
         delta_file.write(path, layout, tensors, user)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "SparseDelta":
-        """Read a delta written by :meth:`save` (format version 1 or 2), onto ``device``.
+        """Read a delta written by :meth:`save` (format version 1, 2 or 3), onto ``device``.
+
+        Files before version 3 hold no aliases and no base fingerprints: ``apply_to`` cannot check
+        their base, nor update the other names of a tied tensor in a state-dict copy.
 
         The file is read and checked on the CPU: container, metadata, layout, every entry's
         indices and values, then the checksum; only a delta that passes all moves to ``device``.
@@ -291,8 +344,9 @@ class SparseDelta:
         """
         raw = delta_file.read(path, _DTYPE_NAMES)
         try:
-            delta = cls({name: DeltaEntry(shape, dtype, raw.tensors[f"{name}.indices"], raw.tensors[f"{name}.values"])
-                         for name, (shape, dtype) in raw.layout.items()}, raw.user_metadata)
+            delta = cls({name: DeltaEntry(spec.shape, spec.dtype, raw.tensors[f"{name}.indices"],
+                                          raw.tensors[f"{name}.values"], spec.aliases, spec.base_sha256)
+                         for name, spec in raw.layout.items()}, raw.user_metadata)
         except (TypeError, ValueError) as err:
             raise DeltaFormatError(f"{raw.path}: {err}") from err
         delta_file.verify(raw)
@@ -399,11 +453,22 @@ def _tied_duplicates(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) 
     return tied
 
 
+def _check_index_names(indices: Mapping, tuned: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless every key of ``indices`` is the name of a tensor of ``tuned``."""
+    if unnamed := [k for k in indices if not isinstance(k, str)]:
+        shown = ", ".join(f"{type(k).__name__} of shape {tuple(k.shape)}" if isinstance(k, torch.Tensor)
+                          else repr(k)[:40] for k in unnamed[:3])
+        raise TypeError(f"indices must be keyed by tensor names (as in state_dict()), but {len(unnamed)} keys are "
+                        f"not names: {shown}{', ...' if len(unnamed) > 3 else ''}.  sparse_indices() of an optimizer "
+                        "built on model.parameters() is keyed by the parameters; build it on "
+                        "model.named_parameters() instead")
+    if unknown := [n for n in indices if n not in tuned]:
+        raise ValueError(f"indices given for tensors that base and tuned lack: {short_list(unknown)}")
+
+
 def _changed_indices(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """Flat indices where ``tuned`` differs from ``base`` bitwise (so an unchanged NaN is unchanged)."""
-    if base.is_floating_point():
-        base, tuned = base.view(_BITS[base.element_size()]), tuned.view(_BITS[tuned.element_size()])
-    return indices_from_mask(base != tuned)
+    return indices_from_mask(_bits(base) != _bits(tuned))
 
 
 def _cover_changes(base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor, store: bool) -> tuple:
@@ -430,10 +495,19 @@ def _given_indices(name: str, idx: torch.Tensor, tuned: torch.Tensor) -> torch.T
     return idx.to(index_dtype(tuned.numel()))
 
 
-def _difference(name: str, base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor) -> DeltaEntry:
-    """The entry ``tuned - base`` at ``idx``, computed in the wide dtype and checked to round-trip."""
+def _difference(name: str, base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor, aliases) -> DeltaEntry:
+    """The entry ``tuned - base`` at ``idx``, computed in the wide dtype and checked to round-trip,
+    with the tensor's other names and the fingerprint of ``base`` at ``idx``."""
     wide = _wide_dtype(name, tuned.dtype)
-    base_values, tuned_values = gather(base, idx).to(wide), gather(tuned, idx)
+    base_values, tuned_values = gather(base, idx), gather(tuned, idx)
+    # The fingerprint covers exactly the base values the delta depends on: applied to a base that
+    # differs there, it cannot give ``tuned``; elsewhere it writes nothing.  It costs a SHA-256 of
+    # the stored entries' base values (4 bytes per fp32 entry; about 3 ms for 1.2M entries on one
+    # CPU core), in proportion to the delta, not the model, and only those values leave the GPU.
+    # (A hash of every base tensor would also catch a base that differs elsewhere, at the cost of
+    # hashing, and copying to the host, the whole model at each extract and apply.)
+    base_sha256 = delta_file.digest(base_values)
+    base_values = base_values.to(wide)
     values = tuned_values.to(wide) - base_values
     rebuilt = (base_values + values).to(tuned.dtype)
     wrong = (rebuilt != tuned_values) & ~(rebuilt.isnan() & tuned_values.isnan())
@@ -442,21 +516,60 @@ def _difference(name: str, base: torch.Tensor, tuned: torch.Tensor, idx: torch.T
         raise ValueError(f"{name!r}: {int(wrong.sum())} entries cannot be stored exactly as tuned - base in "
                          f"{wide} (e.g. flat index {int(idx[i])}: base {base_values[i].item()!r}, tuned "
                          f"{tuned_values[i].item()!r}); their magnitudes are too far apart or infinite")
-    return DeltaEntry(tuple(tuned.shape), tuned.dtype, idx, values)
+    return DeltaEntry(tuple(tuned.shape), tuned.dtype, idx, values, tuple(aliases), base_sha256)
+
+
+def _check_targets(entries: Mapping[str, DeltaEntry], names: Mapping[str, list], tensors: Mapping[str, torch.Tensor],
+                   check_base: bool) -> None:
+    """Raise unless, for each entry, its distinct target tensors ``names[entry]`` match the base
+    fingerprint (with ``check_base``, where the entry has one) or else agree bitwise at its indices."""
+    wrong_base, differ = [], []
+    for name, e in entries.items():
+        checked = check_base and e.base_sha256 is not None
+        if not checked and len(names[name]) == 1:
+            continue
+        values = [_values_at(tensors[n], e.indices) for n in names[name]]
+        if checked:
+            wrong_base += [n for n, v in zip(names[name], values) if delta_file.digest(v) != e.base_sha256]
+        elif any(not torch.equal(_bits(values[0]), _bits(v)) for v in values[1:]):
+            differ.append(names[name])
+    if wrong_base:
+        raise ValueError(f"the target's values at the stored entries of {short_list(wrong_base)} differ from the base "
+                         "the delta was extracted from (their SHA-256 does not match the delta's base_sha256): "
+                         "nothing was changed.  Is it that base?  A head that from_pretrained initialises at "
+                         "random differs at every load, and so does a target a delta was already applied to.  "
+                         "Pass check_base=False to apply anyway")
+    if differ:
+        raise ValueError(f"{short_list(differ[0])} were one tied tensor when the delta was extracted, but the target "
+                         "holds them as separate tensors that differ at the stored entries, so the delta cannot "
+                         "make them equal again: nothing was changed")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a float tensor (so that -0.0 != 0.0 and NaN == NaN of one payload)."""
+    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
+
+
+def _flat_access(p: torch.Tensor, idx: torch.Tensor) -> tuple:
+    """(view, where): ``view[where]`` are the entries of ``p`` at flat indices ``idx``, without a copy of ``p``.
+
+    A contiguous tensor is indexed through its flat view; any other layout (a transposed or
+    channels-last weight) through the coordinates of each flat index.
+    """
+    idx = idx.to(p.device)
+    return (p.view(-1), (idx,)) if p.is_contiguous() else (p, torch.unravel_index(idx, p.shape))
+
+
+def _values_at(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The entries of ``p`` at flat indices ``idx``, as a 1-D tensor."""
+    view, where = _flat_access(p, idx)
+    return view[where]
 
 
 def _add_at(p: torch.Tensor, entry: DeltaEntry, scale: float) -> None:
-    """``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, in place.
-
-    A contiguous tensor is written through its flat view; any other layout (a transposed or
-    channels-last weight) through the coordinates of each flat index, so no copy is needed.
-    """
-    idx = entry.indices.to(p.device)
+    """``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, in place."""
     step = entry.values.to(p.device) * scale
-    if p.is_contiguous():
-        view, where = p.view(-1), (idx,)
-    else:
-        view, where = p, torch.unravel_index(idx, p.shape)
+    view, where = _flat_access(p, entry.indices)
     view.index_put_(where, (view[where].to(step.dtype) + step).to(p.dtype))
 
 
@@ -473,4 +586,9 @@ def _merge_entries(name: str, entry_weights: list[tuple[DeltaEntry, float]]) -> 
         # arithmetic, so the order of the additions (atomic on CUDA) cannot change the sum.
         summed = values.new_zeros(indices.numel())
         values = summed.index_add_(0, slot, torch.cat([values, entry.values.to(values.device) * weight]))
-    return DeltaEntry(first.shape, first.dtype, indices.to(index_dtype(first.numel)), values)
+    aliases = tuple(dict.fromkeys(alias for entry, _ in entry_weights for alias in entry.aliases))
+    # each part's indices are a subset of the union: as many means the same indices
+    same_base = all(entry.num_entries == indices.numel() and entry.base_sha256 == first.base_sha256
+                    for entry, _ in entry_weights)
+    base_sha256 = first.base_sha256 if same_base else None
+    return DeltaEntry(first.shape, first.dtype, indices.to(index_dtype(first.numel)), values, aliases, base_sha256)
