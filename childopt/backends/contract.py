@@ -63,6 +63,11 @@ class MaskKind(enum.IntEnum):
         """The public name: ``"none"``, ``"dense"``, ``"bernoulli"`` or ``"importance"`` (``MaskedAdamW.mask_kind``)."""
         return self.name.lower()
 
+    @property
+    def draws(self) -> bool:
+        """Whether the mask is drawn from the Philox stream each step (and so needs a seed)."""
+        return self in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE)
+
     @classmethod
     def from_label(cls, label: str) -> "MaskKind":
         return cls[label.upper()]

@@ -44,6 +44,14 @@ class ChildTuningAdamW(MaskedAdamW):
         self._setup(params, defaults, mask=MaskKind.BERNOULLI.label if mode == "ChildTuning-F" else None,
                     seed=seed, backend=backend, sync_seed=sync_seed)
 
+    def _check_group_options(self, group: dict, where: str) -> None:
+        """As MaskedAdamW's; a group may not turn on what the published arithmetic lacks."""
+        super()._check_group_options(group, where)
+        for key in ("amsgrad", "maximize", "masked"):
+            if group[key] != self.defaults[key]:
+                raise ValueError(f"{key}={group[key]!r}{where}: ChildTuningAdamW runs the published ChildTuning "
+                                 f"arithmetic, whose {key} is {self.defaults[key]!r}; use MaskedAdamW for {key}")
+
     def set_gradient_mask(self, gradient_mask: Mapping) -> None:
         """Set the Child-Tuning-D mask: a dict from parameter (or name) to a bool tensor."""
         if self.mode != "ChildTuning-D":

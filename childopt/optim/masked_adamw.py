@@ -42,7 +42,8 @@ class MaskedAdamW(Optimizer):
             gradient is zeroed, Bernoulli keeps scaled by ``1 / reserve_p``, as ChildTuning
             publishes it, importance keeps by ``1 / p_i``: an unbiased gradient estimate);
             ``None``: freeze for dict masks, zero_grad for Bernoulli and importance.
-        seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator.
+        seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator when a
+            drawn mask (Bernoulli, importance) is first set, so that no other mask touches that generator.
         sync_seed: with torch.distributed initialised, the ranks of the default process group
             agree on the seed at the first Bernoulli step (``seed=None`` takes rank 0's; seeds
             that differ raise on every rank), so replicas and shards draw one mask.  ``False``
@@ -89,7 +90,9 @@ class MaskedAdamW(Optimizer):
         self._backend_request, self._backend_exclude = validation.backend_for_flags(
             backends.check_name(backend), defaults["foreach"], defaults["fused"])
         self._backends: dict = {}
-        self.seed = int(torch.randint(0, 2**63 - 1, ()).item()) if seed is None else philox.check_seed(seed)
+        # seed=None: drawn from torch's generator when a drawn mask first needs it (set_mask), so
+        # that an optimizer without one leaves the user's random stream as torch's AdamW does
+        self.seed = None if seed is None else philox.check_seed(seed)
         if not isinstance(sync_seed, bool):
             raise TypeError(f"sync_seed must be a bool, got {sync_seed!r}")
         self.sync_seed = sync_seed
@@ -111,7 +114,9 @@ class MaskedAdamW(Optimizer):
         where = f" (param group {len(self.param_groups) - 1})"
         try:
             validation.check_group(group, where, self.storage)
+            self._check_group_options(group, where)
             validation.check_params(group["params"], self.describe)
+            validation.check_disjoint([p for g in self.param_groups for p in g["params"]], self.describe)
             for device in {p.device for p in group["params"]}:
                 self._backend(device)  # a backend asked for by name that cannot run here fails now
         except Exception:
@@ -122,6 +127,18 @@ class MaskedAdamW(Optimizer):
         self._number(group)
         if self._importance_config is not None:  # the sampled parameters and their scopes include the new group
             self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
+
+    def _check_group_options(self, group: dict, where: str) -> None:
+        """torch's flags in a group: valid, and ``foreach``/``fused`` the optimizer's own (they pick
+        one backend for every group, at construction)."""
+        try:
+            validation.check_torch_flags(*(group[flag] for flag in ("foreach", "fused", "capturable", "differentiable")))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc}{where}") from None
+        for flag in ("foreach", "fused"):
+            if group[flag] != self.defaults[flag]:
+                raise ValueError(f"{flag}={group[flag]!r}{where} differs from the optimizer's {flag}="
+                                 f"{self.defaults[flag]!r}: it picks the backend of every group; set it on the optimizer")
 
     def _number(self, group: dict) -> None:
         """Give each parameter the next Philox index range; capturable: as a device scalar too.
@@ -157,7 +174,7 @@ class MaskedAdamW(Optimizer):
         if not isinstance(reset_state, bool):
             raise TypeError(f"reset_state must be a bool, got {reset_state!r}")
         kind, new = params.parse_mask(self.param_groups, mask)
-        if self.storage == "sparse" and kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE):
+        if self.storage == "sparse" and kind.draws:
             raise ValueError(f"storage='sparse' needs a fixed mask (a dict); a {kind.label} mask changes every step")
         sampler = self._make_sampler(new) if kind == MaskKind.IMPORTANCE else None
         if kind == MaskKind.IMPORTANCE:
@@ -171,6 +188,8 @@ class MaskedAdamW(Optimizer):
             for p in changed:
                 for key in ("step", *MOMENT_KEYS):
                     self.state[p].pop(key, None)
+        if kind.draws and self.seed is None:
+            self.seed = int(torch.randint(0, 2**63 - 1, ()).item())
         self._mask_kind = kind
         self._importance = sampler
         self._importance_config = sampler.config if sampler is not None else None
@@ -222,7 +241,7 @@ class MaskedAdamW(Optimizer):
     def _masked_mode(self, group: dict) -> str:
         if group["masked"] is not None:
             return group["masked"]
-        return "zero_grad" if self._mask_kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE) else "freeze"
+        return "zero_grad" if self._mask_kind.draws else "freeze"
 
     @_use_grad_for_differentiable  # torch's optimizers' graph breaks: AOT then sees an inference graph
     def step(self, closure=None):
@@ -240,7 +259,7 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_ready()
-        if self._mask_kind in (MaskKind.BERNOULLI, MaskKind.IMPORTANCE) and not self._seed_agreed:
+        if self._mask_kind.draws and not self._seed_agreed:
             self.seed = sharding.agree_seed(self.seed, self._seed_drawn)
             self._seed_agreed = True
         if self._compact is not None:
@@ -295,7 +314,8 @@ class MaskedAdamW(Optimizer):
             rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
             backend=self._backend,
             mask_kind=MaskKind.BERNOULLI if uniform else self._mask_kind,
-            freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
+            freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]),
+            seed=0 if self.seed is None else self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
             rule=self._rule(group), capturable=group["capturable"],

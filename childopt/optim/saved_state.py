@@ -30,7 +30,8 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
         raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
                          f"and mask_kind one of {[k.label for k in MaskKind]})")
     try:
-        philox.check_seed(saved.get("seed"))
+        if saved.get("seed") is not None or saved["mask_kind"] in [k.label for k in MaskKind if k.draws]:
+            philox.check_seed(saved.get("seed"))  # None: not drawn yet (no drawn mask has needed one)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
     if not isinstance(saved.get("seed_drawn", False), bool):
@@ -103,7 +104,12 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
         raise ValueError(f"the state_dict's mask_kind is {kind.label!r}, but its state for {label} holds "
                          f"{'a mask' if 'mask' in saved else 'indices'}: the two disagree")
     if "mask" in saved:
-        params.check_mask(saved["mask"], p, label)
+        mask = saved["mask"]
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+            raise TypeError(f"the saved mask for {label} has dtype {mask.dtype}, expected torch.bool: a torch "
+                            "optimizer's load_state_dict casts state to the parameter's dtype, so a childopt state "
+                            "dict that passed through one lost its bool masks; load the childopt state dict itself")
+        params.check_mask(mask, p, label)
     if "importance" in saved:
         _check_importance_draw(saved["importance"], p, label, kind)
     if "indices" in saved:

@@ -10,6 +10,7 @@ import numbers
 from collections.abc import Mapping
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from childopt.optim import sharding
 
@@ -125,10 +126,51 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
         extent = stride * size
     else:
         return False
-    offsets = torch.zeros((), dtype=torch.int64)
-    for stride, size in dims:
+    return torch.unique(_element_offsets(t)).numel() < t.numel()
+
+
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage offsets of the elements of ``t``, flat int64 (O(numel) memory)."""
+    offsets = torch.full((), t.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
         offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return torch.unique(offsets).numel() < t.numel()
+    return offsets.reshape(-1)
+
+
+def check_disjoint(params: list, describe) -> None:
+    """Refuse two parameters that share an element (two Parameters over one storage, or one listed
+    twice): the kernels step a bucket's tensors in parallel chunks, so aliases would race.
+
+    Written here because torch has no public overlap test between two tensors: spans of storage
+    bytes decide, and two strided views whose spans cross (interleaved columns) are decided by
+    their element offsets.  DTensor shards, and meta and fake tensors (no memory), are left out.
+    """
+    spans = []
+    for p in params:
+        if p.numel() == 0 or p.device.type == "meta" or sharding.is_dtensor(p) or is_fake(p):
+            continue
+        size, offset = p.element_size(), p.storage_offset()
+        last = offset + sum((n - 1) * stride for n, stride in zip(p.shape, p.stride()))
+        spans.append((p.data_ptr() - offset * size, offset * size, (last + 1) * size, p))  # (storage, bytes)
+    spans.sort(key=lambda span: span[:2])
+    open_spans = []
+    for storage, start, end, p in spans:
+        open_spans = [span for span in open_spans if span[0] == storage and span[2] > start]
+        for other in open_spans:
+            if other[3] is p:
+                raise RuntimeError(f"{describe(p)} is listed twice: it would be stepped twice, racing with itself")
+            if _share_elements(other[3], p):
+                raise RuntimeError(f"{describe(other[3])} and {describe(p)} share memory (two Parameters over one "
+                                   "storage): their updates would race; tie weights by sharing one Parameter, or "
+                                   "give each its own storage (e.g. .clone())")
+        open_spans.append((storage, start, end, p))
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage, whose byte spans cross, have an element in common."""
+    if a.dtype != b.dtype or (a.is_contiguous() and b.is_contiguous()):
+        return True  # contiguous spans that cross share bytes; of two dtypes: judged by the bytes
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
 
 
 def check_steppable(params: list, grads: list, describe, sharded: bool = False) -> None:

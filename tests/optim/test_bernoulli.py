@@ -6,7 +6,7 @@ applied gradient, ``keep / reserve_p``: the mask can be read back bit for bit.
 import pytest
 import torch
 
-from childopt import MaskedAdamW, philox
+from childopt import ChildTuningAdamW, MaskedAdamW, philox
 from tests.helpers import make_params, train
 
 
@@ -41,6 +41,37 @@ def test_masks_change_every_step_and_follow_the_seed():
     torch.manual_seed(123)
     s2 = MaskedAdamW(make_params([(2,)]), mask="bernoulli", reserve_p=0.5).seed
     assert s1 == s2
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: MaskedAdamW(ps, lr=1e-2),
+    lambda ps: MaskedAdamW(ps, lr=1e-2, mask={ps[0]: torch.tensor([True, False, True])}),
+    lambda ps: ChildTuningAdamW(ps, lr=1e-2),
+], ids=["no mask", "fixed mask", "ChildTuning no mode"])
+def test_an_optimizer_without_a_drawn_mask_leaves_torch_s_random_stream_alone(make):
+    """Swapping torch's AdamW for one without a drawn mask must not change the user's dropout or
+    shuffling: the oracle is the generator's state, unchanged by construction, steps and a state
+    dict round trip."""
+    params = make_params([(3,)])
+    before = torch.get_rng_state()
+    opt = make(params)
+    train(opt, params, 2)
+    copy = make(make_params([(3,)]))
+    copy.load_state_dict(opt.state_dict())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert opt.seed is None and copy.seed is None
+
+
+def test_seed_none_is_drawn_when_a_bernoulli_mask_is_first_set():
+    """From torch's generator at that moment (as a constructor with mask='bernoulli' draws it)."""
+    opt = MaskedAdamW(make_params([(3,)]), lr=1e-2)
+    torch.manual_seed(7)
+    expected = int(torch.randint(0, 2**63 - 1, ()).item())
+    torch.manual_seed(7)
+    opt.set_mask("bernoulli")
+    assert opt.seed == expected
+    torch.manual_seed(7)
+    assert MaskedAdamW(make_params([(3,)]), mask="bernoulli").seed == expected
 
 
 def test_freeze_with_bernoulli_leaves_dropped_entries_untouched(lane):

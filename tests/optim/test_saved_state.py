@@ -233,3 +233,15 @@ def test_a_loaded_mask_that_replaces_the_built_one_warns_and_none_takes_it_silen
     assert not [w for w in recwarn if "load_state_dict" in str(w.message)]
     key = "mask" if storage == "dense" else "indices"
     assert torch.equal(unmasked.state[params[0]][key], source.state[source.param_groups[0]["params"][0]][key])
+
+
+def test_a_mask_cast_by_a_torch_optimizer_is_refused_with_where_it_went():
+    """torch.optim.AdamW's load_state_dict casts a childopt mask to float32; loading its state
+    dict back names that cause instead of only the dtype."""
+    params = make_params([(5, 3)])
+    opt = MaskedAdamW(params, lr=1e-2, mask=masks_for(params, 0.5))
+    train(opt, params, 1)
+    torch_adamw = torch.optim.AdamW(params, lr=1e-2)
+    torch_adamw.load_state_dict(opt.state_dict())
+    with pytest.raises(TypeError, match="float32, expected torch.bool: a torch optimizer's load_state_dict casts"):
+        MaskedAdamW(params, lr=1e-2).load_state_dict(torch_adamw.state_dict())

@@ -50,6 +50,32 @@ def test_bad_flags_are_clear_errors(cls):
         cls(make_params([(3,)]), capturable="yes")
 
 
+@pytest.mark.parametrize("flags,error,match", [
+    (dict(differentiable=True), ValueError, r"differentiable=True is not supported.*\(param group 0\)"),
+    (dict(foreach=True, fused=True), ValueError, "cannot be set together"),
+    (dict(fused="yes"), TypeError, r"fused must be None or a bool, got 'yes' \(param group 0\)"),
+    (dict(foreach=False), ValueError, r"foreach=False \(param group 0\) differs from the optimizer's foreach=None"),
+])
+@pytest.mark.parametrize("cls", [MaskedAdamW, ChildTuningAdamW])
+def test_a_group_s_flags_are_checked_as_the_constructor_s(cls, flags, error, match):
+    """A group's differentiable would be ignored, and its foreach/fused could not pick a backend
+    for that group alone (one backend serves every group): refused, from the constructor's group
+    dicts and from add_param_group, which then leaves the optimizer as it was."""
+    with pytest.raises(error, match=match):
+        cls([dict(params=make_params([(3,)]), **flags)])
+    opt = cls(make_params([(3,)]))
+    with pytest.raises(error, match=match.replace("group 0", "group 1")):
+        opt.add_param_group(dict(params=make_params([(3,)]), **flags))
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("option", [dict(amsgrad=True), dict(maximize=True), dict(masked="freeze")])
+def test_child_tuning_refuses_a_group_option_the_published_arithmetic_lacks(option):
+    (key, value), = option.items()
+    with pytest.raises(ValueError, match=f"{key}={value!r} \\(param group 0\\): ChildTuningAdamW runs the published"):
+        ChildTuningAdamW([dict(params=make_params([(3,)]), **option)], mode="ChildTuning-F", reserve_p=0.5)
+
+
 def test_capturable_matches_the_eager_host_scalars():
     """Device-side (here CPU-tensor) scalars give the same parameters as host-built ones."""
     ours, theirs = make_params([(7, 5), (13,)]), make_params([(7, 5), (13,)])

@@ -72,6 +72,52 @@ def test_an_interleaved_view_that_overlaps_is_refused():
         MaskedAdamW([p], seed=0)
 
 
+def test_two_parameters_over_one_storage_are_refused():
+    """Two Parameters over one tensor (tying written as nn.Parameter(other.weight)): the kernels
+    step a bucket's tensors in parallel chunks, so their updates would race."""
+    base = torch.randn(6)
+    with pytest.raises(RuntimeError, match=r"\[0\] \(shape \(6,\)\) and .*\[1\] \(shape \(6,\)\) share memory"):
+        MaskedAdamW([torch.nn.Parameter(base), torch.nn.Parameter(base)], seed=0)
+    flat = torch.randn(10)
+    with pytest.raises(RuntimeError, match="share memory"):  # crossing slices
+        MaskedAdamW([torch.nn.Parameter(flat[:6]), torch.nn.Parameter(flat[4:])], seed=0)
+    with pytest.raises(RuntimeError, match="share memory"):  # a bf16 view of an fp32 tensor's bytes
+        MaskedAdamW([torch.nn.Parameter(flat), torch.nn.Parameter(flat.view(torch.bfloat16)[2:4])], seed=0)
+
+
+def test_a_parameter_listed_twice_in_one_group_is_refused():
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match="duplicate parameters"), pytest.raises(RuntimeError, match="listed twice"):
+        MaskedAdamW([p, p], seed=0)
+
+
+def test_disjoint_views_of_one_storage_step_as_torch_adamw():
+    """Adjacent slices and interleaved columns of one tensor share a storage but no element."""
+    def views():
+        flat, grid = torch.randn(10), torch.randn(3, 4)
+        return [torch.nn.Parameter(t) for t in (flat[:4], flat[4:], grid[:, ::2], grid[:, 1::2])]
+    ours, theirs = views(), views()
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            b.copy_(a)
+    opt = MaskedAdamW(ours, lr=1e-2, seed=0)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    train(opt, ours, 3)
+    train(ref, theirs, 3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_an_added_group_aliasing_an_earlier_parameter_is_refused_and_not_added():
+    flat = torch.randn(8)
+    opt = MaskedAdamW([torch.nn.Parameter(flat[:4])], seed=0)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(flat[2:6])]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(flat[4:])]})
+    assert len(opt.param_groups) == 2
+
+
 def test_a_step_that_fails_on_a_later_tensor_changes_nothing(lane):
     """[transposed, expanded]: the expanded one (its data swapped in after construction) is refused
     before the transposed one is written, so step counts, moments and weights stay, and a retry
@@ -174,3 +220,11 @@ def test_a_mask_on_the_meta_device_is_refused_with_what_to_do():
     params = _params()
     with pytest.raises(ValueError, match="mask for param_groups.* is on the meta device, which holds no values"):
         MaskedAdamW(params, mask={params[0]: torch.ones(3, 2, dtype=torch.bool, device="meta")})
+
+
+def test_fake_parameters_are_not_judged_by_their_missing_memory():
+    """Under FakeTensorMode (the memory planner's trace) every data pointer is 0: not a shared storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+        assert len(MaskedAdamW(params, lr=1e-2, seed=0).param_groups[0]["params"]) == 2
