@@ -51,17 +51,25 @@ from transformers.utils import is_sagemaker_mp_enabled
 from childopt import user_warning
 from childopt.fisher import fisher_mask
 from childopt.optim import MaskedAdamW
+from childopt.optim import validation
 from childopt.optim.checkpoint import lift_extras
 
 MODES = ("ChildTuning-D", "ChildTuning-F")
 
 
-def _check(mode, reserve_p) -> None:
+def _check(mode, reserve_p, storage="dense", compact_grads=False, fisher_options=()) -> None:
+    """The options' checks, made before a Fisher pass (which can take a full pass over the data)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0 < reserve_p <= 1 \
             or math.isnan(reserve_p):
         raise ValueError(f"reserve_p must be a number in (0, 1], the fraction of entries trained; got {reserve_p!r}")
+    validation.check_storage(storage, compact_grads)
+    if mode == "ChildTuning-F" and storage == "sparse":
+        raise ValueError("storage='sparse' needs ChildTuning-D's fixed mask; ChildTuning-F draws a new one each step")
+    if mode == "ChildTuning-F" and fisher_options:
+        raise TypeError(f"unexpected {', '.join(sorted(fisher_options))} with mode='ChildTuning-F' (Fisher options "
+                        "apply to ChildTuning-D, which scores a Fisher pass)")
 
 
 def child_tuning_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: float, train_dataloader=None,
@@ -103,9 +111,8 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
     ``mask_from_state=True`` (ChildTuning-D): no Fisher pass; the fixed mask starts as an empty dict
     (``mask=None`` would warn that ``reserve_p`` has no effect) and the state dict loaded next restores it.
     """
-    _check(mode, reserve_p)
-    if mode == "ChildTuning-F" and fisher_kwargs:
-        raise TypeError(f"unexpected keyword arguments {sorted(fisher_kwargs)} (Fisher options apply to ChildTuning-D)")
+    given = [*fisher_kwargs, *(["max_batches"] if max_batches is not None else [])]
+    _check(mode, reserve_p, storage, compact_grads, given)
     if mode == "ChildTuning-D" and train_dataloader is None and not mask_from_state:
         raise ValueError("mode='ChildTuning-D' needs train_dataloader= to compute the Fisher mask")
     if compact_grads and args.fp16:
@@ -208,11 +215,16 @@ class ChildTuningTrainer(Trainer):
     def __init__(self, *args, child_tuning_mode: str, reserve_p: float, storage: str = "dense",
                  compact_grads: bool = False, max_fisher_batches: Optional[int] = None,
                  fisher_kwargs: Optional[dict] = None, **kwargs):
-        _check(child_tuning_mode, reserve_p)
+        given = [*(fisher_kwargs or {}), *(["max_fisher_batches"] if max_fisher_batches is not None else [])]
+        _check(child_tuning_mode, reserve_p, storage, compact_grads, given)
         if compact_grads and not hasattr(Trainer, "_clip_grad_norm"):
             raise RuntimeError("compact_grads=True needs a transformers whose Trainer clips in _clip_grad_norm "
                                "(5.x); this one clips inline, where the compact gradients cannot be reached")
         super().__init__(*args, **kwargs)
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if self.optimizer is None and not optim.startswith("adamw"):
+            raise ValueError(f"TrainingArguments(optim={optim!r}): ChildTuningTrainer trains with childopt's "
+                             "MaskedAdamW, an AdamW; leave optim at its default (or an adamw_* one)")
         self.child_tuning = dict(mode=child_tuning_mode, reserve_p=reserve_p, storage=storage,
                                  compact_grads=compact_grads, **(fisher_kwargs or {}))
         self.max_fisher_batches = max_fisher_batches

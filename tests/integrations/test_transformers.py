@@ -182,7 +182,7 @@ def test_bad_input(tmp_path):
     for reserve_p in (0.0, 1.5, float("nan"), True, "0.3"):
         with pytest.raises(ValueError, match="reserve_p must be"):
             child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=reserve_p)
-    with pytest.raises(TypeError, match="Fisher options apply to ChildTuning-D"):
+    with pytest.raises(TypeError, match="Fisher options\\s+apply to ChildTuning-D"):
         child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=RESERVE_P, storge="sparse")
     with pytest.raises(ValueError, match="needs ChildTuningTrainer"):
         child_tuning_optimizer(model, args, mode="ChildTuning-D", reserve_p=RESERVE_P, train_dataloader=loader,
@@ -191,6 +191,64 @@ def test_bad_input(tmp_path):
         ChildTuningTrainer(model=model, args=training_args(tmp_path, fp16=True), train_dataset=RandomPairs(),
                            child_tuning_mode="ChildTuning-D", reserve_p=RESERVE_P, storage="sparse",
                            compact_grads=True).create_optimizer()
+
+
+class CountingLoader:
+    """A DataLoader that counts the batches taken from it: a Fisher pass would take some."""
+
+    def __init__(self, loader):
+        self.loader, self.taken = loader, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.taken += 1
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(storage="spares"), ValueError, "storage must be one of"),
+    (dict(compact_grads=True), ValueError, "compact_grads=True needs storage='sparse'"),
+    (dict(compact_grads="yes", storage="sparse"), TypeError, "compact_grads must be a bool"),
+])
+def test_storage_options_are_checked_before_the_fisher_pass(tmp_path, options, error, match):
+    """Checked when the trainer is built, and by child_tuning_optimizer before it reads a batch
+    (which refuses compact gradients of its own: see test_bad_input)."""
+    model, args = tiny_bert(), training_args(tmp_path)
+    with pytest.raises(error, match=match):
+        ChildTuningTrainer(model=model, args=args, train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-D",
+                           reserve_p=RESERVE_P, **options)
+    if "compact_grads" not in options:
+        loader = CountingLoader(DataLoader(RandomPairs(), batch_size=8))
+        with pytest.raises(error, match=match):
+            child_tuning_optimizer(model, args, mode="ChildTuning-D", reserve_p=RESERVE_P, train_dataloader=loader,
+                                   **options)
+        assert loader.taken == 0
+
+
+def test_options_that_childtuning_f_would_ignore_are_refused(tmp_path):
+    model, args = tiny_bert(), training_args(tmp_path)
+    make = dict(model=model, args=args, train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-F",
+                reserve_p=RESERVE_P)
+    with pytest.raises(TypeError, match="unexpected max_fisher_batches with mode='ChildTuning-F'"):
+        ChildTuningTrainer(**make, max_fisher_batches=2)
+    with pytest.raises(TypeError, match="unexpected include with mode='ChildTuning-F'"):
+        ChildTuningTrainer(**make, fisher_kwargs={"include": "layer"})
+    with pytest.raises(ValueError, match="storage='sparse' needs ChildTuning-D's fixed mask"):
+        ChildTuningTrainer(**make, storage="sparse")
+    with pytest.raises(TypeError, match="unexpected max_batches with mode='ChildTuning-F'"):
+        child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=RESERVE_P, max_batches=2)
+
+
+@pytest.mark.parametrize("optim", ["adafactor", "sgd"])
+def test_an_optimizer_choice_the_trainer_would_not_use_is_refused(tmp_path, optim):
+    with pytest.raises(ValueError, match=f"TrainingArguments\\(optim='{optim}'\\): ChildTuningTrainer trains with"):
+        ChildTuningTrainer(model=tiny_bert(), args=training_args(tmp_path, optim=optim), train_dataset=RandomPairs(),
+                           child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
+    ChildTuningTrainer(model=tiny_bert(), args=training_args(tmp_path, optim="adamw_torch"),
+                       train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
