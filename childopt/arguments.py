@@ -13,14 +13,15 @@ PathLike = Union[str, os.PathLike]
 
 
 def number(kind, low: float, *, low_open: bool = True, high: float = math.inf):
-    """An argparse type: ``kind`` in (low, high] (or [low, high]), with a message naming the range."""
+    """An argparse type: a finite ``kind`` in (low, high] (or [low, high]; open at an infinite ``high``), with
+    a message naming the range: inf and nan are never a learning rate, a size or a share."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not ((value > low) if low_open else (value >= low)) or value > high or math.isnan(value):
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
+        if not ((value > low) if low_open else (value >= low)) or value > high or not math.isfinite(value):
+            interval = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
             raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text}")
         return value
     return parse

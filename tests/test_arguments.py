@@ -148,5 +148,13 @@ def test_a_plot_format_that_needs_latex_is_refused(tmp_path, capsys):
 def test_number_names_its_range():
     parse = number(int, 0)
     assert parse("3") == 3
-    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a value in \(0, inf\], got 0"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a value in \(0, inf\), got 0"):
         parse("0")
+
+
+@pytest.mark.parametrize("text", ["inf", "Infinity", "nan", "-inf"])
+def test_number_refuses_what_is_not_finite(text):
+    """A learning rate, a weight decay or a clip norm of inf is no setting: it trains to NaN or crashes."""
+    assert number(float, 0.0, low_open=False)("1e300") == 1e300
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"expected a value in \[0.0, inf\), got {text}"):
+        number(float, 0.0, low_open=False)(text)

