@@ -43,6 +43,18 @@ def train(opt, params, steps, start=0, grad_fn=grads_at):
         opt.step()
 
 
+def assert_steps_as_torch_adamw(opt, ours, theirs, steps, tol=None, **torch_options):
+    """Train ``opt`` on ``ours`` and torch's one-tensor-at-a-time AdamW (``torch_options``) on
+    ``theirs`` with the same gradients, and compare the weights (default tolerance: fp32's
+    rtol 1e-5 / atol 1e-6, for operation orders that differ in the last bit)."""
+    ref = torch.optim.AdamW(theirs, foreach=False, **torch_options)
+    train(opt, ours, steps)
+    train(ref, theirs, steps)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **(tol or dict(rtol=1e-5, atol=1e-6)))
+    return ref
+
+
 def masks_for(params, density=0.4, seed=5):
     gen = torch.Generator().manual_seed(seed)
     return {p: (torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params}
