@@ -15,6 +15,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from childopt import backends, philox, sparse, user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import checkpoint, importance_mask, params, sharding, validation
+from childopt.optim.aliasing import MemorySpans
 from childopt.optim.functional import masked_adamw
 from childopt.optim.state import (LAYOUTS, MOMENT_KEYS, clip_by_norm_, init_missing_state, measured_gradient,
                                    with_gradients)
@@ -42,8 +43,11 @@ class MaskedAdamW(Optimizer):
             gradient is zeroed, Bernoulli keeps scaled by ``1 / reserve_p``, as ChildTuning
             publishes it, importance keeps by ``1 / p_i``: an unbiased gradient estimate);
             ``None``: freeze for dict masks, zero_grad for Bernoulli and importance.
-        seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator when a
-            drawn mask (Bernoulli, importance) is first set, so that no other mask touches that generator.
+        seed: 64-bit seed of the Bernoulli stream; ``None`` draws one from torch's generator.  Without
+            a drawn mask (Bernoulli, importance) at construction, the draw leaves the generator as
+            it was, so that swapping torch's AdamW for this one keeps the user's random stream (two
+            such optimizers built with nothing drawn in between share a seed: give ``seed`` to
+            tell apart the masks they may be given later).
         sync_seed: with torch.distributed initialised, the ranks of the default process group
             agree on the seed at the first Bernoulli step (``seed=None`` takes rank 0's; seeds
             that differ raise on every rank), so replicas and shards draw one mask.  ``False``
@@ -90,9 +94,7 @@ class MaskedAdamW(Optimizer):
         self._backend_request, self._backend_exclude = validation.backend_for_flags(
             backends.check_name(backend), defaults["foreach"], defaults["fused"])
         self._backends: dict = {}
-        # seed=None: drawn from torch's generator when a drawn mask first needs it (set_mask), so
-        # that an optimizer without one leaves the user's random stream as torch's AdamW does
-        self.seed = None if seed is None else philox.check_seed(seed)
+        self.seed = None if seed is None else philox.check_seed(seed)  # None: drawn by set_mask below
         if not isinstance(sync_seed, bool):
             raise TypeError(f"sync_seed must be a bool, got {sync_seed!r}")
         self.sync_seed = sync_seed
@@ -116,29 +118,40 @@ class MaskedAdamW(Optimizer):
             validation.check_group(group, where, self.storage)
             self._check_group_options(group, where)
             validation.check_params(group["params"], self.describe)
-            validation.check_disjoint([p for g in self.param_groups for p in g["params"]], self.describe)
+            self._held_memory().check(group["params"], self.describe)
             for device in {p.device for p in group["params"]}:
                 self._backend(device)  # a backend asked for by name that cannot run here fails now
         except Exception:
             self.param_groups.pop()  # torch's add_param_group appended it; nothing else has changed
             raise
+        self._held_memory().remember(group["params"])
         if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
         self._number(group)
         if self._importance_config is not None:  # the sampled parameters and their scopes include the new group
             self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
 
+    def _held_memory(self) -> MemorySpans:
+        """The memory of the held parameters, against which an added group is checked (rebuilt,
+        without the group being added, on the first add after unpickling)."""
+        if self.__dict__.get("_spans") is None:
+            self._spans = MemorySpans()
+            self._spans.remember([p for g in self.param_groups[:-1] for p in g["params"]])
+        return self._spans
+
     def _check_group_options(self, group: dict, where: str) -> None:
         """torch's flags in a group: valid, and ``foreach``/``fused`` the optimizer's own (they pick
         one backend for every group, at construction)."""
         try:
-            validation.check_torch_flags(*(group[flag] for flag in ("foreach", "fused", "capturable", "differentiable")))
+            validation.check_torch_flags(group["foreach"], group["fused"], group["capturable"],
+                                         group["differentiable"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{exc}{where}") from None
         for flag in ("foreach", "fused"):
             if group[flag] != self.defaults[flag]:
                 raise ValueError(f"{flag}={group[flag]!r}{where} differs from the optimizer's {flag}="
-                                 f"{self.defaults[flag]!r}: it picks the backend of every group; set it on the optimizer")
+                                 f"{self.defaults[flag]!r}: it picks the backend of every group; set it on the "
+                                 "optimizer")
 
     def _number(self, group: dict) -> None:
         """Give each parameter the next Philox index range; capturable: as a device scalar too.
@@ -188,8 +201,8 @@ class MaskedAdamW(Optimizer):
             for p in changed:
                 for key in ("step", *MOMENT_KEYS):
                     self.state[p].pop(key, None)
-        if kind.draws and self.seed is None:
-            self.seed = int(torch.randint(0, 2**63 - 1, ()).item())
+        if self.seed is None:  # seed=None, at construction
+            self.seed = _draw_seed(advance=kind.draws)
         self._mask_kind = kind
         self._importance = sampler
         self._importance_config = sampler.config if sampler is not None else None
@@ -314,8 +327,7 @@ class MaskedAdamW(Optimizer):
             rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
             backend=self._backend,
             mask_kind=MaskKind.BERNOULLI if uniform else self._mask_kind,
-            freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]),
-            seed=0 if self.seed is None else self.seed,
+            freeze=self._masked_mode(group) == "freeze", reserve_p=float(group["reserve_p"]), seed=self.seed,
             lr=group["lr"], betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
             rule=self._rule(group), capturable=group["capturable"],
@@ -436,3 +448,11 @@ class MaskedAdamW(Optimizer):
             for p in (p for p, s in self.state.items() if "indices" in s):
                 self._compact.register(p)
 
+
+def _draw_seed(advance: bool) -> int:
+    """A seed from torch's default generator; without ``advance``, the value its next draw would
+    give, from a copy, so that the user's dropout and shuffling stay as with torch's AdamW."""
+    generator = torch.default_generator
+    if not advance:
+        generator = torch.Generator().set_state(generator.get_state())
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator).item())

@@ -30,8 +30,7 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
         raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
                          f"and mask_kind one of {[k.label for k in MaskKind]})")
     try:
-        if saved.get("seed") is not None or saved["mask_kind"] in [k.label for k in MaskKind if k.draws]:
-            philox.check_seed(saved.get("seed"))  # None: not drawn yet (no drawn mask has needed one)
+        philox.check_seed(saved.get("seed"))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
     if not isinstance(saved.get("seed_drawn", False), bool):

@@ -10,9 +10,8 @@ import numbers
 from collections.abc import Mapping
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from childopt.optim import sharding
+from childopt.optim import aliasing, sharding
 
 MASKED_MODES = ("freeze", "zero_grad")
 STORAGES = ("dense", "sparse")
@@ -99,78 +98,10 @@ def check_params(params: list, describe) -> None:
 
 
 def _check_own_memory(p: torch.Tensor, describe) -> None:
-    if _overlaps_itself(p):
+    if aliasing.overlaps_itself(p):
         raise RuntimeError(f"{describe(p)} has memory shared between its elements (an expanded or "
                            f"overlapping view, strides {p.stride()}): an update cannot write each element "
                            "on its own; make it a parameter with its own storage (e.g. .clone())")
-
-
-def _overlaps_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` share memory (an expanded or overlapping strided alias).
-
-    Written here because torch exposes its overlap check only as a private debug helper (which
-    answers "too hard" for most strided views).  Quick rule: with the dimensions of size > 1
-    sorted by stride, no overlap when every stride reaches past the extent of the smaller ones;
-    a zero stride always overlaps; an interleaved layout the rule cannot judge is decided by
-    counting its distinct element offsets.
-    """
-    if t.is_contiguous() or t.numel() == 0:
-        return False
-    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1)
-    if any(stride == 0 for stride, _ in dims):
-        return True
-    extent = 1
-    for stride, size in dims:
-        if stride < extent:
-            break
-        extent = stride * size
-    else:
-        return False
-    return torch.unique(_element_offsets(t)).numel() < t.numel()
-
-
-def _element_offsets(t: torch.Tensor) -> torch.Tensor:
-    """The storage offsets of the elements of ``t``, flat int64 (O(numel) memory)."""
-    offsets = torch.full((), t.storage_offset(), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return offsets.reshape(-1)
-
-
-def check_disjoint(params: list, describe) -> None:
-    """Refuse two parameters that share an element (two Parameters over one storage, or one listed
-    twice): the kernels step a bucket's tensors in parallel chunks, so aliases would race.
-
-    Written here because torch has no public overlap test between two tensors: spans of storage
-    bytes decide, and two strided views whose spans cross (interleaved columns) are decided by
-    their element offsets.  DTensor shards, and meta and fake tensors (no memory), are left out.
-    """
-    spans = []
-    for p in params:
-        if p.numel() == 0 or p.device.type == "meta" or sharding.is_dtensor(p) or is_fake(p):
-            continue
-        size, offset = p.element_size(), p.storage_offset()
-        last = offset + sum((n - 1) * stride for n, stride in zip(p.shape, p.stride()))
-        spans.append((p.data_ptr() - offset * size, offset * size, (last + 1) * size, p))  # (storage, bytes)
-    spans.sort(key=lambda span: span[:2])
-    open_spans = []
-    for storage, start, end, p in spans:
-        open_spans = [span for span in open_spans if span[0] == storage and span[2] > start]
-        for other in open_spans:
-            if other[3] is p:
-                raise RuntimeError(f"{describe(p)} is listed twice: it would be stepped twice, racing with itself")
-            if _share_elements(other[3], p):
-                raise RuntimeError(f"{describe(other[3])} and {describe(p)} share memory (two Parameters over one "
-                                   "storage): their updates would race; tie weights by sharing one Parameter, or "
-                                   "give each its own storage (e.g. .clone())")
-        open_spans.append((storage, start, end, p))
-
-
-def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one storage, whose byte spans cross, have an element in common."""
-    if a.dtype != b.dtype or (a.is_contiguous() and b.is_contiguous()):
-        return True  # contiguous spans that cross share bytes; of two dtypes: judged by the bytes
-    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
 
 
 def check_steppable(params: list, grads: list, describe, sharded: bool = False) -> None:

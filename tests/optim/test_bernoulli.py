@@ -3,6 +3,9 @@
 With ``betas=(0, .)`` and a gradient of ones, ``exp_avg`` after one step is exactly the
 applied gradient, ``keep / reserve_p``: the mask can be read back bit for bit.
 """
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -51,27 +54,30 @@ def test_masks_change_every_step_and_follow_the_seed():
 def test_an_optimizer_without_a_drawn_mask_leaves_torch_s_random_stream_alone(make):
     """Swapping torch's AdamW for one without a drawn mask must not change the user's dropout or
     shuffling: the oracle is the generator's state, unchanged by construction, steps and a state
-    dict round trip."""
+    dict round trip.  The seed is still the generator's next draw, as with a Bernoulli mask."""
     params = make_params([(3,)])
     before = torch.get_rng_state()
+    expected = int(torch.randint(0, 2**63 - 1, ()).item())
+    torch.set_rng_state(before)
     opt = make(params)
     train(opt, params, 2)
-    copy = make(make_params([(3,)]))
-    copy.load_state_dict(opt.state_dict())
+    restored = make(make_params([(3,)]))
+    restored.load_state_dict(opt.state_dict())
     assert torch.equal(torch.get_rng_state(), before)
-    assert opt.seed is None and copy.seed is None
+    assert opt.seed == restored.seed == expected
 
 
-def test_seed_none_is_drawn_when_a_bernoulli_mask_is_first_set():
-    """From torch's generator at that moment (as a constructor with mask='bernoulli' draws it)."""
-    opt = MaskedAdamW(make_params([(3,)]), lr=1e-2)
-    torch.manual_seed(7)
-    expected = int(torch.randint(0, 2**63 - 1, ()).item())
-    torch.manual_seed(7)
-    opt.set_mask("bernoulli")
-    assert opt.seed == expected
-    torch.manual_seed(7)
-    assert MaskedAdamW(make_params([(3,)]), mask="bernoulli").seed == expected
+def test_a_bernoulli_mask_set_later_draws_alike_in_every_copy():
+    """A copy (deepcopy, pickle, state dict) of an optimizer built without a mask draws the same
+    Bernoulli masks as the original once each is given one."""
+    params = make_params([(64,)])
+    opt = MaskedAdamW(params, lr=1e-2)
+    copies = [opt, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    loaded = MaskedAdamW(params, lr=1e-2)
+    loaded.load_state_dict(opt.state_dict())
+    for each in [*copies, loaded]:
+        each.set_mask("bernoulli")
+    assert len({each.seed for each in [*copies, loaded]}) == 1
 
 
 def test_freeze_with_bernoulli_leaves_dropped_entries_untouched(lane):

@@ -4,6 +4,7 @@ Messages name the parameter (or group) and what was expected; torch.optim.AdamW 
 for what a step after a refused one must give.
 """
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -111,6 +112,10 @@ def test_an_added_group_aliasing_an_earlier_parameter_is_refused_and_not_added()
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [torch.nn.Parameter(flat[4:])]})
     assert len(opt.param_groups) == 2
+    copy = pickle.loads(pickle.dumps(opt))  # its parameters are copies: sharing one storage again
+    held = copy.param_groups[1]["params"][0]
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*share memory"):
+        copy.add_param_group({"params": [torch.nn.Parameter(held.detach()[1:])]})
 
 
 def test_a_step_that_fails_on_a_later_tensor_changes_nothing(lane):
