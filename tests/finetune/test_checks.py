@@ -3,6 +3,7 @@ weights, a --max-length beyond its positions, an --output folder of another conf
 numbers that are not finite, options --summarize would ignore), run names unique per learning rate, the
 output folder's JSONs read with their file named, and ct-d on a model without "layer" in its names."""
 import json
+import re
 import shutil
 
 import pytest
@@ -160,3 +161,17 @@ def test_report_heads_on_a_model_of_unknown_head_layout_is_refused_before_traini
     err = capsys.readouterr().err
     assert f"error: --report-heads: no heads report for the model at {models['gpt2']}: unknown architecture" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("names, layers", [
+    (["bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.self.query.weight"], [1]),
+    (["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.up_proj.weight"],
+     [1, 2]),
+    (["transformer.h.0.input_layernorm.weight", "transformer.h.0.self_attention.query_key_value.weight",
+      "transformer.ln_f.weight"], [0, 1]),  # Bloom / Falcon: no layers.N, but norms named *_layernorm
+    (["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"], [1]),  # GPT-2
+    (["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"], [0]),  # T5
+])
+def test_the_mask_pattern_names_the_transformer_blocks(names, layers):
+    include = plan.mask_include(names)
+    assert [i for i, name in enumerate(names) if re.search(include, name)] == layers
