@@ -59,13 +59,17 @@ def overlaps_itself(t: torch.Tensor) -> bool:
 
 
 def _addresses(t: torch.Tensor, unit: int):
-    """``t``'s addresses in units of ``unit`` bytes, in pieces of about :data:`CHUNK`."""
+    """``t``'s addresses in units of ``unit`` bytes, in pieces of at most :data:`CHUNK` (flat
+    element ranges unravelled by the shape, so memory stays bounded whatever the layout)."""
     scale = t.element_size() // unit
-    rows = t.reshape(1, -1) if t.dim() == 0 else t
-    step = max(1, CHUNK // max(1, rows[0].numel() * scale))
-    for start in range(0, rows.shape[0], step):
-        offsets = element_offsets(rows.narrow(0, start, min(step, rows.shape[0] - start))) * scale
-        yield (offsets.unsqueeze(-1) + torch.arange(scale)).reshape(-1)
+    step = max(1, CHUNK // scale)
+    for start in range(0, t.numel(), step):
+        flat = torch.arange(start, min(start + step, t.numel()), dtype=torch.int64)
+        offsets = torch.full_like(flat, t.storage_offset())
+        for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+            offsets += flat.remainder(size) * stride
+            flat = flat.div(size, rounding_mode="floor")
+        yield (offsets.unsqueeze(-1) * scale + torch.arange(scale)).reshape(-1)
 
 
 def _reaches(addresses: torch.Tensor, first: int, dims: list) -> bool:
@@ -93,8 +97,7 @@ def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         a, b = b, a
     if _nested(dims):
         return any(_reaches(addresses, first, dims) for addresses in _addresses(a, unit))
-    others = torch.cat(list(_addresses(b, unit)))
-    return any(bool(torch.isin(addresses, others).any()) for addresses in _addresses(a, unit))
+    return any(bool(torch.isin(mine, theirs).any()) for mine in _addresses(a, unit) for theirs in _addresses(b, unit))
 
 
 class MemorySpans:
@@ -122,8 +125,17 @@ class MemorySpans:
         return spans
 
     def check(self, params: list, describe: Callable[[torch.Tensor], str]) -> None:
-        """Refuse ``params`` if one shares an element with another of them or with one remembered."""
-        for storage, spans in self._by_storage_of(params).items():
+        """Refuse ``params`` if one shares an element with another of them or with one remembered.
+
+        The remembered spans of a storage a new parameter uses are read again first: a parameter
+        whose ``.data`` was replaced since (``model.to(dtype)``) left its old address free for a
+        new one.  One moved into a new parameter's storage from elsewhere is not seen (reading
+        every held parameter at each added group would make adding groups quadratic).
+        """
+        new = self._by_storage_of(params)
+        for storage in new:
+            self._refresh(storage)
+        for storage, spans in new.items():
             fresh = {id(span) for span in spans}
             open_spans = []
             for span in sorted(self._by_storage.get(storage, []) + spans, key=lambda s: s[1]):
@@ -132,6 +144,13 @@ class MemorySpans:
                     if id(other) in fresh or id(span) in fresh:
                         _refuse_shared(other[3], span[3], describe)
                 open_spans.append(span)
+
+    def _refresh(self, storage: int) -> None:
+        """Re-read the remembered spans of ``storage``; move those whose parameter moved."""
+        for span in self._by_storage.pop(storage, []):
+            current = self._span(span[3])
+            if current is not None:
+                self._by_storage.setdefault(current[0], []).append(current)
 
     def remember(self, params: list) -> None:
         """Hold ``params`` (checked) for the checks of groups added later."""

@@ -455,4 +455,4 @@ def _draw_seed(advance: bool) -> int:
     generator = torch.default_generator
     if not advance:
         generator = torch.Generator().set_state(generator.get_state())
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator).item())
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device="cpu").item())  # whatever the default device

@@ -58,3 +58,27 @@ def test_views_larger_than_one_chunk_are_judged_piece_by_piece(monkeypatch):
     assert not aliasing.share_memory(q, k) and not aliasing.share_memory(k, v)
     assert aliasing.share_memory(fused[:, 10:20], k)
     assert aliasing.share_memory(fused[39:, 47:], v)
+
+
+def test_addresses_come_in_bounded_pieces_whatever_the_layout(monkeypatch):
+    """A view with rows wider than a piece (or a 0-d one) is still enumerated CHUNK at a time."""
+    monkeypatch.setattr(aliasing, "CHUNK", 16)
+    buffer = torch.zeros(2, 100)
+    for view, unit in ((buffer[:, 3:90], 4), (buffer[:, 3:90], 1), (buffer[1, 5], 4)):
+        pieces = list(aliasing._addresses(view, unit))
+        assert all(piece.numel() <= 16 for piece in pieces)
+        scale = 4 // unit
+        expected = (aliasing.element_offsets(view).unsqueeze(-1) * scale + torch.arange(scale)).reshape(-1)
+        assert torch.equal(torch.cat(pieces), expected)
+
+
+def test_a_parameter_moved_since_it_was_added_leaves_its_old_memory_free():
+    """model.to(dtype) replaces .data: a new parameter may get the old address (here forced)."""
+    from childopt import MaskedAdamW
+
+    held = torch.nn.Parameter(torch.randn(8))
+    opt = MaskedAdamW([held], lr=1e-2, seed=0)
+    old = held.data
+    held.data = old.to(torch.bfloat16)
+    opt.add_param_group({"params": [torch.nn.Parameter(old)]})
+    assert len(opt.param_groups) == 2

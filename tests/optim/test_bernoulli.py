@@ -67,6 +67,14 @@ def test_an_optimizer_without_a_drawn_mask_leaves_torch_s_random_stream_alone(ma
     assert opt.seed == restored.seed == expected
 
 
+def test_seed_none_is_drawn_on_the_cpu_whatever_the_default_device():
+    params = make_params([(3,)])
+    before = torch.get_rng_state()
+    with torch.device("meta"):
+        opt = MaskedAdamW(params, lr=1e-2)
+    assert isinstance(opt.seed, int) and torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_bernoulli_mask_set_later_draws_alike_in_every_copy():
     """A copy (deepcopy, pickle, state dict) of an optimizer built without a mask draws the same
     Bernoulli masks as the original once each is given one."""
