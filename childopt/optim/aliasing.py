@@ -4,7 +4,8 @@ Parameters over one storage, or one listed twice).
 The kernels write each element of a bucket once, in parallel chunks: an element reached twice
 would be updated twice, racing.  Written here because torch exposes no overlap test between two
 tensors (its private debug helper answers "too hard" for most strided views).  Layouts are
-judged by their strides where a rule can: a *nested* layout (the dimensions sorted by stride,
+judged by their strides where a rule can (host arithmetic on int64 CPU tensors, whatever the
+parameters' device or the default device): a *nested* layout (the dimensions sorted by stride,
 each stride past the extent of the smaller ones) reaches each address once, and an address can
 be tested against it by dividing by its strides; only layouts no rule judges enumerate offsets.
 """
@@ -22,9 +23,9 @@ CHUNK = 1 << 22  # addresses enumerated at a time: 32 MiB of int64
 
 def element_offsets(t: torch.Tensor) -> torch.Tensor:
     """The storage offsets of the elements of ``t``, flat int64 (O(numel) memory)."""
-    offsets = torch.full((), t.storage_offset(), dtype=torch.int64)
+    offsets = torch.full((), t.storage_offset(), dtype=torch.int64, device="cpu")
     for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device="cpu") * stride
     return offsets.reshape(-1)
 
 
@@ -64,12 +65,12 @@ def _addresses(t: torch.Tensor, unit: int):
     scale = t.element_size() // unit
     step = max(1, CHUNK // scale)
     for start in range(0, t.numel(), step):
-        flat = torch.arange(start, min(start + step, t.numel()), dtype=torch.int64)
+        flat = torch.arange(start, min(start + step, t.numel()), dtype=torch.int64, device="cpu")
         offsets = torch.full_like(flat, t.storage_offset())
         for size, stride in zip(reversed(t.shape), reversed(t.stride())):
             offsets += flat.remainder(size) * stride
             flat = flat.div(size, rounding_mode="floor")
-        yield (offsets.unsqueeze(-1) * scale + torch.arange(scale)).reshape(-1)
+        yield (offsets.unsqueeze(-1) * scale + torch.arange(scale, device="cpu")).reshape(-1)
 
 
 def _reaches(addresses: torch.Tensor, first: int, dims: list) -> bool:

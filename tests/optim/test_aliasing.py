@@ -82,3 +82,10 @@ def test_a_parameter_moved_since_it_was_added_leaves_its_old_memory_free():
     held.data = old.to(torch.bfloat16)
     opt.add_param_group({"params": [torch.nn.Parameter(old)]})
     assert len(opt.param_groups) == 2
+
+
+def test_layouts_are_judged_on_the_cpu_whatever_the_default_device():
+    fused = torch.zeros(8, 12)
+    with torch.device("meta"):
+        assert not aliasing.share_memory(fused[:, :6], fused[:, 6:])
+        assert aliasing.overlaps_itself(fused.as_strided((2, 3), (1, 1)))
