@@ -17,7 +17,7 @@ import torch
 
 from childopt.arguments import save_figure, write_output
 from childopt.finetune import glue
-from childopt.finetune.plan import GRID, METHODS, format_lr, read_records, run_name
+from childopt.finetune.plan import GRID, METHODS, config_differences, format_lr, read_records, run_name
 
 TABLE_NAME, PLOT_NAME = "table.md", "curves.png"
 
@@ -34,11 +34,9 @@ def load_records(output: str, purpose: str = "to summarize") -> list[dict]:
         raise FileNotFoundError(f"--output {output}: no run JSONs (<TASK>-<method>-lr<lr>-seed<seed>.json) {purpose}")
     first = records[0]
     for record in records[1:]:
-        for key, value in first["config"].items():
-            if key not in GRID and record["config"].get(key) != value:
-                raise ValueError(f"{output} mixes configurations ({key}: {value!r} in {_run_name(first)}, "
-                                 f"{record['config'].get(key)!r} in {_run_name(record)}); summarize one "
-                                 "configuration per directory")
+        if details := config_differences(record["config"], first["config"], skip=GRID):
+            raise ValueError(f"{output} mixes configurations ({details}: 'there' is {_run_name(record)}, 'now' "
+                             f"{_run_name(first)}); summarize one configuration per directory")
     return records
 
 

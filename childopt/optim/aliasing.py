@@ -21,14 +21,6 @@ from childopt.optim import sharding
 CHUNK = 1 << 22  # addresses enumerated at a time: 32 MiB of int64
 
 
-def element_offsets(t: torch.Tensor) -> torch.Tensor:
-    """The storage offsets of the elements of ``t``, flat int64 (O(numel) memory)."""
-    offsets = torch.full((), t.storage_offset(), dtype=torch.int64, device="cpu")
-    for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device="cpu") * stride
-    return offsets.reshape(-1)
-
-
 def _nested(dims: list) -> bool:
     """Whether (stride, size) pairs sorted by stride reach each address once by the quick rule."""
     extent = 1
@@ -56,7 +48,7 @@ def overlaps_itself(t: torch.Tensor) -> bool:
     _, dims = _dims(t, t.element_size())
     if any(stride == 0 for stride, _ in dims):
         return True
-    return not _nested(dims) and torch.unique(element_offsets(t)).numel() < t.numel()
+    return not _nested(dims) and torch.unique(torch.cat(list(_addresses(t, t.element_size())))).numel() < t.numel()
 
 
 def _addresses(t: torch.Tensor, unit: int):

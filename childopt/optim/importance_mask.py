@@ -244,12 +244,15 @@ class ImportanceSampler:
 
         With running scores that is the rule, not the exception: the entries never kept keep a
         zero ``exp_avg_sq``, so after the first (uniform) draw the kept ones are the only non-zero
-        scores, and every later draw repeats it.  One sync per refresh, for the two counts.
+        scores, and every later draw repeats it.  One host read per refresh, for the two counts.
         """
-        if self._warned_fixed_draw:
+        if self._warned_fixed_draw or not scores:
             return
-        nonzero = sum(int(torch.count_nonzero(s)) for s in scores)
-        kept = sum(int(d.sum()) for d in drawn.values())
+        device = scores[0].device  # a model may span devices: the counts meet on one
+
+        def count(tensors) -> torch.Tensor:
+            return torch.stack([torch.count_nonzero(t).to(device) for t in tensors]).sum()
+        nonzero, kept = torch.stack([count(scores), count(drawn.values())]).tolist()
         if 0 < nonzero == kept:
             self._warned_fixed_draw = True
             user_warning.warn(f"Importance(sampling='exact'): only {nonzero} entries have a non-zero score, as many "

@@ -175,3 +175,13 @@ def test_an_unmerged_lora_state_dict_is_refused_with_a_hint(model, layout):
     tuned = {name.replace("query.weight", "query.base_layer.weight"): t for name, t in zeros_like_params(model).items()}
     with pytest.raises(ValueError, match=r"has no '.*query\.weight'.*a LoRA model not merged"):
         update_norms(layout, base, tuned)
+
+
+def test_a_held_frozen_parameter_with_a_mask_counts_nothing(model, layout):
+    """A parameter that does not require grad is never stepped, whatever mask it holds."""
+    masks = one_head(model, layer=1, head=0)
+    frozen = bert_name(1, "attention.self.query.weight")
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    share = child_share(layout, MaskedAdamW(model.named_parameters(), lr=1e-3, mask=masks))
+    assert share.heads[1, 0] < 1.0
+    assert 0.0 < share.heads[1, 0]
