@@ -252,6 +252,8 @@ class SparseDelta:
                 extracted from (the message names them).
         """
         scale = _finite_number(scale, "scale")
+        if not isinstance(check_base, bool):  # a truthy stand-in must not turn the base check off
+            raise TypeError(f"check_base must be a bool, got {check_base!r} ({type(check_base).__name__})")
         self._check()
         tensors = _named_tensors(target)
         found = {name: [n for n in (name, *e.aliases) if n in tensors] for name, e in self.entries.items()}

@@ -403,6 +403,17 @@ def test_delta_for_another_model_raises_before_modifying_anything():
         delta.apply_to(other_dtype)
 
 
+@pytest.mark.parametrize("check_base", [None, 0, [], "False", torch.tensor(False)])
+def test_check_base_takes_a_bool_only(check_base):
+    """A falsy stand-in would silently turn the base check off."""
+    base = make_base(torch.float32)
+    tuned, *_ = tune(base, seed=12, density=0.5)
+    target = clone(base)
+    with pytest.raises(TypeError, match="check_base must be a bool"):
+        SparseDelta.extract(base, tuned).apply_to(target, check_base=check_base)
+    assert_bitwise_equal(target, base)
+
+
 def test_apply_refuses_a_base_that_differs_where_the_delta_stores_entries():
     """The base's values at the stored entries are what the delta depends on; their SHA-256 is
     recorded at extract and compared before anything is written."""

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,13 +222,13 @@ def read_records(output: str) -> dict[Path, dict]:
             continue
         try:
             record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{path}: not a readable run JSON ({exc}); delete it (its run then reruns) or move it "
                              "out of --output") from exc
         missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
-        if missing or not isinstance(record["config"], dict) or "lr" not in record["config"]:
-            raise ValueError(f"{path}: not a run JSON (no {', '.join(missing or ['config.lr'])}); delete it or move "
-                             "it out of --output")
+        if missing or not _record_shaped(record):
+            what = ", ".join(missing) or "well-typed config.lr, dev and history"
+            raise ValueError(f"{path}: not a run JSON (no {what}); delete it or move it out of --output")
         name = run_name(record["task"], record["method"], record["config"]["lr"], record["seed"])
         if path.stem not in (name, f"{record['task']}-{record['method']}-seed{record['seed']}"):
             raise ValueError(f"{path} holds run {name}, not the run its name says; rename it to {name}.json or "
@@ -236,6 +237,15 @@ def read_records(output: str) -> dict[Path, dict]:
             raise ValueError(f"{paths[name]} and {path} hold the same run {name}; delete one of them")
         records[path], paths[name] = record, path
     return records
+
+
+def _record_shaped(record: dict) -> bool:
+    """Whether the fields the summary reads have their types: a finite lr, dev metrics, a history."""
+    lr = record["config"].get("lr") if isinstance(record["config"], dict) else None
+    return (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
+            and isinstance(record["dev"], dict) and isinstance(record["history"], list)
+            and isinstance(record["task"], str) and isinstance(record["method"], str)
+            and isinstance(record["seed"], int))
 
 
 def config_differences(recorded: dict, wanted: dict, skip=()) -> str:

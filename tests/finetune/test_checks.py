@@ -175,3 +175,28 @@ def test_report_heads_on_a_model_of_unknown_head_layout_is_refused_before_traini
 def test_the_mask_pattern_names_the_transformer_blocks(names, layers):
     include = plan.mask_include(names)
     assert [i for i, name in enumerate(names) if re.search(include, name)] == layers
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda record: record["config"].update(lr=None),
+    lambda record: record["config"].update(lr="abc"),
+    lambda record: record["config"].update(lr=float("nan")),
+    lambda record: record.update(dev=5),
+    lambda record: record.update(history="x"),
+])
+def test_a_run_json_with_fields_of_the_wrong_type_is_named(trained, tmp_path, corrupt):
+    """Not counted as done and then crashing the summary: named as not a run JSON."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    run = tmp_path / "RTE-adamw-lr2e-05-seed1.json"
+    record = json.loads(run.read_text())
+    corrupt(record)
+    run.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"RTE-adamw-lr2e-05-seed1.json: not a run JSON \(no well-typed"):
+        summary.load_records(str(tmp_path))
+
+
+def test_a_run_json_nested_too_deep_to_read_is_named(trained, tmp_path):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "RTE-adamw-lr2e-05-seed1.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="RTE-adamw-lr2e-05-seed1.json: not a readable run JSON"):
+        summary.load_records(str(tmp_path))
