@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
-
-MEMORY_EVENT = "[memory]"
+from torch._C._profiler import _EventType, _ExtraFields_Allocation
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 @dataclass(frozen=True)
@@ -58,22 +56,48 @@ def held_bytes(params: Iterable[torch.Tensor], opt: torch.optim.Optimizer) -> in
     return storage_bytes(params + grads + state)
 
 
-def peak_of_events(sizes: Iterable[int]) -> int:
-    """The peak of the running sum of signed allocation sizes (in time order), at least zero."""
+def mark_allocation(marker: str, tensor: torch.Tensor) -> None:
+    """Leave a profiler event naming ``tensor``'s allocation under ``marker``, for
+    :func:`cpu_peak_and_marked` to tell which allocations live at the peak it names."""
+    with record_function(f"{marker}{tensor.untyped_storage().data_ptr()}"):
+        pass
+
+
+def cpu_peak_and_marked(fn: Callable[[], object], marker: str = "") -> tuple[int, int]:
+    """The peak of CPU bytes allocated minus freed while ``fn()`` runs, from the profiler's
+    allocation events, and the bytes of the allocations live at that peak that an event of
+    :func:`mark_allocation` under ``marker`` names, then or later (0 without a ``marker``)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        fields = event.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            events.append((event.start_time_ns, 0, fields.ptr, fields.alloc_size))
+        elif marker and event.tag == _EventType.TorchOp and event.name.startswith(marker):
+            events.append((event.start_time_ns, 1, int(event.name[len(marker):]), 0))
+    live, allocations, marked = {}, [], set()  # address -> allocation; allocation -> bytes; marked ones
     total = peak = 0
-    for size in sizes:
+    at_peak: list = []
+    for _, is_marker, ptr, size in sorted(events, key=lambda e: e[:2]):
+        if is_marker:
+            marked.add(live[ptr])
+        elif size > 0:
+            live[ptr] = len(allocations)
+            allocations.append(size)
+        else:
+            live.pop(ptr, None)  # freed; an allocation made before fn() is not in live
         total += size
-        peak = max(peak, total)
-    return peak
+        if total > peak:
+            peak, at_peak = total, list(live.values())
+    return peak, sum(allocations[a] for a in at_peak if a in marked)
 
 
 def cpu_peak_increase(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated minus freed on the CPU while ``fn()`` runs, from the profiler's memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == MEMORY_EVENT and e.device_type() == DeviceType.CPU]
-    return peak_of_events(e.nbytes() for e in sorted(events, key=lambda e: e.start_ns()))
+    """Peak bytes allocated minus freed on the CPU while ``fn()`` runs."""
+    return cpu_peak_and_marked(fn)[0]
 
 
 def cuda_peak_increase(fn: Callable[[], object], device: torch.device) -> int:

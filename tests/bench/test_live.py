@@ -11,12 +11,6 @@ CPU = torch.device("cpu")
 SHAPES = [(1000, 200), (200,), (300, 300)]
 
 
-def test_the_peak_is_the_highest_running_total_of_allocations_and_frees():
-    assert live.peak_of_events([100, -100, 200, 50, -250]) == 250
-    assert live.peak_of_events([-40, 10]) == 0  # freeing what was live before never goes below the start
-    assert live.peak_of_events([]) == 0
-
-
 def test_the_profiler_sees_each_allocation_and_free_in_time_order():
     """1 MB allocated and freed, then 2 MB and 1 MB held together: the peak above the start is 3 MB."""
     def allocate():
@@ -26,6 +20,31 @@ def test_the_profiler_sees_each_allocation_and_free_in_time_order():
         del second, third
 
     assert live.cpu_peak_increase(allocate) == 3_000_000
+
+
+def test_freeing_what_was_live_before_never_counts_below_the_start():
+    before = torch.empty(1_000_000)
+
+    def free_then_allocate():
+        nonlocal before
+        before = None
+        torch.empty(250_000)
+
+    assert live.cpu_peak_increase(free_then_allocate) == 1_000_000
+
+
+def test_marked_bytes_are_the_marked_allocations_live_at_the_peak():
+    """a (1 MB, marked) and b (2 MB, unmarked) are live at the 3 MB peak; d, marked, is allocated
+    after b is freed, below the peak: only a counts."""
+    def step():
+        a, b = torch.empty(250_000), torch.empty(500_000)
+        live.mark_allocation("test@", a)
+        del b
+        d = torch.empty(100_000)
+        live.mark_allocation("test@", d)
+
+    assert live.cpu_peak_and_marked(step, "test@") == (3_000_000, 1_000_000)
+    assert live.cpu_peak_and_marked(step) == (3_000_000, 0)
 
 
 def test_held_bytes_count_parameters_gradients_and_state_each_storage_once():
