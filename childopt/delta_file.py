@@ -18,19 +18,21 @@ a silently different delta.  Every problem raises :class:`DeltaFormatError`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import math
 import operator
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 FORMAT = "childopt.sparse_delta"
 FORMAT_VERSION = "3"
@@ -46,6 +48,7 @@ SPEC_KEYS = ("shape", "dtype")  # every entry of the layout metadata
 OPTIONAL_SPEC_KEYS = {"1": (), "2": (), "3": ("aliases", "base_sha256")}
 PARTS = ("indices", "values")
 NUMEL_LIMIT = 2**63  # flat indices are int64
+TEMP_SUFFIX = ".childopt-tmp"  # ends the name of the temporary file write() renames onto the target
 
 Path = Union[str, os.PathLike]
 
@@ -174,13 +177,38 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
             ENTRIES_KEY: json.dumps(entries)}
     where = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(where))
-    if not os.path.isdir(folder):  # safetensors would name the temporary file it writes first
+    if not os.path.isdir(folder):  # else the error would name the temporary file written first
         why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} {why}")
     try:
-        save_file(dict(tensors), where, metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
-    except SafetensorError as err:
+        _replace_file(where, serialize(dict(tensors), metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)}))
+    except (SafetensorError, OSError) as err:
         raise OSError(f"cannot save the delta to {where!r}: {err}") from err
+
+
+def _replace_file(where: str, data: bytes) -> None:
+    """Write ``data`` to a new file ``where`` (replacing any file there) at once: into a temporary file
+    ``.{name}.{pid}-{random}.childopt-tmp`` beside it, then renamed onto it.
+
+    safetensors' ``save_file`` renames a temporary file too, but creates it with mode 0600 whatever the
+    umask, and a process killed while it writes leaves it as an anonymous ``.tmpXXXXXX``.  This one
+    is created as ``open()`` creates files (0666 less the umask, and the folder's default ACL), so the
+    delta gets the mode of any other new file, and is removed on any exception; only a process
+    killed outright (SIGKILL, power loss) leaves it, and its name says whose it is.  Leftovers are
+    not swept: on a shared folder a pid that is gone here may be a live writer on another host.  It
+    costs one in-memory copy of the file (safetensors has no streaming writer to a file of ours).
+    """
+    folder, name = os.path.split(os.path.abspath(where))
+    temp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    f = open(temp, "xb")  # before the try: a file this call did not create is not removed
+    try:
+        with f:
+            f.write(data)
+        os.replace(temp, where)
+    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 def read(path: Path, dtypes: Mapping[str, torch.dtype]) -> RawDelta:

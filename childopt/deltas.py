@@ -32,95 +32,16 @@ import torch
 
 from childopt import delta_file
 from childopt.delta_file import FORMAT_VERSION, DeltaFormatError, short_list
-from childopt.sparse import check_indices, gather, index_dtype, indices_from_mask
+from childopt.delta_entry import (DTYPE_NAMES, WIDE_DTYPES, DeltaEntry, add_at, bits, check_same_layout, difference,
+                                  merge_entries, values_at, wide_dtype)
+from childopt.sparse import check_indices, index_dtype, indices_from_mask
 
 __all__ = ["DeltaEntry", "SparseDelta", "DeltaFormatError", "indices_from_mask", "WIDE_DTYPES", "FORMAT_VERSION"]
 
-# The exact difference of two floats of one type needs the significand bits of the type plus
-# the gap between their exponents (plus one for a carry).  The next wider type has more than
-# twice the significand bits (fp32: 24 against 8 for bf16 and 11 for fp16; fp64: 53 against 24
-# for fp32), so ``tuned - base`` is exact there unless |tuned| and |base| are about 2**15 (bf16),
-# 2**12 (fp16) or 2**28 (fp32) apart, far beyond a fine-tuning update; then
-# ``(base.wide + delta).to(dtype)`` is ``tuned`` bit for bit.  fp64 has no wider type: its
-# differences are exact when the two values are within a factor of two (Sterbenz), the usual case.
-# SparseDelta.extract checks the round trip of every entry and raises where it fails (operands
-# extremely far apart, infinities), so a delta it returns is always exact -- up to what addition
-# cannot carry: a zero may come back with the other sign (0.0 + -0.0 is 0.0) and a NaN with
-# another payload.
-WIDE_DTYPES = {
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-    torch.float32: torch.float64,
-    torch.float64: torch.float64,
-}
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in WIDE_DTYPES}  # as files record them
 _OUTSIDE_CHOICES = ("raise", "store", "drop")  # SparseDelta.extract's changes off its indices
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNITS = ("B", "kB", "MB", "GB", "TB")
 
 NamedTensors = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
-
-
-@dataclass(eq=False)
-class DeltaEntry:
-    """The change of one tensor: ``values[i] = tuned.flatten()[indices[i]] - base.flatten()[indices[i]]``.
-
-    Attributes:
-        shape: shape of the tensor the delta applies to.
-        dtype: dtype of that tensor (a floating type in :data:`WIDE_DTYPES`).
-        indices: 1-D strictly increasing flat indices: int32 below 2**31 elements, else int64
-            (what extract, merge and load produce; int64 is accepted for any size).
-        values: 1-D differences in ``WIDE_DTYPES[dtype]``, one per index.
-        aliases: the tensor's other names, when it was tied (one tensor under several names).
-        base_sha256: :func:`~childopt.delta_file.digest` of the base values at ``indices``, which
-            ``apply_to`` compares with its target's (None: unknown, as in files before version 3).
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    indices: torch.Tensor
-    values: torch.Tensor
-    aliases: tuple[str, ...] = ()
-    base_sha256: Optional[str] = None
-
-    def __post_init__(self):
-        self.shape = delta_file.check_shape(self.shape, "DeltaEntry shape")
-        self.aliases = delta_file.check_aliases(self.aliases, "DeltaEntry aliases")
-        self.base_sha256 = delta_file.check_digest(self.base_sha256, "DeltaEntry base_sha256")
-
-    @property
-    def numel(self) -> int:
-        """Elements of the tensor the delta applies to."""
-        return torch.Size(self.shape).numel()
-
-    @property
-    def num_entries(self) -> int:
-        """Stored entries (indices)."""
-        return self.indices.numel()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of indices and values."""
-        return self.indices.nbytes + self.values.nbytes
-
-    def __repr__(self) -> str:
-        return f"DeltaEntry(shape={self.shape}, dtype={self.dtype}, {self.num_entries:,} entries)"
-
-    def _check(self, name: str) -> None:
-        """Raise unless the entry is well formed (an entry built by hand or read from a file)."""
-        self.shape = delta_file.check_shape(self.shape, f"{name!r}: shape")  # fields may be reassigned
-        self.aliases = delta_file.check_aliases(self.aliases, f"{name!r}: aliases")
-        delta_file.check_digest(self.base_sha256, f"{name!r}: base_sha256")
-        if name in self.aliases:
-            raise ValueError(f"{name!r}: aliases must name the tensor's other names, not {name!r} itself")
-        wide = _wide_dtype(name, self.dtype)
-        check_indices(self.indices, self.numel, repr(name))
-        if self.values.shape != self.indices.shape or self.values.dtype != wide:
-            raise ValueError(f"{name!r}: values must be {wide} of shape {tuple(self.indices.shape)} "
-                             f"(one per index), got {self.values.dtype} of shape {tuple(self.values.shape)}")
-        if self.values.device != self.indices.device:
-            raise ValueError(f"{name!r}: indices are on {self.indices.device} but values on "
-                             f"{self.values.device}")
 
 
 @dataclass(eq=False)
@@ -215,9 +136,9 @@ class SparseDelta:
                 if outside != "drop":
                     idx, missed[name] = _cover_changes(b, t, idx, store=outside == "store")
             if missed.get(name):
-                _wide_dtype(name, t.dtype)  # a changed integer buffer: no outside= choice could store it
+                wide_dtype(name, t.dtype)  # a changed integer buffer: no outside= choice could store it
             if idx.numel():
-                entries[name] = _difference(name, b, t, idx, aliases[name][1:])
+                entries[name] = difference(name, b, t, idx, aliases[name][1:])
         if missing := {name: count for name, count in missed.items() if count}:
             shown = ", ".join(f"{name!r} ({count} entries)" for name, count in list(missing.items())[:5])
             more = f", ... ({len(missing)} tensors in all)" if len(missing) > 5 else ""
@@ -252,8 +173,7 @@ class SparseDelta:
                 extracted from (the message names them).
         """
         scale = _finite_number(scale, "scale")
-        if not isinstance(check_base, bool):  # a truthy stand-in must not turn the base check off
-            raise TypeError(f"check_base must be a bool, got {check_base!r} ({type(check_base).__name__})")
+        _check_bool(check_base, "check_base")
         self._check()
         tensors = _named_tensors(target)
         found = {name: [n for n in (name, *e.aliases) if n in tensors] for name, e in self.entries.items()}
@@ -263,7 +183,7 @@ class SparseDelta:
         owner = {n: name for name, names in found.items() for n in names}
         for n, name in owner.items():
             e, p = self.entries[name], tensors[n]
-            _check_same_layout(n, ("the delta", e.shape, e.dtype), ("the target", p.shape, p.dtype))
+            check_same_layout(n, ("the delta", e.shape, e.dtype), ("the target", p.shape, p.dtype))
         tied = _tied_duplicates(tensors, owner)
         if shared := [(n, first) for n, first in tied.items() if owner[n] != owner[first]]:
             name, first = shared[0]
@@ -273,11 +193,12 @@ class SparseDelta:
         _check_targets(self.entries, distinct, tensors, check_base)
         for name, e in self.entries.items():
             for n in distinct[name]:
-                _add_at(tensors[n], e, scale)
+                add_at(tensors[n], e, scale)
         return target
 
     @classmethod
-    def merge(cls, *deltas: "SparseDelta", weights: Optional[Iterable[float]] = None) -> "SparseDelta":
+    def merge(cls, *deltas: "SparseDelta", weights: Optional[Iterable[float]] = None,
+              check_base: bool = True) -> "SparseDelta":
         """One delta equal to ``sum_i weights[i] * deltas[i]`` (weights default to 1).
 
         Per tensor, entries live on the union of the deltas' indices, and the (weighted) values
@@ -287,26 +208,41 @@ class SparseDelta:
         wide dtype the sums are exact unless the values are extremely far apart in magnitude, so
         the two agree up to the rounding to the parameter dtype that applying in turn does after
         every delta.  Sums are folded left to right, two operands per entry at a time, so the
-        result is deterministic on every device.  A merged entry keeps the aliases of all its
-        parts, and their base fingerprint only where all parts have the same indices and the same
-        fingerprint (else ``apply_to`` cannot check its base).
+        result is deterministic on every device.  The deltas must agree on each tensor: its shape,
+        dtype and aliases, and which entry each name belongs to.  A merged entry keeps its parts'
+        base fingerprint only where all parts have the same indices and the same fingerprint (a
+        fingerprint covers the base at its own indices, so no other sum has a known one: ``apply_to``
+        does not check its base).  Parts with the same indices but different fingerprints prove
+        different bases: with ``check_base`` that raises; pass ``check_base=False`` to merge a
+        delta with one extracted on top of it (stacked fine-tunes).
 
         Raises:
-            TypeError: a weight is not a real number.
+            TypeError: a weight is not a real number, or ``check_base`` is not a bool.
             ValueError: no deltas, a weight count that differs from the delta count, a NaN or
-                infinite weight, or one tensor name with different shapes or dtypes in two deltas.
+                infinite weight, or deltas that disagree on a tensor: shape, dtype, aliases, a name
+                that is an entry in one and an alias of another entry in another, or (with
+                ``check_base``) different bases at the same indices.  The message names the
+                tensor and the deltas.
         """
         weights = ([1.0] * len(deltas) if weights is None
                    else [_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights)])
         if not deltas or len(weights) != len(deltas):
             raise ValueError(f"merge needs one or more deltas and one weight per delta, got "
                              f"{len(deltas)} deltas and {len(weights)} weights")
-        parts: dict[str, list[tuple[DeltaEntry, float]]] = {}
-        for delta, weight in zip(deltas, weights):
+        _check_bool(check_base, "check_base")
+        parts: dict[str, list[tuple[int, DeltaEntry, float]]] = {}
+        owner: dict[str, tuple[int, str]] = {}  # tensor name -> (first delta naming it, its entry there)
+        for i, (delta, weight) in enumerate(zip(deltas, weights)):
             delta._check()
             for name, entry in delta.entries.items():
-                parts.setdefault(name, []).append((entry, weight))
-        return cls({name: _merge_entries(name, entry_weights) for name, entry_weights in parts.items()})
+                parts.setdefault(name, []).append((i, entry, weight))
+                for n in (name, *entry.aliases):
+                    at, first = owner.setdefault(n, (i, name))
+                    if first != name:
+                        raise ValueError(f"deltas[{at}] and deltas[{i}] disagree on which names are one tensor: "
+                                         f"{n!r} belongs to the entry {first!r} in deltas[{at}] but to the entry "
+                                         f"{name!r} in deltas[{i}]")
+        return cls({name: merge_entries(name, entry_parts, check_base) for name, entry_parts in parts.items()})
 
     def save(self, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None) -> None:
         """Write the delta to a safetensors file, with ``self.metadata`` updated by ``metadata``.
@@ -316,6 +252,8 @@ class SparseDelta:
         object ``{name: {"shape": [...], "dtype": "bfloat16", "aliases": [...], "base_sha256": ...}}``
         and a SHA-256 checksum of the metadata and tensors (:mod:`childopt.delta_file`).  Every
         entry is checked first (as ``load`` will), so a malformed delta raises and writes nothing.
+        The file is written under a temporary name beside ``path`` and renamed onto it, so a failed
+        save leaves an earlier file there intact; it gets the mode ``open()`` gives a new file.
         """
         self._check()
         user = {**self.metadata, **(metadata or {})}
@@ -344,7 +282,7 @@ class SparseDelta:
                 (out of range, unsorted, wrong dtype, mismatched lengths), or contents that do
                 not match its checksum.  The message names the file and the key or entry.
         """
-        raw = delta_file.read(path, _DTYPE_NAMES)
+        raw = delta_file.read(path, DTYPE_NAMES)
         try:
             delta = cls({name: DeltaEntry(spec.shape, spec.dtype, raw.tensors[f"{name}.indices"],
                                           raw.tensors[f"{name}.values"], spec.aliases, spec.base_sha256)
@@ -377,14 +315,6 @@ class SparseDelta:
         return f"SparseDelta({len(self.entries)} params, {self.num_entries:,} entries, {size})"
 
 
-def _wide_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype delta values of a ``dtype`` tensor are kept in (:data:`WIDE_DTYPES`)."""
-    if dtype not in WIDE_DTYPES:
-        raise TypeError(f"{name!r}: sparse deltas hold floating-point tensors "
-                        f"({', '.join(map(str, WIDE_DTYPES))}), got {dtype}; leave it out of base and tuned")
-    return WIDE_DTYPES[dtype]
-
-
 def _named_tensors(tensors: NamedTensors) -> Mapping[str, torch.Tensor]:
     """Name -> tensor for a mapping, or a module's parameters and buffers (tied ones under every
     name, as ``state_dict()`` lists them; the tensors themselves, so writes reach the module)."""
@@ -409,6 +339,12 @@ def _finite_number(value, what: str) -> float:
     return float(value)
 
 
+def _check_bool(value, what: str) -> None:
+    """Raise unless ``value`` is a bool (a truthy stand-in must not turn a check off)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
+
+
 def _format_bytes(n: int) -> str:
     """Decimal units, e.g. '14.8 MB'."""
     size, unit = float(n), 0
@@ -426,15 +362,7 @@ def _check_same_tensors(base: Mapping[str, torch.Tensor], tuned: Mapping[str, to
                          f"only in tuned: {short_list(only_tuned) or '-'}")
     for name, t in tuned.items():
         b = base[name]
-        _check_same_layout(name, ("base", b.shape, b.dtype), ("tuned", t.shape, t.dtype))
-
-
-def _check_same_layout(name: str, a: tuple, b: tuple) -> None:
-    """Raise unless two (description, shape, dtype) triples agree in shape and dtype."""
-    (a_what, a_shape, a_dtype), (b_what, b_shape, b_dtype) = a, b
-    if tuple(a_shape) != tuple(b_shape) or a_dtype != b_dtype:
-        raise ValueError(f"{name!r}: {a_what} has shape {tuple(a_shape)} and dtype {a_dtype}, "
-                         f"but {b_what} has shape {tuple(b_shape)} and dtype {b_dtype}")
+        check_same_layout(name, ("base", b.shape, b.dtype), ("tuned", t.shape, t.dtype))
 
 
 def _tied_duplicates(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, str]:
@@ -470,7 +398,7 @@ def _check_index_names(indices: Mapping, tuned: Mapping[str, torch.Tensor]) -> N
 
 def _changed_indices(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """Flat indices where ``tuned`` differs from ``base`` bitwise (so an unchanged NaN is unchanged)."""
-    return indices_from_mask(_bits(base) != _bits(tuned))
+    return indices_from_mask(bits(base) != bits(tuned))
 
 
 def _cover_changes(base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor, store: bool) -> tuple:
@@ -497,30 +425,6 @@ def _given_indices(name: str, idx: torch.Tensor, tuned: torch.Tensor) -> torch.T
     return idx.to(index_dtype(tuned.numel()))
 
 
-def _difference(name: str, base: torch.Tensor, tuned: torch.Tensor, idx: torch.Tensor, aliases) -> DeltaEntry:
-    """The entry ``tuned - base`` at ``idx``, computed in the wide dtype and checked to round-trip,
-    with the tensor's other names and the fingerprint of ``base`` at ``idx``."""
-    wide = _wide_dtype(name, tuned.dtype)
-    base_values, tuned_values = gather(base, idx), gather(tuned, idx)
-    # The fingerprint covers exactly the base values the delta depends on: applied to a base that
-    # differs there, it cannot give ``tuned``; elsewhere it writes nothing.  It costs a SHA-256 of
-    # the stored entries' base values (4 bytes per fp32 entry; about 3 ms for 1.2M entries on one
-    # CPU core), in proportion to the delta, not the model, and only those values leave the GPU.
-    # (A hash of every base tensor would also catch a base that differs elsewhere, at the cost of
-    # hashing, and copying to the host, the whole model at each extract and apply.)
-    base_sha256 = delta_file.digest(base_values)
-    base_values = base_values.to(wide)
-    values = tuned_values.to(wide) - base_values
-    rebuilt = (base_values + values).to(tuned.dtype)
-    wrong = (rebuilt != tuned_values) & ~(rebuilt.isnan() & tuned_values.isnan())
-    if wrong.any():
-        i = int(wrong.nonzero()[0])
-        raise ValueError(f"{name!r}: {int(wrong.sum())} entries cannot be stored exactly as tuned - base in "
-                         f"{wide} (e.g. flat index {int(idx[i])}: base {base_values[i].item()!r}, tuned "
-                         f"{tuned_values[i].item()!r}); their magnitudes are too far apart or infinite")
-    return DeltaEntry(tuple(tuned.shape), tuned.dtype, idx, values, tuple(aliases), base_sha256)
-
-
 def _check_targets(entries: Mapping[str, DeltaEntry], names: Mapping[str, list], tensors: Mapping[str, torch.Tensor],
                    check_base: bool) -> None:
     """Raise unless, for each entry, its distinct target tensors ``names[entry]`` match the base
@@ -530,10 +434,10 @@ def _check_targets(entries: Mapping[str, DeltaEntry], names: Mapping[str, list],
         checked = check_base and e.base_sha256 is not None
         if not checked and len(names[name]) == 1:
             continue
-        values = [_values_at(tensors[n], e.indices) for n in names[name]]
+        values = [values_at(tensors[n], e.indices) for n in names[name]]
         if checked:
             wrong_base += [n for n, v in zip(names[name], values) if delta_file.digest(v) != e.base_sha256]
-        elif any(not torch.equal(_bits(values[0]), _bits(v)) for v in values[1:]):
+        elif any(not torch.equal(bits(values[0]), bits(v)) for v in values[1:]):
             differ.append(names[name])
     if wrong_base:
         raise ValueError(f"the target's values at the stored entries of {short_list(wrong_base)} differ from the base "
@@ -545,52 +449,3 @@ def _check_targets(entries: Mapping[str, DeltaEntry], names: Mapping[str, list],
         raise ValueError(f"{short_list(differ[0])} were one tied tensor when the delta was extracted, but the target "
                          "holds them as separate tensors that differ at the stored entries, so the delta cannot "
                          "make them equal again: nothing was changed")
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit pattern of a float tensor (so that -0.0 != 0.0 and NaN == NaN of one payload)."""
-    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
-
-
-def _flat_access(p: torch.Tensor, idx: torch.Tensor) -> tuple:
-    """(view, where): ``view[where]`` are the entries of ``p`` at flat indices ``idx``, without a copy of ``p``.
-
-    A contiguous tensor is indexed through its flat view; any other layout (a transposed or
-    channels-last weight) through the coordinates of each flat index.
-    """
-    idx = idx.to(p.device)
-    return (p.view(-1), (idx,)) if p.is_contiguous() else (p, torch.unravel_index(idx, p.shape))
-
-
-def _values_at(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The entries of ``p`` at flat indices ``idx``, as a 1-D tensor."""
-    view, where = _flat_access(p, idx)
-    return view[where]
-
-
-def _add_at(p: torch.Tensor, entry: DeltaEntry, scale: float) -> None:
-    """``p.flatten()[idx] = (p.flatten()[idx].wide + scale * values).to(p.dtype)``, in place."""
-    step = entry.values.to(p.device) * scale
-    view, where = _flat_access(p, entry.indices)
-    view.index_put_(where, (view[where].to(step.dtype) + step).to(p.dtype))
-
-
-def _merge_entries(name: str, entry_weights: list[tuple[DeltaEntry, float]]) -> DeltaEntry:
-    """``sum_i w_i * entry_i`` on the union of the entries' indices (see SparseDelta.merge)."""
-    first = entry_weights[0][0]
-    indices, values = first.indices, first.values * entry_weights[0][1]
-    for entry, weight in entry_weights[1:]:
-        _check_same_layout(name, ("one delta", first.shape, first.dtype),
-                           ("another", entry.shape, entry.dtype))
-        both = torch.cat([indices, entry.indices.to(indices.device)])
-        indices, slot = torch.unique(both, return_inverse=True)
-        # index_add_ adds at most two terms per slot onto 0, and a + b == b + a exactly in IEEE
-        # arithmetic, so the order of the additions (atomic on CUDA) cannot change the sum.
-        summed = values.new_zeros(indices.numel())
-        values = summed.index_add_(0, slot, torch.cat([values, entry.values.to(values.device) * weight]))
-    aliases = tuple(dict.fromkeys(alias for entry, _ in entry_weights for alias in entry.aliases))
-    # each part's indices are a subset of the union: as many means the same indices
-    same_base = all(entry.num_entries == indices.numel() and entry.base_sha256 == first.base_sha256
-                    for entry, _ in entry_weights)
-    base_sha256 = first.base_sha256 if same_base else None
-    return DeltaEntry(first.shape, first.dtype, indices.to(index_dtype(first.numel)), values, aliases, base_sha256)

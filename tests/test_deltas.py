@@ -527,7 +527,7 @@ def test_malformed_entries_and_metadata_raise(tmp_path):
     delta = SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([1]), torch.ones(1).double())})
     with pytest.raises(ValueError, match="reserved"):
         delta.save(tmp_path / "unused.safetensors", metadata={"childopt.format": "mine"})
-    with pytest.raises(ValueError, match=r"'w': one delta has shape \(4,\) .* another has shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"'w': deltas\[0\] has shape \(4,\) .* deltas\[1\] has shape \(5,\)"):
         SparseDelta.merge(delta, SparseDelta({"w": DeltaEntry((5,), torch.float32, torch.tensor([1]),
                                                              torch.ones(1).double())}))
     with pytest.raises(ValueError, match="one weight per delta"):

@@ -1,0 +1,117 @@
+"""Delta files: the mode and temporary file of SparseDelta.save, and the checks that files of the
+older formats 1 and 2 pass before anything is written.
+
+Oracles: the mode ``open()`` gives a new file under the same umask, the folder's listing, and
+values written out by hand.
+"""
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from childopt import delta_file
+from childopt.deltas import DeltaEntry, DeltaFormatError, SparseDelta
+
+
+def small_delta():
+    return SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([1, 3]), torch.tensor([0.5, -1.0]).double())})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_saved_delta_has_the_mode_open_gives_a_new_file(tmp_path, umask, exists):
+    path = tmp_path / "delta.safetensors"
+    if exists:
+        path.write_bytes(b"old")
+        path.chmod(0o600)
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "x"):
+            pass
+        small_delta().save(path)
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o7777) == oct((tmp_path / "plain").stat().st_mode & 0o7777)
+    assert sorted(os.listdir(tmp_path)) == ["delta.safetensors", "plain"]
+    assert SparseDelta.load(path).entries["w"].values.tolist() == [0.5, -1.0]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["OSError", "KeyboardInterrupt"])
+def test_a_save_interrupted_mid_write_removes_its_temporary_file_and_keeps_the_old_delta(tmp_path, monkeypatch,
+                                                                                           error):
+    path = tmp_path / "delta.safetensors"
+    small_delta().save(path)
+    before = path.read_bytes()
+    seen = []
+
+    class HalfWritten:  # writes half the data to the real file, then fails
+        def __init__(self, name, mode):
+            self.file = open(name, mode)
+            seen.append(os.path.basename(name))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            assert sorted(os.listdir(tmp_path)) == sorted(["delta.safetensors", seen[0]])  # it is there
+            raise error
+
+    monkeypatch.setattr(delta_file, "open", HalfWritten, raising=False)
+    delta = SparseDelta({"w": DeltaEntry((4,), torch.float32, torch.tensor([0]), torch.tensor([2.0]).double())})
+    with pytest.raises(type(error)):
+        delta.save(path)
+    assert re.fullmatch(rf"\.delta\.safetensors\.{os.getpid()}-[0-9a-f]{{8}}\.childopt-tmp", seen[0])
+    assert os.listdir(tmp_path) == ["delta.safetensors"]
+    assert path.read_bytes() == before
+
+
+def write_old_format(path, version, entries, tensors):
+    """A delta file of format 1 (no checksum) or 2 (checksum, no aliases or fingerprints), by hand."""
+    meta = {"childopt.format": "childopt.sparse_delta", "childopt.format_version": version,
+            "childopt.entries": json.dumps(entries)}
+    if version == "2":
+        meta["childopt.sha256"] = delta_file.checksum(meta, tensors)
+    save_file(tensors, path, metadata=meta)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_old_format_files_get_every_check_but_the_base_before_anything_is_written(tmp_path, version):
+    path = tmp_path / "old.safetensors"
+    layout = {"a": {"shape": [3], "dtype": "float32"}, "w": {"shape": [2, 2], "dtype": "float32"}}
+    tensors = {"a.indices": torch.tensor([0], dtype=torch.int32), "a.values": torch.tensor([1.0]).double(),
+               "w.indices": torch.tensor([1, 3], dtype=torch.int32), "w.values": torch.tensor([0.5, -2.0]).double()}
+    write_old_format(path, version, layout, {**tensors, "w.indices": torch.tensor([1, 4], dtype=torch.int32)})
+    with pytest.raises(DeltaFormatError, match=r"'w': indices must be strictly increasing and inside \[0, 4\)"):
+        SparseDelta.load(path)
+
+    write_old_format(path, version, layout, tensors)
+    delta = SparseDelta.load(path)
+    assert all(e.base_sha256 is None and e.aliases == () for e in delta.entries.values())
+    bad_targets = {
+        "shape": ({"a": torch.zeros(3), "w": torch.zeros(4)}, r"'w': the delta has shape \(2, 2\)"),
+        "dtype": ({"a": torch.zeros(3), "w": torch.zeros(2, 2).double()}, "but the target has .* torch.float64"),
+        "missing": ({"a": torch.zeros(3)}, "target lacks tensors the delta changes: 'w'"),
+    }
+    for what, (target, match) in bad_targets.items():
+        before = {n: t.clone() for n, t in target.items()}
+        with pytest.raises(ValueError, match=match):
+            delta.apply_to(target)
+        assert all(torch.equal(target[n], before[n]) for n in target), what  # 'a' is checked first, not written
+
+    delta.entries["w"].indices = torch.tensor([1, 4], dtype=torch.int32)  # out of range after loading
+    target = {"a": torch.zeros(3), "w": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=r"'w': indices must be strictly increasing and inside \[0, 4\)"):
+        delta.apply_to(target)
+    assert not any(t.any() for t in target.values())
+
+    delta.entries["w"].indices = torch.tensor([1, 3], dtype=torch.int32)
+    delta.apply_to(target)  # no fingerprint to check: any base of the right layout takes it
+    assert target["a"].tolist() == [1.0, 0.0, 0.0] and target["w"].tolist() == [[0.0, 0.5], [0.0, -2.0]]
