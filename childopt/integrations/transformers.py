@@ -23,10 +23,12 @@ steps.  Neither can be seen from the optimizer, so that path would be silently w
 ChildTuningTrainer overrides the Trainer's clipping hook (``_clip_grad_norm``, and
 ``_get_grad_norm`` for the logged norm) to call ``MaskedAdamW.clip_grad_norm_``, whose norm is
 that of the *selected* entries (the dense gradients of masked parameters no longer exist), and a
-callback calls ``optimizer.zero_grad()`` after every step.  Without compact gradients the
-Trainer's own clipping runs: the norm of the full gradients, as ChildTuning does.  Compact
-gradients are refused with fp16 (the GradScaler unscales and checks only ``.grad``) and on
-several processes (the hook frees gradients before the all-reduce reads them).
+callback calls ``optimizer.zero_grad()`` after every step.  The compact-gradient hooks live only
+while ``train()`` runs: removed when it returns or raises (so that a plain backward or another
+optimizer afterwards sees the dense ``.grad``), put back when a later ``train()`` begins.  Without
+compact gradients the Trainer's own clipping runs: the norm of the full gradients, as ChildTuning
+does.  Compact gradients are refused with fp16 (the GradScaler unscales and checks only ``.grad``)
+and on several processes (the hook frees gradients before the all-reduce reads them).
 
 Resuming (``train(resume_from_checkpoint=...)``): the Trainer builds the optimizer before it loads
 the checkpoint's optimizer state.  When that state is a ChildTuning-D MaskedAdamW's, its mask is
@@ -170,32 +172,79 @@ def _saved_child_network(checkpoint: str) -> Optional[set]:
     return {group.get("reserve_p") for group in saved.get("param_groups", []) if isinstance(group, Mapping)}
 
 
-class _CheckLoadedMask(TrainerCallback):
-    """Refuses to train an optimizer built for a checkpoint's mask that the checkpoint did not give.
+class _MaskFromCheckpoint(TrainerCallback):
+    """The checkpoint whose ChildTuning-D optimizer state gives a ``train()`` call its mask.
 
-    ``awaiting``: the checkpoint whose optimizer state should have restored the mask, set by
-    :meth:`ChildTuningTrainer.create_optimizer`; checked once the Trainer has loaded it.
+    ``checkpoint`` is set by :meth:`ChildTuningTrainer.train` for one call (None: the Fisher pass
+    runs, or the optimizer exists); :meth:`ChildTuningTrainer.create_optimizer` then builds the
+    optimizer with an empty mask for the Trainer's load to fill.  Checked and cleared once the
+    Trainer has loaded the state: still set when ``train()`` ends, the check never passed.
     """
 
     def __init__(self):
-        self.awaiting: Optional[str] = None
+        self.checkpoint: Optional[str] = None
 
     def on_train_begin(self, args, state, control, *, optimizer, **kwargs):
-        if self.awaiting is None:
+        if self.checkpoint is None:
             return
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        if optimizer.mask_kind != "dense" or not any("mask" in s or "indices" in s for s in optimizer.state.values()):
+        kind = getattr(optimizer, "mask_kind", None)
+        if kind != "dense" or not any("mask" in s or "indices" in s for s in optimizer.state.values()):
             raise RuntimeError(f"ChildTuning-D skipped its Fisher pass to take the mask from the optimizer state in "
-                               f"{self.awaiting!r}, but the Trainer's load left the optimizer without one (mask kind "
-                               f"{optimizer.mask_kind!r}); it is dropped, and train() builds it anew")
-        self.awaiting = None
+                               f"{self.checkpoint!r}, but the Trainer's load left the optimizer without one (mask "
+                               f"kind {kind!r}); it is dropped, and train() builds it anew")
+        self.checkpoint = None
 
 
-class _ZeroGradAfterStep(TrainerCallback):
-    """The Trainer resets gradients with ``model.zero_grad()``; compact buffers need the optimizer's."""
+def _hook_compact_gradients(optimizer: MaskedAdamW, attach: bool) -> None:
+    """Attach (``attach=True``) or remove the compact-gradient hooks of ``optimizer``'s sparse parameters.
+
+    MaskedAdamW offers only ``release_gradients()``, which turns compact gradients off for good, so
+    this drives its hook registry as its own ``load_state_dict`` does.  Removing drops buffers not
+    yet stepped (of a step that ``train()`` raised in), as the Trainer drops dense ones.
+    """
+    compact = optimizer._compact
+    for p in [p for group in optimizer.param_groups for p in group["params"]]:
+        (compact.register if attach and "indices" in optimizer.state.get(p, {}) else compact.unregister)(p)
+
+
+class _CompactGradientsWhileTraining(TrainerCallback):
+    """Compact-gradient hooks for the length of a ``train()`` call (removed by ``train()`` itself).
+
+    Attached once the optimizer is built and its checkpoint state loaded; the buffers are cleared
+    after every step, because the Trainer resets gradients with ``model.zero_grad()``, which
+    does not reach them.
+    """
+
+    def on_train_begin(self, args, state, control, *, optimizer, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(optimizer, MaskedAdamW) and optimizer.compact_grads:
+            _hook_compact_gradients(optimizer, attach=True)
 
     def on_optimizer_step(self, args, state, control, *, optimizer, **kwargs):
         optimizer.zero_grad()
+
+
+# The Trainer's AdamW choices that differ from MaskedAdamW only in their kernel, not in their
+# state or arithmetic: the quantised (8/4-bit) and anyprecision ones would silently become fp32.
+_ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
+
+
+def _check_optimizer_options(trainer: Trainer) -> None:
+    """Refuse the Trainer's optimizer settings that ChildTuningTrainer's own MaskedAdamW would ignore."""
+    if trainer.optimizer is not None or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        raise ValueError("ChildTuningTrainer builds its own MaskedAdamW from child_tuning_mode and reserve_p; "
+                         "optimizers=(optimizer, ...) and optimizer_cls_and_kwargs= would replace it (to train "
+                         "a given optimizer, such as child_tuning_optimizer's, use Trainer)")
+    optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+    if optim not in _ADAMW_OPTIMS:
+        raise ValueError(f"TrainingArguments(optim={optim!r}): ChildTuningTrainer trains with childopt's "
+                         f"MaskedAdamW, a full-precision AdamW; leave optim at its default or use one of "
+                         f"{', '.join(_ADAMW_OPTIMS)}")
+    if trainer.args.optim_args:
+        raise ValueError(f"TrainingArguments(optim_args={trainer.args.optim_args!r}) would be ignored: "
+                         "ChildTuningTrainer's MaskedAdamW takes learning_rate, adam_beta1, adam_beta2, "
+                         "adam_epsilon and weight_decay only")
 
 
 class ChildTuningTrainer(Trainer):
@@ -207,9 +256,12 @@ class ChildTuningTrainer(Trainer):
     so label smoothing, ``compute_loss_func`` and overrides score Fisher as they train, and its
     progress bar follows ``args.disable_tqdm``).  Weight-decay groups follow
     :meth:`get_decay_parameter_names`, overrides included.  With ``compact_grads=True`` gradients
-    are clipped by :meth:`MaskedAdamW.clip_grad_norm_` and the compact buffers cleared after every
-    step (module docstring).  The Fisher pass runs inside ``train()``, before the first step, except
-    when ``train()`` resumes from a checkpoint whose optimizer state holds the mask (module docstring).
+    are clipped by :meth:`MaskedAdamW.clip_grad_norm_`, the compact buffers cleared after every
+    step, and the hooks removed when ``train()`` ends (module docstring).  The Fisher pass runs
+    inside ``train()``, before the first step, except when ``train()`` resumes from a checkpoint
+    whose optimizer state holds the mask (module docstring).  Optimizer settings the MaskedAdamW
+    would ignore (``optimizers=``, ``optimizer_cls_and_kwargs=``, a quantised ``optim``,
+    ``optim_args``) are refused.
     """
 
     def __init__(self, *args, child_tuning_mode: str, reserve_p: float, storage: str = "dense",
@@ -221,23 +273,20 @@ class ChildTuningTrainer(Trainer):
             raise RuntimeError("compact_grads=True needs a transformers whose Trainer clips in _clip_grad_norm "
                                "(5.x); this one clips inline, where the compact gradients cannot be reached")
         super().__init__(*args, **kwargs)
-        optim = str(getattr(self.args.optim, "value", self.args.optim))
-        if self.optimizer is None and not optim.startswith("adamw"):
-            raise ValueError(f"TrainingArguments(optim={optim!r}): ChildTuningTrainer trains with childopt's "
-                             "MaskedAdamW, an AdamW; leave optim at its default (or an adamw_* one)")
+        _check_optimizer_options(self)
         self.child_tuning = dict(mode=child_tuning_mode, reserve_p=reserve_p, storage=storage,
                                  compact_grads=compact_grads, **(fisher_kwargs or {}))
         self.max_fisher_batches = max_fisher_batches
-        self._resume_from: Optional[str] = None
-        self._mask_check = _CheckLoadedMask()
-        self.add_callback(_ZeroGradAfterStep())
-        self.add_callback(self._mask_check)
+        self._mask_from = _MaskFromCheckpoint()
+        self.add_callback(_CompactGradientsWhileTraining())
+        self.add_callback(self._mask_from)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``, telling :meth:`create_optimizer` which checkpoint it resumes from.
 
-        An optimizer whose mask the checkpoint was to give but did not (the load failed or left
-        none) is dropped, so that no later ``train()`` steps it without a mask.
+        When it returns or raises, the compact-gradient hooks come off the model (module
+        docstring), and an optimizer whose mask the checkpoint was to give but did not (the load
+        failed or left none) is dropped, so that no later ``train()`` steps it without a mask.
         """
         checkpoint = resume_from_checkpoint
         if checkpoint is True and os.path.isdir(self.args.output_dir):  # as the Trainer resolves it
@@ -245,13 +294,15 @@ class ChildTuningTrainer(Trainer):
         checkpoint = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
         # decided here, not in create_optimizer, so that a warning names the user's train() line
         wanted = self.optimizer is None and self.child_tuning["mode"] == "ChildTuning-D"
-        self._resume_from = self._resumes_child_network(checkpoint) if wanted else None
+        self._mask_from.checkpoint = self._resumes_child_network(checkpoint) if wanted else None
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self._resume_from = None
-            if self._mask_check.awaiting is not None:
-                self._mask_check.awaiting = self.optimizer = None
+            compact = self._compact_optimizer()
+            if compact is not None:
+                _hook_compact_gradients(compact, attach=False)
+            if self._mask_from.checkpoint is not None:
+                self._mask_from.checkpoint = self.optimizer = None
 
     def _resumes_child_network(self, checkpoint: Optional[str]) -> Optional[str]:
         """``checkpoint`` when the Trainer will load its ChildTuning-D mask from it, else None.
@@ -284,9 +335,8 @@ class ChildTuningTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             options = dict(self.child_tuning)
-            if self._resume_from is not None:  # set by train() for ChildTuning-D only
+            if self._mask_from.checkpoint is not None:  # set by train() for ChildTuning-D only
                 options["mask_from_state"] = True
-                self._mask_check.awaiting = self._resume_from
             elif options["mode"] == "ChildTuning-D":
                 options.setdefault("loss_fn", self.compute_loss)
                 options.setdefault("progress", not self.args.disable_tqdm)

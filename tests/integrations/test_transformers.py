@@ -7,9 +7,12 @@ trains; the stock ``Trainer(optimizers=(opt, None))`` path; compact gradients th
 ChildTuningTrainer follow the dense run bit for bit (so their buffers are cleared every step) and
 are clipped by the optimizer; a resumed ChildTuning-D run takes its mask from the checkpoint's
 optimizer state, without a Fisher pass, and ends bit for bit where the uninterrupted run does
-(a checkpoint without optimizer state runs the pass); and bad input (compact gradients outside
-ChildTuningTrainer included) fails with clear errors.
+(a checkpoint without optimizer state, or with one the Trainer skips for want of scheduler.pt,
+runs the pass); and bad input (compact gradients outside ChildTuningTrainer, optimizer settings
+the MaskedAdamW would ignore) fails with clear errors.  test_transformers_hooks.py: the
+compact-gradient hooks live only while train() runs.
 """
+import shutil
 import sys
 
 import pytest
@@ -242,13 +245,27 @@ def test_options_that_childtuning_f_would_ignore_are_refused(tmp_path):
         child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=RESERVE_P, max_batches=2)
 
 
-@pytest.mark.parametrize("optim", ["adafactor", "sgd"])
+@pytest.mark.parametrize("optim", ["adafactor", "sgd", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_anyprecision"])
 def test_an_optimizer_choice_the_trainer_would_not_use_is_refused(tmp_path, optim):
+    """Another optimizer, or an AdamW with quantised or other-precision state, would silently become
+    MaskedAdamW's fp32 AdamW."""
     with pytest.raises(ValueError, match=f"TrainingArguments\\(optim='{optim}'\\): ChildTuningTrainer trains with"):
         ChildTuningTrainer(model=tiny_bert(), args=training_args(tmp_path, optim=optim), train_dataset=RandomPairs(),
                            child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
     ChildTuningTrainer(model=tiny_bert(), args=training_args(tmp_path, optim="adamw_torch"),
                        train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
+
+
+def test_optimizer_settings_the_masked_adamw_would_ignore_are_refused(tmp_path):
+    model = tiny_bert()
+    make = dict(model=model, train_dataset=RandomPairs(), child_tuning_mode="ChildTuning-F", reserve_p=RESERVE_P)
+    with pytest.raises(ValueError, match=r"TrainingArguments\(optim_args='amsgrad=True'\) would be ignored"):
+        ChildTuningTrainer(args=training_args(tmp_path, optim_args="amsgrad=True"), **make)
+    given = [dict(optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)),
+             dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))]
+    for options in given:
+        with pytest.raises(ValueError, match="ChildTuningTrainer builds its own MaskedAdamW"):
+            ChildTuningTrainer(args=training_args(tmp_path), **make, **options)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -384,3 +401,21 @@ def test_resuming_with_another_reserve_p_warns_that_the_checkpoint_mask_is_kept(
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert (caught[0].filename, caught[0].lineno) == (__file__, sys._getframe().f_lineno - 1)
     assert len(passes) == 1
+
+
+def test_optimizer_state_is_taken_only_beside_the_scheduler_state(tmp_path, monkeypatch):
+    """The Trainer loads optimizer.pt only when scheduler.pt is there too: without it the resumed
+    optimizer starts afresh (2 steps, not 4), so its mask comes from a Fisher pass."""
+    passes = count_fisher_passes(monkeypatch)
+    checkpointed_trainer(tmp_path / "whole").train()
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    no_scheduler = tmp_path / "no_scheduler"
+    shutil.copytree(checkpoint, no_scheduler)
+    (no_scheduler / "scheduler.pt").unlink()
+    assert (no_scheduler / "optimizer.pt").is_file()
+    for source, fisher_passes, steps in ((no_scheduler, 2, 2), (checkpoint, 2, 4)):
+        resumed = checkpointed_trainer(tmp_path / source.name / "resumed")
+        resumed.train(resume_from_checkpoint=str(source))
+        states = unwrap(resumed.optimizer).state.values()
+        assert len(passes) == fisher_passes and any("mask" in s for s in states), source.name
+        assert all(float(s["step"]) == steps for s in states), source.name
