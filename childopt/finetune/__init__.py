@@ -9,5 +9,6 @@ a learning-curve plot by method.
 
 Tooling, not the optimizer: :mod:`.glue` reads the GLUE files and scores predictions, :mod:`.plan`
 lays out and checks the runs, :mod:`.train` trains and records one, :mod:`.summary` builds the
-table and curves, and :mod:`.cli` is the command line.
+table and curves, :mod:`.lock` keeps other commands out of the output folder while one runs, and
+:mod:`.cli` is the command line.
 """

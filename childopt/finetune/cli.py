@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from childopt.arguments import check_output_files, number
 from childopt.finetune import glue, heads
-from childopt.finetune.plan import METHODS, is_done, plan
+from childopt.finetune.lock import OutputBusy, hold_output
+from childopt.finetune.plan import METHODS, check_output, is_done, plan
 from childopt.finetune.summary import PLOT_NAME, TABLE_NAME, summarize
 from childopt.finetune.train import execute_and_save, execute_in_child
 
@@ -111,33 +113,45 @@ def _given_options(parser: argparse.ArgumentParser, argv) -> list[str]:
 
 def main(argv=None) -> int:
     """Run every (task, method, lr, seed) not done yet, then summarize ``--output`` (or only summarize, or
-    only compare the heads reports of one task)."""
+    only compare the heads reports of one task), holding ``--output`` against other finetune commands
+    from the check of its runs to the summary (:mod:`.lock`)."""
     args = parse_args(argv)
-    if args.compare_heads:
+    training = not (args.summarize or args.compare_heads)
+    with ExitStack() as held:
         try:
+            runs = plan(args) if training else []
+            held.enter_context(hold_output(args.output, create=training))
+        except (FileNotFoundError, ValueError, OutputBusy) as exc:
+            return _error(exc)
+        return _in_output(args, runs)
+
+
+def _error(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _in_output(args: argparse.Namespace, runs: list) -> int:
+    """The part of :func:`main` that reads and writes ``--output``, run while holding it; a training
+    error is raised with its traceback, the refusals of bad input are printed."""
+    try:
+        if args.compare_heads:
             heads.compare(args.output, args.task[0], args.seeds[0])
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if not args.summarize:
-        try:
-            runs = plan(args)
-            due = [run for run in runs if not is_done(run)]
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        for run in runs:
-            if run not in due:
-                missing = run.report_heads and not (heads.report_dir(run) / heads.CSV_NAME).is_file()
-                note = " without a heads report (delete its JSON to rerun it with one)" if missing else ""
-                print(f"[{run.name}] done already ({run.path}); skipping{note}", flush=True)
-        for run in due:
-            (execute_and_save if len(due) == 1 else execute_in_child)(run)
+            return 0
+        if runs:
+            check_output(args.output, runs)
+        due = [run for run in runs if not is_done(run)]
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(exc)
+    for run in runs:
+        if run not in due:
+            missing = run.report_heads and not (heads.report_dir(run) / heads.CSV_NAME).is_file()
+            note = " without a heads report (delete its JSON to rerun it with one)" if missing else ""
+            print(f"[{run.name}] done already ({run.path}); skipping{note}", flush=True)
+    for run in due:
+        (execute_and_save if len(due) == 1 else execute_in_child)(run)
     try:
         summarize(args.output)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     return 0
-

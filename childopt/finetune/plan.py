@@ -1,7 +1,7 @@
 """The runs of ``python -m childopt finetune``: what one (task, method, lr, seed) is, where its
 model, data and JSON are, and which runs are done already.
 
-The model (config, weights, a tokenizer with a vocabulary, room for ``--max-length``, parameters
+The model (config, weights whose files open, a tokenizer with a vocabulary, room for ``--max-length``, parameters
 for ct-d's mask), the data (read) and the output folder are checked before anything trains, so a
 wrong path, a malformed file or a folder of another configuration fails at once.  A run whose JSON
 exists is done, so a long table can be built over several sessions.
@@ -13,7 +13,9 @@ import dataclasses
 import importlib.util
 import json
 import math
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +34,8 @@ WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # transformer blocks of GPT-2, Bloom and Falcon style (transformer.h.N) and T5 style (block.N).
 MASK_INCLUDES = (r"layers?\.\d+\.", r"\.(h|block|blocks)\.\d+\.")
 GRID = ("lr",)  # configuration fields that may differ between the runs of one output folder
+# How a torch.save file of before torch 1.6 (not a zip archive) starts: its magic number, pickled.
+_LEGACY_TORCH_START = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
 RECORD_KEYS = ("task", "method", "seed", "config", "dev", "history", "peak_gb", "state_gb", "env")
 
 
@@ -125,8 +129,9 @@ def resolve_model(model: Optional[str]) -> tuple[Path, str]:
 
 
 def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) -> str:
-    """Refuse, before anything trains, a model directory without weights or without a tokenizer that has
-    a vocabulary (transformers builds an empty one silently: every word would be [UNK]), a ``--max-length``
+    """Refuse, before anything trains, a model directory without weights, with weights that do not open
+    (:func:`check_weights`), or without a tokenizer that has a vocabulary (transformers builds an empty
+    one silently: every word would be [UNK]), a ``--max-length``
     beyond its positions, a model none of whose parameters :data:`MASK_INCLUDES` names when ``mask``
     (ct-d, sparse) or ``heads`` (--report-heads: its Fisher pass), and when ``heads`` one whose attention
     heads are not laid out as childopt.analysis knows; return the pattern that names the masked parameters."""
@@ -135,6 +140,7 @@ def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) ->
     if not any((directory / name).is_file() for name in WEIGHTS_FILES):
         raise FileNotFoundError(f"--model {directory}: no weights there (one of {', '.join(WEIGHTS_FILES)}); pass "
                                 "a local Hugging Face model directory with its config, weights and tokenizer")
+    check_weights(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -169,6 +175,53 @@ def check_model(directory: Path, max_length: int, *, mask: bool, heads: bool) ->
     return include or MASK_INCLUDES[0]
 
 
+def check_weights(directory: Path) -> None:
+    """Refuse weights that from_pretrained would fail on mid-run, each file named: the first of
+    :data:`WEIGHTS_FILES` in ``directory`` (the one transformers loads), or each shard its index names,
+    opened cheaply without reading the tensors (:func:`weights_problem`)."""
+    name = next(name for name in WEIGHTS_FILES if (directory / name).is_file())
+    files = [directory / name]
+    if name.endswith(".index.json"):
+        try:
+            shards = json.loads(files[0].read_text())["weight_map"].values()
+            files = [directory / shard for shard in dict.fromkeys(shards)]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"--model {directory}: {name} is not a readable weights index ({exc!r}); save or "
+                             "download the model again") from exc
+    for path in files:
+        problem = weights_problem(path)
+        if problem:
+            raise ValueError(f"--model {directory}: the weights file {path.name} {problem}; save or download the "
+                             "model again")
+
+
+def weights_problem(path: Path) -> Optional[str]:
+    """What is wrong with one weights file, or None, read cheaply: a safetensors file's header (safe_open
+    maps the file and checks the tensors' offsets against its size, so a truncated file fails), a torch
+    file's zip directory (at the end of the file: a truncated or garbage file has none) holding the pickle,
+    or the magic number a torch file of before torch 1.6 starts with (its truncation is not seen)."""
+    if not path.is_file():
+        return "is missing"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                return None
+        except (OSError, SafetensorError) as exc:
+            return f"is not a readable safetensors file ({exc})"
+    with path.open("rb") as file:
+        start = file.read(len(_LEGACY_TORCH_START))
+    if start.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickled = any(entry == "data.pkl" or entry.endswith("/data.pkl") for entry in archive.namelist())
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"is a truncated or corrupt torch file ({exc})"
+        return None if pickled else "is a zip archive without the data.pkl of a torch file"
+    return None if start == _LEGACY_TORCH_START else "is not a torch file (no zip archive, no torch magic number)"
+
+
 def mask_include(names: list[str]) -> Optional[str]:
     """The first pattern of :data:`MASK_INCLUDES` that names some of ``names``, or None."""
     return next((pattern for pattern in MASK_INCLUDES if any(re.search(pattern, name) for name in names)), None)
@@ -190,7 +243,8 @@ def check_data(data_dir: str, tasks: list[str], train_size: Optional[int] = None
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """Every (task, method, lr, seed) of the command line, with the model and data checked."""
+    """Every (task, method, lr, seed) of the command line, with the model and data checked (the output folder
+    is checked by :func:`check_output` while the command holds it)."""
     model_dir, label = resolve_model(args.model)
     include = check_model(model_dir, args.max_length, mask=any(method in MASK_METHODS for method in args.method),
                           heads=args.report_heads)
@@ -208,7 +262,6 @@ def plan(args: argparse.Namespace) -> list[Run]:
                      args.report_heads, include)
                  for task in dict.fromkeys(args.task) for method in dict.fromkeys(args.method)
                  for seed in dict.fromkeys(args.seeds)]
-    check_output(args.output, runs)
     return runs
 
 

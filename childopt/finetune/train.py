@@ -44,7 +44,9 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -59,6 +61,8 @@ from childopt.bench.train import lora_model
 from childopt.finetune import glue, heads
 from childopt.finetune.plan import MASK_METHODS, Run
 from childopt.optim import MaskedAdamW
+
+PARENT_GONE_EXIT = 3  # the exit status of a run whose parent command died
 
 
 def _loader(dataset, tokenizer, batch_size: int, *, seed: Optional[int]):
@@ -315,8 +319,9 @@ def execute_and_save(run: Run) -> None:
 
 
 def execute_in_child(run: Run) -> None:
-    """:func:`execute_and_save` in a fresh process, so its peak memory is its own."""
-    process = multiprocessing.get_context("spawn").Process(target=execute_and_save, args=(run,), name=run.name)
+    """:func:`execute_and_save` in a fresh process, so its peak memory is its own; the process stops when
+    this one dies (:func:`_exit_with_parent`)."""
+    process = multiprocessing.get_context("spawn").Process(target=_child_main, args=(run,), name=run.name)
     process.start()
     try:
         process.join()
@@ -326,3 +331,32 @@ def execute_in_child(run: Run) -> None:
             process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"run {run.name} failed (exit code {process.exitcode}); its error is printed above")
+
+
+def _child_main(run: Run) -> None:
+    """The spawned process of :func:`execute_in_child`."""
+    _exit_with_parent(run.name)
+    execute_and_save(run)
+
+
+def _exit_with_parent(name: str) -> None:
+    """End this spawned process as soon as the process that spawned it dies (say a SIGKILL), instead of
+    training on as an orphan holding memory and a GPU, outside the lock of its --output.
+
+    A daemon thread waits on multiprocessing's parent sentinel (a pipe whose write end only the parent
+    holds on POSIX, the parent's process handle on Windows): it wakes the moment the parent is gone, on
+    every platform, without polling, and at once if the parent died before it started.  Not Linux's
+    PR_SET_PDEATHSIG: that is Linux only (ctypes), and fires when the parent *thread* that spawned the
+    process ends, not the parent process.
+    """
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        parent.join()
+        try:
+            print(f"[{name}] the finetune command that started this run is gone; stopping it", file=sys.stderr,
+                  flush=True)
+        finally:
+            os._exit(PARENT_GONE_EXIT)  # not sys.exit: that would end this thread alone
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

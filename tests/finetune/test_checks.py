@@ -7,23 +7,15 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from childopt.finetune import cli, heads, plan, summary
 from tests.finetune.smoke import FIXTURE
 from tests.finetune.test_cli import refused
-from tests.finetune.tiny import POSITIONS, tiny_model
+from tests.finetune.tiny import POSITIONS
 
 TINY = ["--task", "RTE", "--data-dir", str(FIXTURE), "--method", "adamw", "--train-size", "8", "--batch-size", "8",
         "--max-steps", "1", "--epochs", "1", "--max-length", "32"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """name -> a tiny model folder: bert, gpt2, and bert without its tokenizer files or its weights."""
-    root = tmp_path_factory.mktemp("models")
-    return {"bert": tiny_model(root / "bert"), "gpt2": tiny_model(root / "gpt2", "gpt2"),
-            "notok": tiny_model(root / "notok", tokenizer=False), "noweights": tiny_model(root / "noweights",
-                                                                                          weights=False)}
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +192,52 @@ def test_a_run_json_nested_too_deep_to_read_is_named(trained, tmp_path):
     (tmp_path / "RTE-adamw-lr2e-05-seed1.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="RTE-adamw-lr2e-05-seed1.json: not a readable run JSON"):
         summary.load_records(str(tmp_path))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _as_bin(folder):
+    """The folder's weights as pytorch_model.bin (torch.save of the state dict) instead of model.safetensors."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _missing_shard(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"bert.pooler.dense.bias": "model-00001-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("damage, name, problem", [
+    (lambda folder: _truncate(folder / "model.safetensors"), "model.safetensors",
+     "is not a readable safetensors file (Error while deserializing header"),
+    (lambda folder: (_as_bin(folder), _truncate(folder / "pytorch_model.bin")), "pytorch_model.bin",
+     "is a truncated or corrupt torch file"),
+    (lambda folder: (_as_bin(folder), (folder / "pytorch_model.bin").write_bytes(b"garbage" * 100)),
+     "pytorch_model.bin", "is not a torch file"),
+    (_missing_shard, "model-00001-of-00002.safetensors", "is missing"),
+])
+def test_corrupt_or_truncated_weights_are_refused_naming_the_file_before_training(models, tmp_path, capsys, damage,
+                                                                                 name, problem):
+    """Not a traceback out of from_pretrained once the run starts."""
+    folder = shutil.copytree(models["bert"], tmp_path / "model")
+    damage(folder)
+    argv = [*TINY, "--model", str(folder), "--output", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --model {folder}: the weights file {name} {problem}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_torch_weights_pass_the_check_and_load(models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    folder = shutil.copytree(models["bert"], tmp_path / "model")
+    _as_bin(folder)
+    plan.check_weights(folder)
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    assert loaded.bert.pooler.dense.bias.shape == (16,)

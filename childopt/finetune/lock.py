@@ -1,0 +1,82 @@
+"""One ``python -m childopt finetune`` command per ``--output`` folder at a time.
+
+Two commands of different settings on one folder would overwrite each other's run JSONs and
+summaries, so a command holds ``fcntl.flock`` on ``<output>/.finetune.lock`` (a file never deleted)
+from its checks of the folder to its summary.  A second command fails at once, naming the folder and
+the pid and host written into the lock file, instead of waiting.  The kernel drops a flock when its
+holder dies, so a lock file left by a killed command never blocks the next one.
+
+Written beside childopt._native.lock rather than with its BuildLock: that lock waits and, when it
+gives up or the file system has no flock, lets the caller build anyway (correctness there never
+depends on it) under build-worded warnings, and its result does not tell a busy lock from a missing
+flock.  This one refuses at once when busy.  It writes the holder in BuildLock's format and names it
+with that module's :func:`~childopt._native.lock.lock_state`, so both locks read alike.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from childopt._native.env import hostname
+from childopt._native.lock import lock_state
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: commands run without the lock (warned)
+    fcntl = None
+
+LOCK_NAME = ".finetune.lock"
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+class OutputBusy(RuntimeError):
+    """Another finetune command holds the ``--output`` folder."""
+
+
+@contextmanager
+def hold_output(folder: str, *, create: bool) -> Iterator[None]:
+    """Hold the lock of ``folder`` for the block; made first when ``create`` (else a missing folder,
+    which the command only reads and refuses, is left missing and unlocked).
+
+    Raises:
+        OutputBusy: another process holds the folder (the message names it, its pid and host).
+    """
+    folder = Path(folder)
+    if fcntl is None or not (create or folder.is_dir()):
+        if fcntl is None:
+            print(f"warning: no fcntl.flock on this platform; --output {folder} is not locked against another "
+                  "finetune command", file=sys.stderr)
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _BUSY:
+                holder = lock_state(path) or "holder unknown: it may have just finished"
+                raise OutputBusy(f"--output {folder} is in use by another finetune command ({holder}); wait for it "
+                                 "to finish or pass another --output") from None
+            print(f"warning: the file system of {folder} has no flock ({exc}); --output is not locked against "
+                  "another finetune command", file=sys.stderr)
+        else:
+            _write_holder(fd)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock, in the format childopt._native.lock reads (host, pid, start time, command)."""
+    info = {"host": hostname(), "pid": os.getpid(), "started": time.time(),
+            "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
