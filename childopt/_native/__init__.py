@@ -24,9 +24,12 @@ can be registered only once per process):
 
 A relative CHILDOPT_CACHE_DIR or XDG_CACHE_HOME is made absolute at its first use.  The key
 hashes everything a build depends on (childopt._native.config.key_inputs), so a changed
-source, flag, torch, CUDA, compiler, arch list, Python or platform gives a new directory and
-never touches an old one.  Correctness never depends on the lock: a builder killed at any
-point leaves a ``.tmp-*`` directory nobody reads and a lock the kernel has released.
+source, flag, torch, CUDA, arch list, Python or platform gives a new directory and never
+touches an old one; the C++ compiler's version is recorded in the manifest but kept out of the
+key (config.RECORDED_ONLY), so a machine without a compiler still loads the cache.  Before any
+library is mapped, its ELF headers are checked to lie inside the file (childopt._native.elf).
+Correctness never depends on the lock: a builder killed at any point leaves a ``.tmp-*``
+directory nobody reads and a lock the kernel has released.
 
 Why the build runs in a child process: a compiler or ninja that hangs or is OOM-killed cannot
 take the training process with it, the parent bounds the build with ``CHILDOPT_BUILD_TIMEOUT``
@@ -36,10 +39,11 @@ group, ``PR_SET_PDEATHSIG`` and a watchdog), so a killed builder leaves no compi
 
 One module per concern: ``config`` (flags, sources, key, archs, record checks; torch-free, loaded
 by path by setup.py), ``spec`` (the build this process would make), ``cache`` (roots, published
-builds, cleaning), ``lock`` (the build lock, torch's stale locks), ``worker`` (the build child
-process, run without importing childopt), ``build`` (run the worker, publish), ``loader`` (the
-order above, once per process), ``cli`` (doctor, build, clean), and ``env`` and ``errors`` (the
-settings and the reporting they share).
+builds, cleaning), ``elf`` (a truncated library is refused before it is mapped), ``lock`` (the
+build lock, torch's stale locks), ``worker`` (the build child process, run without importing
+childopt), ``build`` (run the worker, publish), ``loader`` (the order above, once per process),
+``cli`` (doctor, build, clean), and ``env`` and ``errors`` (the settings and the reporting they
+share).
 """
 from childopt._native.cli import build_main, clean_main, doctor_main
 from childopt._native.errors import ExtensionUnavailable, NeedsBuild

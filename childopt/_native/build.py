@@ -27,7 +27,7 @@ from childopt._native import config as cfg
 from childopt._native import worker
 from childopt._native.cache import MANIFEST, file_sha256, lookup, set_aside_and_report, verify_build, writable_root
 from childopt._native.env import PROCESS_START, build_timeout, hostname, lock_timeout
-from childopt._native.errors import ExtensionUnavailable, Untrusted, warn_once
+from childopt._native.errors import ExtensionUnavailable, Unreadable, Untrusted, warn_once
 from childopt._native.lock import BuildLock, lock_path
 from childopt._native.spec import BuildSpec
 
@@ -50,8 +50,13 @@ def worker_env_path() -> str:
 def _worker_env(spec: BuildSpec) -> dict:
     env = dict(os.environ)
     env["PATH"] = worker_env_path()
-    if not env.get("MAX_JOBS", "").strip().isdigit():
+    preset_jobs = env.get("MAX_JOBS", "").strip()
+    if not preset_jobs.isdigit() or int(preset_jobs) < 1:  # ninja -j 0 is unlimited: every core, all the memory
         env["MAX_JOBS"] = str(cfg.max_jobs(spec.with_cuda))
+        if preset_jobs:
+            warn_once(("max_jobs", preset_jobs),
+                      f"childopt: ignoring MAX_JOBS={preset_jobs!r} (not a number of jobs >= 1); building with "
+                      f"MAX_JOBS={env['MAX_JOBS']}")
     preset = env.pop("TORCH_CUDA_ARCH_LIST", None)
     if spec.with_cuda:
         env["TORCH_CUDA_ARCH_LIST"] = ";".join(spec.archs)
@@ -71,15 +76,16 @@ def _check_toolchain(spec: BuildSpec, env: dict) -> None:
         raise ExtensionUnavailable("ninja was not found (torch.utils.cpp_extension needs it): pip install ninja")
 
 
-def _save_failed_log(root: Path, spec: BuildSpec, log_file: Path) -> Path:
+def _save_failed_log(root: Path, spec: BuildSpec, log_file: Path) -> str:
+    """Where the log of a failed build is kept, or why it is not: the private directory holding it is removed."""
     logs = root / "logs"
     target = logs / f"failed-{spec.dirname}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     try:
         logs.mkdir(exist_ok=True)
         shutil.copyfile(log_file, target)
-        return target
-    except OSError:
-        return log_file
+        return str(target)
+    except OSError as exc:
+        return f"not kept ({target} could not be written: {exc.strerror or exc})"
 
 
 def _log_excerpt(path: Path, lines: int = 25) -> str:
@@ -193,12 +199,17 @@ def _write_manifest(tmp: Path, spec: BuildSpec, seconds: float, lock: str) -> No
     }
     for obj in tmp.glob("*.o"):  # never rebuilt in place, so the objects are dead weight (large for CUDA)
         obj.unlink()
-    os.chmod(tmp, 0o755)  # mkdtemp made it 0700; a published build is read by every user of the cache
     path = tmp / MANIFEST
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    # mkdtemp made the directory 0700 and a strict umask the files 0600: a published build is read by every
+    # user of a shared cache, whatever the umask of the one who built it.
+    for item in tmp.iterdir():
+        if item.is_file() and not item.is_symlink():
+            os.chmod(item, 0o644)
+    os.chmod(tmp, 0o755)
     _fsync_dir(tmp)
 
 
@@ -229,22 +240,38 @@ def _publish(tmp: Path, final: Path, force: bool) -> Path:
 def _clear_the_name(root: Path, spec: BuildSpec, newer_than: float | None) -> Path | None:
     """The build of ``spec`` already published in ``root``, else None once no untrusted directory holds its name.
 
-    Runs under the build lock: an untrusted build under the name is set aside (a corrupt manifest
-    would otherwise make the publish of every new build fail, after the whole build).
+    Runs under the build lock: an untrusted build (or a file) under the name is set aside (a corrupt
+    manifest would otherwise make the publish of every new build fail, after the whole build).
+    Raises Unreadable when a build this user may not read holds the name: it is not ours to move.
     """
     found, untrusted = lookup(spec, [root], newer_than)
     if found is not None:
         return found
     for bad in untrusted:
-        if Path(bad.directory) == root / spec.dirname and not set_aside_and_report(bad, "building it again"):
+        if Path(bad.directory) != root / spec.dirname:
+            continue
+        if isinstance(bad, Unreadable):
+            raise bad
+        if not set_aside_and_report(bad, "building it again"):
             raise ExtensionUnavailable(f"cannot build childopt._C into {root}: {bad.directory} holds an untrusted "
                                        f"build ({bad.why}) that cannot be moved aside; remove it")
     return None
 
 
 def build(spec: BuildSpec, force: bool = False) -> tuple[Path, str]:
-    """Build ``spec`` unless it is published; returns (published directory, what happened)."""
-    root = writable_root()
+    """Build ``spec`` unless it is published; returns (published directory, what happened).
+
+    In the per-user fallback root when another user's build that this user may not read holds the
+    name in the cache root (a shared cache): it is left alone.
+    """
+    try:
+        return _build_in(writable_root(), spec, force)
+    except Unreadable as exc:
+        return _build_in(writable_root(unusable=exc), spec, force)
+
+
+def _build_in(root: Path, spec: BuildSpec, force: bool) -> tuple[Path, str]:
+    """``build`` in the cache root ``root``."""
     newer_than = PROCESS_START if force else None
     with BuildLock(lock_path(root, spec), lock_timeout(), f"childopt._C ({spec.dirname})") as held:
         found = _clear_the_name(root, spec, newer_than)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.env import hostname, lock_timeout, pid_alive, uid
-from childopt._native.errors import ExtensionUnavailable, Untrusted, warn_once
+from childopt._native.errors import ExtensionUnavailable, Unreadable, Untrusted, warn_once
 from childopt._native.spec import BuildSpec, build_spec
 
 MANIFEST = "manifest.json"
@@ -89,14 +89,19 @@ def _probe_writable(root: Path) -> None:
     os.unlink(probe)
 
 
-def writable_root() -> Path:
-    """The cache root, or the per-user fallback with a warning; ExtensionUnavailable if neither can be written."""
+def writable_root(unusable: Unreadable | None = None) -> Path:
+    """The cache root, or the per-user fallback with a warning; ExtensionUnavailable if neither can be written.
+
+    ``unusable``: a build in the cache root this user cannot read, which blocks publishing there.
+    """
     root = cache_root()
-    try:
-        _probe_writable(root)
-        return root
-    except OSError as exc:
-        first = exc
+    first = PermissionError(errno.EACCES, f"{unusable.why}, so it cannot be published there") if unusable else None
+    if first is None:
+        try:
+            _probe_writable(root)
+            return root
+        except OSError as exc:
+            first = exc
     fallback = fallback_root()
     where = "CHILDOPT_CACHE_DIR" if os.environ.get("CHILDOPT_CACHE_DIR", "").strip() else "the default cache root"
     if fallback != root:
@@ -173,12 +178,15 @@ def inode_of(path: Path) -> int | None:
 def verify_build(directory: Path) -> dict:
     """The manifest of the published build in ``directory``, once its library matches the recorded size and
     sha256; raises Untrusted with the reason otherwise (a corrupt manifest, a missing, truncated or
-    overwritten library, or a manifest from before checksums were recorded)."""
+    overwritten library, or a manifest from before checksums were recorded).  Unreadable (never set aside)
+    when this user may not read it: that is another user's build, not damage."""
     inode = inode_of(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
         raise Untrusted(directory, f"it has no {MANIFEST}", inode) from None
+    except PermissionError as exc:
+        raise Unreadable(directory, f"this user may not read its {MANIFEST} ({exc.strerror})", inode) from None
     except (OSError, ValueError) as exc:
         raise Untrusted(directory, f"its {MANIFEST} is unreadable or corrupt ({exc})", inode) from None
     if not isinstance(manifest, dict):
@@ -195,9 +203,31 @@ def verify_build(directory: Path) -> dict:
             raise Untrusted(directory, f"{library} is {actual_size} bytes, its manifest records {size}", inode)
         if file_sha256(directory / library) != expected:
             raise Untrusted(directory, f"{library} does not match the sha256 its manifest records", inode)
+    except PermissionError as exc:
+        raise Unreadable(directory, f"this user may not read {library} ({exc.strerror})", inode) from None
     except OSError as exc:
         raise Untrusted(directory, f"{library} cannot be read ({exc.strerror or exc})", inode) from None
     return manifest
+
+
+def _number(value) -> float:
+    """A manifest's number field, 0 when it holds anything else (a manifest is read, never trusted, for its types)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def recorded_archs(manifest: dict) -> list[str]:
+    """The arch list a manifest records; [] when it is missing or not a list of names."""
+    inputs = manifest.get("inputs")
+    archs = inputs.get("archs") if isinstance(inputs, dict) else None
+    return archs if isinstance(archs, list) and all(isinstance(a, str) for a in archs) else []
+
+
+def _covers(archs: list[str], gpus: list) -> bool:
+    """Whether ``archs`` cover every GPU; False for an arch name arch_covers cannot read."""
+    try:
+        return all(cfg.arch_covers(archs, tuple(cap))[0] for cap in gpus)
+    except (ValueError, IndexError, TypeError):
+        return False
 
 
 def published_dirs(root: Path) -> list[Path]:
@@ -225,13 +255,15 @@ def lookup(spec: BuildSpec, roots: list[Path] | None = None,
         except Untrusted as exc:
             untrusted.append(exc)
             return None
-        if newer_than is not None and manifest.get("published_at", 0) < newer_than:
+        if newer_than is not None and _number(manifest.get("published_at")) < newer_than:
             return None
         return manifest
 
     for root in roots:
         directory = root / spec.dirname
         if not directory.is_dir():
+            if os.path.lexists(directory):  # a file there would make every build fail at its publish
+                untrusted.append(Untrusted(directory, "it is not a directory", inode_of(directory)))
             continue
         manifest = trusted(directory)
         if manifest is not None and manifest.get("key") == spec.key:
@@ -245,8 +277,7 @@ def lookup(spec: BuildSpec, roots: list[Path] | None = None,
                 manifest = read_manifest(directory)
                 if directory.name == spec.dirname or not manifest or manifest.get("base_key") != spec.base_key:
                     continue
-                archs = manifest.get("inputs", {}).get("archs", [])
-                if all(cfg.arch_covers(archs, tuple(cap))[0] for cap in spec.gpus) and trusted(directory):
+                if _covers(recorded_archs(manifest), spec.gpus) and trusted(directory):
                     return directory, untrusted
     return None, untrusted
 
@@ -272,7 +303,7 @@ def set_aside(bad: Untrusted) -> Path | None:
     recording why inside it; the new path, or None when its name no longer holds the directory judged
     (another process set it aside, or published a good build since).  OSError if it cannot be renamed."""
     directory = Path(bad.directory)
-    if bad.inode is None or inode_of(directory) != bad.inode:
+    if isinstance(bad, Unreadable) or bad.inode is None or inode_of(directory) != bad.inode:
         return None
     target = _rename_beside(directory, f"{SET_ASIDE}{directory.name}-{hostname()}-{os.getpid()}-{os.urandom(4).hex()}")
     if target is None:
@@ -286,7 +317,13 @@ def set_aside(bad: Untrusted) -> Path | None:
 
 
 def set_aside_and_report(bad: Untrusted, then: str) -> bool:
-    """Set ``bad`` aside and say so once per process (``then``: what happens next); False if it is still there."""
+    """Set ``bad`` aside and say so once per process (``then``: what happens next); False if it is still there.
+    A build this user may not read is left for its owner, with a warning."""
+    if isinstance(bad, Unreadable):
+        warn_once(("unreadable", str(bad.directory)),
+                  f"childopt: not loading {bad.directory}: {bad.why}; it is left in place (another user's build?); "
+                  f"using this user's own build in {fallback_root()} ({then})")
+        return False
     try:
         target = set_aside(bad)
     except OSError as exc:
@@ -343,7 +380,8 @@ def tmp_dirs(root: Path, stale_after: float | None = None) -> list[dict]:
     without change (default CHILDOPT_LOCK_TIMEOUT)."""
     out = []
     try:
-        entries = sorted(p for p in root.iterdir() if p.name.startswith((PRIVATE, LEFTOVER, SET_ASIDE)) and p.is_dir())
+        entries = sorted(p for p in root.iterdir() if p.name.startswith((PRIVATE, LEFTOVER, SET_ASIDE))
+                         and (p.is_dir() or p.name.startswith(SET_ASIDE)))  # a file can be set aside too
     except OSError:
         return out
     timeout = lock_timeout() if stale_after is None else stale_after
@@ -365,14 +403,15 @@ def tmp_dirs(root: Path, stale_after: float | None = None) -> list[dict]:
     return out
 
 
-def published_builds(root: Path) -> list[tuple[Path, dict | None, str | None]]:
-    """(directory, manifest or None, why it is untrusted or None) of every published build in ``root``."""
+def published_builds(root: Path) -> list[tuple[Path, dict | None, Untrusted | None]]:
+    """(directory, manifest or None, why it is not trusted (Untrusted or Unreadable) or None) of every published
+    build in ``root``."""
     out = []
     for directory in published_dirs(root):
         try:
             out.append((directory, verify_build(directory), None))
         except Untrusted as exc:
-            out.append((directory, read_manifest(directory), exc.why))
+            out.append((directory, read_manifest(directory), exc))
     return out
 
 
@@ -391,8 +430,10 @@ def cleanable(all_builds: bool = False) -> list[tuple[Path, str]]:
         found += [(entry["path"], f"stale build directory ({entry['why']})") for entry in tmp_dirs(root)
                   if entry["stale"]]
         for directory, _, untrusted in published_builds(root):
+            if isinstance(untrusted, Unreadable):
+                continue  # another user's build: theirs to clean
             if untrusted is not None:
-                found.append((directory, f"untrusted published build: {untrusted}"))
+                found.append((directory, f"untrusted published build: {untrusted.why}"))
             elif current is None or directory != current:
                 found.append((directory, "published build" + (" (current)" if all_builds else " not used here")))
         try:

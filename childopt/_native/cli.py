@@ -17,9 +17,9 @@ from pathlib import Path
 from childopt._native import config as cfg
 from childopt._native.build import build, worker_env_path
 from childopt._native.cache import (cache_root, clean, fallback_root, find_published, human_age, planned_root,
-                                    published_builds, search_roots, size_of, tmp_dirs)
+                                    published_builds, recorded_archs, search_roots, size_of, tmp_dirs)
 from childopt._native.env import DEFAULT_LOCK_TIMEOUT, ENV_VARS, lock_timeout, setting_problems
-from childopt._native.errors import ExtensionUnavailable
+from childopt._native.errors import ExtensionUnavailable, Unreadable
 from childopt._native.loader import status
 from childopt._native.lock import build_locks, torch_extension_locks, torch_extensions_root
 from childopt._native.spec import build_spec, runtime, torch_cuda_home
@@ -152,14 +152,19 @@ def _report_builds(root: Path, current: Path | None) -> None:
     builds = published_builds(root)
     print(f"published builds in {root}: {len(builds) or 'none'}")
     for directory, manifest, untrusted in builds:
-        if untrusted is not None:
-            print(f"  {directory.name}  UNTRUSTED, never loaded: {untrusted}; python -m childopt clean removes it")
+        if isinstance(untrusted, Unreadable):
+            print(f"  {directory.name}  UNREADABLE here: {untrusted.why}; left for its owner, this user builds in "
+                  f"{fallback_root()}")
             continue
-        inputs = manifest.get("inputs", {})
-        kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(inputs.get('archs') or [])}" \
+        if untrusted is not None:
+            print(f"  {directory.name}  UNTRUSTED, never loaded: {untrusted.why}; python -m childopt clean removes it")
+            continue
+        inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+        kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(recorded_archs(manifest))}" \
             if inputs.get("with_cuda") else "CPU"
         mark = "  <- used here" if current is not None and directory == current else ""
-        age = human_age(time.time() - manifest.get("published_at", 0))
+        published_at = manifest.get("published_at")
+        age = human_age(time.time() - published_at) if isinstance(published_at, (int, float)) else "?"
         print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
               f"{size_of(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s" + mark)
 

@@ -390,9 +390,20 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+# Inputs recorded in a build's manifest but kept out of its key.  The C++ compiler's version: loading a
+# build needs no compiler (a machine or container without one must still load the cache), and the
+# extension's ABI is fixed by what the key holds (torch and its _GLIBCXX_USE_CXX11_ABI, Python,
+# platform, flags); torch's own JIT cache does not key on it either.  A compiler update thus keeps
+# the build (python -m childopt build --force makes a new one), rather than stranding backend="auto"
+# on the reference backend until something compiles again.
+RECORDED_ONLY = ("cxx",)
+
+
 def keys(inputs: dict) -> tuple[str, str]:
-    """(key, base_key): the base key leaves out the arch list, so a build for more archs can serve."""
-    return digest(inputs), digest({k: v for k, v in inputs.items() if k != "archs"})
+    """(key, base_key): the base key leaves out the arch list, so a build for more archs can serve.
+    Neither holds RECORDED_ONLY."""
+    keyed = {k: v for k, v in inputs.items() if k not in RECORDED_ONLY}
+    return digest(keyed), digest({k: v for k, v in keyed.items() if k != "archs"})
 
 
 def check_record(record: dict, runtime: dict, *, same_release: bool = False) -> str | None:

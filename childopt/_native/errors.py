@@ -2,9 +2,10 @@
 
 Every part of the loader raises ExtensionUnavailable with the reason (NeedsBuild when only a build
 is missing and building was not allowed, Untrusted for a published build that must not be
-loaded), so callers such as the native backend can fall back and
-say why; a warning about the same thing (a fallback cache root, an ignored arch list, a prebuilt
-module that does not fit) is logged once per process, however often it is hit.
+loaded, Unreadable for one this user may not read, Retry for a race worth retrying), so callers
+such as the native backend can fall back and say why; a warning about the same thing (a fallback
+cache root, an ignored arch list, a prebuilt module that does not fit) is logged once per process,
+however often it is hit.
 """
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ class Untrusted(ExtensionUnavailable):
     def __init__(self, directory, why: str, inode: int | None):
         super().__init__(f"{directory}: {why}")
         self.directory, self.why, self.inode = directory, why, inode
+
+
+class Unreadable(Untrusted):
+    """A published build this user may not read (another user's, published with a strict umask).
+
+    Not damage: it is never set aside (that would take a good build from its owner); this
+    process uses or builds its own copy in the per-user fallback root instead.
+    """
+
+
+class Retry(ExtensionUnavailable):
+    """A race with another process (a build removed while it was being loaded): trying again may work, so the
+    loader does not remember it for the process."""
 
 
 _warned: set = set()

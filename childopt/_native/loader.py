@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +22,8 @@ from childopt._native import config as cfg
 from childopt._native.build import build
 from childopt._native.cache import inode_of, lookup, planned_root, set_aside_and_report, verify_build
 from childopt._native.env import PROCESS_START, force_rebuild
-from childopt._native.errors import ExtensionUnavailable, NeedsBuild, Untrusted, warn_once
+from childopt._native.elf import elf_problem
+from childopt._native.errors import ExtensionUnavailable, NeedsBuild, Retry, Unreadable, Untrusted, warn_once
 from childopt._native.spec import PACKAGE_DIR, build_spec, csrc_dir, runtime
 
 log = logging.getLogger("childopt")
@@ -97,10 +99,27 @@ _lock = threading.RLock()
 _state: dict = {"module": None, "how": "", "error": None}
 
 
+def _after_fork_in_child() -> None:
+    """A new lock in a forked child: the parent's may be held by a thread (building) that the child does not have.
+
+    The state needs no reset: it is only ever written whole, under the lock, by a load that
+    finished; the child loads (or waits on the build lock file) for itself.
+    """
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _import(library: Path, name: str):
     """Import the extension module at ``library``; the op schemas it implements are defined first."""
     from childopt.backends import contract  # noqa: F401  (childopt._C registers implementations only)
 
+    problem = elf_problem(library)  # before dlopen: mapping a truncated library is a SIGBUS, not an error
+    if problem is not None:
+        raise ExtensionUnavailable(f"{library} is not loaded: {problem}")
     spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
         raise ExtensionUnavailable(f"cannot import {library}")
@@ -115,16 +134,16 @@ def _import(library: Path, name: str):
 
 def _import_published(directory: Path):
     """Import the published build in ``directory`` after verifying it; Untrusted if it fails the check or
-    does not load (ExtensionUnavailable if it was removed meanwhile)."""
+    does not load (Retry if it was removed meanwhile)."""
     try:
         manifest = verify_build(directory)
     except Untrusted:
         if not directory.exists():
-            raise ExtensionUnavailable(f"{directory} was removed while loading it; try again") from None
+            raise Retry(f"{directory} was removed while loading it; try again") from None
         raise
     inode = inode_of(directory)
     if inode is None:
-        raise ExtensionUnavailable(f"{directory} was removed while loading it; try again")
+        raise Retry(f"{directory} was removed while loading it; try again")
     try:
         return _import(directory / manifest["library"], str(manifest.get("module")))
     except ExtensionUnavailable as exc:
@@ -194,7 +213,7 @@ def _load(allow_build: bool):
             raise _state["error"]
         try:
             module, how = _find_or_build(allow_build)
-        except NeedsBuild:
+        except (NeedsBuild, Retry):  # not remembered: a build, or the next try, may succeed
             raise
         except ExtensionUnavailable as exc:
             _state["error"] = exc
@@ -250,7 +269,8 @@ def status() -> tuple[str, str]:
         if found is not None:
             return "cached", f"{found} ({spec.describe()}){notes}"
         for bad in untrusted:
-            notes += f"; {bad.directory} is untrusted ({bad.why}): the next load sets it aside"
+            notes += f"; {bad.directory} is " + (f"unreadable here ({bad.why})" if isinstance(bad, Unreadable)
+                                                 else f"untrusted ({bad.why}): the next load sets it aside")
         if cfg.tool_version(cfg.cxx_compiler()) is None:
             return "unavailable", f"not built, and no C++ compiler ({cfg.cxx_compiler()}) to build it{notes}"
         root, _ = planned_root()

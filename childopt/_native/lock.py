@@ -32,20 +32,32 @@ PROGRESS_EVERY = 15.0
 TORCH_LOCK_STALE_AGE = 600.0
 
 
+def _since(started) -> str:
+    """When the holder took the lock, from its ``started`` field; "" for anything but a plausible time stamp."""
+    if not isinstance(started, (int, float)) or isinstance(started, bool) or not 0 < started <= time.time() + 86400:
+        return ""
+    return f", since {time.strftime('%H:%M:%S', time.localtime(started))} ({time.time() - started:.0f} s ago)"
+
+
 def _holder_text(path: Path) -> str:
-    """Who holds a build lock, from what the holder wrote into it."""
+    """Who holds a build lock, from what the holder wrote into it.
+
+    The file is anyone's to write (another childopt version, a user, a crash mid-write), so its
+    content is only shown, never trusted: anything but a JSON object makes the holder unknown.
+    """
     try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
+        info = json.loads(path.read_text(errors="replace") or "{}")
+    except (OSError, ValueError, RecursionError):
         info = {}
-    if not info:
+    if not isinstance(info, dict) or info.get("pid") is None and info.get("host") is None:
         return "holder unknown"
-    started = info.get("started", 0)
+    pid = info.get("pid")
     alive = ""
-    if info.get("host") == hostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
+    if info.get("host") == hostname() and isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid \
+            and not pid_alive(pid):
         alive = ", that process is gone (a child it forked still holds the lock)"
-    return (f"pid {info.get('pid')} on {info.get('host')}, since {time.strftime('%H:%M:%S', time.localtime(started))} "
-            f"({time.time() - started:.0f} s ago), command {info.get('command', '?')!r}{alive}")
+    return (f"pid {str(pid)[:20]} on {str(info.get('host'))[:100]}{_since(info.get('started'))}, "
+            f"command {str(info.get('command', '?'))[:300]!r}{alive}")
 
 
 class BuildLock:
@@ -74,6 +86,14 @@ class BuildLock:
         except OSError as exc:
             log.warning("childopt: cannot open the build lock %s (%s); building without it", self.path, exc)
             return False
+        try:
+            return self._wait()
+        except BaseException:  # an interrupt while waiting: nothing is held, so __exit__ will not run
+            self._close()
+            raise
+
+    def _wait(self) -> bool:
+        """Poll for the lock until it is ours (True) or the timeout passes (False)."""
         start = time.monotonic()
         next_note = start
         while True:
@@ -159,21 +179,25 @@ def build_locks(root: Path) -> list[dict]:
     return [{"path": p, "holder": lock_state(p), "age": age_of(p)} for p in files]
 
 
-def _open_by(paths: list[Path]) -> tuple[dict, int]:
-    """Which processes have each of ``paths`` open (via /proc/*/fd), and how many processes could not be read."""
+def _open_by(paths: list[Path]) -> tuple[dict, list[int] | None]:
+    """Which processes have each of ``paths`` open (via /proc/*/fd), and the user ids of the processes whose
+    descriptors could not be read (None without /proc)."""
     wanted = {os.path.realpath(p): str(p) for p in paths}
     found: dict = {str(p): [] for p in paths}
-    unreadable = 0
+    unreadable: list[int] = []
     proc = Path("/proc")
     if not proc.is_dir():
-        return found, -1
+        return found, None
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fds = list((entry / "fd").iterdir())
         except (PermissionError, FileNotFoundError, ProcessLookupError):
-            unreadable += entry.exists()
+            try:
+                unreadable.append(entry.stat().st_uid)
+            except OSError:
+                pass  # it exited meanwhile
             continue
         for fd in fds:
             try:
@@ -200,7 +224,10 @@ def torch_extension_locks() -> list[dict]:
 
     Its owner is gone when no process has the file open (the builder keeps it open while it
     builds) and it is older than TORCH_LOCK_STALE_AGE (a process on another host sharing the
-    directory cannot be seen in /proc).  Such a lock makes every later torch JIT load of that
+    directory cannot be seen in /proc).  FileBaton's holder is the process that created the
+    file, so it runs as the file's owner: when a process of that user could not be inspected
+    (another user's lock, without the privilege to read its descriptors) nobody can tell, and
+    the lock is kept.  Such a lock makes every later torch JIT load of that
     extension wait forever.
     """
     root = torch_extensions_root()
@@ -216,11 +243,18 @@ def torch_extension_locks() -> list[dict]:
     for path in files:
         age = age_of(path)
         pids = users[str(path)]
-        stale = not pids and age >= TORCH_LOCK_STALE_AGE
+        try:
+            hidden = sum(owner == path.stat().st_uid for owner in unreadable or [])
+        except OSError:
+            hidden = 0
+        stale = not pids and unreadable is not None and not hidden and age >= TORCH_LOCK_STALE_AGE
         if pids:
             why = f"open by pid {', '.join(map(str, pids))}: a build is running"
-        elif unreadable < 0:
+        elif unreadable is None:
             why = "no /proc to check"
+        elif hidden:
+            why = (f"{hidden} process(es) of its owner could not be inspected and one may have it open: state "
+                   "unknown, kept")
         elif age < TORCH_LOCK_STALE_AGE:
             why = f"no process has it open, but it is only {human_age(age)} old"
         else:

@@ -128,12 +128,15 @@ def build_spec(archs: str | None = None, cpu: bool = False, rt: dict | None = No
         note = "CPU-only build asked for"
     elif archs is not None or env_archs:
         source = "--archs" if archs is not None else "CHILDOPT_CUDA_ARCHS"
-        try:
-            parsed = cfg.parse_archs(archs if archs is not None else env_archs)
-        except ValueError as exc:
-            raise ExtensionUnavailable(f"{source}: {exc}") from None
-        if not parsed:
-            raise ExtensionUnavailable(f"{source} names no CUDA arch")
+        # Without CUDA in torch the variable means nothing here (an environment shared with GPU jobs), so
+        # even a value that does not parse is only noted; with CUDA a bad value is an error naming it.
+        if has_cuda_torch or archs is not None:
+            try:
+                parsed = cfg.parse_archs(archs if archs is not None else env_archs)
+            except ValueError as exc:
+                raise ExtensionUnavailable(f"{source}: {exc}") from None
+            if not parsed:
+                raise ExtensionUnavailable(f"{source} names no CUDA arch")
         if not has_cuda_torch or not rt["nvcc"]:
             why = "torch has no CUDA" if not has_cuda_torch else "nvcc was not found (set CUDA_HOME)"
             if archs is not None:

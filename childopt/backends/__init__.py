@@ -65,6 +65,7 @@ def create(backend: str, device: torch.device, *, exclude: tuple = ()) -> Backen
             raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
         return MODULES[name].Backend()
     reasons = []
+    native_skipped = ""
     for candidate in AUTO_ORDER:
         module = MODULES[candidate]
         if candidate in exclude:
@@ -80,9 +81,25 @@ def create(backend: str, device: torch.device, *, exclude: tuple = ()) -> Backen
                 _announced.add(key)
                 skipped = f" (skipped: {'; '.join(reasons)})" if reasons else ""
                 log.info("childopt: backend %r for %s tensors: %s%s", candidate, device, why, skipped)
+                if native_skipped and candidate == reference.NAME:
+                    _warn_native_missed(candidate, device, native_skipped)
             return module.Backend()
         reasons.append(f"{candidate}: {why}")
+        if candidate == native.NAME:
+            native_skipped = why
     raise RuntimeError(f"no backend can run on {device}: {'; '.join(reasons)}")
+
+
+def _warn_native_missed(picked: str, device: torch.device, why: str) -> None:
+    """Warn (once per device, as the pick is announced) when ``auto`` fell back to the reference backend past
+    childopt._C although a build of it is in the cache or could be made here: a much slower backend must
+    not be taken silently (Triton, on a GPU, is not: it runs the same fused step)."""
+    from childopt import _native  # here: only when native was passed over
+
+    state, _ = _native.status()
+    if state in ("cached", "needs a build"):
+        log.warning("childopt: backend='auto' uses %r for %s tensors, not the native backend: %s. Run python -m "
+                    "childopt build or pass backend='native' to use it", picked, device, why)
 
 
 _REFERENCE = reference.Backend()
