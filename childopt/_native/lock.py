@@ -124,11 +124,8 @@ class BuildLock:
             time.sleep(max(0.01, min(0.2, self.timeout - waited)))
 
     def _write_holder(self) -> None:
-        info = {"host": hostname(), "pid": os.getpid(), "started": time.time(),
-                "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
         try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, json.dumps(info).encode(), 0)
+            write_holder(self.fd)
         except OSError:
             pass
 
@@ -145,6 +142,15 @@ class BuildLock:
             except OSError:
                 pass
         self._close()
+
+
+def write_holder(fd: int) -> None:
+    """Record who holds the lock open on ``fd`` (host, pid, start time, command), as
+    :func:`lock_state` reads it; raises OSError where it cannot be written."""
+    info = {"host": hostname(), "pid": os.getpid(), "started": time.time(),
+            "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
 
 
 def lock_path(root: Path, spec: BuildSpec) -> Path:

@@ -9,22 +9,20 @@ holder dies, so a lock file left by a killed command never blocks the next one.
 Written beside childopt._native.lock rather than with its BuildLock: that lock waits and, when it
 gives up or the file system has no flock, lets the caller build anyway (correctness there never
 depends on it) under build-worded warnings, and its result does not tell a busy lock from a missing
-flock.  This one refuses at once when busy.  It writes the holder in BuildLock's format and names it
-with that module's :func:`~childopt._native.lock.lock_state`, so both locks read alike.
+flock.  This one refuses at once when busy.  It records and names its holder with that module's
+:func:`~childopt._native.lock.write_holder` and :func:`~childopt._native.lock.lock_state`, so both
+locks read alike.
 """
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from childopt._native.env import hostname
-from childopt._native.lock import lock_state
+from childopt._native.lock import lock_state, write_holder
 
 try:
     import fcntl
@@ -68,15 +66,8 @@ def hold_output(folder: str, *, create: bool) -> Iterator[None]:
             print(f"warning: the file system of {folder} has no flock ({exc}); --output is not locked against "
                   "another finetune command", file=sys.stderr)
         else:
-            _write_holder(fd)
+            write_holder(fd)
         yield
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
 
-
-def _write_holder(fd: int) -> None:
-    """Who holds the lock, in the format childopt._native.lock reads (host, pid, start time, command)."""
-    info = {"host": hostname(), "pid": os.getpid(), "started": time.time(),
-            "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
