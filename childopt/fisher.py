@@ -333,15 +333,26 @@ class FisherAccumulator:
         For replicated parameters (DDP), where each rank scored its own batches: every rank then
         holds the Fisher of all ranks' batches, the same bits everywhere (reduced on the group's
         first rank, then broadcast from it), so a mask selected from it is the same on every rank.
-        Sharded (DTensor) scores are left alone: FSDP2 hands each rank gradients already reduced
-        over the ranks.  Every rank of ``group`` must call it.
+        Sharded (DTensor) scores are left alone, with the batches seen: FSDP2 hands each rank
+        gradients already reduced over the ranks' batches, so they are every rank's Fisher already.
+        Every rank of ``group`` must call it.
+
+        Raises:
+            NotImplementedError: with a grad_scaler, or over both sharded and replicated
+                parameters (their scores would need different divisors).
         """
         if self.grad_scaler is not None:
             raise NotImplementedError("sum_over_ranks with a grad_scaler: the ranks' overflowed passes differ")
         if not _process_group_running():
             raise RuntimeError("sum_over_ranks needs an initialized torch.distributed process group")
-        first = torch.distributed.get_global_rank(group, 0) if group is not None else 0
         names = [n for n, p in self._params.items() if not sharding.is_dtensor(p)]
+        if self._sharded and names:
+            raise NotImplementedError(f"sum_over_ranks over FSDP2-sharded (DTensor) and replicated parameters "
+                                      f"({names[0]!r}, ...) together: the sharded ones hold every rank's batches "
+                                      "already, the replicated ones this rank's; score them in two accumulators")
+        if not names:
+            return
+        first = torch.distributed.get_global_rank(group, 0) if group is not None else 0
         for name in names:
             torch.distributed.reduce(self._fisher[name], dst=first, group=group)
             torch.distributed.broadcast(self._fisher[name], src=first, group=group)
@@ -409,7 +420,9 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     every rank gets the Fisher of all ranks' batches and the same mask.  Under DDP each rank sees
     its own share of the data, and masks selected from per-rank scores differ: the replicas would
     drift apart.  Default: on for a ``DistributedDataParallel`` model (every rank runs it), off
-    otherwise; every rank must call with it on.  A ``DistributedDataParallel`` model (compiled or
+    otherwise; every rank must call with it on.  Under FSDP2 (DTensor parameters) each rank's
+    gradients are already reduced over every rank's batch, so the scores are the same with it or
+    without.  A ``DistributedDataParallel`` model (compiled or
     not) is scored through its ``module`` (``loss_fn`` receives the module), its gradients taken
     with ``torch.autograd.grad``, outside DDP's reducer: no all-reduce in each backward, so the
     ranks may run different numbers of batches, and training through the wrapper afterwards
@@ -460,9 +473,10 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
     if across_ranks:
         group = None if ddp is None else ddp.process_group  # else the world
         accumulator.sum_over_ranks(group)
-        ran = torch.tensor([n_batches], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(ran, group=group)
-        n_batches = int(ran)
+        if not accumulator._sharded:  # FSDP2's gradients were of every rank's batches: the count already is
+            ran = torch.tensor([n_batches], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(ran, group=group)
+            n_batches = int(ran)
     if n_batches == 0:
         raise ValueError(f"Fisher scores: the dataloader yielded no batches (max_batches={max_batches!r}); the "
                          "Fisher scores need at least one")

@@ -166,8 +166,9 @@ def selections(to_score, to_full) -> dict:
     return out
 
 
-def fisher_masks(wrap, to_full) -> dict:
-    """fisher_mask (ChildTuning-D defaults: clip 1.0, global scope) of a small model, as full masks.
+def fisher_masks(wrap, to_full, across_ranks=None) -> dict:
+    """fisher_mask (ChildTuning-D defaults: clip 1.0, global scope) of a small model, as full masks,
+    and its scores (``("scores", name)``) from fisher_scores with ``across_ranks``.
 
     The loss is scaled so every gradient norm exceeds the clip: the per-tensor clip factors,
     reduced over the shards, then shape the scores.
@@ -175,16 +176,22 @@ def fisher_masks(wrap, to_full) -> dict:
     ``wrap(model)`` shards it (FSDP2's fully_shard) or leaves it; every rank sees the same batches,
     so FSDP2's averaged gradients equal one process's wherever the average of equal values is exact.
     """
-    from childopt.fisher import fisher_mask
+    from childopt.fisher import fisher_mask, fisher_scores
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
-    wrap(model)
+    def model():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+        wrap(module)
+        return module
+
     gen = torch.Generator().manual_seed(9)
     batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
-    masks = fisher_mask(model, batches, 0.4, include=None, progress=False, backend="reference",
-                        loss_fn=lambda m, batch: 40 * torch.nn.functional.cross_entropy(m(batch[0]), batch[1]))
-    return {name: to_full(mask) for name, mask in masks.items()}
+    options = dict(include=None, progress=False, backend="reference",
+                   loss_fn=lambda m, batch: 40 * torch.nn.functional.cross_entropy(m(batch[0]), batch[1]))
+    out = {name: to_full(mask) for name, mask in fisher_mask(model(), batches, 0.4, **options).items()}
+    scores = fisher_scores(model(), batches, across_ranks=across_ranks, **options)
+    out.update({("scores", name): to_full(score) for name, score in scores.items()})
+    return out
 
 
 class _Branches(torch.nn.Module):

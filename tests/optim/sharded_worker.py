@@ -71,7 +71,7 @@ def main(out: str, backends: list, phase: str) -> None:
             report["resumed"][name, backend] = scenarios.collect(module, opt, full)
     report["sparse_round_trip_collectives"] = _collectives_of_a_sparse_round_trip(shard)
     report["selections"] = scenarios.selections(shard, full)
-    report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full)
+    report["fisher"] = scenarios.fisher_masks(lambda model: fully_shard(model, mesh=mesh), full, across_ranks=True)
     report["fisher_passes"] = scenarios.fisher_passes(lambda model: fully_shard(model, mesh=mesh), full)
     report["ddp"] = _ddp_runs()
     report["seeds"] = _agreed_seeds(shard)

@@ -116,9 +116,15 @@ def test_global_layer_and_tensor_selection_of_sharded_scores_is_the_one_process_
 @pytest.mark.parametrize("world", [1, 2])
 def test_fisher_mask_of_an_fsdp2_model_is_the_one_process_mask(reports, world):
     """Scores accumulate on each rank's shards (clip norms reduced over them); at 2 ranks the
-    averaged gradient of equal batches is exact, so the scores, and the mask, are bit-identical."""
+    averaged gradient of equal batches is exact, so the mask is bit-identical and the scores equal
+    up to the order the clip norm sums the shards in (1e-6 relative), with across_ranks=True too
+    (FSDP2's gradients are every rank's already: not summed again, nor divided by every rank's
+    batch count)."""
     expected = scenarios.fisher_masks(lambda model: None, lambda t: t.clone())
-    _assert_bit_identical(reports[world]["fisher"], expected, f"fisher_mask at world size {world}")
+    got = dict(reports[world]["fisher"])
+    for key in [key for key in expected if key[0] == "scores"]:  # the clip norm sums the shards' squares in
+        torch.testing.assert_close(got.pop(key), expected.pop(key), rtol=1e-6, atol=0)  # another order
+    _assert_bit_identical(got, expected, f"fisher_mask at world size {world}")
 
 
 @pytest.mark.parametrize("world", [1, 2])
