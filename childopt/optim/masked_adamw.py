@@ -272,9 +272,8 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_ready()
-        if self._mask_kind.draws and not self._seed_agreed:
-            self.seed = sharding.agree_seed(self.seed, self._seed_drawn)
-            self._seed_agreed = True
+        if self._mask_kind.draws and not self._seed_agreed and sharding.world_size() > 1:
+            self._agree_seed()
         if self._compact is not None:
             validation.check_no_grad_scaler(self)
         work = []
@@ -297,6 +296,15 @@ class MaskedAdamW(Optimizer):
         if self._compact is not None:
             self._compact.mark_stepped()
         return loss
+
+    # Eager in a compiled step (one graph break, on the first step of 2+ ranks): all_gather_object is
+    # a collective of Python objects, which dynamo cannot trace, and a compiled step loses the seed it
+    # would write (torch 2.13 drops writes to the optimizer's attributes from step's frame).
+    @torch.compiler.disable
+    def _agree_seed(self) -> None:
+        """Take the seed the ranks agree on (childopt.optim.sharding.agree_seed), once."""
+        self.seed = sharding.agree_seed(self.seed, self._seed_drawn)
+        self._seed_agreed = True
 
     # torch.optim.Optimizer's check of a graph capture: its accelerator-wide name in recent torch
     # (where the CUDA name is a deprecated alias that warns), the CUDA name before.

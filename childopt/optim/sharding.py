@@ -93,15 +93,21 @@ def wrap_like(piece: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(piece, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+def world_size() -> int:
+    """The ranks of the default process group; 1 without one.  A compiled step traces it without a
+    graph break (dynamo folds it to a constant), so one process can skip the seed agreement there."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def agree_seed(seed: int, drawn: bool) -> int:
     """The Bernoulli seed every rank of the default process group uses (``seed`` without one).
 
     A drawn seed (``seed=None``) is replaced by rank 0's, so the ranks' masks agree; a seed the
     user gave must be the same on every rank, else every rank raises (no rank is left waiting).
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return seed
-    if torch.distributed.get_world_size() == 1:
+    if world_size() == 1:
         return seed
     seeds = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(seeds, (seed, drawn))

@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from childopt import MaskedAdamW
+from childopt import Importance, MaskedAdamW
 from tests.helpers import assert_all_equal, capture_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -36,8 +36,9 @@ def _mask(model, kind):
     return None
 
 
-def _train(make_optimizer, compiled: bool, steps: int, scheduled: bool = False):
-    """Params after ``steps`` training steps (forward, backward, step, zero_grad), and graph breaks."""
+def _train(make_optimizer, compiled: bool, steps: int, scheduled: bool = False, resumed: bool = False):
+    """Params after ``steps`` training steps (forward, backward, step, zero_grad), and graph breaks;
+    ``resumed``: one eager step and a reload of the optimizer's state dict come first."""
     torch._dynamo.reset()
     counters.clear()
     model = _model()
@@ -52,6 +53,9 @@ def _train(make_optimizer, compiled: bool, steps: int, scheduled: bool = False):
         opt.zero_grad()
         return loss
 
+    if resumed:
+        step()
+        opt.load_state_dict(opt.state_dict())
     fn = torch.compile(step) if compiled else step
     for _ in range(steps):
         fn()
@@ -80,6 +84,25 @@ def test_a_compiled_step_breaks_no_more_than_torch_adamw_and_matches_eager(lane_
     # torch's own optimizers break twice around step() (torch.optim.optimizer._use_grad_for_differentiable,
     # so AOT sees an inference graph); backward() and zero_grad() break for both.  No extra break is ours.
     assert breaks <= torch_adamw_breaks
+    assert_all_equal(compiled, eager)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_an_importance_refresh_leaves_the_graph_as_one_unit(lane_on_cpu, backend, resumed, torch_adamw_breaks):
+    """The refresh (a solve with host reads, opaque kernel calls) runs eagerly: one graph break where
+    a compiled step refreshes (step 0, before the state exists, and step 3, in the graph with state,
+    which later refreshes reuse), none where it does not; a resumed run rebuilds its sampler at the
+    saved step count, so the refreshes fall on the eager run's steps."""
+    lane_on_cpu(backend)
+
+    def make(model):
+        return MaskedAdamW(model.parameters(), lr=1e-2, mask=Importance(refresh_every=3), reserve_p=0.5, seed=7,
+                           backend=backend)
+
+    eager, _, _, _ = _train(make, compiled=False, steps=5, resumed=resumed)
+    compiled, breaks, _, _ = _train(make, compiled=True, steps=5, resumed=resumed)
+    assert breaks <= torch_adamw_breaks + 2, breaks
     assert_all_equal(compiled, eager)
 
 
