@@ -4,7 +4,8 @@
 storage, backend, 16-byte alignment), computes each tensor's row of step scalars
 (childopt.backends.contract), and makes one op call per bucket.  Only the eager step with plain
 CPU step counts reads them on the host (Python float arithmetic is faster there); a compiled
-step keeps them tensors, so ``torch.compile`` traces it without a graph break, and with
+step keeps them tensors, so ``torch.compile`` traces it without a graph break (but for the
+eager split of a shard starting inside a Philox group, childopt.optim.philox_lanes), and with
 ``capturable`` the rows are computed on the parameters' device (CUDA-graph safe; an LR
 scheduler writing a tensor lr causes no recompile).
 """
@@ -52,12 +53,25 @@ def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: floa
         return _host_rows(counts, rng_bases, lr, **formula)
     t = torch.stack(state_steps).to(device=device, dtype=torch.float64) + 1
     ones = torch.ones_like(t)
-    columns = _columns(t, torch.as_tensor(lr, dtype=torch.float64, device=device), sqrt=torch.sqrt, **formula)
+    columns = _columns(t, _lr_tensor(lr, device), sqrt=torch.sqrt, **formula)
     columns["rng_base"] = (torch.stack(rng_bases) if isinstance(rng_bases[0], torch.Tensor)
                            else torch.tensor(rng_bases, dtype=torch.float64, device=device))
     # a number or a one-element tensor (0-dim or [1]: torch takes both) is spread over the bucket
     return torch.stack([c if isinstance(c, torch.Tensor) and c.shape == t.shape else ones * c
                         for c in map(columns.get, STEP_SCALAR_FIELDS)], dim=1)
+
+
+def _lr_tensor(lr, device) -> torch.Tensor:
+    """``lr`` as a float64 tensor on ``device``, a number without baking its value into a compiled graph.
+
+    ``torch.as_tensor(number)`` makes dynamo guard on the value (a recompile per LR scheduler
+    step, then eager once the recompile limit is hit).  ``ones * number`` keeps a float that
+    dynamo left unspecialised a graph input, as torch AdamW's ``lr / bias_correction`` does, and
+    ``1.0 * lr`` is exact, so the rows equal those from the value itself.
+    """
+    if isinstance(lr, torch.Tensor):
+        return lr.to(dtype=torch.float64, device=device)
+    return torch.ones((), dtype=torch.float64, device=device) * lr
 
 
 def _number_as_float(value):

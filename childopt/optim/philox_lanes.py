@@ -7,6 +7,12 @@ that their draws equal a single process's, each such tensor is stepped as two pi
 unchanged kernels: its body from element ``h`` on (a view, group ``rng_base + 1``, lane 0) and
 its head copied into small tensors padded with ``r`` leading elements (group ``rng_base``),
 whose results are copied back.  The padding's results are discarded.
+
+Under ``torch.compile`` the split runs eagerly (one graph break, only in a sharded Bernoulli step
+with such a shard): traced, its slices of an FSDP2 gradient's local tensor, whose sizes dynamo
+makes symbolic, lead AOT autograd to add shape guards on symbols of its own copy of the DTensor
+input, which dynamo cannot build (``sources must not be empty for symbol ...``).  Run eagerly,
+the pieces reach the graph as plain tensors of fixed sizes, with no guard on the split.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 LISTS = (*MUTATED, "grads", "state_steps", "rng_bases")
 
 
+@torch.compiler.disable
 def split_heads(lists: dict, rng_lanes: list) -> tuple[dict, list]:
     """``lists`` (the step's parallel lists by name, see LISTS) with each tensor whose lane is not 0 split.
 
