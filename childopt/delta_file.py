@@ -18,14 +18,12 @@ a silently different delta.  Every problem raises :class:`DeltaFormatError`.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
 import math
 import operator
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
@@ -33,6 +31,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
+
+from childopt.arguments import replacing
 
 FORMAT = "childopt.sparse_delta"
 FORMAT_VERSION = "3"
@@ -48,7 +48,6 @@ SPEC_KEYS = ("shape", "dtype")  # every entry of the layout metadata
 OPTIONAL_SPEC_KEYS = {"1": (), "2": (), "3": ("aliases", "base_sha256")}
 PARTS = ("indices", "values")
 NUMEL_LIMIT = 2**63  # flat indices are int64
-TEMP_SUFFIX = ".childopt-tmp"  # ends the name of the temporary file write() renames onto the target
 
 Path = Union[str, os.PathLike]
 
@@ -180,35 +179,14 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
     if not os.path.isdir(folder):  # else the error would name the temporary file written first
         why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} {why}")
+    # safetensors' save_file writes its own temporary file, mode 0600 whatever the umask and left
+    # behind by an exception: serialized here and written through the package's one replacing()
     try:
-        _replace_file(where, serialize(dict(tensors), metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)}))
+        data = serialize(dict(tensors), metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
+        with replacing(where) as temporary:
+            temporary.write_bytes(data)
     except (SafetensorError, OSError) as err:
         raise OSError(f"cannot save the delta to {where!r}: {err}") from err
-
-
-def _replace_file(where: str, data: bytes) -> None:
-    """Write ``data`` to a new file ``where`` (replacing any file there) at once: into a temporary file
-    ``.{name}.{pid}-{random}.childopt-tmp`` beside it, then renamed onto it.
-
-    safetensors' ``save_file`` renames a temporary file too, but creates it with mode 0600 whatever the
-    umask, and a process killed while it writes leaves it as an anonymous ``.tmpXXXXXX``.  This one
-    is created as ``open()`` creates files (0666 less the umask, and the folder's default ACL), so the
-    delta gets the mode of any other new file, and is removed on any exception; only a process
-    killed outright (SIGKILL, power loss) leaves it, and its name says whose it is.  Leftovers are
-    not swept: on a shared folder a pid that is gone here may be a live writer on another host.  It
-    costs one in-memory copy of the file (safetensors has no streaming writer to a file of ours).
-    """
-    folder, name = os.path.split(os.path.abspath(where))
-    temp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    f = open(temp, "xb")  # before the try: a file this call did not create is not removed
-    try:
-        with f:
-            f.write(data)
-        os.replace(temp, where)
-    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def read(path: Path, dtypes: Mapping[str, torch.dtype]) -> RawDelta:

@@ -239,6 +239,11 @@ class SparseDelta:
                 for n in (name, *entry.aliases):
                     at, first = owner.setdefault(n, (i, name))
                     if first != name:
+                        tied = {first, *deltas[at].entries[first].aliases}
+                        if tied == {name, *entry.aliases}:
+                            raise ValueError(f"deltas[{at}] and deltas[{i}] store the tied tensor {sorted(tied)} "
+                                             f"under different names: {first!r} in deltas[{at}], {name!r} in "
+                                             f"deltas[{i}]; extract both with the same state dict's names")
                         raise ValueError(f"deltas[{at}] and deltas[{i}] disagree on which names are one tensor: "
                                          f"{n!r} belongs to the entry {first!r} in deltas[{at}] but to the entry "
                                          f"{name!r} in deltas[{i}]")
@@ -253,7 +258,8 @@ class SparseDelta:
         and a SHA-256 checksum of the metadata and tensors (:mod:`childopt.delta_file`).  Every
         entry is checked first (as ``load`` will), so a malformed delta raises and writes nothing.
         The file is written under a temporary name beside ``path`` and renamed onto it, so a failed
-        save leaves an earlier file there intact; it gets the mode ``open()`` gives a new file.
+        save leaves an earlier file there intact (childopt.arguments.replacing: a new file gets the
+        mode ``open()`` gives one, a saved-over file keeps its own).
         """
         self._check()
         user = {**self.metadata, **(metadata or {})}

@@ -34,7 +34,7 @@ def bits(t):
     ({"w": entry([1], [1.0], aliases=("x",))}, {"w": entry([1], [1.0])},
      r"'w': deltas\[0\] gives it the aliases \['x'\] but deltas\[1\] \[\]"),
     ({"w": entry([1], [1.0], aliases=("x",))}, {"x": entry([1], [1.0], aliases=("w",))},
-     r"'x' belongs to the entry 'w' in deltas\[0\] but to the entry 'x' in deltas\[1\]"),
+     r"store the tied tensor \['w', 'x'\] under different names: 'w' in deltas\[0\], 'x' in deltas\[1\]"),
     ({"w": entry([1], [1.0], aliases=("x",))}, {"v": entry([1], [1.0]), "x": entry([2], [1.0])},
      r"'x' belongs to the entry 'w' in deltas\[0\] but to the entry 'x' in deltas\[1\]"),
     ({"w": entry([1, 4], [1.0, 2.0], base_sha256=H)}, {"w": entry([1, 4], [1.0, 2.0], base_sha256=OTHER)},
