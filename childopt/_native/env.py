@@ -82,9 +82,13 @@ def hostname() -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host; False for a value no process can have (a pid
+    read from a lock or temporary file that the package did not write)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True

@@ -98,8 +98,9 @@ def _warn_native_missed(picked: str, device: torch.device, why: str) -> None:
 
     state, _ = _native.status()
     if state in ("cached", "needs a build"):
-        log.warning("childopt: backend='auto' uses %r for %s tensors, not the native backend: %s. Run python -m "
-                    "childopt build or pass backend='native' to use it", picked, device, why)
+        advice = "" if "childopt build" in why else "; run python -m childopt build or pass backend='native'"
+        log.warning("childopt: backend='auto' uses %r for %s tensors, not the native backend: %s%s", picked, device,
+                    why, advice)
 
 
 _REFERENCE = reference.Backend()

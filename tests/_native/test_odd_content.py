@@ -12,10 +12,12 @@ import pytest
 
 from childopt._native import build, cache, cli, lock, spec
 from childopt._native import config as cfg
+from childopt._native.env import hostname
 from tests._native.helpers import fake_compile
 
 ODD = [b"[1]", b'"text"', b'{"started": null}', b'{"started": "yesterday"}', b'{"started": 1e300}',
-       b'{"pid": "x", "host": [1], "command": {"a": 1}}', b"\xff\xfe not utf-8", b"[" * 100000]
+       b'{"pid": "x", "host": [1], "command": {"a": 1}}', b"\xff\xfe not utf-8", b"[" * 100000,
+       json.dumps({"pid": 2**31, "host": hostname()}).encode(), json.dumps({"pid": 2**80, "host": hostname()}).encode()]
 
 
 @pytest.mark.parametrize("content", ODD, ids=range(len(ODD)))
