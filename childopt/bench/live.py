@@ -7,10 +7,11 @@ everything else in the process (libraries, allocator caches, earlier rows).
 * ``held``: the bytes of the model's parameters, their gradients and the optimizer's state tensors
   live when the step starts, counted from the tensors themselves (each storage once);
 * ``peak increase``: the highest point, during the one step, of the bytes of tensors allocated
-  minus freed since it started (activations, gradients, state created on a first step,
-  temporaries), never below zero.  On CPU it is read from torch's profiler: with
-  ``profile_memory=True`` every allocation and free is a ``[memory]`` event carrying its signed
-  size, and walking them in time order gives the running total and its peak.  On CUDA it is
+  since it started minus those of them freed (activations, gradients, state created on a first
+  step, temporaries; the free of a tensor live before the step is not counted), at least zero.
+  On CPU it is read from torch's profiler: with ``profile_memory=True`` every allocation and free
+  is a ``[memory]`` event carrying its signed size, and walking them in time order gives the
+  running total and its peak.  On CUDA it is
   ``torch.cuda.max_memory_allocated`` over the step minus ``memory_allocated`` at its start.
 
 The profiler slows the step, so the step measured is an extra, untimed one.
@@ -64,9 +65,10 @@ def mark_allocation(marker: str, tensor: torch.Tensor) -> None:
 
 
 def cpu_peak_and_marked(fn: Callable[[], object], marker: str = "") -> tuple[int, int]:
-    """The peak of CPU bytes allocated minus freed while ``fn()`` runs, from the profiler's
-    allocation events, and the bytes of the allocations live at that peak that an event of
-    :func:`mark_allocation` under ``marker`` names, then or later (0 without a ``marker``)."""
+    """The peak of CPU bytes allocated while ``fn()`` runs minus those of them freed, from the
+    profiler's allocation events (frees of what was allocated before are left out), and the bytes
+    of the allocations live at that peak that an event of :func:`mark_allocation` under ``marker``
+    names, then or later (0 without a ``marker``)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
@@ -87,8 +89,8 @@ def cpu_peak_and_marked(fn: Callable[[], object], marker: str = "") -> tuple[int
         elif size > 0:
             live[ptr] = len(allocations)
             allocations.append(size)
-        else:
-            live.pop(ptr, None)  # freed; an allocation made before fn() is not in live
+        elif live.pop(ptr, None) is None:  # the free of an allocation made before fn(): not counted, whether or
+            continue                        # not the profiler saw it made (an earlier profile of the process did)
         total += size
         if total > peak:
             peak, at_peak = total, list(live.values())

@@ -2,6 +2,7 @@
 optimizer state a first step must allocate, counted from the state tensors themselves."""
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from childopt import MaskedAdamW
 from childopt.bench import live
@@ -23,14 +24,18 @@ def test_the_profiler_sees_each_allocation_and_free_in_time_order():
 
 
 def test_freeing_what_was_live_before_never_counts_below_the_start():
-    before = torch.empty(1_000_000)
+    """A tensor made under an earlier profile (so the profiler knows its size) and freed in the step:
+    its free is not counted, so the step's own 2 MB peak is not hidden under it."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        before = torch.empty(1_000_000)
 
     def free_then_allocate():
         nonlocal before
         before = None
-        torch.empty(250_000)
+        held = torch.empty(250_000), torch.empty(250_000)
+        del held
 
-    assert live.cpu_peak_increase(free_then_allocate) == 1_000_000
+    assert live.cpu_peak_increase(free_then_allocate) == 2_000_000
 
 
 def test_marked_bytes_are_the_marked_allocations_live_at_the_peak():
