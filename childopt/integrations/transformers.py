@@ -196,16 +196,10 @@ class _MaskFromCheckpoint(TrainerCallback):
         self.checkpoint = None
 
 
-def _hook_compact_gradients(optimizer: MaskedAdamW, attach: bool) -> None:
-    """Attach (``attach=True``) or remove the compact-gradient hooks of ``optimizer``'s sparse parameters.
-
-    MaskedAdamW offers only ``release_gradients()``, which turns compact gradients off for good, so
-    this drives its hook registry as its own ``load_state_dict`` does.  Removing drops buffers not
-    yet stepped (of a step that ``train()`` raised in), as the Trainer drops dense ones.
-    """
-    compact = optimizer._compact
-    for p in [p for group in optimizer.param_groups for p in group["params"]]:
-        (compact.register if attach and "indices" in optimizer.state.get(p, {}) else compact.unregister)(p)
+def _compact_masked_adamw(optimizer) -> Optional[MaskedAdamW]:
+    """The MaskedAdamW under accelerate's wrapper when it keeps compact gradients, else None."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return optimizer if isinstance(optimizer, MaskedAdamW) and optimizer.compact_grads else None
 
 
 class _CompactGradientsWhileTraining(TrainerCallback):
@@ -217,9 +211,9 @@ class _CompactGradientsWhileTraining(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, *, optimizer, **kwargs):
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        if isinstance(optimizer, MaskedAdamW) and optimizer.compact_grads:
-            _hook_compact_gradients(optimizer, attach=True)
+        compact = _compact_masked_adamw(optimizer)
+        if compact is not None:
+            compact.hook_gradients()
 
     def on_optimizer_step(self, args, state, control, *, optimizer, **kwargs):
         optimizer.zero_grad()
@@ -298,9 +292,9 @@ class ChildTuningTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            compact = self._compact_optimizer()
+            compact = _compact_masked_adamw(self.optimizer)
             if compact is not None:
-                _hook_compact_gradients(compact, attach=False)
+                compact.hook_gradients(on=False)  # drops buffers of a step train() raised in, as dense .grad are
             if self._mask_from.checkpoint is not None:
                 self._mask_from.checkpoint = self.optimizer = None
 
@@ -345,19 +339,14 @@ class ChildTuningTrainer(Trainer):
                 model, self.args, decay_parameters=self.get_decay_parameter_names(model), **options)
         return self.optimizer
 
-    def _compact_optimizer(self) -> Optional[MaskedAdamW]:
-        """The MaskedAdamW under accelerate's wrapper when it keeps compact gradients, else None."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return optimizer if isinstance(optimizer, MaskedAdamW) and optimizer.compact_grads else None
-
     def _clip_grad_norm(self, model):
-        optimizer = self._compact_optimizer()
+        optimizer = _compact_masked_adamw(self.optimizer)
         if optimizer is None:
             return super()._clip_grad_norm(model)
         return optimizer.clip_grad_norm_(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        optimizer = self._compact_optimizer()
+        optimizer = _compact_masked_adamw(self.optimizer)
         if grad_norm is None and optimizer is not None:  # max_grad_norm == 0: measure only, for the logs
             grad_norm = optimizer.clip_grad_norm_(float("inf"))
         return super()._get_grad_norm(model, grad_norm)

@@ -197,11 +197,9 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     for saved_id, p in zip(saved_ids, stepped):
         restore_param(optimizer, p, state_dict["state"].get(saved_id, {}), kept.get(p, {}), saved_extras is None,
                       capturable[p])
-    compact = optimizer._compact
-    if compact is not None:
-        compact.buffers.clear()
-        for p in stepped:
-            (compact.register if "indices" in optimizer.state[p] else compact.unregister)(p)
+    if optimizer._compact is not None:
+        optimizer._compact.buffers.clear()
+        optimizer.hook_gradients()
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
         if optimizer._mask_kind != MaskKind.IMPORTANCE:

@@ -389,6 +389,17 @@ class MaskedAdamW(Optimizer):
             self._compact.unregister_all()
         self._compact, self.compact_grads, self._step_supports_amp_scaling = None, False, False
 
+    def hook_gradients(self, on: bool = True) -> None:
+        """Attach (``on=True``) or remove the compact-gradient hooks of the sparse parameters, to lend
+        the model to code that needs dense ``.grad`` for a while (an evaluation with gradients,
+        another optimizer) and take it back; unlike :meth:`release_gradients`, compact gradients
+        stay on.  Removing drops compact gradients not yet stepped.  Nothing without compact_grads.
+        """
+        if self._compact is None:
+            return
+        for p in [p for group in self.param_groups for p in group["params"]]:
+            (self._compact.register if on and "indices" in self.state.get(p, {}) else self._compact.unregister)(p)
+
     def sparse_indices(self) -> dict:
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed).
 

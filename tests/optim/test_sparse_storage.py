@@ -342,6 +342,32 @@ def test_released_gradients_reach_another_optimizer_and_the_step_reads_dense_gra
     assert_all_equal(list(net.parameters()), list(ref.parameters()))
 
 
+def test_unhooked_gradients_are_dense_and_hooked_again_compact_with_one_trajectory():
+    """hook_gradients(False) leaves dense .grad (a plain backward sees every gradient) and the step
+    reads them; hook_gradients() takes them compact again: the same parameters as an optimizer that
+    kept its hooks throughout (one backend: bit for bit), and one hook per masked parameter."""
+    net, ref = _Net(), _Net()
+    x, y, z = _batches(3)
+    opt, ref_opt = _compact_optimizer(net), _compact_optimizer(ref)
+    _step(net, opt, x)
+    _step(ref, ref_opt, x)
+    opt.hook_gradients(on=False)
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [0, 0, 0, 0]
+    net(y).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    opt.step()
+    opt.zero_grad()
+    _step(ref, ref_opt, y)
+    opt.hook_gradients()
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [1, 1, 0, 0]
+    net(z).sum().backward()
+    assert [p.grad is None for p in net.parameters()] == [True, True, False, False]
+    opt.step()
+    opt.zero_grad()
+    _step(ref, ref_opt, z)
+    assert_all_equal(list(net.parameters()), list(ref.parameters()))
+
+
 def test_a_torch_optimizer_refuses_parameters_whose_gradients_a_hook_takes():
     """torch's optimizers skip a parameter whose .grad is None: one that a live compact-gradient
     hook frees in backward is refused instead; parameters no hook takes step as usual."""
