@@ -210,7 +210,7 @@ def verify_build(directory: Path) -> dict:
     return manifest
 
 
-def _number(value) -> float:
+def number_field(value) -> float:
     """A manifest's number field, 0 when it holds anything else (a manifest is read, never trusted, for its types)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
@@ -255,7 +255,7 @@ def lookup(spec: BuildSpec, roots: list[Path] | None = None,
         except Untrusted as exc:
             untrusted.append(exc)
             return None
-        if newer_than is not None and _number(manifest.get("published_at")) < newer_than:
+        if newer_than is not None and number_field(manifest.get("published_at")) < newer_than:
             return None
         return manifest
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from childopt._native import config as cfg
 from childopt._native.build import build, worker_env_path
-from childopt._native.cache import (cache_root, clean, fallback_root, find_published, human_age, planned_root,
-                                    published_builds, recorded_archs, search_roots, size_of, tmp_dirs)
+from childopt._native.cache import (cache_root, clean, fallback_root, find_published, human_age, number_field,
+                                    planned_root, published_builds, recorded_archs, search_roots, size_of, tmp_dirs)
 from childopt._native.env import DEFAULT_LOCK_TIMEOUT, ENV_VARS, lock_timeout, setting_problems
 from childopt._native.errors import ExtensionUnavailable, Unreadable
 from childopt._native.loader import status
@@ -163,8 +163,8 @@ def _report_builds(root: Path, current: Path | None) -> None:
         kind = f"CUDA {inputs.get('torch_cuda')} {';'.join(recorded_archs(manifest))}" \
             if inputs.get("with_cuda") else "CPU"
         mark = "  <- used here" if current is not None and directory == current else ""
-        published_at = manifest.get("published_at")
-        age = human_age(time.time() - published_at) if isinstance(published_at, (int, float)) else "?"
+        published_at = number_field(manifest.get("published_at"))
+        age = human_age(time.time() - published_at) if published_at else "?"
         print(f"  {directory.name}  {kind}, torch {inputs.get('torch_version')}, "
               f"{size_of(directory) / 2**20:.1f} MiB, built {age} ago in {manifest.get('build_seconds', '?')} s" + mark)
 
