@@ -204,7 +204,8 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
         if optimizer._mask_kind != MaskKind.IMPORTANCE:
             optimizer._importance = optimizer._importance_config = None
-        optimizer.seed = philox.check_seed(saved_extras["seed"])
+        if saved_extras["seed"] is not None:  # None (older saves without a drawn mask): keep the one built
+            optimizer.seed = philox.check_seed(saved_extras["seed"])
         optimizer._seed_drawn = bool(saved_extras.get("seed_drawn", False))
         optimizer._seed_agreed = not optimizer.sync_seed  # ranks must hold the same seed again
         _warn_replaced_mask(optimizer, built, kept)

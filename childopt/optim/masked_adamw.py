@@ -459,6 +459,8 @@ class MaskedAdamW(Optimizer):
         # Pickled before these existed: a given seed; torch's load_state_dict (which calls this too) keeps them.
         self.__dict__.setdefault("_seed_drawn", False)
         self.__dict__.setdefault("_seed_agreed", not self.sync_seed)
+        if self.seed is None:  # pickled before an optimizer without a drawn mask got a seed
+            self.seed = _draw_seed(advance=False)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # groups saved before a flag existed

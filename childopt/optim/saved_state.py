@@ -30,7 +30,8 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
         raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
                          f"and mask_kind one of {[k.label for k in MaskKind]})")
     try:
-        philox.check_seed(saved.get("seed"))
+        if saved.get("seed") is not None:  # None: saved before an optimizer without a drawn mask got a seed
+            philox.check_seed(saved["seed"])
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
     if not isinstance(saved.get("seed_drawn", False), bool):

@@ -45,3 +45,31 @@ def test_an_old_format_state_dict_loads_and_continues_as_the_old_code_did(case):
     for p, want in zip(params, saved["params_after_2_more"], strict=True):
         torch.testing.assert_close(p.detach(), want, rtol=2.5e-7, atol=0)
     assert "foreach" in opt.param_groups[0] and opt.param_groups[0]["capturable"] is False
+
+
+def test_a_state_dict_saved_with_no_seed_loads_and_steps_alike():
+    """Before an optimizer without a drawn mask got a seed at construction, its state dict (and its
+    pickle) held ``seed: None``: it loads, keeps a seed of its own, and steps as the saving one."""
+    import pickle
+
+    from tests.helpers import make_params, train
+
+    params, copies = make_params(SHAPES), make_params(SHAPES)
+    opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, backend="reference")
+    train(opt, params, 2)
+    saved = opt.state_dict()
+    saved["childopt"]["seed"] = None
+    for p, q in zip(copies, params):
+        p.data.copy_(q.data)
+    loaded = MaskedAdamW(copies, lr=1e-2, weight_decay=0.1, backend="reference")
+    loaded.load_state_dict(saved)
+    assert isinstance(loaded.seed, int)
+    state = opt.__getstate__()
+    state["seed"] = None
+    unpickled = pickle.loads(pickle.dumps(opt))
+    unpickled.__setstate__(state)
+    assert isinstance(unpickled.seed, int)
+    train(opt, params, 2, start=2)
+    train(loaded, copies, 2, start=2)
+    for p, q in zip(copies, params):
+        assert torch.equal(p, q)
