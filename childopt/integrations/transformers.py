@@ -294,7 +294,8 @@ class ChildTuningTrainer(Trainer):
         finally:
             compact = _compact_masked_adamw(self.optimizer)
             if compact is not None:
-                compact.hook_gradients(on=False)  # drops buffers of a step train() raised in, as dense .grad are
+                compact.zero_grad()  # buffers of a step train() raised in are dropped, as dense .grad are
+                compact.hook_gradients(on=False)
             if self._mask_from.checkpoint is not None:
                 self._mask_from.checkpoint = self.optimizer = None
 

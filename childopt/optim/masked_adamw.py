@@ -381,11 +381,7 @@ class MaskedAdamW(Optimizer):
             RuntimeError: compact gradients are waiting for a step (call it after ``zero_grad``).
         """
         if self._compact is not None:
-            # zero_grad(set_to_none=False) keeps the buffers, zeroed: nothing to lose there
-            pending = [g for g in self._compact.buffers.values() if bool(g.any())]
-            if pending:
-                raise RuntimeError(f"release_gradients() would drop the compact gradients of {len(pending)} parameters "
-                                   "not yet stepped: call it after step() and zero_grad()")
+            self._refuse_pending("release_gradients()")
             self._compact.unregister_all()
         self._compact, self.compact_grads, self._step_supports_amp_scaling = None, False, False
 
@@ -393,12 +389,32 @@ class MaskedAdamW(Optimizer):
         """Attach (``on=True``) or remove the compact-gradient hooks of the sparse parameters, to lend
         the model to code that needs dense ``.grad`` for a while (an evaluation with gradients,
         another optimizer) and take it back; unlike :meth:`release_gradients`, compact gradients
-        stay on.  Removing drops compact gradients not yet stepped.  Nothing without compact_grads.
+        stay on.  Nothing without compact_grads.  ``load_state_dict`` hooks them again.
+
+        Raises:
+            TypeError: ``on`` is not a bool.
+            RuntimeError: removing them would drop compact gradients not yet stepped (call it after
+                ``step()`` and ``zero_grad()``).
         """
+        if not isinstance(on, bool):
+            raise TypeError(f"hook_gradients(on=...) takes a bool, got {on!r}")
         if self._compact is None:
             return
+        if not on:
+            self._refuse_pending("hook_gradients(on=False)")
+            self._compact.unregister_all()
+            return
         for p in [p for group in self.param_groups for p in group["params"]]:
-            (self._compact.register if on and "indices" in self.state.get(p, {}) else self._compact.unregister)(p)
+            if "indices" in self.state.get(p, {}):
+                self._compact.register(p)
+
+    def _refuse_pending(self, call: str) -> None:
+        """Raise when ``call`` would drop compact gradients that no step has used yet."""
+        # zero_grad(set_to_none=False) keeps the buffers, zeroed: nothing to lose there
+        pending = [g for g in self._compact.buffers.values() if bool(g.any())]
+        if pending:
+            raise RuntimeError(f"{call} would drop the compact gradients of {len(pending)} parameters not yet "
+                               "stepped: call it after step() and zero_grad()")
 
     def sparse_indices(self) -> dict:
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed).
@@ -465,9 +481,7 @@ class MaskedAdamW(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # groups saved before a flag existed
             self._number(group)
-        if self._compact is not None:
-            for p in (p for p, s in self.state.items() if "indices" in s):
-                self._compact.register(p)
+        self.hook_gradients()
 
 
 def _draw_seed(advance: bool) -> int:

@@ -351,6 +351,12 @@ def test_unhooked_gradients_are_dense_and_hooked_again_compact_with_one_trajecto
     opt, ref_opt = _compact_optimizer(net), _compact_optimizer(ref)
     _step(net, opt, x)
     _step(ref, ref_opt, x)
+    with pytest.raises(TypeError, match="hook_gradients\\(on=...\\) takes a bool, got 'no'"):
+        opt.hook_gradients("no")
+    net(y).sum().backward()  # compact gradients waiting for a step are not dropped silently
+    with pytest.raises(RuntimeError, match="hook_gradients\\(on=False\\) would drop the compact gradients of 2"):
+        opt.hook_gradients(on=False)
+    opt.zero_grad()
     opt.hook_gradients(on=False)
     assert [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()] == [0, 0, 0, 0]
     net(y).sum().backward()
