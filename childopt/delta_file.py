@@ -175,7 +175,8 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
     meta = {**check_user_metadata(metadata), FORMAT_KEY: FORMAT, VERSION_KEY: FORMAT_VERSION,
             ENTRIES_KEY: json.dumps(entries)}
     where = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(where))
+    absolute = os.path.abspath(where)  # as load() reads it: no ~ expansion (replacing() would expand it)
+    folder = os.path.dirname(os.path.realpath(absolute))  # a symbolic link's file is the one replaced
     if not os.path.isdir(folder):  # else the error would name the temporary file written first
         why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"cannot save the delta to {where!r}: its folder {folder!r} {why}")
@@ -183,7 +184,7 @@ def write(path: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metad
     # behind by an exception: serialized here and written through the package's one replacing()
     try:
         data = serialize(dict(tensors), metadata={**meta, CHECKSUM_KEY: checksum(meta, tensors)})
-        with replacing(where) as temporary:
+        with replacing(absolute) as temporary:
             temporary.write_bytes(data)
     except (SafetensorError, OSError) as err:
         raise OSError(f"cannot save the delta to {where!r}: {err}") from err

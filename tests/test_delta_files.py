@@ -112,3 +112,15 @@ def test_old_format_files_get_every_check_but_the_base_before_anything_is_writte
     delta.entries["w"].indices = torch.tensor([1, 3], dtype=torch.int32)
     delta.apply_to(target)  # no fingerprint to check: any base of the right layout takes it
     assert target["a"].tolist() == [1.0, 0.0, 0.0] and target["w"].tolist() == [[0.0, 0.5], [0.0, -2.0]]
+
+
+def test_a_save_to_a_missing_folder_names_that_folder_through_a_symlink_and_never_expands_a_tilde(tmp_path,
+                                                                                                 monkeypatch):
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "gone" / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"its folder '{tmp_path / 'gone'}' does not exist"):
+        small_delta().save(link)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~").mkdir()  # a folder literally named ~ is where load() looks for ~/d.safetensors
+    small_delta().save("~/d.safetensors")
+    assert SparseDelta.load("~/d.safetensors").entries["w"].values.tolist() == [0.5, -1.0]
