@@ -44,6 +44,7 @@ def hold_output(folder: str, *, create: bool) -> Iterator[None]:
 
     Raises:
         OutputBusy: another process holds the folder (the message names it, its pid and host).
+        ValueError: the lock file cannot be opened (a folder at its name, no permission).
     """
     folder = Path(folder)
     if fcntl is None or not (create or folder.is_dir()):
@@ -54,7 +55,11 @@ def hold_output(folder: str, *, create: bool) -> Iterator[None]:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:  # a folder at its name, no permission: the command's error, not a traceback
+        raise ValueError(f"--output {folder}: cannot open its lock file {path} ({exc.strerror or exc}); "
+                         "remove what is at that name or pass another --output") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -87,3 +87,9 @@ def test_a_run_in_a_child_process_stops_when_its_command_is_killed(models, tmp_p
         for child in children:
             if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
                 child.kill()
+
+
+def test_a_folder_at_the_lock_file_s_name_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / lock.LOCK_NAME).mkdir()
+    assert cli.main(["--summarize", "--output", str(tmp_path)]) == 2
+    assert f"cannot open its lock file {tmp_path / lock.LOCK_NAME} (Is a directory)" in capsys.readouterr().err
