@@ -34,6 +34,7 @@ from childopt import delta_file
 from childopt.delta_file import FORMAT_VERSION, DeltaFormatError, short_list
 from childopt.delta_entry import (DTYPE_NAMES, WIDE_DTYPES, DeltaEntry, add_at, bits, check_same_layout, difference,
                                   merge_entries, values_at, wide_dtype)
+from childopt.optim.validation import check_bool
 from childopt.sparse import check_indices, index_dtype, indices_from_mask
 
 __all__ = ["DeltaEntry", "SparseDelta", "DeltaFormatError", "indices_from_mask", "WIDE_DTYPES", "FORMAT_VERSION"]
@@ -173,7 +174,7 @@ class SparseDelta:
                 extracted from (the message names them).
         """
         scale = _finite_number(scale, "scale")
-        _check_bool(check_base, "check_base")
+        check_bool(check_base, "check_base")
         self._check()
         tensors = _named_tensors(target)
         found = {name: [n for n in (name, *e.aliases) if n in tensors] for name, e in self.entries.items()}
@@ -229,7 +230,7 @@ class SparseDelta:
         if not deltas or len(weights) != len(deltas):
             raise ValueError(f"merge needs one or more deltas and one weight per delta, got "
                              f"{len(deltas)} deltas and {len(weights)} weights")
-        _check_bool(check_base, "check_base")
+        check_bool(check_base, "check_base")
         parts: dict[str, list[tuple[int, DeltaEntry, float]]] = {}
         owner: dict[str, tuple[int, str]] = {}  # tensor name -> (first delta naming it, its entry there)
         for i, (delta, weight) in enumerate(zip(deltas, weights)):
@@ -343,12 +344,6 @@ def _finite_number(value, what: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite real number, got {value!r}")
     return float(value)
-
-
-def _check_bool(value, what: str) -> None:
-    """Raise unless ``value`` is a bool (a truthy stand-in must not turn a check off)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be a bool, got {value!r} ({type(value).__name__})")
 
 
 def _format_bytes(n: int) -> str:

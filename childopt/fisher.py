@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from childopt import backends, user_warning
 from childopt.masks import select_mask
-from childopt.optim import sharding
+from childopt.optim import sharding, validation
 
 ESTIMATORS = ("batch", "sample")
 Include = Union[None, str, Callable[[str], bool]]
@@ -433,8 +433,7 @@ def fisher_scores(model: torch.nn.Module, dataloader: Iterable, *, loss_fn: Opti
             no batch gives the included parameters a gradient, or ``across_ranks`` without an
             initialized process group.
     """
-    if across_ranks is not None and not isinstance(across_ranks, bool):
-        raise TypeError(f"across_ranks must be None, True or False, got {across_ranks!r}")
+    validation.check_bool(across_ranks, "across_ranks", none_ok=True)
     scored, prefix, ddp = _outside_ddp(model)
     if across_ranks is None:
         across_ranks = ddp is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from childopt.backends.contract import MaskKind
-from childopt.optim import checkpoint
+from childopt.optim import checkpoint, validation
 from childopt.optim.masked_adamw import MaskedAdamW
 
 CHILDTUNING_MODES = (None, "ChildTuning-D", "ChildTuning-F")
@@ -35,8 +35,7 @@ class ChildTuningAdamW(MaskedAdamW):
                  fused=None, capturable=False, differentiable=False, sync_seed=True):
         if mode not in CHILDTUNING_MODES:
             raise ValueError(f"mode must be one of {CHILDTUNING_MODES}, got {mode!r}")
-        if not isinstance(correct_bias, bool):
-            raise TypeError(f"correct_bias must be a bool, got {correct_bias!r}")
+        validation.check_bool(correct_bias, "correct_bias")
         self.mode = mode
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reserve_p=reserve_p,
                         masked="zero_grad", amsgrad=False, maximize=False, correct_bias=correct_bias,

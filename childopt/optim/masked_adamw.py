@@ -95,8 +95,7 @@ class MaskedAdamW(Optimizer):
             backends.check_name(backend), defaults["foreach"], defaults["fused"])
         self._backends: dict = {}
         self.seed = None if seed is None else philox.check_seed(seed)  # None: drawn by set_mask below
-        if not isinstance(sync_seed, bool):
-            raise TypeError(f"sync_seed must be a bool, got {sync_seed!r}")
+        validation.check_bool(sync_seed, "sync_seed")
         self.sync_seed = sync_seed
         self._seed_drawn, self._seed_agreed = seed is None, not sync_seed
         self._rng_bases: dict = {}
@@ -184,8 +183,7 @@ class MaskedAdamW(Optimizer):
         state, so once one is held the state of every parameter that requires grad is initialised:
         torch.distributed.checkpoint takes an optimizer with any state for one with all of it.
         """
-        if not isinstance(reset_state, bool):
-            raise TypeError(f"reset_state must be a bool, got {reset_state!r}")
+        validation.check_bool(reset_state, "reset_state")
         kind, new = params.parse_mask(self.param_groups, mask)
         if self.storage == "sparse" and kind.draws:
             raise ValueError(f"storage='sparse' needs a fixed mask (a dict); a {kind.label} mask changes every step")
@@ -396,8 +394,7 @@ class MaskedAdamW(Optimizer):
             RuntimeError: removing them would drop compact gradients not yet stepped (call it after
                 ``step()`` and ``zero_grad()``).
         """
-        if not isinstance(on, bool):
-            raise TypeError(f"hook_gradients(on=...) takes a bool, got {on!r}")
+        validation.check_bool(on, "hook_gradients(on=...)")
         if self._compact is None:
             return
         if not on:

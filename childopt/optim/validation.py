@@ -43,6 +43,13 @@ def check_number(value, name: str, where: str = "", *, low: float, high: float =
     return float(value)
 
 
+def check_bool(value, name: str, *, none_ok: bool = False) -> None:
+    """Raise unless ``value`` is a bool (or None where ``none_ok``): a truthy stand-in such as
+    ``"no"`` or ``1`` must not quietly turn an option on."""
+    if not (isinstance(value, bool) or (none_ok and value is None)):
+        raise TypeError(f"{name} must be {'None or ' if none_ok else ''}a bool, got {value!r}")
+
+
 def check_arguments(defaults: Mapping, storage: str, compact_grads) -> None:
     """The constructor's checks: hyper-parameters, torch's flags, storage."""
     check_storage(storage, compact_grads)
@@ -70,8 +77,7 @@ def check_group(group: Mapping, where: str = "", storage: str = "dense", *, at_s
     if group["masked"] is not None and group["masked"] not in MASKED_MODES:
         raise ValueError(f"masked{where} must be one of {MASKED_MODES} (or None), got {group['masked']!r}")
     for flag in ("amsgrad", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{flag}{where} must be a bool, got {group[flag]!r}")
+        check_bool(group[flag], f"{flag}{where}")
     if storage == "sparse" and group["masked"] == "zero_grad":
         raise ValueError(f"masked='zero_grad'{where} needs state for every entry; storage='sparse' "
                          "keeps only the selected ones (use masked='freeze')")
@@ -135,12 +141,10 @@ def check_numbered(params: list, numbered: dict, group_index: int) -> None:
 
 def check_torch_flags(foreach, fused, capturable, differentiable) -> None:
     """torch.optim.AdamW's implementation flags: types, and the combinations torch refuses."""
-    for name, value in (("foreach", foreach), ("fused", fused)):
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"{name} must be None or a bool, got {value!r}")
-    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+    check_bool(foreach, "foreach", none_ok=True)
+    check_bool(fused, "fused", none_ok=True)
+    check_bool(capturable, "capturable")
+    check_bool(differentiable, "differentiable")
     if fused and foreach:
         raise ValueError("fused=True and foreach=True cannot be set together (as in torch.optim.AdamW)")
     if differentiable:
@@ -171,8 +175,7 @@ def backend_for_flags(backend: str, foreach, fused) -> tuple[str, tuple]:
 def check_storage(storage: str, compact_grads) -> None:
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
-    if not isinstance(compact_grads, bool):
-        raise TypeError(f"compact_grads must be a bool, got {compact_grads!r}")
+    check_bool(compact_grads, "compact_grads")
     if compact_grads and storage != "sparse":
         raise ValueError("compact_grads=True needs storage='sparse' (it keeps only the selected entries)")
 

@@ -351,7 +351,7 @@ def test_unhooked_gradients_are_dense_and_hooked_again_compact_with_one_trajecto
     opt, ref_opt = _compact_optimizer(net), _compact_optimizer(ref)
     _step(net, opt, x)
     _step(ref, ref_opt, x)
-    with pytest.raises(TypeError, match="hook_gradients\\(on=...\\) takes a bool, got 'no'"):
+    with pytest.raises(TypeError, match="hook_gradients\\(on=...\\) must be a bool, got 'no'"):
         opt.hook_gradients("no")
     net(y).sum().backward()  # compact gradients waiting for a step are not dropped silently
     with pytest.raises(RuntimeError, match="hook_gradients\\(on=False\\) would drop the compact gradients of 2"):
