@@ -163,20 +163,22 @@ class ImportanceSampler:
         parameters whose groups scale kept gradients by ``1 / p``, asked for only when a refresh runs
         (not on every step)."""
         if self.steps is None or self._due(states):  # traced in a compiled step: a step without refresh stays whole
-            self._refresh_if_due(states, seed, rng_bases, kernels, rescaled)
+            self._refresh_eagerly(states, seed, rng_bases, kernels, rescaled)
         self.steps += 1
 
     # A refresh is host work (solve_log_scale reads scalars back, the kernels are opaque calls):
     # traced, it would break a compiled step's graph at each of them and take minutes to compile;
     # run eagerly, it costs one graph break, on the steps that refresh.
     @torch.compiler.disable
-    def _refresh_if_due(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
-        """Read the step count from the state when unknown; refresh when :meth:`_due`."""
+    def _refresh_eagerly(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
+        """Refresh (:meth:`before_step` found one :meth:`_due`); when the step count is unknown, read
+        it from the state first and refresh only if that makes one due."""
         if self.steps is None:
             self.steps = max((int(states[m.param]["step"]) for m in self.members if "step" in states.get(m.param, {})),
                              default=0)
-        if self._due(states):
-            self.refresh(states, seed, rng_bases, kernels, self.steps, rescaled())
+            if not self._due(states):
+                return
+        self.refresh(states, seed, rng_bases, kernels, self.steps, rescaled())
 
     def _due(self, states: dict) -> bool:
         """A refresh is due: every ``refresh_every`` steps, or when a member has no draw of this sampling."""
