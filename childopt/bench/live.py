@@ -112,9 +112,13 @@ def cuda_peak_increase(fn: Callable[[], object], device: torch.device) -> int:
     return max(0, torch.cuda.max_memory_allocated(device) - start)
 
 
+def peak_increase(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensors allocated minus freed on ``device`` while ``fn()`` runs."""
+    return cuda_peak_increase(fn, device) if device.type == "cuda" else cpu_peak_increase(fn)
+
+
 def measure_live(step: Callable[[], object], params: Iterable[torch.Tensor], opt: torch.optim.Optimizer,
                  device: torch.device) -> LiveMemory:
     """Run ``step`` once and return what was held before it and the peak increase during it."""
     held = held_bytes(params, opt)
-    increase = cuda_peak_increase(step, device) if device.type == "cuda" else cpu_peak_increase(step)
-    return LiveMemory(held=held, peak_increase=increase)
+    return LiveMemory(held=held, peak_increase=peak_increase(step, device))

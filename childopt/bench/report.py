@@ -102,7 +102,9 @@ def describe_run(device: torch.device, sizes: list[str], thread_counts: list[int
         "live_gb": "held GB: parameters, gradients and optimizer state live when one extra, untimed training step "
                    "starts (counted from the tensors); live GB: held + the peak of tensor bytes allocated minus "
                    "freed during that step (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                                                 else "torch profiler memory events") + ")",
+                                                 else "torch profiler memory events") + "); saved GB: the same "
+                   "peak over one forward whose graph is kept, what autograd saves for backward (a frozen weight "
+                   "saves no input for its gradient; a weight with any trained entry does)",
         "params": {size: {"numel": sweep.size_numel(size), "tensors": len(roberta_base_shapes(*step.SIZES[size])),
                           "roberta_base_shapes": step.SIZES[size]} for size in sizes},
         "threads": {"all": torch.get_num_threads(), "timed": thread_counts},

@@ -11,7 +11,10 @@ Memory, two ways: ``peak_gb`` over the timed steps (the CUDA allocator's peak; o
 process peak RSS, which everything else in the process dominates), and the live tensor bytes of
 one extra, untimed step (:mod:`childopt.bench.live`): ``held_gb``, the parameters, gradients and
 optimizer state live when it starts, and ``live_gb``, that plus the step's peak increase
-(activations, gradients, temporaries), which is what tells the methods apart on CPU.
+(activations, gradients, temporaries), which is what tells the methods apart on CPU.  ``saved_gb``
+is what one forward leaves for backward (its peak increase with the graph kept): a method that
+trains some entries of every weight saves each layer's input as full fine-tuning does, a frozen
+weight (LoRA's) saves none for its own gradient, so this is the floor under a step's live bytes.
 
 Shared by ``python -m childopt bench`` (the training table and its goals) and the
 pytest-benchmark suite bench/bench_e2e.py.
@@ -21,14 +24,14 @@ from __future__ import annotations
 import importlib.util
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
 
 from childopt import MaskedAdamW
 from childopt.bench.baselines import adamw_8bit, fused_adamw
-from childopt.bench.live import measure_live
+from childopt.bench.live import measure_live, peak_increase
 from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, synchronized,
                                     time_calls)
 from childopt.bench.table import aligned_table
@@ -124,8 +127,17 @@ def build(kind: str, model, backend: str = "auto"):
     raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
 
 
-def training_step(kind: str, device: torch.device, backend: str = "auto"):
-    """``(step, model, optimizer)``: a synchronized full training step of ``kind`` on a fresh seeded model."""
+class Training(NamedTuple):
+    """A synchronized full training ``step`` of a model and its optimizer, and the ``forward`` it starts with."""
+
+    step: Callable[[], None]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[], torch.Tensor]
+
+
+def training_step(kind: str, device: torch.device, backend: str = "auto") -> Training:
+    """A :class:`Training` of ``kind`` on a fresh seeded model."""
     setup = setup_for(device)
     transformers = transformers_module()
     torch.manual_seed(0)
@@ -136,24 +148,26 @@ def training_step(kind: str, device: torch.device, backend: str = "auto"):
     inputs = {k: v.to(device) for k, v in inputs.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step():
+    def forward():
         with autocast:
-            loss = model(**inputs).loss
-        loss.backward()
+            return model(**inputs).loss
+
+    def step():
+        forward().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return synchronized(step, device), model, opt
+    return Training(synchronized(step, device), model, opt, forward)
 
 
-def warmed_up(kind: str, device: torch.device, *, warmup: int, backend: str = "auto"):
+def warmed_up(kind: str, device: torch.device, *, warmup: int, backend: str = "auto") -> Training:
     """:func:`training_step` after ``warmup`` untimed steps (kernels compiled, optimizer state
-    created), with a fresh peak-memory window: ``(step, model, optimizer)``."""
-    step, model, opt = training_step(kind, device, backend)
+    created), with a fresh peak-memory window."""
+    training = training_step(kind, device, backend)
     for _ in range(warmup):
-        step()
+        training.step()
     reset_peak_memory(device)
-    return step, model, opt
+    return training
 
 
 def trained_entries(model, opt) -> float:
@@ -187,6 +201,7 @@ class TrainRow:
     peak_gb: float
     held_gb: float  # tensors live at the start of a step (:class:`childopt.bench.live.LiveMemory`)
     live_gb: float  # held_gb + the step's peak increase
+    saved_gb: float  # what one forward leaves for backward (its peak increase with the graph kept)
     trained: float  # :func:`trained_entries`
     steps: int
 
@@ -197,15 +212,16 @@ def _backend_of(kind: str, opt) -> str:
 
 def measure(kind: str, device: torch.device, *, warmup: int, steps: int, backend: str = "auto") -> TrainRow:
     """Time ``steps`` training steps of ``kind`` after :func:`warmed_up`, read the peak memory, then
-    measure the live tensor bytes of one more step."""
-    step, model, opt = warmed_up(kind, device, warmup=warmup, backend=backend)
+    measure the live tensor bytes of one more step and what one forward saves."""
+    step, model, opt, forward = warmed_up(kind, device, warmup=warmup, backend=backend)
     seconds = statistics.median(time_calls(step, steps))
     peak_gb = peak_memory_gb(device)
     live = measure_live(step, model.parameters(), opt, device)
+    saved = peak_increase(forward, device)  # the loss, and the graph with it, is dropped when forward returns
     optimizer, mode = KINDS[kind]
     return TrainRow(key=kind, optimizer=optimizer, mode=mode, backend=_backend_of(kind, opt), it_s=1.0 / seconds,
                     ms_per_step=seconds * 1e3, peak_gb=peak_gb, held_gb=live.held / 1e9, live_gb=live.peak / 1e9,
-                    trained=trained_entries(model, opt), steps=steps)
+                    saved_gb=saved / 1e9, trained=trained_entries(model, opt), steps=steps)
 
 
 def run_rows(device: torch.device, *, warmup: int, steps: int,
@@ -227,7 +243,7 @@ def format_table(rows: list[TrainRow]) -> str:
         ("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.1f}"),
         ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("held GB", lambda r: f"{r.held_gb:.4f}"),
-        ("live GB", lambda r: f"{r.live_gb:.4f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
+        ("live GB", lambda r: f"{r.live_gb:.4f}"), ("saved GB", lambda r: f"{r.saved_gb:.4f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
         ("x fused", lambda r: f"{r.it_s / fused.it_s:.2f}x" if fused else "n/a"),
     )
     return aligned_table(columns, rows, numeric=range(3, len(columns)))

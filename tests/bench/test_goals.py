@@ -14,7 +14,7 @@ def _rows(it_s: dict, gbps: dict = None, dtype="float32", threads=2):
 
 def _train(key, it_s, live_gb):
     return TrainRow(key=key, optimizer="opt", mode=key, backend="b", it_s=it_s, ms_per_step=1e3 / it_s, peak_gb=0.5,
-                    held_gb=live_gb / 2, live_gb=live_gb, trained=1.0, steps=1)
+                    held_gb=live_gb / 2, live_gb=live_gb, saved_gb=live_gb / 4, trained=1.0, steps=1)
 
 
 def _goal(found, *texts):

@@ -119,7 +119,7 @@ def test_made_up_measurements_give_the_hand_computed_report(tmp_path, capsys, mo
                       fake_row("masked-dense-freeze", "MaskedAdamW", "dense freeze", 51.0, 11.0, threads=1)],
                      20.0, threads=1)
     trained = [train.TrainRow(key=k, optimizer="opt", mode=k, backend="b", it_s=it_s, ms_per_step=1e3 / it_s,
-                              peak_gb=0.5, held_gb=gb / 2, live_gb=gb, trained=1e6, steps=1)
+                              peak_gb=0.5, held_gb=gb / 2, live_gb=gb, saved_gb=gb / 4, trained=1e6, steps=1)
                for k, it_s, gb in (("adamw-fused", 10.0, 4.0), ("child-tuning-d", 9.8, 4.1),
                                    ("sparse-compact", 8.0, 3.2), ("lora-r8", 11.0, 3.0))]
     one.skipped.append(measure.skip_record("x", "X", "m", "why"))

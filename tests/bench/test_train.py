@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from childopt.bench import train
+from childopt.bench import live, train
 
 pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 
 
 def _one_step(kind):
-    step, model, opt = train.training_step(kind, CPU, backend="reference")
+    step, model, opt, _ = train.training_step(kind, CPU, backend="reference")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step()
     return model, opt, before
@@ -49,7 +49,7 @@ def test_sparse_compact_updates_only_and_all_of_the_selected_entries():
 def test_trained_entries_count_what_each_optimizer_can_update():
     rows = {}
     for kind in ("adamw-fused", "child-tuning-d", "child-tuning-f", "sparse-compact"):
-        _, model, opt = train.training_step(kind, CPU, backend="reference")
+        _, model, opt, _ = train.training_step(kind, CPU, backend="reference")
         rows[kind] = train.trained_entries(model, opt)
     numel = sum(p.numel() for p in model.parameters())
     layers = sum(p.numel() for n, p in model.named_parameters() if ".layer." in n)
@@ -87,6 +87,38 @@ def assert_live_memory_tells_the_methods_apart(by_key):
     assert sparse.held_gb * 1e9 == pytest.approx(4 * numel + 12 * sparse.trained, rel=0.01)
     assert 4 * numel <= lora.held_gb * 1e9 < 5 * numel
     assert lora.live_gb < sparse.live_gb < full.live_gb
+    assert_saved_bytes_are_what_autograd_saves(by_key)
+
+
+def _bytes_autograd_saves(kind) -> int:
+    """The oracle: distinct storages (parameters left out) that autograd's pack hook sees in one
+    forward of ``kind``'s seeded model and batch."""
+    training = train.training_step(kind, CPU, backend="reference")
+    params = {live.storage_key(p) for p in training.model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if live.storage_key(tensor) not in params:
+            saved[live.storage_key(tensor)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        training.forward()
+    return sum(saved.values())
+
+
+def assert_saved_bytes_are_what_autograd_saves(by_key):
+    """``saved_gb`` covers every tensor autograd saves (plus the forward's temporaries live at its
+    end, up to 30% here); sparse storage trains entries of every weight, so it saves what full
+    fine-tuning saves, and LoRA's frozen weights save less; the saved bytes are part of the step's
+    peak increase."""
+    for key in ("adamw-fused", "sparse-compact", "lora-r8"):
+        oracle, row = _bytes_autograd_saves(key), by_key[key]
+        assert oracle <= row.saved_gb * 1e9 <= 1.3 * oracle, key
+        assert row.saved_gb <= row.live_gb - row.held_gb, key
+    full, sparse, lora = (by_key[k] for k in ("adamw-fused", "sparse-compact", "lora-r8"))
+    assert sparse.saved_gb == full.saved_gb
+    assert lora.saved_gb < 0.9 * full.saved_gb
 
 
 def test_an_unknown_kind_names_the_choices():
