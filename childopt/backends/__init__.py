@@ -59,6 +59,9 @@ def create(backend: str, device: torch.device, *, exclude: tuple = ()) -> Backen
     ``exclude`` names backends ``auto`` must not pick (``fused=True`` excludes the reference).
     """
     name = requested(check_name(backend))
+    if name in exclude:  # only CHILDOPT_BACKEND can name one: backend_for_flags refuses the argument
+        raise ValueError(f"CHILDOPT_BACKEND={name!r} names a backend this optimizer excludes: fused=True asks for "
+                         "a fused kernel backend ('native' or 'triton'); unset CHILDOPT_BACKEND or leave fused unset")
     if name != "auto":
         ok, why = MODULES[name].available(device)
         if not ok:

@@ -16,6 +16,13 @@ def test_fused_true_needs_a_kernel_backend_and_auto_never_settles_for_the_refere
         MaskedAdamW(make_params([(3,)]), fused=True, seed=0)
 
 
+def test_childopt_backend_cannot_turn_fused_true_into_the_reference(monkeypatch):
+    monkeypatch.setenv("CHILDOPT_BACKEND", "reference")
+    with pytest.raises(ValueError, match="CHILDOPT_BACKEND='reference' names a backend this optimizer excludes"):
+        MaskedAdamW(make_params([(3,)]), fused=True, seed=0)
+    assert MaskedAdamW(make_params([(3,)]), seed=0).backend_name() == "reference"  # without fused=True it holds
+
+
 def test_fused_true_takes_native_on_cpu(lane_on_cpu):
     lane_on_cpu("native")
     opt = MaskedAdamW(make_params([(3,)]), fused=True, seed=0)
