@@ -56,7 +56,7 @@ def step_scalar_rows(state_steps: list, rng_bases: list, *, lr, betas, eps: floa
     columns = _columns(t, _lr_tensor(lr, device), sqrt=torch.sqrt, **formula)
     columns["rng_base"] = (torch.stack(rng_bases) if isinstance(rng_bases[0], torch.Tensor)
                            else torch.tensor(rng_bases, dtype=torch.float64, device=device))
-    # a number or a one-element tensor (0-dim or [1]: torch takes both) is spread over the bucket
+    # a number or a 0-dim tensor is spread over the bucket
     return torch.stack([c if isinstance(c, torch.Tensor) and c.shape == t.shape else ones * c
                         for c in map(columns.get, STEP_SCALAR_FIELDS)], dim=1)
 
@@ -75,8 +75,9 @@ def _lr_tensor(lr, device) -> torch.Tensor:
 
 
 def _number_as_float(value):
-    """A Python float for a number (a numpy float32 would keep float32 arithmetic); tensors as they are."""
-    return value if isinstance(value, torch.Tensor) else float(value)
+    """A Python float for a number (a numpy float32 would keep float32 arithmetic); a one-element
+    tensor as a 0-dim one (torch takes any shape, e.g. ``[1, 1]``, which would broadcast the rows)."""
+    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _columns(t, lr, *, betas, eps: float, weight_decay: float, maximize: bool, grad_scale: float, rule: str,

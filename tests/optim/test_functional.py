@@ -145,17 +145,20 @@ def test_numpy_float32_hyper_parameters_compute_in_float64_on_both_paths(native_
         assert torch.equal(host, as_floats)
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
 @pytest.mark.parametrize("capturable_rows", [False, True], ids=["host counts", "tensor ops"])
-def test_a_one_element_1d_lr_is_spread_over_the_bucket(native_loaded, monkeypatch, capturable_rows):
-    """torch.optim.AdamW takes lr=torch.tensor([1e-3]); its [1]-shaped columns (decay, and the
-    uncorrected rule's step size) must spread over the bucket, not fail the stack."""
+def test_a_one_element_lr_or_eps_of_any_shape_is_spread_over_the_bucket(native_loaded, monkeypatch, capturable_rows,
+                                                                        shape):
+    """torch.optim.AdamW takes lr=torch.tensor([1e-3]) or [[1e-3]]; their columns (decay, and the
+    uncorrected rule's step size) must spread over the bucket, not fail the stack or broadcast it."""
     for rule in functional.RULES:
-        hyper = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=1.0, rule=rule)
+        hyper = dict(betas=(0.9, 0.999), weight_decay=0.01, maximize=False, grad_scale=1.0, rule=rule)
         steps = [torch.tensor(2.0)] * 3
+        tensors = dict(lr=torch.full(shape, 1e-3), eps=torch.full(shape, 1e-8, dtype=torch.float64))
         if capturable_rows:
             rows = functional.step_scalar_rows(steps, [torch.tensor(float(b), dtype=torch.float64) for b in (0, 8, 16)],
-                                               lr=torch.tensor([1e-3]), device="cpu", **hyper)
+                                               device="cpu", **tensors, **hyper)
         else:
-            rows = functional.step_scalar_rows(steps, [0, 8, 16], lr=torch.tensor([1e-3]), device="cpu", **hyper)
-        by_number = _rows([2.0] * 3, [0, 8, 16], False, monkeypatch, lr=torch.tensor([1e-3]).item(), **hyper)
+            rows = functional.step_scalar_rows(steps, [0, 8, 16], device="cpu", **tensors, **hyper)
+        by_number = _rows([2.0] * 3, [0, 8, 16], False, monkeypatch, lr=torch.tensor(1e-3).item(), eps=1e-8, **hyper)
         assert rows.shape == (3, len(COLUMN)) and torch.equal(rows.float(), by_number.float()), rule
