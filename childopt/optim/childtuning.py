@@ -46,6 +46,7 @@ class ChildTuningAdamW(MaskedAdamW):
     def _check_group_options(self, group: dict, where: str) -> None:
         """As MaskedAdamW's; a group may not turn on what the published arithmetic lacks."""
         super()._check_group_options(group, where)
+        validation.check_bool(group["correct_bias"], f"correct_bias{where}")
         for key in ("amsgrad", "maximize", "masked"):
             if group[key] != self.defaults[key]:
                 raise ValueError(f"{key}={group[key]!r}{where}: ChildTuningAdamW runs the published ChildTuning "
@@ -74,4 +75,5 @@ class ChildTuningAdamW(MaskedAdamW):
 
     def _rule(self, group: dict) -> str:
         """ChildTuning folds both corrections into the step size and decays after the update."""
+        validation.check_bool(group["correct_bias"], "correct_bias (edited in a param group since)")
         return "childtuning" if group["correct_bias"] else "childtuning-uncorrected"

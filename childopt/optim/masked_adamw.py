@@ -120,6 +120,9 @@ class MaskedAdamW(Optimizer):
             self._held_memory().check(group["params"], self.describe)
             for device in {p.device for p in group["params"]}:
                 self._backend(device)  # a backend asked for by name that cannot run here fails now
+            # the sampled parameters and their scopes include the new group (its reserve_p must fit theirs)
+            sampler = (None if self._importance_config is None
+                       else self._make_sampler(self._importance_config, self._sampler_steps()))
         except Exception:
             self.param_groups.pop()  # torch's add_param_group appended it; nothing else has changed
             raise
@@ -127,8 +130,8 @@ class MaskedAdamW(Optimizer):
         if group["capturable"] and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=group["params"][0].device)
         self._number(group)
-        if self._importance_config is not None:  # the sampled parameters and their scopes include the new group
-            self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
+        if sampler is not None:
+            self._importance = sampler
 
     def _held_memory(self) -> MemorySpans:
         """The memory of the held parameters, against which an added group is checked (rebuilt,

@@ -96,6 +96,17 @@ def test_reserve_p_outside_unit_interval_raises(reserve_p):
         ChildTuningAdamW(make_params([(3,)]), reserve_p=reserve_p, mode="ChildTuning-F")
 
 
+def test_correct_bias_must_be_a_bool_in_a_group_too():
+    """A truthy string would run the bias-corrected update the user turned off."""
+    with pytest.raises(TypeError, match=r"correct_bias \(param group 1\) must be a bool, got 'False'"):
+        ChildTuningAdamW([{"params": make_params([(3,)])}, {"params": make_params([(2,)]), "correct_bias": "False"}])
+    params = make_params([(3,)])
+    opt = ChildTuningAdamW(params)
+    opt.param_groups[0]["correct_bias"] = "False"
+    with pytest.raises(TypeError, match=r"correct_bias \(edited in a param group since\) must be a bool"):
+        train(opt, params, 1)
+
+
 def test_mode_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         ChildTuningAdamW(make_params([(3,)]), mode="ChildTuning-X")

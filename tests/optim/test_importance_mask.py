@@ -345,6 +345,19 @@ def test_a_group_added_later_is_sampled_too():
     assert all(float(k[1].double().mean()) < 0.6 for k in kept)  # not all kept: it has a draw
 
 
+def test_a_group_the_sampler_refuses_is_not_added():
+    """Another reserve_p in the one global scope is refused: the optimizer is left as it was (the
+    group is not stepped unsampled) and the same parameters can be added with a fitting reserve_p."""
+    first, later = make_params([(500,)]), make_params([(500,)], seed=1)
+    opt = MaskedAdamW(first, mask="importance", reserve_p=RESERVE_P, masked="freeze", seed=2, backend="reference")
+    with pytest.raises(ValueError, match="different reserve_p"):
+        opt.add_param_group({"params": later, "reserve_p": 0.5})
+    assert len(opt.param_groups) == 1 and opt._importance.members[-1].param is first[-1]
+    opt.add_param_group({"params": later})
+    kept = observe_keeps(opt, first + later, 2)
+    assert all(float(k[1].double().mean()) < 0.6 for k in kept)
+
+
 def test_parameters_without_scores_train_fully():
     params = make_params(SHAPES)
     opt = MaskedAdamW(params, reserve_p=RESERVE_P, backend="reference", masked="freeze",
