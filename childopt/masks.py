@@ -25,6 +25,7 @@ import torch
 
 from childopt import backends, philox
 from childopt.importance import PIECE
+from childopt.optim.validation import check_number
 from childopt.score_shards import ScoreShards
 
 # (shift, bits) per pass, most significant first: 32-bit keys (fp32) and 64-bit keys (float64)
@@ -200,8 +201,7 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
     rank gets DTensor masks of its rows, equal to the single-process mask bit for bit
     (childopt.score_shards).
     """
-    if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0.0 <= reserve_p <= 1.0:
-        raise ValueError(f"reserve_p must be in [0, 1], got {reserve_p!r}")
+    reserve_p = check_number(reserve_p, "reserve_p", low=0.0, high=1.0)  # numpy scalars and 0-dim tensors too
     names, tensors, shards = _check_scores(scores)
     scope_of = scope_ids(names, scope, layer_of)
     sizes = [0] * (max(scope_of) + 1)
@@ -299,9 +299,7 @@ def sample_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, tempera
     Memory: one perturbed copy of the scores in that dtype, plus one piece's noise.  Sharded scores: as in
     :func:`select_mask`; each shard draws the noise of its global indices.
     """
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
-            or not math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = check_number(temperature, "temperature", low=0.0, low_open=True, high_open=True)
     philox.check_seed(seed)
     names, tensors, shards = _check_scores(scores)
     local = shards.local(tensors)

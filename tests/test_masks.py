@@ -284,17 +284,32 @@ def test_keys_drawn_piece_by_piece_are_the_keys_of_one_whole_draw(lane):
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda: select_mask(tied_scores(), 1.5), ValueError, "reserve_p must be in \\[0, 1\\]"),
+    (lambda: select_mask(tied_scores(), 1.5), ValueError, "reserve_p must be in \\[0.0, 1.0\\], got 1.5"),
+    (lambda: select_mask(tied_scores(), "0.3"), TypeError, "reserve_p must be a number"),
     (lambda: select_mask({}, 0.1), TypeError, "non-empty mapping"),
     (lambda: select_mask({"a": torch.tensor([1.0, float("nan")])}, 0.5), ValueError, "scores\\['a'\\] contains NaN"),
     (lambda: select_mask({"a": torch.arange(3)}, 0.5), TypeError, "scores\\['a'\\] must be a floating-point"),
     (lambda: select_mask(tied_scores(), 0.1, scope="row"), ValueError, "scope must be one of"),
     (lambda: sample_mask(tied_scores(), 0.1, temperature=0.0, seed=1), ValueError,
-     "temperature must be a finite number > 0"),
+     "temperature must be in \\(0.0, inf\\), got 0.0"),
     (lambda: sample_mask({"a": torch.tensor([-1.0, 2.0])}, 0.5, temperature=1.0, seed=1), ValueError, "negative"),
     (lambda: sample_mask(tied_scores(), 0.1, temperature=float("inf"), seed=1), ValueError,
-     "temperature must be a finite number > 0, got inf"),
+     "temperature must be in \\(0.0, inf\\), got inf"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_reserve_p_and_temperature_take_what_maskedadamw_takes():
+    """A numpy scalar or a one-element tensor (an LR-schedule-like config often holds them) selects
+    what the same value as a Python float selects."""
+    np = pytest.importorskip("numpy")
+    scores = {"a": torch.rand(40, generator=torch.Generator().manual_seed(3)), "b": torch.rand(9)}
+    for reserve_p in (np.float32(0.3), np.float64(0.3), torch.tensor(0.3), torch.tensor([0.25])):
+        expected = select_mask(scores, float(reserve_p))
+        got = select_mask(scores, reserve_p)
+        assert all(torch.equal(got[k], expected[k]) for k in scores)
+        sampled = sample_mask(scores, reserve_p, temperature=np.float32(0.5), seed=1)
+        assert all(torch.equal(sampled[k], sample_mask(scores, float(reserve_p), temperature=0.5, seed=1)[k])
+                   for k in scores)
