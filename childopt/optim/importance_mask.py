@@ -149,7 +149,7 @@ class ImportanceSampler:
         if given is not None:
             for scope in set(self.scopes):
                 members = [m for m, s in zip(self.members, self.scopes) if s == scope]
-                if not any(bool(m.score.any()) for m in members):
+                if any(m.score.numel() for m in members) and not any(bool(m.score.any()) for m in members):
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)

@@ -415,6 +415,18 @@ def test_bad_scores_are_a_clear_error_naming_the_parameter(score, message):
                     mask=Importance(scores={"w": score(weight)}))
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_a_zero_element_parameter_has_nothing_to_draw_not_all_zero_scores(scope):
+    """An empty scope (scope='tensor' on a zero-element parameter) holds no score at all: it is
+    skipped, not refused as 'all zero', and the other parameters are sampled as usual."""
+    named = [("empty", torch.nn.Parameter(torch.randn(0, 4))), ("w", torch.nn.Parameter(torch.randn(40, 60)))]
+    scores = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) for n, p in named}
+    opt = MaskedAdamW(named, reserve_p=RESERVE_P, backend="reference", masked="freeze",
+                      mask=Importance(scores=scores, scope=scope))
+    kept = observe_keeps(opt, [p for _, p in named], 2)
+    assert all(k[0].numel() == 0 and 0.1 < float(k[1].double().mean()) < 0.6 for k in kept)
+
+
 def test_importance_refuses_what_it_cannot_do():
     params = make_params(SHAPES)
     with pytest.raises(ValueError, match="storage='sparse' needs a fixed mask"):
