@@ -101,7 +101,7 @@ class MaskedAdamW(Optimizer):
         self._rng_bases: dict = {}
         self._rng_lanes: dict = {}
         self._sharded = False  # any DTensor parameter: the step unwraps local shards
-        self._verified: dict = {}  # group index -> the params list check_numbered last passed
+        self._verified: dict = {}  # group index -> (the params list check_numbered last passed, its length)
         self._rng_groups = 0
         self._mask_kind = MaskKind.NONE
         self._importance_config = self._importance = None
@@ -280,11 +280,14 @@ class MaskedAdamW(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             validation.check_group(group, f" (param group {gi})", self.storage, at_step=True)
-            if self._verified.get(gi) is not group["params"]:  # a list checked before is not walked again
+            if self._mask_kind != MaskKind.NONE and self._masked_mode(group) == "zero_grad":
+                validation.check_eps_divides(group["eps"], f" (param group {gi})")
+            verified = self._verified.get(gi)  # a list checked before is not walked again, unless it grew or shrank
+            if verified is None or verified[0] is not group["params"] or verified[1] != len(group["params"]):
                 validation.check_numbered(group["params"], self._rng_bases, gi)
-                self._verified[gi] = group["params"]
+                self._verified[gi] = (group["params"], len(group["params"]))
             stepped, grads = with_gradients(group["params"], self._gradient)
-            validation.check_steppable(stepped, grads, self.describe, self._sharded)
+            validation.check_steppable(stepped, grads, self.describe, self._sharded, self.state)
             work.append((group, stepped, grads))
         if self._importance is None and self._importance_config is not None:  # unpickled or loaded: rebuild it
             self._importance = self._make_sampler(self._importance_config, self._sampler_steps())

@@ -110,10 +110,11 @@ def _check_own_memory(p: torch.Tensor, describe) -> None:
                            "on its own; make it a parameter with its own storage (e.g. .clone())")
 
 
-def check_steppable(params: list, grads: list, describe, sharded: bool = False) -> None:
+def check_steppable(params: list, grads: list, describe, sharded: bool, states: Mapping) -> None:
     """Everything a step could fail on partway, checked before the first tensor is written.
 
-    ``sharded``: some parameters are DTensors (else only a DTensor gradient needs a look).
+    ``sharded``: some parameters are DTensors (else only a DTensor gradient needs a look);
+    ``states``: the optimizer's state, whose dense moments and masks must still fit each parameter.
     """
     for p, g in zip(params, grads):
         _check_own_memory(p, describe)  # p.data may have been replaced since construction
@@ -121,6 +122,22 @@ def check_steppable(params: list, grads: list, describe, sharded: bool = False) 
             raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
         if sharded or isinstance(g, sharding.DTENSOR):
             sharding.check_gradient(p, g, describe)
+        state = states.get(p, {})
+        for key in () if "indices" in state else ("exp_avg", "mask"):  # sparse state is per selected entry
+            if key in state and state[key].shape != p.shape:
+                raise RuntimeError(f"{describe(p)} has shape {tuple(p.shape)}, but its {key} in the optimizer's "
+                                   f"state {tuple(state[key].shape)}: was its .data replaced by a tensor of another "
+                                   "shape? Give the optimizer the new parameter (a new optimizer, or "
+                                   "add_param_group for a new tensor)")
+
+
+def check_eps_divides(eps, where: str) -> None:
+    """Refuse ``eps == 0`` where gradients are masked to zero: a masked-out entry's moments are
+    zero, and ``0 / (sqrt(0) + 0)`` writes NaN into its weight (a tensor ``eps`` is not read)."""
+    if not isinstance(eps, torch.Tensor) and eps == 0:
+        raise ValueError(f"eps=0{where} with masked='zero_grad' and a mask: an entry whose gradient is masked "
+                         "out has zero moments, and 0 / (sqrt(0) + eps) would write NaN into the weights; use "
+                         "eps > 0 or masked='freeze'")
 
 
 def check_numbered(params: list, numbered: dict, group_index: int) -> None:

@@ -228,3 +228,47 @@ def test_fake_parameters_are_not_judged_by_their_missing_memory():
     with FakeTensorMode():
         params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
         assert len(MaskedAdamW(params, lr=1e-2, seed=0).param_groups[0]["params"]) == 2
+
+
+def test_a_parameter_appended_to_a_group_list_in_place_is_refused_by_name():
+    """The per-group check is cached per list; a list that grew is checked again, so the step
+    names the stray tensor instead of failing on a bare KeyError."""
+    params = make_params([(3,), (4,)])
+    opt = MaskedAdamW(params[:1], seed=0, backend="reference")
+    train(opt, params[:1], 1)
+    opt.param_groups[0]["params"].append(params[1])
+    with pytest.raises(RuntimeError, match=r"param group 0 holds a tensor of shape \(4,\) that was not given"):
+        train(opt, params, 1)
+
+
+@pytest.mark.parametrize("mask", [None, "dense"])
+def test_a_parameter_resized_behind_the_optimizer_fails_the_step_before_anything_moves(mask):
+    """``b.data = <another shape>`` no longer fits b's moments (or mask): the step refuses it,
+    naming b, before the first group is written (it used to step group 0, then fail in a kernel)."""
+    a, b = make_params([(5,), (3, 3)])
+    masks = {b: torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) < 0.5} if mask else None
+    opt = MaskedAdamW([{"params": [a]}, {"params": [b]}], seed=0, backend="reference", mask=masks)
+    train(opt, [a, b], 1)
+    b.data = torch.randn(2, 5)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match=r"\(2, 5\), but its exp_avg in the optimizer's state \(3, 3\)"):
+        train(opt, [a, b], 1)
+    assert torch.equal(a, before)
+
+
+@pytest.mark.parametrize("mask", ["bernoulli", "dense"])
+def test_eps_zero_with_zero_grad_masks_is_refused_instead_of_writing_nan(mask):
+    """A masked-out entry under zero_grad has zero moments; eps=0 makes its update 0/0."""
+    params = make_params([(8, 8)])
+    masks = {params[0]: torch.arange(64).reshape(8, 8) % 3 == 0} if mask == "dense" else mask
+    opt = MaskedAdamW(params, eps=0.0, mask=masks, masked="zero_grad", reserve_p=0.5, seed=0, backend="reference")
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match=r"eps=0 \(param group 0\) with masked='zero_grad' and a mask"):
+        train(opt, params, 1)
+    assert torch.equal(params[0], before)
+
+
+def test_eps_zero_without_a_mask_steps_as_torch_adamw():
+    ours, theirs = make_params([(8, 8)]), make_params([(8, 8)])
+    opt = MaskedAdamW(ours, eps=0.0, masked="zero_grad", seed=0, backend="reference")
+    assert_steps_as_torch_adamw(opt, ours, theirs, 3, eps=0.0)
