@@ -96,7 +96,9 @@ def clip_by_norm_(grads: list, measured: list, max_norm: float, norm_type: float
     """
     if not grads:
         return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(measured, norm_type, error_if_nonfinite)
+    measured = [m for m in measured if m.numel()]  # a mask that keeps nothing adds nothing (and torch's inf
+    total = (torch.nn.utils.get_total_norm(measured, norm_type, error_if_nonfinite)  # norm refuses it)
+             if measured else torch.zeros((), device=grads[0].device))
     if sharding.is_dtensor(total):  # the norm of sharded gradients: reduced over the ranks
         total = total.full_tensor()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -529,6 +529,22 @@ def test_clip_grad_norm_of_a_fixed_mask_is_torch_s_on_the_kept_entries(norm_type
     clip_against_torch()
 
 
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+@pytest.mark.parametrize("norm_type", [math.inf, 2.0])
+def test_clip_grad_norm_skips_a_tensor_its_mask_keeps_nothing_of(storage, norm_type):
+    """A global mask at a small reserve_p often keeps nothing of a bias: it adds nothing to the
+    norm (torch's inf norm refuses an empty tensor), and its gradient is still scaled."""
+    params = make_params([(6, 5), (7,)], seed=3)
+    masks = {params[0]: torch.arange(30).reshape(6, 5) % 4 == 0, params[1]: torch.zeros(7, dtype=torch.bool)}
+    opt = MaskedAdamW(params, lr=1e-3, mask=masks, storage=storage, seed=0, backend="reference")
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 3
+    expected = torch.nn.utils.get_total_norm([params[0].grad[masks[params[0]]]], norm_type)
+    scaled = [p.grad * torch.clamp(0.5 / (expected + 1e-6), max=1.0) for p in params]
+    assert torch.equal(opt.clip_grad_norm_(max_norm=0.5, norm_type=norm_type), expected)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled))
+
+
 def test_set_mask_takes_reset_state_as_a_bool_only():
     opt = MaskedAdamW(make_params([(3,)]), seed=0)
     with pytest.raises(TypeError, match="reset_state must be a bool, got 'yes'"):
