@@ -22,20 +22,32 @@ COMMANDS = {
 
 
 def _backend_lines(device) -> list[str]:
-    """Which backend ``auto`` picks for ``device`` and why, and why each other one is not used."""
+    """Which backend ``auto`` (or CHILDOPT_BACKEND, checked valid by the caller) picks for ``device``
+    and why, and why each other one is not used; nothing here compiles."""
     from childopt import backends
 
     modules = backends.MODULES
-    try:
-        picked = backends.create("auto", device).name
-    except RuntimeError as exc:
-        return [f"  {device.type}: no backend ({exc})"]
-    lines = [f"  {device.type}: {picked} ({modules[picked].available(device)[1]})"]
+    named = backends.requested("auto")
+    if named == "auto":
+        try:
+            picked = backends.create("auto", device).name  # auto takes native only when ready: no build
+        except RuntimeError as exc:
+            return [f"  {device.type}: no backend ({exc})"]
+    else:
+        ok, why = backends.check_ready(modules[named], device)  # create() would build native
+        if not ok and hasattr(modules[named], "ready"):
+            return [f"  {device.type}: {named} (CHILDOPT_BACKEND={named}), not ready without a build: {why}"]
+        if not ok:
+            return [f"  {device.type}: no backend (backend {named!r} cannot run on {device}: {why})"]
+        picked = named
+    lines = [f"  {device.type}: {picked} ({backends.check_ready(modules[picked], device)[1]})"]
     for name, module in modules.items():
         if name == picked:
             continue
         ok, why = backends.check_ready(module, device)  # never compiles
-        if ok and device.type not in module.AUTO_DEVICES:
+        if ok and named != "auto":
+            why = f"runs here, but CHILDOPT_BACKEND={named} overrides auto's pick"
+        elif ok and device.type not in module.AUTO_DEVICES:
             why = f"runs here, but auto does not pick it for {device.type} tensors"
         lines.append(f"      not {name}: {why}")
     return lines

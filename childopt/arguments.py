@@ -86,12 +86,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(a: Path, b: Path) -> bool:
+    """Whether output path ``a`` lies under ``b`` (which, as an output, is a file: ``a`` cannot be written)."""
+    try:
+        return b.resolve() in a.resolve().parents
+    except (OSError, RuntimeError):
+        return False
+
+
 def check_output_files(parser: argparse.ArgumentParser, outputs: dict[str, Optional[str]], plots=()) -> None:
     """Refuse, before anything runs, output paths a command could only fail to write at its end
     (after minutes of measuring): an empty path, a folder given as the file, a file or folder that
-    cannot be written or made, two options naming one file; for the options in ``plots``, a
-    missing matplotlib or a suffix that is not a format it writes by itself.  ``outputs``: option
-    -> the path given (None: not given)."""
+    cannot be written or made, two options naming one file or one the other's folder; for the
+    options in ``plots``, a missing matplotlib or a suffix that is not a format it writes by itself.
+    ``outputs``: option -> the path given (None: not given)."""
     given = {option: output_path(value) for option, value in outputs.items() if value is not None}
     checked: dict = {}
     for option, path in given.items():
@@ -105,16 +113,29 @@ def check_output_files(parser: argparse.ArgumentParser, outputs: dict[str, Optio
         other = next((name for name, seen in checked.items() if _same_file(path, seen)), None)
         if other:
             parser.error(f"{option}: {str(path)!r} is also the file of {other}; give each output its own path")
+        other = next((name for name, seen in checked.items() if _inside(path, seen) or _inside(seen, path)), None)
+        if other:
+            parser.error(f"{option}: {str(path)!r} and {other}'s {str(checked[other])!r}: one would be the other's "
+                         "folder, but both are files; give each output its own path")
         checked[option] = path
     for option in (option for option in plots if option in given):
         try:
-            from matplotlib.figure import Figure
+            why = why_not_a_figure(given[option])
         except ImportError:
             parser.error(f"{option} needs matplotlib: pip install matplotlib")
-        formats = set(Figure().canvas.get_supported_filetypes()) - _PLOT_FORMATS_NEEDING_PROGRAMS
-        if given[option].suffix.lstrip(".").lower() not in formats:
-            parser.error(f"{option}: {str(given[option])!r} does not end in a format matplotlib writes "
-                         f"({', '.join('.' + f for f in sorted(formats))})")
+        if why:
+            parser.error(f"{option}: {why}")
+
+
+def why_not_a_figure(path: Path) -> Optional[str]:
+    """Why matplotlib cannot write a figure to ``path`` by itself (its suffix), or None; ImportError
+    without matplotlib."""
+    from matplotlib.figure import Figure
+
+    formats = set(Figure().canvas.get_supported_filetypes()) - _PLOT_FORMATS_NEEDING_PROGRAMS
+    if path.suffix.lstrip(".").lower() in formats:
+        return None
+    return f"{str(path)!r} does not end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))})"
 
 
 def writable_path(value: PathLike) -> Path:

@@ -92,6 +92,16 @@ def test_two_options_naming_one_file_are_refused(tmp_path, capsys):
     assert "--markdown: " in err and "also the file of --json" in err
 
 
+def test_an_output_in_the_folder_another_output_names_is_refused(tmp_path, capsys):
+    """--json R --markdown R/summary.md: both are files, so one could only fail after the run."""
+    folder, inner = str(tmp_path / "R"), str(tmp_path / "R" / "summary.md")
+    for outputs, named in (({"--json": folder, "--markdown": inner}, "--markdown: "),
+                           ({"--json": inner, "--markdown": folder}, "--markdown: ")):
+        err = refused(outputs, capsys)
+        assert named in err and "--json's" in err and "one would be the other's folder" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_plot_needs_a_suffix_matplotlib_writes(tmp_path, capsys):
     assert "does not end in a format matplotlib writes" in refused({"--plot": str(tmp_path / "chart")}, capsys,
                                                                    plots=("--plot",))

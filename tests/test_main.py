@@ -35,6 +35,25 @@ def test_info_follows_a_valid_childopt_backend(capsys, monkeypatch):
     assert "backend=auto picks (CHILDOPT_BACKEND=reference overrides it)\n  cpu: reference (plain torch)" in out
 
 
+def test_info_under_childopt_backend_native_reports_it_without_building_it(capsys, monkeypatch):
+    """The backend the variable names is checked as auto's pick is: never by compiling it."""
+    asked = []
+    monkeypatch.setattr(_native, "try_load", lambda build=True: asked.append(build) or (None, "not built yet"))
+    monkeypatch.setenv("CHILDOPT_BACKEND", "native")
+    assert main(["info"]) == 0
+    assert True not in asked, "info asked for a build"
+    assert ("  cpu: native (CHILDOPT_BACKEND=native), not ready without a build: childopt._C is not available "
+            "(not built yet)") in capsys.readouterr().out
+
+
+def test_info_says_the_variable_is_why_a_ready_backend_is_not_used(capsys, monkeypatch):
+    monkeypatch.setattr(_native, "try_load", lambda build=True: (object(), "a cached build"))
+    monkeypatch.setenv("CHILDOPT_BACKEND", "reference")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "      not native: runs here, but CHILDOPT_BACKEND=reference overrides auto's pick" in out
+
+
 def test_unknown_command_and_stray_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])

@@ -61,6 +61,15 @@ def _command_output(argv: list[str], cwd: Optional[Path] = None) -> Optional[str
     return lines[0] if lines else None
 
 
+def git_commit(folder: Path) -> Optional[str]:
+    """The commit checked out at ``folder``, with " + uncommitted changes" when a tracked file differs
+    from it (numbers measured on edited code are not that commit's); None outside git or without it."""
+    commit = _command_output(["git", "rev-parse", "HEAD"], cwd=folder)
+    if commit and _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder):
+        return f"{commit} + uncommitted changes"
+    return commit
+
+
 def load_average() -> Optional[float]:
     """The 1-minute load average (runnable processes, all CPUs together), or None where unknown."""
     try:
@@ -84,7 +93,7 @@ def describe(device: torch.device, args: dict) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average": load_average(),
-        "git_commit": _command_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "args": args,
     }

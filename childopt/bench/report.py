@@ -35,9 +35,28 @@ def _listed(text: str, allowed, option: str, parser: argparse.ArgumentParser) ->
     return items
 
 
+def device_of(args: argparse.Namespace) -> torch.device:
+    """``--device``, else cuda when available, else cpu."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _check_backend(backend: str, device: torch.device, parser: argparse.ArgumentParser) -> None:
+    """A usage error, before anything is measured, for a bad CHILDOPT_BACKEND or a backend (named by
+    --backend or CHILDOPT_BACKEND) that cannot run on ``device``: every childopt row would fail."""
+    try:
+        name = backends.requested(backend)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if name != "auto":
+        ok, why = backends.MODULES[name].available(device)  # native: builds it, as its first row would
+        if not ok:
+            given = f"--backend {name}" if backend == name else f"CHILDOPT_BACKEND={name}"
+            parser.error(f"{given} cannot run on {device.type} tensors: {why}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line of ``python -m childopt bench``; ``sizes``, ``dtypes`` and ``thread_counts``
-    hold the parsed lists (``thread_counts`` None: the device's default)."""
+    hold the parsed lists (``sizes`` None: the device's default)."""
     parser = argparse.ArgumentParser(
         prog="python -m childopt bench",
         description="Time one optimizer step of torch AdamW, the childopt optimizers and the ChildTuning loop "
@@ -72,14 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available to this torch")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    args.sizes = _listed(args.size, step.SIZES, "--size", parser) if args.size else None
+    args.sizes = _listed(args.size, step.SIZES, "--size", parser) if args.size is not None else None
     args.dtypes = _listed(args.dtype, step.DTYPES, "--dtype", parser)
+    threads = args.threads if args.threads is not None else DEFAULT_CPU if device_of(args).type == "cpu" else "all"
     try:
-        args.thread_counts = parse_threads(args.threads, torch.get_num_threads()) if args.threads else None
-    except ValueError as exc:
-        parser.error(f"--threads: {exc}")
+        args.thread_counts = parse_threads(threads, torch.get_num_threads())
+    except ValueError as exc:  # the default too: "all" is torch's count, which may exceed the limit
+        parser.error(f"--threads{'' if args.threads is not None else f' (default {threads})'}: {exc}")
     check_output_files(parser, {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot},
                        plots=("--plot",))
+    _check_backend(args.backend, device_of(args), parser)  # last: it may build childopt._C
     return args
 
 
@@ -218,10 +239,10 @@ def table_heading(table: step.Table, params: dict, all_threads: int) -> str:
 def main(argv=None) -> int:
     """Run the step tables and training rows, print them and the goals; write JSON, markdown and plot when asked."""
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_of(args)
     all_threads = torch.get_num_threads()
     sizes = args.sizes or [step.DEFAULT_SIZE[device.type]]
-    thread_counts = args.thread_counts or parse_threads(DEFAULT_CPU if device.type == "cpu" else "all", all_threads)
+    thread_counts = args.thread_counts
     steps = args.steps or step.STEPS[(device.type, args.quick)]
     train_steps = args.steps or train.STEPS[(device.type, args.quick)]
     meta = {**environment.describe(device, vars(args)), **describe_run(device, sizes, thread_counts, steps),

@@ -34,6 +34,7 @@ from childopt.bench.baselines import adamw_8bit, fused_adamw
 from childopt.bench.live import measure_live, peak_increase
 from childopt.bench.measure import (Unavailable, peak_memory_gb, reset_peak_memory, skip_record, synchronized,
                                     time_calls)
+from childopt.bench.step import ROW_FAILURES
 from childopt.bench.table import aligned_table
 
 CT_DENSITY = 0.3
@@ -226,13 +227,15 @@ def measure(kind: str, device: torch.device, *, warmup: int, steps: int, backend
 
 def run_rows(device: torch.device, *, warmup: int, steps: int,
              backend: str = "auto") -> tuple[list[TrainRow], list[dict]]:
-    """Every kind under a progress bar; kinds that cannot run here are skipped with the reason."""
+    """Every kind under a progress bar; kinds that cannot run here (or fail with an error the step
+    tables skip a row on, :data:`childopt.bench.step.ROW_FAILURES`) are skipped with the reason."""
     rows, skipped = [], []
     for kind in tqdm(KINDS, desc="training step", unit="row"):
         try:
             rows.append(measure(kind, device, warmup=warmup, steps=steps, backend=backend))
-        except Unavailable as exc:
-            skipped.append(skip_record(kind, *KINDS[kind], str(exc)))
+        except ROW_FAILURES as exc:
+            reason = str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
+            skipped.append(skip_record(kind, *KINDS[kind], reason))
     return rows, skipped
 
 
@@ -243,7 +246,8 @@ def format_table(rows: list[TrainRow]) -> str:
         ("optimizer", lambda r: r.optimizer), ("mode", lambda r: r.mode), ("backend", lambda r: r.backend),
         ("it/s", lambda r: f"{r.it_s:.2f}"), ("ms/step", lambda r: f"{r.ms_per_step:.1f}"),
         ("peak GB", lambda r: f"{r.peak_gb:.3f}"), ("held GB", lambda r: f"{r.held_gb:.4f}"),
-        ("live GB", lambda r: f"{r.live_gb:.4f}"), ("saved GB", lambda r: f"{r.saved_gb:.4f}"), ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
+        ("live GB", lambda r: f"{r.live_gb:.4f}"), ("saved GB", lambda r: f"{r.saved_gb:.4f}"),
+        ("trained", lambda r: f"{r.trained / 1e6:.2f}M"),
         ("x fused", lambda r: f"{r.it_s / fused.it_s:.2f}x" if fused else "n/a"),
     )
     return aligned_table(columns, rows, numeric=range(3, len(columns)))

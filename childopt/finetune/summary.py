@@ -111,7 +111,13 @@ def describe(records: list[dict]) -> str:
             f"{_env_values(records, lambda e: e['device_name'] + ' (' + e['device'] + ')')}, "
             f"torch {_env_values(records, lambda e: e['torch'])}, "
             f"transformers {_env_values(records, lambda e: e['transformers'])}, "
-            f"childopt commit {_env_values(records, lambda e: (e['git_commit'] or 'unknown')[:10])}.")
+            f"childopt commit {_env_values(records, lambda e: _short_commit(e['git_commit']))}.")
+
+
+def _short_commit(commit) -> str:
+    """10 hex digits of a recorded commit, and its mark of uncommitted changes when it has one."""
+    digits, _, changes = (commit or "unknown").partition(" ")
+    return f"{digits[:10]} {changes}".rstrip()
 
 
 def _env_values(records: list[dict], field) -> str:

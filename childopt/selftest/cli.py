@@ -6,8 +6,11 @@ still run: one broken step must not hide what the others would have found.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -51,13 +54,22 @@ def parse_args(argv) -> argparse.Namespace:
     # A folder the user names must hold the lane: a typo must not pass as "tests not installed".
     if args.tests is not None and not (Path(args.tests) / steps.LANE_FILE).is_file():
         parser.error(f"--tests {args.tests}: no {steps.LANE_FILE} in it (pass the tests/ folder of a checkout)")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out}: exists and is not a folder")
+    if args.out is not None and not args.out.strip():
+        parser.error("--out: the path is empty")
+    out = Path(args.out or f"selftest-{datetime.datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out or out}: exists and is not a folder")
+    try:  # made here: a folder that cannot be made or written is a usage error, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        parser.error(f"--out {args.out or out}: cannot make or write the folder {str(out)!r}: {exc.strerror or exc}")
+    args.out = str(out)
     return args
 
 
 def make_context(args: argparse.Namespace) -> Context:
-    out = Path(args.out or f"selftest-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    out = Path(args.out)
     no_gpu = no_gpu_reason(args.cpu_only)
     tests, no_tests = steps.find_tests(args.tests)
     return Context(out=out, quick=args.quick, gpu=not no_gpu, no_gpu=no_gpu,
@@ -79,8 +91,30 @@ def run_step(ctx: Context, name: str, step) -> StepResult:
 def default_reasons(ctx: Context) -> dict:
     """Why a verdict cell that no step gave evidence for was not checked."""
     lane = ctx.done.get("lane")
-    lane_reason = lane.reason if lane is not None and lane.status == SKIPPED else "no lane test ran"
+    lane_reason = "no lane test ran"
+    if lane is not None and lane.status == SKIPPED:
+        lane_reason = lane.reason
+    elif lane is not None and "junit" not in lane.details:  # it failed before writing results (a crash)
+        lane_reason = f"the lane wrote no results ({lane.reason})"
     return {column: (ctx.no_gpu or lane_reason) if column.endswith("cuda") else lane_reason for column in COLUMNS}
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM (``kill``, a CI timeout) raises SystemExit(143) in the block, so the running step's
+    child process is killed (subprocess.run kills it on any exception) instead of left orphaned."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> int:
@@ -88,8 +122,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     ctx = make_context(args)
-    ctx.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report.write_unfinished(ctx, argv, started)  # an earlier run's report must not outlive this run's start
+    with sigterm_raises():
+        return run(ctx, argv, started)
+
+
+def run(ctx: Context, argv: list, started: str) -> int:
+    """The steps, the verdict and the outputs of :func:`main`."""
     clock = time.monotonic()
     print(f"childopt selftest into {ctx.out}" + (f" ({ctx.no_gpu}: running the CPU part)" if ctx.no_gpu else ""),
           flush=True)

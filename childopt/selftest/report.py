@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from childopt.arguments import write_output
 from childopt.selftest.context import Context
 from childopt.selftest.verdict import FAILED, render_markdown, render_text, table_json
 
@@ -23,15 +24,29 @@ def headline(results: list, exit_code: int, seconds: float) -> str:
                                                                             if failed else "")
 
 
+def _command(argv: list) -> str:
+    return " ".join(["python -m childopt selftest", *map(shlex.quote, argv)])
+
+
+def write_unfinished(ctx: Context, argv: list, started: str) -> None:
+    """selftest.json and selftest.md saying the run started and has not finished, written when it
+    starts: a run interrupted (Ctrl-C, SIGTERM, a crash) leaves them, not an earlier run's report."""
+    note = "the run has not finished: still running, or interrupted (Ctrl-C, SIGTERM, a crash)"
+    data = {"command": _command(argv), "started": started, "finished": False, "exit_code": None, "note": note}
+    write_output(ctx.out / "selftest.json", json.dumps(data, indent=2) + "\n")
+    write_output(ctx.out / "selftest.md", f"# childopt selftest: unfinished, started {started}\n\n"
+                                          f"`{data['command']}`: {note}; the step logs hold what it did.\n")
+
+
 def write(ctx: Context, argv: list, started: str, seconds: float, results: list, table: dict, exit_code: int) -> None:
-    """selftest.json and selftest.md in the output folder."""
+    """selftest.json and selftest.md in the output folder (each replaced whole)."""
     environment = next((r.details for r in results if r.name == "environment"), {})
-    data = {"command": " ".join(["python -m childopt selftest", *map(shlex.quote, argv)]), "started": started,
+    data = {"command": _command(argv), "started": started, "finished": True,
             "seconds": round(seconds, 1), "exit_code": exit_code, "gpu": ctx.gpu, "no_gpu": ctx.no_gpu or None,
             "quick": ctx.quick, "tests": str(ctx.tests) if ctx.tests else None, "environment": environment,
             "steps": [r.as_json() for r in results], "verdict": table_json(table)}
-    (ctx.out / "selftest.json").write_text(json.dumps(data, indent=2) + "\n")
-    (ctx.out / "selftest.md").write_text(markdown(data, results, table, exit_code, seconds))
+    write_output(ctx.out / "selftest.json", json.dumps(data, indent=2) + "\n")
+    write_output(ctx.out / "selftest.md", markdown(data, results, table, exit_code, seconds))
 
 
 def markdown(data: dict, results: list, table: dict, exit_code: int, seconds: float) -> str:

@@ -116,6 +116,7 @@ def _cannot_test(ctx: Context) -> str:
 def run_pytest(ctx: Context, name: str, args: list) -> StepResult:
     """``python -m pytest ARGS`` in the checkout, its log and JUnit XML in the output folder."""
     xml = ctx.out / f"{name}.xml"
+    xml.unlink(missing_ok=True)  # an earlier run's results must not pass for this run's
     argv = [sys.executable, "-m", "pytest", *args, f"--junitxml={xml}", "-p", "no:cacheprovider", "-q", "-rfEs"]
     rc = run_logged(argv, ctx.log(name), env=ctx.child_env(), cwd=ctx.tests.parent, timeout=PYTEST_TIMEOUT_S)
     log = f"{name}.log"
@@ -163,9 +164,9 @@ def graph_capture(ctx: Context) -> StepResult:
     if not ctx.gpu:
         return StepResult("graph-capture", SKIPPED, ctx.no_gpu)
     lane_result = ctx.done["lane"]
-    xml = ctx.out / "lane.xml"
-    if not xml.is_file():
+    if "junit" not in lane_result.details:  # only what the lane of this run wrote
         return StepResult("graph-capture", SKIPPED, f"the lane wrote no results ({lane_result.reason})")
+    xml = ctx.out / lane_result.details["junit"]
     cases: list[TestCase] = [c for c in read_junit(xml) if c.name.split("[")[0] == GRAPH_TEST]
     counts = count(cases)
     summary = f"{GRAPH_TEST}: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped"

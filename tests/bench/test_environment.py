@@ -1,6 +1,12 @@
 """The environment a report records: the CPU's identity beside its model name."""
 import platform
+import shutil
+import subprocess
 
+import pytest
+import torch
+
+from childopt.bench import environment
 from childopt.bench.environment import cpu_name
 
 CPUINFO = """processor\t: 0
@@ -47,3 +53,25 @@ def test_an_empty_model_name_falls_back_to_platform(tmp_path, monkeypatch):
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t:\n")
     assert cpu_name(path) == "x86_64"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_recorded_commit_says_when_tracked_files_were_edited(tmp_path, monkeypatch):
+    """Numbers measured on edited code are not the commit's; an untracked file (an output) changes nothing."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.setattr(environment, "__file__", str(tmp_path / "pkg" / "environment.py"))
+    (tmp_path / "bench.json").write_text("{}")
+    assert environment.describe(torch.device("cpu"), {})["git_commit"] == head
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert environment.describe(torch.device("cpu"), {})["git_commit"] == f"{head} + uncommitted changes"
+    monkeypatch.setattr(environment, "__file__", str(tmp_path.parent / "environment.py"))  # no checkout there
+    assert environment.describe(torch.device("cpu"), {})["git_commit"] is None

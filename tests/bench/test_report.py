@@ -3,10 +3,12 @@ several dtypes and thread counts, and on made-up measurements whose ratios, tabl
 are worked out by hand."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
+from childopt import backends
 from childopt.bench import measure, paired, step, sweep, train
 from childopt.bench import report as report_module
 from childopt.bench.llc import CacheSize
@@ -194,12 +196,48 @@ class _QuietLoad:
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--threads", "1,0"], "--threads: thread counts are positive integers or 'all', got '0'"),
     (["--dtype", "float32,float16"], "--dtype: 'float16' not among float32, bfloat16"),
-    (["--size", "7m"], "--size: '7m' not among 24m, 125m")])
+    (["--size", "7m"], "--size: '7m' not among 24m, 125m"),
+    (["--size", ""], "--size: '' not among 24m, 125m"),  # an unset shell variable: not the default
+    (["--threads", ""], "--threads: thread counts are positive integers or 'all', got ''")])
 def test_bad_options_are_refused_with_the_option_named(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         parse_args(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_on_the_device_is_refused_before_measuring(capsys, monkeypatch):
+    """--backend triton (or CHILDOPT_BACKEND=triton) on CPU without TRITON_INTERPRET: every childopt
+    row would fail, so it is a usage error, not a traceback after minutes of measuring."""
+    monkeypatch.setattr(backends.triton, "available", lambda device: (False, "Triton kernels need CUDA tensors"))
+    monkeypatch.setattr(sweep, "run_tables", lambda *a, **k: pytest.fail("measured before refusing the backend"))
+    for argv, env, given in ((["--backend", "triton"], "", "--backend triton"),
+                             ([], "triton", "CHILDOPT_BACKEND=triton")):
+        monkeypatch.setenv("CHILDOPT_BACKEND", env)
+        with pytest.raises(SystemExit) as exited:
+            main(["--device", "cpu", *argv])
+        assert exited.value.code == 2
+        assert f"{given} cannot run on cpu tensors: Triton kernels need CUDA tensors" in capsys.readouterr().err
+
+
+def test_a_bad_childopt_backend_is_refused_before_measuring(capsys, monkeypatch):
+    monkeypatch.setenv("CHILDOPT_BACKEND", "Native")
+    monkeypatch.setattr(sweep, "run_tables", lambda *a, **k: pytest.fail("measured before refusing the variable"))
+    with pytest.raises(SystemExit) as exited:
+        main(["--device", "cpu"])
+    assert exited.value.code == 2
+    assert "CHILDOPT_BACKEND must be one of ('auto', 'reference', 'triton', 'native'), got 'Native'" in \
+        capsys.readouterr().err
+
+
+def test_a_default_thread_count_past_the_limit_is_a_usage_error(capsys, monkeypatch):
+    """'all' is torch's count at the start, which a process can have set past 8 per CPU."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 32)
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--device", "cpu"])
+    assert exited.value.code == 2
+    assert "--threads (default 1,all): thread count 32 is more than 16 (8 per CPU" in capsys.readouterr().err
 
 
 def test_an_output_it_could_not_write_stops_the_bench_before_it_measures(tmp_path, capsys, monkeypatch):
@@ -225,8 +263,9 @@ def test_options_parse_into_lists():
     args = parse_args(["--size", "24m,125m", "--dtype", "bfloat16", "--threads", "all,1"])
     assert args.sizes == ["24m", "125m"] and args.dtypes == ["bfloat16"]
     assert args.thread_counts == list(dict.fromkeys([torch.get_num_threads(), 1]))
-    defaults = parse_args([])
-    assert (defaults.sizes, defaults.dtypes, defaults.thread_counts) == (None, ["float32"], None)
+    defaults = parse_args(["--device", "cpu"])
+    assert (defaults.sizes, defaults.dtypes) == (None, ["float32"])
+    assert defaults.thread_counts == list(dict.fromkeys([1, torch.get_num_threads()]))  # 1,all
 
 
 def test_the_plot_draws_each_paired_table_as_ratios_with_a_line_at_one(tmp_path, monkeypatch):

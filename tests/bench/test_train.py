@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from childopt import backends
 from childopt.bench import live, train
 
 pytest.importorskip("transformers")
@@ -119,6 +120,16 @@ def assert_saved_bytes_are_what_autograd_saves(by_key):
     full, sparse, lora = (by_key[k] for k in ("adamw-fused", "sparse-compact", "lora-r8"))
     assert sparse.saved_gb == full.saved_gb
     assert lora.saved_gb < 0.9 * full.saved_gb
+
+
+def test_a_row_whose_optimizer_cannot_run_here_is_skipped_with_the_reason(monkeypatch):
+    """MaskedAdamW(backend="triton") on CPU raises RuntimeError, as the step tables' rows do: skipped, not raised."""
+    monkeypatch.setattr(backends.triton, "available", lambda device: (False, "Triton kernels need CUDA tensors"))
+    monkeypatch.setattr(train, "KINDS", {"child-tuning-f": train.KINDS["child-tuning-f"]})
+    rows, skipped = train.run_rows(CPU, warmup=1, steps=1, backend="triton")
+    assert rows == [] and [s["key"] for s in skipped] == ["child-tuning-f"]
+    assert skipped[0]["reason"] == ("RuntimeError: backend 'triton' cannot run on cpu: Triton kernels need CUDA "
+                                    "tensors")
 
 
 def test_an_unknown_kind_names_the_choices():

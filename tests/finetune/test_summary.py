@@ -54,8 +54,9 @@ def test_the_table_reports_each_runs_fastest_epoch():
 def test_the_description_names_every_commit_and_version_in_the_table(smoke):
     """A table built over several sessions must not credit all its runs to the first run's commit."""
     first = load_record(smoke, "adamw")
+    first["env"]["git_commit"] = "a" * 40 + " + uncommitted changes"
     later = json.loads(json.dumps(first))
     later["env"].update(git_commit="f" * 40, torch="9.9.9")
     text = summary.describe([first, later, first])
-    assert f"childopt commit {(first['env']['git_commit'] or 'unknown')[:10]}, ffffffffff." in text
+    assert "childopt commit aaaaaaaaaa + uncommitted changes, ffffffffff." in text
     assert f"torch {first['env']['torch']}, 9.9.9," in text

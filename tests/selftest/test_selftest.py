@@ -6,14 +6,18 @@ the lane itself, tests/backends/test_cuda_lane.py, run by ``pytest -m cuda`` whe
 import contextlib
 import io
 import json
+import os
 import re
+import signal
+import sys
+import time
 
 import pytest
 import torch
 
 from childopt import backends
-from childopt.selftest import cli, main, steps, target
-from childopt.selftest.verdict import COLUMNS, KERNELS
+from childopt.selftest import cli, context, main, steps, target
+from childopt.selftest.verdict import COLUMNS, KERNELS, PASSED, SKIPPED, StepResult
 from tests.backends import test_cuda_lane
 
 GPU_STEPS = ("build", "cuda-tests", "graph-capture", "memcheck", "racecheck", "benchmark")
@@ -36,7 +40,7 @@ def cpu_run(tmp_path_factory):
 
 def test_the_cpu_part_passes_and_writes_json_markdown_and_logs(cpu_run):
     rc, out, _, report = cpu_run
-    assert rc == 0 and report["exit_code"] == 0
+    assert rc == 0 and report["exit_code"] == 0 and report["finished"] is True
     assert [s["name"] for s in report["steps"]] == [name for name, _, _ in cli.STEPS]
     for step in report["steps"]:
         assert step["status"] in ("passed", "failed", "skipped") and step["reason"], step
@@ -132,6 +136,107 @@ def test_a_wrong_folder_is_refused_before_anything_runs(tmp_path, capsys, option
         main(["--cpu-only", option, str(tmp_path / value)])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("a-file/sub", "--out .*a-file/sub: cannot make or write the folder .*: Not a directory"),
+    ("/proc/childopt-no-such/out", "--out /proc/childopt-no-such/out: cannot make or write the folder"),
+    ("", "--out: the path is empty"),
+])
+def test_an_out_folder_that_cannot_be_made_is_a_usage_error_naming_it(tmp_path, capsys, value, message):
+    """Not a traceback from mkdir after parsing; an empty --out is not the default folder."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--out", str(tmp_path / value) if value.startswith("a-file") else value])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _context(tmp_path, tests=None, gpu=False) -> context.Context:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return context.Context(out=out, quick=True, gpu=gpu, no_gpu="" if gpu else "no GPU (test)", hide_gpu=False,
+                           tests=tests, no_tests="" if tests else "no tests (test)")
+
+
+def _junit(name: str) -> str:
+    """A JUnit XML file in which ``name`` passed, checking adamw_step/none on native cpu."""
+    return ('<testsuites><testsuite name="pytest"><testcase classname="lane" name="%s"><properties>'
+            '<property name="kernel" value="adamw_step/none"/><property name="backend" value="native"/>'
+            '<property name="device" value="cpu"/></properties></testcase></testsuite></testsuites>' % name)
+
+
+def test_a_lane_that_dies_without_results_fails_and_an_earlier_runs_xml_is_not_read(tmp_path):
+    """A kernel that segfaults kills pytest before it writes lane.xml: the lane.xml an earlier run
+    left in --out must not turn into this run's passes."""
+    tests = tmp_path / "checkout" / "tests"
+    (tests / "backends").mkdir(parents=True)
+    (tests / steps.LANE_FILE).write_text("import os, signal\n\n\ndef test_kernel():\n"
+                                         "    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    ctx = _context(tmp_path, tests)
+    (ctx.out / "lane.xml").write_text(_junit("test_kernel"))  # the earlier run's
+    result = steps.lane(ctx)
+    assert result.status == "failed" and "wrote no JUnit XML" in result.reason, result
+    assert result.evidence == [] and not (ctx.out / "lane.xml").exists()
+    ctx.done["lane"] = result
+    assert "wrote no JUnit XML" in cli.default_reasons(ctx)["native cpu"]  # what the verdict's cells say
+
+
+def test_graph_capture_reads_only_the_results_of_this_runs_lane(tmp_path):
+    ctx = _context(tmp_path, gpu=True)
+    (ctx.out / "lane.xml").write_text(_junit(steps.GRAPH_TEST))  # an earlier run's
+    ctx.done["lane"] = StepResult("lane", SKIPPED, "pytest is not installed")
+    result = steps.graph_capture(ctx)
+    assert result.status == SKIPPED and "the lane wrote no results (pytest is not installed)" in result.reason
+
+
+def _one_step(monkeypatch, step):
+    monkeypatch.setattr(cli, "STEPS", (("only", "a made-up step", step),))
+
+
+def test_an_earlier_report_is_replaced_when_a_run_starts_so_an_interrupted_run_shows_unfinished(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "selftest.json").write_text(json.dumps({"started": "earlier", "exit_code": 0}))
+    (out / "selftest.md").write_text("childopt selftest PASSED\n")
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a step
+
+    _one_step(monkeypatch, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("--cpu-only", "--out", str(out))
+    report = json.loads((out / "selftest.json").read_text())
+    assert report["started"] != "earlier" and report["finished"] is False and report["exit_code"] is None
+    markdown = (out / "selftest.md").read_text()
+    assert "unfinished" in markdown and "PASSED" not in markdown
+
+
+CHILD = ("import os, signal, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+         "os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)")
+
+
+def test_sigterm_stops_the_run_and_kills_the_running_child(tmp_path, monkeypatch):
+    """``kill PID`` (a CI timeout) must not leave the step's child running with no parent."""
+    pid_file = tmp_path / "child.pid"
+
+    def child_sends_sigterm(ctx):
+        rc = context.run_logged([sys.executable, "-c", CHILD, str(pid_file)], ctx.log("only"), env=dict(os.environ),
+                                timeout=60)
+        return StepResult("only", PASSED, f"the child exited with {rc}")
+
+    _one_step(monkeypatch, child_sends_sigterm)
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # should the selftest not handle it: not pytest's end
+    start = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run("--cpu-only", "--out", str(tmp_path / "out"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM and time.monotonic() - start < 20
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+    assert json.loads((tmp_path / "out" / "selftest.json").read_text())["finished"] is False
 
 
 def test_the_graph_step_reads_a_test_the_lane_has():
