@@ -2,13 +2,14 @@
 network's share and how far fine-tuning moved the weights, as CSV and figures.
 
 :mod:`.layout` maps parameters to (layer, head) from the model config (BERT/RoBERTa-style encoders,
-LLaMA-style decoders with grouped-query attention); :mod:`.quantities` sums Fisher scores, masks and
-weight differences (or a sparse delta) by head; :mod:`.table` writes and reads the CSV; :mod:`.plots`
-draws heatmaps, scatter plots and runs side by side.  ``python -m childopt finetune --report-heads``
+LLaMA-style decoders with grouped-query attention, OPT, Phi); :mod:`.quantities` sums Fisher scores,
+masks and weight differences (or a sparse delta) by head; :mod:`.table` writes and reads the CSV;
+:mod:`.plots` draws heatmaps, scatter plots and runs side by side.  ``python -m childopt finetune --report-heads``
 writes a report per run, and ``--compare-heads`` draws the runs of a task side by side
 (:mod:`childopt.finetune.heads`).
 
-    from childopt.analysis import FISHER, SHARE, UPDATE, HeadLayout, child_share, fisher_importance, update_norms
+    from childopt.analysis import (FISHER, SHARE, UPDATE, HeadLayout, child_share, fisher_importance,
+                                   update_norms, write_csv)
     from childopt.analysis.plots import plot_heatmaps
 
     layout = HeadLayout.from_model(model)

@@ -6,7 +6,8 @@ naming families:
 
 * BERT/RoBERTa-style encoders, ``...encoder.layer.<i>.attention.self.{query,key,value}.{weight,bias}``;
 * LLaMA-style decoders, ``...layers.<i>.self_attn.{q,k,v}_proj.{weight,bias}`` and ``o_proj.weight``,
-  with grouped-query attention (``num_key_value_heads < num_attention_heads``).
+  with grouped-query attention (``num_key_value_heads < num_attention_heads``); the output projection
+  may also be OPT's ``out_proj.weight`` or Phi's ``dense.weight``.
 
 Query, key and value rows are head-major: head ``h`` owns rows ``h*head_dim .. (h+1)*head_dim - 1``
 (of the bias too); the output projection (``attention.output.dense.weight``, ``o_proj.weight``)
@@ -17,6 +18,10 @@ head's entries are shared out equally among the query heads that read it, so the
 layer add up to its attention total.  Every other parameter of a layer (feed-forward, LayerNorms,
 the output projection's bias) is the layer's ``other`` part; parameters outside the layers
 (embeddings, pooler, classifier) are not in the picture.
+
+Each of the config's layers must have its query, key/value and one output projection, and all
+layers one prefix: a model with fewer layers than its config, shared layers, an encoder-decoder or
+a second (cross-)attention is refused rather than summed into plausible numbers.
 
 Why a layout of its own: the per-head questions (where does the child network live, how far does
 each head move) need the same slicing for Fisher scores, masks and weight differences, and a slicing
@@ -39,11 +44,12 @@ class Family:
     """The parameter names of one architecture family: a layer's prefix and its attention projections."""
 
     label: str
-    layer: re.Pattern  # group 1: the layer index, group 2: the rest of the name
+    layer: re.Pattern  # group 1: the stack (the name up to the index), group 2: the layer index, group 3: the rest
     query: re.Pattern  # rows split into num_attention_heads
     key_value: re.Pattern  # rows split into num_key_value_heads
     output: re.Pattern  # columns split into num_attention_heads
     example: str
+    outputs: str  # the output projection's names, for messages
 
     def role(self, rest: str) -> str:
         """How a parameter named ``<layer prefix>.<rest>`` is split into heads."""
@@ -54,15 +60,19 @@ class Family:
 
 
 FAMILIES = (
-    Family("BERT/RoBERTa-style encoder", re.compile(r"(?:.*\.)?encoder\.layer\.(\d+)\.(.+)"),
+    Family("BERT/RoBERTa-style encoder", re.compile(r"((?:.*\.)?encoder\.layer)\.(\d+)\.(.+)"),
            re.compile(r"attention\.self\.query\.(?:weight|bias)"),
            re.compile(r"attention\.self\.(?:key|value)\.(?:weight|bias)"),
-           re.compile(r"attention\.output\.dense\.weight"), "encoder.layer.<i>.attention.self.query.weight"),
-    Family("LLaMA-style decoder", re.compile(r"(?:.*\.)?layers\.(\d+)\.(.+)"),
+           re.compile(r"attention\.output\.dense\.weight"), "encoder.layer.<i>.attention.self.query.weight",
+           "attention.output.dense.weight"),
+    Family("LLaMA-style decoder", re.compile(r"((?:.*\.)?layers)\.(\d+)\.(.+)"),
            re.compile(r"self_attn\.q_proj\.(?:weight|bias)"),
            re.compile(r"self_attn\.[kv]_proj\.(?:weight|bias)"),
-           re.compile(r"self_attn\.o_proj\.weight"), "model.layers.<i>.self_attn.q_proj.weight"),
+           re.compile(r"self_attn\.(?:o_proj|out_proj|dense)\.weight"), "model.layers.<i>.self_attn.q_proj.weight",
+           "self_attn.o_proj.weight (OPT: out_proj, Phi: dense)"),
 )
+# A query, key or value projection of some attention: one the family does not split (a cross-attention) is refused.
+PROJECTION = re.compile(r"(?:.+\.)?(?:[qkv]_proj|query|key|value)\.(?:weight|bias)")
 
 
 def _config_int(config, key: str, default: Optional[int] = None) -> int:
@@ -105,8 +115,10 @@ class HeadLayout:
 
         Raises:
             ValueError: the config lacks the head counts, the names are of neither family (or of
-                a LoRA-wrapped model), or an attention parameter's shape does not split into the
-                config's heads (the message names the parameter and the expected shape).
+                a LoRA-wrapped model), an attention parameter's shape does not split into the
+                config's heads (the message names the parameter and the expected shape), or the layers
+                are not one stack of ``num_hidden_layers``, each with one self-attention the layout splits
+                (an encoder-decoder, a cross-attention, an unknown output projection, shared layers).
         """
         shapes = {name: tuple(int(n) for n in shape) for name, shape in shapes.items()}
         wrapped = [name for name in shapes if ".base_layer." in name or ".lora_" in name]
@@ -125,8 +137,7 @@ class HeadLayout:
                              f"num_attention_heads ({heads})")
         layout = cls(family, _config_int(config, "num_hidden_layers"), heads, kv_heads,
                      _config_int(config, "head_dim", hidden // heads), shapes)
-        for name, shape in shapes.items():
-            layout.check(name, shape, "the model")
+        layout._check_layers()
         return layout
 
     @property
@@ -139,7 +150,7 @@ class HeadLayout:
         match = self.family.layer.fullmatch(name)
         if match is None:
             return None
-        return int(match.group(1)), self.family.role(match.group(2))
+        return int(match.group(2)), self.family.role(match.group(3))
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
         """The shape of ``name`` in the model, or a ValueError when the model has no such parameter."""
@@ -168,17 +179,61 @@ class HeadLayout:
             raise ValueError(f"{name!r} ({what}): expected a matrix of {width} columns (num_attention_heads "
                              f"{self.num_heads} x head_dim {self.head_dim}), got shape {shape}")
 
+    def _check_layers(self) -> None:
+        """Raise unless the layer parameters are one stack of ``num_layers`` layers, each parameter fits
+        (:meth:`check`), and each layer has one attention whose query, key/value and output projections the
+        layout splits."""
+        stacks: dict[str, str] = {}  # stack -> its first parameter
+        layers: dict[int, list[tuple[str, str, str]]] = {}  # layer -> (name, role, rest) of its parameters
+        for name in self.shapes:
+            match = self.family.layer.fullmatch(name)
+            if match is not None:
+                stacks.setdefault(match.group(1), name)
+                layers.setdefault(int(match.group(2)), []).append((name, self.family.role(match.group(3)),
+                                                                   match.group(3)))
+        if len(stacks) > 1:
+            raise ValueError(f"the parameters are in {len(stacks)} stacks of layers ({', '.join(map(repr, stacks))}: "
+                             "an encoder-decoder, or several towers), whose layer i would be summed into one; a heads "
+                             "report describes one stack (pass from_config the shapes of one)")
+        for name, shape in self.shapes.items():
+            self.check(name, shape, "the model")
+        for index in range(self.num_layers):
+            named = layers.get(index, [])
+            query = next((name for name, role, _ in named if role == QUERY), None)
+            if query is None:
+                raise ValueError(f"layer {index} has no attention query projection (like "
+                                 f"{self.family.example.replace('<i>', str(index))}), but the config has "
+                                 f"num_hidden_layers={self.num_layers}: the model has fewer layers than its config, "
+                                 "or shares one layer's module between layers (named_parameters() lists it once)")
+            outputs = [name for name, role, _ in named if role == OUTPUT]
+            if len(outputs) != 1 or not any(role == KEY_VALUE for _, role, _ in named):
+                others = [name for name, role, _ in named if role == OTHER]
+                raise ValueError(f"{query!r}: layer {index}'s attention needs key/value projections and one output "
+                                 f"projection ({self.family.outputs}), else its heads' columns would count as the "
+                                 f"layer's other part; it has output projections {outputs}, other parameters {others}")
+            unsplit = next((name for name, role, rest in named if role == OTHER and PROJECTION.fullmatch(rest)), None)
+            if unsplit is not None:
+                raise ValueError(f"{unsplit!r} is a projection of a second attention (a cross-attention?), which the "
+                                 "layout does not split into heads: it knows one self-attention per layer")
+
     def layer_parameters(self) -> list[str]:
         """The names of the parameters inside the layers, in the model's order."""
         return [name for name in self.shapes if self.place(name) is not None]
 
     def head_sums(self, name: str, values: torch.Tensor) -> Optional[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(layer, per-head sums [num_heads], other sum)`` of a per-entry quantity of parameter ``name``
-        (float64); None for a parameter outside the layers."""
+        (float64); None for a parameter outside the layers.
+
+        Raises:
+            ValueError: the model has no parameter ``name`` in the layers, or ``values`` is not of its shape.
+        """
         place = self.place(name)
         if place is None:
             return None
         layer, role = place
+        if tuple(values.shape) != self.expected_shape(name):
+            raise ValueError(f"{name!r}: the values have shape {tuple(values.shape)}, expected {self.shapes[name]} "
+                             "(the parameter's shape)")
         values = values.detach().to(torch.float64)
         if role == OTHER:
             return layer, values.new_zeros(self.num_heads), values.sum()
@@ -192,7 +247,7 @@ class HeadLayout:
 
     def reduce(self, named_values: Iterable[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head ``[num_layers, num_heads]`` and per-layer ``other`` ``[num_layers]`` sums (float64, CPU)
-        of per-entry quantities given by parameter name."""
+        of per-entry quantities given by parameter name (each of the parameter's shape, else a ValueError)."""
         heads = torch.zeros(self.num_layers, self.num_heads, dtype=torch.float64)
         other = torch.zeros(self.num_layers, dtype=torch.float64)
         for name, values in named_values:
@@ -209,7 +264,7 @@ def _family(shapes: Mapping[str, tuple[int, ...]]) -> Family:
     for family in FAMILIES:
         for name in shapes:
             match = family.layer.fullmatch(name)
-            if match is not None and family.query.fullmatch(match.group(2)):
+            if match is not None and family.query.fullmatch(match.group(3)):
                 return family
     known = "; ".join(f"{f.label} ({f.example})" for f in FAMILIES)
     sample = ", ".join(repr(name) for name in list(shapes)[:3]) or "none"

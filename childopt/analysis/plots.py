@@ -11,24 +11,40 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Union
 
 import torch
 
 from childopt.analysis.quantities import FISHER, QUANTITIES, SHARE, UPDATE, HeadValues, total_norm
-from childopt.analysis.table import Report
-from childopt.arguments import save_figure
+from childopt.analysis.table import Report, check_report
+from childopt.arguments import output_path, save_figure, why_not_a_figure
 from childopt.finetune.glue import spearman
 
 PathLike = Union[str, os.PathLike]
 
 
-def _figure(**kwargs):
+def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError("the heads figures need matplotlib: pip install 'childopt[plot]'") from exc
-    return Figure(layout="constrained", **kwargs)
+    return Figure
+
+
+def _figure(**kwargs):
+    return _figure_class()(layout="constrained", **kwargs)
+
+
+def _check_path(path: PathLike) -> None:
+    """Raise a ValueError naming ``path`` unless it names a file (not a folder) whose suffix is a format
+    matplotlib writes by itself (the formats the command lines' ``--plot`` takes)."""
+    _figure_class()  # the install hint when matplotlib is missing
+    if str(path).endswith(("/", os.sep)) or output_path(path).is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give the path of a figure file in it, such as heatmaps.png")
+    why = why_not_a_figure(Path(path))
+    if why:
+        raise ValueError(why)
 
 
 def rank_correlation(report: Report) -> float:
@@ -94,8 +110,17 @@ def layer_bars(ax, values: HeadValues, title: str) -> None:
 
 
 def plot_heatmaps(report: Report, path: PathLike, title: str) -> None:
-    """One layer x head heatmap per quantity of ``report``, side by side, into ``path``."""
+    """One layer x head heatmap per quantity of ``report``, side by side, into ``path``.
+
+    Raises:
+        ValueError: ``path`` is a folder or has no suffix matplotlib writes, or ``report`` holds none of
+            :data:`QUANTITIES` or quantities on grids of different sizes; the message names ``title``.
+    """
+    _check_path(path)
+    check_report(report, title, required=())
     quantities = [q for q in QUANTITIES if q in report]
+    if not quantities:
+        raise ValueError(f"{title}: the report has none of {', '.join(QUANTITIES)}")
     fig = _figure(figsize=(4.6 * len(quantities), 3.6))
     fig.suptitle(title, fontsize=10)
     for ax, quantity in zip(fig.subplots(1, len(quantities), squeeze=False)[0], quantities):
@@ -104,7 +129,14 @@ def plot_heatmaps(report: Report, path: PathLike, title: str) -> None:
 
 
 def plot_scatter(report: Report, path: PathLike, title: str) -> None:
-    """Fisher importance against update norm, one point per head, into ``path``."""
+    """Fisher importance against update norm, one point per head, into ``path``.
+
+    Raises:
+        ValueError: ``path`` is a folder or has no suffix matplotlib writes, or ``report`` lacks Fisher or
+            update norms or has them on grids of different sizes; the message names ``title``.
+    """
+    _check_path(path)
+    check_report(report, title)
     fig = _figure(figsize=(5.2, 4.2))
     scatter(fig, fig.subplots(), report, title)
     save_figure(fig, path, dpi=110)
@@ -115,7 +147,17 @@ def plot_comparison(reports: Mapping[str, Report], path: PathLike, title: str) -
     importance-vs-update scatter and the per-layer update norms, into ``path``.
 
     A run without a quantity (the share of a run without a fixed mask) leaves its panel blank with a note.
+
+    Raises:
+        ValueError: ``path`` is a folder or has no suffix matplotlib writes, no run is given, or a run's
+            report lacks Fisher or update norms or has them on grids of different sizes (the message
+            names the run).
     """
+    _check_path(path)
+    if not reports:
+        raise ValueError(f"{title}: no run to draw")
+    for label, report in reports.items():
+        check_report(report, label)
     rows = ("fisher", "share", "update", "scatter", "layers")
     fig = _figure(figsize=(4.4 * len(reports), 3.3 * len(rows)))
     fig.suptitle(title, fontsize=11)

@@ -82,7 +82,7 @@ def kept_entries(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optio
 
 
 def _named_parameters(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
-    """name -> parameter of every parameter a MaskedAdamW with a fixed mask holds.
+    """name -> parameter of every parameter a MaskedAdamW with a fixed mask (or none) holds.
 
     Raises:
         ValueError: the optimizer's mask is not fixed (Bernoulli and importance masks change every
@@ -90,7 +90,7 @@ def _named_parameters(optimizer: MaskedAdamW) -> dict[str, torch.Tensor]:
     """
     if not isinstance(optimizer, MaskedAdamW):
         raise TypeError(f"expected a MaskedAdamW or a dict of bool masks, got {type(optimizer).__name__}")
-    if optimizer.mask_kind != "dense":
+    if optimizer.mask_kind not in ("dense", "none"):
         raise ValueError(f"the optimizer's mask is {optimizer.mask_kind!r}; a child-network share needs a fixed "
                          "mask (a dict, as Child-Tuning-D's), since a Bernoulli or importance mask changes every step")
     named = {}
@@ -126,9 +126,10 @@ def child_share(layout: HeadLayout, masks: Union[Mapping[str, torch.Tensor], Mas
     """Kept fraction of each head's and each layer's other entries under a fixed mask.
 
     ``masks`` is name -> bool tensor of the parameter's shape, where parameters without a mask count as
-    fully kept (MaskedAdamW trains them fully); or a MaskedAdamW with a fixed mask, whose parameters
-    without a mask count as fully kept too, but whose untrained ones (not held by it, e.g. frozen and left
-    out, or not requiring grad) count as not kept: the share is what the optimizer actually trains.
+    fully kept (MaskedAdamW trains them fully); or a MaskedAdamW with a fixed mask (or none: every entry it
+    trains is kept), whose parameters without a mask count as fully kept too, but whose untrained ones (not
+    held by it, e.g. frozen and left out, or not requiring grad) count as not kept: the share is what
+    receives gradient (under ``masked="zero_grad"``, weight decay still moves the other entries).
     """
     absent_kept = isinstance(masks, Mapping)  # an optimizer's dict names every parameter it trains
     if not absent_kept:

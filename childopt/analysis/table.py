@@ -11,14 +11,14 @@ import csv
 import io
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from childopt.analysis.layout import OTHER
-from childopt.analysis.quantities import FISHER, UPDATE, HeadValues
+from childopt.analysis.quantities import FISHER, SHARE, UPDATE, HeadValues
 from childopt.arguments import replacing
 
 COLUMNS = ("layer", "head", "quantity", "value")
@@ -27,26 +27,61 @@ REQUIRED = (FISHER, UPDATE)  # every run's report has these; the share only runs
 
 
 def write_csv(report: Report, path: Union[str, os.PathLike]) -> None:
-    """Write ``report`` (quantity -> HeadValues) to ``path``, quantities in the order given."""
+    """Write ``report`` (quantity -> HeadValues) to ``path``, quantities in the order given.
+
+    Raises:
+        ValueError: before anything is written, a report :func:`read_csv` would refuse (:func:`check_report`,
+            a value that is negative or not finite, a share above 1); the message names ``path``.
+    """
+    check_report(report, str(path))
+    rows = []
+    for quantity, values in report.items():
+        for layer, numbers in enumerate(torch.cat([values.heads, values.other.unsqueeze(1)], 1).tolist()):
+            for head, number in zip((*range(len(numbers) - 1), OTHER), numbers):
+                if why := _bad_value(quantity, number):
+                    raise ValueError(f"{path}: {quantity} of (layer, head) {(layer, head)}: {why} (a heads report "
+                                     "could not be read back)")
+                rows.append((layer, head, quantity, repr(number)))
     with replacing(path) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(COLUMNS)
-        for quantity, values in report.items():
-            for layer in range(values.heads.shape[0]):
-                for head, value in enumerate(values.heads[layer].tolist()):
-                    writer.writerow((layer, head, quantity, repr(value)))
-                writer.writerow((layer, OTHER, quantity, repr(float(values.other[layer]))))
+        writer.writerows(rows)
+
+
+def check_report(report: Report, what: str, required: Sequence[str] = REQUIRED) -> None:
+    """Raise a ValueError naming ``what`` unless ``report`` has the ``required`` quantities and all its
+    quantities are on one non-empty (layer, head) grid (one report describes one model)."""
+    grids = [(quantity, tuple(values.heads.shape)) for quantity, values in report.items()]
+    for quantity, grid in grids:
+        if grid != grids[0][1]:  # rank_correlation and the scatter plot pair them cell by cell
+            raise ValueError(f"{what}: {grids[0][0]} has a {' x '.join(map(str, grids[0][1]))} (layer x head) grid "
+                             f"but {quantity} a {' x '.join(map(str, grid))} one; a report's quantities describe "
+                             "one model")
+        if 0 in grid:
+            raise ValueError(f"{what}: {quantity} has an empty {' x '.join(map(str, grid))} (layer x head) grid")
+    missing = [q for q in required if q not in report]
+    if missing:
+        raise ValueError(f"{what}: no {', '.join(missing)} (a heads report has {', '.join(REQUIRED)})")
+
+
+def _bad_value(quantity: str, number: float) -> Optional[str]:
+    """Why ``number`` cannot be a value of ``quantity``, or None."""
+    if not math.isfinite(number) or number < 0:
+        return f"{number} is not a finite value >= 0"
+    if quantity == SHARE and number > 1:
+        return f"{number} is a share above 1"
+    return None
 
 
 def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
     """The report a :func:`write_csv` file holds.
 
     Raises:
-        ValueError: another header, a malformed row, a second row for one (layer, head, quantity), a
-            value that is negative or not finite, a file cut short (write_csv ends every row with a
-            newline), Fisher or update norms missing, a quantity whose (layer, head) grid is incomplete,
-            or quantities on grids of different sizes (one report describes one model); the message
-            names the file, and the line where there is one.
+        ValueError: another header, a malformed row (a negative index too), a second row for one (layer,
+            head, quantity), a value that is negative or not finite, a share above 1, a file cut short
+            (write_csv ends every row with a newline), Fisher or update norms missing, a quantity whose
+            (layer, head) grid is incomplete, or quantities on grids of different sizes (one report
+            describes one model); the message names the file, and the line where there is one.
     """
     path = Path(path)
     cells: dict[str, dict] = {}
@@ -66,27 +101,21 @@ def read_csv(path: Union[str, os.PathLike]) -> dict[str, HeadValues]:
             try:
                 layer, head, quantity, value = row
                 key = (int(layer), head if head == OTHER else int(head))
+                if key[0] < 0 or (key[1] != OTHER and key[1] < 0):
+                    raise ValueError("a negative index")
                 number = float(value)
-                if not math.isfinite(number) or number < 0:
-                    raise ValueError(f"{number} is not a finite value >= 0")
+                if why := _bad_value(quantity, number):
+                    raise ValueError(why)
             except ValueError as exc:
-                raise ValueError(f"{path}:{line}: expected layer,head,quantity,value with an integer layer, "
-                                 f"an integer head or {OTHER!r} and a number, got {row} ({exc})") from exc
+                raise ValueError(f"{path}:{line}: expected layer,head,quantity,value with an integer layer >= 0, "
+                                 f"an integer head >= 0 or {OTHER!r} and a number, got {row} ({exc})") from exc
             if (quantity, key) in first_line:  # a silent "last row wins" would hide a botched merge
                 raise ValueError(f"{path}:{line}: a second {quantity} row for (layer, head) {key} (the first is "
                                  f"line {first_line[(quantity, key)]}), got {row}")
             first_line[(quantity, key)] = line
             cells.setdefault(quantity, {})[key] = number
     report = {quantity: _grid(values, f"{path}: {quantity}") for quantity, values in cells.items()}
-    grids = [(quantity, tuple(values.heads.shape)) for quantity, values in report.items()]
-    for quantity, grid in grids[1:]:
-        if grid != grids[0][1]:  # one model's report: rank_correlation and the scatter plot pair them cell by cell
-            raise ValueError(f"{path}: {grids[0][0]} has a {' x '.join(map(str, grids[0][1]))} (layer x head) grid "
-                             f"but {quantity} a {' x '.join(map(str, grid))} one; a report's quantities describe "
-                             "one model")
-    missing = [q for q in REQUIRED if q not in report]
-    if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)} rows (a heads report has {', '.join(REQUIRED)})")
+    check_report(report, str(path))
     return report
 
 

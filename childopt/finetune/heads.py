@@ -7,16 +7,17 @@ defaults, run for every method), then writes into ``<output>/heads/<run name>/``
 
 * ``heads.csv``: per (layer, head, quantity), Fisher importance, the child network's share (ct-d
   and sparse, whose mask is fixed) and the update norm (childopt.analysis);
-* ``heatmaps.png`` (layer x head, per quantity) and ``scatter.png`` (importance against update norm).
+* ``heatmaps.png`` (layer x head, per quantity) and ``scatter.png`` (importance against update norm);
+  a diverged run (NaN weights) gets these, and on stderr why it has no ``heads.csv``.
 
 LoRA's update is its merged delta (peft ``merge_and_unload``: ``W + B A * scaling``).  The report is
 not part of the run's configuration, name or JSON.
 
-``--compare-heads`` reads the run JSONs in ``--output`` (per method, the lr with the best dev headline
-metric, as the summary table picks it) and the heads reports of adamw, ct-d, ct-f and lora for one
-task and seed, and writes ``heads-<TASK>.png`` (the runs side by side) and ``heads-<TASK>.md`` (per
-run: total update norm, the attention heads' share of it, the rank correlation of importance and
-update over the heads, and the heads that moved most).
+``--compare-heads`` reads the run JSONs in ``--output`` (per method, the lr the summary table picks: the
+best dev headline metric, mean over seeds) and, at that lr, the heads reports of adamw, ct-d, ct-f and
+lora for one task and seed, and writes ``heads-<TASK>.png`` (the runs side by side) and
+``heads-<TASK>.md`` (per run: total update norm, the attention heads' share of it, the rank correlation
+of importance and update over the heads, and the heads that moved most).
 """
 from __future__ import annotations
 
@@ -70,14 +71,20 @@ def trained_weights(model: torch.nn.Module) -> dict:
 
 
 def write_report(run: Run, before: BeforeTraining, model: torch.nn.Module, optimizer) -> Path:
-    """Write the run's heads report (CSV, and the figures when matplotlib is there); return its directory."""
+    """Write the run's heads report (CSV, and the figures when matplotlib is there); return its directory.
+
+    A report with values no CSV holds (NaN update norms of a diverged run) gets its figures and a note
+    on stderr instead of its CSV, so the run and the rest of the grid still finish."""
     report = {FISHER: fisher_importance(before.layout, before.scores)}
     if run.method in MASK_METHODS:
         report[SHARE] = child_share(before.layout, optimizer)
     report[UPDATE] = update_norms(before.layout, before.base, trained_weights(model))
     directory = report_dir(run)
     directory.mkdir(parents=True, exist_ok=True)
-    write_csv(report, directory / CSV_NAME)
+    try:
+        write_csv(report, directory / CSV_NAME)
+    except ValueError as exc:  # NaN weights of a diverged run: the figures show them, no CSV holds them
+        print(f"[{run.name}] no {CSV_NAME}: {exc}", file=sys.stderr)
     try:
         plot_heatmaps(report, directory / HEATMAPS_NAME, run.name)
         plot_scatter(report, directory / SCATTER_NAME, run.name)
@@ -112,20 +119,22 @@ def comparison_table(reports: dict, records: dict) -> str:
 
 
 def compare(output: str, task: str, seed: int) -> str:
-    """Draw adamw, ct-d, ct-f and lora of ``task`` and ``seed`` side by side from their heads reports into
-    ``<output>/heads-<TASK>.png`` and tabulate them into ``heads-<TASK>.md``; return the table.
+    """Draw adamw, ct-d, ct-f and lora of ``task`` and ``seed``, each at the lr the summary table picks,
+    side by side from their heads reports into ``<output>/heads-<TASK>.png`` and tabulate them into
+    ``heads-<TASK>.md``; return the table.
 
     Raises:
         FileNotFoundError: no run of the task and seed, or a run without its heads report.
     """
-    records = [r for r in load_records(output, "to compare heads of") if r["task"] == task and r["seed"] == seed]
-    groups = best_lr_groups(records)
+    groups = best_lr_groups([r for r in load_records(output, "to compare heads of") if r["task"] == task])
     reports, chosen = {}, {}
     for method in COMPARED:
-        if (task, method) not in groups:
-            print(f"no {task} {method} run of seed {seed} in {output}; compared without it", file=sys.stderr)
+        runs = groups.get((task, method), [])
+        record = next((r for r in runs if r["seed"] == seed), None)
+        if record is None:
+            at = f" at its best lr (mean over seeds) {format_lr(runs[0]['config']['lr'])}" if runs else ""
+            print(f"no {task} {method} run of seed {seed}{at} in {output}; compared without it", file=sys.stderr)
             continue
-        record = groups[(task, method)][0]
         name = run_name(task, method, record["config"]["lr"], seed)
         path = Path(output) / HEADS_DIR / name / CSV_NAME
         if not path.is_file():

@@ -1,11 +1,15 @@
 """HeadLayout: which rows and columns of each attention parameter belong to which head, hand-counted on
 a tiny BERT (2 heads of 4) and a tiny grouped-query LLaMA (4 query heads, 2 key/value heads of 3)."""
+import re
+
 import pytest
 import torch
 import transformers
 
 from childopt.analysis.layout import KEY_VALUE, OTHER, OUTPUT, QUERY, HeadLayout
-from tests.analysis.models import BERT_CONFIG, bert_name, tiny_bert, tiny_llama
+from childopt.analysis.quantities import fisher_importance
+from tests.analysis.models import (BERT_CONFIG, LLAMA_CONFIG, bert_name, tiny_bart, tiny_bert, tiny_llama, tiny_opt,
+                                   tiny_phi)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,67 @@ def test_configs_without_head_counts_and_lora_wrapped_models_are_refused():
     with pytest.raises(ValueError, match=r"LoRA-wrapped model; merge it first"):
         HeadLayout.from_config(transformers.BertConfig(**BERT_CONFIG),
                                {query: (8, 8), bert_name(0, "attention.self.query.base_layer.weight"): (8, 8)})
+
+
+@pytest.mark.parametrize("build, output", [(tiny_opt, "out_proj"), (tiny_phi, "dense")])
+def test_opt_and_phi_output_projections_are_split_by_the_head_they_read(build, output):
+    """Head 1's value rows zeroed: the output projection's columns that then read only zeros are head 1's."""
+    model = build().eval()
+    layout = HeadLayout.from_model(model)
+    name = next(n for n, _ in model.named_parameters() if n.endswith(f"layers.0.self_attn.{output}.weight"))
+    attention = model.get_submodule(name.rsplit(".", 2)[0])
+    with torch.no_grad():
+        attention.v_proj.weight[4:8] = 0.0
+        attention.v_proj.bias[4:8] = 0.0
+    inputs = []
+    getattr(attention, output).register_forward_hook(lambda module, args, result: inputs.append(args[0]))
+    model(torch.tensor([[3, 4, 5, 6]]))
+    values = torch.zeros(layout.shapes[name])
+    values[:, inputs[0].flatten(0, -2).abs().sum(0) == 0] = 1.0  # 8 rows x head 1's 4 columns
+    assert _sums(layout, name, values) == (0, [0.0, 32.0], 0.0)
+    ones = fisher_importance(layout, {n: torch.ones(p.shape) for n, p in model.named_parameters()})
+    assert ones.heads.tolist() == [[3 * (4 * 8 + 4) + 8 * 4] * 2] * 2  # q, k, v rows with biases, output columns
+
+
+def test_a_layer_without_a_known_output_projection_is_refused_naming_it():
+    shapes = {name.replace("o_proj", "proj_out"): tuple(p.shape) for name, p in tiny_llama().named_parameters()}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj\.weight': layer 0's attention needs "
+                                         r"key/value projections and one output projection \(self_attn\.o_proj.*"
+                                         r"output projections \[\].*'model\.layers\.0\.self_attn\.proj_out\.weight'"):
+        HeadLayout.from_config(transformers.LlamaConfig(**LLAMA_CONFIG), shapes)
+
+
+@pytest.mark.parametrize("decoder_layers", [2, 3])
+def test_an_encoder_decoder_is_refused_naming_both_stacks(decoder_layers):
+    """Encoder layer i and decoder layer i are not one layer, and a deeper decoder is not a num_hidden_layers error."""
+    with pytest.raises(ValueError, match=r"in 2 stacks of layers \('model\.encoder\.layers', 'model\.decoder\.layers'"):
+        HeadLayout.from_model(tiny_bart(decoder_layers=decoder_layers))
+
+
+def test_a_cross_attention_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.encoder_attn\.k_proj\.weight' is a projection "
+                                         r"of a second attention"):
+        HeadLayout.from_model(tiny_bart(transformers.BartForCausalLM))
+
+
+@pytest.mark.parametrize("how", ["truncated", "shared"])
+def test_a_model_with_fewer_layers_than_its_config_is_refused(how):
+    """A BERT cut to its first layer (as distillation does, config unchanged), or whose layer 1 is layer 0."""
+    model = tiny_bert()
+    if how == "truncated":
+        model.bert.encoder.layer = model.bert.encoder.layer[:1]
+    else:
+        model.bert.encoder.layer[1] = model.bert.encoder.layer[0]
+    with pytest.raises(ValueError, match=r"layer 1 has no attention query projection .*num_hidden_layers=2: the model "
+                                         r"has fewer layers than its config, or shares one layer's module"):
+        HeadLayout.from_model(model)
+
+
+def test_head_sums_refuse_values_of_another_shape_or_parameter(llama):
+    name = "model.layers.0.self_attn.k_proj.weight"  # (6, 8)
+    for shape in ((8, 6), (5, 8)):
+        with pytest.raises(ValueError, match=rf"'{name}': the values have shape {re.escape(str(shape))}, expected "
+                                             r"\(6, 8\)"):
+            llama.head_sums(name, torch.ones(shape))
+    with pytest.raises(ValueError, match=r"'model\.layers\.5\.self_attn\.q_proj\.weight' is not a parameter"):
+        llama.reduce([("model.layers.5.self_attn.q_proj.weight", torch.ones(12, 8))])

@@ -119,6 +119,15 @@ def test_a_mask_that_changes_every_step_has_no_share(model, layout):
         child_share(layout, opt)
 
 
+def test_an_optimizer_without_a_mask_has_the_share_of_what_it_trains():
+    """mask=None trains every entry it holds: share 1, but 0 in layer 0, which does not require grad."""
+    model = tiny_bert()
+    for name, param in model.named_parameters():
+        param.requires_grad_(".layer.0." not in name)
+    share = child_share(HeadLayout.from_model(model), MaskedAdamW(model.named_parameters(), lr=1e-3, mask=None))
+    assert share.heads.tolist() == [[0.0, 0.0], [1.0, 1.0]] and share.other.tolist() == [0.0, 1.0]
+
+
 def test_fisher_importance_sums_the_scores_of_each_heads_entries(model, layout):
     scores = {name: mask.float() * 2.0 for name, mask in one_head(model, layer=1, head=1).items()}
     importance = fisher_importance(layout, scores)

@@ -1,11 +1,10 @@
 """The heads CSV: one row per (layer, head, quantity), read back exactly; malformed files named by line."""
 import re
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from childopt.analysis.quantities import FISHER, UPDATE, HeadValues
+from childopt.analysis.quantities import FISHER, SHARE, UPDATE, HeadValues
+from childopt.analysis import table
 from childopt.analysis.table import read_csv, write_csv
 
 
@@ -87,13 +86,68 @@ def _write(path, text):
     return path
 
 
-def test_a_write_that_fails_part_way_leaves_the_earlier_file_whole(tmp_path):
+def test_a_write_that_fails_part_way_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "heads.csv"
     write_csv(_report(), path)
     before = path.read_bytes()
-    broken = dict(_report())
-    broken[UPDATE] = SimpleNamespace(heads=torch.ones(2, 2, dtype=torch.float64), other=None)  # no per-layer rest
-    with pytest.raises(TypeError):
-        write_csv(broken, path)  # fails after the Fisher rows are written
+
+    class CutShort:  # writes the header and one row, then the disk is full
+        def __init__(self, file):
+            self.file, self.rows = file, 0
+
+        def writerow(self, row):
+            if self.rows == 2:
+                raise OSError("no space left on device")
+            self.file.write(",".join(map(str, row)) + "\n")
+            self.rows += 1
+
+        def writerows(self, rows):
+            for row in rows:
+                self.writerow(row)
+
+    monkeypatch.setattr(table.csv, "writer", CutShort)
+    with pytest.raises(OSError, match="no space"):
+        write_csv(_report(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["heads.csv"]  # no temporary left beside it
+
+
+def _changed(quantity: str, layer: int, head, value: float) -> dict:
+    """_report() with one value changed (a new quantity: a copy of the Fisher grid)."""
+    report = dict(_report())
+    values = report.get(quantity, report[FISHER])
+    heads, other = values.heads.clone(), values.other.clone()
+    if head == "other":
+        other[layer] = value
+    else:
+        heads[layer, head] = value
+    report[quantity] = HeadValues(heads, other)
+    return report
+
+
+@pytest.mark.parametrize("report, message", [
+    (_changed(UPDATE, 1, 0, float("nan")), r"update_norm of \(layer, head\) \(1, 0\): nan is not a finite value"),
+    (_changed(FISHER, 0, "other", -1.0), r"fisher of \(layer, head\) \(0, 'other'\): -1\.0 is not a finite value"),
+    (_changed(SHARE, 0, 1, 1.5), r"share of \(layer, head\) \(0, 1\): 1\.5 is a share above 1"),
+    ({FISHER: _report()[FISHER]}, "no update_norm"),
+    ({**_report(), UPDATE: HeadValues(torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64))},
+     r"fisher has a 2 x 2 \(layer x head\) grid but update_norm a 1 x 2 one"),
+    ({q: HeadValues(torch.ones(0, 2), torch.ones(0)) for q in (FISHER, UPDATE)}, "an empty 0 x 2"),
+])
+def test_write_csv_refuses_what_read_csv_would_refuse_before_writing(tmp_path, report, message):
+    """A written report always reads back: a diverged run's NaN fails when written, not when compared."""
+    path = tmp_path / "heads.csv"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*{message}"):
+        write_csv(report, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_negative_indices_and_shares_above_one_are_refused_naming_the_line(tmp_path):
+    good = "layer,head,quantity,value\n0,0,fisher,1\n0,other,fisher,1\n0,0,update_norm,1\n0,other,update_norm,1\n"
+    for row, message in (("-1,0,fisher,99", "a negative index"), ("0,-3,update_norm,42", "a negative index"),
+                         ("0,0,share,7.5", "7.5 is a share above 1")):
+        path = _write(tmp_path / "heads.csv", good + row + "\n")
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:6: .*\({message}\)"):
+            read_csv(path)
+    shares = good + "0,0,share,1.0\n0,other,share,0.0\n"
+    assert read_csv(_write(tmp_path / "heads.csv", shares))[SHARE].heads.tolist() == [[1.0]]

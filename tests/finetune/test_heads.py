@@ -4,12 +4,15 @@ a JSON and run name the flag leaves alone, and the comparison of adamw, ct-d, ct
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from childopt.analysis import FISHER, SHARE, UPDATE, read_csv
-from childopt.finetune import cli, heads, plan
+from childopt.finetune import cli, glue, heads, plan
+from childopt.finetune.summary import best_lr_groups, load_records
+from tests.analysis.models import tiny_bert
 from tests.finetune.smoke import SMOKE, load_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,6 +71,36 @@ def test_compare_heads_draws_the_four_methods_side_by_side(smoke, capsys):
     assert [row.split(" | ")[0] for row in rows] == ["| adamw", "| ct-d", "| ct-f", "| lora"]
     assert "| 1.000 |" in rows[3]  # lora: all of its update is in the heads
     assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_heads_takes_the_lr_the_summary_table_picks(smoke, tmp_path, capsys):
+    """adamw lr 2e-05 is best on the mean over seeds (0.65 against 0.25), 5e-05 on seed 1 alone (0.5 against 0.4);
+    ct-d has seed 2 only at its best lr: it is left out, not drawn at another lr."""
+    headline = glue.TASKS["RTE"].metrics[0]
+    for method, lr, seed, dev in (("adamw", 2e-05, 1, 0.4), ("adamw", 2e-05, 2, 0.9), ("adamw", 5e-05, 1, 0.5),
+                                  ("adamw", 5e-05, 2, 0.0), ("ct-d", 2e-05, 2, 0.9), ("ct-d", 5e-05, 1, 0.5)):
+        base = load_record(smoke, method)
+        record = {**base, "seed": seed, "config": {**base["config"], "lr": lr}, "dev": {**base["dev"], headline: dev}}
+        name = plan.run_name("RTE", method, lr, seed)
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+        shutil.copytree(smoke / heads.HEADS_DIR / f"RTE-{method}-lr2e-05-seed1", tmp_path / heads.HEADS_DIR / name)
+    assert best_lr_groups(load_records(str(tmp_path)))[("RTE", "adamw")][0]["config"]["lr"] == 2e-05
+    rows = heads.compare(str(tmp_path), "RTE", 1).splitlines()[2:]
+    assert [row.split(" | ")[:3] for row in rows] == [["| adamw", "2e-05", f"{headline} 0.4000"]]
+    assert "no RTE ct-d run of seed 1 at its best lr (mean over seeds) 2e-05" in capsys.readouterr().err
+
+
+def test_a_diverged_run_gets_its_figures_and_says_why_it_has_no_csv(tmp_path, capsys):
+    """NaN weights: a heads.csv would not read back, and failing the run would stop the grid."""
+    model = tiny_bert()
+    before = heads.before_training(model, {name: torch.ones(p.shape) for name, p in model.named_parameters()})
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.weight[0, 0] = float("nan")
+    run = SimpleNamespace(name="RTE-adamw-lr1-seed1", method="adamw", output=str(tmp_path))
+    directory = heads.write_report(run, before, model, None)
+    assert sorted(p.name for p in directory.iterdir()) == [heads.HEATMAPS_NAME, heads.SCATTER_NAME]
+    err = capsys.readouterr().err
+    assert "[RTE-adamw-lr1-seed1] no heads.csv: " in err and "update_norm of (layer, head) (1, 0): nan" in err, err
 
 
 def test_compare_heads_names_a_run_without_its_report(smoke, tmp_path, capsys):
