@@ -61,7 +61,9 @@ METHODS = {m.name: m for m in (
                          "the same method with dense gradients"),
     Method("importance", "MaskedAdamW mask='importance' (running scores)", traced_as="ct-f",
            modeled="traced as ct-f, plus 1 B of level code per element; a refresh step's logs and temporaries "
-                   "modeled"),
+                   "modeled",
+           fsdp2_refusal="mask='importance' does not take sharded (DTensor) parameters yet "
+                         "(childopt.optim.importance_mask); use ct-f or a fixed mask under FSDP2"),
     Method("lora", "peft LoRA on peft's default modules for the model, torch AdamW (fused)"),
     Method("adamw-8bit", "bitsandbytes AdamW8bit", traced_as="full",
            modeled="traced as full, state from bitsandbytes' 8-bit layout", runs_on_cpu=False,
@@ -106,7 +108,8 @@ def wrap_lora(model: torch.nn.Module, head: str, rank: int) -> torch.nn.Module:
     try:
         return peft.get_peft_model(model, peft.LoraConfig(r=rank, task_type=task))
     except ValueError as exc:
-        raise ValueError(f"method 'lora': peft has no default target modules for this model ({exc})") from exc
+        raise ValueError(f"method 'lora': peft {peft.__version__} has no default LoRA target modules for model type "
+                         f"{model.config.model_type!r} ({exc})") from exc
 
 
 def random_mask(param: torch.Tensor, count: int) -> torch.Tensor:

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 HEADS = ("classification", "causal-lm")
-REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size")
+# Sizes a config.json must give (as such or under the model type's alias, e.g. GPT-2's n_head) where the
+# model type has the field: transformers would fill in a default (LLaMA's 11008) for a missing one.
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+# Sizes checked to be positive ints wherever the config has them (None: the model derives them).
+SIZE_FIELDS = REQUIRED_FIELDS + ("num_key_value_heads", "max_position_embeddings")
 
 # name -> (model type, config fields, what it is).  Sizes from each model's published config.json.
 PRESETS = {
@@ -76,20 +80,49 @@ def load_config(model: str):
         fields = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"model: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(fields, dict):
+        raise ValueError(f"model: {path} holds a JSON {type(fields).__name__}, not an object of config fields")
     if "model_type" not in fields:
         raise ValueError(f"model: {path} has no 'model_type', so transformers cannot tell which model it describes")
     model_type = fields.pop("model_type")
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"model: {path}: unknown model_type {model_type!r} (transformers "
+                         f"{transformers.__version__} has no such model)")
     try:
         config = transformers.AutoConfig.for_model(model_type, **fields)
-    except ValueError as exc:
-        raise ValueError(f"model: {path}: unknown model_type {model_type!r} (transformers "
-                         f"{transformers.__version__} has no such model)") from exc
-    # Checked in the file, not the config: transformers fills a missing size with its default.
-    missing = [name for name in REQUIRED_FIELDS if name not in fields and config.attribute_map.get(name) not in fields]
+    except (ValueError, TypeError, StrictDataclassError) as exc:  # transformers' validation of the fields
+        raise ValueError(f"model: {path}: {' '.join(str(exc).split())}") from exc  # on one line
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model: {config.model_type} is an encoder-decoder model; the planner sizes encoders "
+                         "(classification) and decoders (causal-lm) only")
+    _check_sizes(config, fields, path)
+    return config
+
+
+def _check_sizes(config, fields: dict, path: Path) -> None:
+    """Refuse sizes missing from the file (checked in the file, not the config: transformers fills a
+    missing size with its default), sizes that are not positive ints, and kv heads that do not divide
+    the attention heads; each error names the file's field."""
+    def field(name: str) -> str:
+        alias = config.attribute_map.get(name)
+        return alias if alias in fields else name
+
+    present = [name for name in REQUIRED_FIELDS if getattr(config, name, None) is not None]
+    missing = [name for name in present if name not in fields and config.attribute_map.get(name) not in fields]
     if missing:
         raise ValueError(f"model: {path} lacks {', '.join(missing)}, which the planner needs to size the model "
                          "(transformers would fill in its defaults)")
-    return config
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"model: {path}: {field(name)} must be a positive int, got {value!r}")
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise ValueError(f"model: {path}: {field('num_attention_heads')} ({heads}) is not a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
 
 
 def default_head(config) -> str:
@@ -104,9 +137,6 @@ def architecture(model: str, head: str = "auto") -> Architecture:
     if head != "auto" and head not in HEADS:
         raise ValueError(f"head must be 'auto' or one of {HEADS}, got {head!r}")
     config = load_config(model)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"model: {config.model_type} is an encoder-decoder model; the planner sizes encoders "
-                         "(classification) and decoders (causal-lm) only")
     source = PRESETS[model][2] if model in PRESETS else str(_config_file(model))
     return Architecture(config, default_head(config) if head == "auto" else head, source)
 
@@ -122,11 +152,15 @@ def build(arch: Architecture, dtype: torch.dtype, device: str = "meta") -> torch
 
 
 def check_length(model: torch.nn.Module, config, seq_len: int, name: str = "seq_len") -> None:
-    """Refuse sequences longer than a learned position table: an ``Embedding`` with
-    ``max_position_embeddings`` rows (rotary models have none), less RoBERTa's padding offset;
-    the error names the length ``name`` (``--seq-len`` on the command line)."""
+    """Refuse sequences longer than a learned position table: an ``Embedding`` other than the word
+    embedding with ``max_position_embeddings`` rows plus its ``offset`` (OPT, BioGPT: 2; rotary models
+    have none), less RoBERTa's padding offset; the error names the length ``name`` (``--seq-len``)."""
     limit = getattr(config, "max_position_embeddings", None)
-    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == limit]
+    if not isinstance(limit, int):
+        return
+    words = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not words
+              and m.num_embeddings == limit + getattr(m, "offset", 0)]
     for table in tables:
         usable = limit - (table.padding_idx + 1 if table.padding_idx is not None else 0)
         if seq_len > usable:

@@ -67,15 +67,16 @@ class Setting:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.autocast not in AUTOCAST:
-            raise ValueError(f"autocast must be one of {tuple(AUTOCAST)}, got {self.autocast!r}")
-        if not 0.0 < self.reserve_p <= 1.0:
-            raise ValueError(f"reserve_p must be in (0, 1], got {self.reserve_p!r}")
-        if self.mask_scope not in ("layers", "all"):
-            raise ValueError(f"mask_scope must be 'layers' or 'all', got {self.mask_scope!r}")
-
+        for name, choices in (("dtype", tuple(DTYPES)), ("autocast", tuple(AUTOCAST)),
+                              ("mask_scope", ("layers", "all"))):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"checkpointing must be a bool, got {self.checkpointing!r}")
+        p = self.reserve_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+            raise ValueError(f"reserve_p must be a number in (0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,16 @@ def terms(method: Method, setting: Setting, model: torch.nn.Module, optimizer, *
                 peak_phase=peak_phase)
 
 
+def _check_experts(model: torch.nn.Module, setting: Setting) -> None:
+    """Refuse MoE experts on torch's grouped matmul (transformers' default for them) outside bf16: its
+    fake kernel takes bf16 only (the CPU kernel also runs fp32), and autocast does not cast it."""
+    experts = getattr(model, "get_experts_implementation", dict)()
+    if "grouped_mm" in experts.values() and setting.dtype != "bf16":
+        raise ValueError(f"{model.config.model_type}'s MoE experts run torch._grouped_mm, which traces on fake "
+                         f"tensors in bf16 only, not with {setting.dtype} parameters: plan it with --dtype bf16 "
+                         "(dtype='bf16')")
+
+
 @contextlib.contextmanager
 def _untraceable_ops_named(arch: Architecture):
     """Turn fake-tensor failures (an op whose output depends on values) into an error naming the op."""
@@ -234,6 +245,7 @@ def plan(arch: Architecture, method_name: str, setting: Setting = Setting()) -> 
         raise ValueError(f"method {method.name!r} cannot be planned with world_size {setting.world_size} (FSDP2): "
                          f"{method.fsdp2_refusal}")
     model = model_for(arch, method, setting, "meta")
+    _check_experts(model, setting)
     mode = fake_mode()
     to_fake(model, mode)
     with mode:

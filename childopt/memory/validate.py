@@ -24,6 +24,19 @@ from childopt.memory.planner import Plan, Setting, inputs_for, mark_gradients, m
 GRADIENT_MARK = "childopt.memory.gradient@"
 
 
+def available_memory() -> tuple[int | None, str]:
+    """Bytes of memory available to a new allocation, and where they were read: psutil (installed with
+    accelerate, on any OS), else MemAvailable in /proc/meminfo; ``(None, why)`` where neither is there."""
+    try:
+        import psutil
+    except ImportError:
+        from childopt._native.config import mem_available
+
+        found = mem_available()
+        return found, "MemAvailable in /proc/meminfo" if found is not None else "no psutil and no /proc/meminfo"
+    return psutil.virtual_memory().available, "psutil.virtual_memory().available"
+
+
 def measure(arch: Architecture, method_name: str, setting: Setting = Setting()) -> Plan:
     """Run two real training steps of ``method_name`` on ``arch`` on the CPU; the second's peak, by term."""
     method = methods.check_method(method_name)
