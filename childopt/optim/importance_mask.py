@@ -53,7 +53,7 @@ class Importance:
         scope: ``"global"``, ``"layer"`` or ``"tensor"``, as in childopt.masks.select_mask.
         refresh_every: steps between two solves of ``c`` (running scores) and two roundings of
             ``p_i`` to the kernels' levels (childopt.importance), or two exact draws.  A refresh is
-            a few passes over the sampled parameters (about 0.6 s for 24M on 2 CPU cores); the
+            a few passes over the sampled parameters (0.14 s for 24M on 2 CPU cores, bench run 26); the
             running ``exp_avg_sq`` it reads moves on a time scale of ``1 / (1 - beta2)`` = 1000
             steps, so the default 100 follows it closely at 1% of the refreshes' cost per step.
         sampling: ``"poisson"`` (independent draws each step, in the kernel) or ``"exact"``

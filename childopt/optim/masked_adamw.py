@@ -189,7 +189,7 @@ class MaskedAdamW(Optimizer):
         validation.check_bool(reset_state, "reset_state")
         kind, new = params.parse_mask(self.param_groups, mask)
         if self.storage == "sparse" and kind.draws:
-            raise ValueError(f"storage='sparse' needs a fixed mask (a dict); a {kind.label} mask changes every step")
+            raise ValueError(f"storage='sparse' needs a fixed mask (a dict); mask={kind.label!r} changes every step")
         sampler = self._make_sampler(new) if kind == MaskKind.IMPORTANCE else None
         if kind == MaskKind.IMPORTANCE:
             new = {}

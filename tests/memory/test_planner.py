@@ -3,6 +3,8 @@ measured one for 3 small configs x every method that runs on a CPU.  Measured = 
 training steps on real tensors, the second's peak read from torch's profiler
 (childopt.memory.validate); planned = the trace on fake tensors.  Everything but the
 importance mask is traced, so its held terms must agree to the byte."""
+import warnings
+
 import pytest
 
 from childopt.memory import METHODS, Setting, plan
@@ -135,3 +137,12 @@ def test_impossible_plans_are_refused_with_the_reason():
         plan(SMALL["bert"](), "adamw-8bit", Setting(world_size=2))
     with pytest.raises(ValueError, match="seq_len 200 is longer than the model's learned position table"):
         plan(SMALL["bert"](), "full", Setting(seq_len=200))
+
+
+def test_measuring_says_nothing_about_its_own_stand_in_step():
+    """Random weights and a tiny batch leave most embedding rows without a score: the importance
+    optimizer warns, but about the planner's stand-in step, which the user did not write."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure(SMALL["bert"](), "importance", Setting(batch_size=1, seq_len=8, reserve_p=0.9))
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
