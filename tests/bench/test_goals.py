@@ -155,5 +155,6 @@ def test_training_goals_compare_it_s_and_live_tensor_memory():
     assert _goal(found, "Child-Tuning-F").value == pytest.approx(0.96) and not _goal(found, "Child-Tuning-F").met
     memory = _goal(found, "live GB")
     assert memory.value == pytest.approx(3.2 / 3.0) and memory.met and "live_gb" in memory.detail
+    assert f"= {(1.6 + 0.8) / 3.0:.2f}x" in memory.detail  # the floor: sparse's held + saved GB over LoRA's live GB
     table = format_goals(found)
     assert "0.98x" in table and ">= 0.97x" in table and "<= 1.10x" in table and "NO" in table
