@@ -2,13 +2,14 @@
 
 A childopt state dict is torch's (``state`` by parameter index, ``param_groups``) with fp32
 moments whatever the parameter dtype, ``mask`` (dense storage) or ``indices`` (sparse storage)
-per parameter, and ``"childopt": {format, mask_kind, seed, storage}``.  Loading also accepts
+per parameter, and ``"childopt": {format, mask_kind, seed, storage, ...}``.  Loading also accepts
 state dicts saved by earlier childopt versions (param groups without torch's implementation
 flags) and ``torch.optim.AdamW`` state dicts (dense moments; this optimizer's masks are kept).
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -19,6 +20,9 @@ from childopt.optim import params, sharding, sparse_shards
 from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS, moment_dtype
 
+GROUP_KEY = "childopt"  # None in the live groups; the saved groups' copy of the entry (see attach_extras)
+_HOOKS = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
 
 def extras(optimizer) -> dict:
     """The ``"childopt"`` entry of ``optimizer.state_dict()``.
@@ -27,6 +31,8 @@ def extras(optimizer) -> dict:
     agree on rank 0's (childopt.optim.sharding.agree_seed).  ``importance_steps``: the steps the
     importance sampler counted, its refresh schedule (None before its first step: then read from
     the parameters' step counts at the next step, as for state dicts saved before it existed).
+    Its keys stay those of the released versions: a torch.distributed.checkpoint load fills the
+    keys of the target's groups from the checkpoint and fails on one it lacks.
     """
     steps = optimizer._sampler_steps() if optimizer._importance_config is not None else None
     return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
@@ -42,13 +48,14 @@ def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
     """Put ``"childopt"`` at the top and, stamped with the steps taken, in every saved group.
 
     torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``state`` and
-    ``param_groups``; the copy in the groups carries the mask kind and seed through it.  The
+    ``param_groups`` (and its flattened form only the keys of the live groups, which hold
+    ``"childopt": None`` for that); the copy in the groups carries the entry through it.  The
     stamp tells it from a stale copy that torch's AdamW carried along while it stepped.
     """
     state_dict["childopt"] = extras_entry
     stamped = {**extras_entry, "steps_total": _steps_total(state_dict["state"])}
     for group in state_dict["param_groups"]:
-        group["childopt"] = stamped
+        group[GROUP_KEY] = stamped
     return state_dict
 
 
@@ -56,12 +63,27 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _stamp_holds(steps_total: float, state: Mapping) -> bool:
+    """Whether the groups' copy belongs to this state, not to one that torch's AdamW stepped on since.
+
+    Steps only grow: a copy AdamW carried while stepping holds a sum above its stamp, and a load that
+    skipped states (DCP skips frozen parameters') one below, so a sum at most the stamp is accepted.
+    Equal sums need nothing more: without a skip they mean no step since; a copy both stepped on and
+    skipped can pass at or below the stamp (no saved key tells them apart), but it is then this run's
+    own last entry (its mask kind and seed), and a target built with another mask warns.
+    """
+    try:
+        return not _steps_total(state) > steps_total  # a NaN step too: check_state_dict names it
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a step that is no number, likewise
+        return True
+
+
 def lift_extras(state_dict):
     """``state_dict`` with ``"childopt"`` at the top and groups without it, as torch's loader expects.
 
-    Without a top-level entry, the groups' copy is lifted when its stamp matches the state's
-    steps, and dropped otherwise (an optimizer that is not childopt's stepped since: a foreign
-    state dict).  Anything else is returned unchanged.
+    Without a top-level entry, the groups' copy is lifted when its stamp fits the state's steps;
+    otherwise an optimizer that is not childopt's stepped since, and it is dropped with a warning
+    (a foreign state dict).  Anything else is returned unchanged.
     """
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list):
         return state_dict
@@ -69,9 +91,15 @@ def lift_extras(state_dict):
         raise ValueError(f"state_dict['childopt'] must be a dict (format, mask_kind, seed, storage), got "
                          f"{type(state_dict['childopt']).__name__}")
     groups = state_dict["param_groups"]
-    in_groups = [g["childopt"] for g in groups if isinstance(g, Mapping) and "childopt" in g]
-    if not in_groups:
+    marked = [g for g in groups if isinstance(g, Mapping) and GROUP_KEY in g]
+    if not marked:
         return state_dict
+    lifted = dict(state_dict)
+    lifted["param_groups"] = [{k: v for k, v in g.items() if k != GROUP_KEY} if isinstance(g, Mapping) else g
+                              for g in groups]
+    in_groups = [g[GROUP_KEY] for g in marked if g[GROUP_KEY] is not None]  # None: a live group's marker
+    if not in_groups:
+        return lifted
     for entry in in_groups:  # before comparing them: a tensor stamp has no truth value
         if not isinstance(entry, Mapping) or not _finite_number(entry.get("steps_total", 0.0)):
             raise ValueError(f"a param group's 'childopt' entry must be a dict whose 'steps_total' (the step count "
@@ -82,12 +110,29 @@ def lift_extras(state_dict):
     if "steps_total" not in in_groups[0]:
         raise ValueError(f"the param groups' 'childopt' entry has no 'steps_total' (the step count it was saved at), "
                          f"got {in_groups[0]!r}: the state_dict is corrupt")
-    lifted = dict(state_dict)
-    lifted["param_groups"] = [{k: v for k, v in g.items() if k != "childopt"} for g in groups]
-    stamped = dict(in_groups[0])
-    if "childopt" not in lifted and stamped.pop("steps_total", None) == _steps_total(state_dict.get("state", {})):
-        lifted["childopt"] = stamped
+    if "childopt" in lifted:
+        return lifted
+    entry = {k: v for k, v in in_groups[0].items() if k != "steps_total"}
+    if _stamp_holds(in_groups[0]["steps_total"], state_dict.get("state", {})):
+        lifted["childopt"] = entry
+    else:
+        user_warning.warn(f"load_state_dict: the param groups' 'childopt' entry (mask_kind {entry.get('mask_kind')!r}, "
+                          f"seed {entry.get('seed')}) was saved at fewer steps than this state_dict holds: an "
+                          "optimizer that is not childopt's (torch's AdamW keeps unknown group keys) stepped it since, "
+                          "or a partial torch.distributed.checkpoint load kept this optimizer's own entry; it loads "
+                          "as a torch.optim.AdamW state dict, and this optimizer keeps its mask kind and seed")
     return lifted
+
+
+def _with_live_group_keys(optimizer, state_dict):
+    """``state_dict`` whose groups take the keys they lack from this optimizer's groups (torch would
+    reset them to the defaults): a torch.optim.AdamW state dict keeps ``reserve_p`` and ``masked``."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list) \
+            or len(state_dict["param_groups"]) != len(optimizer.param_groups):
+        return state_dict  # check_state_dict explains what is wrong with it
+    groups = [{**{k: v for k, v in live.items() if k != "params"}, **saved} if isinstance(saved, Mapping) else saved
+              for live, saved in zip(optimizer.param_groups, state_dict["param_groups"])]
+    return {**state_dict, "param_groups": groups}
 
 
 def restore_param(optimizer, p: torch.Tensor, saved: dict, kept: dict, foreign: bool, capturable: bool) -> None:
@@ -178,9 +223,16 @@ def upgrade_pickled(state: dict) -> dict:
     return state
 
 
-def load(optimizer, state_dict: dict, torch_load) -> None:
-    """``optimizer.load_state_dict``: validate, let torch (``torch_load``) map ids, then restore."""
-    state_dict = local_sparse_state(optimizer, state_dict)
+def load(optimizer, state_dict, torch_load) -> None:
+    """``optimizer.load_state_dict``: torch's pre-hooks, the checks, torch's load (``torch_load``, which
+    maps the ids; its hooks set aside), the restore of what torch cannot, then torch's post-hooks."""
+    if optimizer._compact is not None:
+        optimizer._refuse_pending("load_state_dict()")
+    state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict  # torch's shallow copy
+    for hook in getattr(optimizer, _HOOKS[0]).values():
+        result = hook(optimizer, state_dict)
+        state_dict = state_dict if result is None else result
+    state_dict = _with_live_group_keys(optimizer, local_sparse_state(optimizer, lift_extras(state_dict)))
     saved_ids = check_state_dict(optimizer, state_dict)
     saved_extras = state_dict.get("childopt")
     if saved_extras is not None and saved_extras["mask_kind"] == MaskKind.IMPORTANCE.label \
@@ -191,7 +243,14 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
     built = optimizer._mask_kind
     if optimizer._compact is not None:  # torch's load builds a new one (__setstate__): no dead hooks left behind
         optimizer._compact.unregister_all()
-    torch_load(state_dict)
+    hooks = [getattr(optimizer, name) for name in _HOOKS]
+    for name in _HOOKS:  # they run around the whole load here, as torch runs them around its own
+        setattr(optimizer, name, OrderedDict())
+    try:
+        torch_load(state_dict)
+    finally:
+        for name, held in zip(_HOOKS, hooks):
+            setattr(optimizer, name, held)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     capturable = {p: g.get("capturable", False) for g in optimizer.param_groups for p in g["params"]}
     for saved_id, p in zip(saved_ids, stepped):
@@ -209,6 +268,11 @@ def load(optimizer, state_dict: dict, torch_load) -> None:
         optimizer._seed_drawn = bool(saved_extras.get("seed_drawn", False))
         optimizer._seed_agreed = not optimizer.sync_seed  # ranks must hold the same seed again
         _warn_replaced_mask(optimizer, built, kept)
+    # the sampler (dropped by __setstate__) is rebuilt at the next step with the saved step count;
+    # None (saved before it existed): read from the loaded state then
+    optimizer._importance_steps = (saved_extras or {}).get("importance_steps")
+    for hook in hooks[1].values():
+        hook(optimizer)
 
 
 def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:

@@ -112,6 +112,7 @@ class MaskedAdamW(Optimizer):
         """Add a group (validated) and give its parameters the next Philox index range."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group[checkpoint.GROUP_KEY] = None  # the key that state_dict() fills (checkpoint.attach_extras)
         where = f" (param group {len(self.param_groups) - 1})"
         try:
             validation.check_group(group, where, self.storage)
@@ -435,9 +436,10 @@ class MaskedAdamW(Optimizer):
         return indices.to(torch.int64) + sharding.element_offset(p, self.describe)
 
     def state_dict(self) -> dict:
-        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed and storage.
+        """torch's state dict plus ``"childopt"``: format, mask kind, Bernoulli seed, storage (checkpoint.extras).
 
-        Each saved group carries ``"childopt"`` too, so torch.distributed.checkpoint keeps it.
+        Each saved group carries ``"childopt"`` too (None in the live groups), so torch.distributed.checkpoint
+        keeps it, flattened or not.
         Sparse state of DTensor (FSDP2) parameters is saved in its global form, one DTensor of
         global indices and one per moment split over the ranks (childopt.optim.sparse_shards):
         a collective, so every rank calls ``state_dict()``, as torch.distributed.checkpoint does.
@@ -449,15 +451,12 @@ class MaskedAdamW(Optimizer):
         """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.
 
         A childopt state dict also restores the mask kind and seed (the Bernoulli stream
-        continues where it was saved); a foreign one keeps this optimizer's masks.  A saved mask
-        replaces the one this optimizer was built with, with a warning when they differ, and
-        silently into one built with ``mask=None`` (resuming a mask without making it again).
+        continues where it was saved); a foreign one keeps this optimizer's masks and the group
+        keys it lacks (``reserve_p``, ``masked``).  A saved mask replaces the one this optimizer was
+        built with, with a warning when they differ, and silently into one built with ``mask=None``.
+        torch's load hooks run as in torch.optim (childopt.optim.checkpoint.load).
         """
-        state_dict = checkpoint.lift_extras(state_dict)
         checkpoint.load(self, state_dict, super().load_state_dict)
-        # the sampler (dropped by __setstate__) is rebuilt at the next step with the saved step
-        # count; None (saved before it existed): read from the loaded state then
-        self._importance_steps = (state_dict.get("childopt") or {}).get("importance_steps")
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and groups; add what defines the mask stream."""
@@ -483,6 +482,7 @@ class MaskedAdamW(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # groups saved before a flag existed
+            group.setdefault(checkpoint.GROUP_KEY, None)
             self._number(group)
         self.hook_gradients()
 

@@ -29,8 +29,11 @@ def check_extras(saved: Mapping, storage: str) -> MaskKind:
             or saved.get("mask_kind") not in [k.label for k in MaskKind]:
         raise ValueError(f"unsupported childopt state format: {saved!r} (expected format {STATE_FORMAT} "
                          f"and mask_kind one of {[k.label for k in MaskKind]})")
+    if "seed" not in saved:
+        raise ValueError(f"state_dict['childopt'] has no 'seed' (the Bernoulli stream's; None for one saved without "
+                         f"it), got {dict(saved)!r}: load the dict MaskedAdamW.state_dict() returned")
     try:
-        if saved.get("seed") is not None:  # None: saved before an optimizer without a drawn mask got a seed
+        if saved["seed"] is not None:  # None: saved before an optimizer without a drawn mask got a seed
             philox.check_seed(saved["seed"])
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict['childopt']['seed']: {exc}") from None
@@ -78,8 +81,42 @@ def check_state_dict(optimizer, state_dict) -> list:
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
                 _check_param_state(optimizer, p, entry, kind)
+                if merged["amsgrad"] and "step" in entry and "max_exp_avg_sq" not in entry:
+                    raise ValueError(f"loaded param group {gi} has amsgrad=True, but its saved state for "
+                                     f"{optimizer.describe(p)} holds no 'max_exp_avg_sq': {_DCP_FILLS}, so build the "
+                                     f"optimizer with amsgrad=True {_BEFORE_DCP}")
             saved_ids.append(saved_id)
+    listed = set(saved_ids)
+    unknown = [key for key in state_dict["state"] if key not in listed]
+    if unknown:
+        raise ValueError(f"state_dict['state'] has entries under {unknown[:4]!r}{' ...' if len(unknown) > 4 else ''}, "
+                         f"which are not ids in the param groups' 'params' ({saved_ids[:4]!r}"
+                         f"{' ...' if len(saved_ids) > 4 else ''}): their state would be lost (keys turned to strings, "
+                         "by JSON for one, or state dicts merged); load the dict state_dict() returned")
+    _check_mask_kept(optimizer, state_dict["state"], kind)
     return saved_ids
+
+
+_DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"
+_BEFORE_DCP = "before get_optimizer_state_dict and dcp.load"
+
+
+def _check_mask_kept(optimizer, state: Mapping, kind) -> None:
+    """Refuse a dense-mask state whose masks are all gone, into an optimizer that holds none.
+
+    torch.distributed.checkpoint fills only the keys the target's state has: one built with
+    ``mask=None`` (or a drawn mask) gets no mask and would train every entry.  Not detected: a
+    target that masks fewer parameters than the checkpoint (the others load without theirs).
+    """
+    if kind != MaskKind.DENSE or optimizer.storage != "dense" or optimizer._mask_kind == MaskKind.DENSE:
+        return
+    entries = [entry for entry in state.values() if isinstance(entry, Mapping)]
+    if any("step" in entry for entry in entries) and not any("mask" in entry for entry in entries):
+        raise ValueError(f"the state_dict's mask_kind is 'dense', but its state holds no mask (this optimizer was "
+                         f"built with a {optimizer.mask_kind!r} one): {_DCP_FILLS}, so build the optimizer with a "
+                         "mask on the same parameters (a dict of bool tensors of the saved shapes, e.g. all-True; for "
+                         f"ChildTuningAdamW(mode='ChildTuning-D'), set_gradient_mask with one) {_BEFORE_DCP}: the "
+                         "saved masks replace it (one saved with mask={} loads into mask={})")
 
 
 def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
@@ -96,7 +133,7 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
         if missing:
             raise ValueError(f"saved state for {label} has a 'step' but no {missing}")
         _check_step(saved["step"], label)
-    if kind is None and ("mask" in saved or "indices" in saved):
+    if kind is None and ("mask" in saved or "indices" in saved) and not _own_tensors(optimizer, p, saved):
         raise ValueError(f"the saved state for {label} holds {'a mask' if 'mask' in saved else 'indices'}, but "
                          "the state_dict has no 'childopt' entry (format, mask_kind, seed, storage): a childopt "
                          "state dict that lost it; load the dict MaskedAdamW.state_dict() returned")
@@ -118,6 +155,13 @@ def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:
         sparse.check_indices(saved["indices"], p.numel(), f"state 'indices' for {label}")
     for key in has_moments:
         _check_moment(saved[key], key, label, _moment_shapes(optimizer, p, saved, kind is None))
+
+
+def _own_tensors(optimizer, p: torch.Tensor, saved: Mapping) -> bool:
+    """Whether the saved mask or indices are this optimizer's own tensors, as a partial
+    torch.distributed.checkpoint load (of a checkpoint without the ``"childopt"`` entry) leaves them."""
+    state = optimizer.state.get(p, {})
+    return all(saved[key] is state.get(key) for key in ("mask", "indices") if key in saved)
 
 
 def _check_importance_draw(value, p: torch.Tensor, label: str, kind) -> None:

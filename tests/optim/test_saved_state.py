@@ -7,6 +7,7 @@ load (state, groups, mask kind, seed) and still loads the valid dict and steps.
 import copy
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -70,6 +71,16 @@ CORRUPTIONS = [
     ("dense", lambda sd: _stamp_groups(sd, float("nan")), ValueError, "'steps_total' .* is a finite number"),
     ("dense", lambda sd: _stamp_groups(sd, torch.tensor([1.0, 2.0])), ValueError, "'steps_total' .* is a finite number"),
     ("dense", lambda sd: _stamp_groups(sd, None), ValueError, "has no 'steps_total'"),
+    # the "childopt" entry without its seed (hand-made or trimmed)
+    ("dense", lambda sd: sd["childopt"].pop("seed"), ValueError, "state_dict\\['childopt'\\] has no 'seed'"),
+    # state under ids no group lists: keys turned to strings (JSON), or a stray id
+    ("dense", lambda sd: sd.__setitem__("state", {str(k): v for k, v in sd["state"].items()}), ValueError,
+     "state_dict\\['state'\\] has entries under \\['0', '1'\\], which are not ids in the param groups"),
+    ("dense", lambda sd: sd["state"].__setitem__(99, copy.deepcopy(sd["state"][0])), ValueError,
+     "has entries under \\[99\\], which are not ids"),
+    # a saved amsgrad state that lost its max_exp_avg_sq (as DCP loses a key the target's state lacks)
+    ("dense", _drop("max_exp_avg_sq"), ValueError, (f"loaded param group 0 has amsgrad=True, but its saved state for "
+     f"{NAMED} holds no 'max_exp_avg_sq': torch.distributed.checkpoint .* build the optimizer with amsgrad=True")),
     ("dense", _set("step", torch.tensor(-5.0)), ValueError, f"'step' for {NAMED} must be in \\[0.0, inf\\), got -5"),
     ("dense", _set("step", torch.tensor(math.nan)), ValueError, "'step' .* must be in \\[0.0, inf\\), got nan"),
     ("dense", _set("step", 2.5), ValueError, "'step' .* must be a whole number, got 2.5"),
@@ -156,11 +167,15 @@ def test_the_childopt_entry_survives_a_dict_of_only_state_and_groups():
     source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=11, backend="reference")
     train(source, params, 2)
     kept = copy.deepcopy({"state": source.state_dict()["state"], "param_groups": source.state_dict()["param_groups"]})
+    # the released key set: a DCP load fails on a key of the target's groups that the checkpoint lacks
+    assert set(kept["param_groups"][0]["childopt"]) == {"format", "mask_kind", "seed", "storage", "seed_drawn",
+                                                        "importance_steps", "steps_total"}
+    assert type(kept["param_groups"][0]["childopt"]["steps_total"]) is float
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = MaskedAdamW(resumed_params, lr=1e-2, seed=99, backend="reference")
     resumed.load_state_dict(kept)
     assert resumed.seed == 11 and resumed.mask_kind == "bernoulli"
-    assert all("childopt" not in g for g in resumed.param_groups)
+    assert all(g["childopt"] is None for g in resumed.param_groups)  # the key state_dict() fills
     train(source, params, 1, start=2)
     train(resumed, resumed_params, 1, start=2)
     assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
@@ -177,7 +192,8 @@ def test_groups_that_carry_different_childopt_entries_are_refused():
 
 def test_a_copy_that_torch_adamw_stepped_with_is_foreign():
     """torch's AdamW keeps unknown group keys, so a MaskedAdamW's group copy of ``"childopt"`` rides
-    along; once AdamW has stepped, the stamp no longer matches and this optimizer's own settings stay."""
+    along; once AdamW has stepped, the stamp no longer matches and this optimizer's own settings stay,
+    with a warning that says why (a dropped entry is never silent)."""
     params = make_params(SHAPES)
     source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=4, backend="reference")
     train(source, params, 2)
@@ -185,9 +201,58 @@ def test_a_copy_that_torch_adamw_stepped_with_is_foreign():
     adamw.load_state_dict(source.state_dict())
     train(adamw, params, 1, start=2)
     target = MaskedAdamW(params, lr=1e-2, seed=77, backend="reference")
-    target.load_state_dict(adamw.state_dict())
+    with pytest.warns(UserWarning, match="'childopt' entry \\(mask_kind 'bernoulli', seed 4\\) was saved at fewer "
+                      "steps than this state_dict holds: .* stepped it since"):
+        target.load_state_dict(adamw.state_dict())
     assert (target.mask_kind, target.seed) == ("none", 77)
     assert all(target.state[p]["step"].item() == 3 for p in params)
+
+
+def test_a_copy_whose_state_lost_entries_is_still_its_own(recwarn):
+    """A load that skips states (DCP skips a frozen parameter's) holds fewer steps than the stamp: the
+    copy is this optimizer's own, so its mask kind and seed load (they were once dropped silently)."""
+    params = make_params(SHAPES)
+    source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=4, backend="reference")
+    train(source, params, 2)
+    saved = copy.deepcopy(source.state_dict())
+    del saved["childopt"], saved["state"][1]
+    target = MaskedAdamW(make_params(SHAPES), lr=1e-2, seed=77, backend="reference")
+    target.load_state_dict(saved)
+    assert (target.mask_kind, target.seed) == ("bernoulli", 4)
+    assert not [w for w in recwarn if "load_state_dict" in str(w.message)]
+
+
+@pytest.mark.parametrize("built", [{}, {"mask": "bernoulli", "reserve_p": 0.5}])
+def test_a_dense_state_whose_masks_are_gone_is_refused_by_a_target_without_masks(built):
+    """What torch.distributed.checkpoint hands an optimizer built with mask=None (or a drawn mask): a
+    dense mask_kind and no mask left, since it fills only the keys the target holds.  Trained on, every
+    entry would move: refused, naming the fix; the dict with its masks still loads."""
+    source, _ = _trained("dense")
+    lost = copy.deepcopy(source.state_dict())
+    for entry in lost["state"].values():
+        entry.pop("mask", None)
+    target = MaskedAdamW(make_params(SHAPES), amsgrad=True, seed=3, **built)
+    with pytest.raises(ValueError, match=f"mask_kind is 'dense', but its state holds no mask \\(this optimizer was "
+                       f"built with a '{built.get('mask', 'none')}' one\\): torch.distributed.checkpoint loads only "
+                       "the state keys .* with a mask on the same parameters"):
+        target.load_state_dict(lost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a drawn mask replaced: the warning has its own test
+        target.load_state_dict(source.state_dict())
+    assert target.mask_kind == "dense"
+
+
+def test_a_state_saved_with_an_empty_mask_dict_loads_into_one():
+    """mask={} (dense, no parameter masked) saves no mask: it loads into mask={}, and the refusal of a
+    target without a mask names that."""
+    params = make_params(SHAPES)
+    source = MaskedAdamW(params, lr=1e-2, mask={}, seed=3)
+    train(source, params, 2)
+    target = MaskedAdamW(make_params(SHAPES), lr=1e-2, mask={})
+    target.load_state_dict(source.state_dict())
+    assert (target.mask_kind, target.seed) == ("dense", 3)
+    with pytest.raises(ValueError, match="one saved with mask=\\{\\} loads into mask=\\{\\}"):
+        MaskedAdamW(make_params(SHAPES), lr=1e-2).load_state_dict(source.state_dict())
 
 
 def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
