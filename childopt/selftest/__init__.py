@@ -19,7 +19,7 @@ On a CUDA machine it runs, in order, each step's output in a log of the output f
 
 Pass, fail and skip per test come from pytest's JUnit XML (``lane.xml``, ``cuda-tests.xml``).
 ``selftest.json`` and ``selftest.md`` summarise the run; the screen ends with a verdict per
-kernel (adamw_step none/dense/bernoulli, sparse_adamw_step, fisher_accumulate, radix_histogram)
+kernel (adamw_step none/dense/bernoulli/importance, sparse_adamw_step, fisher_accumulate, radix_histogram)
 and backend/device: PASS, FAIL or SKIPPED with the reason.  The exit status is 1 if a step or a
 cell failed (skips are not failures), else 0.  ``--quick`` leaves out the slow tests (2**31+
 elements) and racecheck.

@@ -7,8 +7,9 @@ exactly where its allocation ends, so a read or write past any tensor is outside
 allocation.  The selftest runs it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that torch's caching
 allocator does not pool the allocations, which would hide such accesses from memcheck.
 adamw_step runs with amsgrad (every state buffer), zero-grad and freeze, fp32 and bf16 params
-with fp32 gradients; sparse_adamw_step with dense and compact gradients; fisher_accumulate with
-fp32 and bf16 gradients; radix_histogram two passes over three scopes.
+with fp32 gradients (importance: every uint8 level code); sparse_adamw_step with dense and
+compact gradients; fisher_accumulate with fp32 and bf16 gradients; radix_histogram two passes
+over three scopes.
 
 Exit status 0 when the kernel ran, :data:`EXIT_SKIPPED` (with the reason on stderr) when the
 backend cannot run on the device without compiling (the build step builds childopt._C first).
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-from childopt import backends, philox
+from childopt import backends, importance, philox
 from childopt.backends import SparseTensorLists, TensorLists
 from childopt.backends.contract import COLUMN, MaskKind, MaskSpec, StepScalars
 from childopt.selftest.context import EXIT_SKIPPED
@@ -56,6 +57,16 @@ def scalar_rows(device, grad_scale: float = 1.0) -> torch.Tensor:
     return rows.to(device)
 
 
+def mask_lists(kind: MaskKind, device):
+    """The bucket's ``masks``: bool (dense), random level codes (importance), else None."""
+    if kind == MaskKind.DENSE:
+        return [own_allocation(torch.rand(n, device=device) < 0.3) for n in SIZES]
+    if kind == MaskKind.IMPORTANCE:
+        return [own_allocation(torch.randint(importance.LEVEL_COUNT, (n,), device=device, dtype=torch.uint8))
+                for n in SIZES]
+    return None
+
+
 def adamw_step(impl, kind: MaskKind, device) -> None:
     for param_dtype in (torch.float32, torch.bfloat16):
         for freeze in (False, True):
@@ -63,9 +74,7 @@ def adamw_step(impl, kind: MaskKind, device) -> None:
                 params=[random(n, device, param_dtype, low=-0.5) for n in SIZES],
                 grads=[random(n, device, low=-0.5) for n in SIZES],
                 exp_avgs=[random(n, device) for n in SIZES], exp_avg_sqs=[random(n, device) for n in SIZES],
-                max_exp_avg_sqs=[random(n, device) for n in SIZES],
-                masks=[own_allocation(torch.rand(n, device=device) < 0.3) for n in SIZES]
-                if kind == MaskKind.DENSE else None)
+                max_exp_avg_sqs=[random(n, device) for n in SIZES], masks=mask_lists(kind, device))
             scale = 1 / 0.3 if kind == MaskKind.BERNOULLI and not freeze else 1.0
             spec = MaskSpec(kind=kind, freeze=freeze and kind != MaskKind.NONE, seed=SEED,
                             keep_threshold=philox.keep_threshold(0.3) if kind == MaskKind.BERNOULLI else 1)

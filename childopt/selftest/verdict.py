@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-KERNELS = ("adamw_step/none", "adamw_step/dense", "adamw_step/bernoulli", "sparse_adamw_step", "fisher_accumulate",
-           "radix_histogram")
+KERNELS = ("adamw_step/none", "adamw_step/dense", "adamw_step/bernoulli", "adamw_step/importance", "sparse_adamw_step",
+           "fisher_accumulate", "radix_histogram")
 KERNEL_BACKENDS = ("triton", "native")
 DEVICES = ("cuda", "cpu")
 COLUMNS = tuple(f"{backend} {device}" for device in DEVICES for backend in KERNEL_BACKENDS)

@@ -1,7 +1,8 @@
 """The CUDA lane of ``python -m childopt selftest`` (issue #18): the kernels of Triton and native on a
 GPU against the oracles, at the sizes that break multi-tensor launches.
 
-* Bernoulli masks bit for bit against childopt.philox (the plain-torch definition) and the
+* Bernoulli and importance masks bit for bit against childopt.philox (the plain-torch definition;
+  importance: its words under each level code's threshold, childopt.importance) and the
   reference backend, ``masked="freeze"`` and ``"zero_grad"``, at 1, 3, 5, 65535, 65537 and
   320 * 65536 + 5 elements, 40 tensors in one bucket (one op call per step), with the
   optimizer's Philox numbering pushed past 2**32 (the counter's low word wraps inside a tensor);
@@ -29,7 +30,7 @@ import math
 import pytest
 import torch
 
-from childopt import MaskedAdamW, backends, philox
+from childopt import Importance, MaskedAdamW, backends, importance, philox
 from childopt.backends import SparseTensorLists, TensorLists, reference
 from childopt.backends.contract import COLUMN, MaskKind, MaskSpec, StepScalars
 from childopt.selftest.verdict import KERNELS
@@ -113,12 +114,26 @@ def set_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
 
 
 def masked_optimizer(params, kind: str, masked, backend: str, gen: torch.Generator, **kwargs) -> MaskedAdamW:
-    """beta1 = 0 (exp_avg shows the masks), weight decay 0.1, the lane's seed and keep probability."""
-    mask = {"none": None, "bernoulli": "bernoulli",
-            "dense": {p: torch.rand(p.shape, generator=gen, device=p.device) < 0.3 for p in params}}[kind]
+    """beta1 = 0 (exp_avg shows the masks), weight decay 0.1, the lane's seed and keep probability.
+
+    Importance: given log-normal scores (sigma 3), so the level codes span many levels; one draw of
+    the codes (at the first step) for the test's steps.
+    """
+    if kind == "importance":
+        scores = {p: torch.randn(p.shape, generator=gen, device=p.device).mul(3).exp() for p in params}
+        mask = Importance(scores=scores, refresh_every=100)
+    else:
+        mask = {"none": None, "bernoulli": "bernoulli",
+                "dense": {p: torch.rand(p.shape, generator=gen, device=p.device) < 0.3 for p in params}}[kind]
     return MaskedAdamW(params, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.1, mask=mask,
-                       reserve_p=RESERVE_P if kind == "bernoulli" else 1.0, masked=masked, seed=SEED,
+                       reserve_p=RESERVE_P if kind in ("bernoulli", "importance") else 1.0, masked=masked, seed=SEED,
                        backend=backend, **kwargs)
+
+
+def importance_keep(codes: torch.Tensor, base: int, step: int) -> torch.Tensor:
+    """The contract's importance draw: the element's Philox word under its level code's threshold."""
+    codes = codes.reshape(-1)
+    return philox.random_words(codes.numel(), base, SEED, step, codes.device) < importance.level_thresholds(codes)
 
 
 def expected_keep(opt: MaskedAdamW, p, kind: str, base: int, step: int) -> torch.Tensor:
@@ -127,6 +142,8 @@ def expected_keep(opt: MaskedAdamW, p, kind: str, base: int, step: int) -> torch
         return opt.state[p]["mask"].reshape(-1)
     if kind == "bernoulli":
         return philox.bernoulli_keep(p.numel(), base, SEED, step, RESERVE_P, p.device)
+    if kind == "importance":
+        return importance_keep(opt.state[p]["importance"], base, step)
     return torch.ones(p.numel(), dtype=torch.bool, device=p.device)
 
 
@@ -134,7 +151,7 @@ def step_bucket(backend: str, device: str, sizes, kind: str, masked, param_dtype
                 oracle: bool = True) -> dict:
     """``steps`` steps of one bucket of ``sizes`` through MaskedAdamW, the same data for every backend:
     parameters before and after each step, moments after each, op calls, Philox bases and (with
-    ``oracle``) the oracle's keep-masks of each step."""
+    ``oracle``) the oracle's keep-masks of each step; importance: the level codes after the steps."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen, device=device).to(param_dtype)) for n in sizes]
     opt = masked_optimizer(params, kind, masked, backend, gen)
@@ -153,7 +170,8 @@ def step_bucket(backend: str, device: str, sizes, kind: str, masked, param_dtype
         states.append([(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in params])
     keeps = [[expected_keep(opt, p, kind, base, t) for p, base in zip(params, bases)] for t in range(1, steps + 1)] \
         if oracle else None
-    return dict(params=history, states=states, keeps=keeps, calls=len(calls), bases=bases)
+    codes = [opt.state[p]["importance"].clone() for p in params] if kind == "importance" else None
+    return dict(params=history, states=states, keeps=keeps, calls=len(calls), bases=bases, codes=codes)
 
 
 ADAMW_CASES = [
@@ -163,6 +181,8 @@ ADAMW_CASES = [
     pytest.param("adamw_step/bernoulli", "zero_grad", F32, id="bernoulli-zero_grad-fp32"),
     pytest.param("adamw_step/bernoulli", "freeze", BF16, id="bernoulli-freeze-bf16-fp32-grads"),
     pytest.param("adamw_step/bernoulli", "zero_grad", BF16, id="bernoulli-zero_grad-bf16-fp32-grads"),
+    pytest.param("adamw_step/importance", "freeze", F32, id="importance-freeze-fp32"),
+    pytest.param("adamw_step/importance", "zero_grad", F32, id="importance-zero_grad-fp32"),
 ]
 
 
@@ -178,6 +198,9 @@ def test_masks_are_bit_exact_in_one_bucket_past_2_32(kernel_lane, kernel, masked
     ref = step_bucket("reference", device, sizes, kind, masked, param_dtype, oracle=False)
     assert ours["calls"] == 2, f"{ours['calls']} op calls for 2 steps of one bucket"
     assert ours["bases"][-1] > 2**32 and ours["bases"][0] < 2**32
+    if kind == "importance":
+        for i, (codes, ref_codes) in enumerate(zip(ours["codes"], ref["codes"])):
+            assert_same_bits(codes, ref_codes, f"tensor {i}: importance level codes vs the reference's")
     for t, (states, ref_states, keeps) in enumerate(zip(ours["states"], ref["states"], ours["keeps"]), start=1):
         for i, n in enumerate(sizes):
             where = f"tensor {i} ({n} elements), step {t}"
@@ -229,6 +252,9 @@ def offset_bucket(sizes, kind, param_dtype, device):
     if kind == MaskKind.DENSE:
         roles["masks"] = slices_of_one_buffer(sizes, torch.bool, gen, device,
                                               lambda n: torch.rand(n, generator=gen, device=device) < 0.3)
+    if kind == MaskKind.IMPORTANCE:  # every level code, 0 (never kept) to 255 (always)
+        roles["masks"] = slices_of_one_buffer(sizes, torch.uint8, gen, device, lambda n: torch.randint(
+            importance.LEVEL_COUNT, (n,), generator=gen, device=device, dtype=torch.uint8))
     return roles
 
 
@@ -236,6 +262,7 @@ def offset_bucket(sizes, kind, param_dtype, device):
     pytest.param("adamw_step/bernoulli", "freeze", F32, id="bernoulli-freeze-fp32"),
     pytest.param("adamw_step/bernoulli", "zero_grad", BF16, id="bernoulli-zero_grad-bf16-fp32-grads"),
     pytest.param("adamw_step/dense", "freeze", F32, id="dense-freeze-fp32"),
+    pytest.param("adamw_step/importance", "zero_grad", F32, id="importance-zero_grad-fp32"),
 ])
 def test_slices_at_storage_offsets_1_to_3(kernel_lane, kernel, masked, param_dtype):
     """Every tensor of the bucket is a slice of a bigger buffer at an odd offset: the kernels step
@@ -264,6 +291,8 @@ def test_slices_at_storage_offsets_1_to_3(kernel_lane, kernel, masked, param_dty
         m, ref_m = results[backend]["exp_avgs"][1][i], results["reference"]["exp_avgs"][1][i]
         if kind == MaskKind.BERNOULLI:
             keep = philox.bernoulli_keep(n, bases[i], SEED, 1, RESERVE_P, device)
+        elif kind == MaskKind.IMPORTANCE:
+            keep = importance_keep(results[backend]["masks"][1][i], bases[i], 1)
         else:
             keep = results[backend]["masks"][1][i]
         assert_same_bits(m != 0, keep, f"tensor {i} ({n} elements): kept entries vs the {kind.label} mask")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from childopt import backends
+from childopt.backends.contract import MaskKind
 from childopt.selftest import cli, context, main, steps, target
 from childopt.selftest.verdict import COLUMNS, KERNELS, PASSED, SKIPPED, StepResult
 from tests.backends import test_cuda_lane
@@ -241,6 +242,11 @@ def test_sigterm_stops_the_run_and_kills_the_running_child(tmp_path, monkeypatch
 
 def test_the_graph_step_reads_a_test_the_lane_has():
     assert callable(getattr(test_cuda_lane, steps.GRAPH_TEST))
+
+
+def test_every_mask_kind_of_adamw_step_has_a_verdict_row():
+    """Each kind is its own path through every kernel (importance: the level codes)."""
+    assert {f"adamw_step/{kind.label}" for kind in MaskKind} <= set(KERNELS)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
