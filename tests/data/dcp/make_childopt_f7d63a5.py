@@ -9,6 +9,9 @@ the old code on the path:
 
     git archive f7d63a5 | tar -x -C /tmp/old
     cd /tmp && PYTHONPATH=/tmp/old python <this file> <repo>/tests/data/dcp/childopt-f7d63a5.zip f7d63a5
+
+The model and training loop are test_dcp.py's, copied rather than imported: this file records how the
+fixture was made, and stays as it was when the test changes.
 """
 import copy
 import os
