@@ -73,7 +73,10 @@ class ChildTuningAdamW(MaskedAdamW):
         if self.mode == "ChildTuning-D" and self._mask_kind != MaskKind.DENSE:
             raise RuntimeError("ChildTuningAdamW(mode='ChildTuning-D') needs set_gradient_mask(...) before step()")
 
+    def _check_group_at_step(self, group: dict, where: str) -> None:
+        super()._check_group_at_step(group, where)
+        validation.check_bool(group["correct_bias"], f"correct_bias{where}")
+
     def _rule(self, group: dict) -> str:
         """ChildTuning folds both corrections into the step size and decays after the update."""
-        validation.check_bool(group["correct_bias"], "correct_bias (edited in a param group since)")
         return "childtuning" if group["correct_bias"] else "childtuning-uncorrected"

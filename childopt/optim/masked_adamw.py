@@ -100,8 +100,8 @@ class MaskedAdamW(Optimizer):
         self._seed_drawn, self._seed_agreed = seed is None, not sync_seed
         self._rng_bases: dict = {}
         self._rng_lanes: dict = {}
+        self._shapes: dict = {}  # parameter -> its shape when numbered (a resized one no longer fits its state)
         self._sharded = False  # any DTensor parameter: the step unwraps local shards
-        self._verified: dict = {}  # group index -> (the params list check_numbered last passed, its length)
         self._rng_groups = 0
         self._mask_kind = MaskKind.NONE
         self._importance_config = self._importance = None
@@ -168,6 +168,7 @@ class MaskedAdamW(Optimizer):
             self._rng_bases[p] = torch.tensor(float(base), dtype=torch.float64, device=p.device) \
                 if group["capturable"] else base
             self._rng_lanes[p] = offset % 4
+            self._shapes[p] = p.shape
             self._sharded = self._sharded or sharding.is_dtensor(p)
             self._rng_groups += philox.rng_group_counts(p.numel())
 
@@ -253,6 +254,18 @@ class MaskedAdamW(Optimizer):
         """How bias corrections and weight decay enter the update (childopt.optim.functional.RULES)."""
         return self._RULE
 
+    def _check_group_at_step(self, group: dict, where: str) -> None:
+        """What a group the user may have edited since construction must hold, checked at each step
+        before any group is written."""
+        validation.check_group(group, where, self.storage, at_step=True)
+        if self._masked_mode(group) == "zero_grad" and self._masks_some_entry(group):
+            validation.check_eps_divides(group["eps"], where)
+
+    def _masks_some_entry(self, group: dict) -> bool:
+        if self._mask_kind.draws:
+            return float(group["reserve_p"]) < 1.0
+        return self._mask_kind == MaskKind.DENSE and any("mask" in self.state.get(p, ()) for p in group["params"])
+
     def _masked_mode(self, group: dict) -> str:
         if group["masked"] is not None:
             return group["masked"]
@@ -280,15 +293,10 @@ class MaskedAdamW(Optimizer):
             validation.check_no_grad_scaler(self)
         work = []
         for gi, group in enumerate(self.param_groups):
-            validation.check_group(group, f" (param group {gi})", self.storage, at_step=True)
-            if self._mask_kind != MaskKind.NONE and self._masked_mode(group) == "zero_grad":
-                validation.check_eps_divides(group["eps"], f" (param group {gi})")
-            verified = self._verified.get(gi)  # a list checked before is not walked again, unless it grew or shrank
-            if verified is None or verified[0] is not group["params"] or verified[1] != len(group["params"]):
-                validation.check_numbered(group["params"], self._rng_bases, gi)
-                self._verified[gi] = (group["params"], len(group["params"]))
+            self._check_group_at_step(group, f" (param group {gi})")
+            validation.check_numbered(group["params"], self._shapes, gi)
             stepped, grads = with_gradients(group["params"], self._gradient)
-            validation.check_steppable(stepped, grads, self.describe, self._sharded, self.state)
+            validation.check_steppable(stepped, grads, self.describe, self._sharded, self._shapes)
             work.append((group, stepped, grads))
         if self._importance is None and self._importance_config is not None:  # unpickled or loaded: rebuild it
             self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
@@ -469,8 +477,7 @@ class MaskedAdamW(Optimizer):
         super().__setstate__(checkpoint.upgrade_pickled(state))
         self._backends = {}
         self._compact = sparse.CompactGradients(self._indices_of) if self.compact_grads else None
-        self._rng_bases, self._rng_lanes, self._rng_groups, self._sharded = {}, {}, 0, False
-        self._verified = {}
+        self._rng_bases, self._rng_lanes, self._shapes, self._rng_groups, self._sharded = {}, {}, {}, 0, False
         self.__dict__.setdefault("sync_seed", True)  # pickled before the flag existed
         self.__dict__.setdefault("_importance_config", None)
         self._importance = None  # rebuilt from the config at the next step

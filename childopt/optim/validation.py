@@ -110,11 +110,12 @@ def _check_own_memory(p: torch.Tensor, describe) -> None:
                            "on its own; make it a parameter with its own storage (e.g. .clone())")
 
 
-def check_steppable(params: list, grads: list, describe, sharded: bool, states: Mapping) -> None:
+def check_steppable(params: list, grads: list, describe, sharded: bool, shapes: Mapping) -> None:
     """Everything a step could fail on partway, checked before the first tensor is written.
 
     ``sharded``: some parameters are DTensors (else only a DTensor gradient needs a look);
-    ``states``: the optimizer's state, whose dense moments and masks must still fit each parameter.
+    ``shapes``: each parameter's shape when the optimizer numbered it, which its state, masks,
+    sparse indices and Bernoulli counters were made for.
     """
     for p, g in zip(params, grads):
         _check_own_memory(p, describe)  # p.data may have been replaced since construction
@@ -122,19 +123,17 @@ def check_steppable(params: list, grads: list, describe, sharded: bool, states: 
             raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
         if sharded or isinstance(g, sharding.DTENSOR):
             sharding.check_gradient(p, g, describe)
-        state = states.get(p, {})
-        for key in () if "indices" in state else ("exp_avg", "mask"):  # sparse state is per selected entry
-            if key in state and state[key].shape != p.shape:
-                raise RuntimeError(f"{describe(p)} has shape {tuple(p.shape)}, but its {key} in the optimizer's "
-                                   f"state {tuple(state[key].shape)}: was its .data replaced by a tensor of another "
-                                   "shape? Give the optimizer the new parameter (a new optimizer, or "
-                                   "add_param_group for a new tensor)")
+        if p.shape != shapes[p]:
+            raise RuntimeError(f"{describe(p)} was given to the optimizer with shape {tuple(shapes[p])}; its .data "
+                               f"now has shape {tuple(p.shape)}, which its state, masks and indices do not fit. "
+                               "Give the optimizer the new parameter (a new optimizer, or add_param_group for a "
+                               "new tensor)")
 
 
 def check_eps_divides(eps, where: str) -> None:
     """Refuse ``eps == 0`` where gradients are masked to zero: a masked-out entry's moments are
-    zero, and ``0 / (sqrt(0) + 0)`` writes NaN into its weight (a tensor ``eps`` is not read)."""
-    if not isinstance(eps, torch.Tensor) and eps == 0:
+    zero, and ``0 / (sqrt(0) + 0)`` writes NaN into its weight (a tensor ``eps`` is read, as the step reads it)."""
+    if float(eps) == 0:
         raise ValueError(f"eps=0{where} with masked='zero_grad' and a mask: an entry whose gradient is masked "
                          "out has zero moments, and 0 / (sqrt(0) + eps) would write NaN into the weights; use "
                          "eps > 0 or masked='freeze'")

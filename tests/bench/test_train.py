@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from childopt import backends
 from childopt.bench import live, train
 
 pytest.importorskip("transformers")
@@ -122,14 +121,16 @@ def assert_saved_bytes_are_what_autograd_saves(by_key):
     assert lora.saved_gb < 0.9 * full.saved_gb
 
 
-def test_a_row_whose_optimizer_cannot_run_here_is_skipped_with_the_reason(monkeypatch):
-    """MaskedAdamW(backend="triton") on CPU raises RuntimeError, as the step tables' rows do: skipped, not raised."""
-    monkeypatch.setattr(backends.triton, "available", lambda device: (False, "Triton kernels need CUDA tensors"))
+def test_a_failing_optimizer_is_raised_not_skipped(monkeypatch):
+    """A row whose optimizer raises is a bug the report must not hide as a skipped row (the goals
+    would read n/a and bench exit 0); only Unavailable is a skip."""
+    def broken(self, closure=None):
+        raise TypeError("a bug in step")
+
     monkeypatch.setattr(train, "KINDS", {"child-tuning-f": train.KINDS["child-tuning-f"]})
-    rows, skipped = train.run_rows(CPU, warmup=1, steps=1, backend="triton")
-    assert rows == [] and [s["key"] for s in skipped] == ["child-tuning-f"]
-    assert skipped[0]["reason"] == ("RuntimeError: backend 'triton' cannot run on cpu: Triton kernels need CUDA "
-                                    "tensors")
+    monkeypatch.setattr(train.MaskedAdamW, "step", broken)
+    with pytest.raises(TypeError, match="a bug in step"):
+        train.run_rows(CPU, warmup=1, steps=1, backend="reference")
 
 
 def test_an_unknown_kind_names_the_choices():

@@ -100,11 +100,13 @@ def test_correct_bias_must_be_a_bool_in_a_group_too():
     """A truthy string would run the bias-corrected update the user turned off."""
     with pytest.raises(TypeError, match=r"correct_bias \(param group 1\) must be a bool, got 'False'"):
         ChildTuningAdamW([{"params": make_params([(3,)])}, {"params": make_params([(2,)]), "correct_bias": "False"}])
-    params = make_params([(3,)])
-    opt = ChildTuningAdamW(params)
-    opt.param_groups[0]["correct_bias"] = "False"
-    with pytest.raises(TypeError, match=r"correct_bias \(edited in a param group since\) must be a bool"):
+    params = make_params([(3,), (2,)])
+    opt = ChildTuningAdamW([{"params": params[:1]}, {"params": params[1:]}])
+    opt.param_groups[1]["correct_bias"] = 1
+    before = params[0].detach().clone()
+    with pytest.raises(TypeError, match=r"correct_bias \(param group 1\) must be a bool, got 1"):
         train(opt, params, 1)
+    assert torch.equal(params[0], before)  # refused before group 0 was stepped
 
 
 def test_mode_errors():

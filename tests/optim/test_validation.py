@@ -231,41 +231,56 @@ def test_fake_parameters_are_not_judged_by_their_missing_memory():
 
 
 def test_a_parameter_appended_to_a_group_list_in_place_is_refused_by_name():
-    """The per-group check is cached per list; a list that grew is checked again, so the step
-    names the stray tensor instead of failing on a bare KeyError."""
+    """A list that grew, or had a tensor swapped in, names the stray tensor instead of failing on a
+    bare KeyError."""
     params = make_params([(3,), (4,)])
     opt = MaskedAdamW(params[:1], seed=0, backend="reference")
     train(opt, params[:1], 1)
     opt.param_groups[0]["params"].append(params[1])
     with pytest.raises(RuntimeError, match=r"param group 0 holds a tensor of shape \(4,\) that was not given"):
         train(opt, params, 1)
+    opt.param_groups[0]["params"][:] = params[1:]
+    with pytest.raises(RuntimeError, match=r"param group 0 holds a tensor of shape \(4,\) that was not given"):
+        train(opt, params[1:], 1)
 
 
-@pytest.mark.parametrize("mask", [None, "dense"])
-def test_a_parameter_resized_behind_the_optimizer_fails_the_step_before_anything_moves(mask):
-    """``b.data = <another shape>`` no longer fits b's moments (or mask): the step refuses it,
-    naming b, before the first group is written (it used to step group 0, then fail in a kernel)."""
+@pytest.mark.parametrize("shape", [(2, 5), (9,)], ids=["fewer elements", "same count"])
+@pytest.mark.parametrize("mask,storage", [(None, "dense"), ("dense", "dense"), ("dense", "sparse")])
+def test_a_parameter_resized_behind_the_optimizer_fails_the_step_before_anything_moves(mask, storage, shape):
+    """``b.data = <another shape>`` no longer fits b's moments, mask or sparse indices (the native
+    sparse step wrote past a shrunk tensor): the step refuses it, naming b, before the first group
+    is written (it used to step group 0, then fail in a kernel or not at all)."""
     a, b = make_params([(5,), (3, 3)])
     masks = {b: torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) < 0.5} if mask else None
-    opt = MaskedAdamW([{"params": [a]}, {"params": [b]}], seed=0, backend="reference", mask=masks)
+    opt = MaskedAdamW([{"params": [a]}, {"params": [b]}], seed=0, backend="reference", mask=masks, storage=storage)
     train(opt, [a, b], 1)
-    b.data = torch.randn(2, 5)
+    b.data = torch.randn(shape)
     before = a.detach().clone()
-    with pytest.raises(RuntimeError, match=r"\(2, 5\), but its exp_avg in the optimizer's state \(3, 3\)"):
+    with pytest.raises(RuntimeError, match=rf"with shape \(3, 3\); its .data now has shape \({shape[0]},"):
         train(opt, [a, b], 1)
     assert torch.equal(a, before)
 
 
+@pytest.mark.parametrize("eps", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
 @pytest.mark.parametrize("mask", ["bernoulli", "dense"])
-def test_eps_zero_with_zero_grad_masks_is_refused_instead_of_writing_nan(mask):
+def test_eps_zero_with_zero_grad_masks_is_refused_instead_of_writing_nan(mask, eps):
     """A masked-out entry under zero_grad has zero moments; eps=0 makes its update 0/0."""
     params = make_params([(8, 8)])
     masks = {params[0]: torch.arange(64).reshape(8, 8) % 3 == 0} if mask == "dense" else mask
-    opt = MaskedAdamW(params, eps=0.0, mask=masks, masked="zero_grad", reserve_p=0.5, seed=0, backend="reference")
+    opt = MaskedAdamW(params, eps=eps, mask=masks, masked="zero_grad", reserve_p=0.5, seed=0, backend="reference")
     before = params[0].detach().clone()
     with pytest.raises(ValueError, match=r"eps=0 \(param group 0\) with masked='zero_grad' and a mask"):
         train(opt, params, 1)
     assert torch.equal(params[0], before)
+
+
+def test_eps_zero_in_a_group_that_masks_nothing_steps_as_torch_adamw():
+    """reserve_p=1.0 exempts a group from a Bernoulli mask: nothing there is masked, so eps=0 is
+    torch AdamW's business, as without a mask."""
+    ours, theirs = make_params([(8, 8)]), make_params([(8, 8)])
+    opt = MaskedAdamW([{"params": ours, "reserve_p": 1.0}], eps=0.0, mask="bernoulli", reserve_p=0.3, seed=0,
+                      backend="reference")
+    assert_steps_as_torch_adamw(opt, ours, theirs, 3, eps=0.0)
 
 
 def test_eps_zero_without_a_mask_steps_as_torch_adamw():
