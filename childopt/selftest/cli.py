@@ -124,8 +124,18 @@ def main(argv=None) -> int:
     ctx = make_context(args)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report.write_unfinished(ctx, argv, started)  # an earlier run's report must not outlive this run's start
+    clear_earlier_outputs(ctx)
     with sigterm_raises():
         return run(ctx, argv, started)
+
+
+def clear_earlier_outputs(ctx: Context) -> None:
+    """Remove what an earlier run wrote into the output folder (each step's log and results, the
+    benchmark's report, the sanitizer's logs), and nothing else there: a step this run skips or
+    fails must not leave an earlier run's file beside its verdict."""
+    names = [f"{name}{suffix}" for name, _, _ in STEPS for suffix in (".log", ".xml")] + ["bench.json", "bench.md"]
+    for path in [ctx.out / name for name in names] + sorted((ctx.out / "sanitizer").glob("*.log")):
+        path.unlink(missing_ok=True)
 
 
 def run(ctx: Context, argv: list, started: str) -> int:

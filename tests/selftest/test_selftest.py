@@ -259,3 +259,17 @@ def test_the_sanitizer_program_skips_a_backend_that_cannot_run(monkeypatch, caps
     monkeypatch.setattr(backends, "check_ready", lambda module, device: (False, "not built"))
     assert target.main(["--backend", "native", "--kernel", "fisher_accumulate"]) == target.EXIT_SKIPPED
     assert "native cannot run on cuda: not built" in capsys.readouterr().err
+
+
+def test_a_run_starts_by_removing_an_earlier_runs_outputs_and_only_those(tmp_path):
+    """A reused --out folder: an earlier GPU run's bench.json, build.log, lane.xml and sanitizer
+    logs must not sit beside a verdict that skipped those steps; the user's own files stay."""
+    ctx = _context(tmp_path)
+    earlier = ["bench.json", "bench.md", "build.log", "lane.xml", "lane.log", "memcheck.log",
+               "sanitizer/memcheck-x.log"]
+    (ctx.out / "sanitizer").mkdir()
+    for name in earlier + ["notes.txt"]:
+        (ctx.out / name).write_text("from an earlier run\n")
+    cli.clear_earlier_outputs(ctx)
+    assert [name for name in earlier if (ctx.out / name).exists()] == []
+    assert (ctx.out / "notes.txt").read_text() == "from an earlier run\n"
