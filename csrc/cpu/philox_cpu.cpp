@@ -389,6 +389,74 @@ __attribute__((target("avx2"))) void avx2_keep(const BernoulliDraw& draw, uint64
   scalar_keep(draw, first + static_cast<uint64_t>(q), groups - q, keep + 4 * q);
 }
 
+// The importance decisions of 8 elements from their words, and their scales unless `scales` is
+// null: levels_512 at half width.  vpermd reads the low 3 bits of k, the variable shifts give 0
+// for counts past 31 as AVX-512's do, and AVX2 has no unsigned conversion: float(threshold) is
+// float(high 16 bits) * 2**16 + float(low 16 bits), both exact, so the one rounding of the sum
+// gives the correctly rounded value level_scale's conversion does.
+__attribute__((target("avx2"))) inline void levels_256(__m256i words, const uint8_t* codes, uint8_t* keep,
+                                                       float* scales) {
+  alignas(32) static constexpr uint32_t kMantissas[8] = {CHILDOPT_LEVEL_MANTISSAS};
+  const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i always_code = _mm256_set1_epi32(static_cast<int>(kLevelAlways));
+  const __m256i k = _mm256_xor_si256(code, always_code);  // 255 - code
+  const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kMantissas));
+  const __m256i mantissa = _mm256_permutevar8x32_epi32(table, k);
+  const __m256i octave = _mm256_srli_epi32(k, 3);
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i threshold = _mm256_or_si256(_mm256_srlv_epi32(mantissa, _mm256_sub_epi32(octave, one)),
+                                            _mm256_sllv_epi32(mantissa, _mm256_sub_epi32(one, octave)));
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i below = _mm256_cmpgt_epi32(_mm256_xor_si256(threshold, sign), _mm256_xor_si256(words, sign));
+  const __m256i always = _mm256_cmpeq_epi32(code, always_code);
+  const __m256i never = _mm256_cmpeq_epi32(code, _mm256_setzero_si256());
+  const __m256i kept = _mm256_and_si256(_mm256_or_si256(always, _mm256_andnot_si256(never, below)), one);
+  const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128(kept), _mm256_extracti128_si256(kept, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(keep), _mm_packus_epi16(halves, halves));
+  if (scales == nullptr) return;
+  const __m256 high = _mm256_cvtepi32_ps(_mm256_srli_epi32(threshold, 16));
+  const __m256 low = _mm256_cvtepi32_ps(_mm256_and_si256(threshold, _mm256_set1_epi32(0xFFFF)));
+  const __m256 two_32 = _mm256_set1_ps(4294967296.0f);
+  const __m256 converted = _mm256_add_ps(_mm256_mul_ps(high, _mm256_set1_ps(65536.0f)), low);
+  // level_scale: code 255's threshold wrapped to 0 and its divisor is 2**32.
+  const __m256 divisor = _mm256_blendv_ps(converted, two_32, _mm256_castsi256_ps(always));
+  _mm256_storeu_ps(scales, _mm256_div_ps(two_32, divisor));
+}
+
+// The importance draw of n elements: 4 * kChains256 groups of words per step go from the Philox
+// registers, put in element order, to the level compare; the last partial step through words in
+// memory.
+__attribute__((target("avx2"))) void avx2_importance(const BernoulliDraw& draw, uint64_t first, int64_t n,
+                                                     const uint8_t* codes, uint8_t* keep, float* scales) {
+  constexpr int64_t kElements = 16 * kChains256;
+  int64_t at = 0;
+  for (; at + kElements <= n; at += kElements) {
+    const Lanes256 lanes = rounds_256(draw, first + static_cast<uint64_t>(at / 4));
+    for (int v = 0; v < kChains256; ++v) {
+      __m256i in_order[2];
+      interleave_256(lanes.c[0][v], lanes.c[1][v], lanes.c[2][v], lanes.c[3][v], in_order[0], in_order[1]);
+      for (int half = 0; half < 2; ++half) {
+        const int64_t e = at + 16 * v + 8 * half;
+        levels_256(in_order[half], codes + e, keep + e, scales == nullptr ? nullptr : scales + e);
+      }
+    }
+  }
+  if (at < n) {
+    portable_importance(scalar_words, draw, first + static_cast<uint64_t>(at / 4), n - at, codes + at, keep + at,
+                        scales == nullptr ? nullptr : scales + at);
+  }
+}
+
+__attribute__((target("avx2"))) void avx2_levels(const uint32_t* words, const uint8_t* codes, int64_t n,
+                                                 uint8_t* keep, float* scales) {
+  int64_t at = 0;
+  for (; at + 8 <= n; at += 8) {
+    levels_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + at)), codes + at, keep + at,
+               scales == nullptr ? nullptr : scales + at);
+  }
+  portable_levels(words + at, codes + at, n - at, keep + at, scales == nullptr ? nullptr : scales + at);
+}
+
 bool cpu_has(PhiloxIsa isa) {
   // BW and BMI2 for the keep decisions' byte expansion and bit deposits (every AVX-512 CPU but
   // Xeon Phi, which runs the AVX2 path).
@@ -469,6 +537,7 @@ void importance_draw(const BernoulliDraw& draw, uint64_t first_group, int64_t n,
                      uint8_t* keep, float* scales) {
 #ifdef CHILDOPT_X86_PHILOX
   if (philox_isa() == PhiloxIsa::kAvx512) return avx512_importance(draw, first_group, n, codes, keep, scales);
+  if (philox_isa() == PhiloxIsa::kAvx2) return avx2_importance(draw, first_group, n, codes, keep, scales);
 #endif
   portable_importance(CHILDOPT_FOR_SELECTED_ISA(words), draw, first_group, n, codes, keep, scales);
 }
@@ -478,6 +547,7 @@ void importance_draw(const BernoulliDraw& draw, uint64_t first_group, int64_t n,
 void importance_levels(const uint32_t* words, const uint8_t* codes, int64_t n, uint8_t* keep, float* scales) {
 #ifdef CHILDOPT_X86_PHILOX
   if (philox_isa() == PhiloxIsa::kAvx512) return avx512_levels(words, codes, n, keep, scales);
+  if (philox_isa() == PhiloxIsa::kAvx2) return avx2_levels(words, codes, n, keep, scales);
 #endif
   portable_levels(words, codes, n, keep, scales);
 }
