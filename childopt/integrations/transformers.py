@@ -39,7 +39,6 @@ the resumed run would no longer end where the uninterrupted one does).  Without 
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Optional
@@ -63,9 +62,7 @@ def _check(mode, reserve_p, storage="dense", compact_grads=False, fisher_options
     """The options' checks, made before a Fisher pass (which can take a full pass over the data)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(reserve_p, bool) or not isinstance(reserve_p, (int, float)) or not 0 < reserve_p <= 1 \
-            or math.isnan(reserve_p):
-        raise ValueError(f"reserve_p must be a number in (0, 1], the fraction of entries trained; got {reserve_p!r}")
+    validation.check_number(reserve_p, "reserve_p (the fraction of entries trained)", low=0.0, high=1.0, low_open=True)
     validation.check_storage(storage, compact_grads)
     if mode == "ChildTuning-F" and storage == "sparse":
         raise ValueError("storage='sparse' needs ChildTuning-D's fixed mask; ChildTuning-F draws a new one each step")

@@ -101,6 +101,14 @@ def test_bad_settings_name_the_field(field, value):
         Setting(**{field: value})
 
 
+@pytest.mark.parametrize("field, value", [("checkpointing", "no"), ("checkpointing", 0), ("reserve_p", True),
+                                          ("reserve_p", "0.3")])
+def test_settings_of_the_wrong_type_name_the_field(field, value):
+    """A truthy stand-in must not turn checkpointing on, nor a bool or a string pass as reserve_p."""
+    with pytest.raises(TypeError, match=f"{field} must be a"):
+        Setting(**{field: value})
+
+
 def test_unknown_method_lists_the_methods():
     with pytest.raises(ValueError, match="method must be one of"):
         plan(SMALL["bert"](), "adafactor")
