@@ -33,15 +33,34 @@ def extras(optimizer) -> dict:
     the parameters' step counts at the next step, as for state dicts saved before it existed).
     Its keys stay those of the released versions: a torch.distributed.checkpoint load fills the
     keys of the target's groups from the checkpoint and fails on one it lacks.
+    An optimizer of the dense kind that holds no mask (``mask={}``) trains every entry: saved as
+    ``"none"``, so a dense state without masks always means masks lost on the way (check_state_dict).
     """
     steps = optimizer._sampler_steps() if optimizer._importance_config is not None else None
-    return {"format": STATE_FORMAT, "mask_kind": optimizer.mask_kind, "seed": optimizer.seed,
+    kind = optimizer.mask_kind
+    if optimizer._mask_kind == MaskKind.DENSE and optimizer.storage == "dense" \
+            and not any("mask" in s for s in optimizer.state.values()):
+        kind = MaskKind.NONE.label
+    return {"format": STATE_FORMAT, "mask_kind": kind, "seed": optimizer.seed,
             "storage": optimizer.storage, "seed_drawn": optimizer._seed_drawn, "importance_steps": steps}
 
 
-def _steps_total(state: Mapping) -> float:
-    """The sum of the saved step counts: what a group's copy of ``"childopt"`` is stamped with."""
-    return float(sum(float(s["step"]) for s in state.values() if isinstance(s, Mapping) and "step" in s))
+def _steps_total(state: Mapping, skip=lambda entry: False) -> float:
+    """The sum of the saved step counts (of the entries ``skip`` does not name): what a group's copy
+    of ``"childopt"`` is stamped with."""
+    return float(sum(float(s["step"]) for s in state.values()
+                     if isinstance(s, Mapping) and "step" in s and not skip(s)))
+
+
+def _fresh(entry: Mapping) -> bool:
+    """A state torch.distributed.checkpoint's zero-lr init step made (step 1, zero moments): what a
+    parameter without saved state keeps through a partial load."""
+    try:
+        return float(entry["step"]) == 1.0 and all(
+            isinstance(entry.get(key), torch.Tensor) and not sharding.local(entry[key]).any()
+            for key in ("exp_avg", "exp_avg_sq"))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
@@ -59,6 +78,23 @@ def attach_extras(state_dict: dict, extras_entry: dict) -> dict:
     return state_dict
 
 
+def save(optimizer, torch_state_dict) -> dict:
+    """``optimizer.state_dict()``: torch's (``torch_state_dict()``) with sparse state in its global
+    form and the ``"childopt"`` entry attached, then torch's post-hooks, which torch would have run
+    before the entry was there (a hook that keeps a copy would resume without the seed)."""
+    hooks = optimizer._optimizer_state_dict_post_hooks
+    optimizer._optimizer_state_dict_post_hooks = OrderedDict()
+    try:
+        state_dict = torch_state_dict()
+    finally:
+        optimizer._optimizer_state_dict_post_hooks = hooks
+    state_dict = attach_extras(global_sparse_state(optimizer, state_dict), extras(optimizer))
+    for hook in hooks.values():
+        result = hook(optimizer, state_dict)
+        state_dict = state_dict if result is None else result
+    return state_dict
+
+
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -70,10 +106,12 @@ def _stamp_holds(steps_total: float, state: Mapping) -> bool:
     skipped states (DCP skips frozen parameters') one below, so a sum at most the stamp is accepted.
     Equal sums need nothing more: without a skip they mean no step since; a copy both stepped on and
     skipped can pass at or below the stamp (no saved key tells them apart), but it is then this run's
-    own last entry (its mask kind and seed), and a target built with another mask warns.
+    own last entry (its mask kind and seed), and a target built with another mask warns.  States
+    that DCP's init step made for parameters the checkpoint has none of (a partial load) do not
+    count.
     """
-    try:
-        return not _steps_total(state) > steps_total  # a NaN step too: check_state_dict names it
+    try:  # a NaN step too: check_state_dict names it
+        return not _steps_total(state) > steps_total or not _steps_total(state, skip=_fresh) > steps_total
     except (AttributeError, TypeError, ValueError, RuntimeError):  # a step that is no number, likewise
         return True
 
@@ -104,9 +142,15 @@ def lift_extras(state_dict):
         if not isinstance(entry, Mapping) or not _finite_number(entry.get("steps_total", 0.0)):
             raise ValueError(f"a param group's 'childopt' entry must be a dict whose 'steps_total' (the step count "
                              f"it was saved at) is a finite number, got {entry!r}: the state_dict is corrupt")
-    if any(entry != in_groups[0] for entry in in_groups) or len(in_groups) != len(groups):
+    if any(entry != in_groups[0] for entry in in_groups):
         raise ValueError("the param groups of this state_dict carry different 'childopt' entries (format, "
                          "mask_kind, seed, storage): it merges state dicts of different optimizers")
+    if len(in_groups) != len(groups) and "childopt" not in lifted:
+        user_warning.warn(f"load_state_dict: {len(groups) - len(in_groups)} of the {len(groups)} param groups carry "
+                          "no 'childopt' entry: an optimizer that is not childopt's (torch's AdamW, given a group by "
+                          "add_param_group) saved it; it loads as a torch.optim.AdamW state dict, and this optimizer "
+                          "keeps its mask kind and seed")
+        return lifted
     if "steps_total" not in in_groups[0]:
         raise ValueError(f"the param groups' 'childopt' entry has no 'steps_total' (the step count it was saved at), "
                          f"got {in_groups[0]!r}: the state_dict is corrupt")
@@ -280,7 +324,8 @@ def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
 
     An optimizer built without a mask (``mask=None``, or an empty dict) takes the saved one
     silently: that is how to resume a mask that is expensive to make (a Fisher pass).  ``kept``:
-    its masks or indices before the load.
+    its masks or indices before the load.  Through torch.distributed.checkpoint ``dcp.load`` has
+    already written the saved masks into the kept tensors, so a difference cannot be seen there.
     """
     if built == MaskKind.NONE or (built == MaskKind.DENSE and not any(kept.values())):
         return
@@ -288,7 +333,8 @@ def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
     if loaded != built:
         user_warning.warn(f"load_state_dict: this optimizer was built with a {built.label!r} mask and the state_dict "
                           f"holds a {loaded.label!r} one, which it now uses (and the saved param groups' reserve_p); "
-                          "build it with the saved mask, or with mask=None to take it without this warning")
+                          "build it with the saved mask, or (a plain load_state_dict) with mask=None to take it "
+                          "without this warning")
         return
     changed = [p for p, state in optimizer.state.items()
                if any(not _same_tensor(kept.get(p, {}).get(key), state.get(key)) for key in ("mask", "indices"))]
@@ -296,7 +342,9 @@ def _warn_replaced_mask(optimizer, built: MaskKind, kept: dict) -> None:
         first = optimizer.describe(changed[0])
         user_warning.warn(f"load_state_dict: the saved masks of {len(changed)} parameters ({first}"
                           f"{', ...' if len(changed) > 1 else ''}) differ from those this optimizer was built with, "
-                          "and replace them; build it with mask=None to take the saved masks without this warning")
+                          "and replace them; build it with mask=None (a plain load_state_dict; through "
+                          "torch.distributed.checkpoint, with all-True masks) to take the saved masks without this "
+                          "warning")
 
 
 def _same_tensor(a, b) -> bool:

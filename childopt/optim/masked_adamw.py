@@ -451,9 +451,9 @@ class MaskedAdamW(Optimizer):
         Sparse state of DTensor (FSDP2) parameters is saved in its global form, one DTensor of
         global indices and one per moment split over the ranks (childopt.optim.sparse_shards):
         a collective, so every rank calls ``state_dict()``, as torch.distributed.checkpoint does.
+        torch's state-dict post-hooks see the whole dict, ``"childopt"`` included.
         """
-        state_dict = checkpoint.global_sparse_state(self, super().state_dict())
-        return checkpoint.attach_extras(state_dict, checkpoint.extras(self))
+        return checkpoint.save(self, super().state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.

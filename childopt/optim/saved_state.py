@@ -102,21 +102,25 @@ _BEFORE_DCP = "before get_optimizer_state_dict and dcp.load"
 
 
 def _check_mask_kept(optimizer, state: Mapping, kind) -> None:
-    """Refuse a dense-mask state whose masks are all gone, into an optimizer that holds none.
+    """Refuse a dense-mask state whose masks are all gone.
 
     torch.distributed.checkpoint fills only the keys the target's state has: one built with
-    ``mask=None`` (or a drawn mask) gets no mask and would train every entry.  Not detected: a
-    target that masks fewer parameters than the checkpoint (the others load without theirs).
+    ``mask=None``, ``mask={}`` or a drawn mask gets no mask and would train every entry.  A dense
+    optimizer without masks saves the kind ``"none"`` (checkpoint.extras), so no complete state
+    looks like this; one such optimizer's state saved before that names the way to load it.  Not
+    detected: a target that masks fewer parameters than the checkpoint (the others load without theirs).
     """
-    if kind != MaskKind.DENSE or optimizer.storage != "dense" or optimizer._mask_kind == MaskKind.DENSE:
+    if kind != MaskKind.DENSE or optimizer.storage != "dense":
         return
     entries = [entry for entry in state.values() if isinstance(entry, Mapping)]
     if any("step" in entry for entry in entries) and not any("mask" in entry for entry in entries):
         raise ValueError(f"the state_dict's mask_kind is 'dense', but its state holds no mask (this optimizer was "
-                         f"built with a {optimizer.mask_kind!r} one): {_DCP_FILLS}, so build the optimizer with a "
-                         "mask on the same parameters (a dict of bool tensors of the saved shapes, e.g. all-True; for "
-                         f"ChildTuningAdamW(mode='ChildTuning-D'), set_gradient_mask with one) {_BEFORE_DCP}: the "
-                         "saved masks replace it (one saved with mask={} loads into mask={})")
+                         f"built with a {optimizer.mask_kind!r} one and holds none): {_DCP_FILLS}, so build the "
+                         "optimizer with a mask on the same parameters (a dict of bool tensors of the saved shapes, "
+                         "e.g. all-True; for ChildTuningAdamW(mode='ChildTuning-D'), set_gradient_mask with one) "
+                         f"{_BEFORE_DCP}: the saved masks replace it.  (A state dict of an earlier childopt saved "
+                         "with mask={}, which held no mask at all, loads once its 'childopt' entry says "
+                         "mask_kind 'none'.)")
 
 
 def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:

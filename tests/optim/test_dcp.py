@@ -111,13 +111,55 @@ def test_a_fixed_mask_resumes_into_a_placeholder_mask_and_a_target_without_one_i
             return MaskedAdamW(model.named_parameters(), lr=1e-2, mask=_masks(model))
         return MaskedAdamW(model.named_parameters(), lr=1e-2, mask=_all_true(model) if placeholder else None)
 
-    with pytest.raises(ValueError, match="mask_kind is 'dense', but its state holds no mask .* built with a 'none' "
-                       "one\\): torch.distributed.checkpoint .* with a mask on the same parameters .* all-True"):
+    with pytest.raises(ValueError, match="mask_kind is 'dense', but its state holds no mask \\(this optimizer was "
+                       "built with a 'none' one and holds none\\): torch.distributed.checkpoint .* with a mask on the "
+                       "same parameters .* all-True"):
         _resume(lambda model, target=False: build(model, target, placeholder=False), str(tmp_path / "none"), form)
     run, resumed = _resume(build, str(tmp_path / "all-true"), form)
     _assert_bit_identical(run, resumed)
     assert all(torch.equal(resumed[1].state[q]["mask"], run[1].state[p]["mask"])
                for p, q in zip(run[0].parameters(), resumed[0].parameters()))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_fixed_mask_into_an_empty_mask_dict_is_refused(tmp_path, form):
+    """mask={} (and set_gradient_mask({}) for ChildTuning-D) makes a dense optimizer that holds no
+    mask: DCP would load none into it, as into mask=None, and every entry would train."""
+    def masked(model, target=False):
+        return MaskedAdamW(model.named_parameters(), lr=1e-2, mask={} if target else _masks(model))
+
+    def childtuning(model, target=False):
+        opt = ChildTuningAdamW(model.named_parameters(), lr=1e-2, mode="ChildTuning-D", seed=1)
+        opt.set_gradient_mask({} if target else _masks(model))
+        return opt
+
+    for name, build in (("masked", masked), ("childtuning", childtuning)):
+        with pytest.raises(ValueError, match="holds no mask \\(this optimizer was built with a 'dense' one and "
+                           "holds none\\)"):
+            _resume(build, str(tmp_path / name), form)
+
+
+def test_a_partial_load_keeps_the_checkpoints_mask_kind_and_seed(tmp_path):
+    """A parameter that had no gradient before the save has no saved state: DCP loads only with
+    allow_partial_load, and its init step leaves that parameter at step 1 with zero moments.  That
+    fresh state does not make the checkpoint's own entry look stale: the Bernoulli stream goes on."""
+    model = _model()
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=3)
+    for t in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6, generator=torch.Generator().manual_seed(t))).square().sum().backward()
+        model[1].bias.grad = None  # an unused head: no state saved for it
+        opt.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    resumed = _model()
+    target = MaskedAdamW(resumed.named_parameters(), lr=1e-2)
+    state = {"optim": get_optimizer_state_dict(resumed, target)}
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(resumed, target, state["optim"])
+    assert (target.mask_kind, target.seed) == ("bernoulli", 3)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        if p is not model[1].bias:
+            assert torch.equal(opt.state[p]["exp_avg"], target.state[q]["exp_avg"])
 
 
 def test_a_childtuning_d_run_resumes_through_set_gradient_mask(tmp_path):

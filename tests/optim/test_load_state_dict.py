@@ -49,6 +49,23 @@ def test_load_hooks_run_as_torch_optim_runs_them():
     assert not any(s["exp_avg"].any() for s in ours.state.values())
 
 
+def test_state_dict_post_hooks_see_the_whole_dict_and_may_replace_it():
+    """A hook that keeps a copy (a checkpoint callback) must get what state_dict() returns, the
+    "childopt" entry with the seed included, and a dict it returns is the result, as in torch.optim."""
+    params = make_params([(4, 3), (4, 3)])
+    opt = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=5)
+    train(opt, params, 2)
+    seen = []
+    opt.register_state_dict_post_hook(lambda optimizer, state_dict: seen.append(copy.deepcopy(state_dict)))
+    opt.register_state_dict_post_hook(lambda optimizer, state_dict: dict(state_dict, extra=1))
+    result = opt.state_dict()
+    assert seen[0]["childopt"]["seed"] == 5 and seen[0]["param_groups"][0]["childopt"]["seed"] == 5
+    assert result["extra"] == 1 and result["childopt"] == seen[0]["childopt"]
+    resumed = MaskedAdamW(make_params([(4, 3), (4, 3)]), lr=1e-2)
+    resumed.load_state_dict(seen[0])
+    assert (resumed.mask_kind, resumed.seed) == ("bernoulli", 5)
+
+
 def test_a_torch_adamw_state_dict_keeps_the_groups_reserve_p_and_masked():
     """torch's groups have neither key: a head group exempted from the Bernoulli mask (reserve_p=1,
     masked='freeze') stays exempt, so its next step is torch AdamW's."""

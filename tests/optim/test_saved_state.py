@@ -208,6 +208,24 @@ def test_a_copy_that_torch_adamw_stepped_with_is_foreign():
     assert all(target.state[p]["step"].item() == 3 for p in params)
 
 
+def test_a_torch_adamw_dict_with_an_added_group_loads_as_foreign():
+    """torch's AdamW keeps the group copy of a loaded childopt dict, and a group added with
+    add_param_group has none: that is a foreign dict (its state loads, with a warning), not a merge."""
+    params, extra = make_params(SHAPES), make_params([(3, 2)])
+    source = MaskedAdamW(params, lr=1e-2, mask="bernoulli", reserve_p=0.5, seed=4, backend="reference")
+    train(source, params, 2)
+    adamw = torch.optim.AdamW(params, lr=1e-2)
+    adamw.load_state_dict(source.state_dict())
+    adamw.add_param_group({"params": extra})
+    train(adamw, params + extra, 1, start=2)
+    target = MaskedAdamW([{"params": params}, {"params": extra}], lr=1e-2, seed=77, backend="reference")
+    with pytest.warns(UserWarning, match="1 of the 2 param groups carry no 'childopt' entry: .* add_param_group"):
+        target.load_state_dict(adamw.state_dict())
+    assert (target.mask_kind, target.seed) == ("none", 77)
+    for p in params + extra:
+        assert torch.equal(target.state[p]["exp_avg"], adamw.state[p]["exp_avg"])
+
+
 def test_a_copy_whose_state_lost_entries_is_still_its_own(recwarn):
     """A load that skips states (DCP skips a frozen parameter's) holds fewer steps than the stamp: the
     copy is this optimizer's own, so its mask kind and seed load (they were once dropped silently)."""
@@ -233,7 +251,8 @@ def test_a_dense_state_whose_masks_are_gone_is_refused_by_a_target_without_masks
         entry.pop("mask", None)
     target = MaskedAdamW(make_params(SHAPES), amsgrad=True, seed=3, **built)
     with pytest.raises(ValueError, match=f"mask_kind is 'dense', but its state holds no mask \\(this optimizer was "
-                       f"built with a '{built.get('mask', 'none')}' one\\): torch.distributed.checkpoint loads only "
+                       f"built with a '{built.get('mask', 'none')}' one and holds none\\): "
+                       "torch.distributed.checkpoint loads only "
                        "the state keys .* with a mask on the same parameters"):
         target.load_state_dict(lost)
     with warnings.catch_warnings():
@@ -242,17 +261,24 @@ def test_a_dense_state_whose_masks_are_gone_is_refused_by_a_target_without_masks
     assert target.mask_kind == "dense"
 
 
-def test_a_state_saved_with_an_empty_mask_dict_loads_into_one():
-    """mask={} (dense, no parameter masked) saves no mask: it loads into mask={}, and the refusal of a
-    target without a mask names that."""
+def test_a_state_saved_with_an_empty_mask_dict_loads_as_one_without_a_mask():
+    """mask={} (dense, no parameter masked) trains every entry and saves the kind 'none': it loads into
+    mask={} and mask=None alike.  Saved as 'dense' (before that), its state looks like one whose masks a
+    DCP load lost: refused, naming how to load it."""
     params = make_params(SHAPES)
     source = MaskedAdamW(params, lr=1e-2, mask={}, seed=3)
     train(source, params, 2)
-    target = MaskedAdamW(make_params(SHAPES), lr=1e-2, mask={})
-    target.load_state_dict(source.state_dict())
-    assert (target.mask_kind, target.seed) == ("dense", 3)
-    with pytest.raises(ValueError, match="one saved with mask=\\{\\} loads into mask=\\{\\}"):
-        MaskedAdamW(make_params(SHAPES), lr=1e-2).load_state_dict(source.state_dict())
+    saved = source.state_dict()
+    assert saved["childopt"]["mask_kind"] == "none"
+    for built in ({}, None):
+        target = MaskedAdamW(make_params(SHAPES), lr=1e-2, mask=built)
+        target.load_state_dict(saved)
+        assert (target.mask_kind, target.seed) == ("none", 3)
+    earlier = copy.deepcopy(saved)
+    earlier["childopt"]["mask_kind"] = "dense"
+    with pytest.raises(ValueError, match="saved with mask=\\{\\}, which held no mask at all, loads once its "
+                       "'childopt' entry says mask_kind 'none'"):
+        MaskedAdamW(make_params(SHAPES), lr=1e-2, mask={}).load_state_dict(earlier)
 
 
 def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
