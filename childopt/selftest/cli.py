@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from childopt.selftest import report, sanitizer, steps
+from childopt.selftest import outputs, report, sanitizer, steps
 from childopt.selftest.context import Context, no_gpu_reason
 from childopt.selftest.verdict import COLUMNS, FAILED, SKIPPED, StepResult, verdict
 
@@ -59,6 +59,12 @@ def parse_args(argv) -> argparse.Namespace:
     out = Path(args.out or f"selftest-{datetime.datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out or out}: exists and is not a folder")
+    # What an earlier run's selftest.json lists may be removed; anything else at a name this run
+    # writes is refused here, before anything is written (see childopt.selftest.outputs).
+    args.earlier = outputs.vouched(out) if out.is_dir() else []
+    why = out.is_dir() and outputs.conflict(out, outputs.planned(not no_gpu_reason(args.cpu_only)), args.earlier)
+    if why:
+        parser.error(f"--out {args.out or out}: {why}; move it away or pick another --out")
     try:  # made here: a folder that cannot be made or written is a usage error, not a traceback
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -123,19 +129,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = make_context(args)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report.write_unfinished(ctx, argv, started)  # an earlier run's report must not outlive this run's start
-    clear_earlier_outputs(ctx)
+    earlier = outputs.present(ctx.out, args.earlier)
+    # The note lists the earlier run's files too, so a run stopped before they are gone still removes them.
+    listed = list(dict.fromkeys(outputs.planned(ctx.gpu) + earlier))
+    report.write_unfinished(ctx, argv, started, listed)  # an earlier run's report must not outlive this run's start
+    clear_earlier_outputs(ctx, earlier)
     with sigterm_raises():
         return run(ctx, argv, started)
 
 
-def clear_earlier_outputs(ctx: Context) -> None:
-    """Remove what an earlier run wrote into the output folder (each step's log and results, the
-    benchmark's report, the sanitizer's logs), and nothing else there: a step this run skips or
+def clear_earlier_outputs(ctx: Context, earlier=None) -> None:
+    """Remove the files an earlier run wrote into the output folder (``earlier``, by default those
+    its selftest.json lists), but the reports, and nothing else there: a step this run skips or
     fails must not leave an earlier run's file beside its verdict."""
-    names = [f"{name}{suffix}" for name, _, _ in STEPS for suffix in (".log", ".xml")] + ["bench.json", "bench.md"]
-    for path in [ctx.out / name for name in names] + sorted((ctx.out / "sanitizer").glob("*.log")):
-        path.unlink(missing_ok=True)
+    earlier = outputs.vouched(ctx.out) if earlier is None else earlier
+    outputs.remove(ctx.out, [name for name in earlier if name not in (outputs.REPORT, outputs.MARKDOWN)])
 
 
 def run(ctx: Context, argv: list, started: str) -> int:

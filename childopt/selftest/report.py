@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from childopt.arguments import write_output
+from childopt.selftest import outputs
 from childopt.selftest.context import Context
 from childopt.selftest.verdict import FAILED, render_markdown, render_text, table_json
 
@@ -28,14 +30,23 @@ def _command(argv: list) -> str:
     return " ".join(["python -m childopt selftest", *map(shlex.quote, argv)])
 
 
-def write_unfinished(ctx: Context, argv: list, started: str) -> None:
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path``; a symbolic link there (parse_args refuses one) is replaced, never written through."""
+    if path.is_symlink():
+        path.unlink()
+    write_output(path, text)
+
+
+def write_unfinished(ctx: Context, argv: list, started: str, listed: list) -> None:
     """selftest.json and selftest.md saying the run started and has not finished, written when it
-    starts: a run interrupted (Ctrl-C, SIGTERM, a crash) leaves them, not an earlier run's report."""
+    starts: a run interrupted (Ctrl-C, SIGTERM, a crash) leaves them, not an earlier run's report.
+    ``listed``: the files the run may write (and those it removes), for the next run to remove."""
     note = "the run has not finished: still running, or interrupted (Ctrl-C, SIGTERM, a crash)"
-    data = {"command": _command(argv), "started": started, "finished": False, "exit_code": None, "note": note}
-    write_output(ctx.out / "selftest.json", json.dumps(data, indent=2) + "\n")
-    write_output(ctx.out / "selftest.md", f"# childopt selftest: unfinished, started {started}\n\n"
-                                          f"`{data['command']}`: {note}; the step logs hold what it did.\n")
+    data = {"command": _command(argv), "started": started, "finished": False, "exit_code": None, "note": note,
+            "outputs": listed}
+    _write(ctx.out / outputs.REPORT, json.dumps(data, indent=2) + "\n")
+    _write(ctx.out / outputs.MARKDOWN, f"# childopt selftest: unfinished, started {started}\n\n"
+                                       f"`{data['command']}`: {note}; the step logs hold what it did.\n")
 
 
 def write(ctx: Context, argv: list, started: str, seconds: float, results: list, table: dict, exit_code: int) -> None:
@@ -44,9 +55,11 @@ def write(ctx: Context, argv: list, started: str, seconds: float, results: list,
     data = {"command": _command(argv), "started": started, "finished": True,
             "seconds": round(seconds, 1), "exit_code": exit_code, "gpu": ctx.gpu, "no_gpu": ctx.no_gpu or None,
             "quick": ctx.quick, "tests": str(ctx.tests) if ctx.tests else None, "environment": environment,
-            "steps": [r.as_json() for r in results], "verdict": table_json(table)}
-    write_output(ctx.out / "selftest.json", json.dumps(data, indent=2) + "\n")
-    write_output(ctx.out / "selftest.md", markdown(data, results, table, exit_code, seconds))
+            "steps": [r.as_json() for r in results], "verdict": table_json(table),
+            "outputs": list(dict.fromkeys([outputs.REPORT, outputs.MARKDOWN,
+                                           *outputs.present(ctx.out, outputs.planned(ctx.gpu))]))}
+    _write(ctx.out / outputs.REPORT, json.dumps(data, indent=2) + "\n")
+    _write(ctx.out / outputs.MARKDOWN, markdown(data, results, table, exit_code, seconds))
 
 
 def markdown(data: dict, results: list, table: dict, exit_code: int, seconds: float) -> str:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from childopt.selftest.context import EXIT_SKIPPED, Context, find_sanitizer, last_line, run_logged
 from childopt.selftest.verdict import FAILED, KERNEL_BACKENDS, KERNELS, PASSED, SKIPPED, Evidence, StepResult
 
+FOLDER = "sanitizer"  # the logs' folder in the output folder
 ERRORS_FOUND = 86  # --error-exitcode: distinct from Python's 1 and 2 and from EXIT_SKIPPED
 RUN_TIMEOUT_S = 900
 PROBE = "import torch; torch.ones(8, device='cuda').add_(1); torch.cuda.synchronize()"
@@ -29,13 +30,23 @@ def _argv(exe: str, tool: str, program: list) -> list:
             *program]
 
 
+def log_name(tool: str, backend: str, kernel: str) -> str:
+    """The log of one run, relative to the output folder."""
+    return f"{FOLDER}/{tool}-{backend}-{kernel.replace('/', '-')}.log"
+
+
+def log_names(tool: str) -> list:
+    """Every log ``tool`` may write, relative to the output folder: the probe's and one per run."""
+    return [f"{FOLDER}/{tool}-probe.log"] + [log_name(tool, b, k) for b in KERNEL_BACKENDS for k in KERNELS]
+
+
 def _workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def check(ctx: Context, exe: str, tool: str, backend: str, kernel: str) -> Evidence:
     """One sanitizer run of one kernel of one backend."""
-    log = ctx.out / "sanitizer" / f"{tool}-{backend}-{kernel.replace('/', '-')}.log"
+    log = ctx.out / log_name(tool, backend, kernel)
     rel = log.relative_to(ctx.out)
     program = ["-m", "childopt.selftest.target", "--backend", backend, "--kernel", kernel]
     rc = run_logged(_argv(exe, tool, program), log, timeout=RUN_TIMEOUT_S,
@@ -65,7 +76,7 @@ def sanitize(ctx: Context, tool: str) -> StepResult:
     if exe is None:
         return StepResult(tool, SKIPPED, "compute-sanitizer not found (on PATH or in CUDA_HOME/bin): the CUDA "
                                          "toolkit here does not have it")
-    probe_log = ctx.out / "sanitizer" / f"{tool}-probe.log"
+    probe_log = ctx.out / log_names(tool)[0]
     rc = run_logged(_argv(exe, tool, ["-c", PROBE]), probe_log, env=ctx.child_env(), timeout=RUN_TIMEOUT_S)
     if rc != 0:
         return StepResult(tool, SKIPPED, f"compute-sanitizer cannot check this GPU here (a probe exited with {rc}: "

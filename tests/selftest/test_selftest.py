@@ -198,7 +198,8 @@ def _one_step(monkeypatch, step):
 def test_an_earlier_report_is_replaced_when_a_run_starts_so_an_interrupted_run_shows_unfinished(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "selftest.json").write_text(json.dumps({"started": "earlier", "exit_code": 0}))
+    (out / "selftest.json").write_text(json.dumps({"command": "python -m childopt selftest", "started": "earlier",
+                                                   "exit_code": 0}))
     (out / "selftest.md").write_text("childopt selftest PASSED\n")
 
     def interrupted(ctx):
@@ -261,15 +262,7 @@ def test_the_sanitizer_program_skips_a_backend_that_cannot_run(monkeypatch, caps
     assert "native cannot run on cuda: not built" in capsys.readouterr().err
 
 
-def test_a_run_starts_by_removing_an_earlier_runs_outputs_and_only_those(tmp_path):
-    """A reused --out folder: an earlier GPU run's bench.json, build.log, lane.xml and sanitizer
-    logs must not sit beside a verdict that skipped those steps; the user's own files stay."""
-    ctx = _context(tmp_path)
-    earlier = ["bench.json", "bench.md", "build.log", "lane.xml", "lane.log", "memcheck.log",
-               "sanitizer/memcheck-x.log"]
-    (ctx.out / "sanitizer").mkdir()
-    for name in earlier + ["notes.txt"]:
-        (ctx.out / name).write_text("from an earlier run\n")
-    cli.clear_earlier_outputs(ctx)
-    assert [name for name in earlier if (ctx.out / name).exists()] == []
-    assert (ctx.out / "notes.txt").read_text() == "from an earlier run\n"
+def test_the_report_lists_every_file_the_cpu_part_wrote(cpu_run):
+    """The list the next run removes (tests/selftest/test_outputs.py): every file of this run, no other."""
+    _, out, _, report = cpu_run
+    assert sorted(report["outputs"]) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
