@@ -286,3 +286,27 @@ def test_the_plot_draws_each_paired_table_as_ratios_with_a_line_at_one(tmp_path,
     assert [bar.get_width() for bar in ratio_ax.patches] == [1.0, 0.8]
     assert [bar.get_width() for bar in ms_ax.patches] == [10.0, 12.5]
     assert [line.get_xdata()[0] for line in ratio_ax.get_lines()] == [1.0]
+
+
+def test_the_training_memory_panel_tells_the_methods_apart_by_held_live_and_saved_bytes(tmp_path, monkeypatch):
+    """On CPU the peak RSS (~1.1 GB) is about the same for every row; held, live and saved bytes
+    (~5-20 MB, a real --quick run's) tell full fine-tuning, sparse storage and LoRA apart, so
+    they get an axis of their own, in MB with 3 significant digits, and peak GB another."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kwargs: saved.append(fig))
+    measured = {"adamw-fused": (0.0078, 0.0196, 0.0098), "sparse-compact": (0.0063, 0.0157, 0.0079),
+                "lora-r8": (0.0048, 0.0121, 0.0061)}  # held, live, saved GB
+    rows = [train.TrainRow(key, "opt", key, "native", 2.0, 500.0, 1.133, held, live, kept, 1.0, 1)
+            for key, (held, live, kept) in measured.items()]
+    plot([], [], rows, str(tmp_path / "bench.png"), "title", ["training"])
+    (fig,) = saved
+    legends = {text.get_text(): ax for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()}
+    assert set(legends) == {"held MB", "live MB", "saved MB"}
+    bytes_ax = legends["live MB"]
+    assert [t.get_text() for t in bytes_ax.texts] == ["7.80", "6.30", "4.80", "19.6", "15.7", "12.1",
+                                                      "9.80", "7.90", "6.10"]
+    assert max(bar.get_width() for bar in bytes_ax.patches) == pytest.approx(19.6)  # no peak bar on this axis
+    (peak_ax,) = [ax for ax in fig.axes if ax.get_xlabel().startswith("peak GB")]
+    assert [bar.get_width() for bar in peak_ax.patches] == [1.133] * 3
