@@ -1,8 +1,9 @@
 // Vectorised Philox4x32-10 (philox_cpu.h).  Intrinsics rather than target_clones: GCC vectorises
 // the widening 32x32->64 multiply of a plain loop as a full 64-bit multiply (three vpmuludq per
-// vector instead of one, slower than scalar code), so the multiply-high / multiply-low pair is
-// written out with vpmuludq on even and odd lanes.  Each vector step runs LANES counters through
-// the 10 rounds, then transposes the four word vectors so the words leave in element order.
+// vector instead of one, slower than scalar code), so the rounds keep one counter per 64-bit lane
+// and take each product whole from one vpmuludq.  Each vector step runs its counters through the
+// 10 rounds; words leave in element order (a transpose), keep decisions are compared in the
+// Philox layout and put in element order as bits (AVX-512) or bytes (AVX2).
 #include "philox_cpu.h"
 
 #include <c10/util/Exception.h>
@@ -329,14 +330,22 @@ __attribute__((target("avx2"))) inline Lanes256 rounds_256(const BernoulliDraw& 
   return lanes;
 }
 
-// Dwords in element order from four qword-lane vectors x0..x3 (one per word, 4 groups): on
-// return `first` holds groups 0 and 1 of the four, `second` groups 2 and 3.
-__attribute__((target("avx2"))) inline void interleave_256(__m256i x0, __m256i x1, __m256i x2, __m256i x3,
-                                                           __m256i& first, __m256i& second) {
+// Four qword-lane vectors x0..x3 (word w of 4 groups in x[w]'s low dwords) as each group's 4
+// dwords: `even` holds group 0 | group 2 (one per 128-bit half), `odd` group 1 | group 3.
+__attribute__((target("avx2"))) inline void group_words_256(__m256i x0, __m256i x1, __m256i x2, __m256i x3,
+                                                            __m256i& even, __m256i& odd) {
   const __m256i words01 = _mm256_blend_epi32(x0, _mm256_slli_epi64(x1, 32), 0xAA);  // g0w0 g0w1 g1w0 g1w1 | g2, g3
   const __m256i words23 = _mm256_blend_epi32(x2, _mm256_slli_epi64(x3, 32), 0xAA);
-  const __m256i even = _mm256_unpacklo_epi64(words01, words23);  // group 0 | group 2
-  const __m256i odd = _mm256_unpackhi_epi64(words01, words23);   // group 1 | group 3
+  even = _mm256_unpacklo_epi64(words01, words23);
+  odd = _mm256_unpackhi_epi64(words01, words23);
+}
+
+// Dwords in element order from four qword-lane vectors: `first` holds groups 0 and 1, `second`
+// groups 2 and 3.
+__attribute__((target("avx2"))) inline void interleave_256(__m256i x0, __m256i x1, __m256i x2, __m256i x3,
+                                                           __m256i& first, __m256i& second) {
+  __m256i even, odd;
+  group_words_256(x0, x1, x2, x3, even, odd);
   first = _mm256_permute2x128_si256(even, odd, 0x20);
   second = _mm256_permute2x128_si256(even, odd, 0x31);
 }
@@ -376,9 +385,9 @@ __attribute__((target("avx2"))) void avx2_keep(const BernoulliDraw& draw, uint64
     for (int v = 0; v < kChains256; ++v) {
       __m256i kept[4];
       for (int w = 0; w < 4; ++w) kept[w] = _mm256_cmpgt_epi32(threshold, _mm256_xor_si256(lanes.c[w][v], sign));
-      const __m256i words01 = _mm256_blend_epi32(kept[0], _mm256_slli_epi64(kept[1], 32), 0xAA);
-      const __m256i words23 = _mm256_blend_epi32(kept[2], _mm256_slli_epi64(kept[3], 32), 0xAA);
-      packed[v] = _mm256_packs_epi32(_mm256_unpacklo_epi64(words01, words23), _mm256_unpackhi_epi64(words01, words23));
+      __m256i even, odd;
+      group_words_256(kept[0], kept[1], kept[2], kept[3], even, odd);
+      packed[v] = _mm256_packs_epi32(even, odd);
     }
     for (int v = 0; v < kChains256; v += 2) {
       // bytes: chain v groups 0-1, chain v+1 groups 0-1 | chain v groups 2-3, chain v+1 groups 2-3

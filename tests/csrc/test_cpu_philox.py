@@ -88,7 +88,7 @@ def test_bernoulli_masks_equal_the_definition(native_module, isa, threads, count
                                          ("importance", torch.bfloat16)])
 def test_masked_steps_are_bit_identical_on_every_isa_and_thread_count(native_module, threads, mask, dtype, masked):
     """Bernoulli, and importance masks (running scores redrawn every other step, so the level codes
-    change within the run; AVX-512 compares them in registers, the others through words in memory)."""
+    change within the run; AVX-512 and AVX2 compare them in registers, scalar code through words in memory)."""
     def run(isa, count):
         native_module._set_philox_isa(isa)
         threads(count)
@@ -126,7 +126,7 @@ def test_importance_levels_equal_the_definition(native_module, isa):
 
 @pytest.mark.parametrize("numel, rng_base, seed, step", WORD_CASES)
 def test_importance_draws_equal_the_definition(native_module, isa, numel, rng_base, seed, step):
-    """A whole run of codes in one draw (register steps of 128, pieces of 256, a partial last
+    """A whole run of codes in one draw (register steps of 128 or 32, pieces of 256, a partial last
     group): keep is ``word < threshold`` of childopt.philox's words, code 255 always, 0 never."""
     codes = torch.randint(0, 256, (numel,), generator=torch.Generator().manual_seed(numel), dtype=torch.uint8)
     codes[:3] = torch.tensor([0, 255, 128], dtype=torch.uint8)[:numel]
