@@ -305,6 +305,9 @@ def load(optimizer, state_dict, torch_load) -> None:
         optimizer.hook_gradients()
     if saved_extras is not None:
         optimizer._mask_kind = MaskKind.from_label(saved_extras["mask_kind"])
+        if optimizer._mask_kind == MaskKind.NONE and built == MaskKind.DENSE \
+                and not any("mask" in s for s in optimizer.state.values()):
+            optimizer._mask_kind = MaskKind.DENSE  # built with mask={}: 'none' saved by one (extras), same training
         if optimizer._mask_kind != MaskKind.IMPORTANCE:
             optimizer._importance = optimizer._importance_config = None
         if saved_extras["seed"] is not None:  # None (older saves without a drawn mask): keep the one built

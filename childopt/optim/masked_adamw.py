@@ -456,7 +456,8 @@ class MaskedAdamW(Optimizer):
         return checkpoint.save(self, super().state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a MaskedAdamW state dict (any childopt version) or a ``torch.optim.AdamW`` one.
+        """Load a MaskedAdamW state dict (any childopt version; one an earlier version saved with
+        ``mask={}`` needs its entry's mask_kind set to 'none', as the error says) or a ``torch.optim.AdamW`` one.
 
         A childopt state dict also restores the mask kind and seed (the Bernoulli stream
         continues where it was saved); a foreign one keeps this optimizer's masks and the group

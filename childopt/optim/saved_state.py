@@ -118,9 +118,9 @@ def _check_mask_kept(optimizer, state: Mapping, kind) -> None:
                          f"built with a {optimizer.mask_kind!r} one and holds none): {_DCP_FILLS}, so build the "
                          "optimizer with a mask on the same parameters (a dict of bool tensors of the saved shapes, "
                          "e.g. all-True; for ChildTuningAdamW(mode='ChildTuning-D'), set_gradient_mask with one) "
-                         f"{_BEFORE_DCP}: the saved masks replace it.  (A state dict of an earlier childopt saved "
-                         "with mask={}, which held no mask at all, loads once its 'childopt' entry says "
-                         "mask_kind 'none'.)")
+                         f"{_BEFORE_DCP}: the saved masks replace it.  A plain load_state_dict of a state dict "
+                         "that an earlier childopt saved with mask={} (no mask at all, every entry trained): set "
+                         "its 'childopt' entry's mask_kind to 'none'")
 
 
 def _check_param_state(optimizer, p: torch.Tensor, saved, kind) -> None:

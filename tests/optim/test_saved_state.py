@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from childopt import MaskedAdamW
+from childopt import ChildTuningAdamW, MaskedAdamW
 from tests.helpers import make_params, masks_for, train
 
 SHAPES = [(6, 4), (9,)]
@@ -270,15 +270,33 @@ def test_a_state_saved_with_an_empty_mask_dict_loads_as_one_without_a_mask():
     train(source, params, 2)
     saved = source.state_dict()
     assert saved["childopt"]["mask_kind"] == "none"
-    for built in ({}, None):
+    for built, kind in (({}, "dense"), (None, "none")):  # each keeps its own way of training every entry
         target = MaskedAdamW(make_params(SHAPES), lr=1e-2, mask=built)
         target.load_state_dict(saved)
-        assert (target.mask_kind, target.seed) == ("none", 3)
+        assert (target.mask_kind, target.seed) == (kind, 3)
     earlier = copy.deepcopy(saved)
     earlier["childopt"]["mask_kind"] = "dense"
-    with pytest.raises(ValueError, match="saved with mask=\\{\\}, which held no mask at all, loads once its "
-                       "'childopt' entry says mask_kind 'none'"):
+    with pytest.raises(ValueError, match="A plain load_state_dict of a state dict that an earlier childopt saved "
+                       "with mask=\\{\\} \\(no mask at all, every entry trained\\): set its 'childopt' entry's "
+                       "mask_kind to 'none'"):
         MaskedAdamW(make_params(SHAPES), lr=1e-2, mask={}).load_state_dict(earlier)
+
+
+def test_a_childtuning_d_run_with_an_empty_mask_resumes_and_steps():
+    """set_gradient_mask({}) trains every entry in ChildTuning-D; its state (saved as 'none') loads
+    into the same set-up, which still steps, as the uninterrupted run does."""
+    params = make_params(SHAPES)
+    source = ChildTuningAdamW(params, lr=1e-2, mode="ChildTuning-D", seed=3, backend="reference")
+    source.set_gradient_mask({})
+    train(source, params, 2)
+    saved = copy.deepcopy(source.state_dict())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    target = ChildTuningAdamW(copies, lr=1e-2, mode="ChildTuning-D", seed=3, backend="reference")
+    target.set_gradient_mask({})
+    target.load_state_dict(saved)
+    train(source, params, 1, start=2)
+    train(target, copies, 1, start=2)
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
 
 
 def test_pickling_before_the_first_step_keeps_a_drawn_seed_drawn():
