@@ -58,17 +58,20 @@ from childopt.optim.checkpoint import lift_extras
 MODES = ("ChildTuning-D", "ChildTuning-F")
 
 
-def _check(mode, reserve_p, storage="dense", compact_grads=False, fisher_options=()) -> None:
-    """The options' checks, made before a Fisher pass (which can take a full pass over the data)."""
+def _check(mode, reserve_p, storage="dense", compact_grads=False, fisher_options=()) -> float:
+    """The options' checks, made before a Fisher pass (which can take a full pass over the data);
+    returns ``reserve_p`` as a float (a one-element tensor or numpy scalar is read once, here)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    validation.check_number(reserve_p, "reserve_p (the fraction of entries trained)", low=0.0, high=1.0, low_open=True)
+    reserve_p = validation.check_number(reserve_p, "reserve_p (the fraction of entries trained)", low=0.0, high=1.0,
+                                        low_open=True)
     validation.check_storage(storage, compact_grads)
     if mode == "ChildTuning-F" and storage == "sparse":
         raise ValueError("storage='sparse' needs ChildTuning-D's fixed mask; ChildTuning-F draws a new one each step")
     if mode == "ChildTuning-F" and fisher_options:
         raise TypeError(f"unexpected {', '.join(sorted(fisher_options))} with mode='ChildTuning-F' (Fisher options "
                         "apply to ChildTuning-D, which scores a Fisher pass)")
+    return reserve_p
 
 
 def child_tuning_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: float, train_dataloader=None,
@@ -111,7 +114,7 @@ def _build_optimizer(model, args: TrainingArguments, *, mode: str, reserve_p: fl
     (``mask=None`` would warn that ``reserve_p`` has no effect) and the state dict loaded next restores it.
     """
     given = [*fisher_kwargs, *(["max_batches"] if max_batches is not None else [])]
-    _check(mode, reserve_p, storage, compact_grads, given)
+    reserve_p = _check(mode, reserve_p, storage, compact_grads, given)
     if mode == "ChildTuning-D" and train_dataloader is None and not mask_from_state:
         raise ValueError("mode='ChildTuning-D' needs train_dataloader= to compute the Fisher mask")
     if compact_grads and args.fp16:
@@ -259,7 +262,7 @@ class ChildTuningTrainer(Trainer):
                  compact_grads: bool = False, max_fisher_batches: Optional[int] = None,
                  fisher_kwargs: Optional[dict] = None, **kwargs):
         given = [*(fisher_kwargs or {}), *(["max_fisher_batches"] if max_fisher_batches is not None else [])]
-        _check(child_tuning_mode, reserve_p, storage, compact_grads, given)
+        reserve_p = _check(child_tuning_mode, reserve_p, storage, compact_grads, given)
         if compact_grads and not hasattr(Trainer, "_clip_grad_norm"):
             raise RuntimeError("compact_grads=True needs a transformers whose Trainer clips in _clip_grad_norm "
                                "(5.x); this one clips inline, where the compact gradients cannot be reached")

@@ -74,7 +74,9 @@ class Setting:
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         validation.check_bool(self.checkpointing, "checkpointing")
-        validation.check_number(self.reserve_p, "reserve_p", low=0.0, high=1.0, low_open=True)
+        # frozen: the checked float (a tensor or numpy scalar read once) replaces what was given
+        object.__setattr__(self, "reserve_p",
+                           validation.check_number(self.reserve_p, "reserve_p", low=0.0, high=1.0, low_open=True))
 
 
 @dataclass(frozen=True)

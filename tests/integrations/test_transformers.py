@@ -188,6 +188,8 @@ def test_bad_input(tmp_path):
     for reserve_p in (True, "0.3"):
         with pytest.raises(TypeError, match="reserve_p .* must be a number"):
             child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=reserve_p)
+    opt = child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=torch.tensor(0.5))
+    assert all(type(g["reserve_p"]) is float and g["reserve_p"] == 0.5 for g in opt.param_groups)
     with pytest.raises(TypeError, match="Fisher options\\s+apply to ChildTuning-D"):
         child_tuning_optimizer(model, args, mode="ChildTuning-F", reserve_p=RESERVE_P, storge="sparse")
     with pytest.raises(ValueError, match="needs ChildTuningTrainer"):
