@@ -74,8 +74,9 @@ def conflict(out: Path, names: list, earlier: list) -> Optional[str]:
         if path.exists() and not path.is_file():
             return f"{str(path)!r} is not a regular file; the selftest writes a file of that name"
         if path.exists() and name not in earlier:
-            return (f"{str(path)!r} exists and no earlier selftest run wrote it (no {REPORT} there lists it); "
-                    "the selftest would write over it")
+            why = (f"the {REPORT} there does not list it (an older childopt's report lists no files)"
+                   if REPORT in earlier else f"no earlier selftest run wrote it (no {REPORT} there lists it)")
+            return f"{str(path)!r} exists and {why}; the selftest would write over it"
     return None
 
 
