@@ -37,7 +37,6 @@ from childopt.memory import methods
 from childopt.memory.methods import Method
 from childopt.memory.models import Architecture, build, check_length, layer_blocks
 from childopt.memory.trace import LiveBytes, fake_mode, to_fake
-from childopt.optim import validation
 
 MASK_KEYS = ("mask", "indices", "importance")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,10 +72,11 @@ class Setting:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        validation.check_bool(self.checkpointing, "checkpointing")
-        # frozen: the checked float (a tensor or numpy scalar read once) replaces what was given
-        object.__setattr__(self, "reserve_p",
-                           validation.check_number(self.reserve_p, "reserve_p", low=0.0, high=1.0, low_open=True))
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"checkpointing must be a bool, got {self.checkpointing!r}")
+        p = self.reserve_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+            raise ValueError(f"reserve_p must be a number in (0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)
