@@ -90,15 +90,13 @@ def _inside(out: Path, name: str) -> Optional[Path]:
     return out / name
 
 
-def remove(out: Path, names: list) -> None:
-    """Remove the regular files ``names`` in ``out``; a link, a folder or a name reached through a link stays."""
-    for name in names:
-        path = _inside(out, name)
-        if path is not None and not path.is_symlink() and path.is_file():
-            path.unlink(missing_ok=True)
-
-
 def present(out: Path, names: list) -> list:
     """The ``names`` that are regular files in ``out`` (reached through no link)."""
     return [name for name in names if (path := _inside(out, name)) is not None and not path.is_symlink()
             and path.is_file()]
+
+
+def remove(out: Path, names: list) -> None:
+    """Remove the regular files ``names`` in ``out``; a link, a folder or a name reached through a link stays."""
+    for name in present(out, names):
+        (out / name).unlink(missing_ok=True)

@@ -168,3 +168,19 @@ def test_a_folder_named_like_an_output_is_a_usage_error_before_anything_is_writt
 
 def test_every_step_log_is_a_name_the_run_may_write():
     assert {f"{name}.log" for name, _, _ in cli.STEPS} <= set(outputs.planned(gpu=True))
+
+
+def test_remove_takes_only_regular_files_reached_through_no_link(tmp_path):
+    """remove() guards on its own (clear_earlier_outputs hands it a report's list unfiltered): a
+    listed name behind a linked folder, a link and a folder all stay."""
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere, {MEMCHECK_LOG.split("/")[1]: "not the selftest's\n", "target.log": "kept\n"})
+    out = tmp_path / "out"
+    write(out, {"lane.log": "the selftest's\n"})
+    (out / "sanitizer").symlink_to(elsewhere)
+    (out / "lane.xml").symlink_to(elsewhere / "target.log")
+    (out / "environment.log").mkdir()
+    outputs.remove(out, [MEMCHECK_LOG, "lane.xml", "environment.log", "lane.log"])
+    assert sorted(p.name for p in elsewhere.iterdir()) == [MEMCHECK_LOG.split("/")[1], "target.log"]
+    assert (out / "lane.xml").is_symlink() and (out / "environment.log").is_dir()
+    assert not (out / "lane.log").exists()
