@@ -133,7 +133,12 @@ def main(argv=None) -> int:
     # The note lists the earlier run's files too, so a run stopped before they are gone still removes them.
     listed = list(dict.fromkeys(outputs.planned(ctx.gpu) + earlier))
     report.write_unfinished(ctx, argv, started, listed)  # an earlier run's report must not outlive this run's start
-    clear_earlier_outputs(ctx, earlier)
+    try:
+        clear_earlier_outputs(ctx, earlier)
+    except OSError as exc:  # a read-only mount, a folder another user owns: one line, and how to go on
+        print(f"childopt selftest: --out {ctx.out}: cannot remove {exc.filename}, which an earlier run wrote "
+              f"({exc.strerror}); remove it by hand or pick another --out", file=sys.stderr)
+        return 2
     with sigterm_raises():
         return run(ctx, argv, started)
 

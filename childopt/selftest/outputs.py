@@ -42,7 +42,7 @@ def vouched(out: Path) -> list:
         return []
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
         return []
     command = data.get("command") if isinstance(data, dict) else None
     if not isinstance(command, str) or not (command == MARKER or command.startswith(MARKER + " ")):

@@ -184,3 +184,23 @@ def test_remove_takes_only_regular_files_reached_through_no_link(tmp_path):
     assert sorted(p.name for p in elsewhere.iterdir()) == [MEMCHECK_LOG.split("/")[1], "target.log"]
     assert (out / "lane.xml").is_symlink() and (out / "environment.log").is_dir()
     assert not (out / "lane.log").exists()
+
+
+def test_an_unreadably_deep_report_vouches_for_nothing(tmp_path):
+    (tmp_path / "selftest.json").write_text("[" * 200000)
+    assert outputs.vouched(tmp_path) == []
+
+
+def test_an_earlier_file_that_cannot_be_removed_is_one_error_line(tmp_path, one_lane, capsys, monkeypatch):
+    """A read-only mount or another user's folder: exit 2 naming the file, no traceback."""
+    write(tmp_path, {"lane.log": "from an earlier run\n"})
+    earlier_report(tmp_path, ["selftest.json", "lane.log"])
+
+    def refuse(out, names):
+        raise PermissionError(13, "Permission denied", str(out / names[0]))
+
+    monkeypatch.setattr(outputs, "remove", refuse)
+    assert main(["--cpu-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot remove {tmp_path / 'lane.log'}, which an earlier run wrote (Permission denied)" in err
+    assert "Traceback" not in err
