@@ -68,20 +68,24 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
     names the parameter in the message).
     """
     buffer = compact.buffers.get(param) if compact is not None else None
-    if buffer is None and param.grad is None and param.requires_grad:  # skipped, unless another optimizer took it
-        if _live_owner(param) not in (None, compact):
-            raise RuntimeError(f"the gradients of {describe(param)} go to another optimizer built with "
-                               "compact_grads=True, which hooks this parameter (the one built or loaded last takes "
-                               "the hook): step that one, or call its release_gradients() to step this one")
-    if buffer is not None and param.grad is not None:
+    grad = param.grad
+    if buffer is None:
+        if grad is None:  # skipped, unless another optimizer took it
+            if param.requires_grad and _live_owner(param) not in (None, compact):
+                raise RuntimeError(f"the gradients of {describe(param)} go to another optimizer built with "
+                                   "compact_grads=True, which hooks this parameter (the one built or loaded last "
+                                   "takes the hook): step that one, or call its release_gradients() to step this one")
+            return None
+        if grad.is_sparse:
+            raise RuntimeError(f"childopt does not support sparse gradients ({describe(param)}); use dense "
+                               "gradients, e.g. nn.Embedding(sparse=False)")
+        return grad
+    if grad is not None:
         raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
                            "compact_grads=True gradients come from backward (set .grad only without it).  "
                            "Under DDP, which writes the dense .grad after its all-reduce: leave the model "
                            "unwrapped and call childopt.ddp.all_reduce_gradients(opt) between backward and step")
-    if param.grad is not None and param.grad.is_sparse:
-        raise RuntimeError(f"childopt does not support sparse gradients ({describe(param)}); use dense "
-                           "gradients, e.g. nn.Embedding(sparse=False)")
-    return buffer if buffer is not None else param.grad
+    return buffer
 
 
 # parameter -> weak reference to the CompactGradients whose hook takes its gradients.  Keyed by

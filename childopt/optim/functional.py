@@ -105,7 +105,8 @@ def _columns(t, lr, *, betas, eps: float, weight_decay: float, maximize: bool, g
 def _host_counts(state_steps: list, rng_bases: list, device, hyper: tuple) -> Optional[list]:
     """The step counts as floats when the rows can be host arithmetic (see step_scalar_rows): rows
     built on the CPU, no tensor among the ``hyper``-parameters or rng bases; else None."""
-    if torch.device(device).type != "cpu" or any(isinstance(x, torch.Tensor) for x in (*hyper, rng_bases[0])):
+    if (device != "cpu" and torch.device(device).type != "cpu") or any(isinstance(x, torch.Tensor)
+                                                                       for x in (*hyper, rng_bases[0])):
         return None
     module = _native.loaded()[0] if _host_eager() else None
     return None if module is None else module._step_counts(state_steps)
@@ -116,13 +117,16 @@ def _host_rows(counts: list, rng_bases: list, lr: float, **formula) -> torch.Ten
     (the formula's other arguments in ``formula``), spread over the bucket's tensors, then each
     tensor's rng base."""
     row_of: dict = {}  # count -> its row's index (a NaN count, never equal to itself, gets a row per tensor)
-    index = [row_of.setdefault(count, len(row_of)) for count in counts]
+    if counts.count(counts[0]) == len(counts):  # the usual bucket: one count, so one row (no per-tensor index)
+        row_of[counts[0]], index = 0, None
+    else:
+        index = [row_of.setdefault(count, len(row_of)) for count in counts]
     rows = []
     for count in row_of:
         columns = dict(_columns(count + 1, lr, sqrt=math.sqrt, **formula), rng_base=0.0)
         rows.append([columns[name] for name in STEP_SCALAR_FIELDS])
     block = torch.tensor(rows, dtype=torch.float64)
-    block = block.expand(len(counts), -1).clone() if len(rows) == 1 else block[torch.tensor(index)]
+    block = block.expand(len(counts), -1).clone() if index is None else block[torch.tensor(index)]
     block[:, COLUMN["rng_base"]] = torch.tensor(rng_bases, dtype=torch.float64)
     return block
 
@@ -149,14 +153,10 @@ def advance_steps(steps: list) -> None:
         torch._foreach_add_(steps, 1.0)
 
 
-def _tensor_kind(i: int, masks, indices, compact_grads, mask_kind: MaskKind, reserve_p: float):
-    if indices[i] is not None:
-        return ("sparse", indices[i].dtype, compact_grads[i])
-    if masks[i] is not None:  # importance: uint8 level codes; a fixed or an exact-size drawn mask: bool
-        return MaskKind.IMPORTANCE if masks[i].dtype == torch.uint8 else MaskKind.DENSE
-    if mask_kind == MaskKind.BERNOULLI and reserve_p < 1.0:
-        return MaskKind.BERNOULLI
-    return MaskKind.NONE
+def _aligned_offset(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts 16 bytes into an aligned storage (offset 0, the common case, in one call)."""
+    offset = t.storage_offset()
+    return offset == 0 or offset * t.element_size() % 16 == 0
 
 
 def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, max_exp_avg_sqs: Optional[list],
@@ -187,25 +187,35 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
         params, grads, exp_avgs, exp_avg_sqs = lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"]
         max_exp_avg_sqs, state_steps, rng_bases = lists["max_exp_avg_sqs"], lists["state_steps"], lists["rng_bases"]
         masks, indices, compact_grads = [None] * len(params), [None] * len(params), [False] * len(params)
-    buckets: dict = {}
-    routes: dict = {}  # (device, param dtype, grad dtype) -> backend: one lookup per kind of tensor
+    buckets: dict = {}  # (route number, kind, aligned) -> (device, backend, member indices)
+    routes: dict = {}  # (device, param dtype, grad dtype) -> (backend, route number): one lookup per kind of tensor
     compiling = torch.compiler.is_compiling()
+    # The kind of a tensor without indices or a mask is the group's (this loop's host work per
+    # tensor is a share of the step's overhead, so it is found once).
+    plain_kind = MaskKind.BERNOULLI if bernoulli else MaskKind.NONE
     for i, p in enumerate(params):
         grad = grads[i]
-        kind = _tensor_kind(i, masks, indices, compact_grads, mask_kind, reserve_p)
+        if indices[i] is not None:
+            kind = ("sparse", indices[i].dtype, compact_grads[i])
+        elif masks[i] is not None:  # importance: uint8 level codes; a fixed or an exact-size drawn mask: bool
+            kind = MaskKind.IMPORTANCE if masks[i].dtype == torch.uint8 else MaskKind.DENSE
+        else:
+            kind = plain_kind
         route = (p.device, p.dtype, grad.dtype)
-        impl = routes.get(route)
-        if impl is None:
-            impl = routes[route] = backends.route(backend(p.device), p.dtype, grad.dtype)
+        known = routes.get(route)
+        if known is None:
+            known = routes[route] = (backends.route(backend(p.device), p.dtype, grad.dtype), len(routes))
         # A tensor off 16-byte alignment gets its own bucket: in a shared one it would turn off
         # the vector loads of every tensor (a kernel vectorises a list only when all are aligned).
         # Storages are allocated aligned, so the storage offset tells.  A compiled step does not
         # split (dynamo breaks its graph on these reads); the kernels then check alignment themselves.
-        aligned = compiling or (p.storage_offset() * p.element_size() % 16 == 0
-                                and grad.storage_offset() * grad.element_size() % 16 == 0)
-        buckets.setdefault((*route, kind, impl.name, aligned), (impl, []))[1].append(i)
+        aligned = compiling or (_aligned_offset(p) and _aligned_offset(grad))
+        bucket = buckets.get((known[1], kind, aligned))
+        if bucket is None:
+            bucket = buckets[known[1], kind, aligned] = (p.device, known[0], [])
+        bucket[2].append(i)
     keep_threshold = philox.keep_threshold(reserve_p) if bernoulli else 1
-    for (device, _, _, kind, _, _), (impl, members) in buckets.items():
+    for (_, kind, _), (device, impl, members) in buckets.items():
         steps = [state_steps[i] for i in members]
         rows = step_scalar_rows(steps, [rng_bases[i] for i in members], lr=lr, betas=betas, eps=eps,
                                 weight_decay=weight_decay, maximize=maximize,
@@ -213,8 +223,13 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
                                 rule=rule,
                                 device=device if capturable else "cpu")
         rows = to_device(rows, device)  # queued, not waited for (childopt.transfer)
-        work = [params[i] if params[i].is_contiguous() else params[i].contiguous() for i in members]
-        bucket_grads = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in members]
+        work = [params[i] for i in members]
+        contiguous = all(map(torch.Tensor.is_contiguous, work))
+        if not contiguous:
+            work = [p if p.is_contiguous() else p.contiguous() for p in work]
+        bucket_grads = [grads[i] for i in members]
+        if not all(map(torch.Tensor.is_contiguous, bucket_grads)):
+            bucket_grads = [g if g.is_contiguous() else g.contiguous() for g in bucket_grads]
         moments = dict(exp_avgs=[exp_avgs[i] for i in members], exp_avg_sqs=[exp_avg_sqs[i] for i in members],
                        max_exp_avg_sqs=[max_exp_avg_sqs[i] for i in members] if amsgrad else None)
         if isinstance(kind, tuple):
@@ -226,9 +241,10 @@ def masked_adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, m
             impl.adamw_step(TensorLists(params=work, grads=bucket_grads, **moments,
                                         masks=[masks[i] for i in members] if held else None),
                             rows, MaskSpec(kind=kind, freeze=freeze, seed=seed, keep_threshold=keep_threshold))
-        for i, w in zip(members, work):
-            if w is not params[i]:
-                params[i].copy_(w)
+        if not contiguous:
+            for i, w in zip(members, work):
+                if w is not params[i]:
+                    params[i].copy_(w)
         advance_steps(steps)
     for destination, source in writebacks:
         destination.copy_(source)

@@ -343,7 +343,8 @@ class MaskedAdamW(Optimizer):
             unwrap([s["max_exp_avg_sq"] for s in states]) if group["amsgrad"] else None, [s["step"] for s in states],
             masks=unwrap([s.get(drawn) for s in states]),
             indices=[s.get("indices") for s in states],
-            compact_grads=[g is not p.grad for p, g in zip(stepped, grads)],
+            compact_grads=([False] * len(stepped) if self._compact is None
+                           else [g is not p.grad for p, g in zip(stepped, grads)]),
             rng_bases=[self._rng_bases[p] for p in stepped],
             rng_lanes=[self._rng_lanes[p] for p in stepped] if self._sharded else None,
             backend=self._backend,

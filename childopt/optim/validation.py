@@ -118,10 +118,11 @@ def check_steppable(params: list, grads: list, describe, sharded: bool, shapes: 
     sparse indices and Bernoulli counters were made for.
     """
     for p, g in zip(params, grads):
-        _check_own_memory(p, describe)  # p.data may have been replaced since construction
+        if not p.is_contiguous():  # p.data may have been replaced since construction
+            _check_own_memory(p, describe)
         if g.layout != torch.strided:
             raise RuntimeError(f"{describe(p)} has a {g.layout} gradient; childopt steps dense gradients")
-        if sharded or isinstance(g, sharding.DTENSOR):
+        if sharded or (type(g) is not torch.Tensor and isinstance(g, sharding.DTENSOR)):
             sharding.check_gradient(p, g, describe)
         if p.shape != shapes[p]:
             raise RuntimeError(f"{describe(p)} was given to the optimizer with shape {tuple(shapes[p])}; its .data "
