@@ -68,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "test-only: clear the set of threads that ran CPU kernel chunks and switch recording on or off");
   m.def("_chunk_thread_count", &childopt::cpu::chunk_thread_count,
         "test-only: how many distinct threads ran CPU kernel chunks since recording was switched on");
+  m.def("_chunk_thread_items", &childopt::cpu::chunk_thread_items,
+        "test-only: the work items each thread that ran CPU kernel chunks ran since recording was switched on");
   m.def("_philox_words", &childopt::cpu::philox_words_into, pybind11::arg("words"), pybind11::arg("rng_base"),
         pybind11::arg("seed"), pybind11::arg("step"),
         "fill a contiguous int32 CPU tensor with the Philox words (bit patterns) of its elements, as "

@@ -94,7 +94,7 @@ std::tuple<int64_t, int64_t, int64_t> probability_sums(const at::Tensor& log_r, 
   const float* data = log_r.data_ptr<float>();
   std::vector<BlockSums> blocks(static_cast<size_t>((numel + kChunk - 1) / kChunk));
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-    if (chunk_threads_recording()) note_chunk_thread();
+    if (chunk_threads_recording()) note_chunk_thread(last - first);
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * kChunk;
       blocks[static_cast<size_t>(b)] = block_sums(data + start, std::min(kChunk, numel - start), scale);
@@ -119,7 +119,7 @@ void keep_probabilities_into(const at::Tensor& log_r, const at::Tensor& p, doubl
   const float* in = log_r.data_ptr<float>();
   float* out = p.data_ptr<float>();
   at::parallel_for(0, log_r.numel(), kChunk, [&](int64_t first, int64_t last) {
-    if (chunk_threads_recording()) note_chunk_thread();
+    if (chunk_threads_recording()) note_chunk_thread(last - first);
     block_probabilities(in + first, out + first, last - first, scale);
   });
 }

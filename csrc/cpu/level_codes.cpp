@@ -81,7 +81,7 @@ void level_codes_into(const at::Tensor& p, const at::Tensor& codes, uint64_t rng
   const float* probabilities = p.data_ptr<float>();
   uint8_t* out = codes.data_ptr<uint8_t>();
   at::parallel_for(0, (numel + 3) / 4, kChunk / 4, [&](int64_t first, int64_t last) {
-    if (chunk_threads_recording()) note_chunk_thread();
+    if (chunk_threads_recording()) note_chunk_thread(last - first);
     uint32_t words[kBlock];
     for (int64_t group = first; group < last; group += kBlock / 4) {
       const int64_t groups = std::min<int64_t>(kBlock / 4, last - group);

@@ -23,7 +23,7 @@ void philox_words_into(const at::Tensor& words, uint64_t rng_base, uint64_t seed
   // Whole groups go straight to the output; the last, partial group through a 4-word buffer.
   const int64_t whole = numel / 4;
   at::parallel_for(0, whole, kChunk / 4, [&](int64_t first, int64_t last) {
-    if (chunk_threads_recording()) note_chunk_thread();
+    if (chunk_threads_recording()) note_chunk_thread(last - first);
     philox_words(key, rng_base + static_cast<uint64_t>(first), last - first, out + 4 * first);
   });
   if (groups > whole) {

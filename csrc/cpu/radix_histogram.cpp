@@ -41,7 +41,7 @@ at::Tensor radix_histogram(at::TensorList scores, at::IntArrayRef scopes, const 
   for (const auto& t : scores) numels.push_back(t.numel());
   const std::vector<Chunk> chunks = make_chunks(numels);
   std::mutex merge;
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  parallel_over_chunks(chunks, [&](int64_t first, int64_t last) {
     std::vector<int64_t> local(static_cast<size_t>(n_scopes * bins), 0);
     for (int64_t i = first; i < last; ++i) {
       const Chunk& c = chunks[i];

@@ -44,7 +44,7 @@ void portable_log2_into(const at::Tensor& x, const at::Tensor& out, const std::o
   const uint8_t* levels = codes ? codes->data_ptr<uint8_t>() : nullptr;
   float* result = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), kChunk, [&](int64_t first, int64_t last) {
-    if (chunk_threads_recording()) note_chunk_thread();
+    if (chunk_threads_recording()) note_chunk_thread(last - first);
     if (levels != nullptr) {
       block_log2_at_levels(in + first, levels + first, result + first, last - first);
     } else {

@@ -43,6 +43,28 @@ def test_a_step_runs_its_chunks_on_every_intra_op_thread(native_module, threads,
     assert used == count
 
 
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("count", [2, 3])
+def test_the_threads_share_a_steps_elements_evenly_not_its_chunks(native_module, threads, mask, count):
+    """One large tensor (its full 32K-element chunks) listed before many small ones (a chunk of a
+    few elements each), as an embedding before biases and norms: split by chunk count, one thread
+    would get the large tensor and the others the small ones.  Each share is within one chunk of
+    an equal share (at::parallel_for rounds the equal share up: ``count`` elements of slack)."""
+    threads(count)
+    params = make_params([(640 * 1024,)] + [(64,)] * 40)
+    opt = _optimizer(params, mask)
+    train(opt, params, 1)
+    native_module._record_chunk_threads(True)
+    try:
+        train(opt, params, 1, start=1)
+        items = native_module._chunk_thread_items()
+    finally:
+        native_module._record_chunk_threads(False)
+    stepped = sum(opt.state[p]["indices"].numel() if mask == "sparse" else p.numel() for p in params)
+    assert len(items) == count and sum(items) == stepped
+    assert max(abs(share - stepped / count) for share in items) <= 32 * 1024 + count
+
+
 def test_recording_is_off_unless_asked(native_module):
     native_module._record_chunk_threads(False)
     params = make_params(SHAPES)
