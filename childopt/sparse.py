@@ -104,7 +104,7 @@ def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) ->
     """A step pre-hook of every torch optimizer: one that is not a MaskedAdamW (which checks in
     :func:`gradient_of`) and would step a parameter whose ``.grad`` a live compact-gradient hook
     takes would skip it without a word; it raises instead.  Costs nothing while no hook lives."""
-    if not _OWNERS or hasattr(optimizer, "release_gradients"):
+    if hasattr(optimizer, "release_gradients") or not _OWNERS:  # a MaskedAdamW first: dynamo breaks on len()
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -190,6 +190,10 @@ class CompactGradients:
 
 
 def _hook(owner: weakref.ref):
+    # Eager always: a backward that a compiled training step leaves to eager (its graph breaks at
+    # backward()) still has dynamo watching each Python frame it calls, and this hook's weak
+    # references are not traceable, so every call would count graph breaks of its own.
+    @torch.compiler.disable
     def hook(param: torch.Tensor) -> None:
         compact = owner()
         if compact is not None:

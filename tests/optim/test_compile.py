@@ -19,7 +19,9 @@ from childopt import Importance, MaskedAdamW
 from tests.helpers import assert_all_equal, capture_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-CASES = [("dense", "none"), ("dense", "dense"), ("dense", "bernoulli"), ("sparse", "none"), ("sparse", "dense")]
+# storage "sparse+compact": sparse storage with compact gradients (a hook in backward)
+CASES = [("dense", "none"), ("dense", "dense"), ("dense", "bernoulli"), ("sparse", "none"), ("sparse", "dense"),
+         ("sparse+compact", "dense")]
 
 
 def _model():
@@ -77,12 +79,14 @@ def test_a_compiled_step_breaks_no_more_than_torch_adamw_and_matches_eager(lane_
 
     def make(model):
         return MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, mask=_mask(model, mask), reserve_p=0.5,
-                           seed=7, backend=backend, storage=storage)
+                           seed=7, backend=backend, storage=storage.split("+")[0],
+                           compact_grads=storage.endswith("+compact"))
 
     eager, _, _, _ = _train(make, compiled=False, steps=3)
     compiled, breaks, _, _ = _train(make, compiled=True, steps=3)
     # torch's own optimizers break twice around step() (torch.optim.optimizer._use_grad_for_differentiable,
-    # so AOT sees an inference graph); backward() and zero_grad() break for both.  No extra break is ours.
+    # so AOT sees an inference graph); backward() and zero_grad() break for both.  No extra break is ours,
+    # the compact-gradient hook that backward runs included.
     assert breaks <= torch_adamw_breaks
     assert_all_equal(compiled, eager)
 
