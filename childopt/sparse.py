@@ -81,7 +81,7 @@ def gradient_of(param: torch.Tensor, compact: "CompactGradients | None", describ
                                "gradients, e.g. nn.Embedding(sparse=False)")
         return grad
     if grad is not None:
-        raise RuntimeError(f"{describe(param)} has both a dense .grad and a compact gradient; with "
+        raise RuntimeError(f"{describe(param)} has both a .grad ({grad.layout}) and a compact gradient; with "
                            "compact_grads=True gradients come from backward (set .grad only without it).  "
                            "Under DDP, which writes the dense .grad after its all-reduce: leave the model "
                            "unwrapped and call childopt.ddp.all_reduce_gradients(opt) between backward and step")

@@ -490,5 +490,17 @@ def test_a_dense_grad_beside_a_compact_one_is_refused_naming_the_ddp_way():
     net(_batches(1)[0]).sum().backward()
     first = next(net.parameters())
     first.grad = torch.zeros_like(first)
-    with pytest.raises(RuntimeError, match="both a dense .grad and a compact gradient.*all_reduce_gradients"):
+    with pytest.raises(RuntimeError,
+                       match=r"both a \.grad \(torch\.strided\) and a compact gradient.*all_reduce_gradients"):
+        opt.step()
+
+
+def test_a_sparse_grad_beside_a_compact_one_is_named_by_its_layout():
+    net = _Net()
+    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())), storage="sparse",
+                      compact_grads=True, seed=0)
+    net(_batches(1)[0]).sum().backward()
+    first = next(net.parameters())
+    first.grad = torch.zeros_like(first).to_sparse()
+    with pytest.raises(RuntimeError, match=r"both a \.grad \(torch\.sparse_coo\) and a compact gradient"):
         opt.step()
