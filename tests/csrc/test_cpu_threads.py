@@ -27,6 +27,16 @@ def _optimizer(params, mask):
     return MaskedAdamW(params, **kwargs)
 
 
+def _recorded(native_module, run) -> tuple:
+    """``run()`` with the recorder on: how many threads ran chunks, and the work items of each."""
+    native_module._record_chunk_threads(True)
+    try:
+        run()
+        return native_module._chunk_thread_count(), native_module._chunk_thread_items()
+    finally:
+        native_module._record_chunk_threads(False)
+
+
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_a_step_runs_its_chunks_on_every_intra_op_thread(native_module, threads, mask, count):
@@ -34,12 +44,7 @@ def test_a_step_runs_its_chunks_on_every_intra_op_thread(native_module, threads,
     params = make_params(SHAPES if mask != "sparse" else [(256 * 1024,)] * 6)
     opt = _optimizer(params, mask)
     train(opt, params, 1)  # state exists; the recorded step is a plain one
-    native_module._record_chunk_threads(True)
-    try:
-        train(opt, params, 1, start=1)
-        used = native_module._chunk_thread_count()
-    finally:
-        native_module._record_chunk_threads(False)
+    used, _ = _recorded(native_module, lambda: train(opt, params, 1, start=1))
     assert used == count
 
 
@@ -54,12 +59,7 @@ def test_the_threads_share_a_steps_elements_evenly_not_its_chunks(native_module,
     params = make_params([(640 * 1024,)] + [(64,)] * 40)
     opt = _optimizer(params, mask)
     train(opt, params, 1)
-    native_module._record_chunk_threads(True)
-    try:
-        train(opt, params, 1, start=1)
-        items = native_module._chunk_thread_items()
-    finally:
-        native_module._record_chunk_threads(False)
+    _, items = _recorded(native_module, lambda: train(opt, params, 1, start=1))
     stepped = sum(opt.state[p]["indices"].numel() if mask == "sparse" else p.numel() for p in params)
     assert len(items) == count and sum(items) == stepped
     assert max(abs(share - stepped / count) for share in items) <= 32 * 1024 + count
@@ -107,10 +107,5 @@ def test_the_host_helpers_and_the_stream_reference_run_on_every_intra_op_thread(
                 lambda: native_module._keep_probabilities(-torch.rand(1 << 20), torch.empty(1 << 20), 0.0, 1.0, 0.1),
                 lambda: native_module._portable_log2(torch.rand(1 << 20), torch.empty(1 << 20)),
                 lambda: native_module._inplace_stream(*(torch.zeros(1 << 20) for _ in range(4)))):
-        native_module._record_chunk_threads(True)
-        try:
-            run()
-            used = native_module._chunk_thread_count()
-        finally:
-            native_module._record_chunk_threads(False)
+        used, _ = _recorded(native_module, run)
         assert used == count

@@ -482,13 +482,18 @@ def test_a_dropped_compact_gradient_optimizer_is_freed_without_the_cycle_collect
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_a_dense_grad_beside_a_compact_one_is_refused_naming_the_ddp_way():
-    """What DDP does to a compact_grads model: it writes the dense .grad after backward freed it."""
+def _after_compact_backward():
+    """An optimizer with compact gradients after one backward, and the first parameter."""
     net = _Net()
     opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())), storage="sparse",
                       compact_grads=True, seed=0)
     net(_batches(1)[0]).sum().backward()
-    first = next(net.parameters())
+    return opt, next(net.parameters())
+
+
+def test_a_dense_grad_beside_a_compact_one_is_refused_naming_the_ddp_way():
+    """What DDP does to a compact_grads model: it writes the dense .grad after backward freed it."""
+    opt, first = _after_compact_backward()
     first.grad = torch.zeros_like(first)
     with pytest.raises(RuntimeError,
                        match=r"both a \.grad \(torch\.strided\) and a compact gradient.*all_reduce_gradients"):
@@ -496,11 +501,7 @@ def test_a_dense_grad_beside_a_compact_one_is_refused_naming_the_ddp_way():
 
 
 def test_a_sparse_grad_beside_a_compact_one_is_named_by_its_layout():
-    net = _Net()
-    opt = MaskedAdamW(net.parameters(), mask=masks_for(list(net.parameters())), storage="sparse",
-                      compact_grads=True, seed=0)
-    net(_batches(1)[0]).sum().backward()
-    first = next(net.parameters())
+    opt, first = _after_compact_backward()
     first.grad = torch.zeros_like(first).to_sparse()
     with pytest.raises(RuntimeError, match=r"both a \.grad \(torch\.sparse_coo\) and a compact gradient"):
         opt.step()
