@@ -103,8 +103,10 @@ def _live_owner(param: torch.Tensor) -> "CompactGradients | None":
 def _refuse_hooked_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """A step pre-hook of every torch optimizer: one that is not a MaskedAdamW (which checks in
     :func:`gradient_of`) and would step a parameter whose ``.grad`` a live compact-gradient hook
-    takes would skip it without a word; it raises instead.  Costs nothing while no hook lives."""
-    if hasattr(optimizer, "release_gradients") or not _OWNERS:  # a MaskedAdamW first: dynamo breaks on len()
+    takes would skip it without a word; it raises instead.  Costs nothing while no hook lives.
+    Eager steps only: traced, its weak dictionary breaks the graph of every compiled optimizer
+    step (torch's too, from the first compact-gradient optimizer of the process on)."""
+    if torch.compiler.is_compiling() or hasattr(optimizer, "release_gradients") or not _OWNERS:
         return
     for group in optimizer.param_groups:
         for param in group["params"]:

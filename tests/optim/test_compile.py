@@ -91,6 +91,16 @@ def test_a_compiled_step_breaks_no_more_than_torch_adamw_and_matches_eager(lane_
     assert_all_equal(compiled, eager)
 
 
+def test_a_live_compact_gradient_optimizer_leaves_torch_adamws_compiled_step_alone(torch_adamw_breaks):
+    """The global step pre-hook that refuses to let another optimizer skip hooked parameters runs
+    eagerly only: traced, its weak dictionary changed the graph breaks of torch's compiled steps."""
+    other = torch.nn.Linear(4, 4)
+    live = MaskedAdamW(other.parameters(), mask={p: torch.ones_like(p, dtype=torch.bool) for p in other.parameters()},
+                       storage="sparse", compact_grads=True)
+    breaks = _train(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), compiled=True, steps=2)[1]
+    assert live.compact_gradients() == {} and breaks == torch_adamw_breaks
+
+
 @pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_an_importance_refresh_leaves_the_graph_as_one_unit(lane_on_cpu, backend, resumed, torch_adamw_breaks):
