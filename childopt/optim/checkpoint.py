@@ -279,6 +279,8 @@ def load(optimizer, state_dict, torch_load) -> None:
     state_dict = _with_live_group_keys(optimizer, local_sparse_state(optimizer, lift_extras(state_dict)))
     saved_ids = check_state_dict(optimizer, state_dict)
     saved_extras = state_dict.get("childopt")
+    if saved_extras is not None:
+        optimizer._check_saved_mask_kind(saved_extras["mask_kind"])
     if saved_extras is not None and saved_extras["mask_kind"] == MaskKind.IMPORTANCE.label \
             and optimizer._importance_config is None:
         raise ValueError("this state_dict was saved with mask='importance'; construct the optimizer with the same "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from childopt.backends.contract import MaskKind
-from childopt.optim import checkpoint, validation
+from childopt.optim import validation
 from childopt.optim.masked_adamw import MaskedAdamW
 
 CHILDTUNING_MODES = (None, "ChildTuning-D", "ChildTuning-F")
@@ -60,14 +60,10 @@ class ChildTuningAdamW(MaskedAdamW):
             raise TypeError(f"gradient_mask must be a dict of bool tensors, got {type(gradient_mask).__name__}")
         self.set_mask(gradient_mask)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As MaskedAdamW's, refusing a state dict whose mask kind contradicts this ``mode``."""
-        state_dict = checkpoint.lift_extras(state_dict)
-        extras = state_dict.get("childopt") if isinstance(state_dict, Mapping) else None
-        label = extras.get("mask_kind", self.mask_kind) if isinstance(extras, Mapping) else self.mask_kind
+    def _check_saved_mask_kind(self, label: str) -> None:
+        """Refuse a state dict whose mask kind contradicts this ``mode`` (a foreign one has none)."""
         if label not in [kind.label for kind in self._MODE_KINDS[self.mode]]:
             raise ValueError(f"this state_dict holds a {label!r} mask, which mode={self.mode!r} cannot use")
-        super().load_state_dict(state_dict)
 
     def _check_ready(self) -> None:
         if self.mode == "ChildTuning-D" and self._mask_kind != MaskKind.DENSE:

@@ -250,6 +250,10 @@ class MaskedAdamW(Optimizer):
     def _check_ready(self) -> None:
         """Hook for subclasses that need configuration before the first step."""
 
+    def _check_saved_mask_kind(self, label: str) -> None:
+        """Hook for subclasses that cannot run every mask kind: refuse a state dict's ``label``
+        (checked by load_state_dict after torch's pre-hooks, before anything is written)."""
+
     def _rule(self, group: dict) -> str:
         """How bias corrections and weight decay enter the update (childopt.optim.functional.RULES)."""
         return self._RULE

@@ -127,3 +127,37 @@ def test_a_state_dict_from_another_mode_is_refused():
     plain = ChildTuningAdamW(make_params([(3,)]))
     with pytest.raises(ValueError, match="'bernoulli' mask, which mode=None cannot use"):
         plain.load_state_dict(f_opt.state_dict())
+
+
+def _stepped_f_state_dict() -> dict:
+    params = make_params([(3,)])
+    f_opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5, seed=0)
+    train(f_opt, params, 2)
+    return f_opt.state_dict()
+
+
+def test_the_mode_check_reads_the_state_dict_that_torchs_pre_hooks_return():
+    """torch runs load pre-hooks on the state dict before anything else looks at it; a hook that
+    converts a Child-Tuning-F checkpoint for mode=None makes it loadable, and one that turns a
+    loadable dict into another mode's is refused, with nothing written."""
+    def as_unmasked(optimizer, state_dict):
+        return dict(state_dict, childopt=dict(state_dict["childopt"], mask_kind="none"))
+
+    plain = ChildTuningAdamW(make_params([(3,)]))
+    plain.register_load_state_dict_pre_hook(as_unmasked)
+    saved = _stepped_f_state_dict()
+    plain.load_state_dict(saved)
+    assert plain.mask_kind == "none"
+    assert torch.equal(plain.state[plain.param_groups[0]["params"][0]]["exp_avg"],
+                       next(iter(saved["state"].values()))["exp_avg"])
+
+    def as_bernoulli(optimizer, state_dict):
+        return dict(state_dict, childopt=dict(state_dict["childopt"], mask_kind="bernoulli"))
+
+    target = ChildTuningAdamW(make_params([(3,)]))
+    target.register_load_state_dict_pre_hook(as_bernoulli)
+    unmasked = ChildTuningAdamW(make_params([(3,)]))
+    train(unmasked, unmasked.param_groups[0]["params"], 1)
+    with pytest.raises(ValueError, match="'bernoulli' mask, which mode=None cannot use"):
+        target.load_state_dict(unmasked.state_dict())
+    assert target.state_dict()["state"] == {} and target.mask_kind == "none"
