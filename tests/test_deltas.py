@@ -378,6 +378,26 @@ def test_deltas_move_between_cpu_and_cuda():
 
 # --- bad input ---------------------------------------------------------------------------------
 
+def test_a_base_that_is_the_live_model_is_refused_but_a_partly_shared_one_is_not():
+    """base = model.state_dict() without a copy is the tuned tensors themselves after training: the
+    delta would be empty (or all zeros at given indices).  A base that shares only the tensors
+    training left alone (a copy of the rest, to save memory) is a real base."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    live = model.state_dict()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(ValueError, match=r"every tensor of base is the tuned tensor itself .*v\.clone\(\)"):
+        SparseDelta.extract(live, model.state_dict())
+    with pytest.raises(ValueError, match="every tensor of base is the tuned tensor itself"):
+        SparseDelta.extract(live, model.state_dict(), indices={n: torch.arange(2) for n in live}, outside="store")
+
+    tuned = model.state_dict()
+    base = {name: t if name.startswith("1.") else (t - 1.0) for name, t in tuned.items()}
+    delta = SparseDelta.extract(base, tuned)
+    assert sorted(delta.entries) == ["0.bias", "0.weight"]
+    assert all(torch.equal(e.values, torch.ones_like(e.values)) for e in delta.entries.values())
+
 def test_delta_for_another_model_raises_before_modifying_anything():
     base = make_base(torch.float32)
     tuned, *_ = tune(base, seed=10, density=1.0)
