@@ -17,7 +17,7 @@ import torch
 from childopt import philox, sparse, user_warning
 from childopt.backends.contract import MaskKind
 from childopt.optim import params, sharding, sparse_shards
-from childopt.optim.saved_state import STATE_FORMAT, check_state_dict
+from childopt.optim.saved_state import BACKEND_FLAGS, STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS, moment_dtype
 
 GROUP_KEY = "childopt"  # None in the live groups; the saved groups' copy of the entry (see attach_extras)
@@ -278,9 +278,11 @@ def load(optimizer, state_dict, torch_load) -> None:
         state_dict = state_dict if result is None else result
     state_dict = _with_live_group_keys(optimizer, local_sparse_state(optimizer, lift_extras(state_dict)))
     saved_ids = check_state_dict(optimizer, state_dict)
+    state_dict = {**state_dict, "param_groups": [{**saved, **{k: live[k] for k in BACKEND_FLAGS}} for live, saved
+                                                 in zip(optimizer.param_groups, state_dict["param_groups"])]}
     saved_extras = state_dict.get("childopt")
     if saved_extras is not None:
-        optimizer._check_saved_mask_kind(saved_extras["mask_kind"])
+        optimizer._check_mask_kind(MaskKind.from_label(saved_extras["mask_kind"]), "this state_dict holds")
     if saved_extras is not None and saved_extras["mask_kind"] == MaskKind.IMPORTANCE.label \
             and optimizer._importance_config is None:
         raise ValueError("this state_dict was saved with mask='importance'; construct the optimizer with the same "

@@ -60,18 +60,14 @@ class ChildTuningAdamW(MaskedAdamW):
             raise TypeError(f"gradient_mask must be a dict of bool tensors, got {type(gradient_mask).__name__}")
         self.set_mask(gradient_mask)
 
-    def _check_saved_mask_kind(self, label: str) -> None:
-        """Refuse a state dict whose mask kind contradicts this ``mode`` (a foreign one has none)."""
-        if label not in [kind.label for kind in self._MODE_KINDS[self.mode]]:
-            raise ValueError(f"this state_dict holds a {label!r} mask, which mode={self.mode!r} cannot use")
+    def _check_mask_kind(self, kind: MaskKind, holder: str) -> None:
+        """Refuse a mask kind that contradicts this ``mode`` (set_mask's, or a loaded state dict's)."""
+        if kind not in self._MODE_KINDS[self.mode]:
+            raise ValueError(f"{holder} a {kind.label!r} mask, which mode={self.mode!r} cannot use")
 
     def _check_ready(self) -> None:
         if self.mode == "ChildTuning-D" and self._mask_kind != MaskKind.DENSE:
             raise RuntimeError("ChildTuningAdamW(mode='ChildTuning-D') needs set_gradient_mask(...) before step()")
-
-    def _check_group_at_step(self, group: dict, where: str) -> None:
-        super()._check_group_at_step(group, where)
-        validation.check_bool(group["correct_bias"], f"correct_bias{where}")
 
     def _rule(self, group: dict) -> str:
         """ChildTuning folds both corrections into the step size and decays after the update."""

@@ -190,6 +190,7 @@ class MaskedAdamW(Optimizer):
         """
         validation.check_bool(reset_state, "reset_state")
         kind, new = params.parse_mask(self.param_groups, mask)
+        self._check_mask_kind(kind, "set_mask got")
         if self.storage == "sparse" and kind.draws:
             raise ValueError(f"storage='sparse' needs a fixed mask (a dict); mask={kind.label!r} changes every step")
         sampler = self._make_sampler(new) if kind == MaskKind.IMPORTANCE else None
@@ -250,9 +251,9 @@ class MaskedAdamW(Optimizer):
     def _check_ready(self) -> None:
         """Hook for subclasses that need configuration before the first step."""
 
-    def _check_saved_mask_kind(self, label: str) -> None:
-        """Hook for subclasses that cannot run every mask kind: refuse a state dict's ``label``
-        (checked by load_state_dict after torch's pre-hooks, before anything is written)."""
+    def _check_mask_kind(self, kind: MaskKind, holder: str) -> None:
+        """Hook for subclasses that cannot run every mask kind: refuse ``kind``, which set_mask got or
+        a loaded state dict holds (``holder`` says which), before anything is written."""
 
     def _rule(self, group: dict) -> str:
         """How bias corrections and weight decay enter the update (childopt.optim.functional.RULES)."""
@@ -262,6 +263,7 @@ class MaskedAdamW(Optimizer):
         """What a group the user may have edited since construction must hold, checked at each step
         before any group is written."""
         validation.check_group(group, where, self.storage, at_step=True)
+        self._check_group_options(group, where)
         if self._masked_mode(group) == "zero_grad" and self._masks_some_entry(group):
             validation.check_eps_divides(group["eps"], where)
 

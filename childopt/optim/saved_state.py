@@ -77,6 +77,8 @@ def check_state_dict(optimizer, state_dict) -> list:
                                          merged["differentiable"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"loaded param group {gi}: {exc}") from None
+        # what this optimizer's groups may hold (ChildTuning's rules), with the flags the load keeps
+        optimizer._check_group_options({**merged, **{k: group[k] for k in BACKEND_FLAGS}}, where)
         for saved_id, p in zip(saved["params"], group["params"]):
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
@@ -96,6 +98,11 @@ def check_state_dict(optimizer, state_dict) -> list:
     _check_mask_kept(optimizer, state_dict["state"], kind)
     return saved_ids
 
+
+# The flags that picked the optimizer's backend when it was built: a loaded group keeps the
+# optimizer's own (checkpoint.load).  A saved value is checked, but torch's fused AdamW's
+# ``fused=True`` would describe a backend that does not run.
+BACKEND_FLAGS = ("foreach", "fused")
 
 _DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"
 _BEFORE_DCP = "before get_optimizer_state_dict and dcp.load"

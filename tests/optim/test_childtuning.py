@@ -129,6 +129,19 @@ def test_a_state_dict_from_another_mode_is_refused():
         plain.load_state_dict(f_opt.state_dict())
 
 
+@pytest.mark.parametrize("mode,mask", [("ChildTuning-F", "dict"), ("ChildTuning-F", None), (None, "bernoulli"),
+                                       (None, "importance"), ("ChildTuning-D", "bernoulli")])
+def test_set_mask_refuses_a_mask_kind_the_mode_cannot_run(mode, mask):
+    """set_mask takes only the kinds the mode's published arithmetic uses, as load_state_dict
+    does, so an optimizer never holds a state its own kind of optimizer refuses to load."""
+    params = make_params([(8,)])
+    opt = ChildTuningAdamW(params, mode=mode, reserve_p=0.3, seed=0)
+    given = {params[0]: torch.arange(8) < 4} if mask == "dict" else mask
+    label = {"dict": "dense", None: "none"}.get(mask, mask)
+    with pytest.raises(ValueError, match=f"set_mask got a '{label}' mask, which mode={mode!r} cannot use"):
+        opt.set_mask(given)
+    assert opt.mask_kind == ("bernoulli" if mode == "ChildTuning-F" else "none")
+
 def _stepped_f_state_dict() -> dict:
     params = make_params([(3,)])
     f_opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5, seed=0)

@@ -3,6 +3,7 @@ honoured or mapped onto backends as the docstring says, refused with the reason 
 import pickle
 
 import pytest
+import torch
 
 from childopt import ChildTuningAdamW, MaskedAdamW, backends
 from tests.helpers import assert_all_equal, make_params, snapshot, train
@@ -117,3 +118,65 @@ def test_a_state_dict_with_bad_flags_is_refused_before_anything_changes(flags, e
     with pytest.raises(error):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["capturable"] is False
+
+
+@pytest.mark.parametrize("cls", [MaskedAdamW, ChildTuningAdamW])
+@pytest.mark.parametrize("flags,error,match", [
+    (dict(differentiable=True), ValueError, r"differentiable=True is not supported.*\(param group 1\)"),
+    (dict(fused=True), ValueError, r"fused=True \(param group 1\) differs from the optimizer's fused=None"),
+    (dict(foreach="no"), TypeError, r"foreach must be None or a bool, got 'no' \(param group 1\)"),
+])
+def test_a_group_s_flags_edited_after_construction_are_refused_at_the_step(cls, flags, error, match):
+    """step() checks a live group's flags as the constructor does: an edited differentiable or
+    fused would otherwise be ignored.  Refused before any group is written."""
+    params = make_params([(3,), (4,)])
+    opt = cls([dict(params=params[:1]), dict(params=params[1:])])
+    opt.param_groups[1].update(flags)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(error, match=match):
+        train(opt, params, 1)
+    assert_all_equal([p.detach() for p in params], before)
+
+
+@pytest.mark.parametrize("option", [dict(amsgrad=True), dict(maximize=True), dict(masked="freeze")])
+def test_child_tuning_refuses_a_group_option_edited_in_after_construction(option):
+    """What the constructor refuses (the published arithmetic has no amsgrad, maximize or freeze)
+    is refused at the step too, instead of changing the update."""
+    params = make_params([(3,)])
+    opt = ChildTuningAdamW(params, mode="ChildTuning-F", reserve_p=0.5)
+    opt.param_groups[0].update(option)
+    (key, value), = option.items()
+    with pytest.raises(ValueError, match=f"{key}={value!r} \\(param group 0\\): ChildTuningAdamW runs the published"):
+        train(opt, params, 1)
+
+
+def test_a_torch_fused_adamw_state_dict_loads_and_the_groups_keep_this_optimizer_s_flags():
+    """foreach/fused picked the backend when the optimizer was built: torch's fused=True loads
+    (the move from torch's fused AdamW), and the group then says what runs (fused=None)."""
+    params = make_params([(5,)])
+    source = torch.optim.AdamW(make_params([(5,)]), lr=1e-2, fused=True)
+    train(source, source.param_groups[0]["params"], 2)
+    opt = MaskedAdamW(params, lr=1e-2, backend="reference")
+    opt.load_state_dict(source.state_dict())
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is None
+    train(opt, params, 1)
+
+
+@pytest.mark.parametrize("source", ["masked-dict", "torch-amsgrad"])
+def test_child_tuning_refuses_a_state_dict_whose_groups_its_arithmetic_lacks(source):
+    """A MaskedAdamW(mask=...) checkpoint saves masked=None (freeze), torch's AdamW(amsgrad=True)
+    amsgrad=True: ChildTuningAdamW's constructor refuses both, so its load does, changing nothing."""
+    donor_params = make_params([(6,)])
+    if source == "masked-dict":
+        donor = MaskedAdamW(donor_params, lr=1e-2, mask={donor_params[0]: torch.arange(6) % 2 == 0})
+        match = r"masked=None \(loaded param group 0\): ChildTuningAdamW runs the published"
+    else:
+        donor = torch.optim.AdamW(donor_params, lr=1e-2, amsgrad=True)
+        match = r"amsgrad=True \(loaded param group 0\): ChildTuningAdamW runs the published"
+    train(donor, donor_params, 2)
+    params = make_params([(6,)])
+    opt = ChildTuningAdamW(params, lr=1e-3, mode="ChildTuning-D")
+    opt.set_gradient_mask({params[0]: torch.ones(6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(donor.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-3 and float(opt.state[params[0]]["step"]) == 0
