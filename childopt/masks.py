@@ -42,10 +42,12 @@ GUMBEL_STREAM = 0x5A3D  # Philox counter words 2-3 of the Gumbel noise: apart fr
 _KEY_MARGIN = 32.0
 
 
-def layer_index(name: str) -> Optional[int]:
-    """The layer number in a parameter name (``encoder.layer.3.…`` -> 3), or None."""
+def layer_key(name: str) -> Optional[str]:
+    """The layer of a parameter name: the name up to its layer number (``model.encoder.layers.3.fc1.weight``
+    -> ``model.encoder.layers.3``), or None.  The whole prefix, not the number alone, keeps an
+    encoder's layer 3 and a decoder's layer 3 (BART, T5) apart."""
     match = LAYER_PATTERN.search(name)
-    return int(match.group(1)) if match else None
+    return name[:match.end(1)] if match else None
 
 
 def apportion(reserve_p: float, sizes: list[int]) -> list[int]:
@@ -75,7 +77,7 @@ def scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], H
         return [0] * len(names)
     if scope == "tensor":
         return list(range(len(names)))
-    keys = [(layer_of or layer_index)(name) for name in names]
+    keys = [(layer_of or layer_key)(name) for name in names]
     first_seen: dict = {}
     return [first_seen.setdefault(key, len(first_seen)) for key in keys]
 
@@ -188,8 +190,8 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
         reserve_p: share to keep, in [0, 1]; each scope keeps floor or ceil of its share
             (:func:`apportion`), so every scope choice keeps ``round(reserve_p * N)`` in total.
         scope: ``"global"`` (one threshold for all), ``"layer"`` (per layer: ``layer_of(name)``,
-            default the number after ``layer.``/``layers.``/``h.``/``block.`` in the name; names
-            without one form one more scope), or ``"tensor"``.
+            default :func:`layer_key`, the name up to the number after ``layer.``/``layers.``/``h.``/
+            ``block.``; names without one form one more scope), or ``"tensor"``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` for the fp32 histogram passes
             (float64 scores take plain-torch passes whatever the backend).
 

@@ -9,7 +9,7 @@ import torch
 
 from childopt import masks, philox
 from childopt.importance import PIECE
-from childopt.masks import apportion, gumbel_noise, layer_index, sample_mask, select_mask
+from childopt.masks import apportion, gumbel_noise, layer_key, sample_mask, select_mask
 from tests.helpers import kernel_backend
 
 NAMES = ("encoder.layer.0.attention.weight", "encoder.layer.0.attention.bias", "encoder.layer.1.output.weight",
@@ -51,7 +51,7 @@ def test_global_selection_equals_a_stable_sort_oracle(lane, reserve_p):
 # Layers 0, 1 and none (1353, 500, 352 entries): 405.9, 150, 105.6 -> floors 660, the two ups go to
 # the largest remainders .9 and .6.  Tensors (1320, 33, 500, 51, 301): 396, 9.9, 150, 15.3, 90.3 ->
 # floors 660, ups to .9 and to the first of the tied .3s.
-SCOPE_COUNTS = {"layer": {0: 406, 1: 150, None: 106},
+SCOPE_COUNTS = {"layer": {"encoder.layer.0": 406, "encoder.layer.1": 150, None: 106},
                 "tensor": dict(zip(NAMES, (396, 10, 150, 16, 90)))}
 
 
@@ -63,7 +63,7 @@ def test_scoped_selection_equals_the_oracle_per_scope_and_keeps_the_global_total
     assert sum(int(m.sum()) for m in masks.values()) == 662
     groups = {}
     for name in scores:
-        groups.setdefault(layer_index(name) if scope == "layer" else name, []).append(name)
+        groups.setdefault(layer_key(name) if scope == "layer" else name, []).append(name)
     for key, names in groups.items():
         part = {n: scores[n] for n in names}
         assert torch.equal(flat_mask({n: masks[n] for n in names}), oracle(part, SCOPE_COUNTS[scope][key]))
@@ -132,11 +132,23 @@ def test_apportion_gives_floor_or_ceil_shares_summing_to_the_rounded_total():
         assert all(int(p * n) <= c <= -(-p * n // 1) for c, n in zip(counts, sizes))
 
 
-def test_layer_index_parses_common_naming_schemes():
-    assert layer_index("bert.encoder.layer.11.output.dense.weight") == 11
-    assert layer_index("model.layers.3.mlp.up_proj.weight") == 3
-    assert layer_index("transformer.h.0.attn.c_attn.weight") == 0
-    assert layer_index("classifier.weight") is None
+def test_layer_key_parses_common_naming_schemes():
+    assert layer_key("bert.encoder.layer.11.output.dense.weight") == "bert.encoder.layer.11"
+    assert layer_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
+    assert layer_key("transformer.h.0.attn.c_attn.weight") == "transformer.h.0"
+    assert layer_key("model.layers.3.experts.7.w1.weight") == "model.layers.3"
+    assert layer_key("classifier.weight") is None
+
+
+def test_an_encoder_s_and_a_decoder_s_layer_of_one_number_are_two_scopes():
+    """BART/T5 number the encoder's and the decoder's layers from 0 each: per layer means per
+    block of the model, so each keeps its own share (all of the encoder's scores above the
+    decoder's must not leave the decoder's layer 0 empty)."""
+    scores = {"model.encoder.layers.0.fc1.weight": torch.arange(100, 110, dtype=torch.float32),
+              "model.decoder.layers.0.fc1.weight": torch.arange(10, dtype=torch.float32)}
+    masks = select_mask(scores, 0.3, scope="layer", backend="reference")
+    assert [int(m.sum()) for m in masks.values()] == [3, 3]
+    assert masks["model.decoder.layers.0.fc1.weight"][-3:].all()
 
 
 def test_sample_mask_counts_reproducibility_and_limits():
@@ -200,7 +212,7 @@ def test_float64_scoped_selection_equals_the_oracle_per_scope(scope):
     masks = select_mask(scores, 0.3, scope=scope)
     groups = {}
     for name in scores:
-        groups.setdefault(layer_index(name) if scope == "layer" else name, []).append(name)
+        groups.setdefault(layer_key(name) if scope == "layer" else name, []).append(name)
     sizes = [sum(scores[n].numel() for n in names) for names in groups.values()]
     for names, k in zip(groups.values(), brute_force_apportion(0.3, sizes)):
         part = {n: scores[n] for n in names}
