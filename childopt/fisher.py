@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from childopt import backends, user_warning
-from childopt.masks import select_mask
+from childopt.masks import check_selection, select_mask
 from childopt.optim import sharding, validation
 
 ESTIMATORS = ("batch", "sample")
@@ -103,8 +103,9 @@ class FisherAccumulator:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if estimator == "sample" and self.model is None:
             raise ValueError("estimator='sample' needs the nn.Module (it calls the model per sample)")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
+        if clip_norm is not None:  # a number, not a truthy stand-in (True would clip at 1.0)
+            clip_norm = validation.check_number(clip_norm, "clip_norm (or None)", low=0.0, low_open=True)
+        validation.check_bool(free_grads, "free_grads")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         included = _matcher(include)
@@ -559,6 +560,7 @@ def fisher_mask(model: torch.nn.Module, dataloader: Iterable, reserve_p: float, 
         ValueError: the dataloader yields no batch, or no batch gives the included parameters a
             gradient (all scores would be 0 and the mask an arbitrary first share of entries).
     """
+    check_selection(reserve_p, scope)
     scores = fisher_scores(model, dataloader, loss_fn=loss_fn, include=include, max_batches=max_batches,
                            estimator=estimator, clip_norm=clip_norm, backend=backend, progress=progress,
                            across_ranks=across_ranks)

@@ -71,8 +71,7 @@ def apportion(reserve_p: float, sizes: list[int]) -> list[int]:
 
 def scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], Hashable]]) -> list[int]:
     """The scope number of each name: all 0 (global), one per layer key in order of appearance, or one per tensor."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    _check_scope(scope)
     if scope == "global":
         return [0] * len(names)
     if scope == "tensor":
@@ -80,6 +79,18 @@ def scope_ids(names: list[str], scope: str, layer_of: Optional[Callable[[str], H
     keys = [(layer_of or layer_key)(name) for name in names]
     first_seen: dict = {}
     return [first_seen.setdefault(key, len(first_seen)) for key in keys]
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def check_selection(reserve_p, scope: str) -> float:
+    """``reserve_p`` as a float in [0, 1] (numpy scalars and 0-dim tensors too) and ``scope`` one of
+    SCOPES, or a clear error: fisher_mask asks before its Fisher pass, not after it."""
+    _check_scope(scope)
+    return check_number(reserve_p, "reserve_p", low=0.0, high=1.0)
 
 
 def _key_to_float(key: int, width: int = 32) -> float:
@@ -203,7 +214,7 @@ def select_mask(scores: Mapping[str, torch.Tensor], reserve_p: float, *, scope: 
     rank gets DTensor masks of its rows, equal to the single-process mask bit for bit
     (childopt.score_shards).
     """
-    reserve_p = check_number(reserve_p, "reserve_p", low=0.0, high=1.0)  # numpy scalars and 0-dim tensors too
+    reserve_p = check_selection(reserve_p, scope)
     names, tensors, shards = _check_scores(scores)
     scope_of = scope_ids(names, scope, layer_of)
     sizes = [0] * (max(scope_of) + 1)

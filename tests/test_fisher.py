@@ -253,13 +253,34 @@ def test_fisher_scores_are_the_naive_loops_and_what_fisher_mask_selects_from():
     (lambda: FisherAccumulator(_Net(), estimator="exact"), ValueError, "estimator must be one of"),
     (lambda: FisherAccumulator(_Net(), include="nothing-matches"), ValueError, "matches no trainable parameter"),
     (lambda: FisherAccumulator(list(_Net().named_parameters()), estimator="sample"), ValueError, "needs the nn.Module"),
-    (lambda: FisherAccumulator(_Net(), clip_norm=0.0), ValueError, "clip_norm must be > 0"),
+    (lambda: FisherAccumulator(_Net(), clip_norm=0.0), ValueError, r"clip_norm \(or None\) must be in \(0.0, inf\]"),
+    (lambda: FisherAccumulator(_Net(), clip_norm=True), TypeError, r"clip_norm \(or None\) must be a number, got bool"),
+    (lambda: FisherAccumulator(_Net(), clip_norm="1.0"), TypeError, r"clip_norm \(or None\) must be a number, got str"),
+    (lambda: FisherAccumulator(_Net(), free_grads="no"), TypeError, "free_grads must be a bool, got 'no'"),
     (lambda: FisherAccumulator(_Net(), include=3), TypeError, "include must be"),
     (lambda: FisherAccumulator(_Net()).accumulate_samples(_loss, _batches()[0]), RuntimeError, "needs estimator='sample'"),
 ])
 def test_bad_input_raises_a_clear_error(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+class _NeverIterated:
+    """A dataloader that fails if anything reads a batch from it."""
+
+    def __iter__(self):
+        raise AssertionError("the Fisher pass started before its arguments were checked")
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (dict(reserve_p=30), ValueError, r"reserve_p must be in \[0.0, 1.0\], got 30"),
+    (dict(reserve_p="0.3"), TypeError, "reserve_p must be a number, got str"),
+    (dict(reserve_p=0.3, scope="layers"), ValueError, "scope must be one of"),
+])
+def test_fisher_mask_checks_its_selection_before_the_fisher_pass(args, error, match):
+    """A bad reserve_p or scope fails at once, not after every batch has run."""
+    with pytest.raises(error, match=match):
+        fisher_mask(_Net(), _NeverIterated(), loss_fn=_loss, progress=False, **args)
 
 
 def test_float64_gradients_are_accumulated_by_the_reference_on_a_kernel_backend():

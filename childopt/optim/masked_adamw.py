@@ -363,6 +363,7 @@ class MaskedAdamW(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset ``.grad`` of every parameter, and the compact gradient buffers."""
+        validation.check_bool(set_to_none, "set_to_none")
         super().zero_grad(set_to_none)
         if self._compact is not None:
             self._compact.zero(set_to_none)
@@ -372,7 +373,11 @@ class MaskedAdamW(Optimizer):
 
         Equals ``torch.nn.utils.clip_grad_norm_`` on the *masked* gradients (a Bernoulli mask is
         drawn inside the step, so it clips the full gradient, as ChildTuning's trainer does).
+        ``max_norm`` must be >= 0 (torch's would turn a negative one into a step uphill, NaN into
+        NaN weights); a tensor is checked for shape only, as reading it could wait on a device.
         """
+        validation.check_number(max_norm, "max_norm", low=0.0, read_tensor=False)
+        validation.check_bool(error_if_nonfinite, "error_if_nonfinite")
         stepped, grads = with_gradients([p for group in self.param_groups for p in group["params"]], self._gradient)
         measured = [measured_gradient(g, g is p.grad, self.state.get(p, {})) for p, g in zip(stepped, grads)]
         return clip_by_norm_(grads, measured, max_norm, norm_type, error_if_nonfinite)

@@ -287,3 +287,21 @@ def test_eps_zero_without_a_mask_steps_as_torch_adamw():
     ours, theirs = make_params([(8, 8)]), make_params([(8, 8)])
     opt = MaskedAdamW(ours, eps=0.0, masked="zero_grad", seed=0, backend="reference")
     assert_steps_as_torch_adamw(opt, ours, theirs, 3, eps=0.0)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda opt: opt.clip_grad_norm_(-1.0), ValueError, r"max_norm must be in \[0.0, inf\], got -1.0"),
+    (lambda opt: opt.clip_grad_norm_(float("nan")), ValueError, "max_norm must be in"),
+    (lambda opt: opt.clip_grad_norm_("1.0"), TypeError, "max_norm must be a number, got str"),
+    (lambda opt: opt.clip_grad_norm_(1.0, error_if_nonfinite="no"), TypeError, "error_if_nonfinite must be a bool"),
+    (lambda opt: opt.zero_grad(set_to_none="False"), TypeError, "set_to_none must be a bool, got 'False'"),
+])
+def test_gradient_helpers_refuse_arguments_that_would_change_the_gradients_wrongly(call, error, match):
+    """A negative max_norm flips every gradient (a step uphill), NaN makes them NaN, and a truthy
+    string set_to_none drops gradients the user meant to keep: refused, gradients untouched."""
+    params = make_params([(4,)])
+    opt = MaskedAdamW(params, lr=1e-2)
+    params[0].grad = torch.ones(4)
+    with pytest.raises(error, match=match):
+        call(opt)
+    assert torch.equal(params[0].grad, torch.ones(4))
