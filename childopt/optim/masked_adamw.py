@@ -444,10 +444,17 @@ class MaskedAdamW(Optimizer):
         """The selected flat indices of every sparse parameter, by name (or by parameter when unnamed).
 
         Of a DTensor (FSDP2) parameter: this rank's entries, as int64 indices of the full parameter.
+        A name that two parameters share is refused: one would hide the other's entries.
         """
-        return {name: self._global_indices(p) for group in self.param_groups
-                for name, p in zip(group.get("param_names", group["params"]), group["params"])
-                if "indices" in self.state.get(p, {})}
+        named = params.parameters_by_name(self.param_groups)
+        indices = {}
+        for group in self.param_groups:
+            for name, p in zip(group.get("param_names", group["params"]), group["params"]):
+                if "indices" in self.state.get(p, {}):
+                    if isinstance(name, str) and named[name] is None:
+                        raise ValueError(f"sparse_indices(): {name!r} is {params.SHARED_NAME}")
+                    indices[name] = self._global_indices(p)
+        return indices
 
     def _global_indices(self, p: torch.Tensor) -> torch.Tensor:
         indices = self.state[p]["indices"]

@@ -50,6 +50,21 @@ def describe(param_groups: list, param: torch.Tensor) -> str:
     return f"a tensor of shape {tuple(param.shape)}"
 
 
+SHARED_NAME = ("a name that several parameters of this optimizer have (param groups built from submodules' "
+               "named_parameters() can repeat one): key them by the parameters, or name them apart (one "
+               "model.named_parameters() split into groups)")
+
+
+def parameters_by_name(param_groups: list) -> dict:
+    """name -> parameter over every group's ``param_names``; a name that two parameters share maps to
+    None, so that whoever looks it up can refuse it instead of picking one."""
+    named: dict = {}
+    for group in param_groups:
+        for name, p in zip(group.get("param_names", ()), group["params"]):
+            named[name] = p if named.get(name, p) is p else None
+    return named
+
+
 def resolve_masks(param_groups: list, mask: Mapping) -> dict:
     """``mask`` (parameter or name -> bool tensor) as parameter -> contiguous mask on its device."""
     return resolve_entries(param_groups, mask, "mask", check_mask)
@@ -62,13 +77,15 @@ def resolve_entries(param_groups: list, entries: Mapping, what: str, check) -> d
     a DTensor parameter keeps its shard of a full value.
     """
     held = {id(p): p for g in param_groups for p in g["params"]}
-    named = {n: p for g in param_groups for n, p in zip(g.get("param_names", ()), g["params"])}
+    named = parameters_by_name(param_groups)
     resolved = {}
     for key, value in entries.items():
         if isinstance(key, str):
             if key not in named:
                 hint = "" if named else " (pass model.named_parameters() to address parameters by name)"
                 raise ValueError(f"{what} has an entry for {key!r}, which is not a parameter of this optimizer{hint}")
+            if named[key] is None:
+                raise ValueError(f"{what} has an entry for {key!r}, {SHARED_NAME}")
             param, label = named[key], f"parameter {key!r}"
         elif isinstance(key, torch.Tensor):
             if id(key) not in held:

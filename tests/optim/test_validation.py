@@ -305,3 +305,26 @@ def test_gradient_helpers_refuse_arguments_that_would_change_the_gradients_wrong
     with pytest.raises(error, match=match):
         call(opt)
     assert torch.equal(params[0].grad, torch.ones(4))
+
+
+def _groups_with_a_shared_name():
+    """Two groups from two submodules' named_parameters(): both hold a '0.weight'."""
+    encoder, decoder = torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Sequential(torch.nn.Linear(4, 4))
+    return encoder, decoder, [{"params": list(encoder.named_parameters())},
+                              {"params": list(decoder.named_parameters()), "lr": 1e-4}]
+
+
+def test_a_name_two_parameters_share_is_refused_where_it_would_pick_one():
+    """A mask, or importance scores, keyed by a shared name would land on one parameter while the
+    other trains fully; sparse_indices() would return one of the two.  Keyed by the parameters,
+    the same groups work."""
+    encoder, decoder, groups = _groups_with_a_shared_name()
+    with pytest.raises(ValueError, match=r"mask has an entry for '0.weight', a name that several parameters"):
+        MaskedAdamW(groups, lr=1e-2, mask={"0.weight": torch.zeros(4, 4, dtype=torch.bool)})
+    opt = MaskedAdamW(groups, lr=1e-2)
+    with pytest.raises(ValueError, match=r"mask has an entry for '0.bias', a name that several parameters"):
+        opt.set_mask({"0.bias": torch.zeros(4, dtype=torch.bool)})
+    keep = {encoder[0].weight: torch.ones(4, 4, dtype=torch.bool), decoder[0].weight: torch.eye(4, dtype=torch.bool)}
+    sparse = MaskedAdamW(groups, lr=1e-2, mask=keep, storage="sparse")
+    with pytest.raises(ValueError, match=r"sparse_indices\(\): '0.weight' is a name that several parameters"):
+        sparse.sparse_indices()
