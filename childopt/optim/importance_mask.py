@@ -114,6 +114,11 @@ class _Member:
     score: Optional[torch.Tensor]  # None: the running exp_avg_sq
 
 
+def shares_of(param_groups: list) -> list:
+    """Each group's ``reserve_p`` as a float (an ImportanceSampler is built for these)."""
+    return [float(group["reserve_p"]) for group in param_groups]
+
+
 class ImportanceSampler:
     """The sampled parameters of one optimizer, their scopes, and the refresh of their draws."""
 
@@ -152,9 +157,15 @@ class ImportanceSampler:
                 if any(m.score.numel() for m in members) and not any(bool(m.score.any()) for m in members):
                     raise ValueError(f"Importance.scores are all zero in the scope of {describe(members[0].param)}: "
                                      "there is nothing to sample by (use mask='bernoulli' for a uniform draw)")
+        self.shares = shares_of(param_groups)  # the reserve_p this sampler was built for (see stale)
         self._scales: dict = {}  # scope -> log2 c of given scores (solved once)
         self._warned_fixed_draw = False
         self.steps = steps  # optimizer steps so far; None: read from the state at the next step
+
+    def stale(self, param_groups: list) -> bool:
+        """A group's ``reserve_p`` was edited since this sampler was built: rebuild it (its members'
+        shares, scope checks and solved scales all follow from the shares)."""
+        return shares_of(param_groups) != self.shares
 
     def before_step(self, states: dict, seed: int, rng_bases: dict, kernels, rescaled: Callable[[], set]) -> None:
         """Count the step and refresh when one is due: every ``refresh_every`` steps, or when a member

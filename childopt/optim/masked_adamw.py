@@ -304,7 +304,10 @@ class MaskedAdamW(Optimizer):
             stepped, grads = with_gradients(group["params"], self._gradient)
             validation.check_steppable(stepped, grads, self.describe, self._sharded, self._shapes)
             work.append((group, stepped, grads))
-        if self._importance is None and self._importance_config is not None:  # unpickled or loaded: rebuild it
+        # Unpickled or loaded, or a group's reserve_p edited (it applies from the next refresh, as
+        # after a resume): rebuild the sampler
+        if self._importance_config is not None and (self._importance is None
+                                                    or self._importance.stale(self.param_groups)):
             self._importance = self._make_sampler(self._importance_config, self._sampler_steps())
         if self._importance is not None and not self._importance.config.uniform:
             self._importance.before_step(self.state, self.seed, self._rng_bases,

@@ -189,6 +189,39 @@ def test_state_dict_resume_draws_what_the_uninterrupted_run_draws(lane, empty_st
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "exact"])
+def test_an_edited_reserve_p_applies_from_the_next_refresh_as_in_a_resumed_run(lane, sampling):
+    """A group's reserve_p edited between steps (a schedule) keeps the draw in hand, then draws the
+    new share at the next refresh: the draw of an optimizer built with it (given scores, so a draw
+    depends on the share, the seed and the refresh only), and that of a run resumed after the edit."""
+    params, fresh, resumed = make_params(SHAPES), make_params(SHAPES), make_params(SHAPES)
+
+    def build(ps, reserve_p):
+        scores = dict(zip(ps, graded_scores(params).values()))
+        return MaskedAdamW(ps, lr=1e-2, reserve_p=reserve_p, seed=8, backend=lane,
+                           mask=Importance(scores=scores, refresh_every=3, sampling=sampling))
+
+    opt, wider = build(params, 0.1), build(fresh, 0.5)
+    train(opt, params, 2)
+    train(wider, fresh, 2)
+    held = [opt.state[p]["importance"].clone() for p in params]
+    opt.param_groups[0]["reserve_p"] = 0.5
+    saved = copy.deepcopy(opt.state_dict())
+    for p, q in zip(params, resumed):
+        q.data.copy_(p.data)
+    train(opt, params, 1, start=2)  # not a refresh step: the draw in hand stays
+    assert all(torch.equal(opt.state[p]["importance"], h) for p, h in zip(params, held))
+    train(opt, params, 1, start=3)
+    train(wider, fresh, 2, start=2)
+    assert all(torch.equal(opt.state[p]["importance"], wider.state[q]["importance"]) for p, q in zip(params, fresh))
+    again = build(resumed, 0.1)
+    again.load_state_dict(saved)
+    train(again, resumed, 2, start=2)
+    for a, b in zip(snapshot(opt, params, ("exp_avg", "exp_avg_sq", "importance")),
+                    snapshot(again, resumed, ("exp_avg", "exp_avg_sq", "importance")), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_copy_and_a_new_group_keep_the_refresh_schedule():
     """The sampler is rebuilt, not copied, by deepcopy and pickling, and anew by add_param_group:
     its step count goes along, so after a step() without gradients a copy draws as the original."""
