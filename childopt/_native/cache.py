@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 # Written into a set-aside build: why it was set aside, when and by whom (doctor and clean show it).
 SET_ASIDE_RECORD = "set_aside.json"
 # Name prefixes of the directories beside published builds that no process ever loads.
-PRIVATE, LEFTOVER, SET_ASIDE = ".tmp-", ".old-", ".bad-"
+LEFTOVER, SET_ASIDE = ".old-", ".bad-"
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,6 +363,15 @@ def human_age(seconds: float) -> str:
 
 
 _TMP = re.compile(r"^\.tmp-([0-9a-f]{16})-(.+)-(\d+)-[^-]+$")
+# A leftover or a set-aside entry: .old- or .bad- (then any more of .old-, .bad-, rm- as asides nest)
+# before a build's own name or a private directory's.  Only these are childopt's: the cache folder
+# may be one the user shares (CHILDOPT_CACHE_DIR=/tmp), where a ".old-photos" is not a leftover.
+_ASIDE = re.compile(rf"^\.(?:old-|bad-)(?:old-|bad-|rm-)*(?:tmp-[0-9a-f]{{16}}-|{re.escape(cfg.NAME)}-)")
+
+
+def _childopt_made(name: str) -> bool:
+    """Whether an entry of the cache folder has a name childopt gives its private, leftover or set-aside entries."""
+    return bool(_TMP.match(name) or _ASIDE.match(name))
 
 
 def _set_aside_why(path: Path) -> str:
@@ -380,7 +389,7 @@ def tmp_dirs(root: Path, stale_after: float | None = None) -> list[dict]:
     without change (default CHILDOPT_LOCK_TIMEOUT)."""
     out = []
     try:
-        entries = sorted(p for p in root.iterdir() if p.name.startswith((PRIVATE, LEFTOVER, SET_ASIDE))
+        entries = sorted(p for p in root.iterdir() if _childopt_made(p.name)
                          and (p.is_dir() or p.name.startswith(SET_ASIDE)))  # a file can be set aside too
     except OSError:
         return out
@@ -436,8 +445,10 @@ def cleanable(all_builds: bool = False) -> list[tuple[Path, str]]:
                 found.append((directory, f"untrusted published build: {untrusted.why}"))
             elif current is None or directory != current:
                 found.append((directory, "published build" + (" (current)" if all_builds else " not used here")))
-        try:
-            found += [(p, "failed-build log") for p in sorted((root / "logs").glob("failed-*.log"))]
+        logs = root / "logs"
+        try:  # a link named logs leads out of the cache: what it points at is not childopt's to remove
+            if not logs.is_symlink():
+                found += [(p, "failed-build log") for p in sorted(logs.glob("failed-*.log")) if not p.is_symlink()]
         except OSError:
             pass
     return found

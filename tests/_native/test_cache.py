@@ -85,6 +85,35 @@ def test_clean_removes_stale_and_unused_builds_but_not_the_current_one(built_cac
     assert list((cache_dir / "locks").glob("*.lock")), "lock files are never deleted"
 
 
+def test_clean_removes_only_entries_childopt_named_in_a_shared_cache_folder(tmp_path, monkeypatch, capsys):
+    """CHILDOPT_CACHE_DIR may be a folder the user shares (/tmp, a Docker volume): their '.old-photos',
+    '.tmp-thesis' and '.bad-ideas.txt' are not leftovers, and a 'logs' link leads out of the cache;
+    clean removes childopt's asides and private directories only, and nothing through the link."""
+    cache_dir, outside = tmp_path / "cache", tmp_path / "elsewhere"
+    cache_dir.mkdir()
+    outside.mkdir()
+    users = [cache_dir / ".old-photos", cache_dir / ".tmp-thesis", cache_dir / ".bad-ideas.txt",
+             cache_dir / f".old-{cfg.NAME}", outside / "failed-nightly.log"]
+    users[0].mkdir()
+    (users[0] / "holiday.jpg").write_text("pixels")
+    users[1].mkdir()
+    for path in users[2:]:
+        path.write_text("mine")
+    os.utime(users[1], (time.time() - 2 * 86400,) * 2)  # stale, were it a build directory of another host
+    (cache_dir / "logs").symlink_to(outside)
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    ours = [cache_dir / name for name in (
+        f".old-{cfg.NAME}-{'3' * 16}-{host}-1-ab12", f".bad-{cfg.NAME}-{'4' * 16}-{host}-1-cd",
+        f".old-rm-tmp-{'5' * 16}-{host}-{2**22 + 1}-x_y-7", f".old-rm-{cfg.NAME}-{'6' * 16}-9",
+        f".tmp-{'7' * 16}-{host}-{2**22 + 12345}-abcd1234")]
+    for path in ours:
+        path.mkdir()
+    code, out, err = clean_here(monkeypatch, capsys, cache_dir, "--all")
+    assert code == 0, out + err
+    assert all(path.exists() for path in users), out
+    assert not any(path.exists() for path in ours), out
+
+
 @pytest.mark.parametrize("variable, below", [("CHILDOPT_CACHE_DIR", ""), ("XDG_CACHE_HOME", "childopt")])
 def test_a_relative_cache_root_is_absolute_and_stays_put(tmp_path, monkeypatch, variable, below):
     """Made absolute against the working directory of its first use, so a later chdir does not move the cache."""
