@@ -226,13 +226,24 @@ def build_main(argv=None) -> int:
         prog="python -m childopt build",
         description="Build childopt._C into the cache (CHILDOPT_CACHE_DIR, else ~/.cache/childopt) so that later "
                     "processes load it without compiling: for Docker images and cluster warm-up.")
-    parser.add_argument("--archs", help="CUDA archs to build for, e.g. 8.0,9.0 (default: CHILDOPT_CUDA_ARCHS, else "
-                                        "the visible GPUs; +PTX is added to the highest)")
+    def archs_argument(text: str) -> str:
+        """--archs as given, once it names CUDA archs: a bad list is a usage error (exit 2), not a failed build."""
+        try:
+            named = cfg.parse_archs(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not named:
+            raise argparse.ArgumentTypeError(f"{text!r} names no CUDA arch (expected e.g. 8.0,9.0)")
+        return text
+
+    parser.add_argument("--archs", type=archs_argument,
+                        help="CUDA archs to build for, e.g. 8.0,9.0 (default: CHILDOPT_CUDA_ARCHS, else the visible "
+                             "GPUs; +PTX is added to the highest)")
     parser.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
     parser.add_argument("--force", action="store_true",
                         help="build again even if published (the old build is set aside, not deleted)")
     ns = parser.parse_args(argv)
-    if ns.archs and ns.cpu:
+    if ns.archs is not None and ns.cpu:
         parser.error("--archs and --cpu exclude each other")
     try:
         spec = build_spec(archs=ns.archs, cpu=ns.cpu)

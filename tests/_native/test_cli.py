@@ -5,6 +5,7 @@ import os
 import re
 import time
 
+import pytest
 import torch
 
 from tests._native.helpers import env_for, run
@@ -77,3 +78,18 @@ def test_doctor_reports_invalid_settings_instead_of_crashing(tmp_path):
     assert "INVALID: CHILDOPT_BUILD_TIMEOUT must be a finite number of seconds >= 0, got 'nan'" in report.stdout
     assert "INVALID: CHILDOPT_BACKEND must be one of" in report.stdout and "got 'bogus'" in report.stdout
     assert "otherhost" in report.stdout, "the cache is still reported"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--archs", "foo"], "argument --archs: not a CUDA arch: 'foo'"),
+    (["--archs", ""], "argument --archs: '' names no CUDA arch"),
+    (["--archs", "", "--cpu"], "argument --archs: '' names no CUDA arch"),
+    (["--archs", "8.0", "--cpu"], "--archs and --cpu exclude each other"),
+])
+def test_build_refuses_a_bad_arch_list_as_a_usage_error_before_building(argv, message, capsys):
+    """Exit 2 with the usage line, as for any bad argument; an empty list with --cpu is not let through."""
+    from childopt._native.cli import build_main
+
+    with pytest.raises(SystemExit) as exited:
+        build_main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
