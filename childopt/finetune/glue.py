@@ -111,6 +111,13 @@ def _parse_label(spec: Task, value: str, where: str) -> Union[int, float]:
 def read_split(data_dir: Union[str, Path], spec: Task, split: str) -> list[Example]:
     """The examples of ``<data_dir>/<TASK>/<split>.tsv``; empty lines are skipped."""
     path = split_path(data_dir, spec, split)
+    try:
+        return _read_examples(path, spec)
+    except UnicodeDecodeError as exc:
+        raise GlueFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _read_examples(path: Path, spec: Task) -> list[Example]:
     examples = []
     with open(path, encoding="utf-8-sig", newline="") as lines:
         header = None if spec.width is not None else lines.readline().rstrip("\r\n").split("\t")

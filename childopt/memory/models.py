@@ -80,6 +80,8 @@ def load_config(model: str):
         fields = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"model: {path} is not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"model: {path} is not UTF-8 text ({exc})") from exc
     if not isinstance(fields, dict):
         raise ValueError(f"model: {path} holds a JSON {type(fields).__name__}, not an object of config fields")
     if "model_type" not in fields:

@@ -1,5 +1,6 @@
 """GLUE readers on real rows (tests/data/glue) and on malformed files, and the metrics against oracles."""
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,14 @@ def test_malformed_rows_name_the_file_and_line(tmp_path, task, text, line, messa
         glue.read_split(tmp_path, glue.TASKS[task], "train")
     assert str(info.value).startswith(f"{path}:{line}: ")
     assert message in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "RTE" / "dev.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\t\xfc\xfd\tb\tentailment\n")
+    with pytest.raises(glue.GlueFormatError, match=f"^{re.escape(str(path))}: not UTF-8 text"):
+        glue.read_split(tmp_path, glue.TASKS["RTE"], "dev")
 
 
 def test_other_formats_blank_lines_and_regression_scores(tmp_path):

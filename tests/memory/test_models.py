@@ -40,12 +40,13 @@ def test_a_model_directory_with_a_config_json(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
+    (b"\x9a\xff{}", r"config.json is not UTF-8 text"),
     (json.dumps({"hidden_size": 32}), "no 'model_type'"),
     (json.dumps({"model_type": "no-such-model"}), "no-such-model"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "config.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=message):
         architecture(str(path))
 
