@@ -105,7 +105,9 @@ def check_state_dict(optimizer, state_dict) -> list:
 BACKEND_FLAGS = ("foreach", "fused")
 
 _DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"
-_BEFORE_DCP = "before get_optimizer_state_dict and dcp.load"
+# dcp.load writes the saved tensors into the target's own before this check can refuse them.
+_BEFORE_DCP = ("before get_optimizer_state_dict and dcp.load (a fresh one: dcp.load has already written the saved "
+               "moments and step counts into this one's tensors)")
 
 
 def _check_mask_kept(optimizer, state: Mapping, kind) -> None:
