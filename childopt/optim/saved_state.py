@@ -79,10 +79,17 @@ def check_state_dict(optimizer, state_dict) -> list:
             raise type(exc)(f"loaded param group {gi}: {exc}") from None
         # what this optimizer's groups may hold (ChildTuning's rules), with the flags the load keeps
         optimizer._check_group_options({**merged, **{k: group[k] for k in BACKEND_FLAGS}}, where)
-        for saved_id, p in zip(saved["params"], group["params"]):
+        names = _paired_names(saved, group)
+        for saved_id, p, (saved_name, name) in zip(saved["params"], group["params"], names):
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
                 _check_param_state(optimizer, p, entry, kind)
+                if isinstance(entry, Mapping) and "indices" in entry and saved_name != name:
+                    raise ValueError(f"loaded param group {gi} pairs its saved {saved_name!r} with this optimizer's "
+                                     f"{name!r} (torch pairs parameters by position): sparse state holds flat indices, "
+                                     "not the shape they were selected in, so they would land on other entries of "
+                                     "another tensor; list the parameters in the saved order, or, if only the names "
+                                     "changed, rename the saved param_names in a load_state_dict pre-hook")
                 if merged["amsgrad"] and "step" in entry and "max_exp_avg_sq" not in entry:
                     raise ValueError(f"loaded param group {gi} has amsgrad=True, but its saved state for "
                                      f"{optimizer.describe(p)} holds no 'max_exp_avg_sq': {_DCP_FILLS}, so build the "
@@ -103,6 +110,15 @@ def check_state_dict(optimizer, state_dict) -> list:
 # optimizer's own (checkpoint.load).  A saved value is checked, but torch's fused AdamW's
 # ``fused=True`` would describe a backend that does not run.
 BACKEND_FLAGS = ("foreach", "fused")
+
+def _paired_names(saved: Mapping, group: Mapping) -> list:
+    """(saved name, live name) of each position of a group, when both carry ``param_names`` (torch
+    saves them for an optimizer built on named parameters); else pairs that compare equal."""
+    saved_names, names = saved.get("param_names"), group.get("param_names")
+    if not isinstance(saved_names, (list, tuple)) or names is None or len(saved_names) != len(names):
+        return [(None, None)] * len(group["params"])
+    return list(zip(saved_names, names))
+
 
 _DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"
 # dcp.load writes the saved tensors into the target's own before this check can refuse them.

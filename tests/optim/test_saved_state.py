@@ -354,3 +354,27 @@ def test_a_mask_cast_by_a_torch_optimizer_is_refused_with_where_it_went():
     torch_adamw.load_state_dict(opt.state_dict())
     with pytest.raises(TypeError, match="float32, expected torch.bool: a torch optimizer's load_state_dict casts"):
         MaskedAdamW(params, lr=1e-2).load_state_dict(torch_adamw.state_dict())
+
+
+def test_sparse_state_paired_with_a_parameter_of_another_name_is_refused():
+    """Sparse state keeps flat indices, not the shape they were selected in: a resumed script that
+    lists (6, 8) and (8, 6) weights the other way round would pair each with the other's indices
+    and moments, silently.  With named parameters the pairing shows, and is refused; listed in
+    the saved order it loads."""
+    def build(order):
+        gen = torch.Generator().manual_seed(0)
+        named = {"up.weight": torch.nn.Parameter(torch.randn(6, 8, generator=gen)),
+                 "down.weight": torch.nn.Parameter(torch.randn(8, 6, generator=gen))}
+        masks = {name: torch.rand(p.shape, generator=gen) < 0.3 for name, p in named.items()}
+        return MaskedAdamW([(name, named[name]) for name in order], lr=1e-2, mask=masks, storage="sparse")
+
+    saved_opt = build(["up.weight", "down.weight"])
+    for p in [p for g in saved_opt.param_groups for p in g["params"]]:
+        p.grad = torch.ones_like(p)
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    swapped = build(["down.weight", "up.weight"])
+    with pytest.raises(ValueError, match=r"pairs its saved 'up.weight' with this optimizer's 'down.weight'"):
+        swapped.load_state_dict(saved)
+    assert all(float(s["step"]) == 0 for s in swapped.state.values())
+    build(["up.weight", "down.weight"]).load_state_dict(saved)
