@@ -20,6 +20,11 @@ from childopt.optim import params, sharding, sparse_shards
 from childopt.optim.saved_state import BACKEND_FLAGS, STATE_FORMAT, check_state_dict
 from childopt.optim.state import MOMENT_KEYS, moment_dtype
 
+# What a loaded group keeps of the live one: the flags that picked the backend (BACKEND_FLAGS), and
+# the parameters' names, which describe the live parameters (torch would take the saved names, in
+# the saved order even where torch.distributed.checkpoint paired the parameters by name) and which
+# set_mask, importance scores and sparse_indices() look parameters up by.
+LIVE_GROUP_KEYS = (*BACKEND_FLAGS, "param_names")
 GROUP_KEY = "childopt"  # None in the live groups; the saved groups' copy of the entry (see attach_extras)
 _HOOKS = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -255,7 +260,8 @@ def local_sparse_state(optimizer, state_dict):
 
 
 def upgrade_pickled(state: dict) -> dict:
-    """A pickled optimizer's ``__dict__`` in today's form (childopt 0.1.0 named mask kinds by string).
+    """A pickled optimizer's ``__dict__`` in today's form (childopt 0.1.0 named mask kinds by string;
+    a load of a torch fused AdamW state dict could leave its groups a ``fused`` the optimizer lacks).
 
     torch's ``load_state_dict`` also calls ``__setstate__``, with only ``state`` and
     ``param_groups``: that is passed through untouched.
@@ -264,6 +270,8 @@ def upgrade_pickled(state: dict) -> dict:
         if isinstance(state["_mask_kind"], str):
             state["_mask_kind"] = MaskKind.from_label(state["_mask_kind"])
         state.setdefault("_backend_exclude", ())
+        for group in state.get("param_groups", ()):  # a load before this release kept a saved fused=True
+            group.update({key: state["defaults"][key] for key in BACKEND_FLAGS if key in group})
     return state
 
 
@@ -278,8 +286,9 @@ def load(optimizer, state_dict, torch_load) -> None:
         state_dict = state_dict if result is None else result
     state_dict = _with_live_group_keys(optimizer, local_sparse_state(optimizer, lift_extras(state_dict)))
     saved_ids = check_state_dict(optimizer, state_dict)
-    state_dict = {**state_dict, "param_groups": [{**saved, **{k: live[k] for k in BACKEND_FLAGS}} for live, saved
-                                                 in zip(optimizer.param_groups, state_dict["param_groups"])]}
+    state_dict = {**state_dict, "param_groups": [{**saved, **{k: live[k] for k in LIVE_GROUP_KEYS if k in live}}
+                                                 for live, saved in zip(optimizer.param_groups,
+                                                                        state_dict["param_groups"])]}
     saved_extras = state_dict.get("childopt")
     if saved_extras is not None:
         optimizer._check_mask_kind(MaskKind.from_label(saved_extras["mask_kind"]), "this state_dict holds")

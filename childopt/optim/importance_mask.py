@@ -58,8 +58,8 @@ class Importance:
             steps, so the default 100 follows it closely at 1% of the refreshes' cost per step.
         sampling: ``"poisson"`` (independent draws each step, in the kernel) or ``"exact"``
             (exactly ``reserve_p`` of each scope, without replacement, redrawn each refresh).
-        layer_of: for ``scope="layer"``: parameter name -> layer key (default: the number in
-            ``layer.N`` / ``layers.N`` / ``h.N`` / ``block.N``).
+        layer_of: for ``scope="layer"``: parameter name -> layer key (default:
+            :func:`childopt.masks.layer_key`, the name up to ``layer.N`` / ``layers.N`` / ``h.N`` / ``block.N``).
     """
 
     scores: Union[str, Mapping] = RUNNING

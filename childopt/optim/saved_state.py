@@ -79,17 +79,17 @@ def check_state_dict(optimizer, state_dict) -> list:
             raise type(exc)(f"loaded param group {gi}: {exc}") from None
         # what this optimizer's groups may hold (ChildTuning's rules), with the flags the load keeps
         optimizer._check_group_options({**merged, **{k: group[k] for k in BACKEND_FLAGS}}, where)
-        names = _paired_names(saved, group)
-        for saved_id, p, (saved_name, name) in zip(saved["params"], group["params"], names):
+        moved = _moved_names(saved, group)
+        for position, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
                 _check_param_state(optimizer, p, entry, kind)
-                if isinstance(entry, Mapping) and "indices" in entry and saved_name != name:
-                    raise ValueError(f"loaded param group {gi} pairs its saved {saved_name!r} with this optimizer's "
-                                     f"{name!r} (torch pairs parameters by position): sparse state holds flat indices, "
-                                     "not the shape they were selected in, so they would land on other entries of "
-                                     "another tensor; list the parameters in the saved order, or, if only the names "
-                                     "changed, rename the saved param_names in a load_state_dict pre-hook")
+                if isinstance(entry, Mapping) and "indices" in entry and position in moved:
+                    raise ValueError(f"loaded param group {gi} pairs its saved {moved[position][0]!r} with this "
+                                     f"optimizer's {moved[position][1]!r}, and lists that one elsewhere (torch pairs "
+                                     "parameters by position): sparse state holds flat indices, not the shape they "
+                                     "were selected in, so they would land on another tensor; list the parameters in "
+                                     "the saved order")
                 if merged["amsgrad"] and "step" in entry and "max_exp_avg_sq" not in entry:
                     raise ValueError(f"loaded param group {gi} has amsgrad=True, but its saved state for "
                                      f"{optimizer.describe(p)} holds no 'max_exp_avg_sq': {_DCP_FILLS}, so build the "
@@ -111,13 +111,18 @@ def check_state_dict(optimizer, state_dict) -> list:
 # ``fused=True`` would describe a backend that does not run.
 BACKEND_FLAGS = ("foreach", "fused")
 
-def _paired_names(saved: Mapping, group: Mapping) -> list:
-    """(saved name, live name) of each position of a group, when both carry ``param_names`` (torch
-    saves them for an optimizer built on named parameters); else pairs that compare equal."""
+def _moved_names(saved: Mapping, group: Mapping) -> dict:
+    """{position: (saved name, live name)} where the saved group's ``param_names`` (torch saves them
+    for an optimizer built on named parameters) list at that position a name the live group lists
+    at another: a reordered parameter list, which torch's load pairs by position.  A renamed or
+    prefixed parameter (a compiled model's ``_orig_mod.``) is not a move.  Empty without names on
+    both sides, or when the ids are names: torch.distributed.checkpoint paired those by name."""
     saved_names, names = saved.get("param_names"), group.get("param_names")
-    if not isinstance(saved_names, (list, tuple)) or names is None or len(saved_names) != len(names):
-        return [(None, None)] * len(group["params"])
-    return list(zip(saved_names, names))
+    if not isinstance(saved_names, (list, tuple)) or names is None or len(saved_names) != len(names) \
+            or any(isinstance(saved_id, str) for saved_id in saved.get("params", ())):
+        return {}
+    position_of = {name: i for i, name in enumerate(names)}
+    return {i: (name, names[i]) for i, name in enumerate(saved_names) if position_of.get(name, i) != i}
 
 
 _DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"

@@ -102,6 +102,22 @@ def test_a_bernoulli_run_resumes_with_its_seed(tmp_path, form, into, freeze):
 
 
 @pytest.mark.parametrize("form", list(FORMS))
+def test_sparse_state_resumes_into_a_target_that_lists_its_parameters_in_another_order(tmp_path, form):
+    """DCP pairs parameters by name, so a target built on the parameters in reverse order resumes
+    sparse state bit for bit (a plain load_state_dict pairs by position and refuses that order),
+    and its groups keep its own names in its own order."""
+    def build(model, target=False):
+        named = list(model.named_parameters())
+        masks = _masks(model)
+        return MaskedAdamW(named[::-1] if target else named, lr=1e-2, mask=masks, storage="sparse")
+
+    run, resumed = _resume(build, str(tmp_path), form)
+    _assert_bit_identical(run, resumed)
+    names = [n for n, _ in resumed[0].named_parameters()][::-1]
+    assert resumed[1].param_groups[0]["param_names"] == names
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 def test_a_fixed_mask_resumes_into_a_placeholder_mask_and_a_target_without_one_is_refused(tmp_path, form):
     """A Child-Tuning-D mask: into an optimizer built with mask=None, DCP would load no mask (the
     target's state has no key for it) and every entry would train; that is refused with the way out,

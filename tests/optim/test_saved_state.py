@@ -356,25 +356,42 @@ def test_a_mask_cast_by_a_torch_optimizer_is_refused_with_where_it_went():
         MaskedAdamW(params, lr=1e-2).load_state_dict(torch_adamw.state_dict())
 
 
-def test_sparse_state_paired_with_a_parameter_of_another_name_is_refused():
+def _named_sparse(order, prefix=""):
+    """A sparse-storage MaskedAdamW over an (6, 8) and an (8, 6) weight, listed in ``order``."""
+    gen = torch.Generator().manual_seed(0)
+    named = {"up.weight": torch.nn.Parameter(torch.randn(6, 8, generator=gen)),
+             "down.weight": torch.nn.Parameter(torch.randn(8, 6, generator=gen))}
+    masks = {prefix + name: torch.rand(p.shape, generator=gen) < 0.3 for name, p in named.items()}
+    return MaskedAdamW([(prefix + name, named[name]) for name in order], lr=1e-2, mask=masks, storage="sparse")
+
+
+def _stepped_state_dict(opt) -> dict:
+    for p in [p for g in opt.param_groups for p in g["params"]]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt.state_dict()
+
+
+def test_sparse_state_of_a_reordered_parameter_list_is_refused():
     """Sparse state keeps flat indices, not the shape they were selected in: a resumed script that
     lists (6, 8) and (8, 6) weights the other way round would pair each with the other's indices
-    and moments, silently.  With named parameters the pairing shows, and is refused; listed in
-    the saved order it loads."""
-    def build(order):
-        gen = torch.Generator().manual_seed(0)
-        named = {"up.weight": torch.nn.Parameter(torch.randn(6, 8, generator=gen)),
-                 "down.weight": torch.nn.Parameter(torch.randn(8, 6, generator=gen))}
-        masks = {name: torch.rand(p.shape, generator=gen) < 0.3 for name, p in named.items()}
-        return MaskedAdamW([(name, named[name]) for name in order], lr=1e-2, mask=masks, storage="sparse")
-
-    saved_opt = build(["up.weight", "down.weight"])
-    for p in [p for g in saved_opt.param_groups for p in g["params"]]:
-        p.grad = torch.ones_like(p)
-    saved_opt.step()
-    saved = saved_opt.state_dict()
-    swapped = build(["down.weight", "up.weight"])
-    with pytest.raises(ValueError, match=r"pairs its saved 'up.weight' with this optimizer's 'down.weight'"):
+    and moments, silently.  With named parameters the move shows, and is refused; listed in the
+    saved order it loads."""
+    saved = _stepped_state_dict(_named_sparse(["up.weight", "down.weight"]))
+    swapped = _named_sparse(["down.weight", "up.weight"])
+    with pytest.raises(ValueError, match=r"pairs its saved 'up.weight' with this optimizer's 'down.weight', and lists"):
         swapped.load_state_dict(saved)
     assert all(float(s["step"]) == 0 for s in swapped.state.values())
-    build(["up.weight", "down.weight"]).load_state_dict(saved)
+    _named_sparse(["up.weight", "down.weight"]).load_state_dict(saved)
+
+
+def test_renamed_parameters_in_the_saved_order_load_and_keep_their_live_names():
+    """Saved from a compiled model (names under '_orig_mod.'), resumed on the plain one: the same
+    parameters in the same order load, and the groups keep the live names, which set_mask and
+    sparse_indices() look parameters up by (torch's load would take the saved ones)."""
+    saved = _stepped_state_dict(_named_sparse(["up.weight", "down.weight"], prefix="_orig_mod."))
+    resumed = _named_sparse(["up.weight", "down.weight"])
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["param_names"] == ["up.weight", "down.weight"]
+    assert sorted(resumed.sparse_indices()) == ["down.weight", "up.weight"]
+    assert all(float(s["step"]) == 1 for s in resumed.state.values())

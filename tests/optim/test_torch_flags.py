@@ -180,3 +180,14 @@ def test_child_tuning_refuses_a_state_dict_whose_groups_its_arithmetic_lacks(sou
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(donor.state_dict())
     assert opt.param_groups[0]["lr"] == 1e-3 and float(opt.state[params[0]]["step"]) == 0
+
+
+def test_an_optimizer_pickled_with_a_loaded_fused_flag_in_its_groups_unpickles_and_steps():
+    """A load before this release kept a torch fused AdamW state dict's fused=True in the groups,
+    which the step now refuses as an edit: unpickling gives the groups the optimizer's own flags."""
+    params = make_params([(5,)])
+    opt = MaskedAdamW(params, lr=1e-2, backend="reference")
+    opt.param_groups[0]["fused"] = True
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.param_groups[0]["fused"] is None
+    train(clone, clone.param_groups[0]["params"], 1)
