@@ -270,8 +270,9 @@ def upgrade_pickled(state: dict) -> dict:
         if isinstance(state["_mask_kind"], str):
             state["_mask_kind"] = MaskKind.from_label(state["_mask_kind"])
         state.setdefault("_backend_exclude", ())
+        defaults = state.get("defaults", {})
         for group in state.get("param_groups", ()):  # a load before this release kept a saved fused=True
-            group.update({key: state["defaults"][key] for key in BACKEND_FLAGS if key in group})
+            group.update({key: defaults[key] for key in BACKEND_FLAGS if key in group and key in defaults})
     return state
 
 
