@@ -111,6 +111,7 @@ def check_state_dict(optimizer, state_dict) -> list:
 # ``fused=True`` would describe a backend that does not run.
 BACKEND_FLAGS = ("foreach", "fused")
 
+
 def _moved_names(saved: Mapping, group: Mapping) -> dict:
     """{position: (saved name, live name)} where the saved group's ``param_names`` (torch saves them
     for an optimizer built on named parameters) list at that position a name the live group lists
@@ -122,7 +123,8 @@ def _moved_names(saved: Mapping, group: Mapping) -> dict:
             or any(isinstance(saved_id, str) for saved_id in saved.get("params", ())):
         return {}
     position_of = {name: i for i, name in enumerate(names)}
-    return {i: (name, names[i]) for i, name in enumerate(saved_names) if position_of.get(name, i) != i}
+    return {i: (name, names[i]) for i, name in enumerate(saved_names)
+            if isinstance(name, str) and position_of.get(name, i) != i}
 
 
 _DCP_FILLS = "torch.distributed.checkpoint loads only the state keys the target optimizer already holds"
