@@ -78,9 +78,11 @@ def test_child_tuning_d_under_fsdp2_saves_and_resumes_at_another_world_size(tmp_
 
     files = _files(saved)
     err = _refused(2, "--mode", "D", "--steps", "1", "--save", str(saved))  # the same command again: refused
-    assert f"--save {saved}: exists and is not an empty directory" in err
+    # Every rank refused on its own, none was left waiting: each printed the refusal and exited 2,
+    # or, on a loaded machine, was stopped by torchrun (-15) after printing it, while still exiting.
+    assert err.count(f"--save {saved}: exists and is not an empty directory") == 2, err[-3000:]
     exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)", err))
-    assert exits == {"0": "2", "1": "2"}, err[-3000:]  # every rank refused on its own, none was left waiting
+    assert exits.keys() == {"0", "1"} and "2" in exits.values() and set(exits.values()) <= {"2", "-15"}, err[-3000:]
     assert _files(saved) == files
 
     resumed = _torchrun(3, "--mode", "D", "--steps", "1", "--resume", str(saved), "--save", str(resaved))
