@@ -364,16 +364,17 @@ def _check_same_tensors(base: Mapping[str, torch.Tensor], tuned: Mapping[str, to
     for name, t in tuned.items():
         b = base[name]
         check_same_layout(name, ("base", b.shape, b.dtype), ("tuned", t.shape, t.dtype))
-    shared = [n for n, t in tuned.items() if t.numel() and _same_memory(base[n], t)]
+    shared = [n for n, t in tuned.items() if t.numel() and _memory_key(base[n]) == _memory_key(t)]
     if shared and len(shared) == sum(1 for t in tuned.values() if t.numel()):
         raise ValueError(f"every tensor of base is the tuned tensor itself ({short_list(shared)}): a base taken as "
                          "model.state_dict() without a copy follows the model as it trains, so the delta would hold "
                          "no change; copy it before training: {k: v.clone() for k, v in model.state_dict().items()}")
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` view the same memory with the same layout."""
-    return (a.device, a.data_ptr(), a.stride()) == (b.device, b.data_ptr(), b.stride())
+def _memory_key(t: torch.Tensor) -> tuple:
+    """What two tensors that view the same memory with the same layout have alike (tied tensors, or a
+    base that is the tuned tensor itself)."""
+    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
 
 
 def _tied_duplicates(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, str]:
@@ -387,8 +388,7 @@ def _tied_duplicates(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) 
     for name in names:
         t = tensors[name]
         if t.numel():
-            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-            earlier = first.setdefault(key, name)
+            earlier = first.setdefault(_memory_key(t), name)
             if earlier != name:
                 tied[name] = earlier
     return tied
